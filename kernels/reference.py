@@ -18,9 +18,12 @@ def cartesian_topk_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of all ``rows[i] + cols[j]`` sums; expert id ``i * n + j``.
 
-    Ties are broken by the lowest expert id. A pair can only be in the top-k if its row is in the
-    top-min(k, n) rows and its column in the top-min(k, n) columns (otherwise k pairs sharing its
-    column/row beat it), so a (min(k,n))^2 candidate grid is exact.
+    Sums are formed in float64 (exact for float32/bf16 inputs), ties are broken by the lowest
+    expert id, and the k results are returned in ascending expert-id order (the canonical order
+    every backend shares; the layer is invariant to it); scores are cast to the input dtype.
+    A pair can only be in the top-k if its row is in the top-min(k, n) rows and its column in
+    the top-min(k, n) columns (otherwise k pairs sharing its column/row beat it), so a
+    (min(k, n))^2 candidate grid is exact.
     """
     n = rows_Tn.shape[-1]
     if cols_Tn.shape != rows_Tn.shape:
@@ -35,12 +38,14 @@ def cartesian_topk_reference(
     # stable sort of the sums then breaks ties by the lowest expert id.
     row_idx_Tc = row_idx_Tc.sort(dim=-1).values
     col_idx_Tc = col_idx_Tc.sort(dim=-1).values
-    grid_Tcc = rows_Tn.gather(-1, row_idx_Tc)[:, :, None] + cols_Tn.gather(-1, col_idx_Tc)[:, None, :]
-    grid_TC = grid_Tcc.flatten(1)
+    rows64_Tc = rows_Tn.double().gather(-1, row_idx_Tc)
+    cols64_Tc = cols_Tn.double().gather(-1, col_idx_Tc)
+    grid_TC = (rows64_Tc[:, :, None] + cols64_Tc[:, None, :]).flatten(1)
     order_TK = torch.sort(grid_TC.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
-    scores_TK = grid_TC.gather(-1, order_TK)
     ids_TC = (row_idx_Tc[:, :, None] * n + col_idx_Tc[:, None, :]).flatten(1)
-    return scores_TK, ids_TC.gather(-1, order_TK)
+    ids_TK, perm_TK = ids_TC.gather(-1, order_TK).sort(dim=-1)
+    scores_TK = grid_TC.gather(-1, order_TK.gather(-1, perm_TK)).float().to(rows_Tn.dtype)
+    return scores_TK, ids_TK
 
 
 def atomic_experts_reference(
@@ -60,12 +65,15 @@ def atomic_experts_reference(
     K = indices_TK.shape[-1]
     out_dtype = x_TD.dtype
     e_P = indices_TK.reshape(-1)
-    order_P = torch.argsort(e_P, stable=True)
-    e_sorted_P = e_P[order_P]
+    P = e_P.numel()
+    # Sorting the unique keys e*P + p equals a stable sort by expert, and is ~10x faster on CPU.
+    order_P = torch.argsort(e_P * P + torch.arange(P, device=e_P.device))
+    e_sorted_P = e_P.index_select(0, order_P)
     tok_P = order_P // K
-    x_PD = x_TD.float()[tok_P]
-    h_P = (x_PD * up_ND.float()[e_sorted_P]).sum(-1)
-    a_P = F.silu(h_P) * weights_TK.float().reshape(-1)[order_P]
+    # index_select (not fancy indexing): its backward is an index_add, not a slow index_put.
+    x_PD = x_TD.float().index_select(0, tok_P)
+    h_P = (x_PD * up_ND.float().index_select(0, e_sorted_P)).sum(-1)
+    a_P = F.silu(h_P) * weights_TK.float().reshape(-1).index_select(0, order_P)
     y_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
-    y_TD = y_TD.index_add(0, tok_P, a_P[:, None] * down_ND.float()[e_sorted_P])
+    y_TD = y_TD.index_add(0, tok_P, a_P[:, None] * down_ND.float().index_select(0, e_sorted_P))
     return y_TD.to(out_dtype)

@@ -1,0 +1,93 @@
+"""Atomic-expert layer in Triton: ``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]``.
+
+Legend: T tokens, D hidden, N experts, K experts per token, P = T * K (token, expert) pairs.
+
+Schedule (no host synchronisation anywhere: every size comes from input shapes, so forward and
+backward can be captured in a CUDA graph):
+
+forward
+    1. sort the P expert ids (``torch.sort``, stable, on device) -> expert order;
+    2. ``pair_scores``: h = up_e . x_t per pair, walked in expert order (each expert row read
+       once per block of its pairs);
+    3. ``combine_rows``: y_t = sum_k w * silu(h) * down_e, a K-way reduction held in registers.
+backward
+    1. ``pair_scores`` (backward): da = down_e . dy_t in expert order, then dw and g = dL/dh;
+    2. ``combine_rows``: dx_t = sum_k g_tk * up_e;
+    3. ``expert_grads``: dup_e = sum g x_t, ddown_e = sum a dy_t, segmented over the expert runs
+       with fp32 accumulation; deterministic mode has a fixed reduction order and no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+from omnimoe_kernels.experts_grad import expert_grads
+from omnimoe_kernels.experts_pairs import combine_rows, pair_scores
+
+
+def _expert_order(indices_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e_P int32 sorted expert ids, order_P int32 flat positions in that order)."""
+    e_sorted_P, order_P = torch.sort(indices_TK.reshape(-1).to(torch.int32), stable=True)
+    return e_sorted_P, order_P.to(torch.int32)
+
+
+class AtomicExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        x_TD: torch.Tensor,
+        up_ND: torch.Tensor,
+        down_ND: torch.Tensor,
+        weights_TK: torch.Tensor,
+        indices_TK: torch.Tensor,
+        deterministic: bool,
+    ) -> torch.Tensor:
+        x_TD, up_ND, down_ND = x_TD.contiguous(), up_ND.contiguous(), down_ND.contiguous()
+        weights_TK, indices_TK = weights_TK.contiguous(), indices_TK.contiguous()
+        T, K = indices_TK.shape
+        e_P, order_P = _expert_order(indices_TK)
+        h_TK = torch.empty(T, K, dtype=torch.float32, device=x_TD.device)
+        pair_scores(x_TD, up_ND, e_P, order_P, K, h_TK)
+        y_TD = torch.empty_like(x_TD)
+        combine_rows(down_ND, indices_TK, h_TK, y_TD, w_TK=weights_TK)
+        ctx.save_for_backward(x_TD, up_ND, down_ND, weights_TK, indices_TK, e_P, order_P, h_TK)
+        ctx.deterministic = deterministic
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD: torch.Tensor):
+        x_TD, up_ND, down_ND, w_TK, idx_TK, e_P, order_P, h_TK = ctx.saved_tensors
+        dy_TD = dy_TD.contiguous()
+        K = idx_TK.shape[1]
+        dw_TK = torch.empty_like(h_TK)
+        g_TK = torch.empty_like(h_TK)
+        pair_scores(dy_TD, down_ND, e_P, order_P, K, h_TK, w_P=w_TK, dw_P=dw_TK, g_P=g_TK)
+        dx_TD = torch.empty_like(x_TD)
+        combine_rows(up_ND, idx_TK, g_TK, dx_TD)
+        dup_ND = torch.empty_like(up_ND)
+        ddown_ND = torch.empty_like(down_ND)
+        expert_grads(
+            x_TD, dy_TD, order_P, e_P, h_TK, w_TK, g_TK, dup_ND, ddown_ND, K,
+            deterministic=ctx.deterministic,
+        )  # fmt: skip
+        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), None, None
+
+
+def atomic_experts_triton(
+    x_TD: torch.Tensor,
+    up_ND: torch.Tensor,
+    down_ND: torch.Tensor,
+    weights_TK: torch.Tensor,
+    indices_TK: torch.Tensor,
+    *,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype)."""
+    if x_TD.dim() != 2 or up_ND.shape != down_ND.shape or up_ND.shape[1] != x_TD.shape[1]:
+        raise ValueError(
+            f"x {tuple(x_TD.shape)}, up {tuple(up_ND.shape)}, down {tuple(down_ND.shape)}"
+        )
+    if weights_TK.shape != indices_TK.shape or indices_TK.shape[0] != x_TD.shape[0]:
+        raise ValueError(f"weights {tuple(weights_TK.shape)} / indices {tuple(indices_TK.shape)}")
+    if indices_TK.numel() >= 2**31:
+        raise ValueError("T * K must stay below 2**31 pairs")
+    return AtomicExperts.apply(x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic)

@@ -1,0 +1,163 @@
+"""Triton kernels over (token, expert) pairs for the atomic-expert layer.
+
+Legend: T tokens, D hidden, N experts, K experts per token, P = T * K pairs. A pair's *flat
+position* is ``t * K + k`` (token order); ``order_P`` lists flat positions sorted by expert id
+(expert order), ``e_P`` the matching expert ids.
+
+- ``pair_scores``: one dot product per pair, walked in expert order (expert-centric): a block of
+  BP consecutive pairs touches few distinct experts, so each expert row is fetched from memory
+  once per block and re-read from cache by its other pairs; the token rows are gathered.
+  Forward: ``h = x_t . up_e``. Backward: ``da = dy_t . down_e`` and, in the same pass,
+  ``dw = da * silu(h)`` and ``g = da * w * silu'(h)``. Results land at the flat position.
+- ``combine_rows``: ``out_t = sum_k coef_tk * table[e_tk]`` for a tile of BT tokens and BD
+  columns; used for ``y`` (coef = w * silu(h), table = down) and ``dx`` (coef = g, table = up).
+  The K-way reduction of a token stays in registers: no atomics, fixed order, one write of out.
+  Grid order is column-block major, so programs running together share one BD-wide column
+  slice of the table, which stays in L2 when N * BD is small.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pair_scores_kernel(
+    rows_ptr,  # (T, D) token rows: x (forward) or dy (backward)
+    table_ptr,  # (N, D) expert rows: up (forward) or down (backward)
+    e_ptr,  # (P,) int32 expert ids, expert order
+    order_ptr,  # (P,) int32 flat positions, expert order
+    w_ptr,  # (P,) routing weights, flat order
+    h_ptr,  # (P,) float32 pre-activations, flat order: written (forward) / read (backward)
+    dw_ptr,  # (P,) float32 out (backward)
+    g_ptr,  # (P,) float32 out (backward): d loss / d h
+    P,
+    D,
+    K,
+    stride_row,
+    stride_tab,
+    BACKWARD: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+):
+    offs_P = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    ok_P = offs_P < P
+    e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
+    q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
+    tok_P = q_P // K
+    acc_P = tl.zeros([BP], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        offs_D = d0 + tl.arange(0, BD)
+        m_PD = ok_P[:, None] & (offs_D[None, :] < D)
+        a_PD = tl.load(rows_ptr + tok_P[:, None] * stride_row + offs_D[None, :], mask=m_PD, other=0)
+        b_PD = tl.load(table_ptr + e_P[:, None] * stride_tab + offs_D[None, :], mask=m_PD, other=0)
+        acc_P += tl.sum(a_PD.to(tl.float32) * b_PD.to(tl.float32), axis=1)
+    if BACKWARD:
+        h_P = tl.load(h_ptr + q_P, mask=ok_P, other=0.0)
+        w_P = tl.load(w_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32)
+        sig_P = tl.sigmoid(h_P)
+        tl.store(dw_ptr + q_P, acc_P * h_P * sig_P, mask=ok_P)
+        tl.store(g_ptr + q_P, acc_P * w_P * sig_P * (1.0 + h_P * (1.0 - sig_P)), mask=ok_P)
+    else:
+        tl.store(h_ptr + q_P, acc_P, mask=ok_P)
+
+
+@triton.jit
+def _combine_rows_kernel(
+    table_ptr,  # (N, D) expert rows
+    idx_ptr,  # (T, K) expert ids
+    coef_ptr,  # (T, K) float32: h (GATED, coef = w * silu(h)) or the coefficient itself
+    w_ptr,  # (T, K) routing weights (GATED only)
+    out_ptr,  # (T, D) out
+    T,
+    D,
+    K,
+    stride_tab,
+    stride_out,
+    GATED: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tb = tl.cdiv(T, BT)
+    offs_T = (pid % n_tb).to(tl.int64) * BT + tl.arange(0, BT)
+    offs_D = (pid // n_tb) * BD + tl.arange(0, BD)
+    ok_T = offs_T < T
+    ok_D = offs_D < D
+    acc_TD = tl.zeros([BT, BD], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_K = k0 + tl.arange(0, BK)
+        m_TK = ok_T[:, None] & (offs_K[None, :] < K)
+        pos_TK = offs_T[:, None] * K + offs_K[None, :]
+        e_TK = tl.load(idx_ptr + pos_TK, mask=m_TK, other=0).to(tl.int64)
+        c_TK = tl.load(coef_ptr + pos_TK, mask=m_TK, other=0.0)
+        if GATED:
+            w_TK = tl.load(w_ptr + pos_TK, mask=m_TK, other=0.0).to(tl.float32)
+            c_TK = w_TK * c_TK * tl.sigmoid(c_TK)
+        ptr_TKD = table_ptr + e_TK[:, :, None] * stride_tab + offs_D[None, None, :]
+        m_TKD = m_TK[:, :, None] & ok_D[None, None, :]
+        v_TKD = tl.load(ptr_TKD, mask=m_TKD, other=0).to(tl.float32)
+        acc_TD += tl.sum(c_TK[:, :, None] * v_TKD, axis=1)
+    ptr_TD = out_ptr + offs_T[:, None] * stride_out + offs_D[None, :]
+    tl.store(ptr_TD, acc_TD.to(out_ptr.dtype.element_ty), mask=ok_T[:, None] & ok_D[None, :])
+
+
+def pair_scores(
+    rows_TD: torch.Tensor,
+    table_ND: torch.Tensor,
+    e_P: torch.Tensor,
+    order_P: torch.Tensor,
+    K: int,
+    h_P: torch.Tensor,
+    *,
+    w_P: torch.Tensor | None = None,
+    dw_P: torch.Tensor | None = None,
+    g_P: torch.Tensor | None = None,
+    BP: int = 32,
+    BD: int = 128,
+    num_warps: int = 4,
+) -> None:
+    """Forward (w_P is None): write h_P. Backward: read h_P, write dw_P and g_P."""
+    P, D = e_P.numel(), rows_TD.shape[1]
+    if P == 0:
+        return
+    backward = w_P is not None
+    dummy = h_P
+    BD = min(BD, triton.next_power_of_2(D))
+    _pair_scores_kernel[(triton.cdiv(P, BP),)](
+        rows_TD, table_ND, e_P, order_P,
+        w_P if backward else dummy, h_P,
+        dw_P if backward else dummy, g_P if backward else dummy,
+        P, D, K, rows_TD.stride(0), table_ND.stride(0),
+        BACKWARD=backward, BP=BP, BD=BD, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def combine_rows(
+    table_ND: torch.Tensor,
+    idx_TK: torch.Tensor,
+    coef_TK: torch.Tensor,
+    out_TD: torch.Tensor,
+    *,
+    w_TK: torch.Tensor | None = None,
+    BT: int = 16,
+    BK: int = 4,
+    BD: int = 128,
+    num_warps: int = 4,
+) -> None:
+    """out_t = sum_k c_tk * table[idx_tk]; c = w * silu(coef) when w_TK is given, else coef."""
+    T, D = out_TD.shape
+    K = idx_TK.shape[1]
+    if T == 0:
+        return
+    BD = min(BD, triton.next_power_of_2(D))
+    BK = min(BK, triton.next_power_of_2(K))
+    grid = (triton.cdiv(T, BT) * triton.cdiv(D, BD),)
+    _combine_rows_kernel[grid](
+        table_ND, idx_TK, coef_TK, w_TK if w_TK is not None else coef_TK, out_TD,
+        T, D, K, table_ND.stride(0), out_TD.stride(0),
+        GATED=w_TK is not None, BT=BT, BK=BK, BD=BD, num_warps=num_warps,
+    )  # fmt: skip

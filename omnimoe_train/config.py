@@ -1,0 +1,133 @@
+"""Typed configuration schema, registered in Hydra's ConfigStore.
+
+Every field that a YAML file or a CLI override may set is declared here, so an unknown key or a
+value of the wrong type is rejected by composition; the rules between fields live in
+``validation.py``. The YAML files under ``conf/`` only choose values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+SCHEMA_NAME = "omnimoe_schema"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    mlp: str = "omnimoe"  # omnimoe | dense
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA groups; None = one per head
+    ffn_hidden_size: int = 256  # shared SwiGLU width (dense: the MLP width)
+    vocab_size: int | None = None  # None = taken from the tokenizer, padded for TP
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # OmniMoE layer
+    num_experts: int = 1024  # N = n^2 atomic experts
+    top_k: int = 16  # K experts per token
+    shared_expert: bool = True  # False = ablation without the shared SwiGLU branch
+    router_norm: str = "batchnorm"  # batchnorm | none (BatchNorm1d without affine, per gate)
+    router_weights: str = "softmax"  # softmax over the K scores (paper Eq. 2) | exp (ref. code)
+    expert_backend: str = "auto"  # auto (Triton on CUDA, PyTorch on CPU) | torch | triton
+    deterministic: bool = False  # fixed-order reductions in the expert kernels
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    ep: int = 1
+    sequence_parallel: bool = False
+    expert_table_sharding: str = "auto"  # rows | dim | auto
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"
+    inputs: list[str] | None = None  # None = the embedded default corpus (stdlib sources)
+    dir: str | None = None  # prepared shards; None = a cache folder keyed by name and shape
+    tokenizer: str | None = None  # an existing tokenizer.json; None = train one
+    vocab_size: int = 4096  # when training a tokenizer
+    max_bytes: int | None = 6_000_000  # cap on raw text read for preparation
+    val_fraction: float = 0.02
+    text_field: str = "text"
+    samples_per_shard: int = 1024
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # warmup-stable-decay: last fraction of steps decays
+    decay_style: str = "linear"  # linear | cosine | sqrt
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 10
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # 0 = only the final checkpoint
+    keep: int = 2  # newest checkpoints kept
+    dir: str = "checkpoints"  # relative to the run directory unless absolute
+    resume: str | None = None  # None | auto (newest in dir) | a checkpoint path
+    save_final: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "omnimoe"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    """Register the schema that ``conf/config.yaml`` lists first in its defaults."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)

@@ -1,0 +1,101 @@
+"""Process groups, device and precision: everything about *where* the model runs.
+
+Works the same under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK set), under SLURM via the
+launchers in ``launch/``, and as a plain single process (a loopback rendezvous on a free port).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from omnimoe_train.config import RootConfig
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    bf16: bool
+    rank: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_runtime(cfg: RootConfig) -> Runtime:
+    """Create the process groups (torch + megatron) and seed every RNG."""
+    device = resolve_device(cfg.trainer.device)
+    if device.type == "cpu":
+        from omnimoe_train.megatron_cpu import apply_cpu_patches
+
+        apply_cpu_patches()
+    else:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            timeout=timedelta(minutes=10),
+        )
+    from megatron.core import parallel_state, tensor_parallel
+
+    p = cfg.parallel
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp,
+            expert_model_parallel_size=p.ep,
+        )
+    seed = cfg.trainer.seed
+    # Same seed on every rank for replicated weights; megatron's tracker offsets the TP streams.
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return Runtime(
+        device=device,
+        bf16=resolve_bf16(cfg.trainer.precision, device),
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def shutdown_runtime() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,107 @@
+"""Where metrics go: ``metrics.jsonl`` in the run directory, W&B (offline by default), and the
+terminal (a rich progress bar with loss and tokens/s). Only the main rank writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from omnimoe_train.config import WandbConfig
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; null marks the bad value
+    return value
+
+
+class MetricsSink:
+    """Appends one JSON object per logged step and mirrors it to W&B."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        wandb_cfg: WandbConfig,
+        run_config: dict[str, Any],
+        *,
+        enabled: bool,
+        max_steps: int,
+        progress: bool,
+    ) -> None:
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self._wandb_run = None
+        self._progress: Progress | None = None
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self.path.open("a", buffering=1)
+        if wandb_cfg.mode != "disabled":
+            self._wandb_run = _init_wandb(run_dir, wandb_cfg, run_config)
+        if progress:
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[tps]} tok/s"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._task = self._progress.add_task("train", total=max_steps, loss="-", tps="-")
+            self._progress.start()
+
+    def advance(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
+        if self._progress is None:
+            return
+        fields: dict[str, str] = {}
+        if loss is not None:
+            fields["loss"] = f"{loss:.3f}"
+        if tokens_per_s is not None:
+            fields["tps"] = f"{tokens_per_s:,.0f}"
+        self._progress.update(self._task, completed=step, **fields)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        shown = "  ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+        )
+        self.console.log(shown)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        self._file.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+
+
+def _init_wandb(run_dir: Path, cfg: WandbConfig, run_config: dict[str, Any]):  # noqa: ANN202
+    import wandb
+
+    # Offline runs never touch the network or need an account; `wandb sync` uploads them later.
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.name or run_dir.name,
+        tags=list(cfg.tags),
+        mode=cfg.mode,
+        dir=str(run_dir),
+        config=run_config,
+        settings=wandb.Settings(console="off", x_disable_stats=True),
+    )

@@ -1,0 +1,109 @@
+"""Build the GPT decoder on megatron-core: RMSNorm, RoPE, causal attention, and the MLP chosen
+by ``model.mlp`` (``omnimoe`` or the ``dense`` SwiGLU baseline), plugged in via the layer spec.
+
+Only *what* the model is lives here; how it is parallelised (process groups, DDP, pipeline
+stages) is applied by ``distributed.py`` and the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from omnimoe_train.attention import SDPAttention
+from omnimoe_train.config import ModelConfig, RootConfig
+from omnimoe_train.omnimoe_layer import OmniMoEMLP, OmniMoESettings
+
+
+def omnimoe_settings(m: ModelConfig) -> OmniMoESettings:
+    return OmniMoESettings(
+        num_experts=m.num_experts,
+        top_k=m.top_k,
+        shared_expert=m.shared_expert,
+        router_norm=m.router_norm,
+        router_weights=m.router_weights,
+        backend=m.expert_backend,
+        deterministic=m.deterministic,
+    )
+
+
+def transformer_config(cfg: RootConfig, *, bf16: bool) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=True,  # SwiGLU
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        sequence_parallel=p.sequence_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        # The fused paths need apex / TransformerEngine; the plain ones run everywhere.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def layer_spec(cfg: RootConfig) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    submodules = spec.submodules
+    attention = submodules.self_attention
+    attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
+    if cfg.model.mlp == "omnimoe":
+        submodules = dataclasses.replace(
+            submodules, mlp=OmniMoEMLP.spec(omnimoe_settings(cfg.model))
+        )
+    return ModuleSpec(module=spec.module, submodules=submodules)
+
+
+def build_model(
+    cfg: RootConfig,
+    tconfig: TransformerConfig,
+    *,
+    vocab_size: int,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.data.seq_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rope_base),
+        vp_stage=vp_stage,
+    )
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Pad so the vocab splits evenly over TP ranks in multiples of ``multiple`` (Megatron's rule)."""
+    step = multiple * tp
+    return ((vocab_size + step - 1) // step) * step

@@ -1,0 +1,119 @@
+"""The OmniMoE MLP as a megatron-core module, plugged into GPT through the layer spec.
+
+    y = SwiGLU_shared(x) + sum_k w_k * silu(U[e_k] . x) * V[e_k]
+
+Shape suffixes: S sequence, B batch, T = S*B tokens, D hidden, N experts, K top-k.
+The shared branch is megatron's tensor-parallel MLP; the router and the expert tables are plain
+parameters (the expert-table sharding issue distributes them).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+import omnimoe_kernels
+from omnimoe_train.expert_stats import ExpertStats
+from omnimoe_train.router import CartesianRouter
+
+
+@dataclass(frozen=True)
+class OmniMoESettings:
+    num_experts: int
+    top_k: int
+    shared_expert: bool = True
+    router_norm: str = "batchnorm"
+    router_weights: str = "softmax"
+    backend: str = "auto"
+    deterministic: bool = False
+
+
+def shared_mlp_submodules() -> MLPSubmodules:
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+class OmniMoEMLP(MegatronModule):
+    """Shared SwiGLU branch + N atomic experts chosen by a Cartesian product router."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        settings: OmniMoESettings,
+        pg_collection: ProcessGroupCollection | None = None,
+    ) -> None:
+        super().__init__(config=config)
+        self.settings = settings
+        D, N = config.hidden_size, settings.num_experts
+        self.shared = (
+            MLP(
+                config,
+                shared_mlp_submodules(),
+                tp_group=pg_collection.tp if pg_collection is not None else None,
+            )
+            if settings.shared_expert
+            else None
+        )
+        self.router = CartesianRouter(
+            D,
+            N,
+            settings.top_k,
+            norm=settings.router_norm,
+            weights=settings.router_weights,
+            backend=settings.backend,
+            init_std=config.init_method_std,
+        )
+        # U reads the token (like an fc1 row); V writes the residual stream (like an fc2 column),
+        # so V takes the depth-scaled output init.
+        self.up_ND = nn.Parameter(torch.empty(N, D, dtype=config.params_dtype))
+        self.down_ND = nn.Parameter(torch.empty(N, D, dtype=config.params_dtype))
+        config.init_method(self.up_ND)
+        config.output_layer_init_method(self.down_ND)
+        self.stats = ExpertStats(N)
+
+    @classmethod
+    def as_mlp_submodule(
+        cls,
+        settings: OmniMoESettings,
+        config: TransformerConfig,
+        pg_collection: ProcessGroupCollection | None = None,
+        is_mtp_layer: bool = False,
+        name: str | None = None,
+    ) -> OmniMoEMLP:
+        """Builder with the signature TransformerLayer calls for its ``mlp`` submodule."""
+        del is_mtp_layer, name
+        return cls(config, settings, pg_collection)
+
+    @classmethod
+    def spec(cls, settings: OmniMoESettings) -> functools.partial:
+        return functools.partial(cls.as_mlp_submodule, settings)
+
+    def forward(
+        self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
+        S, B, D = hidden_SBD.shape
+        x_TD = hidden_SBD.reshape(S * B, D)
+        routing = self.router(x_TD)
+        if self.training:  # evaluation batches stay out of the usage statistics
+            self.stats.update(routing.indices_TK, routing.entropy_T)
+        y_TD = omnimoe_kernels.atomic_experts(
+            x_TD,
+            self.up_ND,
+            self.down_ND,
+            routing.weights_TK,
+            routing.indices_TK,
+            backend=self.settings.backend,
+            deterministic=self.settings.deterministic,
+        )
+        y_SBD = y_TD.view(S, B, D)
+        if self.shared is not None:
+            shared_SBD, _ = self.shared(hidden_SBD)
+            y_SBD = y_SBD + shared_SBD
+        return y_SBD, None

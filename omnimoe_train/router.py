@@ -1,0 +1,99 @@
+"""Cartesian product router: O(sqrt(N)) scoring of N = n*n atomic experts.
+
+Shape suffixes: T tokens, D hidden, n router half (sqrt(N)), N experts, K top-k.
+
+Two gates map a token to row and column scores (n each); each is normalised by BatchNorm without
+affine parameters (the reference code's choice: it keeps both halves on one scale so neither
+dominates the sum) and turned into log-probabilities. The score of expert (i, j) is
+``row_i + col_j`` -- the log-probability under the product distribution -- and the K best of
+all n*n sums are found exactly by ``omnimoe_kernels.cartesian_topk``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import omnimoe_kernels
+
+
+@dataclass
+class Routing:
+    weights_TK: torch.Tensor  # fp32 routing weights of the K selected experts
+    indices_TK: torch.Tensor  # int64 expert ids i*n + j
+    entropy_T: torch.Tensor  # entropy (nats) of each token's full n*n routing distribution
+
+
+class GateNorm(nn.Module):
+    """BatchNorm1d(affine=False) over tokens, always computed in fp32.
+
+    Written out (rather than nn.BatchNorm1d) so the running statistics stay fp32 whatever the
+    model's parameter dtype, and so a batch of zero tokens is a no-op instead of an error.
+    """
+
+    def __init__(self, n: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.register_buffer("running_mean", torch.zeros(n, dtype=torch.float32))
+        self.register_buffer("running_var", torch.ones(n, dtype=torch.float32))
+
+    def forward(self, z_Tn: torch.Tensor) -> torch.Tensor:
+        if self.training and z_Tn.shape[0] > 1:
+            mean_n = z_Tn.mean(0)
+            var_n = z_Tn.var(0, unbiased=False)
+            with torch.no_grad():
+                unbiased_n = var_n * (z_Tn.shape[0] / (z_Tn.shape[0] - 1))
+                self.running_mean.lerp_(mean_n.detach(), self.momentum)
+                self.running_var.lerp_(unbiased_n.detach(), self.momentum)
+        else:
+            mean_n, var_n = self.running_mean, self.running_var
+        return (z_Tn - mean_n) * torch.rsqrt(var_n + self.eps)
+
+
+class CartesianRouter(nn.Module):
+    """Routes each token to K of N = n*n atomic experts with O(n) gate work."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        norm: str = "batchnorm",
+        weights: str = "softmax",
+        backend: str = "auto",
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        n = math.isqrt(num_experts)
+        if n * n != num_experts:
+            raise ValueError(f"num_experts={num_experts} is not a perfect square")
+        self.n, self.top_k, self.weights, self.backend = n, top_k, weights, backend
+        # Router parameters stay fp32 even in a bf16 model: top-k over near-equal bf16 sums
+        # would be decided by rounding.
+        self.row_gate_nD = nn.Parameter(torch.empty(n, hidden_size, dtype=torch.float32))
+        self.col_gate_nD = nn.Parameter(torch.empty(n, hidden_size, dtype=torch.float32))
+        nn.init.normal_(self.row_gate_nD, std=init_std)
+        nn.init.normal_(self.col_gate_nD, std=init_std)
+        make_norm = (lambda: GateNorm(n)) if norm == "batchnorm" else nn.Identity
+        self.row_norm, self.col_norm = make_norm(), make_norm()
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        x_TD = x_TD.float()
+        rows_Tn = F.log_softmax(self.row_norm(x_TD @ self.row_gate_nD.t()), dim=-1)
+        cols_Tn = F.log_softmax(self.col_norm(x_TD @ self.col_gate_nD.t()), dim=-1)
+        scores_TK, indices_TK = omnimoe_kernels.cartesian_topk(
+            rows_Tn, cols_Tn, self.top_k, backend=self.backend
+        )
+        if self.weights == "softmax":  # paper Eq. 2: renormalise over the K selected
+            weights_TK = torch.softmax(scores_TK, dim=-1)
+        else:  # reference code: the product probability itself
+            weights_TK = scores_TK.exp()
+        with torch.no_grad():
+            # H(p_row x p_col) = H(p_row) + H(p_col) for the product distribution.
+            entropy_T = -(rows_Tn.exp() * rows_Tn).sum(-1) - (cols_Tn.exp() * cols_Tn).sum(-1)
+        return Routing(weights_TK, indices_TK, entropy_T)

@@ -1,0 +1,92 @@
+"""One training run inside a run directory: set up, train, evaluate, save, tear down."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from omnimoe_train.config import RootConfig
+
+EXIT_USAGE = 2
+
+
+def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
+    from omnimoe_data.prepare import DataError
+
+    from omnimoe_train.distributed import init_runtime, shutdown_runtime
+    from omnimoe_train.metrics import MetricsSink
+    from omnimoe_train.trainer import Trainer
+
+    _quiet_libraries()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runtime = init_runtime(cfg)
+    try:
+        try:
+            trainer = Trainer(cfg, runtime, run_dir)
+        except DataError as exc:
+            print(f"omnimoe-train: error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        resolved = OmegaConf.structured(cfg)
+        resolved.model.vocab_size = trainer.vocab_size
+        derived = {
+            "device": str(runtime.device),
+            "precision": "bf16" if runtime.bf16 else "fp32",
+            "world_size": runtime.world_size,
+            "dp": runtime.dp_size,
+            "num_microbatches": trainer.num_microbatches,
+            "data_dir": str(trainer.data_dir),
+        }
+        if runtime.is_main:
+            (run_dir / "config.yaml").write_text(
+                OmegaConf.to_yaml(resolved, resolve=True) + "\n# derived\n" + OmegaConf.to_yaml({"derived": derived})
+            )
+        sink = MetricsSink(
+            run_dir,
+            cfg.logging.wandb,
+            {**OmegaConf.to_container(resolved, resolve=True), "derived": derived},
+            enabled=runtime.is_main,
+            max_steps=cfg.trainer.max_steps,
+            progress=cfg.trainer.progress,
+        )
+        if runtime.is_main:
+            sink.console.log(
+                f"{cfg.model.name} ({cfg.model.mlp}): {trainer.num_parameters() / 1e6:.2f}M parameters "
+                f"on {runtime.device} ({derived['precision']}), world {runtime.world_size}, run dir {run_dir}"
+            )
+        try:
+            summary = trainer.fit(sink)
+        finally:
+            sink.close()
+        summary["wall_s"] = time.perf_counter() - started
+        if runtime.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            _report(sink, summary)
+        return summary
+    finally:
+        shutdown_runtime()
+
+
+def _quiet_libraries() -> None:
+    # megatron-core logs every parameter and its full optimizer config at INFO, and warns about
+    # deprecations we cannot act on; keep the console for training progress.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="megatron")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def _report(sink: Any, summary: dict[str, Any]) -> None:
+    first, last = summary.get("initial_val_loss"), summary.get("final_val_loss")
+    if first is not None and last is not None:
+        drop = 100.0 * (1.0 - last / first)
+        sink.console.log(f"val_loss {first:.3f} -> {last:.3f} ({drop:.1f}% lower) in {summary['wall_s']:.0f}s")
+
+
+__all__ = ["run"]

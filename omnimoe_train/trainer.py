@@ -1,0 +1,311 @@
+"""The training loop: megatron-core DDP + optimizer + pipeline schedule around our GPT model.
+
+All mutable training state (model chunks, optimizer, LR schedule, data position, RNG, counters)
+lives in :class:`TrainState`, which is what a checkpoint saves and restores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from omnimoe_data.loader import TokenShardLoader
+from omnimoe_train import checkpoint as ckpt
+from omnimoe_train.config import RootConfig
+from omnimoe_train.data import ensure_dataset, tokenizer_vocab_size
+from omnimoe_train.distributed import Runtime
+from omnimoe_train.expert_stats import ExpertStats, summarize
+from omnimoe_train.metrics import MetricsSink
+from omnimoe_train.model import build_model, padded_vocab_size, transformer_config
+
+WSD_STYLES = {"linear": "linear", "cosine": "cosine", "sqrt": "minus_sqrt"}
+
+
+@dataclass
+class TrainState:
+    model: list[DistributedDataParallel]
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+    train_loader: TokenShardLoader
+    step: int = 0
+    consumed_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": [chunk.state_dict() for chunk in self.model],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.train_loader.state_dict(),
+            "step": self.step,
+            "consumed_tokens": self.consumed_tokens,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for chunk, chunk_state in zip(self.model, state["model"], strict=True):
+            chunk.load_state_dict(chunk_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.load_state_dict(state["data"])
+        self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
+
+
+def _loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    # Megatron's 3-tuple contract: the schedule divides by the token count and microbatches.
+    loss_sum = output_tensor.float().sum()
+    num_tokens = torch.tensor(output_tensor.numel(), dtype=torch.int, device=loss_sum.device)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def _forward_step(data_iterator, model, *, device: torch.device):  # noqa: ANN001, ANN202
+    batch_BL = next(data_iterator).to(device, non_blocking=True)
+    tokens_BS, labels_BS = batch_BL[:, :-1], batch_BL[:, 1:]
+    position_ids_BS = torch.arange(tokens_BS.shape[1], device=device).expand_as(tokens_BS)
+    losses_BS = model(tokens_BS, position_ids_BS, None, labels=labels_BS)
+    return losses_BS, _loss_func
+
+
+class Trainer:
+    def __init__(self, cfg: RootConfig, runtime: Runtime, run_dir: Path) -> None:
+        self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
+        d = cfg.data
+        self.data_dir = ensure_dataset(d, rank=runtime.rank)
+        vocab = cfg.model.vocab_size or tokenizer_vocab_size(self.data_dir)
+        self.vocab_size = padded_vocab_size(vocab, cfg.parallel.tp)
+        self.num_microbatches = d.global_batch_size // (d.micro_batch_size * runtime.dp_size)
+        self.tokens_per_step = d.global_batch_size * d.seq_len
+
+        self.tconfig = transformer_config(cfg, bf16=runtime.bf16)
+        chunks = self._build_model_chunks()
+        optimizer = get_megatron_optimizer(self._optimizer_config(), chunks)
+        o, t = cfg.optim, cfg.trainer
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0,
+            max_lr=o.lr,
+            min_lr=o.lr * o.min_lr_ratio,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=t.max_steps,
+            lr_decay_style="WSD",
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=t.max_steps,
+            wd_incr_style="constant",
+            wsd_decay_steps=max(1, int(o.decay_fraction * t.max_steps)),
+            lr_wsd_decay_style=WSD_STYLES[o.decay_style],
+        )
+        # Megatron's schedule calls these hooks: grad sync, loss scaling, no-sync for accumulation.
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.grad_scale_func = optimizer.scale_loss
+        self.tconfig.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
+        loader = TokenShardLoader(
+            self.data_dir,
+            "train",
+            d.micro_batch_size,
+            dp_rank=runtime.dp_rank,
+            dp_size=runtime.dp_size,
+            seed=d.seed,
+            num_workers=d.num_workers,
+        )
+        self.state = TrainState(chunks, optimizer, scheduler, loader)
+        self.expert_stats = [m for c in chunks for m in c.modules() if isinstance(m, ExpertStats)]
+        self.forward_backward = get_forward_backward_func()
+
+    # -- construction -------------------------------------------------------------------------
+    def _build_model_chunks(self) -> list[DistributedDataParallel]:
+        vpp = self.cfg.parallel.vpp or 1
+        chunks = []
+        for vp_stage in range(vpp):
+            model = build_model(
+                self.cfg,
+                self.tconfig,
+                vocab_size=self.vocab_size,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage if self.cfg.parallel.vpp else None,
+            ).to(self.rt.device)
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
+            )
+            chunks.append(
+                DistributedDataParallel(self.tconfig, ddp_config, model, disable_bucketing=vp_stage > 0)
+            )
+        return chunks
+
+    def _optimizer_config(self) -> OptimizerConfig:
+        o = self.cfg.optim
+        return OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.lr * o.min_lr_ratio,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.beta1,
+            adam_beta2=o.beta2,
+            adam_eps=o.eps,
+            clip_grad=o.clip_grad,
+            bf16=self.rt.bf16,
+            params_dtype=torch.bfloat16 if self.rt.bf16 else torch.float32,
+            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
+        )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for c in self.state.model for p in c.parameters())
+
+    # -- steps --------------------------------------------------------------------------------
+    def _run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool) -> torch.Tensor:  # noqa: ANN001
+        d = self.cfg.data
+        losses = self.forward_backward(
+            forward_step_func=partial(_forward_step, device=self.rt.device),
+            data_iterator=data_iterator if len(self.state.model) == 1 else [data_iterator] * len(self.state.model),
+            model=self.state.model,
+            num_microbatches=num_microbatches,
+            seq_length=d.seq_len,
+            micro_batch_size=d.micro_batch_size,
+            forward_only=forward_only,
+        )
+        total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        for entry in losses:  # only the last pipeline stage has entries
+            total += entry["lm loss"].double()
+        return total
+
+    def train_step(self) -> tuple[torch.Tensor, float]:
+        s = self.state
+        for chunk in s.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        s.optimizer.zero_grad()
+        loss_sum = self._run_schedule(iter(s.train_loader), self.num_microbatches, forward_only=False)
+        _, grad_norm, _ = s.optimizer.step()
+        s.scheduler.step(increment=1)
+        s.step += 1
+        s.consumed_tokens += self.tokens_per_step
+        return loss_sum, float(grad_norm) if grad_norm is not None else float("nan")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        d = self.cfg.data
+        for chunk in self.state.model:
+            chunk.eval()
+        loader = TokenShardLoader(
+            self.data_dir,
+            "val",
+            d.micro_batch_size,
+            dp_rank=self.rt.dp_rank,
+            dp_size=self.rt.dp_size,
+            seed=d.seed,
+            infinite=False,
+        )
+        batches = list(itertools.islice(iter(loader), self.cfg.trainer.eval_iters))
+        total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        if batches:
+            total = self._run_schedule(iter(batches), len(batches), forward_only=True)
+        return self._mean_loss(total)
+
+    def _mean_loss(self, total: torch.Tensor) -> float:
+        """(sum, count) on the last stage -> mean over all data-parallel ranks, on every rank."""
+        if dist.is_initialized():
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+            # Non-last pipeline stages hold zeros: summing over the pipeline group broadcasts.
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return (total[0] / total[1].clamp_min(1)).item()
+
+    def _expert_metrics(self) -> dict[str, float]:
+        if not self.expert_stats:
+            return {}
+        counts = torch.stack([s.counts_N for s in self.expert_stats])
+        entropy = torch.stack([s.entropy_sum for s in self.expert_stats])
+        tokens = torch.stack([s.tokens for s in self.expert_stats])
+        if dist.is_initialized():
+            for t in (counts, entropy, tokens):
+                dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+                dist.all_reduce(t, group=parallel_state.get_tensor_model_parallel_group())
+        for s in self.expert_stats:
+            s.reset()
+        return summarize(counts, entropy, tokens)
+
+    # -- loop ---------------------------------------------------------------------------------
+    def fit(self, sink: MetricsSink) -> dict[str, Any]:
+        cfg, s = self.cfg, self.state
+        t = cfg.trainer
+        ckpt_root = Path(cfg.checkpoint.dir)
+        if not ckpt_root.is_absolute():
+            ckpt_root = self.run_dir / ckpt_root
+        resume = ckpt.resolve_resume(ckpt_root, cfg.checkpoint.resume)
+        if resume is not None:
+            state, _ = ckpt.load_checkpoint(resume, rank=self.rt.rank)
+            s.load_state_dict(state)
+            sink.console.log(f"resumed from {resume} at step {s.step}")
+
+        summary: dict[str, Any] = {"num_parameters": self.num_parameters()}
+        if s.step == 0:
+            summary["initial_val_loss"] = self.evaluate()
+            sink.log({"step": 0, "val_loss": summary["initial_val_loss"]})
+        window_loss = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        window_start, window_steps = time.perf_counter(), 0
+        if self.rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        while s.step < t.max_steps:
+            loss_sum, grad_norm = self.train_step()
+            window_loss += loss_sum
+            window_steps += 1
+            if s.step % t.log_interval == 0 or s.step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                loss = self._mean_loss(window_loss)
+                record = {
+                    "step": s.step,
+                    "loss": loss,
+                    "lr": s.optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+                    "consumed_tokens": s.consumed_tokens,
+                    **self._expert_metrics(),
+                }
+                if self.rt.device.type == "cuda":
+                    record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                sink.log(record)
+                sink.advance(s.step, loss, record["tokens_per_s"])
+                summary["last_train"] = record
+                window_loss.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            else:
+                sink.advance(s.step)
+            if s.step % t.eval_interval == 0 or s.step == t.max_steps:
+                summary["final_val_loss"] = self.evaluate()
+                sink.log({"step": s.step, "val_loss": summary["final_val_loss"]})
+            interval = cfg.checkpoint.interval
+            if (interval and s.step % interval == 0) or (
+                s.step == t.max_steps and cfg.checkpoint.save_final
+            ):
+                self._save(ckpt_root)
+        return summary
+
+    def _save(self, root: Path) -> None:
+        p = self.cfg.parallel
+        meta = {"world_size": self.rt.world_size, "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep}
+        ckpt.save_checkpoint(
+            root, self.state.step, self.state.state_dict(), meta, rank=self.rt.rank, keep=self.cfg.checkpoint.keep
+        )

@@ -1,0 +1,165 @@
+"""One validation step for the whole configuration.
+
+Runs before any model, data or process-group work. Each violated rule raises a
+:class:`ConfigError` whose message is one line naming the key and the rule; the CLI prints it and
+exits with code 2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from omnimoe_train.config import RootConfig
+
+MLPS = ("omnimoe", "dense")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.mlp": MLPS,
+    "model.router_norm": ("batchnorm", "none"),
+    "model.router_weights": ("softmax", "exp"),
+    "model.expert_backend": ("auto", "torch", "triton"),
+    "parallel.expert_table_sharding": ("rows", "dim", "auto"),
+    "optim.name": ("adamw",),
+    "optim.decay_style": ("linear", "cosine", "sqrt"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.precision": ("auto", "fp32", "bf16"),
+    "logging.wandb.mode": ("offline", "online", "disabled"),
+}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value: ``key`` and the ``rule`` it breaks."""
+
+    def __init__(self, key: str, rule: str) -> None:
+        super().__init__(f"{key}: {rule}")
+        self.key = key
+        self.rule = rule
+
+
+def _get(cfg: RootConfig, dotted: str) -> object:
+    node: object = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _require(ok: bool, key: str, rule: str) -> None:
+    if not ok:
+        raise ConfigError(key, rule)
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def data_parallel_size(cfg: RootConfig, world_size: int) -> int:
+    return world_size // (cfg.parallel.tp * cfg.parallel.pp)
+
+
+def validate(cfg: RootConfig, world_size: int | None = None) -> None:
+    """Check every cross-field rule; raise :class:`ConfigError` on the first violation."""
+    world_size = world_size_from_env() if world_size is None else world_size
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        _require(value in allowed, key, f"must be one of {', '.join(allowed)} (got {value!r})")
+
+    m, p, d, o, t, c = cfg.model, cfg.parallel, cfg.data, cfg.optim, cfg.trainer, cfg.checkpoint
+    for key in (
+        "model.num_layers",
+        "model.hidden_size",
+        "model.num_attention_heads",
+        "model.ffn_hidden_size",
+        "data.seq_len",
+        "data.micro_batch_size",
+        "data.global_batch_size",
+        "data.samples_per_shard",
+        "trainer.max_steps",
+        "trainer.log_interval",
+        "trainer.eval_interval",
+        "trainer.eval_iters",
+        "parallel.tp",
+        "parallel.pp",
+        "parallel.ep",
+    ):
+        value = _get(cfg, key)
+        _require(value >= 1, key, f"must be a positive integer (got {value})")
+
+    _require(
+        m.hidden_size % m.num_attention_heads == 0,
+        "model.hidden_size",
+        f"must be divisible by model.num_attention_heads ({m.hidden_size} % {m.num_attention_heads} != 0)",
+    )
+    groups = m.num_query_groups or m.num_attention_heads
+    _require(
+        groups >= 1 and m.num_attention_heads % groups == 0,
+        "model.num_query_groups",
+        f"must divide model.num_attention_heads={m.num_attention_heads} (got {groups})",
+    )
+    _require(
+        (m.hidden_size // m.num_attention_heads) % 2 == 0,
+        "model.hidden_size",
+        "head dimension (hidden_size / num_attention_heads) must be even for RoPE",
+    )
+    if m.vocab_size is not None:
+        _require(m.vocab_size >= 2, "model.vocab_size", f"must be >= 2 (got {m.vocab_size})")
+
+    if m.mlp == "omnimoe":
+        n = math.isqrt(m.num_experts) if m.num_experts > 0 else 0
+        _require(
+            m.num_experts > 0 and n * n == m.num_experts,
+            "model.num_experts",
+            f"must be a perfect square n*n for the Cartesian router (got {m.num_experts})",
+        )
+        _require(
+            1 <= m.top_k <= m.num_experts,
+            "model.top_k",
+            f"must be in [1, model.num_experts={m.num_experts}] (got {m.top_k})",
+        )
+        _require(
+            m.shared_expert or m.ffn_hidden_size >= 1,
+            "model.ffn_hidden_size",
+            "must be positive",
+        )
+
+    # Parallel layout: rules that can be checked from the config and the launcher's world size.
+    _require(
+        world_size % (p.tp * p.pp) == 0,
+        "parallel.tp",
+        f"tp*pp={p.tp * p.pp} must divide the world size {world_size}",
+    )
+    _require(
+        m.num_attention_heads % p.tp == 0,
+        "parallel.tp",
+        f"must divide model.num_attention_heads={m.num_attention_heads} (got {p.tp})",
+    )
+    _require(
+        groups % p.tp == 0,
+        "parallel.tp",
+        f"must divide the number of query groups {groups} (got {p.tp})",
+    )
+    vpp = p.vpp or 1
+    _require(
+        m.num_layers % (p.pp * vpp) == 0,
+        "parallel.pp",
+        f"pp*vpp={p.pp * vpp} must divide model.num_layers={m.num_layers}",
+    )
+    dp = data_parallel_size(cfg, world_size)
+    _require(
+        d.global_batch_size % (d.micro_batch_size * dp) == 0,
+        "data.global_batch_size",
+        f"must be a multiple of data.micro_batch_size * data-parallel size "
+        f"({d.micro_batch_size} * {dp}) (got {d.global_batch_size})",
+    )
+    _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+
+    _require(o.lr > 0, "optim.lr", f"must be positive (got {o.lr})")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in [0, 1]")
+    _require(
+        0 <= o.warmup_steps < t.max_steps,
+        "optim.warmup_steps",
+        f"must be in [0, trainer.max_steps={t.max_steps}) (got {o.warmup_steps})",
+    )
+    _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = final only)")
+    _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {c.keep})")

@@ -1,0 +1,226 @@
+"""prepare(): round trip, manifest integrity, inputs, split hygiene, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from omnimoe_data import prepare as prepare_mod
+from omnimoe_data.corpus import DataError
+from omnimoe_data.prepare import default_corpus_files, is_prepared, prepare
+from omnimoe_data.shards import ShardWriter, read_shard, sha256_file, token_dtype
+from tokenizers import Tokenizer
+
+from .helpers import TINY, make_docs, sorted_txt_docs, split_samples, write_txt_folder
+
+
+def decoded_documents(data_dir: Path, split: str) -> list[str]:
+    """Undoes the packing: samples overlap by one token, documents end with the EOD id."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    samples = split_samples(data_dir, split)
+    if not len(samples):
+        return []
+    stream = np.concatenate([samples[0], samples[1:, 1:].reshape(-1)]).tolist()
+    docs, current = [], []
+    for token in stream:
+        if token == manifest["eod_id"]:
+            docs.append(tok.decode(current, skip_special_tokens=False))
+            current = []
+        else:
+            current.append(token)
+    return docs
+
+
+def expected_split(docs: list[str], split: str, *, seed: int, val_fraction: float) -> list[str]:
+    want_val = split == "val"
+    return [d for d in docs if prepare_mod._is_val(d, seed, val_fraction) == want_val]
+
+
+def test_round_trip_and_manifest(txt_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = prepare([txt_corpus], out, val_fraction=0.2, progress=False, **TINY)
+    m = result.manifest
+    assert result.manifest_path == out / "manifest.json"
+    assert json.loads(result.manifest_path.read_text()) == m
+    docs = sorted_txt_docs(txt_corpus)
+    for split in ("train", "val"):
+        want = expected_split(docs, split, seed=0, val_fraction=0.2)
+        got = decoded_documents(out, split)
+        # Only the last document of a split can be cut by the dropped tail.
+        assert got == want[: len(got)] and len(got) >= len(want) - 1, split
+        info = m["splits"][split]
+        assert info["documents"] == len(want)
+        assert info["samples"] == sum(s["samples"] for s in info["shards"])
+        assert info["tokens"] == info["samples"] * (TINY["seq_len"] + 1)
+        assert (
+            info["samples"] * TINY["seq_len"] + 1 + info["dropped_tokens"] == info["stream_tokens"]
+        )
+        for shard in info["shards"]:
+            path = out / shard["name"]
+            assert sha256_file(path) == shard["sha256"]
+            assert path.stat().st_size == shard["bytes"]
+            rows = read_shard(path, dtype=m["dtype"], sample_len=m["sample_len"])
+            assert len(rows) == shard["samples"] <= TINY["samples_per_shard"]
+    assert m["splits"]["val"]["samples"] > 0 and len(m["splits"]["train"]["shards"]) > 2
+    assert m["samples"] == sum(s["samples"] for s in m["splits"].values())
+    assert m["vocab_size"] == TINY["vocab_size"] and m["dtype"] == "uint16"
+    assert m["skipped"]["total"] == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_val_split_holds_whole_documents(txt_corpus: Path, tmp_path: Path) -> None:
+    prepare([txt_corpus], tmp_path / "out", val_fraction=0.3, progress=False, **TINY)
+    train = set(decoded_documents(tmp_path / "out", "train"))
+    val = set(decoded_documents(tmp_path / "out", "val"))
+    assert val and train and not (train & val)
+
+
+def test_same_inputs_give_identical_shards(txt_corpus: Path, tmp_path: Path) -> None:
+    a = prepare([txt_corpus], tmp_path / "a", progress=False, **TINY).manifest
+    b = prepare([txt_corpus], tmp_path / "b", progress=False, **TINY).manifest
+    assert a["splits"] == b["splits"]
+    # A given tokenizer.json is reused as is: the same ids come out.
+    c = prepare(
+        [txt_corpus],
+        tmp_path / "c",
+        tokenizer=tmp_path / "a" / "tokenizer.json",
+        progress=False,
+        **TINY,
+    ).manifest
+    assert c["splits"] == a["splits"]
+    assert c["requested_vocab_size"] is None and not c["tokenizer_trained"]
+
+
+def test_jsonl_parquet_and_folder_inputs(tmp_path: Path) -> None:
+    docs = make_docs(30, seed=1)
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(
+        "".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs[:10]))
+    )
+    parquet = tmp_path / "sub" / "b.parquet"
+    parquet.parent.mkdir()
+    pq.write_table(pa.table({"body": docs[10:20], "n": list(range(10))}), parquet)
+    folder = write_txt_folder(tmp_path / "txt", docs[20:])
+    out = tmp_path / "out"
+    m = prepare(
+        [jsonl, tmp_path / "sub", folder],
+        out,
+        text_field="body",
+        val_fraction=0.0,
+        progress=False,
+        **TINY,
+    ).manifest
+    assert m["splits"]["train"]["documents"] == 30
+    assert m["skipped"]["total"] == 0
+    ordered = docs[:20] + sorted_txt_docs(folder)
+    got = decoded_documents(out, "train")
+    assert got == ordered[: len(got)] and len(got) >= 29
+
+
+def test_max_bytes_caps_the_input(txt_corpus: Path, tmp_path: Path) -> None:
+    docs = sorted_txt_docs(txt_corpus)
+    budget = sum(len(d.encode()) for d in docs[:20])
+    m = prepare(
+        [txt_corpus], tmp_path / "o", max_bytes=budget, val_fraction=0.0, progress=False, **TINY
+    ).manifest
+    assert m["splits"]["train"]["documents"] == 20
+
+
+def test_is_prepared(txt_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert not is_prepared(out, seq_len=16)
+    m = prepare([txt_corpus], out, progress=False, **TINY).manifest
+    assert is_prepared(out, seq_len=16)
+    assert is_prepared(out, seq_len=16, vocab_size=300)
+    assert not is_prepared(out, seq_len=32)
+    assert not is_prepared(out, seq_len=16, vocab_size=512)
+    (out / m["splits"]["train"]["shards"][-1]["name"]).unlink()
+    assert not is_prepared(out, seq_len=16)
+
+
+def test_interrupted_prepare_leaves_no_partial_files(
+    txt_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    prepare([txt_corpus], out, progress=False, **TINY)  # an older complete dataset
+    assert is_prepared(out, seq_len=16)
+    real_write = ShardWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self: ShardWriter, sample: np.ndarray) -> None:
+        calls["n"] += 1
+        if self.split == "train" and self.samples == TINY["samples_per_shard"] + 3:
+            # Mid-way through the second shard: it exists only under its temp name.
+            assert self._tmp is not None and self._tmp.exists()
+            assert not (out / "train-000001.tar").exists()
+            raise KeyboardInterrupt
+        real_write(self, sample)
+
+    monkeypatch.setattr(ShardWriter, "write", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([txt_corpus], out, progress=False, **TINY)
+    names = sorted(p.name for p in out.iterdir())
+    assert "manifest.json" not in names
+    assert not [n for n in names if n.endswith(".tmp")]
+    # The shard being written never appears under its final name; finished ones are whole.
+    assert "train-000001.tar" not in names
+    assert [n for n in names if n.endswith(".tar")] == ["train-000000.tar"]
+    rows = read_shard(out / "train-000000.tar", dtype=np.uint16, sample_len=17)
+    assert len(rows) == TINY["samples_per_shard"]
+    assert not is_prepared(out, seq_len=16)
+
+    monkeypatch.setattr(ShardWriter, "write", real_write)
+    prepare([txt_corpus], out, progress=False, **TINY)
+    assert is_prepared(out, seq_len=16)
+
+
+def test_token_dtype_and_uint32_shards(tmp_path: Path) -> None:
+    assert token_dtype(65535) == np.uint16 and token_dtype(65536) == np.uint32
+    ids = np.array([[0, 70000, 2**32 - 1], [5, 6, 7]], dtype=np.uint32)
+    with ShardWriter(tmp_path, "train", samples_per_shard=10, dtype=token_dtype(100_000)) as w:
+        for row in ids:
+            w.write(row)
+        shards = w.close()
+    assert shards[0]["name"] == "train-000000.tar" and shards[0]["samples"] == 2
+    back = read_shard(tmp_path / "train-000000.tar", dtype=np.uint32, sample_len=3)
+    np.testing.assert_array_equal(back, ids)
+    with pytest.raises(DataError, match="has 12 bytes, expected 16"):
+        read_shard(tmp_path / "train-000000.tar", dtype=np.uint32, sample_len=4)
+    with pytest.raises(DataError, match="not a .tokens.u16 sample"):
+        read_shard(tmp_path / "train-000000.tar", dtype=np.uint16, sample_len=3)
+
+
+def test_shards_read_with_webdataset(txt_corpus: Path, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    out = tmp_path / "out"
+    m = prepare([txt_corpus], out, progress=False, **TINY).manifest
+    shard = out / m["splits"]["train"]["shards"][0]["name"]
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    expected = read_shard(shard, dtype=np.uint16, sample_len=17)
+    assert len(samples) == len(expected)
+    for sample, row in zip(samples, expected, strict=True):
+        np.testing.assert_array_equal(np.frombuffer(sample["tokens.u16"], "<u2"), row)
+
+
+def test_default_corpus_files_are_deterministic_and_bounded() -> None:
+    files = default_corpus_files(400_000)
+    assert files == default_corpus_files(400_000) == sorted(files)
+    assert files and sum(f.stat().st_size for f in files) <= 400_000
+    excluded = {"test", "tests", "idlelib", "site-packages"}
+    assert all(f.suffix == ".py" and not excluded & set(f.parts) for f in files)
+    assert default_corpus_files(800_000)[: len(files)] == files
+
+
+def test_default_corpus_prepare(tmp_path: Path) -> None:
+    m = prepare(
+        None, tmp_path / "out", vocab_size=512, seq_len=64, max_bytes=300_000, progress=False
+    ).manifest
+    assert m["sources"]["kind"] == "python-stdlib"
+    assert m["vocab_size"] == 512 and m["splits"]["train"]["samples"] > 100
+    assert is_prepared(tmp_path / "out", seq_len=64, vocab_size=512)

@@ -1,0 +1,79 @@
+"""cartesian_topk (Triton) against the float64 reference: ids exactly, scores, gradients."""
+
+from __future__ import annotations
+
+import omnimoe_kernels
+import pytest
+import torch
+from kernel_test_utils import cpu_triton, gpu, rel_err
+from omnimoe_kernels.reference import cartesian_topk_reference
+
+
+def _check(T: int, n: int, k: int, dtype: torch.dtype, device: str, ties: bool = False) -> None:
+    gen = torch.Generator().manual_seed(1000 * T + 10 * n + k)
+    if ties:  # few distinct values: many equal sums, so the lowest-id rule decides
+        rows = torch.randint(0, 3, (T, n), generator=gen).to(dtype)
+        cols = torch.randint(0, 3, (T, n), generator=gen).to(dtype)
+    else:
+        rows = torch.randn(T, n, generator=gen).log_softmax(-1).to(dtype)
+        cols = torch.randn(T, n, generator=gen).log_softmax(-1).to(dtype)
+    rows, cols = rows.to(device).requires_grad_(), cols.to(device).requires_grad_()
+    scores, ids = omnimoe_kernels.cartesian_topk(rows, cols, k, backend="triton")
+    r64 = rows.detach().cpu().double().requires_grad_()
+    c64 = cols.detach().cpu().double().requires_grad_()
+    ref_scores, ref_ids = cartesian_topk_reference(r64, c64, k)
+    assert scores.shape == (T, k) and scores.dtype == dtype and ids.dtype == torch.int64
+    assert torch.equal(ids.cpu(), ref_ids)
+    assert rel_err(scores, ref_scores) <= (0 if dtype == torch.float32 else 4e-3)
+    if T == 0:
+        return
+    g = torch.randn(T, k, generator=gen)
+    drows, dcols = torch.autograd.grad(scores, (rows, cols), g.to(device, dtype))
+    ref_drows, ref_dcols = torch.autograd.grad(ref_scores, (r64, c64), g.double())
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(drows, ref_drows) <= tol and rel_err(dcols, ref_dcols) <= tol
+
+
+CPU_CASES = [  # T, n, K, dtype
+    (3, 8, 1, torch.float32),  # K = 1
+    (5, 4, 16, torch.float32),  # K = n^2: every pair
+    (4, 6, 20, torch.bfloat16),  # K > n
+    (7, 9, 5, torch.float32),  # T not a power of two
+    (2, 96, 130, torch.float32),  # N = 96^2, K > n
+    (0, 8, 3, torch.float32),  # no tokens
+]
+
+
+@cpu_triton
+@pytest.mark.parametrize(("T", "n", "k", "dtype"), CPU_CASES)
+def test_cartesian_topk_cpu(T: int, n: int, k: int, dtype: torch.dtype) -> None:
+    _check(T, n, k, dtype, "cpu")
+
+
+@cpu_triton
+@pytest.mark.parametrize("k", [1, 3, 7, 30, 64])
+def test_cartesian_topk_ties_cpu(k: int) -> None:
+    _check(4, 8, k, torch.float32, "cpu", ties=True)
+
+
+def test_cartesian_topk_rejects_bad_k() -> None:
+    rows = torch.zeros(2, 4)
+    with pytest.raises(ValueError):
+        omnimoe_kernels.cartesian_topk(rows, rows, 17, backend="torch")
+
+
+@pytest.mark.parametrize(
+    ("T", "n", "k", "dtype", "ties"),
+    [
+        (300, 1024, 64, torch.float32, False),
+        (64, 320, 4096, torch.float32, False),
+        (64, 320, 512, torch.bfloat16, False),
+        (33, 96, 1000, torch.float32, True),
+        (50, 16, 1, torch.float32, False),
+    ],
+)
+@pytest.mark.parametrize("_gpu", [None], ids=["cuda"])
+@gpu[0]
+@gpu[1]
+def test_cartesian_topk_gpu(T: int, n: int, k: int, dtype: torch.dtype, ties: bool, _gpu) -> None:
+    _check(T, n, k, dtype, "cuda", ties=ties)

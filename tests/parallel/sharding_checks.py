@@ -1,0 +1,194 @@
+"""Rank-side bodies of the sharding tests: run the sharded op, compare with one process.
+
+Every rank builds the SAME global problem from a seed (x for the tokens of all ranks, full U and
+V, routing), runs the single-process ``atomic_experts`` on the concatenation as the reference,
+and the sharded op on its own tokens and its table shard. It then checks, within ``RTOL``
+relative to the largest reference entry: its outputs, the group loss, dx and dweights of its
+tokens, and the table gradients gathered from all shards; and that the bytes the op reports
+equal the cost-model formulas for the routing actually used. Shape legend: see
+``omnimoe_train.parallel.collectives``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import omnimoe_kernels
+import torch
+import torch.distributed as dist
+
+from omnimoe_train.parallel.cost_model import dim_bytes, rows_bytes
+from omnimoe_train.parallel.dim_sharding import sharded_atomic_experts_dim
+from omnimoe_train.parallel.rows_dispatch import sharded_atomic_experts_rows
+
+RTOL = 1e-5  # fp32: relative to the largest reference entry of each compared tensor
+
+
+@dataclass(frozen=True)
+class Case:
+    """One global problem. ``indices`` (one tuple of K expert ids per token, tokens of rank 0
+    first) fixes the routing; ``None`` draws K distinct experts per token uniformly."""
+
+    tokens_per_rank: tuple[int, ...]
+    hidden: int
+    num_experts: int
+    top_k: int
+    seed: int = 0
+    indices: tuple[tuple[int, ...], ...] | None = None
+
+
+def _build(case: Case, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(case.seed)
+    num_tokens, n_exp, d, k = sum(case.tokens_per_rank), case.num_experts, case.hidden, case.top_k
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    if case.indices is None:
+        scores_GN = torch.rand(num_tokens, n_exp, generator=gen)
+        indices_GK = scores_GN.argsort(dim=1)[:, :k]
+    else:
+        indices_GK = torch.tensor(case.indices, dtype=torch.int64).reshape(num_tokens, k)
+    weights_GK = torch.rand(num_tokens, k, generator=gen, dtype=torch.float64).to(dtype) + 0.1
+    return {
+        "x": randn(num_tokens, d),
+        "up": randn(n_exp, d) / d**0.5,
+        "down": randn(n_exp, d),
+        "weights": weights_GK,
+        "indices": indices_GK,
+        "cotangent": randn(num_tokens, d),
+    }
+
+
+def _assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().clamp_min(1e-12)
+    error = ((actual - expected).abs().max() / scale).item()
+    assert error <= RTOL, f"{name}: max error {error:.3g} x largest entry > {RTOL} (rank {dist.get_rank()})"
+
+
+def _all_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def _sum_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def _expected_rows_bytes(case: Case, indices_TK: torch.Tensor, dtype_bytes: int) -> dict:
+    """The cost-model formula fed with this rank's realised remote rows and pairs."""
+    num_ranks, rank = dist.get_world_size(), dist.get_rank()
+    dest_TK = indices_TK // (case.num_experts // num_ranks)
+    rows = sum(len(set(row)) for row in dest_TK.tolist())
+    remote_rows = sum(len(set(row) - {rank}) for row in dest_TK.tolist())
+    remote_pairs = int((dest_TK != rank).sum())
+    predicted = rows_bytes(
+        d=case.hidden,
+        remote_rows=remote_rows,
+        remote_pairs=remote_pairs,
+        ranks=num_ranks,
+        dtype_bytes=dtype_bytes,
+        weight_bytes=dtype_bytes,
+    )
+    return {**predicted, "dest_ranks_per_token": rows / max(len(dest_TK), 1)}
+
+
+def check_case(case: Case, mode: str, dtype: torch.dtype = torch.float32) -> None:
+    """Run one case in ``mode`` on this rank and assert it matches the single-process op."""
+    num_ranks, rank = dist.get_world_size(), dist.get_rank()
+    assert len(case.tokens_per_rank) == num_ranks
+    full = _build(case, dtype)
+    start = sum(case.tokens_per_rank[:rank])
+    mine = slice(start, start + case.tokens_per_rank[rank])
+
+    ref = {name: full[name].clone().requires_grad_() for name in ("x", "up", "down", "weights")}
+    y_ref = omnimoe_kernels.atomic_experts(
+        ref["x"], ref["up"], ref["down"], ref["weights"], full["indices"], backend="torch"
+    )
+    loss_ref = (y_ref * full["cotangent"]).sum()
+    loss_ref.backward()
+
+    x = full["x"][mine].clone().requires_grad_()
+    weights = full["weights"][mine].clone().requires_grad_()
+    indices = full["indices"][mine]
+    if mode == "rows":
+        rows = slice(*(case.num_experts // num_ranks * r for r in (rank, rank + 1)))
+        up, down = (full[t][rows].clone().requires_grad_() for t in ("up", "down"))
+        y, stats = sharded_atomic_experts_rows(
+            x, up, down, weights, indices, group=None, num_experts=case.num_experts
+        )
+        table_dim = 0
+    else:
+        cols = slice(*(case.hidden // num_ranks * r for r in (rank, rank + 1)))
+        up, down = (full[t][:, cols].clone().requires_grad_() for t in ("up", "down"))
+        y, stats = sharded_atomic_experts_dim(x, up, down, weights, indices, group=None)
+        table_dim = 1
+    loss = (y * full["cotangent"][mine]).sum()
+    loss.backward()
+
+    _assert_close("y", y.detach(), y_ref.detach()[mine])
+    _assert_close("loss", torch.tensor([_sum_over_ranks(loss.item())]), loss_ref.detach()[None])
+    _assert_close("dx", x.grad, ref["x"].grad[mine])
+    _assert_close("dweights", weights.grad, ref["weights"].grad[mine])
+    _assert_close("dU", _all_gather(up.grad, table_dim), ref["up"].grad)
+    _assert_close("dV", _all_gather(down.grad, table_dim), ref["down"].grad)
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    if mode == "rows":
+        expected = _expected_rows_bytes(case, indices, elem)
+        got = stats.avg_dest_ranks_per_token
+        assert abs(got - expected["dest_ranks_per_token"]) < 1e-12, (got, expected)
+    else:
+        expected = dim_bytes(
+            tokens=len(indices),
+            d=case.hidden,
+            k=case.top_k,
+            ranks=num_ranks,
+            dtype_bytes=elem,
+            score_bytes=max(elem, 4),
+        )
+    # Per rank the rows (and unequal-T dim) formulas assume symmetric traffic; summed over the
+    # group they are exact, so compare the sums.
+    for key, measured in (("forward", stats.forward_bytes), ("backward", stats.backward_bytes)):
+        total, predicted = _sum_over_ranks(measured), _sum_over_ranks(expected[key])
+        assert total == predicted, f"{mode} {key} bytes: measured {total} != formula {predicted}"
+
+
+def check_cases(cases: list[Case], modes: tuple[str, ...], dtype: torch.dtype = torch.float32):
+    for case in cases:
+        for mode in modes:
+            check_case(case, mode, dtype)
+
+
+def check_dim_bytes_per_rank(case: Case) -> None:
+    """With equal tokens per rank, predict_bytes('dim') is exact for every single rank."""
+    from omnimoe_train.parallel.cost_model import predict_bytes
+
+    assert len(set(case.tokens_per_rank)) == 1
+    full = _build(case, torch.float32)
+    num_ranks, rank = dist.get_world_size(), dist.get_rank()
+    tokens = case.tokens_per_rank[rank]
+    mine = slice(rank * tokens, (rank + 1) * tokens)
+    cols = slice(*(case.hidden // num_ranks * r for r in (rank, rank + 1)))
+    x = full["x"][mine].requires_grad_()
+    up, down = (full[t][:, cols].clone().requires_grad_() for t in ("up", "down"))
+    weights = full["weights"][mine].requires_grad_()
+    y, stats = sharded_atomic_experts_dim(x, up, down, weights, full["indices"][mine], group=None)
+    y.sum().backward()
+    predicted = predict_bytes(
+        "dim",
+        tokens=tokens,
+        d=case.hidden,
+        k=case.top_k,
+        num_experts=case.num_experts,
+        ranks=num_ranks,
+        dtype_bytes=4,
+    )
+    assert stats.forward_bytes == predicted["forward"], (stats, predicted)
+    assert stats.backward_bytes == predicted["backward"], (stats, predicted)

@@ -1,0 +1,91 @@
+"""Sharded atomic experts (rows and dim) on gloo ranks equal the single-process op.
+
+Each spawned run checks outputs, loss, dx, dweights and the gathered table gradients against
+``atomic_experts`` on the concatenated tokens, and the reported bytes against the cost model
+(see ``sharding_checks``). Spawning costs seconds, so each run checks a batch of cases.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .distributed import run_distributed
+from .sharding_checks import Case, check_cases, check_dim_bytes_per_rank
+
+MODES = ("rows", "dim")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_matches_single_process_uniform_routing(world_size: int) -> None:
+    tokens = (5, 3, 0, 4)[:world_size] if world_size == 4 else (6, 3)
+    cases = [
+        Case(tokens_per_rank=tokens, hidden=8, num_experts=16, top_k=5, seed=1),
+        Case(tokens_per_rank=tokens, hidden=12, num_experts=64, top_k=12, seed=2),
+    ]
+    run_distributed(check_cases, world_size, cases, MODES)
+
+
+def test_edge_routings_two_ranks() -> None:
+    # N = 16, rank 0 owns experts 0..7, rank 1 owns 8..15.
+    cases = [
+        # rank 0 has no tokens; every expert lives on rank 0, so rank 1 receives nothing.
+        Case((0, 4), 4, 16, 3, indices=((0, 1, 2), (3, 4, 5), (7, 6, 0), (2, 5, 1))),
+        # tokens whose K experts all live on one rank (local and remote), and mixed ones.
+        Case((3, 2), 4, 16, 3, indices=((9, 12, 15), (0, 3, 7), (1, 8, 14), (8, 9, 10), (2, 5, 6))),
+        # rank 1 has no tokens but receives all of rank 0's work.
+        Case((2, 0), 4, 16, 3, indices=((8, 9, 10), (15, 11, 12))),
+        # no tokens anywhere.
+        Case((0, 0), 4, 16, 3, indices=()),
+        # K = N: every token uses every expert.
+        Case((2, 1), 4, 4, 4, seed=3),
+    ]
+    run_distributed(check_cases, 2, cases, MODES)
+
+
+def test_dim_bytes_match_prediction_on_every_rank() -> None:
+    run_distributed(check_dim_bytes_per_rank, 2, Case((4, 4), 8, 16, 3, seed=4))
+
+
+@st.composite
+def routed_cases(draw: st.DrawFn, world_size: int) -> Case:
+    """Random sizes and routing; tokens pick experts uniformly, on one rank, or on two ranks."""
+    n = draw(st.sampled_from([n for n in (2, 4, 8) if n % world_size == 0]))
+    num_experts, block = n * n, n * n // world_size
+    top_k = draw(st.integers(1, min(num_experts, 6)))
+    hidden = world_size * draw(st.integers(1, 3))
+    tokens = tuple(draw(st.lists(st.integers(0, 4), min_size=world_size, max_size=world_size)))
+    indices = []
+    for _ in range(sum(tokens)):
+        style = draw(st.sampled_from(["uniform", "one_rank", "two_ranks"]))
+        if style == "uniform" or top_k > block:
+            pool = list(range(num_experts))
+        else:
+            owners = draw(
+                st.lists(st.integers(0, world_size - 1), min_size=1, max_size=1 + (style == "two_ranks"))
+            )
+            pool = [e for r in sorted(set(owners)) for e in range(r * block, (r + 1) * block)]
+        indices.append(tuple(draw(st.permutations(pool))[:top_k]))
+    seed = draw(st.integers(0, 2**16))
+    return Case(tokens, hidden, num_experts, top_k, seed=seed, indices=tuple(indices))
+
+
+_PROPERTY = settings(
+    max_examples=3,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@_PROPERTY
+@given(cases=st.lists(routed_cases(2), min_size=4, max_size=4))
+def test_random_routing_two_ranks(cases: list[Case]) -> None:
+    run_distributed(check_cases, 2, cases, MODES)
+
+
+@settings(_PROPERTY, max_examples=2)
+@given(cases=st.lists(routed_cases(4), min_size=3, max_size=3))
+def test_random_routing_four_ranks(cases: list[Case]) -> None:
+    run_distributed(check_cases, 4, cases, MODES)

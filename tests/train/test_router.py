@@ -1,0 +1,60 @@
+"""Cartesian router: exact top-K against brute force over all N experts, and its weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnimoe_train.router import CartesianRouter, GateNorm
+
+
+@pytest.mark.parametrize(("n", "k"), [(4, 1), (8, 5), (8, 8), (8, 20), (16, 64), (6, 36)])
+def test_router_topk_equals_brute_force(n: int, k: int) -> None:
+    torch.manual_seed(n * 100 + k)
+    router = CartesianRouter(32, n * n, k, backend="torch").double()
+    x_TD = torch.randn(50, 32, dtype=torch.float64)
+    routing = router(x_TD)
+    rows = torch.log_softmax(router.row_norm(x_TD @ router.row_gate_nD.t()), -1)
+    cols = torch.log_softmax(router.col_norm(x_TD @ router.col_gate_nD.t()), -1)
+    all_TN = (rows[:, :, None] + cols[:, None, :]).flatten(1)
+    expected_scores, expected_idx = all_TN.topk(k, dim=-1)
+    assert torch.equal(routing.indices_TK.sort(-1).values, expected_idx.sort(-1).values)
+    torch.testing.assert_close(routing.weights_TK, torch.softmax(expected_scores, -1))
+
+
+def test_router_weight_modes_and_gradients() -> None:
+    torch.manual_seed(0)
+    x_TD = torch.randn(40, 16, requires_grad=True)
+    soft = CartesianRouter(16, 64, 8, weights="softmax", backend="torch")
+    r = soft(x_TD)
+    torch.testing.assert_close(r.weights_TK.sum(-1), torch.ones(40))
+    exp = CartesianRouter(16, 64, 8, weights="exp", backend="torch")
+    exp.load_state_dict(soft.state_dict())
+    e = exp(x_TD)
+    assert torch.equal(e.indices_TK, r.indices_TK)
+    assert (e.weights_TK.sum(-1) < 1).all()  # product probabilities of 8 of 64 experts
+    (r.weights_TK * torch.randn_like(r.weights_TK)).sum().backward()
+    assert soft.row_gate_nD.grad.abs().sum() > 0 and soft.col_gate_nD.grad.abs().sum() > 0
+    assert x_TD.grad.abs().sum() > 0
+
+
+def test_router_entropy_is_product_entropy() -> None:
+    router = CartesianRouter(8, 16, 2, norm="none", backend="torch")
+    with torch.no_grad():
+        router.row_gate_nD.zero_()
+        router.col_gate_nD.zero_()
+    r = router(torch.randn(3, 8))
+    torch.testing.assert_close(r.entropy_T, torch.full((3,), 2 * torch.log(torch.tensor(4.0))))
+
+
+def test_gate_norm_matches_batchnorm_without_affine() -> None:
+    torch.manual_seed(1)
+    ours, ref = GateNorm(5), torch.nn.BatchNorm1d(5, affine=False)
+    z = torch.randn(64, 5) * 3 + 1
+    torch.testing.assert_close(ours(z), ref(z))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(z), ref(z))
+    ours.train()
+    assert ours(torch.randn(0, 5)).shape == (0, 5)  # an empty batch is a no-op
