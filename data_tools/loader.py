@@ -94,8 +94,9 @@ class _Plan:
             epoch, skip = epoch + 1, 0
 
     def _epoch_batches(self, epoch: int, consumer: int, skip: int) -> Iterator[torch.Tensor]:
-        pending: list[np.ndarray] = []
-        pending_len = 0
+        """One epoch of a consumer's batches, the first ``skip`` samples left out."""
+        size = self.micro_batch_size
+        carry = np.empty((0, self.sample_len), dtype=self.dtype)  # < size rows, across segments
         for seg in self.segments(epoch, consumer):
             n = seg.stop - seg.start
             if skip >= n:  # resuming: whole segment already consumed, do not read it
@@ -111,16 +112,14 @@ class _Plan:
             if self.shuffle:
                 rng = np.random.default_rng([self.seed, epoch, 1, seg.shard, seg.start])
                 rows = rows[rng.permutation(n)]
-            rows, skip = rows[skip:], 0
-            pending.append(rows)
-            pending_len += len(rows)
-            while pending_len >= self.micro_batch_size:
-                buf = np.concatenate(pending)
-                yield _to_tensor(buf[: self.micro_batch_size])
-                pending = [buf[self.micro_batch_size :]]
-                pending_len = len(pending[0])
-        if pending_len and not self.infinite:
-            yield _to_tensor(np.concatenate(pending))
+            rows = np.concatenate([carry, rows[skip:]])
+            skip = 0
+            full = len(rows) - len(rows) % size
+            for i in range(0, full, size):
+                yield _to_tensor(rows[i : i + size])
+            carry = rows[full:]
+        if len(carry) and not self.infinite:
+            yield _to_tensor(carry)
 
 
 def _to_tensor(rows: np.ndarray) -> torch.Tensor:

@@ -97,12 +97,15 @@ class ShardWriter:
         return self.shards
 
     def abort(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
+        """Deletes the shard in progress; finished shards stay (each one is complete)."""
+        try:
+            if self._tar is not None:
+                self._tar.close()
+        finally:
             self._tar = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
+                self._tmp = None
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -83,7 +83,7 @@ class CartesianRouter(nn.Module):
         self.row_norm, self.col_norm = make_norm(), make_norm()
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        x_TD = x_TD.float()
+        x_TD = x_TD.to(self.row_gate_nD.dtype)  # fp32 (or fp64 in tests) whatever the model dtype
         rows_Tn = F.log_softmax(self.row_norm(x_TD @ self.row_gate_nD.t()), dim=-1)
         cols_Tn = F.log_softmax(self.col_norm(x_TD @ self.col_gate_nD.t()), dim=-1)
         scores_TK, indices_TK = omnimoe_kernels.cartesian_topk(

@@ -1,7 +1,8 @@
 """Differentiable variable-split all-to-all and the byte accounting shared by both sharding modes.
 
 Shape legend used across ``omnimoe_train.parallel``: T tokens on this rank, D hidden size,
-N experts, n = sqrt(N) router half, K top-k, P ranks of the expert-parallel group,
+N experts, n = sqrt(N) router half, K top-k, P ranks of the expert-parallel group, E = N/P experts
+owned by one rank (rows mode), Dp = D/P columns held by one rank (dim mode), R rows received,
 S (token, destination-rank) rows, Q (token, expert) pairs, G tokens of the whole group.
 
 Every collective here is an ``all_to_all_single`` with explicit split sizes: it is the only

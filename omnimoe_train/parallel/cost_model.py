@@ -13,6 +13,10 @@ dim (s = score bytes, 4 = int32 expert id):
     forward  = 2*T*(P-1)*D/P*b + T*K*(P-1)*(4 + 2*s) + 8*(P-1)
     backward = 2*T*(P-1)*D/P*b + 2*T*K*(P-1)*s
 
+gather (NOT implemented; the reference point for ZeRO-3-style table sharding: all-gather the U/V
+shards before the layer, reduce-scatter their gradients after):
+    forward = backward = 2*N*D*b*(P-1)/P           independent of T and K
+
 Uniform routing is the pessimistic case for rows: the Cartesian router picks top rows x top
 columns, and blocks of whole router rows per rank make a token's K experts cluster on few ranks,
 so real destination counts are lower. The realised value is logged by the dispatch.
@@ -20,7 +24,8 @@ so real destination counts are lower. The realised value is logged by the dispat
 
 from __future__ import annotations
 
-SHARDING_MODES = ("rows", "dim")
+SHARDING_MODES = ("rows", "dim")  # implemented, chosen between by ``auto``
+PREDICTED_MODES = (*SHARDING_MODES, "gather")
 _COUNTS_BYTES_PER_PEER = {"rows": 3 * 8, "dim": 8}
 _META_BYTES_PER_PAIR = 8
 _INDEX_BYTES = 4
@@ -75,6 +80,14 @@ def dim_bytes(
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 
+def table_gather_bytes(
+    *, d: int, num_experts: int, ranks: int, dtype_bytes: int
+) -> dict[str, float]:
+    """Bytes of all-gathering U and V shards (forward) and reduce-scattering dU, dV (backward)."""
+    per_direction = 2 * num_experts * d * dtype_bytes * (ranks - 1) / ranks
+    return {"forward": per_direction, "backward": per_direction, "total": 2 * per_direction}
+
+
 def predict_bytes(
     mode: str,
     *,
@@ -86,10 +99,17 @@ def predict_bytes(
     dtype_bytes: int,
     weight_bytes: int = 4,
     score_bytes: int = 4,
+    dest_ranks_per_token: float | None = None,
 ) -> dict[str, float]:
-    """Predicted bytes one rank sends per layer: ``forward``, ``backward``, ``total`` (+ detail)."""
+    """Predicted bytes one rank sends per layer: ``forward``, ``backward``, ``total`` (+ detail).
+
+    ``dest_ranks_per_token`` replaces the uniform-routing expectation for ``rows`` (e.g. by the
+    average the dispatch logged), since the Cartesian router clusters a token's experts.
+    """
     if mode == "rows":
-        dest = expected_dest_ranks(num_experts=num_experts, top_k=k, ranks=ranks)
+        dest = dest_ranks_per_token
+        if dest is None:
+            dest = expected_dest_ranks(num_experts=num_experts, top_k=k, ranks=ranks)
         remote_dest = dest * (ranks - 1) / ranks  # by symmetry every rank is equally likely
         predicted = rows_bytes(
             d=d,
@@ -105,7 +125,12 @@ def predict_bytes(
             tokens=tokens, d=d, k=k, ranks=ranks, dtype_bytes=dtype_bytes, score_bytes=score_bytes
         )
         return {**predicted, "dest_ranks_per_token": float(ranks)}
-    raise ValueError(f"mode={mode!r} must be one of {SHARDING_MODES}")
+    if mode == "gather":
+        predicted = table_gather_bytes(
+            d=d, num_experts=num_experts, ranks=ranks, dtype_bytes=dtype_bytes
+        )
+        return {**predicted, "dest_ranks_per_token": 0.0}
+    raise ValueError(f"mode={mode!r} must be one of {PREDICTED_MODES}")
 
 
 def choose_sharding(

@@ -60,8 +60,8 @@ def _plan_sends(
 def _pack_received_pairs(
     meta_Q2: torch.Tensor,
     weights_Q: torch.Tensor,
-    recv_rows: list[int],
-    recv_pairs: list[int],
+    recv_counts_P3: torch.Tensor,
+    num_rows: int,
     max_pairs_per_row: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Received (token, expert) pairs -> dense (R, Kr) weights and local expert ids.
@@ -69,17 +69,16 @@ def _pack_received_pairs(
     Pairs arrive grouped by source and, within a source, ordered by row slot, so their global row
     index is non-decreasing and a pair's column is its rank among the pairs of its row. Padding
     entries repeat the row's first expert with weight 0: they add exact zeros to y, dx and dU/dV,
-    and spread over the experts actually used instead of piling onto one expert group.
+    and spread over the experts actually used instead of piling onto one expert group. Offsets
+    come from the device copy of the counts: no host-to-device copy (which would sync).
     """
     device = meta_Q2.device
-    num_rows, num_pairs = sum(recv_rows), sum(recv_pairs)
-    num_ranks = len(recv_rows)
+    num_pairs = meta_Q2.shape[0]
+    recv_rows_P, recv_pairs_P = recv_counts_P3[:, 0], recv_counts_P3[:, 1]
     local_id_Q = meta_Q2[:, 0].long()
-    row_offset_P = torch.tensor([0, *recv_rows[:-1]], device=device).cumsum(0)
+    row_offset_P = recv_rows_P.cumsum(0) - recv_rows_P
     source_Q = torch.repeat_interleave(
-        torch.arange(num_ranks, device=device),
-        torch.tensor(recv_pairs, device=device),
-        output_size=num_pairs,
+        torch.arange(len(recv_rows_P), device=device), recv_pairs_P, output_size=num_pairs
     )
     row_Q = meta_Q2[:, 1].long() + row_offset_P[source_Q]
     pairs_per_row_R = torch.zeros(num_rows, dtype=torch.int64, device=device)
@@ -159,7 +158,7 @@ def sharded_atomic_experts_rows(
 
     if num_recv_rows > 0:
         weights_RK, local_ids_RK = _pack_received_pairs(
-            meta_recv_Q2, weights_recv_Q, recv_rows, recv_pairs, max(recv_max)
+            meta_recv_Q2, weights_recv_Q, recv_counts_P3, num_recv_rows, max(recv_max)
         )
         y_RD = omnimoe_kernels.atomic_experts(
             x_recv_RD, up_local_ED, down_local_ED, weights_RK, local_ids_RK, backend=backend

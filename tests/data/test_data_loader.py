@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omnimoe_data.corpus import DataError
-from omnimoe_data.loader import TokenShardLoader
+from omnimoe_data.loader import TokenShardLoader, _Plan
 from omnimoe_data.prepare import prepare
 
 from .helpers import TINY, make_token_dataset
@@ -175,3 +177,37 @@ def test_loader_on_prepared_data(txt_corpus: Path, tmp_path: Path) -> None:
     rows = torch.cat(batches)
     assert rows.shape[1] == 17 and int(rows.max()) < m["vocab_size"]
     assert torch.equal(rows[1:, 0], rows[:-1, -1])  # stride seq_len: consecutive samples overlap
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shard_sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    consumers=st.integers(1, 24),
+    epoch=st.integers(0, 3),
+)
+def test_epoch_partition_property(shard_sizes: list[int], consumers: int, epoch: int) -> None:
+    """Whatever the shard sizes: consumers get equal, disjoint ranges; the rest is < C."""
+    total = sum(shard_sizes)
+    per = total // consumers
+    plan = _Plan(
+        paths=tuple(Path(f"s{i}") for i in range(len(shard_sizes))),
+        shard_samples=tuple(shard_sizes),
+        dtype="uint16",
+        sample_len=2,
+        micro_batch_size=1,
+        dp_rank=0,
+        dp_size=consumers,
+        workers=1,
+        seed=9,
+        shuffle=True,
+        infinite=True,
+        per_consumer=per,
+        batches_per_worker=max(per, 1),
+    )
+    taken = []
+    for c in range(consumers):
+        segs = plan.segments(epoch, c)
+        assert sum(s.stop - s.start for s in segs) == per
+        assert all(0 <= s.start < s.stop <= shard_sizes[s.shard] for s in segs)
+        taken.extend((s.shard, i) for s in segs for i in range(s.start, s.stop))
+    assert len(taken) == len(set(taken)) == total - total % consumers

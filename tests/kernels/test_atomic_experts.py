@@ -49,7 +49,6 @@ CPU_CASES = [  # T, D, N, K, dtype, hot
     (7, 24, 64, 3, torch.float32, False),  # most experts hit by no token
     (13, 40, 5, 6, torch.float32, True),  # one expert hit by every token; T, D off-tile
     (9, 32, 16, 20, torch.bfloat16, False),  # bf16, K > N
-    (4, 8, 96 * 96, 5, torch.float32, False),  # N = 96^2
     (0, 16, 8, 4, torch.float32, False),  # no tokens
 ]
 
@@ -59,6 +58,12 @@ CPU_CASES = [  # T, D, N, K, dtype, hot
 @pytest.mark.parametrize(("T", "D", "N", "K", "dtype", "hot"), CPU_CASES)
 def test_atomic_experts_cpu(T, D, N, K, dtype, hot, deterministic) -> None:
     _check(T, D, N, K, dtype, "cpu", hot=hot, deterministic=deterministic)
+
+
+@cpu_triton
+def test_n_96_squared_cpu() -> None:
+    """N = 96^2 experts, almost all untouched: each still gets its zero gradient row."""
+    _check(4, 8, 96 * 96, 5, torch.float32, "cpu")
 
 
 @cpu_triton

@@ -72,8 +72,7 @@ def test_cartesian_topk_rejects_bad_k() -> None:
         (50, 16, 1, torch.float32, False),
     ],
 )
-@pytest.mark.parametrize("_gpu", [None], ids=["cuda"])
 @gpu[0]
 @gpu[1]
-def test_cartesian_topk_gpu(T: int, n: int, k: int, dtype: torch.dtype, ties: bool, _gpu) -> None:
+def test_cartesian_topk_gpu(T: int, n: int, k: int, dtype: torch.dtype, ties: bool) -> None:
     _check(T, n, k, dtype, "cuda", ties=ties)

@@ -66,7 +66,9 @@ def _assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> No
         return
     scale = expected.abs().max().clamp_min(1e-12)
     error = ((actual - expected).abs().max() / scale).item()
-    assert error <= RTOL, f"{name}: max error {error:.3g} x largest entry > {RTOL} (rank {dist.get_rank()})"
+    assert error <= RTOL, (
+        f"{name}: max error {error:.3g} x largest entry > {RTOL} (rank {dist.get_rank()})"
+    )
 
 
 def _all_gather(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -63,7 +63,9 @@ def routed_cases(draw: st.DrawFn, world_size: int) -> Case:
             pool = list(range(num_experts))
         else:
             owners = draw(
-                st.lists(st.integers(0, world_size - 1), min_size=1, max_size=1 + (style == "two_ranks"))
+                st.lists(
+                    st.integers(0, world_size - 1), min_size=1, max_size=1 + (style == "two_ranks")
+                )
             )
             pool = [e for r in sorted(set(owners)) for e in range(r * block, (r + 1) * block)]
         indices.append(tuple(draw(st.permutations(pool))[:top_k]))
