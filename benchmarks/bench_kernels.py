@@ -164,6 +164,30 @@ def bench_layer(K, T=4096, d=1024, N=102400):
     return {"T": T, "d": d, "N": N, "K": K, "ms": ms}
 
 
+def profile() -> None:
+    """Per-kernel device time of one fwd+bwd (T, d, N, K = 16384, 2048, 262144, 32) and router."""
+    T, d, N, K = 16384, 2048, 262144, 32
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    up = (torch.randn(N, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
+    down = torch.randn(N, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = torch.rand(T, K, device="cuda").requires_grad_()
+    idx = torch.randint(0, N, (T, K), device="cuda")
+    rows = torch.randn(T, 1024, device="cuda").log_softmax(-1)
+
+    def step():
+        y = omnimoe_kernels.atomic_experts(x, up, down, w, idx)
+        torch.autograd.grad(y, (x, up, down, w), torch.ones_like(y))
+        omnimoe_kernels.cartesian_topk(rows, rows, 64)
+
+    step()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+
+
 def fmt(v, nd=3):
     return "OOM" if v is None else f"{v:.{nd}f}"
 
@@ -172,7 +196,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="bench_kernels.json")
     ap.add_argument("--quick", action="store_true", help="first three expert configs only")
+    ap.add_argument("--profile", action="store_true", help="per-kernel breakdown, then exit")
     args = ap.parse_args()
+    if args.profile:
+        profile()
+        return
     torch.manual_seed(0)
     bw = copy_bandwidth()
     out = {

@@ -188,9 +188,9 @@ def expert_grads(
     )  # fmt: skip
     split_rank_N = torch.cumsum(split_N, 0) - 1
     split_e_M = torch.full((M + 1,), -1, dtype=torch.int64, device=dev)
-    # Unsplit experts all write to the spare last slot, which the finish pass never reads.
+    # Unsplit experts all write to the spare slot M, which the finish grid (M programs) never
+    # reads; resetting it would be a host-to-device copy, which a CUDA graph cannot hold.
     split_e_M.scatter_(0, torch.where(split_N, split_rank_N, M), torch.arange(N, device=dev))
-    split_e_M[M] = -1
     _finish_kernel[(M,)](
         split_e_M, nch_N, slot_N, dup_ND, ddown_ND, pup, pdown, D,
         DETERMINISTIC=deterministic, BD=BD, num_warps=num_warps,
