@@ -1,22 +1,31 @@
 """Expert-centric weight gradients of the atomic-expert layer (segmented reductions).
 
-Legend: T tokens, D hidden, N experts, K experts per token, P = T * K pairs, G work items,
-M experts long enough to be split, CH pairs per work item. ``order_P`` lists flat positions
-``t * K + k`` sorted by expert id; ``off_N1`` is where each expert's run starts in that order.
+Legend: T tokens, D hidden, N experts, K experts per token, P = T * K pairs, S segment rows of
+one chunk (S = BP), BP pairs per chunk, BD columns per program. ``order_P`` lists flat
+positions ``t * K + k`` sorted by expert id and ``e_P`` the matching expert ids; a *run* is the
+contiguous range of one expert's pairs in that order.
 
     dup_e   = sum_{pairs p of e} g_p * x_{t_p}       (g = dL/dh)
     ddown_e = sum_{pairs p of e} a_p * dy_{t_p}      (a = w * silu(h))
 
-Work item = (expert, chunk of at most CH of its pairs); an expert with no pair still gets one
-item, which writes its zero row, so the dense gradients are written exactly once. The item
-list has at most N + cdiv(P, CH) entries, a bound known from shapes, so the grid never waits
-on data. One program accumulates one item in fp32 registers in pair order.
+Schedule (``_pair_block_grad_kernel``): program (b, c) owns the runs that *start* in pair block
+b (BLOCK consecutive sorted pairs) and the BD columns of slice c. It walks its pairs in chunks
+of BP, gathers the BP x and dy rows of the chunk at once (many independent loads in flight, the
+reason for this layout: the previous one-program-per-expert kernel waited on a chain of
+dependent loads for one or two pairs), and reduces them per run with a one-hot matrix product
+``W[s, p] = coef_p * [pair p is in segment s]``, so the tensor cores do the segmented sum. A
+run that is still open at the end of a chunk is carried in registers into the next chunk; a
+run that crosses the block end is finished by the block that owns its start, so every row is
+written by exactly one program with a fixed summation order: the result is bitwise repeatable
+and needs no float atomics, in both modes (the ``deterministic`` flag has nothing to switch).
+A hot expert costs its owner program len(run) pairs; the other blocks skip that run, and the
+column slices spread it over D / BD programs.
 
-Experts with more than CH pairs (a hot expert) span several items and need a second pass:
-deterministic mode writes per-item partial rows and ``_finish_kernel`` adds them in item order
-(fixed order, no float atomics); fast mode adds the items into one fp32 row per split expert
-with atomics and the finish pass only casts. Either way a hot expert is spread over many
-programs instead of serialising the whole grid behind one.
+bf16 rows are reduced with bf16 tensor-core products and fp32 accumulation; the coefficient is
+split into a bf16 high part and a bf16 residual, so each product keeps ~16 mantissa bits (x and
+dy are exact in bf16). Other dtypes use a float32 (IEEE) product.
+
+``_zero_rows_kernel`` writes the zero gradient rows of experts no pair routes to.
 """
 
 from __future__ import annotations
@@ -25,114 +34,131 @@ import torch
 import triton
 import triton.language as tl
 
-# Pairs per work item: an expert with more pairs is split over several programs.
-SPLIT_PAIRS = 1024
+# Sorted pairs per block (a program's share of the runs); small blocks give more programs for
+# small P, large ones bound the number of programs (and re-reads of the pair metadata).
+BLOCK_PAIRS = 0  # 0 = chosen from P in ``expert_grads``; tests set a small value
+CHUNK_PAIRS = 64  # pairs reduced per one-hot product (the tensor-core tile's K and M)
 
 
 @triton.jit
-def _expert_grad_kernel(
+def _reduce(coef_P, onehot_SP, rows_PD, SPLIT_BF16: tl.constexpr):
+    """sum_p onehot[s, p] * coef[p] * rows[p, :] -> (S, BD) float32, in a fixed order."""
+    w_SP = tl.where(onehot_SP, coef_P[None, :], 0.0)
+    if SPLIT_BF16:
+        hi_SP = w_SP.to(tl.bfloat16)
+        lo_SP = (w_SP - hi_SP.to(tl.float32)).to(tl.bfloat16)
+        acc_SD = tl.dot(hi_SP, rows_PD, out_dtype=tl.float32)
+        return tl.dot(lo_SP, rows_PD, acc=acc_SD, out_dtype=tl.float32)
+    return tl.dot(w_SP, rows_PD.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def _pair_block_grad_kernel(
     x_ptr,  # (T, D)
     dy_ptr,  # (T, D)
+    e_ptr,  # (P,) int32 expert ids, expert order
     order_ptr,  # (P,) int32 flat positions, expert order
     h_ptr,  # (P,) float32, flat order
     w_ptr,  # (P,) routing weights, flat order
     g_ptr,  # (P,) float32 dL/dh, flat order
     off_ptr,  # (N + 1,) int64 run starts
-    nch_ptr,  # (N,) int64 items per expert
-    item0_ptr,  # (N,) int64 first item of each expert
-    item_e_ptr,  # (G,) int64 expert of each item (items past the last point at expert N - 1)
-    slot_ptr,  # (N,) int64 first partial row (deterministic) / split row (fast) of an expert
     dup_ptr,  # (N, D) out, param dtype
     ddown_ptr,  # (N, D) out, param dtype
-    pup_ptr,  # (rows, D) float32 partials for split experts
-    pdown_ptr,  # (rows, D) float32
+    P,
     D,
     K,
     stride_x,
     stride_dy,
-    CH: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    BLOCK: tl.constexpr,
     BP: tl.constexpr,
     BD: tl.constexpr,
+    SPLIT_BF16: tl.constexpr,
 ):
-    item = tl.program_id(0).to(tl.int64)
-    e = tl.load(item_e_ptr + item)
-    j = item - tl.load(item0_ptr + e)
-    nch = tl.load(nch_ptr + e)
-    valid = j < nch
-    run_end = tl.load(off_ptr + e + 1)
-    start = tl.load(off_ptr + e) + j * CH
-    end = tl.where(valid, tl.minimum(start + CH, run_end), start)
-    single = nch == 1
-    if DETERMINISTIC:
-        prow = tl.load(slot_ptr + e) + j
-    else:
-        prow = tl.load(slot_ptr + e)
-    for d0 in range(0, D, BD):
-        offs_D = d0 + tl.arange(0, BD)
-        ok_D = offs_D < D
-        up_D = tl.zeros([BD], dtype=tl.float32)
-        down_D = tl.zeros([BD], dtype=tl.float32)
-        for p0 in range(start, end, BP):
-            offs_P = p0 + tl.arange(0, BP)
-            ok_P = offs_P < end
-            q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
-            tok_P = q_P // K
-            g_P = tl.load(g_ptr + q_P, mask=ok_P, other=0.0)
-            h_P = tl.load(h_ptr + q_P, mask=ok_P, other=0.0)
-            a_P = tl.load(w_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32) * h_P * tl.sigmoid(h_P)
-            m_PD = ok_P[:, None] & ok_D[None, :]
-            x_PD = tl.load(x_ptr + tok_P[:, None] * stride_x + offs_D[None, :], mask=m_PD, other=0)
-            dy_PD = tl.load(
-                dy_ptr + tok_P[:, None] * stride_dy + offs_D[None, :], mask=m_PD, other=0
-            )
-            up_D += tl.sum(g_P[:, None] * x_PD.to(tl.float32), axis=0)
-            down_D += tl.sum(a_P[:, None] * dy_PD.to(tl.float32), axis=0)
-        # Scalar flags are broadcast through int arithmetic (the CPU interpreter rejects a
-        # vector & scalar-bool mask).
-        m_whole = ok_D & ((offs_D * 0 + (valid & single).to(tl.int32)) > 0)
-        tl.store(dup_ptr + e * D + offs_D, up_D.to(dup_ptr.dtype.element_ty), mask=m_whole)
-        tl.store(ddown_ptr + e * D + offs_D, down_D.to(ddown_ptr.dtype.element_ty), mask=m_whole)
-        m_split = ok_D & ((offs_D * 0 + (valid & (nch > 1)).to(tl.int32)) > 0)
-        if DETERMINISTIC:
-            tl.store(pup_ptr + prow * D + offs_D, up_D, mask=m_split)
-            tl.store(pdown_ptr + prow * D + offs_D, down_D, mask=m_split)
-        else:
-            tl.atomic_add(pup_ptr + prow * D + offs_D, up_D, mask=m_split, sem="relaxed")
-            tl.atomic_add(pdown_ptr + prow * D + offs_D, down_D, mask=m_split, sem="relaxed")
+    b = tl.program_id(0).to(tl.int64)
+    offs_D = tl.program_id(1) * BD + tl.arange(0, BD)
+    ok_D = offs_D < D
+    # Pairs [start, end): skip the tail of a run that began in an earlier block, and run past the
+    # block end to finish the last run that begins in this one.
+    b0 = b * BLOCK
+    b1 = tl.minimum(b0 + BLOCK, P)
+    e_first = tl.load(e_ptr + b0)
+    prev = tl.load(e_ptr + tl.maximum(b0 - 1, 0))
+    start = tl.where((b0 > 0) & (prev == e_first), tl.load(off_ptr + e_first + 1), b0)
+    end = tl.load(off_ptr + tl.load(e_ptr + b1 - 1) + 1)
+    end = tl.where(start < b1, end, start)
+
+    rows_S = tl.arange(0, BP)
+    carry_up_D = tl.zeros([BD], dtype=tl.float32)
+    carry_dn_D = tl.zeros([BD], dtype=tl.float32)
+    for p0 in range(start, end, BP):
+        offs_P = p0 + tl.arange(0, BP)
+        ok_P = offs_P < end
+        e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=-1)
+        prev_P = tl.load(e_ptr + offs_P - 1, mask=ok_P & (offs_P > start), other=-2)
+        new_P = ((e_P != prev_P) & ok_P).to(tl.int32)
+        # Segment rank in the chunk; row 0 is the run carried in from the previous chunk when
+        # the chunk does not open with a new run.
+        first_new = tl.sum(tl.where(rows_S == 0, new_P, 0))
+        seg_P = tl.cumsum(new_P, axis=0) - first_new
+        onehot_SP = (seg_P[None, :] == rows_S[:, None]) & ok_P[None, :]
+        e_S = tl.max(tl.where(onehot_SP, e_P[None, :], -1), axis=1)
+        last = tl.max(tl.where(ok_P, seg_P, -1))
+        nxt = p0 + BP
+        e_next = tl.load(e_ptr + tl.minimum(nxt, P - 1))
+        e_next = tl.where(nxt < end, e_next, -3)
+        closed_S = (rows_S < last) | ((rows_S == last) & (e_S != e_next))
+
+        q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
+        tok_P = q_P // K
+        g_P = tl.load(g_ptr + q_P, mask=ok_P, other=0.0)
+        h_P = tl.load(h_ptr + q_P, mask=ok_P, other=0.0)
+        a_P = tl.load(w_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32) * h_P * tl.sigmoid(h_P)
+        m_PD = ok_P[:, None] & ok_D[None, :]
+        x_PD = tl.load(x_ptr + tok_P[:, None] * stride_x + offs_D[None, :], mask=m_PD, other=0)
+        dy_PD = tl.load(dy_ptr + tok_P[:, None] * stride_dy + offs_D[None, :], mask=m_PD, other=0)
+        up_SD = _reduce(g_P, onehot_SP, x_PD, SPLIT_BF16)
+        dn_SD = _reduce(a_P, onehot_SP, dy_PD, SPLIT_BF16)
+        into_S = (rows_S == 0) & (first_new == 0)
+        up_SD += tl.where(into_S[:, None], carry_up_D[None, :], 0.0)
+        dn_SD += tl.where(into_S[:, None], carry_dn_D[None, :], 0.0)
+        open_S = (rows_S == last) & (e_S == e_next)
+        carry_up_D = tl.sum(tl.where(open_S[:, None], up_SD, 0.0), axis=0)
+        carry_dn_D = tl.sum(tl.where(open_S[:, None], dn_SD, 0.0), axis=0)
+
+        m_SD = (closed_S & (e_S >= 0))[:, None] & ok_D[None, :]
+        row_SD = e_S.to(tl.int64)[:, None] * D + offs_D[None, :]
+        tl.store(dup_ptr + row_SD, up_SD.to(dup_ptr.dtype.element_ty), mask=m_SD)
+        tl.store(ddown_ptr + row_SD, dn_SD.to(ddown_ptr.dtype.element_ty), mask=m_SD)
 
 
 @triton.jit
-def _finish_kernel(
-    split_e_ptr,  # (M,) int64 split experts, -1 padded
-    nch_ptr,
-    slot_ptr,
+def _zero_rows_kernel(
+    off_ptr,  # (N + 1,) int64 run starts
     dup_ptr,
     ddown_ptr,
-    pup_ptr,
-    pdown_ptr,
+    N,
     D,
-    DETERMINISTIC: tl.constexpr,
+    BE: tl.constexpr,
     BD: tl.constexpr,
 ):
-    e = tl.load(split_e_ptr + tl.program_id(0))
-    ok = e >= 0
-    e = tl.maximum(e, 0)
-    row0 = tl.load(slot_ptr + e)
-    n_rows = tl.where(ok, tl.load(nch_ptr + e), 0)
-    if not DETERMINISTIC:
-        n_rows = tl.minimum(n_rows, 1)  # atomics already summed into the expert's one row
-    for d0 in range(0, D, BD):
-        offs_D = d0 + tl.arange(0, BD)
-        ok_D = offs_D < D
-        up_D = tl.zeros([BD], dtype=tl.float32)
-        down_D = tl.zeros([BD], dtype=tl.float32)
-        for r in range(row0, row0 + n_rows):
-            up_D += tl.load(pup_ptr + r * D + offs_D, mask=ok_D, other=0.0)
-            down_D += tl.load(pdown_ptr + r * D + offs_D, mask=ok_D, other=0.0)
-        m_D = ok_D & ((offs_D * 0 + ok.to(tl.int32)) > 0)
-        tl.store(dup_ptr + e * D + offs_D, up_D.to(dup_ptr.dtype.element_ty), mask=m_D)
-        tl.store(ddown_ptr + e * D + offs_D, down_D.to(ddown_ptr.dtype.element_ty), mask=m_D)
+    offs_E = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
+    ok_E = offs_E < N
+    empty_E = tl.load(off_ptr + offs_E + 1, mask=ok_E, other=0) == tl.load(
+        off_ptr + offs_E, mask=ok_E, other=0
+    )
+    offs_D = tl.program_id(1) * BD + tl.arange(0, BD)
+    m_ED = (ok_E & empty_E)[:, None] & (offs_D[None, :] < D)
+    ptr_ED = offs_E[:, None] * D + offs_D[None, :]
+    zero_ED = tl.zeros([BE, BD], dtype=tl.float32)
+    tl.store(dup_ptr + ptr_ED, zero_ED.to(dup_ptr.dtype.element_ty), mask=m_ED)
+    tl.store(ddown_ptr + ptr_ED, zero_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
+
+
+def _block_pairs(P: int) -> int:
+    """Pairs per block: ~1-2k blocks, at least one chunk, at most 2048 pairs."""
+    if BLOCK_PAIRS:
+        return BLOCK_PAIRS
+    return max(CHUNK_PAIRS, min(2048, triton.next_power_of_2(max(1, P // 2048))))
 
 
 def expert_grads(
@@ -148,50 +174,33 @@ def expert_grads(
     K: int,
     *,
     deterministic: bool,
-    CH: int | None = None,
     BD: int = 128,
-    num_warps: int = 4,
+    num_warps: int = 8,
 ) -> None:
-    """Fill dup_ND and ddown_ND (every row) from the expert-sorted pairs; no host sync."""
+    """Fill dup_ND and ddown_ND (every row) from the expert-sorted pairs; no host sync.
+
+    ``deterministic`` is accepted for the API: this schedule is always fixed-order (see above).
+    """
+    del deterministic
     N, D = dup_ND.shape
     P = e_P.numel()
-    CH = CH or SPLIT_PAIRS
     dev = x_TD.device
     experts_N1 = torch.arange(N + 1, device=dev, dtype=torch.int32)
     off_N1 = torch.searchsorted(e_P, experts_N1)
-    cnt_N = off_N1[1:] - off_N1[:-1]
-    nch_N = torch.clamp((cnt_N + CH - 1) // CH, min=1)
-    item0_N = torch.cumsum(nch_N, 0) - nch_N
-    G = N + triton.cdiv(P, CH)  # >= sum(nch_N) whatever the routing
-    item_e_G = torch.searchsorted(item0_N, torch.arange(G, device=dev), right=True) - 1
-    split_N = nch_N > 1
-    M = P // (CH + 1) + 1  # a split expert has > CH pairs, so there are fewer than M of them
-    if deterministic:
-        rows_N = torch.where(split_N, nch_N, 0)
-        n_rows = triton.cdiv(P, CH) + M  # >= sum of nch over split experts
-        make = torch.empty
-    else:
-        rows_N = split_N.long()
-        n_rows = M
-        make = torch.zeros  # atomics accumulate into it
-    slot_N = torch.cumsum(rows_N, 0) - rows_N
-    pup = make(n_rows, D, dtype=torch.float32, device=dev)
-    pdown = make(n_rows, D, dtype=torch.float32, device=dev)
-    # Expected pairs per expert sets the pair-block size: small blocks waste no lanes when
-    # experts have one or two pairs, larger ones give more loads in flight when they have many.
-    BP = max(16, min(64, triton.next_power_of_2(max(1, P // max(N, 1)))))
-    BD = min(BD, triton.next_power_of_2(D))
-    _expert_grad_kernel[(G,)](
-        x_TD, dy_TD, order_P, h_P, w_P, g_P, off_N1, nch_N, item0_N, item_e_G, slot_N,
-        dup_ND, ddown_ND, pup, pdown, D, K, x_TD.stride(0), dy_TD.stride(0),
-        CH=CH, DETERMINISTIC=deterministic, BP=BP, BD=BD, num_warps=num_warps,
-    )  # fmt: skip
-    split_rank_N = torch.cumsum(split_N, 0) - 1
-    split_e_M = torch.full((M + 1,), -1, dtype=torch.int64, device=dev)
-    # Unsplit experts all write to the spare slot M, which the finish grid (M programs) never
-    # reads; resetting it would be a host-to-device copy, which a CUDA graph cannot hold.
-    split_e_M.scatter_(0, torch.where(split_N, split_rank_N, M), torch.arange(N, device=dev))
-    _finish_kernel[(M,)](
-        split_e_M, nch_N, slot_N, dup_ND, ddown_ND, pup, pdown, D,
-        DETERMINISTIC=deterministic, BD=BD, num_warps=num_warps,
+    BE = 16
+    BDZ = min(256, triton.next_power_of_2(max(D, 16)))
+    _zero_rows_kernel[(triton.cdiv(N, BE), triton.cdiv(D, BDZ))](
+        off_N1, dup_ND, ddown_ND, N, D, BE=BE, BD=BDZ, num_warps=4
+    )
+    if P == 0:
+        return
+    BD = max(16, min(BD, triton.next_power_of_2(D)))
+    block = _block_pairs(P)
+    # Triton 3.6's CPU interpreter gets bf16 tl.dot wrong (garbage magnitudes), so CPU runs take
+    # the float32 product; the GPU tests cover the bf16 split path.
+    split = x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and dy_TD.dtype == torch.bfloat16
+    _pair_block_grad_kernel[(triton.cdiv(P, block), triton.cdiv(D, BD))](
+        x_TD, dy_TD, e_P, order_P, h_P, w_P, g_P, off_N1, dup_ND, ddown_ND,
+        P, D, K, x_TD.stride(0), dy_TD.stride(0),
+        BLOCK=block, BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, num_warps=num_warps,
     )  # fmt: skip

@@ -3,10 +3,11 @@
 Legend: T tokens, n router half width (N = n * n experts), a = min(K, n) candidate rows/columns
 per half, K selected experts, A = next power of two >= a, KP = next power of two >= K.
 
-Per token the work is O(n log n) (sorting each half, done by ``torch.sort``) plus one Triton
-program that
-1. bisects on the value of the K-th largest pair sum ``tau`` (64 steps over the order-preserving
-   integer image of float64 sums), counting ``#{(i, j): r_i + c_j >= tau}`` with one binary search
+Per token the work is selecting the top a of each half (``torch.topk`` on a unique int64 key,
+see ``_stable_top``) plus one Triton program that
+1. bisects on the value of the K-th largest pair sum ``tau`` (at most 64 steps over the
+   order-preserving integer image of float64 sums, stopping early once a probe counts exactly
+   K pairs), counting ``#{(i, j): r_i + c_j >= tau}`` with one binary search
    per candidate row over the sorted columns: O(a log a) per step, never O(a^2) or O(n K);
 2. keeps every pair above ``tau`` and, of the pairs equal to ``tau``, the lowest expert ids;
 3. writes the K ids, sorts them ascending (the canonical output order, shared with the
@@ -93,12 +94,18 @@ def _cartesian_topk_kernel(
         )
         + 1
     )
-    for _ in range(64):
+    # At most 64 halvings; a token stops as soon as a probe counts exactly K pairs (then that
+    # probe separates the top K from the rest, with no tie at the threshold), which for
+    # continuous scores takes ~log2(range / gap between the K-th and (K+1)-th sum) rounds.
+    # ``lo < hi - 1`` rather than ``hi - lo > 1``: the difference of two keys can overflow.
+    active_B = t_ok_B & (lo_B < hi_B - 1)
+    while tl.max(active_B.to(tl.int32)) > 0:
         mid_B = (lo_B >> 1) + (hi_B >> 1) + (lo_B & hi_B & 1)  # floor average, no overflow
         cnt_B = tl.sum(_count_ge(r_BA, row_ok_BA, cs_B1, a, mid_B, A, LOGA), axis=1)
         big_B = cnt_B >= K
-        lo_B = tl.where(big_B, mid_B, lo_B)
-        hi_B = tl.where(big_B, hi_B, mid_B)
+        lo_B = tl.where(active_B & big_B, mid_B, lo_B)
+        hi_B = tl.where(active_B & ~big_B, mid_B, hi_B)
+        active_B = active_B & (cnt_B != K) & (lo_B < hi_B - 1)
 
     ge_BA = _count_ge(r_BA, row_ok_BA, cs_B1, a, lo_B, A, LOGA)
     gt_BA = _count_ge(r_BA, row_ok_BA, cs_B1, a, lo_B + 1, A, LOGA)
@@ -148,6 +155,36 @@ def _cartesian_topk_kernel(
     tl.store(scores_ptr + t_B[:, None] * K + offs_K[None, :], s_BK, mask=k_ok_BK)
 
 
+@triton.jit
+def _stable_key_kernel(v_ptr, key_ptr, numel, n, BLOCK: tl.constexpr):
+    """key = (order-preserving int32 of the float32 value) << 32 | (n - 1 - column)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32) + 0.0  # -0.0 -> +0.0
+    b = v.to(tl.int32, bitcast=True)
+    k = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64)
+    tl.store(key_ptr + offs, (k << 32) | (offs % n), mask=ok)
+
+
+def _stable_top(v_Tn: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top a values of each row, descending, lower index first among equal values (the order
+    of a stable descending sort): (values_Ta contiguous, indices_Ta int32).
+
+    For a < n, ``torch.topk`` of a unique int64 key (value, then reversed column) replaces the
+    full sort: selecting a of n is much cheaper than sorting n, and the unique key makes the
+    choice among equal values exact. float64 values do not fit the key and take the sort.
+    """
+    T, n = v_Tn.shape
+    if a < n and v_Tn.dtype != torch.float64:
+        key_Tn = torch.empty(T, n, dtype=torch.int64, device=v_Tn.device)
+        BLOCK = 1024
+        _stable_key_kernel[(triton.cdiv(T * n, BLOCK),)](v_Tn, key_Tn, T * n, n, BLOCK=BLOCK)
+        idx_Ta = torch.topk(key_Tn, a, dim=-1, largest=True, sorted=True).indices
+    else:
+        idx_Ta = torch.sort(v_Tn, dim=-1, descending=True, stable=True).indices[:, :a]
+    return v_Tn.gather(-1, idx_Ta).contiguous(), idx_Ta.to(torch.int32)
+
+
 def cartesian_topk_ids(rows_Tn: torch.Tensor, cols_Tn: torch.Tensor, k: int) -> tuple:
     """Launch the kernel: (scores_TK in the input dtype, ids_TK int64), ids ascending."""
     T, n = rows_Tn.shape
@@ -158,11 +195,8 @@ def cartesian_topk_ids(rows_Tn: torch.Tensor, cols_Tn: torch.Tensor, k: int) -> 
     if T == 0:
         return scores_TK.to(rows_Tn.dtype), ids_TK
     a = min(k, n)
-    # Stable descending sorts: among equal values the lower index comes first.
-    rs, ri = torch.sort(rows_Tn, dim=-1, descending=True, stable=True)
-    cs, ci = torch.sort(cols_Tn, dim=-1, descending=True, stable=True)
-    rs_Ta, cs_Ta = rs[:, :a].contiguous(), cs[:, :a].contiguous()
-    ri_Ta, ci_Ta = ri[:, :a].to(torch.int32), ci[:, :a].to(torch.int32)
+    rs_Ta, ri_Ta = _stable_top(rows_Tn, a)
+    cs_Ta, ci_Ta = _stable_top(cols_Tn, a)
     A = max(2, triton.next_power_of_2(a))
     KP = max(2, triton.next_power_of_2(k))
     tie_TA = torch.empty(T, A, dtype=torch.int32, device=rows_Tn.device)

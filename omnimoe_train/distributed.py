@@ -50,7 +50,14 @@ def _free_port() -> int:
 
 
 def init_runtime(cfg: RootConfig) -> Runtime:
-    """Create the process groups (torch + megatron) and seed every RNG."""
+    """Create the process groups (torch + megatron) and seed every RNG.
+
+    The layout is validated first (the CLI already did; library callers get the same one-line
+    ``ConfigError``), so a bad layout never creates a process group.
+    """
+    from omnimoe_train.validation import validate
+
+    validate(cfg)
     device = resolve_device(cfg.trainer.device)
     if device.type == "cpu":
         from omnimoe_train.megatron_cpu import apply_cpu_patches
@@ -77,6 +84,8 @@ def init_runtime(cfg: RootConfig) -> Runtime:
             pipeline_model_parallel_size=p.pp,
             virtual_pipeline_model_parallel_size=p.vpp,
             expert_model_parallel_size=p.ep,
+            # Tables are sharded over EP only; an expert's row/column block is never TP-split.
+            expert_tensor_parallel_size=1,
         )
     seed = cfg.trainer.seed
     # Same seed on every rank for replicated weights; megatron's tracker offsets the TP streams.

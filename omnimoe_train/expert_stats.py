@@ -21,7 +21,9 @@ class ExpertStats(nn.Module):
 
     def __init__(self, num_experts: int) -> None:
         super().__init__()
-        self.register_buffer("counts_N", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer(
+            "counts_N", torch.zeros(num_experts, dtype=torch.float64), persistent=False
+        )
         self.register_buffer("entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("tokens", torch.zeros((), dtype=torch.float64), persistent=False)
 

@@ -58,7 +58,9 @@ class MetricsSink:
             self._task = self._progress.add_task("train", total=max_steps, loss="-", tps="-")
             self._progress.start()
 
-    def advance(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
+    def advance(
+        self, step: int, loss: float | None = None, tokens_per_s: float | None = None
+    ) -> None:
         if self._progress is None:
             return
         fields: dict[str, str] = {}
@@ -74,7 +76,9 @@ class MetricsSink:
         record = {k: _clean(v) for k, v in record.items()}
         self._file.write(json.dumps(record) + "\n")
         if self._wandb_run is not None:
-            self._wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self._wandb_run.log(
+                {k: v for k, v in record.items() if k != "step"}, step=record["step"]
+            )
         shown = "  ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
         )

@@ -4,12 +4,15 @@
 
 Shape suffixes: S sequence, B batch, T = S*B tokens, D hidden, N experts, K top-k.
 The shared branch is megatron's tensor-parallel MLP; the router and the expert tables are plain
-parameters (the expert-table sharding issue distributes them).
+parameters. With ep > 1, ``parallel.setup.apply_parallelism`` replaces U and V by this rank's
+shard (rows or columns; the ``_ND`` names are kept so checkpoint keys do not depend on the layout)
+and attaches an ``ExpertParallel`` dispatch that the forward calls instead of the local kernel.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +80,8 @@ class OmniMoEMLP(MegatronModule):
         config.init_method(self.up_ND)
         config.output_layer_init_method(self.down_ND)
         self.stats = ExpertStats(N)
+        # Set by parallel.setup when the tables are sharded over the expert-parallel group.
+        self.expert_parallel: Callable[..., torch.Tensor] | None = None
 
     @classmethod
     def as_mlp_submodule(
@@ -103,15 +108,25 @@ class OmniMoEMLP(MegatronModule):
         routing = self.router(x_TD)
         if self.training:  # evaluation batches stay out of the usage statistics
             self.stats.update(routing.indices_TK, routing.entropy_T)
-        y_TD = omnimoe_kernels.atomic_experts(
-            x_TD,
-            self.up_ND,
-            self.down_ND,
-            routing.weights_TK,
-            routing.indices_TK,
-            backend=self.settings.backend,
-            deterministic=self.settings.deterministic,
-        )
+        if self.expert_parallel is None:
+            y_TD = omnimoe_kernels.atomic_experts(
+                x_TD,
+                self.up_ND,
+                self.down_ND,
+                routing.weights_TK,
+                routing.indices_TK,
+                backend=self.settings.backend,
+                deterministic=self.settings.deterministic,
+            )
+        else:
+            y_TD = self.expert_parallel(
+                x_TD,
+                self.up_ND,
+                self.down_ND,
+                routing.weights_TK,
+                routing.indices_TK,
+                record=self.training,
+            )
         y_SBD = y_TD.view(S, B, D)
         if self.shared is not None:
             shared_SBD, _ = self.shared(hidden_SBD)

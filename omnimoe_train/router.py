@@ -15,8 +15,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 import omnimoe_kernels
 
@@ -33,6 +36,11 @@ class GateNorm(nn.Module):
 
     Written out (rather than nn.BatchNorm1d) so the running statistics stay fp32 whatever the
     model's parameter dtype, and so a batch of zero tokens is a no-op instead of an error.
+
+    ``stats_group`` (set under sequence parallelism, where each TP rank holds a slice of the
+    sequence): the batch mean and variance are summed over that group, differentiably, so they
+    are those of the whole micro-batch, exactly as one process computes them. Data-parallel
+    ranks still normalise over their own micro-batch (as the reference code does per batch).
     """
 
     def __init__(self, n: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
@@ -40,13 +48,23 @@ class GateNorm(nn.Module):
         self.eps, self.momentum = eps, momentum
         self.register_buffer("running_mean", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("running_var", torch.ones(n, dtype=torch.float32))
+        self.stats_group: ProcessGroup | None = None
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.stats_group is None:
+            return t
+        # Backward all-reduces too: each rank's loss depends on every rank's tokens via the stats.
+        return dist_nn.all_reduce(t, group=self.stats_group)
 
     def forward(self, z_Tn: torch.Tensor) -> torch.Tensor:
-        if self.training and z_Tn.shape[0] > 1:
-            mean_n = z_Tn.mean(0)
-            var_n = z_Tn.var(0, unbiased=False)
+        # Every rank of the group holds the same number of tokens (an equal slice of the sequence).
+        group_size = 1 if self.stats_group is None else dist.get_world_size(self.stats_group)
+        tokens = z_Tn.shape[0] * group_size
+        if self.training and tokens > 1:
+            mean_n = self._sum(z_Tn.sum(0)) / tokens
+            var_n = self._sum((z_Tn - mean_n).square().sum(0)) / tokens
             with torch.no_grad():
-                unbiased_n = var_n * (z_Tn.shape[0] / (z_Tn.shape[0] - 1))
+                unbiased_n = var_n * (tokens / (tokens - 1))
                 self.running_mean.lerp_(mean_n.detach(), self.momentum)
                 self.running_var.lerp_(unbiased_n.detach(), self.momentum)
         else:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import warnings
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ EXIT_USAGE = 2
 
 def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     from omnimoe_data.prepare import DataError
-
     from omnimoe_train.distributed import init_runtime, shutdown_runtime
     from omnimoe_train.metrics import MetricsSink
     from omnimoe_train.trainer import Trainer
@@ -46,7 +45,9 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         }
         if runtime.is_main:
             (run_dir / "config.yaml").write_text(
-                OmegaConf.to_yaml(resolved, resolve=True) + "\n# derived\n" + OmegaConf.to_yaml({"derived": derived})
+                OmegaConf.to_yaml(resolved, resolve=True)
+                + "\n# derived\n"
+                + OmegaConf.to_yaml({"derived": derived})
             )
         sink = MetricsSink(
             run_dir,
@@ -86,7 +87,9 @@ def _report(sink: Any, summary: dict[str, Any]) -> None:
     first, last = summary.get("initial_val_loss"), summary.get("final_val_loss")
     if first is not None and last is not None:
         drop = 100.0 * (1.0 - last / first)
-        sink.console.log(f"val_loss {first:.3f} -> {last:.3f} ({drop:.1f}% lower) in {summary['wall_s']:.0f}s")
+        sink.console.log(
+            f"val_loss {first:.3f} -> {last:.3f} ({drop:.1f}% lower) in {summary['wall_s']:.0f}s"
+        )
 
 
 __all__ = ["run"]

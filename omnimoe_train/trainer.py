@@ -30,6 +30,7 @@ from omnimoe_train.distributed import Runtime
 from omnimoe_train.expert_stats import ExpertStats, summarize
 from omnimoe_train.metrics import MetricsSink
 from omnimoe_train.model import build_model, padded_vocab_size, transformer_config
+from omnimoe_train.parallel.setup import apply_parallelism, dispatch_layers, resolve_table_sharding
 
 WSD_STYLES = {"linear": "linear", "cosine": "cosine", "sqrt": "minus_sqrt"}
 
@@ -87,18 +88,20 @@ def _forward_step(data_iterator, model, *, device: torch.device):  # noqa: ANN00
     return losses_BS, _loss_func
 
 
-class Trainer:
-    def __init__(self, cfg: RootConfig, runtime: Runtime, run_dir: Path) -> None:
-        self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
-        d = cfg.data
-        self.data_dir = ensure_dataset(d, rank=runtime.rank)
-        vocab = cfg.model.vocab_size or tokenizer_vocab_size(self.data_dir)
-        self.vocab_size = padded_vocab_size(vocab, cfg.parallel.tp)
-        self.num_microbatches = d.global_batch_size // (d.micro_batch_size * runtime.dp_size)
-        self.tokens_per_step = d.global_batch_size * d.seq_len
+class StepEngine:
+    """Model chunks (DDP-wrapped, parallel layout applied), optimizer, LR schedule, pipeline
+    schedule: everything one optimizer step needs, fed by any iterator of micro-batches."""
 
+    def __init__(self, cfg: RootConfig, runtime: Runtime, vocab_size: int) -> None:
+        self.cfg, self.rt, self.vocab_size = cfg, runtime, vocab_size
+        d = cfg.data
+        self.num_microbatches = d.global_batch_size // (d.micro_batch_size * runtime.dp_size)
+        self.table_sharding, self.sharding_note = resolve_table_sharding(
+            cfg, world_size=runtime.world_size, bf16=runtime.bf16
+        )
         self.tconfig = transformer_config(cfg, bf16=runtime.bf16)
         chunks = self._build_model_chunks()
+        self.model = chunks
         optimizer = get_megatron_optimizer(self._optimizer_config(), chunks)
         o, t = cfg.optim, cfg.trainer
         scheduler = OptimizerParamScheduler(
@@ -120,17 +123,8 @@ class Trainer:
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.tconfig.grad_scale_func = optimizer.scale_loss
         self.tconfig.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
-        loader = TokenShardLoader(
-            self.data_dir,
-            "train",
-            d.micro_batch_size,
-            dp_rank=runtime.dp_rank,
-            dp_size=runtime.dp_size,
-            seed=d.seed,
-            num_workers=d.num_workers,
-        )
-        self.state = TrainState(chunks, optimizer, scheduler, loader)
-        self.expert_stats = [m for c in chunks for m in c.modules() if isinstance(m, ExpertStats)]
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.dispatches = [ep for c in chunks for ep in dispatch_layers(c)]
         self.forward_backward = get_forward_backward_func()
 
     # -- construction -------------------------------------------------------------------------
@@ -145,7 +139,9 @@ class Trainer:
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 vp_stage=vp_stage if self.cfg.parallel.vpp else None,
-            ).to(self.rt.device)
+            )
+            apply_parallelism(model, self.cfg, self.table_sharding)  # before DDP reads the attrs
+            model = model.to(self.rt.device)
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
                 overlap_grad_reduce=False,
@@ -172,16 +168,14 @@ class Trainer:
             use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
         )
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for c in self.state.model for p in c.parameters())
-
     # -- steps --------------------------------------------------------------------------------
-    def _run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool) -> torch.Tensor:  # noqa: ANN001
+    def run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool) -> torch.Tensor:  # noqa: ANN001
+        """Forward (+ backward and grad sync) of ``num_microbatches``; returns (loss sum, tokens)."""
         d = self.cfg.data
         losses = self.forward_backward(
             forward_step_func=partial(_forward_step, device=self.rt.device),
-            data_iterator=data_iterator if len(self.state.model) == 1 else [data_iterator] * len(self.state.model),
-            model=self.state.model,
+            data_iterator=data_iterator if len(self.model) == 1 else [data_iterator] * len(self.model),
+            model=self.model,
             num_microbatches=num_microbatches,
             seq_length=d.seq_len,
             micro_batch_size=d.micro_batch_size,
@@ -192,18 +186,87 @@ class Trainer:
             total += entry["lm loss"].double()
         return total
 
-    def train_step(self) -> tuple[torch.Tensor, float]:
-        s = self.state
-        for chunk in s.model:
+    def forward_backward_step(self, data_iterator) -> torch.Tensor:  # noqa: ANN001
+        """One step's gradients, reduced as the layout says (main_grad), before the update."""
+        for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
-        s.optimizer.zero_grad()
-        loss_sum = self._run_schedule(iter(s.train_loader), self.num_microbatches, forward_only=False)
-        _, grad_norm, _ = s.optimizer.step()
-        s.scheduler.step(increment=1)
+        self.optimizer.zero_grad()
+        return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+
+    def optimizer_step(self) -> float:
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def mean_loss(self, total: torch.Tensor) -> float:
+        """(sum, count) on the last stage -> mean over all data-parallel ranks, on every rank."""
+        if dist.is_initialized():
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+            # Non-last pipeline stages hold zeros: summing over the pipeline group broadcasts.
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return (total[0] / total[1].clamp_min(1)).item()
+
+    def dispatch_metrics(self, steps: int) -> dict[str, float]:
+        """Expert-dispatch traffic per layer per step, averaged over ranks and layers (ep > 1)."""
+        if self.cfg.parallel.ep == 1:
+            return {}
+        totals = torch.zeros(5, dtype=torch.float64)
+        for ep in self.dispatches:
+            c = ep.counters
+            totals += torch.tensor(
+                [c.forward_bytes, c.backward_bytes, c.dest_rank_tokens, c.tokens, 1.0],
+                dtype=torch.float64,
+            )
+            c.reset()
+        if dist.is_initialized():  # every stage's layers; gloo and NCCL both reduce CPU-sized data
+            totals = totals.to(self.rt.device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        fwd, bwd, dest_tokens, tokens, layer_ranks = totals.tolist()
+        per = max(layer_ranks, 1.0) * max(steps, 1)
+        return {
+            "dispatch_fwd_bytes_per_layer": fwd / per,
+            "dispatch_bwd_bytes_per_layer": bwd / per,
+            "dispatch_dest_ranks": dest_tokens / max(tokens, 1.0),
+        }
+
+
+class Trainer:
+    def __init__(self, cfg: RootConfig, runtime: Runtime, run_dir: Path) -> None:
+        self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
+        d = cfg.data
+        self.data_dir = ensure_dataset(d, rank=runtime.rank)
+        vocab = cfg.model.vocab_size or tokenizer_vocab_size(self.data_dir)
+        self.vocab_size = padded_vocab_size(vocab, cfg.parallel.tp)
+        self.tokens_per_step = d.global_batch_size * d.seq_len
+        self.engine = StepEngine(cfg, runtime, self.vocab_size)
+        self.num_microbatches = self.engine.num_microbatches
+        # The loader takes only the DP coordinates: every TP (and PP) rank of a replica reads the
+        # same micro-batches, as megatron's TP layers and pipeline stages require.
+        loader = TokenShardLoader(
+            self.data_dir,
+            "train",
+            d.micro_batch_size,
+            dp_rank=runtime.dp_rank,
+            dp_size=runtime.dp_size,
+            seed=d.seed,
+            num_workers=d.num_workers,
+        )
+        e = self.engine
+        self.state = TrainState(e.model, e.optimizer, e.scheduler, loader)
+        self.expert_stats = [m for c in e.model for m in c.modules() if isinstance(m, ExpertStats)]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for c in self.state.model for p in c.parameters())
+
+    def train_step(self) -> tuple[torch.Tensor, float]:
+        s = self.state
+        loss_sum = self.engine.forward_backward_step(iter(s.train_loader))
+        grad_norm = self.engine.optimizer_step()
         s.step += 1
         s.consumed_tokens += self.tokens_per_step
-        return loss_sum, float(grad_norm) if grad_norm is not None else float("nan")
+        return loss_sum, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -222,16 +285,8 @@ class Trainer:
         batches = list(itertools.islice(iter(loader), self.cfg.trainer.eval_iters))
         total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
         if batches:
-            total = self._run_schedule(iter(batches), len(batches), forward_only=True)
-        return self._mean_loss(total)
-
-    def _mean_loss(self, total: torch.Tensor) -> float:
-        """(sum, count) on the last stage -> mean over all data-parallel ranks, on every rank."""
-        if dist.is_initialized():
-            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-            # Non-last pipeline stages hold zeros: summing over the pipeline group broadcasts.
-            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-        return (total[0] / total[1].clamp_min(1)).item()
+            total = self.engine.run_schedule(iter(batches), len(batches), forward_only=True)
+        return self.engine.mean_loss(total)
 
     def _expert_metrics(self) -> dict[str, float]:
         if not self.expert_stats:
@@ -261,6 +316,8 @@ class Trainer:
             sink.console.log(f"resumed from {resume} at step {s.step}")
 
         summary: dict[str, Any] = {"num_parameters": self.num_parameters()}
+        if self.rt.is_main and cfg.model.mlp == "omnimoe":
+            sink.console.log(self.engine.sharding_note)
         if s.step == 0:
             summary["initial_val_loss"] = self.evaluate()
             sink.log({"step": 0, "val_loss": summary["initial_val_loss"]})
@@ -274,7 +331,7 @@ class Trainer:
             window_steps += 1
             if s.step % t.log_interval == 0 or s.step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
-                loss = self._mean_loss(window_loss)
+                loss = self.engine.mean_loss(window_loss)
                 record = {
                     "step": s.step,
                     "loss": loss,
@@ -283,6 +340,7 @@ class Trainer:
                     "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
                     "consumed_tokens": s.consumed_tokens,
                     **self._expert_metrics(),
+                    **self.engine.dispatch_metrics(window_steps),
                 }
                 if self.rt.device.type == "cuda":
                     record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

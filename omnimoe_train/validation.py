@@ -121,28 +121,9 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
             "must be positive",
         )
 
-    # Parallel layout: rules that can be checked from the config and the launcher's world size.
-    _require(
-        world_size % (p.tp * p.pp) == 0,
-        "parallel.tp",
-        f"tp*pp={p.tp * p.pp} must divide the world size {world_size}",
-    )
-    _require(
-        m.num_attention_heads % p.tp == 0,
-        "parallel.tp",
-        f"must divide model.num_attention_heads={m.num_attention_heads} (got {p.tp})",
-    )
-    _require(
-        groups % p.tp == 0,
-        "parallel.tp",
-        f"must divide the number of query groups {groups} (got {p.tp})",
-    )
-    vpp = p.vpp or 1
-    _require(
-        m.num_layers % (p.pp * vpp) == 0,
-        "parallel.pp",
-        f"pp*vpp={p.pp * vpp} must divide model.num_layers={m.num_layers}",
-    )
+    # Parallel layout: rules that can be checked from the config and the launcher's world size,
+    # before any process group exists (parallel.layout holds them; here they get config keys).
+    _validate_layout(cfg, world_size, groups)
     dp = data_parallel_size(cfg, world_size)
     _require(
         d.global_batch_size % (d.micro_batch_size * dp) == 0,
@@ -150,6 +131,15 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
         f"must be a multiple of data.micro_batch_size * data-parallel size "
         f"({d.micro_batch_size} * {dp}) (got {d.global_batch_size})",
     )
+    if p.vpp is not None:
+        # megatron's interleaved schedule runs micro-batches in groups of pp per model chunk.
+        num_microbatches = d.global_batch_size // (d.micro_batch_size * dp)
+        _require(
+            num_microbatches % p.pp == 0,
+            "data.global_batch_size",
+            f"with parallel.vpp the micro-batches per step ({num_microbatches} = global_batch_size "
+            f"/ (micro_batch_size * dp={dp})) must be a multiple of parallel.pp={p.pp}",
+        )
     _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
 
     _require(o.lr > 0, "optim.lr", f"must be positive (got {o.lr})")
@@ -163,3 +153,33 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = final only)")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {c.keep})")
+    writes_or_reads = c.interval > 0 or c.save_final or c.resume is not None
+    _require(
+        not (p.distributed_optimizer and writes_or_reads),
+        "parallel.distributed_optimizer",
+        "checkpoints of the distributed optimizer's sharded state need the sharded-checkpoint "
+        "format, not written yet: set checkpoint.save_final=false checkpoint.interval=0 "
+        "checkpoint.resume=null, or parallel.distributed_optimizer=false",
+    )
+
+
+def _validate_layout(cfg: RootConfig, world_size: int, groups: int) -> None:
+    from omnimoe_train.parallel.layout import LayoutError, validate_layout
+    from omnimoe_train.parallel.setup import layout_from_config
+
+    m = cfg.model
+    try:
+        validate_layout(
+            layout_from_config(cfg, world_size),
+            num_layers=m.num_layers,
+            num_heads=m.num_attention_heads,
+            num_query_groups=groups,
+            # The dense baseline has no tables: any square count >= ep passes the expert rules.
+            num_experts=m.num_experts if m.mlp == "omnimoe" else max(cfg.parallel.ep, 1) ** 2,
+            hidden_size=m.hidden_size,
+        )
+    except LayoutError as exc:
+        key = "world_size" if exc.key == "world_size" else f"parallel.{exc.key}"
+        if exc.key in ("num_experts",):
+            key = f"model.{exc.key}"
+        raise ConfigError(key, f"invalid parallel layout: {exc.rule}") from None

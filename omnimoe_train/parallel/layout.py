@@ -112,10 +112,15 @@ def validate_layout(
         f"num_layers={num_layers} must be divisible by pp*vpp={stages}",
     )
     _check(
-        lo.tp == 1 or lo.sequence_parallel,
+        lo.tp == 1 or lo.ep == 1 or lo.sequence_parallel,
         "sequence_parallel",
-        f"tp={lo.tp} > 1 with MoE layers needs sequence_parallel=true (megatron requires it; "
-        "without it the TP ranks of one EP group would dispatch the same tokens twice)",
+        f"tp={lo.tp} > 1 with ep={lo.ep} > 1 needs sequence_parallel=true (megatron requires it "
+        "for MoE; without it the TP ranks of one EP group would dispatch the same tokens twice)",
+    )
+    _check(
+        lo.tp > 1 or not lo.sequence_parallel,
+        "sequence_parallel",
+        "sequence_parallel=true needs tp > 1 (it splits the sequence over the TP ranks)",
     )
     # megatron-core: world_size % (expert_tensor_parallel_size * ep * pp) == 0. With ETP = 1 this
     # is ep | world_size / pp = tp * dp: the EP group may span TP ranks (their tokens differ under

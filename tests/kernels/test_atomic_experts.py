@@ -68,10 +68,14 @@ def test_n_96_squared_cpu() -> None:
 
 @cpu_triton
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
-def test_hot_expert_split_cpu(monkeypatch, deterministic) -> None:
-    """A hot expert longer than one work item takes the split + finish path."""
-    monkeypatch.setattr(experts_grad, "SPLIT_PAIRS", 4)
-    _check(23, 16, 6, 3, torch.float32, "cpu", hot=True, deterministic=deterministic)
+@pytest.mark.parametrize(
+    ("T", "N", "K", "dtype"), [(23, 6, 3, torch.float32), (40, 5, 4, torch.bfloat16)]
+)
+def test_runs_across_chunks_and_blocks_cpu(monkeypatch, T, N, K, dtype, deterministic) -> None:
+    """Runs longer than a chunk and crossing block ends: carried, and finished by their owner."""
+    monkeypatch.setattr(experts_grad, "BLOCK_PAIRS", 16)
+    monkeypatch.setattr(experts_grad, "CHUNK_PAIRS", 16)
+    _check(T, 16, N, K, dtype, "cpu", hot=True, deterministic=deterministic)
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,8 @@ def test_valid_layout_derives_groups_without_process_groups() -> None:
         (ParallelLayout(world_size=10, pp=5), {}, "pp", "num_layers=24"),
         (ParallelLayout(world_size=8, pp=2, vpp=8), {}, "pp", "pp*vpp=16"),
         (ParallelLayout(world_size=8, vpp=2), {}, "vpp", "needs pp > 1"),
-        (ParallelLayout(world_size=8, tp=2), {}, "sequence_parallel", "tp=2 > 1"),
+        (ParallelLayout(world_size=8, tp=2, ep=2), {}, "sequence_parallel", "tp=2 > 1"),
+        (ParallelLayout(world_size=8, sequence_parallel=True), {}, "sequence_parallel", "tp > 1"),
         (ParallelLayout(world_size=12, pp=2, ep=4), {}, "ep", "must divide world_size/pp"),
         (
             ParallelLayout(world_size=8, ep=8),

@@ -75,7 +75,9 @@ def test_invalid_config_exits_2_with_one_line(
 
 
 def test_sweep_is_validated_before_any_run(tmp_path: Path) -> None:
-    result = omnimoe_train(["-m", "model.top_k=4,4096", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    result = omnimoe_train(
+        ["-m", "model.top_k=4,4096", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path
+    )
     assert result.returncode == 2
     assert "model.top_k: must be in [1, model.num_experts=1024] (got 4096)" in result.stderr
     assert not (tmp_path / "sweep").exists()
@@ -98,7 +100,16 @@ def test_short_run_trains_logs_checkpoints_and_resumes_exactly(tmp_path: Path) -
     assert [r["step"] for r in train] == [5, 10, 15, 20]
     assert [r["step"] for r in evals] == [0, 10, 20]
     for r in train:
-        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "expert_usage", "unevenness", "router_entropy"):
+        for key in (
+            "step",
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "expert_usage",
+            "unevenness",
+            "router_entropy",
+        ):
             assert isinstance(r[key], (int, float)), key
         assert 0.0 < r["expert_usage"] <= 1.0 and r["unevenness"] >= 0.0 and r["router_entropy"] > 0
     assert train[-1]["loss"] < train[0]["loss"]
@@ -113,7 +124,8 @@ def test_short_run_trains_logs_checkpoints_and_resumes_exactly(tmp_path: Path) -
     # Resume from step 10 in a fresh run directory: steps 15 and 20 must match run A exactly.
     resume = run_a / "checkpoints" / "step_00000010"
     b = omnimoe_train(
-        [*common, f"hydra.run.dir={run_b}", f"checkpoint.resume={resume}", "logging=disabled"], cache
+        [*common, f"hydra.run.dir={run_b}", f"checkpoint.resume={resume}", "logging=disabled"],
+        cache,
     )
     assert b.returncode == 0, b.stderr[-3000:]
     b_train = {r["step"]: r["loss"] for r in _records(run_b) if "loss" in r}

@@ -7,7 +7,9 @@ import torch
 
 from omnimoe_train.megatron_cpu import apply_cpu_patches
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only layer; a GPU is present")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU-only layer; a GPU is present"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

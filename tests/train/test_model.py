@@ -10,8 +10,15 @@ from omnimoe_train.model import build_model, layer_spec, transformer_config
 from omnimoe_train.omnimoe_layer import OmniMoEMLP
 from tests.train.conftest import compose_config
 
-TINY = ("model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-        "model.ffn_hidden_size=96", "model.num_experts=64", "model.top_k=8", "data.seq_len=16")
+TINY = (
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=96",
+    "model.num_experts=64",
+    "model.top_k=8",
+    "data.seq_len=16",
+)
 
 
 def _model(*overrides: str):
@@ -28,7 +35,9 @@ def test_forward_backward(single_rank: None, mlp: str) -> None:
     losses = model(tokens, pos, None, labels=tokens)
     assert losses.shape == (3, 16) and torch.isfinite(losses).all()
     losses.mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert missing == []
     has_omni = any(isinstance(m, OmniMoEMLP) for m in model.modules())
     assert has_omni == (mlp == "omnimoe")
@@ -49,9 +58,17 @@ class _NoHostSync(TorchFunctionMode):
     """Fails on operations that copy device data to the host or give data-dependent shapes."""
 
     BANNED = {
-        torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.nonzero,
-        torch.nonzero, torch.unique, torch.Tensor.unique, torch.masked_select,
-        torch.Tensor.masked_select, torch.Tensor.numpy, torch.bincount,
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.__bool__,
+        torch.Tensor.nonzero,
+        torch.nonzero,
+        torch.unique,
+        torch.Tensor.unique,
+        torch.masked_select,
+        torch.Tensor.masked_select,
+        torch.Tensor.numpy,
+        torch.bincount,
     }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001

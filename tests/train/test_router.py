@@ -23,7 +23,9 @@ def test_router_topk_equals_brute_force(n: int, k: int) -> None:
     ids, perm = routing.indices_TK.sort(-1)
     expected_ids, expected_perm = expected_idx.sort(-1)
     assert torch.equal(ids, expected_ids)
-    torch.testing.assert_close(routing.weights_TK.gather(-1, perm), expected_w.gather(-1, expected_perm))
+    torch.testing.assert_close(
+        routing.weights_TK.gather(-1, perm), expected_w.gather(-1, expected_perm)
+    )
 
 
 def test_router_weight_modes_and_gradients() -> None:

@@ -1,0 +1,132 @@
+"""Apply the parallel layout to a built model, separately from the model code.
+
+``model.py`` builds the same module tree for every layout (megatron's TP layers split themselves
+from the process groups). What megatron does not know about -- the OmniMoE router and expert
+tables -- is wired here, before the model is wrapped in megatron's DDP:
+
+* ep > 1: each layer keeps only its shard of U and V (``rows``: expert ids r*N/P..(r+1)*N/P;
+  ``dim``: columns r*D/P..(r+1)*D/P), sliced from the full-table init that every rank computed
+  with the same seed, so a run starts from the single-process weights. The shards are marked
+  ``allreduce = False``: megatron's DDP then reduces them over the expert-data-parallel group only
+  and its optimizer counts each shard once in the grad norm.
+* sequence parallel: every TP rank routes different tokens, so the router gates (and the tables
+  when ep = 1) are marked ``sequence_parallel = True`` -- megatron's ``finalize_model_grads``
+  all-reduces those grads over TP -- and the router's BatchNorm statistics are summed over the TP
+  group, so they cover the same tokens as one process running the whole micro-batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from torch import nn
+
+from omnimoe_train.config import RootConfig
+from omnimoe_train.omnimoe_layer import OmniMoEMLP
+from omnimoe_train.parallel.cost_model import choose_sharding, describe_choice, predict_bytes
+from omnimoe_train.parallel.expert_parallel import ExpertParallel
+from omnimoe_train.parallel.layout import ParallelLayout, sharding_modes_allowed
+from omnimoe_train.router import GateNorm
+
+
+def layout_from_config(cfg: RootConfig, world_size: int) -> ParallelLayout:
+    p = cfg.parallel
+    return ParallelLayout(
+        world_size=world_size,
+        tp=p.tp,
+        pp=p.pp,
+        vpp=p.vpp,
+        ep=p.ep,
+        sequence_parallel=p.sequence_parallel,
+        expert_table_sharding=p.expert_table_sharding,
+        distributed_optimizer=p.distributed_optimizer,
+    )
+
+
+def tokens_per_rank(cfg: RootConfig) -> int:
+    """Tokens one rank routes per micro-batch (sequence parallel splits the sequence over TP)."""
+    p, d = cfg.parallel, cfg.data
+    tokens = d.micro_batch_size * d.seq_len
+    return tokens // p.tp if p.sequence_parallel else tokens
+
+
+def resolve_table_sharding(cfg: RootConfig, *, world_size: int, bf16: bool) -> tuple[str, str]:
+    """(mode, one log line with the predicted bytes). mode is ``none`` when ep = 1."""
+    p, m = cfg.parallel, cfg.model
+    if p.ep == 1 or m.mlp != "omnimoe":
+        return "none", "expert tables replicated (parallel.ep=1)"
+    layout = layout_from_config(cfg, world_size)
+    allowed = sharding_modes_allowed(layout, num_experts=m.num_experts, hidden_size=m.hidden_size)
+    shape = dict(
+        tokens=tokens_per_rank(cfg),
+        d=m.hidden_size,
+        k=m.top_k,
+        num_experts=m.num_experts,
+        ranks=p.ep,
+        dtype_bytes=2 if bf16 else 4,
+    )
+    if p.expert_table_sharding == "auto":
+        choice, predicted = choose_sharding(**shape, allowed=allowed)
+        return choice, describe_choice(choice, predicted) + f", ep={p.ep}"
+    mode = p.expert_table_sharding
+    predicted = predict_bytes(mode, **shape)
+    return mode, (
+        f"expert_table_sharding={mode}, ep={p.ep} (predicted per layer per rank per micro-batch: "
+        f"fwd {predicted['forward'] / 1e6:.2f} MB + bwd {predicted['backward'] / 1e6:.2f} MB)"
+    )
+
+
+def _shard_table(table_ND: nn.Parameter, mode: str, rank: int, size: int) -> nn.Parameter:
+    if mode == "rows":
+        block = table_ND.shape[0] // size
+        local = table_ND.detach()[rank * block : (rank + 1) * block]
+    else:
+        block = table_ND.shape[1] // size
+        local = table_ND.detach()[:, rank * block : (rank + 1) * block]
+    shard = nn.Parameter(local.clone(), requires_grad=table_ND.requires_grad)
+    # megatron's expert parameters: reduced over the expert-data-parallel group by DDP.
+    shard.allreduce = False
+    return shard
+
+
+def shard_expert_tables(layer: OmniMoEMLP, mode: str) -> None:
+    """Replace the layer's full U, V by this rank's EP shard and route through the dispatch."""
+    group = parallel_state.get_expert_model_parallel_group()
+    rank = parallel_state.get_expert_model_parallel_rank()
+    size = parallel_state.get_expert_model_parallel_world_size()
+    layer.up_ND = _shard_table(layer.up_ND, mode, rank, size)
+    layer.down_ND = _shard_table(layer.down_ND, mode, rank, size)
+    layer.expert_parallel = ExpertParallel(
+        mode, group, num_experts=layer.settings.num_experts, backend=layer.settings.backend
+    )
+
+
+def mark_sequence_parallel(layer: OmniMoEMLP, *, tables_replicated: bool) -> None:
+    """Grads of parameters that see only this TP rank's tokens must be summed over TP."""
+    params: list[torch.Tensor] = list(layer.router.parameters())
+    if tables_replicated:
+        params += [layer.up_ND, layer.down_ND]
+    for param in params:
+        param.sequence_parallel = True
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    for module in layer.router.modules():
+        if isinstance(module, GateNorm):
+            module.stats_group = tp_group
+
+
+def apply_parallelism(model: nn.Module, cfg: RootConfig, table_sharding: str) -> None:
+    """Wire the OmniMoE layers of one model chunk for the layout; call before wrapping in DDP."""
+    sequence_parallel = cfg.parallel.sequence_parallel and cfg.parallel.tp > 1
+    for layer in [m for m in model.modules() if isinstance(m, OmniMoEMLP)]:
+        if table_sharding != "none":
+            shard_expert_tables(layer, table_sharding)
+        if sequence_parallel:
+            mark_sequence_parallel(layer, tables_replicated=table_sharding == "none")
+
+
+def dispatch_layers(model: nn.Module) -> list[ExpertParallel]:
+    return [
+        m.expert_parallel
+        for m in model.modules()
+        if isinstance(m, OmniMoEMLP) and m.expert_parallel is not None
+    ]

@@ -1,0 +1,187 @@
+"""Rank-side bodies of the layout-equivalence tests: a parallel run equals one process.
+
+The reference is one process (world 1, ``parallel=single``) training the tiny model below on
+fixed global batches; it saves its initial weights, step-1 loss, step-1 gradients (after megatron's
+grad sync) and grad norm, and its 5-step loss curve. Each parallel layout then, on every rank:
+builds the model through the real trainer path (``StepEngine``: layout applied, megatron DDP,
+optimizer, pipeline schedule), loads the reference weights into its local shards, feeds each
+data-parallel rank its micro-batches of the same global batches, and checks its loss, the grads
+of every local shard against the matching slice of the reference grads (so all ranks together
+cover the gathered gradient), the grad norm, and the 5-step losses. Layouts without pipeline
+stages also check that their own seeded initialisation already equals the reference slices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from omnimoe_train.distributed import init_runtime
+from omnimoe_train.trainer import StepEngine
+from tests.train.conftest import compose_config
+
+RTOL_STEP = 1e-5  # loss, grads, grad norm of step 1: relative to the largest reference entry
+RTOL_CURVE = 1e-4  # the 5-step loss curve
+STEPS = 5
+VOCAB = 256  # a multiple of 128 * tp: the padded vocabulary is the same for every layout
+MODEL = (
+    "model.num_layers=4",
+    "model.hidden_size=32",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=64",
+    "model.num_experts=64",
+    "model.top_k=4",
+    f"model.vocab_size={VOCAB}",
+    "data.seq_len=16",
+    "data.micro_batch_size=2",
+    "data.global_batch_size=4",
+    "trainer.device=cpu",
+    "trainer.max_steps=10",
+    "optim.warmup_steps=1",
+    "optim.lr=0.01",
+    "checkpoint.save_final=false",
+)
+
+
+def layout_config(layout: str, *extra: str) -> Any:
+    return compose_config(*MODEL, f"parallel={layout}", *extra)
+
+
+def global_batch(step: int, cfg: Any) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, VOCAB, (cfg.data.global_batch_size, cfg.data.seq_len + 1), generator=gen)
+
+
+def rank_microbatches(step: int, cfg: Any, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
+    """Micro-batch i of the global batch goes to DP rank i % dp: one process sees all, in order."""
+    m = cfg.data.micro_batch_size
+    batch = global_batch(step, cfg)
+    count = batch.shape[0] // m
+    return [batch[i * m : (i + 1) * m] for i in range(dp_rank, count, dp_size)]
+
+
+def _local_params(engine: StepEngine) -> list[tuple[str, torch.nn.Parameter, torch.nn.Module]]:
+    return [(n, p, chunk.module) for chunk in engine.model for n, p in chunk.module.named_parameters()]
+
+
+def _full_name(name: str, model: torch.nn.Module, tied: bool) -> str:
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:  # local layer index -> global (pipeline stages)
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    if tied and name == "output_layer.weight":  # the last stage's copy of the tied embedding
+        return "embedding.word_embeddings.weight"
+    return ".".join(parts)
+
+
+def _local_slice(full: torch.Tensor, param: torch.Tensor, table_sharding: str) -> torch.Tensor:
+    """The part of a full (single-process) tensor this rank's parameter holds."""
+    if getattr(param, "tensor_model_parallel", False):
+        tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+        chunks = full.split(full.shape[dim] // (tp * stride), dim)  # megatron's CPU-init split
+        return torch.cat(chunks[rank::tp], dim)
+    if not getattr(param, "allreduce", True):  # an expert-table shard
+        ep, rank = parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_model_parallel_rank()
+        if table_sharding == "rows":
+            return full.chunk(ep, 0)[rank]
+        return full.chunk(ep, 1)[rank]
+    return full
+
+
+def _gather_distributed_grads(engine: StepEngine) -> None:
+    """The distributed optimizer reduce-scatters grads: all-gather each bucket's shards back."""
+    for chunk in engine.model:
+        for buffers, group in (
+            (chunk.buffers, parallel_state.get_data_parallel_group()),
+            (chunk.expert_parallel_buffers, parallel_state.get_expert_data_parallel_group()),
+        ):
+            size, rank = dist.get_world_size(group), dist.get_rank(group)
+            for buffer in buffers:
+                for bucket in buffer.buckets:
+                    shards = list(bucket.grad_data.chunk(size))
+                    mine = shards[rank].clone()
+                    dist.all_gather(shards_out := [torch.empty_like(mine) for _ in shards], mine, group=group)
+                    for dst, src in zip(shards, shards_out, strict=True):
+                        dst.copy_(src)
+
+
+def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.abs().max().clamp_min(1e-12)
+    error = ((actual.double() - expected.double()).abs().max() / scale).item()
+    assert error <= rtol, f"{name}: error {error:.3g} x largest entry > {rtol} (rank {dist.get_rank()})"
+
+
+def _train(engine: StepEngine, cfg: Any, steps: int, after_first: Any = None) -> list[float]:
+    rt = engine.rt
+    losses = []
+    for step in range(steps):
+        batches = rank_microbatches(step, cfg, rt.dp_rank, rt.dp_size)
+        total = engine.forward_backward_step(iter(batches))
+        losses.append(engine.mean_loss(total))
+        if step == 0 and after_first is not None:
+            after_first()
+        grad_norm = engine.optimizer_step()
+        if step == 0:
+            engine.first_grad_norm = grad_norm
+    return losses
+
+
+def make_reference(path: Path) -> None:
+    """World 1: the single-process run every layout is compared with."""
+    cfg = layout_config("single")
+    rt = init_runtime(cfg)
+    engine = StepEngine(cfg, rt, VOCAB)
+    model = engine.model[0].module
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep_grads() -> None:
+        grads.update({n: p.main_grad.detach().clone() for n, p in model.named_parameters()})
+
+    losses = _train(engine, cfg, STEPS, keep_grads)
+    torch.save(
+        {"init": init, "grads": grads, "losses": losses, "grad_norm": engine.first_grad_norm}, path
+    )
+    parallel_state.destroy_model_parallel()
+
+
+def check_layouts(ref_path: Path, layouts: list[str]) -> None:
+    """On every rank of the spawned world: each layout in turn equals the reference."""
+    ref = torch.load(ref_path, weights_only=False)
+    for layout in layouts:
+        cfg = layout_config(layout)
+        rt = init_runtime(cfg)
+        engine = StepEngine(cfg, rt, VOCAB)
+        tied = cfg.model.tie_embeddings
+        params = _local_params(engine)
+        for name, param, model in params:
+            full = _full_name(name, model, tied)
+            expected = _local_slice(ref["init"][full], param, engine.table_sharding)
+            if cfg.parallel.pp == 1:  # same seed, same draws: the shards are slices of one init
+                _close(f"{layout} init {name}", param.detach(), expected, 0.0)
+            with torch.no_grad():
+                param.copy_(expected)
+
+        def check_grads() -> None:
+            if cfg.parallel.distributed_optimizer:
+                _gather_distributed_grads(engine)
+            for name, param, model in params:
+                full = _full_name(name, model, tied)
+                expected = _local_slice(ref["grads"][full], param, engine.table_sharding)
+                _close(f"{layout} grad {name}", param.main_grad, expected, RTOL_STEP)
+
+        losses = _train(engine, cfg, STEPS, check_grads)
+        _close(f"{layout} step-1 loss", torch.tensor(losses[:1]), torch.tensor(ref["losses"][:1]), RTOL_STEP)
+        _close(f"{layout} grad norm", torch.tensor(engine.first_grad_norm), torch.tensor(ref["grad_norm"]), RTOL_STEP)
+        for step, (got, want) in enumerate(zip(losses, ref["losses"], strict=True)):
+            _close(f"{layout} loss at step {step + 1}", torch.tensor(got), torch.tensor(want), RTOL_CURVE)
+        if cfg.parallel.ep > 1:
+            metrics = engine.dispatch_metrics(STEPS)
+            assert metrics["dispatch_fwd_bytes_per_layer"] > 0 and metrics["dispatch_bwd_bytes_per_layer"] > 0
+            assert 1.0 <= metrics["dispatch_dest_ranks"] <= cfg.parallel.ep
+        parallel_state.destroy_model_parallel()
