@@ -17,10 +17,11 @@ import datetime
 import json
 import math
 
-import omnimoe_kernels
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
+
+import omnimoe_kernels
 
 EXPERT_CONFIGS = [  # T, d, N, K
     (4096, 1024, 4096, 16),
@@ -76,7 +77,7 @@ def peer_gather(x, up, down, w, idx):
     return torch.einsum("tk,tkd->td", a, down[idx])
 
 
-def bench_experts(T, d, N, K, bw, deterministic=False):
+def bench_experts(T, d, N, K, bw, deterministic=False, peer=True):
     P = T * K
     set_bytes = 2 * N * d * 2 + 2 * T * d * 2 + P * 12
     n_sets = max(1, min(4, (256 << 20) // set_bytes))
@@ -109,7 +110,7 @@ def bench_experts(T, d, N, K, bw, deterministic=False):
         if backward:
             torch.autograd.grad(y, (x, up, down, w), gy)
 
-    for name, fn in (("ours", ours), ("peer", base)):
+    for name, fn in (("ours", ours), ("peer", base))[: 2 if peer else 1]:
         for key, backward in (("fwd", False), ("fb", True)):
             if name == "peer" and P * d * b * (6 if backward else 3) > 40e9:
                 row[f"{name}_{key}_ms"] = None  # the gathered (P, d) rows do not fit
@@ -165,27 +166,42 @@ def bench_layer(K, T=4096, d=1024, N=102400):
 
 
 def profile() -> None:
-    """Per-kernel device time of one fwd+bwd (T, d, N, K = 16384, 2048, 262144, 32) and router."""
-    T, d, N, K = 16384, 2048, 262144, 32
-    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    up = (torch.randn(N, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
-    down = torch.randn(N, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    w = torch.rand(T, K, device="cuda").requires_grad_()
-    idx = torch.randint(0, N, (T, K), device="cuda")
-    rows = torch.randn(T, 1024, device="cuda").log_softmax(-1)
-
-    def step():
-        y = omnimoe_kernels.atomic_experts(x, up, down, w, idx)
-        torch.autograd.grad(y, (x, up, down, w), torch.ones_like(y))
-        omnimoe_kernels.cartesian_topk(rows, rows, 64)
-
-    step()
-    torch.cuda.synchronize()
+    """Per-kernel device time of one fwd+bwd at two expert configs, and of three router calls."""
     acts = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    for T, d, N, K in ((16384, 2048, 262144, 32), (4096, 1024, 102400, 512)):
+        x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        up = (torch.randn(N, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
+        down = torch.randn(N, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        w = torch.rand(T, K, device="cuda").requires_grad_()
+        idx = torch.randint(0, N, (T, K), device="cuda")
+
+        def step(x=x, up=up, down=down, w=w, idx=idx):
+            y = omnimoe_kernels.atomic_experts(x, up, down, w, idx)
+            torch.autograd.grad(y, (x, up, down, w), torch.ones_like(y))
+
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        with torch.profiler.profile(activities=acts) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(f"fwd+bwd T={T} d={d} N={N} K={K}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    for T, n, K in ((16384, 1024, 64), (4096, 320, 4096)):
+        rows = torch.randn(T, n, device="cuda").log_softmax(-1)
+        cols = torch.randn(T, n, device="cuda").log_softmax(-1)
+        omnimoe_kernels.cartesian_topk(rows, cols, K)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=acts) as prof:
+            omnimoe_kernels.cartesian_topk(rows, cols, K)
+            torch.cuda.synchronize()
+        print(f"router T={T} n={n} K={K}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+
+
+def _dump(out: dict, path: str) -> None:
+    """Rewrite the JSON after every row, so a run cut short still leaves its numbers."""
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
 
 
 def fmt(v, nd=3):
@@ -197,6 +213,7 @@ def main() -> None:
     ap.add_argument("--json", default="bench_kernels.json")
     ap.add_argument("--quick", action="store_true", help="first three expert configs only")
     ap.add_argument("--profile", action="store_true", help="per-kernel breakdown, then exit")
+    ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch gather baseline")
     args = ap.parse_args()
     if args.profile:
         profile()
@@ -213,16 +230,17 @@ def main() -> None:
     }
     configs = EXPERT_CONFIGS[:3] if args.quick else EXPERT_CONFIGS
     for cfg in configs:
-        out["experts"].append(bench_experts(*cfg, bw))
+        out["experts"].append(bench_experts(*cfg, bw, peer=not args.no_peer))
         print("experts", out["experts"][-1], flush=True)
+        _dump(out, args.json)
     for cfg in ROUTER_CONFIGS:
         out["router"].append(bench_router(*cfg))
         print("router", out["router"][-1], flush=True)
+        _dump(out, args.json)
     for k in LAYER_KS:
         out["layer"].append(bench_layer(k))
         print("layer", out["layer"][-1], flush=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1)
+    _dump(out, args.json)
 
     print(f"\n{out['device']}, {out['date']}, copy bandwidth {out['copy_bw_TBps']:.2f} TB/s")
     print(
@@ -233,9 +251,9 @@ def main() -> None:
         of, ofb = r["ours_fwd_ms"], r["ours_fb_ms"]
         print(
             f"| {r['T']}, {r['d']}, {r['N']}, {r['K']} | {fmt(r['floor_fwd_ms'])} | "
-            f"{fmt(of)} ({of / r['floor_fwd_ms']:.1f}x) | {fmt(r['peer_fwd_ms'])} | "
+            f"{fmt(of)} ({of / r['floor_fwd_ms']:.1f}x) | {fmt(r.get('peer_fwd_ms'))} | "
             f"{fmt(r['floor_fb_ms'])} | {fmt(ofb)} ({ofb / r['floor_fb_ms']:.1f}x) | "
-            f"{fmt(r['peer_fb_ms'])} |"
+            f"{fmt(r.get('peer_fb_ms'))} |"
         )
     print("\n| router T, n, K | ms |\n|---|---|")
     for r in out["router"]:

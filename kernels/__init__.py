@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from omnimoe_kernels.reference import atomic_experts_reference, cartesian_topk_reference
 
 BACKENDS = ("auto", "torch", "triton")

@@ -20,6 +20,7 @@ backward
 from __future__ import annotations
 
 import torch
+
 from omnimoe_kernels.experts_grad import expert_grads
 from omnimoe_kernels.experts_pairs import combine_rows, pair_scores
 

@@ -69,7 +69,7 @@ def _pair_block_grad_kernel(
     K,
     stride_x,
     stride_dy,
-    BLOCK: tl.constexpr,
+    BLOCK,  # pairs per block (runtime: a new P must not mean a new compile)
     BP: tl.constexpr,
     BD: tl.constexpr,
     SPLIT_BF16: tl.constexpr,
@@ -201,6 +201,6 @@ def expert_grads(
     split = x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and dy_TD.dtype == torch.bfloat16
     _pair_block_grad_kernel[(triton.cdiv(P, block), triton.cdiv(D, BD))](
         x_TD, dy_TD, e_P, order_P, h_P, w_P, g_P, off_N1, dup_ND, ddown_ND,
-        P, D, K, x_TD.stride(0), dy_TD.stride(0),
-        BLOCK=block, BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, num_warps=num_warps,
+        P, D, K, x_TD.stride(0), dy_TD.stride(0), block,
+        BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, num_warps=num_warps,
     )  # fmt: skip

@@ -59,11 +59,12 @@ def atomic_experts_reference(
 
     The (token, expert) pairs are sorted by expert id, so pairs of one expert are contiguous
     (the expert-centric schedule of the paper); results are scattered back with index_add.
-    Accumulation is in fp32 whatever the input dtype.
+    Computes in fp32 for bf16/fp16/fp32 inputs and in fp64 for fp64 inputs (test references).
     """
     T, D = x_TD.shape
     K = indices_TK.shape[-1]
     out_dtype = x_TD.dtype
+    acc = torch.promote_types(out_dtype, torch.float32)
     e_P = indices_TK.reshape(-1)
     P = e_P.numel()
     # Sorting the unique keys e*P + p equals a stable sort by expert, and is ~10x faster on CPU.
@@ -71,9 +72,9 @@ def atomic_experts_reference(
     e_sorted_P = e_P.index_select(0, order_P)
     tok_P = order_P // K
     # index_select (not fancy indexing): its backward is an index_add, not a slow index_put.
-    x_PD = x_TD.float().index_select(0, tok_P)
-    h_P = (x_PD * up_ND.float().index_select(0, e_sorted_P)).sum(-1)
-    a_P = F.silu(h_P) * weights_TK.float().reshape(-1).index_select(0, order_P)
-    y_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
-    y_TD = y_TD.index_add(0, tok_P, a_P[:, None] * down_ND.float().index_select(0, e_sorted_P))
+    x_PD = x_TD.to(acc).index_select(0, tok_P)
+    h_P = (x_PD * up_ND.to(acc).index_select(0, e_sorted_P)).sum(-1)
+    a_P = F.silu(h_P) * weights_TK.to(acc).reshape(-1).index_select(0, order_P)
+    y_TD = torch.zeros(T, D, dtype=acc, device=x_TD.device)
+    y_TD = y_TD.index_add(0, tok_P, a_P[:, None] * down_ND.to(acc).index_select(0, e_sorted_P))
     return y_TD.to(out_dtype)

@@ -163,7 +163,7 @@ def _stable_key_kernel(v_ptr, key_ptr, numel, n, BLOCK: tl.constexpr):
     v = tl.load(v_ptr + offs, mask=ok, other=0.0).to(tl.float32) + 0.0  # -0.0 -> +0.0
     b = v.to(tl.int32, bitcast=True)
     k = tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64)
-    tl.store(key_ptr + offs, (k << 32) | (offs % n), mask=ok)
+    tl.store(key_ptr + offs, (k << 32) | (n - 1 - offs % n), mask=ok)
 
 
 def _stable_top(v_Tn: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor]:

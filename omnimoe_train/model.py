@@ -11,9 +11,14 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from omnimoe_train.attention import SDPAttention
@@ -68,9 +73,30 @@ def transformer_config(cfg: RootConfig, *, bf16: bool) -> TransformerConfig:
     )
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm that supports sequence parallelism (megatron's torch-norm wrapper refuses it).
+
+    Under sequence parallelism each TP rank normalises a slice of the sequence, so the weight's
+    grad is partial: ``sequence_parallel = True`` makes megatron's finalize_model_grads
+    all-reduce it over the TP group. Same parameter name (``weight``) and maths as
+    ``torch.nn.RMSNorm``.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
 def layer_spec(cfg: RootConfig) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    submodules = spec.submodules
+    submodules = dataclasses.replace(
+        spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
+    )
     attention = submodules.self_attention
     attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
     if cfg.model.mlp == "omnimoe":
@@ -89,9 +115,12 @@ def build_model(
     post_process: bool = True,
     vp_stage: int | None = None,
 ) -> GPTModel:
+    # A block spec (not a layer spec) so the final norm is ours too; this stage's layers only.
+    num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
+    block = TransformerBlockSubmodules(layer_specs=[layer_spec(cfg)] * num_layers, layer_norm=RMSNorm)
     return GPTModel(
         config=tconfig,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=block,
         vocab_size=vocab_size,
         max_sequence_length=cfg.data.seq_len,
         pre_process=pre_process,

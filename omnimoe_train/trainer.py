@@ -172,9 +172,15 @@ class StepEngine:
     def run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool) -> torch.Tensor:  # noqa: ANN001
         """Forward (+ backward and grad sync) of ``num_microbatches``; returns (loss sum, tokens)."""
         d = self.cfg.data
+        if len(self.model) > 1:
+            # Interleaved pipeline: every model chunk calls next() once per micro-batch, and the
+            # chunk with the loss must see the micro-batch the embedding chunk saw: one iterator
+            # per chunk over the same micro-batches (a shared one would hand them out in turn).
+            batches = list(itertools.islice(data_iterator, num_microbatches))
+            data_iterator = [iter(batches) for _ in self.model]
         losses = self.forward_backward(
             forward_step_func=partial(_forward_step, device=self.rt.device),
-            data_iterator=data_iterator if len(self.model) == 1 else [data_iterator] * len(self.model),
+            data_iterator=data_iterator,
             model=self.model,
             num_microbatches=num_microbatches,
             seq_length=d.seq_len,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import omnimoe_kernels
-import omnimoe_kernels.experts_grad as experts_grad
 import pytest
 import torch
 from kernel_test_utils import cpu_triton, gpu, rel_err
+
+import omnimoe_kernels
+import omnimoe_kernels.experts_grad as experts_grad
 from omnimoe_kernels.reference import atomic_experts_reference
 
 

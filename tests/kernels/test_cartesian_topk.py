@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import omnimoe_kernels
 import pytest
 import torch
 from kernel_test_utils import cpu_triton, gpu, rel_err
+
+import omnimoe_kernels
 from omnimoe_kernels.reference import cartesian_topk_reference
 
 
@@ -38,6 +39,7 @@ CPU_CASES = [  # T, n, K, dtype
     (3, 8, 1, torch.float32),  # K = 1
     (5, 4, 16, torch.float32),  # K = n^2: every pair
     (4, 6, 20, torch.bfloat16),  # K > n
+    (5, 12, 7, torch.bfloat16),  # bf16, K < n: the top-k selection path
     (7, 9, 5, torch.float32),  # T not a power of two
     (2, 96, 130, torch.float32),  # N = 96^2, K > n
     (0, 8, 3, torch.float32),  # no tokens
