@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import omnimoe_kernels
+import omnimoe_kernels.experts_grad as experts_grad
 
 EXPERT_CONFIGS = [  # T, d, N, K
     (4096, 1024, 4096, 16),
@@ -198,6 +199,63 @@ def profile() -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 
 
+GRAD_TILES = [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 64, 4)]  # BP, BD, warps
+
+
+def _time_grad_tiles(T: int, d: int, N: int, K: int) -> list:
+    """ms of ``expert_grads`` alone per tile (None if it disagrees with the first tile)."""
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    e_P, order_P = torch.sort(torch.randint(0, N, (T * K,), device="cuda", dtype=torch.int32))
+    order_P = order_P.int()
+    h, w, g = (torch.randn(T * K, device="cuda") for _ in range(3))
+    dup = torch.empty(N, d, device="cuda", dtype=torch.bfloat16)
+    ddown = torch.empty_like(dup)
+
+    def run():
+        experts_grad.expert_grads(x, dy, order_P, e_P, h, w, g, dup, ddown, K, deterministic=True)
+
+    ref, out = None, []
+    for tile in GRAD_TILES:
+        experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = tile
+        dup.fill_(float("nan"))  # poison: every row must be written
+        ddown.fill_(float("nan"))
+        try:
+            run()
+        except Exception as exc:  # a tile that does not compile is reported, not fatal
+            print("grad tile", tile, "failed:", exc, flush=True)
+            out.append(None)
+            continue
+        if ref is None:
+            ref = (dup.float(), ddown.float())
+        err = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip((dup, ddown), ref))
+        ok = err < 1e-2  # NaN (an unwritten row) fails too
+        out.append(do_bench(run, warmup=10, rep=100, return_mode="median") if ok else None)
+        print("grad tile", (T, d, N, K), tile, "ms", out[-1], "err vs first", err, flush=True)
+    return out
+
+
+def sweep_grad_tiles() -> dict:
+    """Time the tiles on three configs and keep the fastest in total (set as the module's
+    defaults for the rest of the run)."""
+    configs = ((16384, 2048, 262144, 32), (16384, 2048, 16384, 32), (4096, 1024, 102400, 512))
+    per_cfg = [_time_grad_tiles(*cfg) for cfg in configs]
+    totals = {}
+    for i, tile in enumerate(GRAD_TILES):
+        col = [ms[i] for ms in per_cfg]
+        if None not in col:
+            totals[tile] = sum(col)
+    best = min(totals, key=totals.get)
+    experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = best
+    torch.cuda.empty_cache()
+    return {
+        "configs": configs,
+        "tiles": GRAD_TILES,
+        "ms": per_cfg,
+        "best": best,
+    }
+
+
 def _dump(out: dict, path: str) -> None:
     """Rewrite the JSON after every row, so a run cut short still leaves its numbers."""
     with open(path, "w") as f:
@@ -214,6 +272,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first three expert configs only")
     ap.add_argument("--profile", action="store_true", help="per-kernel breakdown, then exit")
     ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch gather baseline")
+    ap.add_argument("--sweep-grad", action="store_true", help="pick the grad tile first")
     args = ap.parse_args()
     if args.profile:
         profile()
@@ -228,6 +287,13 @@ def main() -> None:
         "router": [],
         "layer": [],
     }
+    if args.sweep_grad:
+        try:
+            out["grad_tiles"] = sweep_grad_tiles()
+        except Exception as exc:  # keep the benchmark: the module defaults stay
+            print("grad tile sweep failed:", exc, flush=True)
+    out["grad_tile"] = [experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS]
+    print("grad tile used (chunk pairs, columns, warps):", out["grad_tile"], flush=True)
     configs = EXPERT_CONFIGS[:3] if args.quick else EXPERT_CONFIGS
     for cfg in configs:
         out["experts"].append(bench_experts(*cfg, bw, peer=not args.no_peer))

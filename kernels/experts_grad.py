@@ -37,7 +37,9 @@ import triton.language as tl
 # Sorted pairs per block (a program's share of the runs); small blocks give more programs for
 # small P, large ones bound the number of programs (and re-reads of the pair metadata).
 BLOCK_PAIRS = 0  # 0 = chosen from P in ``expert_grads``; tests set a small value
-CHUNK_PAIRS = 64  # pairs reduced per one-hot product (the tensor-core tile's K and M)
+CHUNK_PAIRS = 32  # pairs reduced per one-hot product (the tensor-core tile's K and M)
+GRAD_BD = 64  # columns per program
+GRAD_WARPS = 4
 
 
 @triton.jit
@@ -50,6 +52,24 @@ def _reduce(coef_P, onehot_SP, rows_PD, SPLIT_BF16: tl.constexpr):
         acc_SD = tl.dot(hi_SP, rows_PD, out_dtype=tl.float32)
         return tl.dot(lo_SP, rows_PD, acc=acc_SD, out_dtype=tl.float32)
     return tl.dot(w_SP, rows_PD.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def _chunk_meta(e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0, start, end, P, K, BP: tl.constexpr):
+    """Per-pair data of the chunk at p0: what the row gathers and the segmentation need."""
+    offs_P = p0 + tl.arange(0, BP)
+    ok_P = offs_P < end
+    e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=-1)
+    prev_P = tl.load(e_ptr + offs_P - 1, mask=ok_P & (offs_P > start), other=-2)
+    new_P = ((e_P != prev_P) & ok_P).to(tl.int32)
+    q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
+    g_P = tl.load(g_ptr + q_P, mask=ok_P, other=0.0)
+    h_P = tl.load(h_ptr + q_P, mask=ok_P, other=0.0)
+    a_P = tl.load(w_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32) * h_P * tl.sigmoid(h_P)
+    nxt = p0 + BP
+    e_next = tl.load(e_ptr + tl.minimum(nxt, P - 1))
+    e_next = tl.where(nxt < end, e_next, -3)
+    return ok_P, e_P, new_P, q_P // K, g_P, a_P, e_next
 
 
 @triton.jit
@@ -90,12 +110,18 @@ def _pair_block_grad_kernel(
     rows_S = tl.arange(0, BP)
     carry_up_D = tl.zeros([BD], dtype=tl.float32)
     carry_dn_D = tl.zeros([BD], dtype=tl.float32)
+    # The pair data of chunk i + 1 is fetched while chunk i's rows are reduced, so a chunk
+    # waits on one round of loads (its row gathers) instead of a chain of three.
+    ok_P, e_P, new_P, tok_P, g_P, a_P, e_next = _chunk_meta(
+        e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, start, start, end, P, K, BP
+    )
     for p0 in range(start, end, BP):
-        offs_P = p0 + tl.arange(0, BP)
-        ok_P = offs_P < end
-        e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=-1)
-        prev_P = tl.load(e_ptr + offs_P - 1, mask=ok_P & (offs_P > start), other=-2)
-        new_P = ((e_P != prev_P) & ok_P).to(tl.int32)
+        m_PD = ok_P[:, None] & ok_D[None, :]
+        x_PD = tl.load(x_ptr + tok_P[:, None] * stride_x + offs_D[None, :], mask=m_PD, other=0)
+        dy_PD = tl.load(dy_ptr + tok_P[:, None] * stride_dy + offs_D[None, :], mask=m_PD, other=0)
+        n_ok_P, n_e_P, n_new_P, n_tok_P, n_g_P, n_a_P, n_e_next = _chunk_meta(
+            e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0 + BP, start, end, P, K, BP
+        )
         # Segment rank in the chunk; row 0 is the run carried in from the previous chunk when
         # the chunk does not open with a new run.
         first_new = tl.sum(tl.where(rows_S == 0, new_P, 0))
@@ -103,19 +129,8 @@ def _pair_block_grad_kernel(
         onehot_SP = (seg_P[None, :] == rows_S[:, None]) & ok_P[None, :]
         e_S = tl.max(tl.where(onehot_SP, e_P[None, :], -1), axis=1)
         last = tl.max(tl.where(ok_P, seg_P, -1))
-        nxt = p0 + BP
-        e_next = tl.load(e_ptr + tl.minimum(nxt, P - 1))
-        e_next = tl.where(nxt < end, e_next, -3)
         closed_S = (rows_S < last) | ((rows_S == last) & (e_S != e_next))
 
-        q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
-        tok_P = q_P // K
-        g_P = tl.load(g_ptr + q_P, mask=ok_P, other=0.0)
-        h_P = tl.load(h_ptr + q_P, mask=ok_P, other=0.0)
-        a_P = tl.load(w_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32) * h_P * tl.sigmoid(h_P)
-        m_PD = ok_P[:, None] & ok_D[None, :]
-        x_PD = tl.load(x_ptr + tok_P[:, None] * stride_x + offs_D[None, :], mask=m_PD, other=0)
-        dy_PD = tl.load(dy_ptr + tok_P[:, None] * stride_dy + offs_D[None, :], mask=m_PD, other=0)
         up_SD = _reduce(g_P, onehot_SP, x_PD, SPLIT_BF16)
         dn_SD = _reduce(a_P, onehot_SP, dy_PD, SPLIT_BF16)
         into_S = (rows_S == 0) & (first_new == 0)
@@ -129,6 +144,9 @@ def _pair_block_grad_kernel(
         row_SD = e_S.to(tl.int64)[:, None] * D + offs_D[None, :]
         tl.store(dup_ptr + row_SD, up_SD.to(dup_ptr.dtype.element_ty), mask=m_SD)
         tl.store(ddown_ptr + row_SD, dn_SD.to(ddown_ptr.dtype.element_ty), mask=m_SD)
+        ok_P, e_P, new_P, tok_P, g_P, a_P, e_next = (
+            n_ok_P, n_e_P, n_new_P, n_tok_P, n_g_P, n_a_P, n_e_next
+        )  # fmt: skip
 
 
 @triton.jit
@@ -174,8 +192,6 @@ def expert_grads(
     K: int,
     *,
     deterministic: bool,
-    BD: int = 128,
-    num_warps: int = 8,
 ) -> None:
     """Fill dup_ND and ddown_ND (every row) from the expert-sorted pairs; no host sync.
 
@@ -194,7 +210,7 @@ def expert_grads(
     )
     if P == 0:
         return
-    BD = max(16, min(BD, triton.next_power_of_2(D)))
+    BD = max(16, min(GRAD_BD, triton.next_power_of_2(D)))
     block = _block_pairs(P)
     # Triton 3.6's CPU interpreter gets bf16 tl.dot wrong (garbage magnitudes), so CPU runs take
     # the float32 product; the GPU tests cover the bf16 split path.
@@ -202,5 +218,5 @@ def expert_grads(
     _pair_block_grad_kernel[(triton.cdiv(P, block), triton.cdiv(D, BD))](
         x_TD, dy_TD, e_P, order_P, h_P, w_P, g_P, off_N1, dup_ND, ddown_ND,
         P, D, K, x_TD.stride(0), dy_TD.stride(0), block,
-        BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, num_warps=num_warps,
+        BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, num_warps=GRAD_WARPS,
     )  # fmt: skip

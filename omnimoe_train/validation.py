@@ -11,6 +11,7 @@ import math
 import os
 
 from omnimoe_train.config import RootConfig
+from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
 
 MLPS = ("omnimoe", "dense")
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -163,10 +164,21 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     )
 
 
-def _validate_layout(cfg: RootConfig, world_size: int, groups: int) -> None:
-    from omnimoe_train.parallel.layout import LayoutError, validate_layout
-    from omnimoe_train.parallel.setup import layout_from_config
+def layout_from_config(cfg: RootConfig, world_size: int) -> ParallelLayout:
+    p = cfg.parallel
+    return ParallelLayout(
+        world_size=world_size,
+        tp=p.tp,
+        pp=p.pp,
+        vpp=p.vpp,
+        ep=p.ep,
+        sequence_parallel=p.sequence_parallel,
+        expert_table_sharding=p.expert_table_sharding,
+        distributed_optimizer=p.distributed_optimizer,
+    )
 
+
+def _validate_layout(cfg: RootConfig, world_size: int, groups: int) -> None:
     m = cfg.model
     try:
         validate_layout(
@@ -179,7 +191,6 @@ def _validate_layout(cfg: RootConfig, world_size: int, groups: int) -> None:
             hidden_size=m.hidden_size,
         )
     except LayoutError as exc:
-        key = "world_size" if exc.key == "world_size" else f"parallel.{exc.key}"
-        if exc.key in ("num_experts",):
-            key = f"model.{exc.key}"
+        prefix = {"world_size": "", "num_experts": "model."}.get(exc.key, "parallel.")
+        key = prefix + exc.key
         raise ConfigError(key, f"invalid parallel layout: {exc.rule}") from None

@@ -25,22 +25,9 @@ from omnimoe_train.config import RootConfig
 from omnimoe_train.omnimoe_layer import OmniMoEMLP
 from omnimoe_train.parallel.cost_model import choose_sharding, describe_choice, predict_bytes
 from omnimoe_train.parallel.expert_parallel import ExpertParallel
-from omnimoe_train.parallel.layout import ParallelLayout, sharding_modes_allowed
+from omnimoe_train.parallel.layout import sharding_modes_allowed
 from omnimoe_train.router import GateNorm
-
-
-def layout_from_config(cfg: RootConfig, world_size: int) -> ParallelLayout:
-    p = cfg.parallel
-    return ParallelLayout(
-        world_size=world_size,
-        tp=p.tp,
-        pp=p.pp,
-        vpp=p.vpp,
-        ep=p.ep,
-        sequence_parallel=p.sequence_parallel,
-        expert_table_sharding=p.expert_table_sharding,
-        distributed_optimizer=p.distributed_optimizer,
-    )
+from omnimoe_train.validation import layout_from_config
 
 
 def tokens_per_rank(cfg: RootConfig) -> int:

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# How the CPU main job's defaults were chosen: run variants of the default command side by side,
+# each pinned to 2 cores with 2 threads (the target machine), and print wall time and the drop of
+# held-out loss from step 0. Usage: bash benchmarks/cpu_budget_check.sh [OUTDIR]
+# Each line of VARIANTS is one run's extra overrides ("" = the defaults as shipped).
+set -euo pipefail
+out=${1:-${OUT:-cpu-budget}}
+mkdir -p "$out"
+VARIANTS=(
+  ""
+  "optim.warmup_steps=10 optim.decay_fraction=0.4"
+  "model.ffn_hidden_size=512"
+  "optim.lr=2e-3"
+  "model.top_k=8 trainer.max_steps=360"
+  "data.vocab_size=2048"
+  "model.top_k=8 data.seq_len=128 data.micro_batch_size=16 data.global_batch_size=16"
+  "optim.lr=4e-3 optim.warmup_steps=10 optim.decay_fraction=0.4"
+)
+ncpu=$(nproc)
+pids=()
+for i in "${!VARIANTS[@]}"; do
+  first=$(( (2 * i) % ncpu ))
+  # shellcheck disable=SC2086
+  ( OMNIMOE_CACHE="$out/cache$i" OMNIMOE_RUN_DIR="$out/run$i" OMP_NUM_THREADS=2 \
+      taskset -c "$first,$((first + 1))" bash -c "/usr/bin/time -f %e -o $out/wall$i omnimoe-train \
+      trainer.device=cpu trainer.progress=false logging=disabled ${VARIANTS[$i]}" \
+      > "$out/log$i" 2>&1 ) &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || true; done
+printf '| overrides | wall s | val_loss step 0 | final | drop |\n|---|---|---|---|---|\n'
+for i in "${!VARIANTS[@]}"; do
+  python3 - "$out/run$i/summary.json" "$(cat "$out/wall$i" 2>/dev/null || echo nan)" "${VARIANTS[$i]:-(defaults)}" <<'PY'
+import json, sys
+path, wall, name = sys.argv[1:4]
+try:
+    s = json.load(open(path))
+    a, b = s["initial_val_loss"], s["final_val_loss"]
+    print(f"| {name} | {wall} | {a:.3f} | {b:.3f} | {100 * (1 - b / a):.1f}% |")
+except (OSError, KeyError) as exc:
+    print(f"| {name} | {wall} | failed: {exc!r} | | |")
+PY
+done

@@ -1,0 +1,66 @@
+"""Bad parallel layouts stop in the single validation step: one line, exit 2, no process group."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from omnimoe_train.validation import ConfigError, validate
+from tests.train.conftest import compose_config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "key", "fragment"),
+    [
+        (["parallel=tp2"], 3, "world_size", "divisible by tp*pp"),
+        (["parallel=tp2", "model.num_attention_heads=2", "model.num_query_groups=1"], 2, "parallel.tp", "num_query_groups=1"),
+        (["parallel.tp=3"], 3, "parallel.tp", "num_attention_heads=4"),
+        (["parallel.pp=3"], 3, "parallel.pp", "num_layers=4"),
+        (["parallel.pp=8"], 8, "parallel.pp", "num_layers=4"),  # PP > layers
+        (["parallel.ep=3", "parallel.expert_table_sharding=rows"], 3, "parallel.ep", "n = sqrt"),
+        (["model.num_experts=4", "model.top_k=2", "parallel.ep=4"], 4, "parallel.ep", "<= n"),
+        (["parallel=tp2_ep2", "parallel.sequence_parallel=false"], 4, "parallel.sequence_parallel", "needs sequence_parallel"),
+        (["parallel=pp2_vpp2", "data.global_batch_size=8"], 2, "data.global_batch_size", "multiple of parallel.pp=2"),
+        (["parallel=dp2_distopt", "data.micro_batch_size=4"], 2, "parallel.distributed_optimizer", "sharded-checkpoint"),
+    ],
+)
+def test_bad_layout_is_one_config_error(overrides: list[str], world_size: int, key: str, fragment: str) -> None:
+    cfg = compose_config(*overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=world_size)
+    message = str(info.value)
+    assert info.value.key == key and fragment in message, message
+    assert "\n" not in message
+
+
+def test_init_runtime_validates_before_any_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    from omnimoe_train.distributed import init_runtime
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="world_size"):
+        init_runtime(compose_config("parallel=tp2", "trainer.device=cpu"))
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "key"),
+    [(["parallel=ep2_rows"], 3, "parallel.ep"), (["parallel=mixed4", "model.num_layers=3"], 4, "parallel.pp")],
+)
+def test_cli_exits_2_with_one_line(tmp_path: Path, overrides: list[str], world_size: int, key: str) -> None:
+    env = {**os.environ, "WORLD_SIZE": str(world_size), "OMNIMOE_CACHE": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "omnimoe_train.cli", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"omnimoe-train: error: {key}: invalid parallel layout"), result.stderr
+    assert not any(tmp_path.iterdir())  # stopped before data, model or process-group work
