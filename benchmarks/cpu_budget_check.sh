@@ -2,7 +2,8 @@
 # How the CPU main job's defaults were chosen: run variants of the default command side by side,
 # each pinned to 2 cores with 2 threads (the target machine), and print wall time and the drop of
 # held-out loss from step 0. Usage: bash benchmarks/cpu_budget_check.sh [OUTDIR]
-# Each line of VARIANTS is one run's extra overrides ("" = the defaults as shipped).
+# Each entry of VARIANTS is one run's extra overrides ("" = the defaults as shipped);
+# VARIANTS_FILE=path (one variant per line) replaces the list.
 set -euo pipefail
 out=${1:-${OUT:-cpu-budget}}
 mkdir -p "$out"
@@ -16,6 +17,9 @@ VARIANTS=(
   "model.top_k=8 data.seq_len=128 data.micro_batch_size=16 data.global_batch_size=16"
   "optim.lr=4e-3 optim.warmup_steps=10 optim.decay_fraction=0.4"
 )
+if [ -n "${VARIANTS_FILE:-}" ]; then
+  mapfile -t VARIANTS < "$VARIANTS_FILE"
+fi
 ncpu=$(nproc)
 pids=()
 for i in "${!VARIANTS[@]}"; do

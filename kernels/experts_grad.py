@@ -37,8 +37,13 @@ import triton.language as tl
 # Sorted pairs per block (a program's share of the runs); small blocks give more programs for
 # small P, large ones bound the number of programs (and re-reads of the pair metadata).
 BLOCK_PAIRS = 0  # 0 = chosen from P in ``expert_grads``; tests set a small value
-CHUNK_PAIRS = 32  # pairs reduced per one-hot product (the tensor-core tile's K and M)
-GRAD_BD = 64  # columns per program
+# Tile: pairs reduced per one-hot product (the tensor-core tile's K and M), columns per program,
+# warps. Picked by ``bench_kernels.py --sweep-grad`` on the H100 (2026-11-23): of (BP, BD, warps)
+# = (32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 64, 4), the third was fastest on
+# all three configs swept (3.9 / 3.7 / 6.7 ms against 5.7 / 5.3 / 10.1 ms for the first); the
+# 64-pair tiles were slowest (9.3 to 17.1 ms).
+CHUNK_PAIRS = 32
+GRAD_BD = 128
 GRAD_WARPS = 4
 
 

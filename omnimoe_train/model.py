@@ -11,7 +11,6 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -20,6 +19,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
 
 from omnimoe_train.attention import SDPAttention
 from omnimoe_train.config import ModelConfig, RootConfig
@@ -117,7 +117,9 @@ def build_model(
 ) -> GPTModel:
     # A block spec (not a layer spec) so the final norm is ours too; this stage's layers only.
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
-    block = TransformerBlockSubmodules(layer_specs=[layer_spec(cfg)] * num_layers, layer_norm=RMSNorm)
+    block = TransformerBlockSubmodules(
+        layer_specs=[layer_spec(cfg)] * num_layers, layer_norm=RMSNorm
+    )
     return GPTModel(
         config=tconfig,
         transformer_layer_spec=block,

@@ -16,8 +16,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -30,6 +33,7 @@ from omnimoe_train.distributed import Runtime
 from omnimoe_train.expert_stats import ExpertStats, summarize
 from omnimoe_train.metrics import MetricsSink
 from omnimoe_train.model import build_model, padded_vocab_size, transformer_config
+from omnimoe_train.parallel.expert_parallel import dispatch_metrics
 from omnimoe_train.parallel.setup import apply_parallelism, dispatch_layers, resolve_table_sharding
 
 WSD_STYLES = {"linear": "linear", "cosine": "cosine", "sqrt": "minus_sqrt"}
@@ -122,7 +126,9 @@ class StepEngine:
         # Megatron's schedule calls these hooks: grad sync, loss scaling, no-sync for accumulation.
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.tconfig.grad_scale_func = optimizer.scale_loss
-        self.tconfig.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
+        self.tconfig.no_sync_func = (
+            chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
+        )
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dispatches = [ep for c in chunks for ep in dispatch_layers(c)]
         self.forward_backward = get_forward_backward_func()
@@ -136,8 +142,12 @@ class StepEngine:
                 self.cfg,
                 self.tconfig,
                 vocab_size=self.vocab_size,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=False, vp_stage=vp_stage
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=False, vp_stage=vp_stage
+                ),
                 vp_stage=vp_stage if self.cfg.parallel.vpp else None,
             )
             apply_parallelism(model, self.cfg, self.table_sharding)  # before DDP reads the attrs
@@ -148,7 +158,9 @@ class StepEngine:
                 use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
             )
             chunks.append(
-                DistributedDataParallel(self.tconfig, ddp_config, model, disable_bucketing=vp_stage > 0)
+                DistributedDataParallel(
+                    self.tconfig, ddp_config, model, disable_bucketing=vp_stage > 0
+                )
             )
         return chunks
 
@@ -169,7 +181,9 @@ class StepEngine:
         )
 
     # -- steps --------------------------------------------------------------------------------
-    def run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool) -> torch.Tensor:  # noqa: ANN001
+    def run_schedule(
+        self, data_iterator, num_microbatches: int, forward_only: bool
+    ) -> torch.Tensor:  # noqa: ANN001
         """Forward (+ backward and grad sync) of ``num_microbatches``; returns (loss sum, tokens)."""
         d = self.cfg.data
         if len(self.model) > 1:
@@ -217,25 +231,7 @@ class StepEngine:
         """Expert-dispatch traffic per layer per step, averaged over ranks and layers (ep > 1)."""
         if self.cfg.parallel.ep == 1:
             return {}
-        totals = torch.zeros(5, dtype=torch.float64)
-        for ep in self.dispatches:
-            c = ep.counters
-            totals += torch.tensor(
-                [c.forward_bytes, c.backward_bytes, c.dest_rank_tokens, c.tokens, 1.0],
-                dtype=torch.float64,
-            )
-            c.reset()
-        if dist.is_initialized():  # every stage's layers; gloo and NCCL both reduce CPU-sized data
-            totals = totals.to(self.rt.device)
-            dist.all_reduce(totals)
-            totals = totals.cpu()
-        fwd, bwd, dest_tokens, tokens, layer_ranks = totals.tolist()
-        per = max(layer_ranks, 1.0) * max(steps, 1)
-        return {
-            "dispatch_fwd_bytes_per_layer": fwd / per,
-            "dispatch_bwd_bytes_per_layer": bwd / per,
-            "dispatch_dest_ranks": dest_tokens / max(tokens, 1.0),
-        }
+        return dispatch_metrics(self.dispatches, steps, self.rt.device)
 
 
 class Trainer:
@@ -289,6 +285,12 @@ class Trainer:
             infinite=False,
         )
         batches = list(itertools.islice(iter(loader), self.cfg.trainer.eval_iters))
+        if dist.is_initialized():
+            # Expert dispatch and pipeline stages are collectives: every rank must run the same
+            # number of micro-batches even if its share of the validation split is shorter.
+            count = torch.tensor([len(batches)], device=self.rt.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            batches = batches[: int(count.item())]
         total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
         if batches:
             total = self.engine.run_schedule(iter(batches), len(batches), forward_only=True)
@@ -371,5 +373,10 @@ class Trainer:
         p = self.cfg.parallel
         meta = {"world_size": self.rt.world_size, "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep}
         ckpt.save_checkpoint(
-            root, self.state.step, self.state.state_dict(), meta, rank=self.rt.rank, keep=self.cfg.checkpoint.keep
+            root,
+            self.state.step,
+            self.state.state_dict(),
+            meta,
+            rank=self.rt.rank,
+            keep=self.cfg.checkpoint.keep,
         )

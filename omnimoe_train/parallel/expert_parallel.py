@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from omnimoe_train.parallel.collectives import ShardingStats
@@ -80,3 +81,31 @@ class ExpertParallel:
         if record:  # evaluation traffic stays out of the per-step training numbers
             self.counters.add(stats)
         return y_TD
+
+
+def dispatch_metrics(
+    dispatches: list[ExpertParallel], steps: int, device: torch.device
+) -> dict[str, float]:
+    """Dispatch traffic per layer per optimizer step, averaged over ranks and layers; resets.
+
+    Collective over the whole world (every pipeline stage's layers count): call on every rank.
+    """
+    totals = torch.zeros(5, dtype=torch.float64)
+    for ep in dispatches:
+        c = ep.counters
+        totals += torch.tensor(
+            [c.forward_bytes, c.backward_bytes, c.dest_rank_tokens, c.tokens, 1.0],
+            dtype=torch.float64,
+        )
+        c.reset()
+    if dist.is_initialized():
+        totals = totals.to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    fwd, bwd, dest_tokens, tokens, layer_ranks = totals.tolist()
+    per = max(layer_ranks, 1.0) * max(steps, 1)
+    return {
+        "dispatch_fwd_bytes_per_layer": fwd / per,
+        "dispatch_bwd_bytes_per_layer": bwd / per,
+        "dispatch_dest_ranks": dest_tokens / max(tokens, 1.0),
+    }

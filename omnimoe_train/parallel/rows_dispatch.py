@@ -22,11 +22,11 @@ dU/dV land on the owning shard (the kernel's own backward), never leaving the ow
 
 from __future__ import annotations
 
-import omnimoe_kernels
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+import omnimoe_kernels
 from omnimoe_train.parallel.collectives import (
     ShardingStats,
     all_to_all,

@@ -13,6 +13,7 @@ stages also check that their own seeded initialisation already equals the refere
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,9 @@ def layout_config(layout: str, *extra: str) -> Any:
 
 def global_batch(step: int, cfg: Any) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, VOCAB, (cfg.data.global_batch_size, cfg.data.seq_len + 1), generator=gen)
+    return torch.randint(
+        0, VOCAB, (cfg.data.global_batch_size, cfg.data.seq_len + 1), generator=gen
+    )
 
 
 def rank_microbatches(step: int, cfg: Any, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
@@ -65,7 +68,9 @@ def rank_microbatches(step: int, cfg: Any, dp_rank: int, dp_size: int) -> list[t
 
 
 def _local_params(engine: StepEngine) -> list[tuple[str, torch.nn.Parameter, torch.nn.Module]]:
-    return [(n, p, chunk.module) for chunk in engine.model for n, p in chunk.module.named_parameters()]
+    return [
+        (n, p, chunk.module) for chunk in engine.model for n, p in chunk.module.named_parameters()
+    ]
 
 
 def _full_name(name: str, model: torch.nn.Module, tied: bool) -> str:
@@ -80,12 +85,18 @@ def _full_name(name: str, model: torch.nn.Module, tied: bool) -> str:
 def _local_slice(full: torch.Tensor, param: torch.Tensor, table_sharding: str) -> torch.Tensor:
     """The part of a full (single-process) tensor this rank's parameter holds."""
     if getattr(param, "tensor_model_parallel", False):
-        tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        tp, rank = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank(),
+        )
         dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
         chunks = full.split(full.shape[dim] // (tp * stride), dim)  # megatron's CPU-init split
         return torch.cat(chunks[rank::tp], dim)
     if not getattr(param, "allreduce", True):  # an expert-table shard
-        ep, rank = parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_model_parallel_rank()
+        ep, rank = (
+            parallel_state.get_expert_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_rank(),
+        )
         if table_sharding == "rows":
             return full.chunk(ep, 0)[rank]
         return full.chunk(ep, 1)[rank]
@@ -104,16 +115,22 @@ def _gather_distributed_grads(engine: StepEngine) -> None:
                 for bucket in buffer.buckets:
                     shards = list(bucket.grad_data.chunk(size))
                     mine = shards[rank].clone()
-                    dist.all_gather(shards_out := [torch.empty_like(mine) for _ in shards], mine, group=group)
+                    dist.all_gather(
+                        shards_out := [torch.empty_like(mine) for _ in shards], mine, group=group
+                    )
                     for dst, src in zip(shards, shards_out, strict=True):
                         dst.copy_(src)
 
 
 def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     scale = expected.abs().max().clamp_min(1e-12)
     error = ((actual.double() - expected.double()).abs().max() / scale).item()
-    assert error <= rtol, f"{name}: error {error:.3g} x largest entry > {rtol} (rank {dist.get_rank()})"
+    assert error <= rtol, (
+        f"{name}: error {error:.3g} x largest entry > {rtol} (rank {dist.get_rank()})"
+    )
 
 
 def _train(engine: StepEngine, cfg: Any, steps: int, after_first: Any = None) -> list[float]:
@@ -150,6 +167,16 @@ def make_reference(path: Path) -> None:
     parallel_state.destroy_model_parallel()
 
 
+def _check_grads(layout: str, cfg: Any, engine: StepEngine, params: list, ref_grads: dict) -> None:
+    """Every local shard's reduced grad equals its slice of the single-process grad."""
+    if cfg.parallel.distributed_optimizer:
+        _gather_distributed_grads(engine)
+    for name, param, model in params:
+        full = _full_name(name, model, cfg.model.tie_embeddings)
+        expected = _local_slice(ref_grads[full], param, engine.table_sharding)
+        _close(f"{layout} grad {name}", param.main_grad, expected, RTOL_STEP)
+
+
 def check_layouts(ref_path: Path, layouts: list[str]) -> None:
     """On every rank of the spawned world: each layout in turn equals the reference."""
     ref = torch.load(ref_path, weights_only=False)
@@ -167,21 +194,61 @@ def check_layouts(ref_path: Path, layouts: list[str]) -> None:
             with torch.no_grad():
                 param.copy_(expected)
 
-        def check_grads() -> None:
-            if cfg.parallel.distributed_optimizer:
-                _gather_distributed_grads(engine)
-            for name, param, model in params:
-                full = _full_name(name, model, tied)
-                expected = _local_slice(ref["grads"][full], param, engine.table_sharding)
-                _close(f"{layout} grad {name}", param.main_grad, expected, RTOL_STEP)
-
-        losses = _train(engine, cfg, STEPS, check_grads)
-        _close(f"{layout} step-1 loss", torch.tensor(losses[:1]), torch.tensor(ref["losses"][:1]), RTOL_STEP)
-        _close(f"{layout} grad norm", torch.tensor(engine.first_grad_norm), torch.tensor(ref["grad_norm"]), RTOL_STEP)
+        check = partial(_check_grads, layout, cfg, engine, params, ref["grads"])
+        losses = _train(engine, cfg, STEPS, check)
+        _close(
+            f"{layout} step-1 loss",
+            torch.tensor(losses[:1]),
+            torch.tensor(ref["losses"][:1]),
+            RTOL_STEP,
+        )
+        _close(
+            f"{layout} grad norm",
+            torch.tensor(engine.first_grad_norm),
+            torch.tensor(ref["grad_norm"]),
+            RTOL_STEP,
+        )
         for step, (got, want) in enumerate(zip(losses, ref["losses"], strict=True)):
-            _close(f"{layout} loss at step {step + 1}", torch.tensor(got), torch.tensor(want), RTOL_CURVE)
+            _close(
+                f"{layout} loss at step {step + 1}",
+                torch.tensor(got),
+                torch.tensor(want),
+                RTOL_CURVE,
+            )
         if cfg.parallel.ep > 1:
             metrics = engine.dispatch_metrics(STEPS)
-            assert metrics["dispatch_fwd_bytes_per_layer"] > 0 and metrics["dispatch_bwd_bytes_per_layer"] > 0
+            assert (
+                metrics["dispatch_fwd_bytes_per_layer"] > 0
+                and metrics["dispatch_bwd_bytes_per_layer"] > 0
+            )
             assert 1.0 <= metrics["dispatch_dest_ranks"] <= cfg.parallel.ep
         parallel_state.destroy_model_parallel()
+
+
+def fit_and_log(data_dir: Path, run_dir: Path) -> None:
+    """The real ``Trainer.fit`` on ep2_rows: metrics.jsonl gets the dispatch bytes per layer."""
+    from omnimoe_train.metrics import MetricsSink
+    from omnimoe_train.trainer import Trainer
+
+    cfg = layout_config(
+        "ep2_rows",
+        f"data.dir={data_dir}",
+        "model.vocab_size=2048",  # the synthetic dataset's token ids grow with the sample index
+        "trainer.max_steps=4",
+        "trainer.log_interval=2",
+        "trainer.eval_interval=4",
+        "trainer.eval_iters=1",
+        "trainer.progress=false",
+        "logging.wandb.mode=disabled",
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rt = init_runtime(cfg)
+    trainer = Trainer(cfg, rt, run_dir)
+    sink = MetricsSink(
+        run_dir, cfg.logging.wandb, {}, enabled=rt.is_main, max_steps=4, progress=False
+    )
+    try:
+        trainer.fit(sink)
+    finally:
+        sink.close()
+    parallel_state.destroy_model_parallel()

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import omnimoe_kernels
 import torch
 import torch.distributed as dist
 
+import omnimoe_kernels
 from omnimoe_train.parallel.cost_model import dim_bytes, rows_bytes
 from omnimoe_train.parallel.dim_sharding import sharded_atomic_experts_dim
 from omnimoe_train.parallel.rows_dispatch import sharded_atomic_experts_rows

@@ -18,18 +18,40 @@ from tests.train.conftest import compose_config
     ("overrides", "world_size", "key", "fragment"),
     [
         (["parallel=tp2"], 3, "world_size", "divisible by tp*pp"),
-        (["parallel=tp2", "model.num_attention_heads=2", "model.num_query_groups=1"], 2, "parallel.tp", "num_query_groups=1"),
+        (
+            ["parallel=tp2", "model.num_attention_heads=2", "model.num_query_groups=1"],
+            2,
+            "parallel.tp",
+            "num_query_groups=1",
+        ),
         (["parallel.tp=3"], 3, "parallel.tp", "num_attention_heads=4"),
         (["parallel.pp=3"], 3, "parallel.pp", "num_layers=4"),
         (["parallel.pp=8"], 8, "parallel.pp", "num_layers=4"),  # PP > layers
         (["parallel.ep=3", "parallel.expert_table_sharding=rows"], 3, "parallel.ep", "n = sqrt"),
         (["model.num_experts=4", "model.top_k=2", "parallel.ep=4"], 4, "parallel.ep", "<= n"),
-        (["parallel=tp2_ep2", "parallel.sequence_parallel=false"], 4, "parallel.sequence_parallel", "needs sequence_parallel"),
-        (["parallel=pp2_vpp2", "data.global_batch_size=8"], 2, "data.global_batch_size", "multiple of parallel.pp=2"),
-        (["parallel=dp2_distopt", "data.micro_batch_size=4"], 2, "parallel.distributed_optimizer", "sharded-checkpoint"),
+        (
+            ["parallel=tp2_ep2", "parallel.sequence_parallel=false"],
+            4,
+            "parallel.sequence_parallel",
+            "needs sequence_parallel",
+        ),
+        (
+            ["parallel=pp2_vpp2", "data.global_batch_size=8"],
+            2,
+            "data.global_batch_size",
+            "multiple of parallel.pp=2",
+        ),
+        (
+            ["parallel=dp2_distopt", "data.micro_batch_size=4"],
+            2,
+            "parallel.distributed_optimizer",
+            "sharded-checkpoint",
+        ),
     ],
 )
-def test_bad_layout_is_one_config_error(overrides: list[str], world_size: int, key: str, fragment: str) -> None:
+def test_bad_layout_is_one_config_error(
+    overrides: list[str], world_size: int, key: str, fragment: str
+) -> None:
     cfg = compose_config(*overrides)
     with pytest.raises(ConfigError) as info:
         validate(cfg, world_size=world_size)
@@ -49,9 +71,14 @@ def test_init_runtime_validates_before_any_process_group(monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize(
     ("overrides", "world_size", "key"),
-    [(["parallel=ep2_rows"], 3, "parallel.ep"), (["parallel=mixed4", "model.num_layers=3"], 4, "parallel.pp")],
+    [
+        (["parallel=ep2_rows"], 3, "parallel.ep"),
+        (["parallel=mixed4", "model.num_layers=3"], 4, "parallel.pp"),
+    ],
 )
-def test_cli_exits_2_with_one_line(tmp_path: Path, overrides: list[str], world_size: int, key: str) -> None:
+def test_cli_exits_2_with_one_line(
+    tmp_path: Path, overrides: list[str], world_size: int, key: str
+) -> None:
     env = {**os.environ, "WORLD_SIZE": str(world_size), "OMNIMOE_CACHE": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "omnimoe_train.cli", *overrides],
@@ -62,5 +89,7 @@ def test_cli_exits_2_with_one_line(tmp_path: Path, overrides: list[str], world_s
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"omnimoe-train: error: {key}: invalid parallel layout"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        f"omnimoe-train: error: {key}: invalid parallel layout"
+    ), result.stderr
     assert not any(tmp_path.iterdir())  # stopped before data, model or process-group work

@@ -9,6 +9,7 @@ normalises a micro-batch the single process also normalises as one batch.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,25 @@ def test_two_rank_layouts_match_single_process(reference: Path) -> None:
 
 def test_four_rank_layouts_match_single_process(reference: Path) -> None:
     run_distributed(check_layouts, 4, reference, WORLD_4, timeout_s=300)
+
+
+def test_metrics_record_dispatch_bytes_per_layer(tmp_path: Path) -> None:
+    from tests.data.helpers import make_token_dataset
+
+    from .layout_checks import fit_and_log
+
+    data_dir = make_token_dataset(tmp_path / "data", [64, 64], sample_len=17)
+    # A complete dataset names its tokenizer; the model's vocab_size is set, so it is never read.
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    (data_dir / "tokenizer.json").write_text("{}")
+    (data_dir / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "tokenizer.json"}))
+    run_distributed(fit_and_log, 2, data_dir, tmp_path / "run", timeout_s=300)
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    for record in train:
+        assert record["dispatch_fwd_bytes_per_layer"] > 0
+        assert record["dispatch_bwd_bytes_per_layer"] > 0
+        assert 1.0 <= record["dispatch_dest_ranks"] <= 2.0
