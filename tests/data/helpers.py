@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+
 from omnimoe_data.shards import MANIFEST_NAME, ShardWriter, read_shard
 
 # Non-ASCII words check that byte-level BPE round-trips any UTF-8.

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from omnimoe_data.cli import main
 
 from .helpers import make_docs, write_txt_folder

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from omnimoe_data.corpus import DataError
 from omnimoe_data.prepare import is_prepared, prepare
 

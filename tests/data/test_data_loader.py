@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from omnimoe_data.corpus import DataError
 from omnimoe_data.loader import TokenShardLoader, _Plan
 from omnimoe_data.prepare import prepare

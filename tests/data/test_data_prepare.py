@@ -9,11 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tokenizers import Tokenizer
+
 from omnimoe_data import prepare as prepare_mod
 from omnimoe_data.corpus import DataError
 from omnimoe_data.prepare import default_corpus_files, is_prepared, prepare
 from omnimoe_data.shards import ShardWriter, read_shard, sha256_file, token_dtype
-from tokenizers import Tokenizer
 
 from .helpers import TINY, make_docs, sorted_txt_docs, split_samples, write_txt_folder
 
