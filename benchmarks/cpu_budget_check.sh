@@ -20,13 +20,15 @@ VARIANTS=(
 if [ -n "${VARIANTS_FILE:-}" ]; then
   mapfile -t VARIANTS < "$VARIANTS_FILE"
 fi
-ncpu=$(nproc)
+# Pair up the CPUs this script may use (it may itself run under taskset).
+read -r -a cpus <<< "$(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
 pids=()
 for i in "${!VARIANTS[@]}"; do
-  first=$(( (2 * i) % ncpu ))
+  a=${cpus[$(( (2 * i) % ${#cpus[@]} ))]}
+  b=${cpus[$(( (2 * i + 1) % ${#cpus[@]} ))]}
   # shellcheck disable=SC2086
   ( OMNIMOE_CACHE="$out/cache$i" OMNIMOE_RUN_DIR="$out/run$i" OMP_NUM_THREADS=2 \
-      taskset -c "$first,$((first + 1))" bash -c "/usr/bin/time -f %e -o $out/wall$i omnimoe-train \
+      taskset -c "$a,$b" bash -c "/usr/bin/time -f %e -o $out/wall$i omnimoe-train \
       trainer.device=cpu trainer.progress=false logging=disabled ${VARIANTS[$i]}" \
       > "$out/log$i" 2>&1 ) &
   pids+=($!)
