@@ -9,7 +9,7 @@ mkdir -p "$out"
 export OMNIMOE_CACHE=${OMNIMOE_CACHE:-/tmp/omnimoe-cache} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 
-OMNIMOE_RUN_DIR=/tmp/runs/main omnimoe-train trainer.progress=false 2>&1 | tee "$out/main.log" | grep -E "parameters|val_loss|step 300"
+OMNIMOE_RUN_DIR=/tmp/runs/main omnimoe-train trainer.progress=false 2>&1 | tee "$out/main.log" | grep -E "parameters|val_loss"
 cp /tmp/runs/main/metrics.jsonl "$out/main_metrics.jsonl"
 cp /tmp/runs/main/summary.json "$out/main_summary.json"
 

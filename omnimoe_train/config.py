@@ -30,7 +30,7 @@ class ModelConfig:
     init_std: float = 0.02
     # OmniMoE layer
     num_experts: int = 1024  # N = n^2 atomic experts
-    top_k: int = 16  # K experts per token
+    top_k: int = 8  # K experts per token
     shared_expert: bool = True  # False = ablation without the shared SwiGLU branch
     router_norm: str = "batchnorm"  # batchnorm | none (BatchNorm1d without affine, per gate)
     router_weights: str = "softmax"  # softmax over the K scores (paper Eq. 2) | exp (ref. code)
@@ -60,9 +60,9 @@ class DataConfig:
     val_fraction: float = 0.02
     text_field: str = "text"
     samples_per_shard: int = 1024
-    seq_len: int = 256
-    micro_batch_size: int = 8
-    global_batch_size: int = 8
+    seq_len: int = 128
+    micro_batch_size: int = 16
+    global_batch_size: int = 16
     num_workers: int = 0
     seed: int = 0
 
@@ -70,7 +70,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -84,7 +84,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
+    max_steps: int = 350
     log_interval: int = 10
     eval_interval: int = 100
     eval_iters: int = 10
