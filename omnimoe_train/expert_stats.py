@@ -49,8 +49,13 @@ class ExpertStats(nn.Module):
         self.tokens.zero_()
 
 
-def summarize(counts_LN: torch.Tensor, entropy_sum_L: torch.Tensor, tokens_L: torch.Tensor) -> dict:
-    """Window metrics from stacked per-layer accumulators (already reduced across ranks)."""
+METRIC_NAMES = ("expert_usage", "unevenness", "router_entropy")
+
+
+def layer_metrics(
+    counts_LN: torch.Tensor, entropy_sum_L: torch.Tensor, tokens_L: torch.Tensor
+) -> torch.Tensor:
+    """Per-layer window metrics [L, 3] (columns: METRIC_NAMES) from the reduced accumulators."""
     num_experts = counts_LN.shape[-1]
     total_L = counts_LN.sum(-1).clamp_min(1.0)
     p_LN = counts_LN / total_L[:, None]
@@ -58,8 +63,10 @@ def summarize(counts_LN: torch.Tensor, entropy_sum_L: torch.Tensor, tokens_L: to
     plogp = torch.where(p_LN > 0, p_LN * p_LN.clamp_min(1e-300).log(), torch.zeros_like(p_LN))
     uneven_L = math.log(num_experts) + plogp.sum(-1)
     entropy_L = entropy_sum_L / tokens_L.clamp_min(1.0)
-    return {
-        "expert_usage": usage_L.mean().item(),
-        "unevenness": uneven_L.mean().item(),
-        "router_entropy": entropy_L.mean().item(),
-    }
+    return torch.stack([usage_L, uneven_L, entropy_L], dim=-1)
+
+
+def summarize(counts_LN: torch.Tensor, entropy_sum_L: torch.Tensor, tokens_L: torch.Tensor) -> dict:
+    """Window metrics averaged over the given layers."""
+    means = layer_metrics(counts_LN, entropy_sum_L, tokens_L).mean(0)
+    return {name: means[i].item() for i, name in enumerate(METRIC_NAMES)}

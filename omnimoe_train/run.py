@@ -59,7 +59,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         )
         if runtime.is_main:
             sink.console.log(
-                f"{cfg.model.name} ({cfg.model.mlp}): {trainer.num_parameters() / 1e6:.2f}M parameters "
+                f"{cfg.model.name} ({cfg.model.mlp}): {trainer.num_parameters() / 1e6:.2f}M parameters on this rank "
                 f"on {runtime.device} ({derived['precision']}), world {runtime.world_size}, run dir {run_dir}"
             )
         try:

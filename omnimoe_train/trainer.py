@@ -30,7 +30,7 @@ from omnimoe_train import checkpoint as ckpt
 from omnimoe_train.config import RootConfig
 from omnimoe_train.data import ensure_dataset, tokenizer_vocab_size
 from omnimoe_train.distributed import Runtime
-from omnimoe_train.expert_stats import ExpertStats, summarize
+from omnimoe_train.expert_stats import METRIC_NAMES, ExpertStats, layer_metrics, summarize
 from omnimoe_train.metrics import MetricsSink
 from omnimoe_train.model import build_model, padded_vocab_size, transformer_config
 from omnimoe_train.parallel.expert_parallel import dispatch_metrics
@@ -302,13 +302,24 @@ class Trainer:
         counts = torch.stack([s.counts_N for s in self.expert_stats])
         entropy = torch.stack([s.entropy_sum for s in self.expert_stats])
         tokens = torch.stack([s.tokens for s in self.expert_stats])
-        if dist.is_initialized():
-            for t in (counts, entropy, tokens):
-                dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-                dist.all_reduce(t, group=parallel_state.get_tensor_model_parallel_group())
         for s in self.expert_stats:
             s.reset()
-        return summarize(counts, entropy, tokens)
+        if not dist.is_initialized():
+            return summarize(counts, entropy, tokens)
+        # Data-parallel ranks route different tokens; so do TP ranks under sequence parallelism
+        # (without it they route the same tokens, which must not be counted twice).
+        groups = [parallel_state.get_data_parallel_group()]
+        if self.cfg.parallel.sequence_parallel:
+            groups.append(parallel_state.get_tensor_model_parallel_group())
+        for t in (counts, entropy, tokens):
+            for group in groups:
+                dist.all_reduce(t, group=group)
+        # Each pipeline stage holds different layers: average the per-layer metrics over all.
+        per_layer = layer_metrics(counts, entropy, tokens)
+        totals = torch.cat([per_layer.sum(0), per_layer.new_tensor([per_layer.shape[0]])])
+        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+        means = totals[:-1] / totals[-1]
+        return {name: means[i].item() for i, name in enumerate(METRIC_NAMES)}
 
     # -- loop ---------------------------------------------------------------------------------
     def fit(self, sink: MetricsSink) -> dict[str, Any]:
