@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
 from omnimoe_train.validation import ConfigError, validate
+from tests.cli_helpers import assert_usage_error, run_train_cli
 from tests.train.conftest import compose_config
 
 
@@ -36,7 +34,7 @@ from tests.train.conftest import compose_config
             "needs sequence_parallel",
         ),
         (
-            ["parallel=pp2_vpp2", "data.global_batch_size=8"],
+            ["parallel=pp2_vpp2", "data.micro_batch_size=8", "data.global_batch_size=8"],
             2,
             "data.global_batch_size",
             "multiple of parallel.pp=2",
@@ -79,17 +77,5 @@ def test_init_runtime_validates_before_any_process_group(monkeypatch: pytest.Mon
 def test_cli_exits_2_with_one_line(
     tmp_path: Path, overrides: list[str], world_size: int, key: str
 ) -> None:
-    env = {**os.environ, "WORLD_SIZE": str(world_size), "OMNIMOE_CACHE": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "omnimoe_train.cli", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(
-        f"omnimoe-train: error: {key}: invalid parallel layout"
-    ), result.stderr
-    assert not any(tmp_path.iterdir())  # stopped before data, model or process-group work
+    result = run_train_cli(overrides, cache=tmp_path, world_size=world_size, timeout=120)
+    assert_usage_error(result, f"omnimoe-train: error: {key}: invalid parallel layout", tmp_path)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli_helpers import assert_usage_error, run_train_cli
 
 SMALL = [
     "model.num_layers=2",
@@ -30,16 +29,8 @@ SMALL = [
 ]
 
 
-def omnimoe_train(args: list[str], cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMNIMOE_CACHE": str(cache), "WANDB_SILENT": "true"}
-    env.pop("WORLD_SIZE", None)
-    return subprocess.run(
-        [sys.executable, "-m", "omnimoe_train.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+def omnimoe_train(args: list[str], cache: Path, timeout: int = 300):  # noqa: ANN201
+    return run_train_cli(args, cache=cache, timeout=timeout)
 
 
 @pytest.mark.parametrize(
@@ -59,19 +50,8 @@ def omnimoe_train(args: list[str], cache: Path, timeout: int = 300) -> subproces
 def test_invalid_config_exits_2_with_one_line(
     tmp_path: Path, overrides: list[str], world_size: int, key: str
 ) -> None:
-    env = {**os.environ, "WORLD_SIZE": str(world_size), "OMNIMOE_CACHE": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "omnimoe_train.cli", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"omnimoe-train: error: {key}:"), result.stderr
-    assert "Traceback" not in result.stderr
-    assert not any(tmp_path.iterdir())  # failed before any data work
+    result = run_train_cli(overrides, cache=tmp_path, world_size=world_size, timeout=120)
+    assert_usage_error(result, f"omnimoe-train: error: {key}:", tmp_path)
 
 
 def test_sweep_is_validated_before_any_run(tmp_path: Path) -> None:
