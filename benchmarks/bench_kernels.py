@@ -266,6 +266,33 @@ def fmt(v, nd=3):
     return "OOM" if v is None else f"{v:.{nd}f}"
 
 
+def _parse_only(spec: str) -> dict | None:
+    """``--only`` -> {section: None (all configs) or a set of config tuples}; None = everything.
+    A config is written with '-' between its numbers (layer configs are just K)."""
+    if not spec:
+        return None
+    want: dict = {}
+    for item in spec.split(","):
+        name, _, cfg = item.strip().partition(":")
+        if name not in ("experts", "router", "layer"):
+            raise SystemExit(f"--only: unknown section {name!r}")
+        if not cfg:
+            want[name] = None
+        elif want.get(name, set()) is not None:
+            nums = tuple(int(v) for v in cfg.split("-"))
+            want.setdefault(name, set()).add(nums[0] if name == "layer" else nums)
+    return want
+
+
+def _pick(want: dict | None, name: str, configs: list) -> list:
+    """The configs of one section that ``--only`` keeps."""
+    if want is None:
+        return list(configs)
+    if name not in want:
+        return []
+    return list(configs) if want[name] is None else [c for c in configs if c in want[name]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="bench_kernels.json")
@@ -273,7 +300,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel breakdown, then exit")
     ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch gather baseline")
     ap.add_argument("--sweep-grad", action="store_true", help="pick the grad tile first")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated subset, e.g. 'router,layer:512,experts:16384-1024-65536-16'",
+    )
     args = ap.parse_args()
+    want = _parse_only(args.only)
     if args.profile:
         profile()
         return
@@ -295,15 +328,15 @@ def main() -> None:
     out["grad_tile"] = [experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS]
     print("grad tile used (chunk pairs, columns, warps):", out["grad_tile"], flush=True)
     configs = EXPERT_CONFIGS[:3] if args.quick else EXPERT_CONFIGS
-    for cfg in configs:
+    for cfg in _pick(want, "experts", configs):
         out["experts"].append(bench_experts(*cfg, bw, peer=not args.no_peer))
         print("experts", out["experts"][-1], flush=True)
         _dump(out, args.json)
-    for cfg in ROUTER_CONFIGS:
+    for cfg in _pick(want, "router", ROUTER_CONFIGS):
         out["router"].append(bench_router(*cfg))
         print("router", out["router"][-1], flush=True)
         _dump(out, args.json)
-    for k in LAYER_KS:
+    for k in _pick(want, "layer", LAYER_KS):
         out["layer"].append(bench_layer(k))
         print("layer", out["layer"][-1], flush=True)
     _dump(out, args.json)

@@ -88,14 +88,20 @@ def _select_top(v_ptr, n, a, idx_ptr, val_ptr, NP: tl.constexpr, IS64: tl.conste
 
 
 @triton.jit
-def _count_ge(r_A, ok_A, cs_ptr, a, tau, LOGA: tl.constexpr):
-    """Per candidate row, how many sorted columns j satisfy key(r_i + c_j) >= tau."""
-    pos_A = tl.zeros(r_A.shape, dtype=tl.int32)
-    for s in tl.static_range(LOGA + 1):
-        cand_A = pos_A + (1 << (LOGA - s))
-        m_A = ok_A & (cand_A <= a)
-        c_A = tl.load(cs_ptr + cand_A - 1, mask=m_A, other=0.0).to(tl.float64)
-        pos_A = tl.where(m_A & (_key(r_A + c_A) >= tau), cand_A, pos_A)
+def _count_ge(r_A, ok_A, c_A, cs_ptr, a, tau, LOGA: tl.constexpr, DENSE: tl.constexpr):
+    """Per candidate row, how many columns j satisfy key(r_i + c_j) >= tau. DENSE (A <= 64):
+    all a x a sums in registers, no memory latency; else a binary search per row over the
+    sorted columns in scratch, O(a log a)."""
+    if DENSE:
+        ok_AA = ok_A[:, None] & ok_A[None, :]
+        pos_A = tl.sum((ok_AA & (_key(r_A[:, None] + c_A[None, :]) >= tau)).to(tl.int32), axis=1)
+    else:
+        pos_A = tl.zeros(r_A.shape, dtype=tl.int32)
+        for s in tl.static_range(LOGA + 1):
+            cand_A = pos_A + (1 << (LOGA - s))
+            m_A = ok_A & (cand_A <= a)
+            cv_A = tl.load(cs_ptr + cand_A - 1, mask=m_A, other=0.0).to(tl.float64)
+            pos_A = tl.where(m_A & (_key(r_A + cv_A) >= tau), cand_A, pos_A)
     return pos_A
 
 
@@ -116,7 +122,9 @@ def _cartesian_topk_kernel(
     A: tl.constexpr,
     LOGA: tl.constexpr,
     RB: tl.constexpr,
+    CB: tl.constexpr,
     IS64: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     cand_idx_ptr += t * 2 * A
@@ -131,11 +139,13 @@ def _cartesian_topk_kernel(
     ok_A = offs_A < a
     r_A = tl.load(cand_val_ptr + offs_A, mask=ok_A, other=0.0).to(tl.float64)
     c_A = tl.load(cand_val_ptr + A + offs_A, mask=ok_A, other=0.0).to(tl.float64)
-    cj_A = tl.load(cand_idx_ptr + A + offs_A, mask=ok_A, other=0).to(tl.int64)
+    ri_A = tl.load(cand_idx_ptr + offs_A, mask=ok_A, other=0)
+    cj_A = tl.load(cand_idx_ptr + A + offs_A, mask=ok_A, other=0)
     neg_inf = float("-inf")
-    cs_A = tl.sort(tl.where(ok_A, c_A, neg_inf), dim=0, descending=True)
-    tl.store(csort_ptr + offs_A, cs_A.to(csort_ptr.dtype.element_ty))
-    tl.debug_barrier()
+    if not DENSE:
+        cs_A = tl.sort(tl.where(ok_A, c_A, neg_inf), dim=0, descending=True)
+        tl.store(csort_ptr + offs_A, cs_A.to(csort_ptr.dtype.element_ty))
+        tl.debug_barrier()
 
     # Invariant: count(>= lo) >= K > count(>= hi). The a x a corner holds a*a >= K pairs.
     lo = _key(tl.min(tl.where(ok_A, r_A, float("inf"))) + tl.min(tl.where(ok_A, c_A, 1e308)))
@@ -146,44 +156,68 @@ def _cartesian_topk_kernel(
     active = lo < hi - 1
     while active:
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor average, no overflow
-        cnt = tl.sum(_count_ge(r_A, ok_A, csort_ptr, a, mid, LOGA))
+        cnt = tl.sum(_count_ge(r_A, ok_A, c_A, csort_ptr, a, mid, LOGA, DENSE))
         big = cnt >= K
         lo = tl.where(big, mid, lo)
         hi = tl.where(big, hi, mid)
         active = (cnt != K) & (lo < hi - 1)
 
     # tau = lo. Rows are in ascending index order, so ties (sum == tau) go to whole rows first.
-    ge_A = _count_ge(r_A, ok_A, csort_ptr, a, lo, LOGA)
-    gt_A = _count_ge(r_A, ok_A, csort_ptr, a, lo + 1, LOGA)
+    ge_A = _count_ge(r_A, ok_A, c_A, csort_ptr, a, lo, LOGA, DENSE)
+    gt_A = _count_ge(r_A, ok_A, c_A, csort_ptr, a, lo + 1, LOGA, DENSE)
     eq_A = ge_A - gt_A
     need = K - tl.sum(gt_A)
     take_A = tl.minimum(tl.maximum(need - (tl.cumsum(eq_A, axis=0) - eq_A), 0), eq_A)
     cnt_A = gt_A + take_A
-    tl.store(meta_ptr + offs_A, tl.cumsum(cnt_A, axis=0) - cnt_A)
-    tl.store(meta_ptr + A + offs_A, take_A)
+    # Compact, in index order, the rows that keep a pair and the columns that can (r_max + c_j
+    # >= tau), over the candidates already read into registers; the emit walks only those.
+    live_A = (cnt_A > 0).to(tl.int32)
+    m_r = tl.sum(live_A)
+    slot_A = tl.cumsum(live_A, axis=0) - live_A
+    start_A = tl.cumsum(cnt_A, axis=0) - cnt_A
+    tl.store(meta_ptr + slot_A, start_A, mask=live_A > 0)
+    tl.store(meta_ptr + A + slot_A, take_A, mask=live_A > 0)
+    tl.store(cand_val_ptr + slot_A, r_A.to(cand_val_ptr.dtype.element_ty), mask=live_A > 0)
+    tl.store(cand_idx_ptr + slot_A, ri_A.to(tl.int32), mask=live_A > 0)
+    r_max = tl.max(tl.where(ok_A, r_A, neg_inf))
+    colv_A = (ok_A & (_key(r_max + c_A) >= lo)).to(tl.int32)
+    m_c = tl.sum(colv_A)
+    cslot_A = tl.cumsum(colv_A, axis=0) - colv_A
+    tl.store(cand_val_ptr + A + cslot_A, c_A.to(cand_val_ptr.dtype.element_ty), mask=colv_A > 0)
+    tl.store(cand_idx_ptr + A + cslot_A, cj_A.to(tl.int32), mask=colv_A > 0)
     tl.debug_barrier()
 
-    # Emit RB candidate rows at a time; a kept pair's slot is its row's start plus its rank
-    # among the row's kept columns (ascending column index), so ids come out ascending.
+    # Emit RB live rows x CB live columns at a time; a kept pair's slot is its row's start plus
+    # its rank among the row's kept columns (ascending column index, carried across column
+    # tiles), so ids come out ascending.
     ids_ptr += t * K
     scores_ptr += t * K
-    for r0 in range(0, a, RB):
+    for r0 in range(0, m_r, RB):
         offs_R = r0 + tl.arange(0, RB)
-        ok_R = offs_R < a
+        ok_R = offs_R < m_r
         r_R = tl.load(cand_val_ptr + offs_R, mask=ok_R, other=0.0).to(tl.float64)
         ri_R = tl.load(cand_idx_ptr + offs_R, mask=ok_R, other=0).to(tl.int64)
         start_R = tl.load(meta_ptr + offs_R, mask=ok_R, other=0)
         take_R = tl.load(meta_ptr + A + offs_R, mask=ok_R, other=0)
-        s_RA = r_R[:, None] + c_A[None, :]
-        key_RA = _key(s_RA)
-        ok_RA = ok_R[:, None] & ok_A[None, :]
-        eq_RA = (ok_RA & (key_RA == lo)).to(tl.int32)
-        tie_rank_RA = tl.cumsum(eq_RA, axis=1) - eq_RA
-        keep_RA = (ok_RA & (key_RA > lo)) | ((eq_RA > 0) & (tie_rank_RA < take_R[:, None]))
-        keep_i_RA = keep_RA.to(tl.int32)
-        slot_RA = start_R[:, None] + tl.cumsum(keep_i_RA, axis=1) - keep_i_RA
-        tl.store(ids_ptr + slot_RA, ri_R[:, None] * n + cj_A[None, :], mask=keep_RA)
-        tl.store(scores_ptr + slot_RA, s_RA.to(scores_ptr.dtype.element_ty), mask=keep_RA)
+        kept_R = tl.zeros([RB], dtype=tl.int32)
+        ties_R = tl.zeros([RB], dtype=tl.int32)
+        for c0 in range(0, m_c, CB):
+            offs_C = c0 + tl.arange(0, CB)
+            ok_C = offs_C < m_c
+            c_C = tl.load(cand_val_ptr + A + offs_C, mask=ok_C, other=0.0).to(tl.float64)
+            cj_C = tl.load(cand_idx_ptr + A + offs_C, mask=ok_C, other=0).to(tl.int64)
+            s_RC = r_R[:, None] + c_C[None, :]
+            key_RC = _key(s_RC)
+            ok_RC = ok_R[:, None] & ok_C[None, :]
+            eq_RC = (ok_RC & (key_RC == lo)).to(tl.int32)
+            tie_rank_RC = ties_R[:, None] + tl.cumsum(eq_RC, axis=1) - eq_RC
+            keep_RC = (ok_RC & (key_RC > lo)) | ((eq_RC > 0) & (tie_rank_RC < take_R[:, None]))
+            keep_i_RC = keep_RC.to(tl.int32)
+            slot_RC = start_R[:, None] + kept_R[:, None] + tl.cumsum(keep_i_RC, axis=1) - keep_i_RC
+            tl.store(ids_ptr + slot_RC, ri_R[:, None] * n + cj_C[None, :], mask=keep_RC)
+            tl.store(scores_ptr + slot_RC, s_RC.to(scores_ptr.dtype.element_ty), mask=keep_RC)
+            kept_R += tl.sum(keep_i_RC, axis=1)
+            ties_R += tl.sum(eq_RC, axis=1)
 
 
 def cartesian_topk_ids(rows_Tn: torch.Tensor, cols_Tn: torch.Tensor, k: int) -> tuple:
@@ -206,8 +240,8 @@ def cartesian_topk_ids(rows_Tn: torch.Tensor, cols_Tn: torch.Tensor, k: int) -> 
     meta = torch.empty(T, 2, A, dtype=torch.int32, device=dev)
     _cartesian_topk_kernel[(T,)](
         rows_Tn, cols_Tn, cand_idx, cand_val, csort, meta, ids_TK, scores_TK, n, a, k,
-        NP=NP, A=A, LOGA=A.bit_length() - 1, RB=max(1, min(A, 4096 // A)), IS64=is64,
-        num_warps=8 if max(NP, A * min(A, 4096 // A)) >= 4096 else 4,
+        NP=NP, A=A, LOGA=A.bit_length() - 1, RB=max(1, 2048 // min(A, 64)), CB=min(A, 64),
+        IS64=is64, DENSE=A <= 64, num_warps=8 if NP >= 4096 else 4,
     )  # fmt: skip
     # The cast happens here (round-to-nearest-even, as the reference) rather than in the kernel:
     # Triton's CPU interpreter truncates float32 -> bfloat16. Through float32, as the reference.

@@ -2,7 +2,7 @@
 
 Layout: ``<dir>/step_00000300/`` with ``rank_00000.pt`` per rank (model, optimizer, scheduler,
 data position, RNG states) and ``meta.json`` (step, world size, layout). Everything is written
-under ``step_XXXXXXXX.tmp`` and renamed after every rank has finished, so a folder with the final
+under ``step_<8 digits>.tmp`` and renamed after every rank has finished, so a folder with the final
 name is always complete; ``latest`` names the newest one. Resharding to another layout is the job
 of the sharded-checkpoint work; this format resumes the same layout exactly.
 """

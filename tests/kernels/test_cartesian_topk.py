@@ -43,6 +43,7 @@ CPU_CASES = [  # T, n, K, dtype
     (7, 9, 5, torch.float32),  # T not a power of two
     (2, 96, 130, torch.float32),  # N = 96^2, K > n
     (0, 8, 3, torch.float32),  # no tokens
+    (3, 37, 9, torch.float64),  # float64 keys: up to 64 selection rounds
 ]
 
 
@@ -56,6 +57,13 @@ def test_cartesian_topk_cpu(T: int, n: int, k: int, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("k", [1, 3, 7, 30, 64])
 def test_cartesian_topk_ties_cpu(k: int) -> None:
     _check(4, 8, k, torch.float32, "cpu", ties=True)
+
+
+@cpu_triton
+@pytest.mark.parametrize(("n", "k"), [(21, 10), (50, 200), (13, 1)])
+def test_cartesian_topk_selection_ties_cpu(n: int, k: int) -> None:
+    """Equal values straddle the top-min(k, n) boundary of a half: the lower indices are kept."""
+    _check(3, n, k, torch.float32, "cpu", ties=True)
 
 
 def test_cartesian_topk_rejects_bad_k() -> None:
@@ -72,6 +80,8 @@ def test_cartesian_topk_rejects_bad_k() -> None:
         (64, 320, 512, torch.bfloat16, False),
         (33, 96, 1000, torch.float32, True),
         (50, 16, 1, torch.float32, False),
+        (16, 1024, 4096, torch.float32, True),  # a = n = 1024 candidates, ties
+        (40, 2000, 100, torch.bfloat16, False),  # n not a power of two, 2048-lane selection
     ],
 )
 @gpu[0]
