@@ -96,6 +96,9 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from omnimoe_train.run import quiet_libraries
+
+    quiet_libraries()
     register_configs()
     precheck(sys.argv[1:])
     _hydra_main()

@@ -23,7 +23,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     from omnimoe_train.metrics import MetricsSink
     from omnimoe_train.trainer import Trainer
 
-    _quiet_libraries()
+    quiet_libraries()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     runtime = init_runtime(cfg)
@@ -59,8 +59,9 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         )
         if runtime.is_main:
             sink.console.log(
-                f"{cfg.model.name} ({cfg.model.mlp}): {trainer.num_parameters() / 1e6:.2f}M parameters on this rank "
-                f"on {runtime.device} ({derived['precision']}), world {runtime.world_size}, run dir {run_dir}"
+                f"{cfg.model.name} ({cfg.model.mlp}), {trainer.num_parameters() / 1e6:.2f}M parameters "
+                f"per rank; {runtime.device} {derived['precision']}, world {runtime.world_size}; "
+                f"run dir {run_dir}"
             )
         try:
             summary = trainer.fit(sink)
@@ -75,12 +76,19 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         shutdown_runtime()
 
 
-def _quiet_libraries() -> None:
-    # megatron-core logs every parameter and its full optimizer config at INFO, and warns about
-    # deprecations we cannot act on; keep the console for training progress.
+def quiet_libraries() -> None:
+    """Keep the console for training progress.
+
+    megatron-core logs every parameter and its optimizer config at INFO and warns at import about
+    optional packages (TransformerEngine, apex) and a deprecation we cannot act on; torch warns
+    that no CUDA toolkit is present on CPU machines. Called before anything imports them.
+    """
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="megatron")
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    for noisy in ("megatron.core.models.gpt.gpt_model", "torch.utils.cpp_extension"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+    warnings.filterwarnings("ignore", category=SyntaxWarning)
 
 
 def _report(sink: Any, summary: dict[str, Any]) -> None:
