@@ -12,12 +12,13 @@ Per token, one program
    reference. They are compacted in ascending index order (exclusive scan of the keep mask);
 2. sorts the a candidate column values (``tl.sort`` of A values, indices not needed) and bisects
    on the K-th largest pair sum ``tau`` over float64 keys, counting ``#{(i, j): r_i + c_j >=
-   tau}`` with one binary search per candidate row: O(a log a) per probe, stopping once a probe
-   counts exactly K;
+   tau}`` densely in registers when A <= 64, else with one binary search per candidate row
+   (O(a log a) per probe), stopping once a probe counts exactly K;
 3. emits the K ids already in ascending expert-id order: candidate rows are in ascending index
    order, so row i's ids precede row i+1's; within a row, the kept columns are written in
    ascending column order at ``start_i + rank``. Of the pairs equal to ``tau`` the lowest ids
    win: row-major order in (i, j), i.e. whole rows in row order and in a row the first columns.
+   Only rows that keep a pair and columns with r_max + c_j >= tau are walked.
 
 Sums are formed in float64, where the sum of two float32 values is exact, so "ties" are true
 ties and the lowest-id rule is well defined; scores are returned in the input dtype.
