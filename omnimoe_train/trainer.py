@@ -53,6 +53,7 @@ class TrainState:
         return {
             "model": [chunk.state_dict() for chunk in self.model],
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_shards": _distributed_optimizer_shards(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "data": self.train_loader.state_dict(),
             "step": self.step,
@@ -68,6 +69,15 @@ class TrainState:
         for chunk, chunk_state in zip(self.model, state["model"], strict=True):
             chunk.load_state_dict(chunk_state)
         self.optimizer.load_state_dict(state["optimizer"])
+        for opt, shard in zip(_chained(self.optimizer), state["optimizer_shards"], strict=True):
+            if shard is not None:
+                with torch.no_grad():  # copies into leaf main params
+                    opt.load_parameter_state_from_dp_reshardable(shard)
+                # Megatron's loader (torch-Adam path) hands every parameter one shared ``step``
+                # tensor, which Adam would then advance once per parameter per step.
+                for param_state in opt.optimizer.state.values():
+                    if isinstance(param_state.get("step"), torch.Tensor):
+                        param_state["step"] = param_state["step"].clone()
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["data"])
         self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
@@ -75,6 +85,33 @@ class TrainState:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
+
+
+def _chained(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _distributed_optimizer_shards(optimizer: Any) -> list[dict | None]:
+    """This rank's shard of each distributed optimizer's main params and Adam moments.
+
+    Megatron's ``state_dict()`` of a distributed optimizer leaves them out. Its bucket-space
+    form is kept per rank, which resumes the same layout exactly (resharding is the job of the
+    sharded-checkpoint format). Its loader expects a ``padding`` flag the getter does not set.
+    """
+    shards: list[dict | None] = []
+    for opt in _chained(optimizer):
+        if not hasattr(opt, "get_parameter_state_dp_reshardable"):
+            shards.append(None)
+            continue
+        shard = opt.get_parameter_state_dp_reshardable()
+        for key, by_dtype in shard.items():
+            if isinstance(key, int):
+                for buckets in by_dtype.values():
+                    for bucket in buckets:
+                        for entry in bucket:
+                            entry.setdefault("padding", False)
+        shards.append(shard)
+    return shards
 
 
 def _loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:

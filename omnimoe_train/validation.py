@@ -154,14 +154,6 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = final only)")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {c.keep})")
-    writes_or_reads = c.interval > 0 or c.save_final or c.resume is not None
-    _require(
-        not (p.distributed_optimizer and writes_or_reads),
-        "parallel.distributed_optimizer",
-        "checkpoints of the distributed optimizer's sharded state need the sharded-checkpoint "
-        "format, not written yet: set checkpoint.save_final=false checkpoint.interval=0 "
-        "checkpoint.resume=null, or parallel.distributed_optimizer=false",
-    )
 
 
 def layout_from_config(cfg: RootConfig, world_size: int) -> ParallelLayout:

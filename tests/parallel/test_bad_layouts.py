@@ -39,12 +39,6 @@ from tests.train.conftest import compose_config
             "data.global_batch_size",
             "multiple of parallel.pp=2",
         ),
-        (
-            ["parallel=dp2_distopt", "data.micro_batch_size=4"],
-            2,
-            "parallel.distributed_optimizer",
-            "sharded-checkpoint",
-        ),
     ],
 )
 def test_bad_layout_is_one_config_error(
