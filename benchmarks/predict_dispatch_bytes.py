@@ -31,7 +31,7 @@ def markdown_table(top_k: int, num_experts: int, rank_counts: list[int], dtype_b
     for scale, d, layers, batch_tokens in PAPER_SCALES:
         for ranks in rank_counts:
             tokens = batch_tokens // ranks
-            choice, predicted = choose_sharding(
+            shape = dict(
                 tokens=tokens,
                 d=d,
                 k=top_k,
@@ -39,17 +39,10 @@ def markdown_table(top_k: int, num_experts: int, rank_counts: list[int], dtype_b
                 ranks=ranks,
                 dtype_bytes=dtype_bytes,
             )
+            choice, predicted = choose_sharding(**shape)
             rows, dim = predicted["rows"], predicted["dim"]
             step_gb = predicted[choice]["total"] * layers / 1e9
-            gather = predict_bytes(
-                "gather",
-                tokens=tokens,
-                d=d,
-                k=top_k,
-                num_experts=num_experts,
-                ranks=ranks,
-                dtype_bytes=dtype_bytes,
-            )
+            gather = predict_bytes("gather", **shape)
             lines.append(
                 f"| {scale} | {d} | {ranks} | {tokens:,} | {rows['forward'] / 1e6:,.1f} "
                 f"| {rows['backward'] / 1e6:,.1f} | {rows['dest_ranks_per_token']:.2f} "
