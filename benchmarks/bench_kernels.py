@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import omnimoe_kernels
+import omnimoe_kernels.experts_autograd as experts_autograd
 import omnimoe_kernels.experts_grad as experts_grad
+import omnimoe_kernels.experts_pairs as experts_pairs
 
 EXPERT_CONFIGS = [  # T, d, N, K
     (4096, 1024, 4096, 16),
@@ -199,61 +201,102 @@ def profile() -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 
 
-GRAD_TILES = [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 64, 4)]  # BP, BD, warps
+PAIR_TILES = [(16, 128, 4), (8, 128, 4), (16, 256, 4), (16, 128, 2), (32, 128, 4)]
+COMBINE_TILES = [(32, 8, 128, 8), (32, 4, 64, 4), (64, 8, 128, 8), (32, 16, 128, 8)]
+COMBINE_TILES += [(64, 4, 64, 8), (32, 8, 64, 4), (16, 8, 128, 4), (16, 4, 128, 4)]
+SWEEP_CONFIGS = [(4096, 1024, 4096, 16), (16384, 1024, 65536, 16), (16384, 2048, 16384, 32)]
+SWEEP_CONFIGS += [(4096, 1024, 102400, 512)]
 
 
-def _time_grad_tiles(T: int, d: int, N: int, K: int) -> list:
-    """ms of ``expert_grads`` alone per tile (None if it disagrees with the first tile)."""
-    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    e_P, order_P = torch.sort(torch.randint(0, N, (T * K,), device="cuda", dtype=torch.int32))
-    order_P = order_P.int()
-    h, w, g = (torch.randn(T * K, device="cuda") for _ in range(3))
-    dup = torch.empty(N, d, device="cuda", dtype=torch.bfloat16)
-    ddown = torch.empty_like(dup)
-
-    def run():
-        experts_grad.expert_grads(x, dy, order_P, e_P, h, w, g, dup, ddown, K, deterministic=True)
-
+def _time_tiles(label: str, tiles: list, apply, run, outputs) -> list:
+    """ms of ``run`` per tile (None where the outputs differ from the first tile's)."""
     ref, out = None, []
-    for tile in GRAD_TILES:
-        experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = tile
-        dup.fill_(float("nan"))  # poison: every row must be written
-        ddown.fill_(float("nan"))
+    for tile in tiles:
+        apply(tile)
+        for t in outputs:
+            t.fill_(float("nan"))  # poison: every output must be written
         try:
             run()
         except Exception as exc:  # a tile that does not compile is reported, not fatal
-            print("grad tile", tile, "failed:", exc, flush=True)
+            print(label, tile, "failed:", str(exc)[:200], flush=True)
             out.append(None)
             continue
-        if ref is None:
-            ref = (dup.float(), ddown.float())
-        err = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip((dup, ddown), ref))
-        ok = err < 1e-2  # NaN (an unwritten row) fails too
-        out.append(do_bench(run, warmup=10, rep=100, return_mode="median") if ok else None)
-        print("grad tile", (T, d, N, K), tile, "ms", out[-1], "err vs first", err, flush=True)
+        got = [t.float().clone() for t in outputs]
+        ref = got if ref is None else ref
+        err = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, ref))
+        out.append(do_bench(run, warmup=10, rep=100, return_mode="median") if err < 1e-2 else None)
+        print(label, tile, "ms", out[-1], "err", err, flush=True)
     return out
 
 
-def sweep_grad_tiles() -> dict:
-    """Time the tiles on three configs and keep the fastest in total (set as the module's
-    defaults for the rest of the run)."""
-    configs = ((16384, 2048, 262144, 32), (16384, 2048, 16384, 32), (4096, 1024, 102400, 512))
-    per_cfg = [_time_grad_tiles(*cfg) for cfg in configs]
-    totals = {}
-    for i, tile in enumerate(GRAD_TILES):
-        col = [ms[i] for ms in per_cfg]
-        if None not in col:
-            totals[tile] = sum(col)
-    best = min(totals, key=totals.get)
-    experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = best
-    torch.cuda.empty_cache()
-    return {
-        "configs": configs,
-        "tiles": GRAD_TILES,
-        "ms": per_cfg,
-        "best": best,
+def _set_pair(tile: tuple) -> None:
+    experts_pairs.PAIR_TILE = tile
+
+
+def _set_combine(tile: tuple) -> None:
+    experts_pairs.COMBINE_TILE = tile
+
+
+def _set_grad(tile: tuple) -> None:
+    experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = tile[:3]
+    experts_grad.BLOCK_PAIRS = tile[3]
+
+
+# BP, BD, warps, pairs per block (0 = chosen from P)
+GRAD_TILES = [(16, 128, 4, 0), (16, 256, 8, 0), (16, 128, 2, 0), (16, 256, 4, 0)]
+GRAD_TILES += [(32, 128, 4, 0), (16, 128, 4, 256), (16, 128, 4, 4096)]
+TILE_KNOBS = {"pair": (PAIR_TILES, _set_pair), "combine": (COMBINE_TILES, _set_combine)}
+TILE_KNOBS["grad"] = (GRAD_TILES, _set_grad)
+
+
+def _sweep_config(T: int, d: int, N: int, K: int) -> dict:
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    up = (torch.randn(N, d, device="cuda") / d**0.5).bfloat16()
+    idx = torch.randint(0, N, (T, K), device="cuda")
+    w, h, g = (torch.rand(T, K, device="cuda") for _ in range(3))
+    e_P, order_P = experts_autograd._expert_order(idx, N)
+    y, dup, ddown = torch.empty_like(x), torch.empty_like(up), torch.empty_like(up)
+    runs = {
+        "pair": (lambda: experts_pairs.pair_scores(x, up, e_P, order_P, K, h), [h]),
+        "combine": (lambda: experts_pairs.combine_rows(up, idx, h, y, w_TK=w), [y]),
+        "grad": (
+            lambda: experts_grad.expert_grads(
+                x, dy, order_P, e_P, h, w, g, dup, ddown, K, deterministic=True
+            ),
+            [dup, ddown],
+        ),
     }
+    res = {}
+    for name, (run, outputs) in runs.items():
+        tiles, apply = TILE_KNOBS[name]
+        res[name] = _time_tiles(f"{name} {(T, d, N, K)}", tiles, apply, run, outputs)
+    return res
+
+
+def sweep_tiles() -> dict:
+    """Time each kernel's tile alternatives alone on SWEEP_CONFIGS and report the fastest in
+    total; the modules' defaults (set from these tables) are restored for the rest of the run."""
+    saved = (experts_pairs.PAIR_TILE, experts_pairs.COMBINE_TILE)
+    saved += (experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS)
+    saved += (experts_grad.BLOCK_PAIRS,)
+    per_cfg = []
+    for cfg in SWEEP_CONFIGS:
+        per_cfg.append(_sweep_config(*cfg))
+        torch.cuda.empty_cache()
+    best = {}
+    for name, (tiles, _) in TILE_KNOBS.items():
+        totals = {}
+        for i, tile in enumerate(tiles):
+            col = [res[name][i] for res in per_cfg]
+            if None not in col:
+                totals[tile] = sum(col)
+        best[name] = min(totals, key=totals.get)
+        print("best", name, best[name], "total ms", totals[best[name]], flush=True)
+    experts_pairs.PAIR_TILE, experts_pairs.COMBINE_TILE = saved[:2]
+    experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = saved[2:5]
+    experts_grad.BLOCK_PAIRS = saved[5]
+    return {"configs": SWEEP_CONFIGS, "ms": per_cfg, "best": best}
 
 
 def _dump(out: dict, path: str) -> None:
@@ -299,7 +342,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first three expert configs only")
     ap.add_argument("--profile", action="store_true", help="per-kernel breakdown, then exit")
     ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch gather baseline")
-    ap.add_argument("--sweep-grad", action="store_true", help="pick the grad tile first")
+    ap.add_argument(
+        "--sweep-tiles", action="store_true", help="pick the pair/combine/grad tiles first"
+    )
     ap.add_argument(
         "--only",
         default="",
@@ -320,13 +365,15 @@ def main() -> None:
         "router": [],
         "layer": [],
     }
-    if args.sweep_grad:
-        try:
-            out["grad_tiles"] = sweep_grad_tiles()
-        except Exception as exc:  # keep the benchmark: the module defaults stay
-            print("grad tile sweep failed:", exc, flush=True)
-    out["grad_tile"] = [experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS]
-    print("grad tile used (chunk pairs, columns, warps):", out["grad_tile"], flush=True)
+    if args.sweep_tiles:
+        out["tile_sweep"] = sweep_tiles()
+    out["tiles"] = {
+        "pair": experts_pairs.PAIR_TILE,
+        "combine": experts_pairs.COMBINE_TILE or experts_pairs.COMBINE_TILES,
+        "grad": [experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS,
+                 experts_grad.BLOCK_PAIRS],
+    }  # fmt: skip
+    print("tiles used:", out["tiles"], flush=True)
     configs = EXPERT_CONFIGS[:3] if args.quick else EXPERT_CONFIGS
     for cfg in _pick(want, "experts", configs):
         out["experts"].append(bench_experts(*cfg, bw, peer=not args.no_peer))

@@ -26,9 +26,13 @@ from omnimoe_kernels.experts_grad import expert_grads
 from omnimoe_kernels.experts_pairs import combine_rows, pair_scores
 
 
-def _expert_order(indices_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _expert_order(indices_TK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(e_P int32 sorted expert ids, order_P int32 flat positions in that order)."""
-    e_sorted_P, order_P = torch.sort(indices_TK.reshape(-1).to(torch.int32), stable=True)
+    e_P = indices_TK.reshape(-1)
+    if N <= 1 << 16:  # 16-bit keys, shifted into int16's range: half the radix passes
+        key_P, order_P = torch.sort((e_P - (1 << 15)).to(torch.int16), stable=True)
+        return key_P.to(torch.int32) + (1 << 15), order_P.to(torch.int32)
+    e_sorted_P, order_P = torch.sort(e_P.to(torch.int32), stable=True)
     return e_sorted_P, order_P.to(torch.int32)
 
 
@@ -46,7 +50,7 @@ class AtomicExperts(torch.autograd.Function):
         x_TD, up_ND, down_ND = x_TD.contiguous(), up_ND.contiguous(), down_ND.contiguous()
         weights_TK, indices_TK = weights_TK.contiguous(), indices_TK.contiguous()
         T, K = indices_TK.shape
-        e_P, order_P = _expert_order(indices_TK)
+        e_P, order_P = _expert_order(indices_TK, up_ND.shape[0])
         h_TK = torch.empty(T, K, dtype=torch.float32, device=x_TD.device)
         pair_scores(x_TD, up_ND, e_P, order_P, K, h_TK)
         y_TD = torch.empty_like(x_TD)

@@ -37,14 +37,13 @@ import triton.language as tl
 # Sorted pairs per block (a program's share of the runs); small blocks give more programs for
 # small P, large ones bound the number of programs (and re-reads of the pair metadata).
 BLOCK_PAIRS = 0  # 0 = chosen from P in ``expert_grads``; tests set a small value
-# Tile: pairs reduced per one-hot product (the tensor-core tile's K and M), columns per program,
-# warps. Picked by ``bench_kernels.py --sweep-grad`` on the H100 (2026-11-23): of (BP, BD, warps)
-# = (32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 64, 4), the third was fastest on
-# all three configs swept (3.9 / 3.7 / 6.7 ms against 5.7 / 5.3 / 10.1 ms for the first); the
-# 64-pair tiles were slowest (9.3 to 17.1 ms).
-CHUNK_PAIRS = 32
+# Tile: pairs reduced per one-hot product (the tensor-core tile's K and M; 16 is tl.dot's
+# minimum), columns per program, warps. Picked by ``bench_kernels.py --sweep-tiles`` on the H100
+# (docs/benchmarks.md): smaller chunks were faster at every config swept (16 vs 32 pairs:
+# 5.7 vs 6.6 ms at the paper setting), and 2 warps beat 4 and 8.
+CHUNK_PAIRS = 16
 GRAD_BD = 128
-GRAD_WARPS = 4
+GRAD_WARPS = 2
 
 
 @triton.jit
@@ -178,10 +177,11 @@ def _zero_rows_kernel(
 
 
 def _block_pairs(P: int) -> int:
-    """Pairs per block: ~1-2k blocks, at least one chunk, at most 2048 pairs."""
+    """Pairs per block: ~2k blocks for large P, at least 256 pairs (measured: 256-pair blocks
+    beat 32-pair ones at P = 65k, 0.24 vs 0.33 ms), at most 2048."""
     if BLOCK_PAIRS:
         return BLOCK_PAIRS
-    return max(CHUNK_PAIRS, min(2048, triton.next_power_of_2(max(1, P // 2048))))
+    return max(256, CHUNK_PAIRS, min(2048, triton.next_power_of_2(max(1, P // 2048))))
 
 
 def expert_grads(

@@ -22,6 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
+# Tiles (``bench_kernels.py --sweep-tiles`` times the alternatives, docs/benchmarks.md): pairs,
+# columns, warps of ``pair_scores``; tokens, pairs per step, columns, warps of ``combine_rows``
+# for K < 256 and for K >= 256 (many pairs per token: more rows in flight per step pays there,
+# 0.74 vs 0.88 ms at the paper setting, and costs at K = 16, 0.126 vs 0.095 ms).
+PAIR_TILE = (16, 128, 4)
+COMBINE_TILES = ((32, 8, 64, 4), (32, 16, 128, 8))
+COMBINE_TILE: tuple[int, int, int, int] | None = None  # forces one tile (the benchmark)
+
 
 @triton.jit
 def _pair_scores_kernel(
@@ -65,6 +73,22 @@ def _pair_scores_kernel(
 
 
 @triton.jit
+def _combine_step(
+    idx_ptr, coef_ptr, w_ptr, offs_T, ok_T, k0, K, GATED: tl.constexpr, BK: tl.constexpr
+):
+    """Expert ids, coefficients and mask of the BK pairs at k0 of each token of the tile."""
+    offs_K = k0 + tl.arange(0, BK)
+    m_TK = ok_T[:, None] & (offs_K[None, :] < K)
+    pos_TK = offs_T[:, None] * K + offs_K[None, :]
+    e_TK = tl.load(idx_ptr + pos_TK, mask=m_TK, other=0).to(tl.int64)
+    c_TK = tl.load(coef_ptr + pos_TK, mask=m_TK, other=0.0)
+    if GATED:
+        w_TK = tl.load(w_ptr + pos_TK, mask=m_TK, other=0.0).to(tl.float32)
+        c_TK = w_TK * c_TK * tl.sigmoid(c_TK)
+    return e_TK, c_TK, m_TK
+
+
+@triton.jit
 def _combine_rows_kernel(
     table_ptr,  # (N, D) expert rows
     idx_ptr,  # (T, K) expert ids
@@ -88,19 +112,17 @@ def _combine_rows_kernel(
     ok_T = offs_T < T
     ok_D = offs_D < D
     acc_TD = tl.zeros([BT, BD], dtype=tl.float32)
+    # The ids of step k + 1 are loaded before step k's rows are summed, so each step waits on
+    # one round of loads (its row gathers), not on ids and then rows.
+    e_TK, c_TK, m_TK = _combine_step(idx_ptr, coef_ptr, w_ptr, offs_T, ok_T, 0, K, GATED, BK)
     for k0 in range(0, K, BK):
-        offs_K = k0 + tl.arange(0, BK)
-        m_TK = ok_T[:, None] & (offs_K[None, :] < K)
-        pos_TK = offs_T[:, None] * K + offs_K[None, :]
-        e_TK = tl.load(idx_ptr + pos_TK, mask=m_TK, other=0).to(tl.int64)
-        c_TK = tl.load(coef_ptr + pos_TK, mask=m_TK, other=0.0)
-        if GATED:
-            w_TK = tl.load(w_ptr + pos_TK, mask=m_TK, other=0.0).to(tl.float32)
-            c_TK = w_TK * c_TK * tl.sigmoid(c_TK)
         ptr_TKD = table_ptr + e_TK[:, :, None] * stride_tab + offs_D[None, None, :]
-        m_TKD = m_TK[:, :, None] & ok_D[None, None, :]
-        v_TKD = tl.load(ptr_TKD, mask=m_TKD, other=0).to(tl.float32)
-        acc_TD += tl.sum(c_TK[:, :, None] * v_TKD, axis=1)
+        v_TKD = tl.load(ptr_TKD, mask=m_TK[:, :, None] & ok_D[None, None, :], other=0)
+        n_e_TK, n_c_TK, n_m_TK = _combine_step(
+            idx_ptr, coef_ptr, w_ptr, offs_T, ok_T, k0 + BK, K, GATED, BK
+        )
+        acc_TD += tl.sum(c_TK[:, :, None] * v_TKD.to(tl.float32), axis=1)
+        e_TK, c_TK, m_TK = n_e_TK, n_c_TK, n_m_TK
     ptr_TD = out_ptr + offs_T[:, None] * stride_out + offs_D[None, :]
     tl.store(ptr_TD, acc_TD.to(out_ptr.dtype.element_ty), mask=ok_T[:, None] & ok_D[None, :])
 
@@ -116,11 +138,9 @@ def pair_scores(
     w_P: torch.Tensor | None = None,
     dw_P: torch.Tensor | None = None,
     g_P: torch.Tensor | None = None,
-    BP: int = 32,
-    BD: int = 128,
-    num_warps: int = 4,
 ) -> None:
     """Forward (w_P is None): write h_P. Backward: read h_P, write dw_P and g_P."""
+    BP, BD, num_warps = PAIR_TILE
     P, D = e_P.numel(), rows_TD.shape[1]
     if P == 0:
         return
@@ -143,14 +163,11 @@ def combine_rows(
     out_TD: torch.Tensor,
     *,
     w_TK: torch.Tensor | None = None,
-    BT: int = 16,
-    BK: int = 4,
-    BD: int = 128,
-    num_warps: int = 4,
 ) -> None:
     """out_t = sum_k c_tk * table[idx_tk]; c = w * silu(coef) when w_TK is given, else coef."""
     T, D = out_TD.shape
     K = idx_TK.shape[1]
+    BT, BK, BD, num_warps = COMBINE_TILE or COMBINE_TILES[K >= 256]
     if T == 0:
         return
     BD = min(BD, triton.next_power_of_2(D))

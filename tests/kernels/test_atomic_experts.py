@@ -7,6 +7,7 @@ import torch
 from kernel_test_utils import cpu_triton, gpu, rel_err
 
 import omnimoe_kernels
+import omnimoe_kernels.experts_autograd as experts_autograd
 import omnimoe_kernels.experts_grad as experts_grad
 from omnimoe_kernels.reference import atomic_experts_reference
 
@@ -150,3 +151,16 @@ def test_cuda_graph_capture_gpu() -> None:
     for a, b in zip(captured, fresh):
         assert rel_err(a, b) <= 1e-6
     assert any(rel_err(a, b) > 1e-3 for a, b in zip(captured, eager))
+
+
+@pytest.mark.parametrize("N", [65536, 65537, 300])
+def test_expert_order_is_a_stable_sort(N: int) -> None:
+    """16-bit sort keys (N <= 2^16, shifted into int16's range) and 32-bit ones agree with a
+    stable int64 sort, at both ends of the id range."""
+    gen = torch.Generator().manual_seed(N)
+    idx = torch.randint(0, N, (50, 7), generator=gen)
+    idx[0, :3] = torch.tensor([0, N - 1, N - 1])
+    e_P, order_P = experts_autograd._expert_order(idx, N)
+    ref_e, ref_order = torch.sort(idx.reshape(-1), stable=True)
+    assert e_P.dtype == order_P.dtype == torch.int32
+    assert torch.equal(e_P.long(), ref_e) and torch.equal(order_P.long(), ref_order)
