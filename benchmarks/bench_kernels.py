@@ -206,6 +206,7 @@ COMBINE_TILES = [(32, 8, 128, 8), (32, 4, 64, 4), (64, 8, 128, 8), (32, 16, 128,
 COMBINE_TILES += [(64, 4, 64, 8), (32, 8, 64, 4), (16, 8, 128, 4), (16, 4, 128, 4)]
 SWEEP_CONFIGS = [(4096, 1024, 4096, 16), (16384, 1024, 65536, 16), (16384, 2048, 16384, 32)]
 SWEEP_CONFIGS += [(4096, 1024, 102400, 512)]
+SWEEP_ONLY: set = set()  # kernels to sweep (empty = all); ``--sweep-tiles=grad``
 
 
 def _time_tiles(label: str, tiles: list, apply, run, outputs) -> list:
@@ -239,12 +240,13 @@ def _set_combine(tile: tuple) -> None:
 
 def _set_grad(tile: tuple) -> None:
     experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = tile[:3]
-    experts_grad.BLOCK_PAIRS = tile[3]
+    experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES = tile[3:]
 
 
-# BP, BD, warps, pairs per block (0 = chosen from P)
-GRAD_TILES = [(16, 128, 4, 0), (16, 256, 8, 0), (16, 128, 2, 0), (16, 256, 4, 0)]
-GRAD_TILES += [(32, 128, 4, 0), (16, 128, 4, 256), (16, 128, 4, 4096)]
+# BP, BD, warps, pairs per block (0 = chosen from P), pipelining stages
+GRAD_TILES = [(16, 128, 2, 0, 3), (16, 128, 2, 0, 1), (16, 128, 2, 0, 2), (16, 128, 2, 0, 4)]
+GRAD_TILES += [(16, 64, 2, 0, 3), (16, 64, 1, 0, 3), (16, 64, 2, 0, 1), (16, 256, 4, 0, 1)]
+GRAD_TILES += [(16, 128, 4, 0, 1), (16, 128, 1, 0, 3)]
 TILE_KNOBS = {"pair": (PAIR_TILES, _set_pair), "combine": (COMBINE_TILES, _set_combine)}
 TILE_KNOBS["grad"] = (GRAD_TILES, _set_grad)
 
@@ -255,7 +257,8 @@ def _sweep_config(T: int, d: int, N: int, K: int) -> dict:
     up = (torch.randn(N, d, device="cuda") / d**0.5).bfloat16()
     idx = torch.randint(0, N, (T, K), device="cuda")
     w, h, g = (torch.rand(T, K, device="cuda") for _ in range(3))
-    e_P, order_P = experts_autograd._expert_order(idx, N)
+    key_P, order_P, base = experts_autograd.expert_order(idx, N)
+    e_P = key_P.to(torch.int32) + base
     y, dup, ddown = torch.empty_like(x), torch.empty_like(up), torch.empty_like(up)
     runs = {
         "pair": (lambda: experts_pairs.pair_scores(x, up, e_P, order_P, K, h), [h]),
@@ -269,6 +272,9 @@ def _sweep_config(T: int, d: int, N: int, K: int) -> dict:
     }
     res = {}
     for name, (run, outputs) in runs.items():
+        if SWEEP_ONLY and name not in SWEEP_ONLY:
+            res[name] = [0.0] * len(TILE_KNOBS[name][0])
+            continue
         tiles, apply = TILE_KNOBS[name]
         res[name] = _time_tiles(f"{name} {(T, d, N, K)}", tiles, apply, run, outputs)
     return res
@@ -279,7 +285,7 @@ def sweep_tiles() -> dict:
     total; the modules' defaults (set from these tables) are restored for the rest of the run."""
     saved = (experts_pairs.PAIR_TILE, experts_pairs.COMBINE_TILE)
     saved += (experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS)
-    saved += (experts_grad.BLOCK_PAIRS,)
+    saved += (experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES)
     per_cfg = []
     for cfg in SWEEP_CONFIGS:
         per_cfg.append(_sweep_config(*cfg))
@@ -295,7 +301,7 @@ def sweep_tiles() -> dict:
         print("best", name, best[name], "total ms", totals[best[name]], flush=True)
     experts_pairs.PAIR_TILE, experts_pairs.COMBINE_TILE = saved[:2]
     experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = saved[2:5]
-    experts_grad.BLOCK_PAIRS = saved[5]
+    experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES = saved[5:]
     return {"configs": SWEEP_CONFIGS, "ms": per_cfg, "best": best}
 
 
@@ -343,7 +349,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel breakdown, then exit")
     ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch gather baseline")
     ap.add_argument(
-        "--sweep-tiles", action="store_true", help="pick the pair/combine/grad tiles first"
+        "--sweep-tiles",
+        nargs="?",
+        const="pair,combine,grad",
+        default="",
+        help="time the tile alternatives of these kernels first (default: all three)",
     )
     ap.add_argument(
         "--only",
@@ -366,12 +376,13 @@ def main() -> None:
         "layer": [],
     }
     if args.sweep_tiles:
+        SWEEP_ONLY.update(args.sweep_tiles.split(","))
         out["tile_sweep"] = sweep_tiles()
     out["tiles"] = {
         "pair": experts_pairs.PAIR_TILE,
         "combine": experts_pairs.COMBINE_TILE or experts_pairs.COMBINE_TILES,
         "grad": [experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS,
-                 experts_grad.BLOCK_PAIRS],
+                 experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES],
     }  # fmt: skip
     print("tiles used:", out["tiles"], flush=True)
     configs = EXPERT_CONFIGS[:3] if args.quick else EXPERT_CONFIGS

@@ -26,14 +26,17 @@ from omnimoe_kernels.experts_grad import expert_grads
 from omnimoe_kernels.experts_pairs import combine_rows, pair_scores
 
 
-def _expert_order(indices_TK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e_P int32 sorted expert ids, order_P int32 flat positions in that order)."""
+def expert_order(indices_TK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(key_P sorted expert keys, order_P int64 flat positions in that order, base): expert
+    id = key + base. Keys are 16-bit (ids shifted by base = -2^15 into int16's range: half the
+    radix passes) when N <= 2^16, else int32 with base 0; left in that form for the forward,
+    which only needs them inside ``pair_scores`` (each conversion is another kernel launch)."""
     e_P = indices_TK.reshape(-1)
-    if N <= 1 << 16:  # 16-bit keys, shifted into int16's range: half the radix passes
+    if N <= 1 << 16:
         key_P, order_P = torch.sort((e_P - (1 << 15)).to(torch.int16), stable=True)
-        return key_P.to(torch.int32) + (1 << 15), order_P.to(torch.int32)
-    e_sorted_P, order_P = torch.sort(e_P.to(torch.int32), stable=True)
-    return e_sorted_P, order_P.to(torch.int32)
+        return key_P, order_P, 1 << 15
+    key_P, order_P = torch.sort(e_P.to(torch.int32), stable=True)
+    return key_P, order_P, 0
 
 
 class AtomicExperts(torch.autograd.Function):
@@ -50,18 +53,20 @@ class AtomicExperts(torch.autograd.Function):
         x_TD, up_ND, down_ND = x_TD.contiguous(), up_ND.contiguous(), down_ND.contiguous()
         weights_TK, indices_TK = weights_TK.contiguous(), indices_TK.contiguous()
         T, K = indices_TK.shape
-        e_P, order_P = _expert_order(indices_TK, up_ND.shape[0])
+        key_P, order_P, base = expert_order(indices_TK, up_ND.shape[0])
         h_TK = torch.empty(T, K, dtype=torch.float32, device=x_TD.device)
-        pair_scores(x_TD, up_ND, e_P, order_P, K, h_TK)
+        pair_scores(x_TD, up_ND, key_P, order_P, K, h_TK, base=base)
         y_TD = torch.empty_like(x_TD)
         combine_rows(down_ND, indices_TK, h_TK, y_TD, w_TK=weights_TK)
-        ctx.save_for_backward(x_TD, up_ND, down_ND, weights_TK, indices_TK, e_P, order_P, h_TK)
+        ctx.save_for_backward(x_TD, up_ND, down_ND, weights_TK, indices_TK, key_P, order_P, h_TK)
+        ctx.base = base
         ctx.deterministic = deterministic
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD: torch.Tensor):
-        x_TD, up_ND, down_ND, w_TK, idx_TK, e_P, order_P, h_TK = ctx.saved_tensors
+        x_TD, up_ND, down_ND, w_TK, idx_TK, key_P, order_P, h_TK = ctx.saved_tensors
+        e_P = key_P.to(torch.int32) + ctx.base  # expert ids, as the gradient kernels index
         dy_TD = dy_TD.contiguous()
         K = idx_TK.shape[1]
         dw_TK = torch.empty_like(h_TK)

@@ -44,6 +44,7 @@ BLOCK_PAIRS = 0  # 0 = chosen from P in ``expert_grads``; tests set a small valu
 CHUNK_PAIRS = 16
 GRAD_BD = 128
 GRAD_WARPS = 2
+GRAD_STAGES = 3  # Triton's software-pipelining depth for the chunk loop (its default)
 
 
 @triton.jit
@@ -223,5 +224,5 @@ def expert_grads(
     _pair_block_grad_kernel[(triton.cdiv(P, block), triton.cdiv(D, BD))](
         x_TD, dy_TD, e_P, order_P, h_P, w_P, g_P, off_N1, dup_ND, ddown_ND,
         P, D, K, x_TD.stride(0), dy_TD.stride(0), block,
-        BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, num_warps=GRAD_WARPS,
+        BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
     )  # fmt: skip

@@ -35,8 +35,8 @@ COMBINE_TILE: tuple[int, int, int, int] | None = None  # forces one tile (the be
 def _pair_scores_kernel(
     rows_ptr,  # (T, D) token rows: x (forward) or dy (backward)
     table_ptr,  # (N, D) expert rows: up (forward) or down (backward)
-    e_ptr,  # (P,) int32 expert ids, expert order
-    order_ptr,  # (P,) int32 flat positions, expert order
+    e_ptr,  # (P,) expert keys (int16 / int32), expert order: id = key + base
+    order_ptr,  # (P,) int32 / int64 flat positions, expert order
     w_ptr,  # (P,) routing weights, flat order
     h_ptr,  # (P,) float32 pre-activations, flat order: written (forward) / read (backward)
     dw_ptr,  # (P,) float32 out (backward)
@@ -44,6 +44,7 @@ def _pair_scores_kernel(
     P,
     D,
     K,
+    base,
     stride_row,
     stride_tab,
     BACKWARD: tl.constexpr,
@@ -52,7 +53,7 @@ def _pair_scores_kernel(
 ):
     offs_P = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     ok_P = offs_P < P
-    e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
+    e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=0).to(tl.int64) + base
     q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
     tok_P = q_P // K
     acc_P = tl.zeros([BP], dtype=tl.float32)
@@ -138,8 +139,10 @@ def pair_scores(
     w_P: torch.Tensor | None = None,
     dw_P: torch.Tensor | None = None,
     g_P: torch.Tensor | None = None,
+    base: int = 0,
 ) -> None:
-    """Forward (w_P is None): write h_P. Backward: read h_P, write dw_P and g_P."""
+    """Forward (w_P is None): write h_P. Backward: read h_P, write dw_P and g_P. Expert ids
+    are ``e_P + base`` (see ``experts_autograd.expert_order``)."""
     BP, BD, num_warps = PAIR_TILE
     P, D = e_P.numel(), rows_TD.shape[1]
     if P == 0:
@@ -151,7 +154,7 @@ def pair_scores(
         rows_TD, table_ND, e_P, order_P,
         w_P if backward else dummy, h_P,
         dw_P if backward else dummy, g_P if backward else dummy,
-        P, D, K, rows_TD.stride(0), table_ND.stride(0),
+        P, D, K, base, rows_TD.stride(0), table_ND.stride(0),
         BACKWARD=backward, BP=BP, BD=BD, num_warps=num_warps,
     )  # fmt: skip
 
