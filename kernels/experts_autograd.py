@@ -39,6 +39,11 @@ def expert_order(indices_TK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.
     return key_P, order_P, 0
 
 
+# Up to this many bytes of up + down together, the forward gathers their rows in token order
+# (no sort): the H100 has 50 MB of L2 (measured: see docs/benchmarks.md).
+L2_TABLE_BYTES = 24 << 20
+
+
 class AtomicExperts(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -53,19 +58,29 @@ class AtomicExperts(torch.autograd.Function):
         x_TD, up_ND, down_ND = x_TD.contiguous(), up_ND.contiguous(), down_ND.contiguous()
         weights_TK, indices_TK = weights_TK.contiguous(), indices_TK.contiguous()
         T, K = indices_TK.shape
-        key_P, order_P, base = expert_order(indices_TK, up_ND.shape[0])
         h_TK = torch.empty(T, K, dtype=torch.float32, device=x_TD.device)
-        pair_scores(x_TD, up_ND, key_P, order_P, K, h_TK, base=base)
+        order = ()
+        if 2 * up_ND.numel() * up_ND.element_size() <= L2_TABLE_BYTES:
+            # Both tables stay in L2: gathering their rows in token order costs no more than
+            # walking them once per expert, and the forward skips the sort (the backward sorts).
+            pair_scores(x_TD, up_ND, indices_TK.reshape(-1), None, K, h_TK)
+        else:
+            key_P, order_P, ctx.base = expert_order(indices_TK, up_ND.shape[0])
+            pair_scores(x_TD, up_ND, key_P, order_P, K, h_TK, base=ctx.base)
+            order = (key_P, order_P)
         y_TD = torch.empty_like(x_TD)
         combine_rows(down_ND, indices_TK, h_TK, y_TD, w_TK=weights_TK)
-        ctx.save_for_backward(x_TD, up_ND, down_ND, weights_TK, indices_TK, key_P, order_P, h_TK)
-        ctx.base = base
+        ctx.save_for_backward(x_TD, up_ND, down_ND, weights_TK, indices_TK, h_TK, *order)
         ctx.deterministic = deterministic
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD: torch.Tensor):
-        x_TD, up_ND, down_ND, w_TK, idx_TK, key_P, order_P, h_TK = ctx.saved_tensors
+        x_TD, up_ND, down_ND, w_TK, idx_TK, h_TK, *order = ctx.saved_tensors
+        if not order:  # the forward walked token order
+            key_P, order_P, ctx.base = expert_order(idx_TK, up_ND.shape[0])
+        else:
+            key_P, order_P = order
         e_P = key_P.to(torch.int32) + ctx.base  # expert ids, as the gradient kernels index
         dy_TD = dy_TD.contiguous()
         K = idx_TK.shape[1]

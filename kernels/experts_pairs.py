@@ -6,7 +6,8 @@ position* is ``t * K + k`` (token order); ``order_P`` lists flat positions sorte
 
 - ``pair_scores``: one dot product per pair, walked in expert order (expert-centric): a block of
   BP consecutive pairs touches few distinct experts, so each expert row is fetched from memory
-  once per block and re-read from cache by its other pairs; the token rows are gathered.
+  once per block and re-read from cache by its other pairs; the token rows are gathered. When
+  the tables fit in L2 the forward walks the pairs in token order instead and skips the sort.
   Forward: ``h = x_t . up_e``. Backward: ``da = dy_t . down_e`` and, in the same pass,
   ``dw = da * silu(h)`` and ``g = da * w * silu'(h)``. Results land at the flat position.
 - ``combine_rows``: ``out_t = sum_k coef_tk * table[e_tk]`` for a tile of BT tokens and BD
@@ -48,13 +49,17 @@ def _pair_scores_kernel(
     stride_row,
     stride_tab,
     BACKWARD: tl.constexpr,
+    TOKEN_ORDER: tl.constexpr,
     BP: tl.constexpr,
     BD: tl.constexpr,
 ):
     offs_P = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     ok_P = offs_P < P
     e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=0).to(tl.int64) + base
-    q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
+    if TOKEN_ORDER:  # pairs walked in flat (token) order: no sort
+        q_P = offs_P
+    else:
+        q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
     tok_P = q_P // K
     acc_P = tl.zeros([BP], dtype=tl.float32)
     for d0 in range(0, D, BD):
@@ -132,7 +137,7 @@ def pair_scores(
     rows_TD: torch.Tensor,
     table_ND: torch.Tensor,
     e_P: torch.Tensor,
-    order_P: torch.Tensor,
+    order_P: torch.Tensor | None,
     K: int,
     h_P: torch.Tensor,
     *,
@@ -142,7 +147,8 @@ def pair_scores(
     base: int = 0,
 ) -> None:
     """Forward (w_P is None): write h_P. Backward: read h_P, write dw_P and g_P. Expert ids
-    are ``e_P + base`` (see ``experts_autograd.expert_order``)."""
+    are ``e_P + base`` (see ``experts_autograd.expert_order``); ``order_P`` None walks the
+    pairs in token order (e_P = the flat indices)."""
     BP, BD, num_warps = PAIR_TILE
     P, D = e_P.numel(), rows_TD.shape[1]
     if P == 0:
@@ -151,11 +157,11 @@ def pair_scores(
     dummy = h_P
     BD = min(BD, triton.next_power_of_2(D))
     _pair_scores_kernel[(triton.cdiv(P, BP),)](
-        rows_TD, table_ND, e_P, order_P,
+        rows_TD, table_ND, e_P, e_P if order_P is None else order_P,
         w_P if backward else dummy, h_P,
         dw_P if backward else dummy, g_P if backward else dummy,
         P, D, K, base, rows_TD.stride(0), table_ND.stride(0),
-        BACKWARD=backward, BP=BP, BD=BD, num_warps=num_warps,
+        BACKWARD=backward, TOKEN_ORDER=order_P is None, BP=BP, BD=BD, num_warps=num_warps,
     )  # fmt: skip
 
 

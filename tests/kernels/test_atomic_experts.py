@@ -63,6 +63,16 @@ def test_atomic_experts_cpu(T, D, N, K, dtype, hot, deterministic) -> None:
 
 
 @cpu_triton
+@pytest.mark.parametrize(  # 16-bit and 32-bit sort keys
+    ("T", "K", "hot", "N"), [(13, 6, True, 40), (9, 20, False, 40), (5, 7, True, 70000)]
+)
+def test_expert_sorted_forward_cpu(monkeypatch, T, K, hot, N) -> None:
+    """The forward's expert-sorted walk, taken when the tables do not fit in L2 (forced here)."""
+    monkeypatch.setattr(experts_autograd, "L2_TABLE_BYTES", 0)
+    _check(T, 24, N, K, torch.float32, "cpu", hot=hot)
+
+
+@cpu_triton
 def test_n_96_squared_cpu() -> None:
     """N = 96^2 experts, almost all untouched: each still gets its zero gradient row."""
     _check(4, 8, 96 * 96, 5, torch.float32, "cpu")
