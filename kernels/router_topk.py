@@ -1,29 +1,44 @@
-"""Exact Cartesian top-k router in one Triton program per token: select, bisect, emit.
+"""Exact Cartesian top-k router: a select kernel and an emit kernel, one warp per token.
 
-Legend: T tokens, n router half width (N = n * n experts), NP = next power of two >= n,
-a = min(K, n) candidate rows/columns per half, A = next power of two >= a, K selected experts,
-RB rows per emit tile.
+Legend: T tokens, n router half width (N = n * n experts), a = min(K, n) candidate rows /
+columns per half, A = next power of two >= a, K selected experts, VT the value type (float32,
+or float64 for float64 inputs), E x L a per-token vector held as an [E, L] tile (L lanes, E
+elements per lane, see ``router_select``), CB x RB the emit tile (live columns x live rows).
 
-Per token, one program
-1. selects the top a of each half without sorting it: the a-th largest order-preserving integer
-   key is found by bisection over the n-vector held in registers (32 rounds for float32/bf16,
-   stopping early once a probe counts exactly a); values above it are kept, and of the values
-   equal to it the lowest indices, so the candidates equal the stable-sort top a of the
-   reference. They are compacted in ascending index order (exclusive scan of the keep mask);
-2. sorts the a candidate column values (``tl.sort`` of A values, indices not needed) and bisects
-   on the K-th largest pair sum ``tau`` over float64 keys, counting ``#{(i, j): r_i + c_j >=
-   tau}`` densely in registers when A <= 64, else with one binary search per candidate row
-   (O(a log a) per probe), stopping once a probe counts exactly K;
-3. emits the K ids already in ascending expert-id order: candidate rows are in ascending index
-   order, so row i's ids precede row i+1's; within a row, the kept columns are written in
-   ascending column order at ``start_i + rank``. Of the pairs equal to ``tau`` the lowest ids
-   win: row-major order in (i, j), i.e. whole rows in row order and in a row the first columns.
-   Only rows that keep a pair and columns with r_max + c_j >= tau are walked.
+Select kernel, one program per token (one warp up to n = 1024, so every reduction is a warp
+shuffle and every barrier is cheap):
+1. when a < n, selects the top a of each half (``router_select._select_half``): the half is
+   read coalesced as a row-major [E, L] vector, the a-th largest value is bisected over
+   order-preserving int32 keys (int64 for float64), the tensor work of a round being one float
+   compare and add per element; the early stop at a probe counting exactly a ends it after
+   ~log2(range / gap) rounds (~10 for 1024 log-probs, at most 32). Values above it are kept,
+   and of the values equal to it the lowest indices: the stable-sort top a of the reference.
+   They are compacted in ascending index order by a prefix sum with 4 rows packed per word;
+2. ranks the a candidate columns stably, descending (one ``tl.sort`` of key << 32 | slot): the
+   sorted values (float64) go to scratch for the searches, each column's rank for the emit;
+3. searches the K-th largest pair sum tau by bisection over float64 keys (a sum of two float32
+   is exact in float64), stopping once a probe counts exactly K. Per candidate row, the count
+   #{j: r_i + c_j >= t} is a prefix of the sorted columns, found by binary lifting inside the
+   row's bracket [count at hi, count at lo]: the brackets narrow with the search, so the late
+   probes take one or two steps. Of the pairs equal to tau (searched for only when they
+   straddle the K-th place) the lowest ids are kept: whole rows first, in row order; in a row
+   the lowest column indices. So row i keeps the columns of rank < gt_i (sum > tau) and the
+   first take_i in index order of those of rank in [gt_i, ge_i) (sum == tau);
+4. compacts into scratch, in index order, the live rows (kept count > 0: index, value, first
+   output slot, gt, ge, take) and the live columns (rank < max ge: index, value, rank).
+Emit kernel, program (token, row-tile group): rows on lanes, CB columns at a time in registers,
+ascending index order, so a kept pair's slot is its row's first slot plus a running per-lane
+count and the ids come out ascending. It is a separate launch because it is bound by load
+latency: with few registers many warps share an SM, while the select kernel's whole-vector
+registers leave room for few.
 
-Sums are formed in float64, where the sum of two float32 values is exact, so "ties" are true
-ties and the lowest-id rule is well defined; scores are returned in the input dtype.
-Scratch (global, per token, read back by the same program after a barrier): the compacted
-candidates, the sorted column values and the per-row (start, take) of the emit step.
+Comparisons are float compares (-0.0 == +0.0, as in the reference's sorts). Scores are
+r_i + c_j rounded once to VT (the reference's float64 sum cast to float32), cast to the input
+dtype on the host. Scratch (global, per token; read back by the same program after a barrier,
+or by the emit kernel): int32 (8, A): candidate / live row and column indices, column ranks,
+live-row first slots, gt, ge, take, live-column ranks; VT (2, A): candidate / live values;
+float64 (2A): sorted columns, padded so the lifting loads need no mask; int32 (4): m_r, m_c,
+tie flag.
 """
 
 from __future__ import annotations
@@ -32,197 +47,125 @@ import torch
 import triton
 import triton.language as tl
 
-_FLIP64: tl.constexpr = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # order-preserving xor, negative f64
-_FLIP32: tl.constexpr = tl.constexpr(0x7FFFFFFF)  # the same for float32 bit patterns
-_I64_MAX: tl.constexpr = tl.constexpr(0x7FFFFFFFFFFFFFFF)
-_I64_MIN: tl.constexpr = tl.constexpr(-0x8000000000000000)
+from omnimoe_kernels.router_pairs import _emit_kernel, _row_counts
+from omnimoe_kernels.router_select import _chunk_offs, _excl_scan, _rank_columns, _select_half
+
+# Live rows per step of the emit kernel (registers per lane): 2 measured fastest of 2, 4, 8
+# (0.87 / 1.01 / 0.94 ms at T=4096, n=320, K=4096 on the H100).
+EMIT_ROWS = 2
 
 
 @triton.jit
-def _key(v):
-    """Order-preserving int64 image of a float64."""
-    b = v.to(tl.int64, bitcast=True)
-    return tl.where(b < 0, b ^ _FLIP64, b)
-
-
-@triton.jit
-def _half_key(v, IS64: tl.constexpr):
-    """Order-preserving int64 image of a router value: float64 bits, or float32 bits
-    (bf16/fp16 inputs widen exactly to float32), so at most 32 bisection rounds for those."""
+def _load_vals(v_ptr, offs_EL, ok_EL, IS64: tl.constexpr):
+    """Candidate values in VT (float32 / bfloat16 / float16 widen exactly to float32)."""
+    v_EL = tl.load(v_ptr + offs_EL, mask=ok_EL, other=0.0)
     if IS64:
-        k = _key(v.to(tl.float64))
+        v_EL = v_EL.to(tl.float64)
     else:
-        b = v.to(tl.float32).to(tl.int32, bitcast=True)
-        k = tl.where(b < 0, b ^ _FLIP32, b).to(tl.int64)
-    return k
+        v_EL = v_EL.to(tl.float32)
+    return v_EL
 
 
-@triton.jit
-def _select_top(v_ptr, n, a, idx_ptr, val_ptr, NP: tl.constexpr, IS64: tl.constexpr):
-    """Write the top a of v[0:n] (stable: lower index first among equal values) to
-    idx_ptr/val_ptr[0:a], in ascending index order."""
-    offs_N = tl.arange(0, NP)
-    ok_N = offs_N < n
-    v_N = tl.load(v_ptr + offs_N, mask=ok_N, other=0.0)
-    key_N = _half_key(v_N, IS64)
-    # Invariant: count(key >= lo) >= a > count(key >= hi).
-    lo = tl.min(tl.where(ok_N, key_N, _I64_MAX))
-    hi = tl.max(tl.where(ok_N, key_N, _I64_MIN)) + 1
-    cnt_lo = n
-    active = (lo < hi - 1) & (cnt_lo != a)
-    while active:
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor average, no overflow
-        cnt = tl.sum((ok_N & (key_N >= mid)).to(tl.int32))
-        big = cnt >= a
-        lo = tl.where(big, mid, lo)
-        cnt_lo = tl.where(big, cnt, cnt_lo)
-        hi = tl.where(big, hi, mid)
-        active = (lo < hi - 1) & (cnt_lo != a)
-    gt_N = ok_N & (key_N > lo)
-    eq_N = (ok_N & (key_N == lo)).to(tl.int32)
-    n_gt = tl.sum(gt_N.to(tl.int32))
-    keep_N = gt_N | ((eq_N > 0) & (tl.cumsum(eq_N, axis=0) - eq_N < a - n_gt))
-    keep_i_N = keep_N.to(tl.int32)
-    slot_N = tl.cumsum(keep_i_N, axis=0) - keep_i_N
-    tl.store(idx_ptr + slot_N, offs_N, mask=keep_N)
-    tl.store(val_ptr + slot_N, v_N.to(val_ptr.dtype.element_ty), mask=keep_N)
-
-
-@triton.jit
-def _count_ge(r_A, ok_A, c_A, cs_ptr, a, tau, LOGA: tl.constexpr, DENSE: tl.constexpr):
-    """Per candidate row, how many columns j satisfy key(r_i + c_j) >= tau. DENSE (A <= 64):
-    all a x a sums in registers, no memory latency; else a binary search per row over the
-    sorted columns in scratch, O(a log a)."""
-    if DENSE:
-        ok_AA = ok_A[:, None] & ok_A[None, :]
-        pos_A = tl.sum((ok_AA & (_key(r_A[:, None] + c_A[None, :]) >= tau)).to(tl.int32), axis=1)
-    else:
-        pos_A = tl.zeros(r_A.shape, dtype=tl.int32)
-        for s in tl.static_range(LOGA + 1):
-            cand_A = pos_A + (1 << (LOGA - s))
-            m_A = ok_A & (cand_A <= a)
-            cv_A = tl.load(cs_ptr + cand_A - 1, mask=m_A, other=0.0).to(tl.float64)
-            pos_A = tl.where(m_A & (_key(r_A + cv_A) >= tau), cand_A, pos_A)
-    return pos_A
-
-
-@triton.jit
-def _cartesian_topk_kernel(
+# Not specialised on a == K == 1: Triton 3.6's coalescing pass fails on that constant case.
+@triton.jit(do_not_specialize=["a", "K"])
+def _select_kernel(
     rows_ptr,  # (T, n) row log-probs
     cols_ptr,  # (T, n) column log-probs
-    cand_idx_ptr,  # (T, 2, A) int32 scratch: candidate rows, then columns, ascending index
-    cand_val_ptr,  # (T, 2, A) scratch: their values (float32, or float64 for float64 inputs)
-    csort_ptr,  # (T, A) scratch: candidate column values, descending
-    meta_ptr,  # (T, 2, A) int32 scratch: per candidate row, first output slot and tie count
-    ids_ptr,  # (T, K) int64 out
-    scores_ptr,  # (T, K) float32 out (float64 for float64 inputs)
+    iscr_ptr,  # (T, 8, A) int32 scratch
+    vscr_ptr,  # (T, 2, A) VT scratch: candidate row, column values
+    csort_ptr,  # (T, 2A) float64 scratch: candidate column values, descending; padding
+    meta_ptr,  # (T, 4) int32 out: live rows, live columns, tie flag
     n,
     a,
     K,
-    NP: tl.constexpr,
-    A: tl.constexpr,
-    LOGA: tl.constexpr,
-    RB: tl.constexpr,
-    CB: tl.constexpr,
+    EN: tl.constexpr,  # row-major selection vectors [EN, LN]: EN * LN >= n
+    LN: tl.constexpr,
+    EA: tl.constexpr,  # lane-chunked candidate vectors [EA, LA]: EA * LA = A
+    LA: tl.constexpr,
+    CH: tl.constexpr,
     IS64: tl.constexpr,
-    DENSE: tl.constexpr,
+    SELECT: tl.constexpr,  # a < n
 ):
+    """Steps 1-3 for one token; leaves the live rows and columns in scratch for the emit."""
+    A: tl.constexpr = EA * LA
     t = tl.program_id(0).to(tl.int64)
-    cand_idx_ptr += t * 2 * A
-    cand_val_ptr += t * 2 * A
-    csort_ptr += t * A
-    meta_ptr += t * 2 * A
-    _select_top(rows_ptr + t * n, n, a, cand_idx_ptr, cand_val_ptr, NP, IS64)
-    _select_top(cols_ptr + t * n, n, a, cand_idx_ptr + A, cand_val_ptr + A, NP, IS64)
-    tl.debug_barrier()  # the compacted candidates are read back by other threads
+    rows_ptr += t * n
+    cols_ptr += t * n
+    iscr_ptr += t * 8 * A
+    vscr_ptr += t * 2 * A
+    csort_ptr += t * 2 * A
+    offs_EL = _chunk_offs(EA, LA)
+    ok_EL = offs_EL < a
+    if SELECT:
+        _select_half(rows_ptr, n, a, iscr_ptr, vscr_ptr, EN, LN, IS64)
+        _select_half(cols_ptr, n, a, iscr_ptr + A, vscr_ptr + A, EN, LN, IS64)
+        tl.debug_barrier()  # the compacted candidates are read back by other threads
+        rsrc_ptr = vscr_ptr
+        csrc_ptr = vscr_ptr + A
+    else:  # a == n: every index is a candidate, read the inputs directly
+        rsrc_ptr = rows_ptr
+        csrc_ptr = cols_ptr
+    c_EL = _load_vals(csrc_ptr, offs_EL, ok_EL, IS64)
+    _rank_columns(c_EL, ok_EL, csrc_ptr, a, csort_ptr, iscr_ptr + 2 * A, A, CH, IS64)
+    c_min = tl.min(tl.where(ok_EL, c_EL, float("inf"))).to(tl.float64)
+    c_max = tl.max(tl.where(ok_EL, c_EL, float("-inf"))).to(tl.float64)
+    tl.debug_barrier()  # sorted columns and ranks
+    r_EL = _load_vals(rsrc_ptr, offs_EL, ok_EL, IS64).to(tl.float64)
+    gt_EL, ge_EL, take_EL = _row_counts(r_EL, ok_EL, c_min, c_max, a, K, csort_ptr)
 
-    offs_A = tl.arange(0, A)
-    ok_A = offs_A < a
-    r_A = tl.load(cand_val_ptr + offs_A, mask=ok_A, other=0.0).to(tl.float64)
-    c_A = tl.load(cand_val_ptr + A + offs_A, mask=ok_A, other=0.0).to(tl.float64)
-    ri_A = tl.load(cand_idx_ptr + offs_A, mask=ok_A, other=0)
-    cj_A = tl.load(cand_idx_ptr + A + offs_A, mask=ok_A, other=0)
-    neg_inf = float("-inf")
-    if not DENSE:
-        cs_A = tl.sort(tl.where(ok_A, c_A, neg_inf), dim=0, descending=True)
-        tl.store(csort_ptr + offs_A, cs_A.to(csort_ptr.dtype.element_ty))
-        tl.debug_barrier()
-
-    # Invariant: count(>= lo) >= K > count(>= hi). The a x a corner holds a*a >= K pairs.
-    lo = _key(tl.min(tl.where(ok_A, r_A, float("inf"))) + tl.min(tl.where(ok_A, c_A, 1e308)))
-    hi = _key(tl.max(tl.where(ok_A, r_A, neg_inf)) + tl.max(tl.where(ok_A, c_A, neg_inf))) + 1
-    # Stops as soon as a probe counts exactly K pairs (that probe then separates the top K with
-    # no tie at the threshold): ~log2(range / gap between the K-th and (K+1)-th sum) rounds for
-    # continuous scores, at most 64. ``lo < hi - 1``: a difference of two keys can overflow.
-    active = lo < hi - 1
-    while active:
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor average, no overflow
-        cnt = tl.sum(_count_ge(r_A, ok_A, c_A, csort_ptr, a, mid, LOGA, DENSE))
-        big = cnt >= K
-        lo = tl.where(big, mid, lo)
-        hi = tl.where(big, hi, mid)
-        active = (cnt != K) & (lo < hi - 1)
-
-    # tau = lo. Rows are in ascending index order, so ties (sum == tau) go to whole rows first.
-    ge_A = _count_ge(r_A, ok_A, c_A, csort_ptr, a, lo, LOGA, DENSE)
-    gt_A = _count_ge(r_A, ok_A, c_A, csort_ptr, a, lo + 1, LOGA, DENSE)
-    eq_A = ge_A - gt_A
-    need = K - tl.sum(gt_A)
-    take_A = tl.minimum(tl.maximum(need - (tl.cumsum(eq_A, axis=0) - eq_A), 0), eq_A)
-    cnt_A = gt_A + take_A
-    # Compact, in index order, the rows that keep a pair and the columns that can (r_max + c_j
-    # >= tau), over the candidates already read into registers; the emit walks only those.
-    live_A = (cnt_A > 0).to(tl.int32)
-    m_r = tl.sum(live_A)
-    slot_A = tl.cumsum(live_A, axis=0) - live_A
-    start_A = tl.cumsum(cnt_A, axis=0) - cnt_A
-    tl.store(meta_ptr + slot_A, start_A, mask=live_A > 0)
-    tl.store(meta_ptr + A + slot_A, take_A, mask=live_A > 0)
-    tl.store(cand_val_ptr + slot_A, r_A.to(cand_val_ptr.dtype.element_ty), mask=live_A > 0)
-    tl.store(cand_idx_ptr + slot_A, ri_A.to(tl.int32), mask=live_A > 0)
-    r_max = tl.max(tl.where(ok_A, r_A, neg_inf))
-    colv_A = (ok_A & (_key(r_max + c_A) >= lo)).to(tl.int32)
-    m_c = tl.sum(colv_A)
-    cslot_A = tl.cumsum(colv_A, axis=0) - colv_A
-    tl.store(cand_val_ptr + A + cslot_A, c_A.to(cand_val_ptr.dtype.element_ty), mask=colv_A > 0)
-    tl.store(cand_idx_ptr + A + cslot_A, cj_A.to(tl.int32), mask=colv_A > 0)
+    # Compact, in index order, the rows that keep a pair and the columns that can (rank <
+    # max ge); areas 0, 1 and the values were last read before the barrier above.
+    # Compact, in index order, the rows that keep a pair, then the columns that can (rank <
+    # max ge). Values and indices are re-read, not kept live through the search (registers);
+    # the barriers order those reads before the areas are overwritten.
+    if SELECT:
+        ri_EL = tl.load(iscr_ptr + offs_EL, mask=ok_EL, other=0)
+    else:
+        ri_EL = offs_EL
+    r_EL = _load_vals(rsrc_ptr, offs_EL, ok_EL, IS64)
     tl.debug_barrier()
-
-    # Emit RB live rows x CB live columns at a time; a kept pair's slot is its row's start plus
-    # its rank among the row's kept columns (ascending column index, carried across column
-    # tiles), so ids come out ascending.
-    ids_ptr += t * K
-    scores_ptr += t * K
-    for r0 in range(0, m_r, RB):
-        offs_R = r0 + tl.arange(0, RB)
-        ok_R = offs_R < m_r
-        r_R = tl.load(cand_val_ptr + offs_R, mask=ok_R, other=0.0).to(tl.float64)
-        ri_R = tl.load(cand_idx_ptr + offs_R, mask=ok_R, other=0).to(tl.int64)
-        start_R = tl.load(meta_ptr + offs_R, mask=ok_R, other=0)
-        take_R = tl.load(meta_ptr + A + offs_R, mask=ok_R, other=0)
-        kept_R = tl.zeros([RB], dtype=tl.int32)
-        ties_R = tl.zeros([RB], dtype=tl.int32)
-        for c0 in range(0, m_c, CB):
-            offs_C = c0 + tl.arange(0, CB)
-            ok_C = offs_C < m_c
-            c_C = tl.load(cand_val_ptr + A + offs_C, mask=ok_C, other=0.0).to(tl.float64)
-            cj_C = tl.load(cand_idx_ptr + A + offs_C, mask=ok_C, other=0).to(tl.int64)
-            s_RC = r_R[:, None] + c_C[None, :]
-            key_RC = _key(s_RC)
-            ok_RC = ok_R[:, None] & ok_C[None, :]
-            eq_RC = (ok_RC & (key_RC == lo)).to(tl.int32)
-            tie_rank_RC = ties_R[:, None] + tl.cumsum(eq_RC, axis=1) - eq_RC
-            keep_RC = (ok_RC & (key_RC > lo)) | ((eq_RC > 0) & (tie_rank_RC < take_R[:, None]))
-            keep_i_RC = keep_RC.to(tl.int32)
-            slot_RC = start_R[:, None] + kept_R[:, None] + tl.cumsum(keep_i_RC, axis=1) - keep_i_RC
-            tl.store(ids_ptr + slot_RC, ri_R[:, None] * n + cj_C[None, :], mask=keep_RC)
-            tl.store(scores_ptr + slot_RC, s_RC.to(scores_ptr.dtype.element_ty), mask=keep_RC)
-            kept_R += tl.sum(keep_i_RC, axis=1)
-            ties_R += tl.sum(eq_RC, axis=1)
+    cnt_EL = gt_EL + take_EL
+    live_EL = cnt_EL > 0
+    rslot_EL = _excl_scan(live_EL.to(tl.int32))
+    tl.store(vscr_ptr + rslot_EL, r_EL, mask=live_EL)
+    tl.store(iscr_ptr + rslot_EL, ri_EL, mask=live_EL)
+    tl.store(iscr_ptr + 3 * A + rslot_EL, _excl_scan(cnt_EL), mask=live_EL)
+    tl.store(iscr_ptr + 4 * A + rslot_EL, gt_EL, mask=live_EL)
+    tl.store(iscr_ptr + 6 * A + rslot_EL, ge_EL, mask=live_EL)
+    tl.store(iscr_ptr + 7 * A + rslot_EL, take_EL, mask=live_EL)
+    ge_max = tl.max(ge_EL)
+    if SELECT:
+        cj_EL = tl.load(iscr_ptr + A + offs_EL, mask=ok_EL, other=0)
+    else:
+        cj_EL = offs_EL
+    c_EL = _load_vals(csrc_ptr, offs_EL, ok_EL, IS64)
+    rank_EL = tl.load(iscr_ptr + 2 * A + offs_EL, mask=ok_EL, other=0)
+    tl.debug_barrier()
+    colv_EL = ok_EL & (rank_EL < ge_max)
+    cslot_EL = _excl_scan(colv_EL.to(tl.int32))
+    tl.store(vscr_ptr + A + cslot_EL, c_EL, mask=colv_EL)
+    tl.store(iscr_ptr + A + cslot_EL, cj_EL, mask=colv_EL)
+    tl.store(iscr_ptr + 5 * A + cslot_EL, rank_EL, mask=colv_EL)
+    tl.store(meta_ptr + t * 4, tl.sum(live_EL.to(tl.int32)))
+    tl.store(meta_ptr + t * 4 + 1, tl.sum(colv_EL.to(tl.int32)))
+    tl.store(meta_ptr + t * 4 + 2, tl.sum(take_EL))
 
 
-def cartesian_topk_ids(rows_Tn: torch.Tensor, cols_Tn: torch.Tensor, k: int) -> tuple:
-    """Launch the kernel: (scores_TK in the input dtype, ids_TK int64), ids ascending."""
+def _lanes(size: int, lanes: int) -> tuple[int, int]:
+    """(E, L) = (vector elements per lane, lanes) of a per-token vector of >= size elements."""
+    return max(1, triton.next_power_of_2(size) // lanes), lanes
+
+
+def cartesian_topk_ids(
+    rows_Tn: torch.Tensor,
+    cols_Tn: torch.Tensor,
+    k: int,
+    *,
+    num_warps: int | None = None,
+    maxnreg: int | None = None,
+) -> tuple:
+    """Launch the kernels: (scores_TK in the input dtype, ids_TK int64), ids ascending.
+    ``num_warps`` (1, 2 or 4) and ``maxnreg`` tune the select kernel (benchmarks)."""
     T, n = rows_Tn.shape
     rows_Tn, cols_Tn = rows_Tn.contiguous(), cols_Tn.contiguous()
     dev = rows_Tn.device
@@ -233,17 +176,26 @@ def cartesian_topk_ids(rows_Tn: torch.Tensor, cols_Tn: torch.Tensor, k: int) -> 
     if T == 0:
         return scores_TK.to(rows_Tn.dtype), ids_TK
     a = min(k, n)
-    A = max(2, triton.next_power_of_2(a))
-    NP = max(2, triton.next_power_of_2(n))
-    cand_idx = torch.empty(T, 2, A, dtype=torch.int32, device=dev)
-    cand_val = torch.empty(T, 2, A, dtype=acc, device=dev)
-    csort = torch.empty(T, A, dtype=acc, device=dev)
-    meta = torch.empty(T, 2, A, dtype=torch.int32, device=dev)
-    _cartesian_topk_kernel[(T,)](
-        rows_Tn, cols_Tn, cand_idx, cand_val, csort, meta, ids_TK, scores_TK, n, a, k,
-        NP=NP, A=A, LOGA=A.bit_length() - 1, RB=max(1, 2048 // min(A, 64)), CB=min(A, 64),
-        IS64=is64, DENSE=A <= 64, num_warps=8 if NP >= 4096 else 4,
+    # One warp per token up to n = 1024: reductions are warp shuffles, barriers are cheap. At
+    # most 4 (L <= 128 lanes: the packed prefix sum has 8-bit fields).
+    num_warps = min(4, num_warps or max(1, triton.next_power_of_2(n) // 1024))
+    EN, LN = _lanes(n, 32 * num_warps)
+    EA, LA = _lanes(a, 32 * num_warps)
+    A = EA * LA
+    iscr = torch.empty(T, 8, A, dtype=torch.int32, device=dev)
+    vscr = torch.empty(T, 2, A, dtype=acc, device=dev)
+    csort = torch.empty(T, 2 * A, dtype=torch.float64, device=dev)
+    meta = torch.empty(T, 4, dtype=torch.int32, device=dev)
+    _select_kernel[(T,)](
+        rows_Tn, cols_Tn, iscr, vscr, csort, meta, n, a, k, EN=EN, LN=LN, EA=EA, LA=LA,
+        CH=max(1, min(64, 4096 // A)), IS64=is64, SELECT=a < n, num_warps=num_warps,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip
+    # One warp: 32 live columns on the lanes, EMIT_ROWS rows per step; up to 8 programs per
+    # token share its live rows.
+    _emit_kernel[(T, max(1, min(8, A // 32)))](
+        iscr, vscr, meta, ids_TK, scores_TK, n, k, A=A, CB=32, RB=EMIT_ROWS, num_warps=1
+    )
     # The cast happens here (round-to-nearest-even, as the reference) rather than in the kernel:
     # Triton's CPU interpreter truncates float32 -> bfloat16. Through float32, as the reference.
     return scores_TK.float().to(rows_Tn.dtype), ids_TK

@@ -35,6 +35,28 @@ def _check(T: int, n: int, k: int, dtype: torch.dtype, device: str, ties: bool =
     assert rel_err(drows, ref_drows) <= tol and rel_err(dcols, ref_dcols) <= tol
 
 
+def _special(T: int, n: int, dtype: torch.dtype, gen: torch.Generator) -> tuple:
+    """-inf entries, signed zeros, and for float64 sums that round together (1e16 + c): equal
+    sums of different column values, which the lowest-id rule must order by column index."""
+    if dtype == torch.float64:
+        rows = 1e16 * torch.randint(1, 3, (T, n), generator=gen).double()
+        cols = torch.randint(0, 4, (T, n), generator=gen).double()
+    else:
+        pool = torch.tensor([float("-inf"), -0.0, 0.0, -1.0, -2.5])
+        rows = pool[torch.randint(0, 5, (T, n), generator=gen)].to(dtype)
+        cols = pool[torch.randint(0, 5, (T, n), generator=gen)].to(dtype)
+    rows[:, ::7] = float("-inf")
+    return rows, cols
+
+
+def _check_special(T: int, n: int, k: int, dtype: torch.dtype, device: str) -> None:
+    rows, cols = _special(T, n, dtype, torch.Generator().manual_seed(7 * n + k))
+    scores, ids = omnimoe_kernels.cartesian_topk(rows.to(device), cols.to(device), k)
+    ref_scores, ref_ids = cartesian_topk_reference(rows.double(), cols.double(), k)
+    assert torch.equal(ids.cpu(), ref_ids)
+    assert torch.equal(scores.cpu(), ref_scores.to(dtype))  # -inf == -inf; -0.0 == 0.0
+
+
 CPU_CASES = [  # T, n, K, dtype
     (3, 8, 1, torch.float32),  # K = 1
     (5, 4, 16, torch.float32),  # K = n^2: every pair
@@ -44,6 +66,8 @@ CPU_CASES = [  # T, n, K, dtype
     (2, 96, 130, torch.float32),  # N = 96^2, K > n
     (0, 8, 3, torch.float32),  # no tokens
     (3, 37, 9, torch.float64),  # float64 keys: up to 64 selection rounds
+    (2, 1024, 64, torch.float32),  # the benchmark's n: 32 values per lane in the selection
+    (3, 1000, 130, torch.bfloat16),  # n not a power of two, a > 64 candidates
 ]
 
 
@@ -66,6 +90,13 @@ def test_cartesian_topk_selection_ties_cpu(n: int, k: int) -> None:
     _check(3, n, k, torch.float32, "cpu", ties=True)
 
 
+@cpu_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(("n", "k"), [(24, 1), (24, 10), (24, 50), (24, 576), (9, 30)])
+def test_cartesian_topk_special_values_cpu(n: int, k: int, dtype: torch.dtype) -> None:
+    _check_special(4, n, k, dtype, "cpu")
+
+
 def test_cartesian_topk_rejects_bad_k() -> None:
     rows = torch.zeros(2, 4)
     with pytest.raises(ValueError):
@@ -79,12 +110,23 @@ def test_cartesian_topk_rejects_bad_k() -> None:
         (64, 320, 4096, torch.float32, False),
         (64, 320, 512, torch.bfloat16, False),
         (33, 96, 1000, torch.float32, True),
-        (50, 16, 1, torch.float32, False),
+        (50, 16, 1, torch.float32, False),  # a = K = 1
         (16, 1024, 4096, torch.float32, True),  # a = n = 1024 candidates, ties
         (40, 2000, 100, torch.bfloat16, False),  # n not a power of two, 2048-lane selection
+        (7, 1, 1, torch.float32, False),  # n = 1
+        (257, 1024, 512, torch.float32, False),  # a = 512 < n: selection and wide search
+        (64, 320, 2048, torch.bfloat16, True),
     ],
 )
 @gpu[0]
 @gpu[1]
 def test_cartesian_topk_gpu(T: int, n: int, k: int, dtype: torch.dtype, ties: bool) -> None:
     _check(T, n, k, dtype, "cuda", ties=ties)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("n", "k"), [(96, 64), (96, 1000), (320, 4096)])
+@gpu[0]
+@gpu[1]
+def test_cartesian_topk_special_values_gpu(n: int, k: int, dtype: torch.dtype) -> None:
+    _check_special(33, n, k, dtype, "cuda")

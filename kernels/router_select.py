@@ -1,0 +1,173 @@
+"""Per-half device helpers of the Cartesian router: float keys, vector views, top-a
+selection, column ranks.
+
+Legend: n router half width, a = min(K, n) candidates per half, A = next power of two >= a,
+K selected experts, E x L a per-token vector of E * L elements held as an [E, L] tile (dim 1
+on the lanes, dim 0 in registers: Triton's default layout), P rows packed per scan word, VT the
+value type (float32, or float64 when IS64), CH the column chunk of the float64 ranking.
+
+Two views of a vector, both kept in that one layout by a contiguity hint of 1 (so loads and
+scattered stores need no shared-memory layout conversion):
+- row-major, element (e, l) is index e * L + l: loads are coalesced (used for the n-wide
+  inputs); an index-order prefix sum needs a cross-lane scan per row, so P = 4 rows of 0/1
+  flags are packed into one int32 (8 bits per row) first;
+- lane-chunked, element (e, l) is index l * E + e: each lane owns E consecutive indices, so an
+  index-order prefix sum is an in-thread scan plus one warp scan of the lane totals (used for
+  the a-wide candidate vectors, read back from scratch).
+
+Order-preserving keys map floats to integers of the same width (int32 for float32, int64 for
+float64), -0.0 to +0.0's key, so bisections run over integer keys while the tensor work
+compares floats against ``_unkey(mid)``: one float compare per element, and float equality
+(-0.0 == +0.0), the order of the reference's sorts.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_FLIP64: tl.constexpr = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # order-preserving xor, negative f64
+_FLIP32: tl.constexpr = tl.constexpr(0x7FFFFFFF)  # the same for float32 bit patterns
+_LOW32: tl.constexpr = tl.constexpr(0xFFFFFFFF)
+_I64_MIN: tl.constexpr = tl.constexpr(-0x8000000000000000)
+
+
+@triton.jit
+def _key(v, IS64: tl.constexpr):
+    """Order-preserving integer image of a float32 (int32) or float64 (int64) tensor."""
+    if IS64:
+        b = tl.where(v == 0, 0.0, v).to(tl.float64).to(tl.int64, bitcast=True)
+        k = tl.where(b < 0, b ^ _FLIP64, b)
+    else:
+        b = tl.where(v == 0, 0.0, v).to(tl.float32).to(tl.int32, bitcast=True)
+        k = tl.where(b < 0, b ^ _FLIP32, b)
+    return k
+
+
+@triton.jit
+def _unkey(k, IS64: tl.constexpr):
+    """Inverse of ``_key``: the float whose key is k."""
+    if IS64:
+        v = tl.where(k < 0, k ^ _FLIP64, k).to(tl.float64, bitcast=True)
+    else:
+        v = tl.where(k < 0, k ^ _FLIP32, k).to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
+def _mid(lo, hi):
+    """Floor average of two integers of any sign, without overflow."""
+    return (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+
+
+@triton.jit
+def _chunk_offs(E: tl.constexpr, L: tl.constexpr):
+    """Indices of a lane-chunked [E, L] vector: element (e, l) is l * E + e."""
+    offs_EL = tl.arange(0, E)[:, None] + E * tl.arange(0, L)[None, :]
+    return tl.max_contiguous(tl.multiple_of(offs_EL, [1, 1]), [1, 1])
+
+
+@triton.jit
+def _rowmajor_offs(E: tl.constexpr, L: tl.constexpr):
+    """Indices of a row-major [E, L] vector: element (e, l) is e * L + l."""
+    offs_EL = tl.arange(0, E)[:, None] * L + tl.arange(0, L)[None, :]
+    return tl.max_contiguous(tl.multiple_of(offs_EL, [1, 1]), [1, 1])
+
+
+@triton.jit
+def _excl_scan(x_EL):
+    """Exclusive prefix sum of a lane-chunked vector in index order."""
+    tot_L = tl.sum(x_EL, axis=0)
+    return tl.cumsum(x_EL, axis=0) - x_EL + (tl.cumsum(tot_L, axis=0) - tot_L)[None, :]
+
+
+@triton.jit
+def _excl_scan_rowmajor(x_EL):
+    """Exclusive prefix sum of a row-major vector of 0/1 flags in index order (L < 256)."""
+    E: tl.constexpr = x_EL.shape[0]
+    L: tl.constexpr = x_EL.shape[1]
+    P: tl.constexpr = 4 if E >= 4 else E
+    sh_P = 8 * tl.arange(0, P)
+    w_QL = tl.sum(tl.reshape(x_EL, [E // P, P, L]) << sh_P[None, :, None], axis=1)
+    incl_EL = tl.reshape(
+        (tl.cumsum(w_QL, axis=1)[:, None, :] >> sh_P[None, :, None]) & 0xFF, [E, L]
+    )
+    tot_E = tl.reshape((tl.sum(w_QL, axis=1)[:, None] >> sh_P[None, :]) & 0xFF, [E])
+    return incl_EL - x_EL + (tl.cumsum(tot_E, axis=0) - tot_E)[:, None]
+
+
+@triton.jit
+def _select_half(
+    v_ptr, n, a, idx_ptr, val_ptr, E: tl.constexpr, L: tl.constexpr, IS64: tl.constexpr
+):
+    """Write the top a of v[0:n] (stable: lower index first among equal values) to
+    idx_ptr/val_ptr[0:a] in ascending index order; v is read as a row-major [E, L] vector
+    (coalesced). The a-th largest value is bisected over
+    keys, stopping once a probe counts exactly a (~log2(range / gap) rounds for continuous
+    values, at most 32 for float32)."""
+    offs_EL = _rowmajor_offs(E, L)
+    ok_EL = offs_EL < n
+    if IS64:
+        v_EL = tl.load(v_ptr + offs_EL, mask=ok_EL, other=float("-inf")).to(tl.float64)
+    else:
+        v_EL = tl.load(v_ptr + offs_EL, mask=ok_EL, other=float("-inf")).to(tl.float32)
+    # Invariant: count(v >= unkey(lo)) = cnt_lo >= a > count(v >= unkey(hi)). Probes lie above
+    # the minimum, so the -inf padding is never counted.
+    lo = _key(tl.min(tl.where(ok_EL, v_EL, float("inf"))), IS64)
+    hi = _key(tl.max(v_EL), IS64) + 1
+    cnt_lo = n
+    active = (lo < hi - 1) & (cnt_lo != a)
+    while active:
+        mid = _mid(lo, hi)
+        cnt = tl.sum((v_EL >= _unkey(mid, IS64)).to(tl.int32))
+        big = cnt >= a
+        lo = tl.where(big, mid, lo)
+        cnt_lo = tl.where(big, cnt, cnt_lo)
+        hi = tl.where(big, hi, mid)
+        active = (lo < hi - 1) & (cnt_lo != a)
+    tau = _unkey(lo, IS64)
+    keep_EL = ok_EL & (v_EL >= tau)
+    if cnt_lo > a:  # values equal to tau straddle the a-th place: the lowest indices win
+        gt_EL = ok_EL & (v_EL > tau)
+        eq_EL = (keep_EL & ~gt_EL).to(tl.int32)
+        n_gt = tl.sum(gt_EL.to(tl.int32))
+        keep_EL = gt_EL | ((eq_EL > 0) & (_excl_scan_rowmajor(eq_EL) < a - n_gt))
+    slot_EL = _excl_scan_rowmajor(keep_EL.to(tl.int32))
+    tl.store(idx_ptr + slot_EL, offs_EL, mask=keep_EL)
+    tl.store(val_ptr + slot_EL, v_EL, mask=keep_EL)
+
+
+@triton.jit
+def _rank_columns(
+    c_EL, ok_EL, cval_ptr, a, csort_ptr, crank_ptr, A: tl.constexpr, CH: tl.constexpr,
+    IS64: tl.constexpr,
+):  # fmt: skip
+    """Stable descending ranks of the a candidate columns (lane-chunked, index order): writes
+    the sorted values (float64) to csort_ptr[0:a] and each column's rank to crank_ptr[0:a].
+    Float32: one ``tl.sort`` of (key << 32 | A - 1 - slot); float64 keys leave no room for
+    the slot, so there the rank is counted, #{j: c_j > c_i or (c_j == c_i and j < i)}, in
+    CH-column chunks read back from cval_ptr."""
+    offs_A = tl.arange(0, A)
+    if IS64:
+        ok_A = offs_A < a
+        c_A = tl.load(cval_ptr + offs_A, mask=ok_A, other=0.0).to(tl.float64)
+        rank_A = tl.zeros([A], dtype=tl.int32)
+        for j0 in range(0, a, CH):
+            offs_J = j0 + tl.arange(0, CH)
+            c_J = tl.load(cval_ptr + offs_J, mask=offs_J < a, other=0.0).to(tl.float64)
+            before_AJ = (c_J[None, :] > c_A[:, None]) | (
+                (c_J[None, :] == c_A[:, None]) & (offs_J[None, :] < offs_A[:, None])
+            )
+            rank_A += tl.sum((before_AJ & (offs_J[None, :] < a)).to(tl.int32), axis=1)
+        tl.store(csort_ptr + rank_A, c_A, mask=ok_A)
+        tl.store(crank_ptr + offs_A, rank_A, mask=ok_A)
+    else:
+        E: tl.constexpr = c_EL.shape[0]
+        L: tl.constexpr = c_EL.shape[1]
+        low_EL = (A - 1 - _chunk_offs(E, L)).to(tl.int64)
+        packed_EL = tl.where(ok_EL, (_key(c_EL, False).to(tl.int64) << 32) | low_EL, _I64_MIN)
+        packed_A = tl.sort(tl.reshape(packed_EL, [A]), dim=0, descending=True)
+        slot_A = A - 1 - (packed_A & _LOW32).to(tl.int32)
+        sval_A = _unkey((packed_A >> 32).to(tl.int32), False).to(tl.float64)
+        tl.store(csort_ptr + offs_A, sval_A, mask=offs_A < a)
+        tl.store(crank_ptr + slot_A, offs_A, mask=offs_A < a)
