@@ -3,7 +3,7 @@
 Legend: T tokens, n router half width (N = n * n experts), a = min(K, n) candidate rows /
 columns per half, A = next power of two >= a, K selected experts, VT the value type (float32,
 or float64 for float64 inputs), E x L a per-token vector held as an [E, L] tile (L lanes, E
-elements per lane, see ``router_select``), CB x RB the emit tile (live columns x live rows).
+elements per lane, see ``router_select``), RB x CB the emit tile (live rows x live columns).
 
 Select kernel, one program per token (one warp up to n = 1024, so every reduction is a warp
 shuffle and every barrier is cheap):
@@ -26,11 +26,13 @@ shuffle and every barrier is cheap):
    first take_i in index order of those of rank in [gt_i, ge_i) (sum == tau);
 4. compacts into scratch, in index order, the live rows (kept count > 0: index, value, first
    output slot, gt, ge, take) and the live columns (rank < max ge: index, value, rank).
-Emit kernel, program (token, row-tile group): rows on lanes, CB columns at a time in registers,
-ascending index order, so a kept pair's slot is its row's first slot plus a running per-lane
-count and the ids come out ascending. It is a separate launch because it is bound by load
-latency: with few registers many warps share an SM, while the select kernel's whole-vector
-registers leave room for few.
+Emit kernel, program (token, row-tile group): 32 live columns on the lanes, RB rows at a time
+in registers, both in ascending index order; a kept pair's slot is its row's first slot plus
+the number of kept columns of lower index (a warp scan), so the ids come out ascending and a
+row's kept pairs are stored as one coalesced run (rows on the lanes made every lane write into
+another row's slots: 1.04 ms against 0.87 ms at T=4096, n=320, K=4096). It is a separate launch
+because it is bound by memory latency: with few registers many warps share an SM, while the
+select kernel's whole-vector registers leave room for few.
 
 Comparisons are float compares (-0.0 == +0.0, as in the reference's sorts). Scores are
 r_i + c_j rounded once to VT (the reference's float64 sum cast to float32), cast to the input
