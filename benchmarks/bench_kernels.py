@@ -80,19 +80,21 @@ def peer_gather(x, up, down, w, idx):
     return torch.einsum("tk,tkd->td", a, down[idx])
 
 
+def expert_inputs(T: int, d: int, N: int, K: int) -> tuple:
+    """(x, up, down, w, idx, dy): bf16 rows and tables, fp32 weights, uniform random routing."""
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    up = (torch.randn(N, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
+    down = torch.randn(N, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = torch.rand(T, K, device="cuda").requires_grad_()
+    idx = torch.randint(0, N, (T, K), device="cuda")
+    return x, up, down, w, idx, torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+
+
 def bench_experts(T, d, N, K, bw, deterministic=False, peer=True):
     P = T * K
     set_bytes = 2 * N * d * 2 + 2 * T * d * 2 + P * 12
     n_sets = max(1, min(4, (256 << 20) // set_bytes))
-    sets = []
-    for _ in range(n_sets):
-        x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        up = (torch.randn(N, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
-        down = torch.randn(N, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        w = torch.rand(T, K, device="cuda").requires_grad_()
-        idx = torch.randint(0, N, (T, K), device="cuda")
-        gy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-        sets.append((x, up, down, w, idx, gy))
+    sets = [expert_inputs(T, d, N, K) for _ in range(n_sets)]
     U = torch.unique(sets[0][4]).numel()
     b = 2  # bf16
     fwd_bytes = 2 * U * d * b + 2 * T * d * b + P * 12
@@ -172,15 +174,11 @@ def profile() -> None:
     """Per-kernel device time of one fwd+bwd at two expert configs, and of three router calls."""
     acts = [torch.profiler.ProfilerActivity.CUDA]
     for T, d, N, K in ((16384, 2048, 262144, 32), (4096, 1024, 102400, 512)):
-        x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        up = (torch.randn(N, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
-        down = torch.randn(N, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        w = torch.rand(T, K, device="cuda").requires_grad_()
-        idx = torch.randint(0, N, (T, K), device="cuda")
+        x, up, down, w, idx, gy = expert_inputs(T, d, N, K)
 
-        def step(x=x, up=up, down=down, w=w, idx=idx):
+        def step(x=x, up=up, down=down, w=w, idx=idx, gy=gy):
             y = omnimoe_kernels.atomic_experts(x, up, down, w, idx)
-            torch.autograd.grad(y, (x, up, down, w), torch.ones_like(y))
+            torch.autograd.grad(y, (x, up, down, w), gy)
 
         step()
         torch.cuda.synchronize()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_kernels import expert_inputs  # the script's folder is on sys.path
 
 import omnimoe_kernels
 
@@ -22,12 +23,7 @@ def main() -> None:
     ap.add_argument("--forward-only", action="store_true")
     args = ap.parse_args()
     T, d, N, K = args.shape
-    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    up = (torch.randn(N, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
-    down = torch.randn(N, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    w = torch.rand(T, K, device="cuda").requires_grad_()
-    idx = torch.randint(0, N, (T, K), device="cuda")
-    gy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    x, up, down, w, idx, gy = expert_inputs(T, d, N, K)
 
     def step() -> None:
         y = omnimoe_kernels.atomic_experts(x, up, down, w, idx)
