@@ -19,10 +19,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tile_sweep import sweep_tiles  # the script's folder is on sys.path
 from triton.testing import do_bench
 
 import omnimoe_kernels
-import omnimoe_kernels.experts_autograd as experts_autograd
 import omnimoe_kernels.experts_grad as experts_grad
 import omnimoe_kernels.experts_pairs as experts_pairs
 
@@ -199,110 +199,6 @@ def profile() -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 
 
-PAIR_TILES = [(16, 128, 4), (8, 128, 4), (16, 256, 4), (16, 128, 2), (32, 128, 4)]
-COMBINE_TILES = [(32, 8, 128, 8), (32, 4, 64, 4), (64, 8, 128, 8), (32, 16, 128, 8)]
-COMBINE_TILES += [(64, 4, 64, 8), (32, 8, 64, 4), (16, 8, 128, 4), (16, 4, 128, 4)]
-SWEEP_CONFIGS = [(4096, 1024, 4096, 16), (16384, 1024, 65536, 16), (16384, 2048, 16384, 32)]
-SWEEP_CONFIGS += [(4096, 1024, 102400, 512)]
-SWEEP_ONLY: set = set()  # kernels to sweep (empty = all); ``--sweep-tiles=grad``
-
-
-def _time_tiles(label: str, tiles: list, apply, run, outputs) -> list:
-    """ms of ``run`` per tile (None where the outputs differ from the first tile's)."""
-    ref, out = None, []
-    for tile in tiles:
-        apply(tile)
-        for t in outputs:
-            t.fill_(float("nan"))  # poison: every output must be written
-        try:
-            run()
-        except Exception as exc:  # a tile that does not compile is reported, not fatal
-            print(label, tile, "failed:", str(exc)[:200], flush=True)
-            out.append(None)
-            continue
-        got = [t.float().clone() for t in outputs]
-        ref = got if ref is None else ref
-        err = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, ref))
-        out.append(do_bench(run, warmup=10, rep=100, return_mode="median") if err < 1e-2 else None)
-        print(label, tile, "ms", out[-1], "err", err, flush=True)
-    return out
-
-
-def _set_pair(tile: tuple) -> None:
-    experts_pairs.PAIR_TILE = tile
-
-
-def _set_combine(tile: tuple) -> None:
-    experts_pairs.COMBINE_TILE = tile
-
-
-def _set_grad(tile: tuple) -> None:
-    experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = tile[:3]
-    experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES = tile[3:]
-
-
-# BP, BD, warps, pairs per block (0 = chosen from P), pipelining stages
-GRAD_TILES = [(16, 128, 2, 0, 3), (16, 128, 2, 0, 1), (16, 128, 2, 0, 2), (16, 128, 2, 0, 4)]
-GRAD_TILES += [(16, 64, 2, 0, 3), (16, 64, 1, 0, 3), (16, 64, 2, 0, 1), (16, 256, 4, 0, 1)]
-GRAD_TILES += [(16, 128, 4, 0, 1), (16, 128, 1, 0, 3)]
-TILE_KNOBS = {"pair": (PAIR_TILES, _set_pair), "combine": (COMBINE_TILES, _set_combine)}
-TILE_KNOBS["grad"] = (GRAD_TILES, _set_grad)
-
-
-def _sweep_config(T: int, d: int, N: int, K: int) -> dict:
-    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn_like(x)
-    up = (torch.randn(N, d, device="cuda") / d**0.5).bfloat16()
-    idx = torch.randint(0, N, (T, K), device="cuda")
-    w, h, g = (torch.rand(T, K, device="cuda") for _ in range(3))
-    key_P, order_P, base = experts_autograd.expert_order(idx, N)
-    e_P = key_P.to(torch.int32) + base
-    y, dup, ddown = torch.empty_like(x), torch.empty_like(up), torch.empty_like(up)
-    runs = {
-        "pair": (lambda: experts_pairs.pair_scores(x, up, e_P, order_P, K, h), [h]),
-        "combine": (lambda: experts_pairs.combine_rows(up, idx, h, y, w_TK=w), [y]),
-        "grad": (
-            lambda: experts_grad.expert_grads(
-                x, dy, order_P, e_P, h, w, g, dup, ddown, K, deterministic=True
-            ),
-            [dup, ddown],
-        ),
-    }
-    res = {}
-    for name, (run, outputs) in runs.items():
-        if SWEEP_ONLY and name not in SWEEP_ONLY:
-            res[name] = [0.0] * len(TILE_KNOBS[name][0])
-            continue
-        tiles, apply = TILE_KNOBS[name]
-        res[name] = _time_tiles(f"{name} {(T, d, N, K)}", tiles, apply, run, outputs)
-    return res
-
-
-def sweep_tiles() -> dict:
-    """Time each kernel's tile alternatives alone on SWEEP_CONFIGS and report the fastest in
-    total; the modules' defaults (set from these tables) are restored for the rest of the run."""
-    saved = (experts_pairs.PAIR_TILE, experts_pairs.COMBINE_TILE)
-    saved += (experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS)
-    saved += (experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES)
-    per_cfg = []
-    for cfg in SWEEP_CONFIGS:
-        per_cfg.append(_sweep_config(*cfg))
-        torch.cuda.empty_cache()
-    best = {}
-    for name, (tiles, _) in TILE_KNOBS.items():
-        totals = {}
-        for i, tile in enumerate(tiles):
-            col = [res[name][i] for res in per_cfg]
-            if None not in col:
-                totals[tile] = sum(col)
-        best[name] = min(totals, key=totals.get)
-        print("best", name, best[name], "total ms", totals[best[name]], flush=True)
-    experts_pairs.PAIR_TILE, experts_pairs.COMBINE_TILE = saved[:2]
-    experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = saved[2:5]
-    experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES = saved[5:]
-    return {"configs": SWEEP_CONFIGS, "ms": per_cfg, "best": best}
-
-
 def _dump(out: dict, path: str) -> None:
     """Rewrite the JSON after every row, so a run cut short still leaves its numbers."""
     with open(path, "w") as f:
@@ -374,8 +270,7 @@ def main() -> None:
         "layer": [],
     }
     if args.sweep_tiles:
-        SWEEP_ONLY.update(args.sweep_tiles.split(","))
-        out["tile_sweep"] = sweep_tiles()
+        out["tile_sweep"] = sweep_tiles(set(args.sweep_tiles.split(",")))
     out["tiles"] = {
         "pair": experts_pairs.PAIR_TILE,
         "combine": experts_pairs.COMBINE_TILE or experts_pairs.COMBINE_TILES,
