@@ -104,6 +104,8 @@ def sweep_tiles(only: set) -> dict:
         torch.cuda.empty_cache()
     best = {}
     for name, (tiles, _) in TILE_KNOBS.items():
+        if name not in only:
+            continue
         totals = {}
         for i, tile in enumerate(tiles):
             col = [res[name][i] for res in per_cfg]
