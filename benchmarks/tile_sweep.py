@@ -56,9 +56,10 @@ def _set_grad(tile: tuple) -> None:
 
 
 # BP, BD, warps, pairs per block (0 = chosen from P), pipelining stages
-GRAD_TILES = [(16, 128, 2, 0, 3), (16, 128, 2, 0, 1), (16, 128, 2, 0, 2), (16, 128, 2, 0, 4)]
+GRAD_TILES = [(16, 128, 2, 0, 2), (16, 128, 2, 0, 1), (16, 128, 2, 0, 3), (16, 128, 2, 0, 4)]
 GRAD_TILES += [(16, 64, 2, 0, 3), (16, 64, 1, 0, 3), (16, 64, 2, 0, 1), (16, 256, 4, 0, 1)]
 GRAD_TILES += [(16, 128, 4, 0, 1), (16, 128, 1, 0, 3)]
+
 TILE_KNOBS = {"pair": (PAIR_TILES, _set_pair), "combine": (COMBINE_TILES, _set_combine)}
 TILE_KNOBS["grad"] = (GRAD_TILES, _set_grad)
 

@@ -44,7 +44,9 @@ BLOCK_PAIRS = 0  # 0 = chosen from P in ``expert_grads``; tests set a small valu
 CHUNK_PAIRS = 16
 GRAD_BD = 128
 GRAD_WARPS = 2
-GRAD_STAGES = 3  # Triton's software-pipelining depth for the chunk loop (its default)
+# Software-pipelining depth of the chunk loop: 2 beat Triton's default 3 by 10 to 16% at all
+# four swept configs (0.71 vs 0.82 ms at N = 65,536; 5.05 vs 5.82 ms at the paper setting).
+GRAD_STAGES = 2
 
 
 @triton.jit
