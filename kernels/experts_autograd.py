@@ -6,11 +6,13 @@ Schedule (no host synchronisation anywhere: every size comes from input shapes, 
 backward can be captured in a CUDA graph):
 
 forward
-    1. sort the P expert ids (``torch.sort``, stable, on device) -> expert order;
+    1. sort the P expert ids (``expert_order``: ``torch.sort``, stable, on device) -> expert
+       order; skipped when both tables fit in L2 (``L2_TABLE_BYTES``);
     2. ``pair_scores``: h = up_e . x_t per pair, walked in expert order (each expert row read
-       once per block of its pairs);
+       once per block of its pairs), or in token order without the sort;
     3. ``combine_rows``: y_t = sum_k w * silu(h) * down_e, a K-way reduction held in registers.
 backward
+    0. the expert order, if the forward did not sort;
     1. ``pair_scores`` (backward): da = down_e . dy_t in expert order, then dw and g = dL/dh;
     2. ``combine_rows``: dx_t = sum_k g_tk * up_e;
     3. ``expert_grads``: dup_e = sum g x_t, ddown_e = sum a dy_t, segmented over the expert runs
