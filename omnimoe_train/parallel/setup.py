@@ -22,11 +22,11 @@ from megatron.core import parallel_state
 from torch import nn
 
 from omnimoe_train.config import RootConfig
-from omnimoe_train.omnimoe_layer import OmniMoEMLP
+from omnimoe_train.model.omnimoe_layer import OmniMoEMLP
+from omnimoe_train.model.router import GateNorm
 from omnimoe_train.parallel.cost_model import choose_sharding, describe_choice, predict_bytes
 from omnimoe_train.parallel.expert_parallel import ExpertParallel
 from omnimoe_train.parallel.layout import sharding_modes_allowed
-from omnimoe_train.router import GateNorm
 from omnimoe_train.validation import layout_from_config
 
 

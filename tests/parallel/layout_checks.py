@@ -3,7 +3,7 @@
 The reference is one process (world 1, ``parallel=single``) training the tiny model below on
 fixed global batches; it saves its initial weights, step-1 loss, step-1 gradients (after megatron's
 grad sync) and grad norm, and its 5-step loss curve. Each parallel layout then, on every rank:
-builds the model through the real trainer path (``StepEngine``: layout applied, megatron DDP,
+builds the model through the real trainer path (``MegatronEngine``: layout applied, megatron DDP,
 optimizer, pipeline schedule), loads the reference weights into its local shards, feeds each
 data-parallel rank its micro-batches of the same global batches, and checks its loss, the grads
 of every local shard against the matching slice of the reference grads (so all ranks together
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from omnimoe_train.distributed import init_runtime
-from omnimoe_train.trainer import StepEngine
+from omnimoe_train.engine.megatron import MegatronEngine
 from tests.train.conftest import compose_config
 
 RTOL_STEP = 1e-5  # loss, grads, grad norm of step 1: relative to the largest reference entry
@@ -67,7 +67,7 @@ def rank_microbatches(step: int, cfg: Any, dp_rank: int, dp_size: int) -> list[t
     return [batch[i * m : (i + 1) * m] for i in range(dp_rank, count, dp_size)]
 
 
-def _local_params(engine: StepEngine) -> list[tuple[str, torch.nn.Parameter, torch.nn.Module]]:
+def _local_params(engine: MegatronEngine) -> list[tuple[str, torch.nn.Parameter, torch.nn.Module]]:
     return [
         (n, p, chunk.module) for chunk in engine.model for n, p in chunk.module.named_parameters()
     ]
@@ -103,7 +103,7 @@ def _local_slice(full: torch.Tensor, param: torch.Tensor, table_sharding: str) -
     return full
 
 
-def _gather_distributed_grads(engine: StepEngine) -> None:
+def _gather_distributed_grads(engine: MegatronEngine) -> None:
     """The distributed optimizer reduce-scatters grads: all-gather each bucket's shards back."""
     for chunk in engine.model:
         for buffers, group in (
@@ -133,7 +133,7 @@ def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float)
     )
 
 
-def _train(engine: StepEngine, cfg: Any, steps: int, after_first: Any = None) -> list[float]:
+def _train(engine: MegatronEngine, cfg: Any, steps: int, after_first: Any = None) -> list[float]:
     rt = engine.rt
     losses = []
     for step in range(steps):
@@ -152,7 +152,7 @@ def make_reference(path: Path) -> None:
     """World 1: the single-process run every layout is compared with."""
     cfg = layout_config("single")
     rt = init_runtime(cfg)
-    engine = StepEngine(cfg, rt, VOCAB)
+    engine = MegatronEngine(cfg, rt, VOCAB)
     model = engine.model[0].module
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads: dict[str, torch.Tensor] = {}
@@ -167,7 +167,9 @@ def make_reference(path: Path) -> None:
     parallel_state.destroy_model_parallel()
 
 
-def _check_grads(layout: str, cfg: Any, engine: StepEngine, params: list, ref_grads: dict) -> None:
+def _check_grads(
+    layout: str, cfg: Any, engine: MegatronEngine, params: list, ref_grads: dict
+) -> None:
     """Every local shard's reduced grad equals its slice of the single-process grad."""
     if cfg.parallel.distributed_optimizer:
         _gather_distributed_grads(engine)
@@ -183,7 +185,7 @@ def check_layouts(ref_path: Path, layouts: list[str]) -> None:
     for layout in layouts:
         cfg = layout_config(layout)
         rt = init_runtime(cfg)
-        engine = StepEngine(cfg, rt, VOCAB)
+        engine = MegatronEngine(cfg, rt, VOCAB)
         tied = cfg.model.tie_embeddings
         params = _local_params(engine)
         for name, param, model in params:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from omnimoe_train.expert_stats import ExpertStats, layer_metrics, summarize
+from omnimoe_train.model.expert_stats import ExpertStats, layer_metrics, summarize
 
 
 def test_uniform_selection_has_zero_unevenness_and_full_usage() -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from omnimoe_train.model import build_model, layer_spec, transformer_config
-from omnimoe_train.omnimoe_layer import OmniMoEMLP
+from omnimoe_train.model.gpt import build_model, layer_spec, transformer_config
+from omnimoe_train.model.omnimoe_layer import OmniMoEMLP
 from tests.train.conftest import compose_config
 
 TINY = (

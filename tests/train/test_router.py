@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnimoe_train.router import CartesianRouter, GateNorm
+from omnimoe_train.model.router import CartesianRouter, GateNorm
 
 
 @pytest.mark.parametrize(("n", "k"), [(4, 1), (8, 5), (8, 8), (8, 20), (16, 64), (6, 36)])

@@ -70,3 +70,38 @@ def summarize(counts_LN: torch.Tensor, entropy_sum_L: torch.Tensor, tokens_L: to
     """Window metrics averaged over the given layers."""
     means = layer_metrics(counts_LN, entropy_sum_L, tokens_L).mean(0)
     return {name: means[i].item() for i, name in enumerate(METRIC_NAMES)}
+
+
+def collect_expert_metrics(
+    stats: list[ExpertStats], *, sequence_parallel: bool
+) -> dict[str, float]:
+    """Window metrics over every OmniMoE layer of the model, on every rank; resets ``stats``.
+
+    Collective when a process group exists: data-parallel ranks route different tokens, and so
+    do TP ranks under sequence parallelism (without it they route the same tokens, which must not
+    be counted twice); each pipeline stage holds different layers, whose per-layer metrics are
+    averaged over all stages.
+    """
+    if not stats:
+        return {}
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    counts = torch.stack([s.counts_N for s in stats])
+    entropy = torch.stack([s.entropy_sum for s in stats])
+    tokens = torch.stack([s.tokens for s in stats])
+    for s in stats:
+        s.reset()
+    if not dist.is_initialized():
+        return summarize(counts, entropy, tokens)
+    groups = [parallel_state.get_data_parallel_group()]
+    if sequence_parallel:
+        groups.append(parallel_state.get_tensor_model_parallel_group())
+    for t in (counts, entropy, tokens):
+        for group in groups:
+            dist.all_reduce(t, group=group)
+    per_layer = layer_metrics(counts, entropy, tokens)
+    totals = torch.cat([per_layer.sum(0), per_layer.new_tensor([per_layer.shape[0]])])
+    dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    means = totals[:-1] / totals[-1]
+    return {name: means[i].item() for i, name in enumerate(METRIC_NAMES)}

@@ -21,9 +21,9 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
-from omnimoe_train.attention import SDPAttention
 from omnimoe_train.config import ModelConfig, RootConfig
-from omnimoe_train.omnimoe_layer import OmniMoEMLP, OmniMoESettings
+from omnimoe_train.model.attention import SDPAttention
+from omnimoe_train.model.omnimoe_layer import OmniMoEMLP, OmniMoESettings
 
 
 def omnimoe_settings(m: ModelConfig) -> OmniMoESettings:

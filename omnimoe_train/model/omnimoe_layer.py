@@ -24,8 +24,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 import omnimoe_kernels
-from omnimoe_train.expert_stats import ExpertStats
-from omnimoe_train.router import CartesianRouter
+from omnimoe_train.model.expert_stats import ExpertStats
+from omnimoe_train.model.router import CartesianRouter
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,243 @@
+"""The megatron-core engine: DDP-wrapped model chunks, megatron's optimizer (plain or
+distributed), its WSD LR schedule and its pipeline schedules (no pipelining, 1F1B, interleaved).
+
+The parallel layout (TP/SP/PP/VPP/DP/EP) comes from megatron's process groups, created by
+``distributed.init_runtime``; the OmniMoE tables are wired by ``parallel.setup``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from omnimoe_train.config import RootConfig
+from omnimoe_train.distributed import Runtime
+from omnimoe_train.model.gpt import build_model, transformer_config
+from omnimoe_train.parallel.expert_parallel import dispatch_metrics
+from omnimoe_train.parallel.setup import apply_parallelism, dispatch_layers, resolve_table_sharding
+
+WSD_STYLES = {"linear": "linear", "cosine": "cosine", "sqrt": "minus_sqrt"}
+
+
+def _chained(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _distributed_optimizer_shards(optimizer: Any) -> list[dict | None]:
+    """This rank's shard of each distributed optimizer's main params and Adam moments.
+
+    Megatron's ``state_dict()`` of a distributed optimizer leaves them out. Its bucket-space
+    form is kept per rank, which resumes the same layout exactly (resharding is the job of the
+    sharded-checkpoint format). Its loader expects a ``padding`` flag the getter does not set.
+    """
+    shards: list[dict | None] = []
+    for opt in _chained(optimizer):
+        if not hasattr(opt, "get_parameter_state_dp_reshardable"):
+            shards.append(None)
+            continue
+        shard = opt.get_parameter_state_dp_reshardable()
+        for key, by_dtype in shard.items():
+            if isinstance(key, int):
+                for buckets in by_dtype.values():
+                    for bucket in buckets:
+                        for entry in bucket:
+                            entry.setdefault("padding", False)
+        shards.append(shard)
+    return shards
+
+
+def _loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    # Megatron's 3-tuple contract: the schedule divides by the token count and microbatches.
+    loss_sum = output_tensor.float().sum()
+    num_tokens = torch.tensor(output_tensor.numel(), dtype=torch.int, device=loss_sum.device)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def _forward_step(data_iterator, model, *, device: torch.device):  # noqa: ANN001, ANN202
+    batch_BL = next(data_iterator).to(device, non_blocking=True)
+    tokens_BS, labels_BS = batch_BL[:, :-1], batch_BL[:, 1:]
+    position_ids_BS = torch.arange(tokens_BS.shape[1], device=device).expand_as(tokens_BS)
+    losses_BS = model(tokens_BS, position_ids_BS, None, labels=labels_BS)
+    return losses_BS, _loss_func
+
+
+class MegatronEngine:
+    """Model chunks (DDP-wrapped, parallel layout applied), optimizer, LR schedule, pipeline
+    schedule: everything one optimizer step needs, fed by any iterator of micro-batches."""
+
+    def __init__(self, cfg: RootConfig, runtime: Runtime, vocab_size: int) -> None:
+        self.cfg, self.rt, self.vocab_size = cfg, runtime, vocab_size
+        d = cfg.data
+        self.num_microbatches = d.global_batch_size // (d.micro_batch_size * runtime.dp_size)
+        self.table_sharding, self.sharding_note = resolve_table_sharding(
+            cfg, world_size=runtime.world_size, bf16=runtime.bf16
+        )
+        self.tconfig = transformer_config(cfg, bf16=runtime.bf16)
+        chunks = self._build_model_chunks()
+        self.model = chunks
+        optimizer = get_megatron_optimizer(self._optimizer_config(), chunks)
+        o, t = cfg.optim, cfg.trainer
+        scheduler = OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0,
+            max_lr=o.lr,
+            min_lr=o.lr * o.min_lr_ratio,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=t.max_steps,
+            lr_decay_style="WSD",
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=t.max_steps,
+            wd_incr_style="constant",
+            wsd_decay_steps=max(1, int(o.decay_fraction * t.max_steps)),
+            lr_wsd_decay_style=WSD_STYLES[o.decay_style],
+        )
+        # Megatron's schedule calls these hooks: grad sync, loss scaling, no-sync for accumulation.
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.grad_scale_func = optimizer.scale_loss
+        self.tconfig.no_sync_func = (
+            chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
+        )
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.dispatches = [ep for c in chunks for ep in dispatch_layers(c)]
+        self.forward_backward = get_forward_backward_func()
+
+    # -- construction -------------------------------------------------------------------------
+    def _build_model_chunks(self) -> list[DistributedDataParallel]:
+        vpp = self.cfg.parallel.vpp or 1
+        chunks = []
+        for vp_stage in range(vpp):
+            model = build_model(
+                self.cfg,
+                self.tconfig,
+                vocab_size=self.vocab_size,
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=False, vp_stage=vp_stage
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=False, vp_stage=vp_stage
+                ),
+                vp_stage=vp_stage if self.cfg.parallel.vpp else None,
+            )
+            apply_parallelism(model, self.cfg, self.table_sharding)  # before DDP reads the attrs
+            model = model.to(self.rt.device)
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
+            )
+            chunks.append(
+                DistributedDataParallel(
+                    self.tconfig, ddp_config, model, disable_bucketing=vp_stage > 0
+                )
+            )
+        return chunks
+
+    def _optimizer_config(self) -> OptimizerConfig:
+        o = self.cfg.optim
+        return OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.lr * o.min_lr_ratio,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.beta1,
+            adam_beta2=o.beta2,
+            adam_eps=o.eps,
+            clip_grad=o.clip_grad,
+            bf16=self.rt.bf16,
+            params_dtype=torch.bfloat16 if self.rt.bf16 else torch.float32,
+            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
+        )
+
+    # -- steps --------------------------------------------------------------------------------
+    def run_schedule(
+        self, data_iterator, num_microbatches: int, forward_only: bool
+    ) -> torch.Tensor:  # noqa: ANN001
+        """Forward (+ backward and grad sync) of ``num_microbatches``; returns (loss sum, tokens)."""
+        d = self.cfg.data
+        if len(self.model) > 1:
+            # Interleaved pipeline: every model chunk calls next() once per micro-batch, and the
+            # chunk with the loss must see the micro-batch the embedding chunk saw: one iterator
+            # per chunk over the same micro-batches (a shared one would hand them out in turn).
+            batches = list(itertools.islice(data_iterator, num_microbatches))
+            data_iterator = [iter(batches) for _ in self.model]
+        losses = self.forward_backward(
+            forward_step_func=partial(_forward_step, device=self.rt.device),
+            data_iterator=data_iterator,
+            model=self.model,
+            num_microbatches=num_microbatches,
+            seq_length=d.seq_len,
+            micro_batch_size=d.micro_batch_size,
+            forward_only=forward_only,
+        )
+        total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        for entry in losses:  # only the last pipeline stage has entries
+            total += entry["lm loss"].double()
+        return total
+
+    def forward_backward_step(self, data_iterator) -> torch.Tensor:  # noqa: ANN001
+        """One step's gradients, reduced as the layout says (main_grad), before the update."""
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+
+    def optimizer_step(self) -> float:
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def mean_loss(self, total: torch.Tensor) -> float:
+        """(sum, count) on the last stage -> mean over all data-parallel ranks, on every rank."""
+        if dist.is_initialized():
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+            # Non-last pipeline stages hold zeros: summing over the pipeline group broadcasts.
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return (total[0] / total[1].clamp_min(1)).item()
+
+    def dispatch_metrics(self, steps: int) -> dict[str, float]:
+        """Expert-dispatch traffic per layer per step, averaged over ranks and layers (ep > 1)."""
+        if self.cfg.parallel.ep == 1:
+            return {}
+        return dispatch_metrics(self.dispatches, steps, self.rt.device)
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- checkpoint state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": [chunk.state_dict() for chunk in self.model],
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_shards": _distributed_optimizer_shards(self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for chunk, chunk_state in zip(self.model, state["model"], strict=True):
+            chunk.load_state_dict(chunk_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for opt, shard in zip(_chained(self.optimizer), state["optimizer_shards"], strict=True):
+            if shard is not None:
+                with torch.no_grad():  # copies into leaf main params
+                    opt.load_parameter_state_from_dp_reshardable(shard)
+                # Megatron's loader (torch-Adam path) hands every parameter one shared ``step``
+                # tensor, which Adam would then advance once per parameter per step.
+                for param_state in opt.optimizer.state.values():
+                    if isinstance(param_state.get("step"), torch.Tensor):
+                        param_state["step"] = param_state["step"].clone()
+        self.scheduler.load_state_dict(state["scheduler"])
