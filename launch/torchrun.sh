@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# Single-node launcher: NPROC ranks (one per GPU; gloo ranks on a CPU-only machine).
+# Single-node launcher: NPROC ranks (one per GPU; gloo CPU processes on a CPU-only machine).
 #   launch/torchrun.sh NPROC [omnimoe-train overrides...]
 #   launch/torchrun.sh 8 model=a80m parallel.tp=2
-# Every rank must write to one run directory, so it is fixed here (Hydra's ${now:...} could
-# differ by a second between ranks); set OMNIMOE_RUN_DIR to choose it.
+#   launch/torchrun.sh 2 -m model.top_k=8,16        # a sweep: each job in turn on the 2 ranks
+# Every rank must write to one run directory (one sweep directory for -m), so both are fixed
+# here: Hydra's ${now:...} could differ by a second between ranks. Set OMNIMOE_RUN_DIR /
+# OMNIMOE_SWEEP_DIR to choose them. The console shows rank 0; every rank's output is also in
+# <run or sweep dir>/logs/. SIGUSR1 or SIGTERM makes the trainer save and exit with 75.
+# The environment (Python, NCCL, Triton cache) comes from launch/env.sh.
 set -euo pipefail
 nproc=${1:?usage: launch/torchrun.sh NPROC [omnimoe-train overrides...]}
 shift
-export OMNIMOE_RUN_DIR=${OMNIMOE_RUN_DIR:-outputs/torchrun/$(date +%Y-%m-%d_%H-%M-%S)}
-# NVLink multicast stays off: on shared hosts it can take the GPUs out of service.
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-echo "run dir: $OMNIMOE_RUN_DIR" >&2
-exec torchrun --standalone --nproc-per-node "$nproc" -m omnimoe_train.cli "$@"
+source "$(dirname "$0")/env.sh" || exit 2
+stamp=$(date +%Y-%m-%d_%H-%M-%S)
+export OMNIMOE_RUN_DIR=${OMNIMOE_RUN_DIR:-outputs/torchrun/$stamp}
+export OMNIMOE_SWEEP_DIR=${OMNIMOE_SWEEP_DIR:-multirun/$stamp}
+out_dir=$OMNIMOE_RUN_DIR
+for arg in "$@"; do
+  case $arg in -m | --multirun) out_dir=$OMNIMOE_SWEEP_DIR ;; esac
+done
+echo "output dir: $out_dir (per-rank logs in $out_dir/logs)" >&2
+exec "$OMNIMOE_PYTHON" -m omnimoe_train.torchrun --standalone --nproc-per-node "$nproc" \
+  --log-dir "$out_dir/logs" --redirects 3 --tee 3 --local-ranks-filter 0 \
+  -m omnimoe_train.cli "$@"

@@ -6,6 +6,7 @@ launchers in ``launch/``, and as a plain single process (a loopback rendezvous o
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ def init_runtime(cfg: RootConfig) -> Runtime:
     """Create the process groups (torch + megatron) and seed every RNG.
 
     The layout is validated first (the CLI already did; library callers get the same one-line
-    ``ConfigError``), so a bad layout never creates a process group.
+    ``ConfigError``), so a bad layout never creates a process group. A torch process group that
+    already exists (kept by ``shutdown_runtime(keep_process_group=True)`` for the next job of a
+    ``-m`` sweep) is reused; megatron's groups are always built for this config's layout.
     """
     from omnimoe_train.validation import validate
 
@@ -75,6 +78,7 @@ def init_runtime(cfg: RootConfig) -> Runtime:
             world_size=int(os.environ.get("WORLD_SIZE", "1")),
             timeout=timedelta(minutes=10),
         )
+        atexit.register(_destroy_process_group)
     from megatron.core import parallel_state, tensor_parallel
 
     p = cfg.parallel
@@ -101,10 +105,21 @@ def init_runtime(cfg: RootConfig) -> Runtime:
     )
 
 
-def shutdown_runtime() -> None:
+def shutdown_runtime(*, keep_process_group: bool = False) -> None:
+    """Destroy megatron's parallel state and, unless ``keep_process_group``, the torch group.
+
+    ``run`` keeps the torch group: a ``-m`` sweep runs its jobs one after another in the same
+    processes, and creating the default group a second time on torchrun's rendezvous store
+    hangs. The kept group is destroyed at interpreter exit.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if not keep_process_group:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -73,7 +73,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             _report(sink, summary)
         return summary
     finally:
-        shutdown_runtime()
+        shutdown_runtime(keep_process_group=True)  # the next job of a -m sweep reuses it
 
 
 def quiet_libraries() -> None:

@@ -1,0 +1,83 @@
+"""``python -m omnimoe_train.torchrun``: torchrun with the signals and exit status that a
+preemptible job needs. Takes torchrun's arguments unchanged (``launch/torchrun.sh`` and
+``launch/slurm_node.sh`` call it).
+
+torchrun's agent (``torch.distributed.run``) leaves SIGUSR1 at its default action, so the signal
+SLURM sends before the time limit (``--signal=USR1@<s>``; slurmstepd signals every process of the
+job step, the agent included) would kill the agent and, with it, its workers before they save.
+And the agent exits with 1 whenever a worker fails, whatever the worker's exit code. Here:
+
+- SIGUSR1 reaching the agent is passed on to its workers (the trainer finishes its step, saves
+  and exits with ``EXIT_REQUEUE`` = 75). Under SLURM the workers also get it from slurmstepd;
+  the trainer's handler only sets a flag, so twice is the same as once.
+- When every failed worker exited with 75, the agent exits with 75 (one line, no traceback), so
+  that the batch script knows the run stopped early with a checkpoint and requeues it. Other
+  failures print torchrun's usual summary and exit 1; a signal that stopped the agent (SIGTERM
+  on ``scancel``) exits 128 + its number.
+
+Why our own wrapper: torchrun has ``--signals-to-handle`` (add SIGUSR1), but an agent handling a
+signal shuts its workers down and exits 1 without their exit codes, which is the part we need.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+import psutil
+
+EXIT_REQUEUE = 75  # the trainer's "stopped early with a checkpoint saved; rerun to continue"
+EXIT_CRASH = 1
+
+
+def _forward_to_workers(signum: int, _frame: FrameType | None) -> None:
+    """Send ``signum`` to the agent's direct children: the worker processes it started."""
+    for child in psutil.Process().children(recursive=False):
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            continue
+
+
+def exit_status(worker_exit_codes: list[int]) -> int:
+    """The agent's exit status for the exit codes of the workers that failed (not 0).
+
+    75 when all of them stopped for a requeue (the others finished with 0); 1 otherwise.
+    """
+    if worker_exit_codes and all(code == EXIT_REQUEUE for code in worker_exit_codes):
+        return EXIT_REQUEUE
+    return EXIT_CRASH
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGUSR1, _forward_to_workers)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        status = exit_status(codes)
+        if status == EXIT_REQUEUE:
+            print(
+                "omnimoe torchrun: the workers saved a checkpoint and stopped early (exit 75); "
+                "rerun the same command to continue",
+                file=sys.stderr,
+            )
+        else:
+            print(exc.format_msg(), file=sys.stderr)
+            if args.log_dir:
+                print(f"omnimoe torchrun: per-rank logs under {args.log_dir}", file=sys.stderr)
+        return status
+    except SignalException as exc:
+        print(f"omnimoe torchrun: stopped by {exc.sigval.name}", file=sys.stderr)
+        return 128 + int(exc.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
