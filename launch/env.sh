@@ -1,15 +1,20 @@
-# Environment of the training processes; sourced by launch/torchrun.sh and launch/slurm_node.sh.
-# A variable that is already set keeps its value, so any of these can be overridden.
-#   OMNIMOE_PYTHON   the interpreter (default: this repository's .venv/bin/python, made by
-#                    launch/setup_env.sh); on a cluster, a path every node can read.
+# Environment of the training processes; sourced by launch/torchrun.sh, launch/slurm.sbatch,
+# launch/slurm_node.sh and the sweep jobs of hydra/launcher=slurm. A variable that is already
+# set keeps its value, so any of these can be overridden.
 
-omnimoe_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export OMNIMOE_PYTHON=${OMNIMOE_PYTHON:-$omnimoe_repo/.venv/bin/python}
-if [ ! -x "$OMNIMOE_PYTHON" ]; then
-  echo "omnimoe launch: no Python at $OMNIMOE_PYTHON: run 'bash launch/setup_env.sh' in" \
-    "$omnimoe_repo, or set OMNIMOE_PYTHON" >&2
-  return 2
-fi
+# The interpreter the launchers run: OMNIMOE_PYTHON, else this repository's .venv/bin/python
+# (made by launch/setup_env.sh). On a cluster it must be a path every node can read.
+omnimoe_python() {
+  local repo python
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  python=${OMNIMOE_PYTHON:-$repo/.venv/bin/python}
+  if [ ! -x "$python" ]; then
+    echo "omnimoe launch: no Python at $python: run 'bash launch/setup_env.sh' in $repo," \
+      "or set OMNIMOE_PYTHON" >&2
+    return 2
+  fi
+  echo "$python"
+}
 
 # NVLink multicast stays off: on shared hosts it can take the GPUs out of service.
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}

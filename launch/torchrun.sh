@@ -11,7 +11,8 @@
 set -euo pipefail
 nproc=${1:?usage: launch/torchrun.sh NPROC [omnimoe-train overrides...]}
 shift
-source "$(dirname "$0")/env.sh" || exit 2
+source "$(dirname "$0")/env.sh"
+python=$(omnimoe_python) || exit 2
 stamp=$(date +%Y-%m-%d_%H-%M-%S)
 export OMNIMOE_RUN_DIR=${OMNIMOE_RUN_DIR:-outputs/torchrun/$stamp}
 export OMNIMOE_SWEEP_DIR=${OMNIMOE_SWEEP_DIR:-multirun/$stamp}
@@ -20,6 +21,6 @@ for arg in "$@"; do
   case $arg in -m | --multirun) out_dir=$OMNIMOE_SWEEP_DIR ;; esac
 done
 echo "output dir: $out_dir (per-rank logs in $out_dir/logs)" >&2
-exec "$OMNIMOE_PYTHON" -m omnimoe_train.torchrun --standalone --nproc-per-node "$nproc" \
+exec "$python" -m omnimoe_train.torchrun --standalone --nproc-per-node "$nproc" \
   --log-dir "$out_dir/logs" --redirects 3 --tee 3 --local-ranks-filter 0 \
   -m omnimoe_train.cli "$@"

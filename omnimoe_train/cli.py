@@ -15,6 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from omnimoe_train import sweep_jobs
 from omnimoe_train.config import RootConfig, register_configs
 from omnimoe_train.validation import ConfigError, validate
 
@@ -91,14 +92,22 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
         validate(cfg)
     except ConfigError as exc:
         _fail(str(exc))
-    summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    return summary.get("final_val_loss")
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    if not sweep_jobs.in_slurm_sweep_job():
+        return run(cfg, out_dir).get("final_val_loss")
+    # A job of a `-m hydra/launcher=slurm` sweep: one srun task per GPU of every node.
+    sweep_jobs.export_distributed_env()
+    with sweep_jobs.requeue_on_early_stop(int(hydra_cfg.launcher.get("max_num_timeout", 0))):
+        return run(cfg, out_dir).get("final_val_loss")
 
 
 def main() -> None:
     from omnimoe_train.run import quiet_libraries
 
     quiet_libraries()
+    sweep_jobs.use_usr1_for_preemption()
+    sweep_jobs.register_repo_resolver()
     register_configs()
     precheck(sys.argv[1:])
     _hydra_main()

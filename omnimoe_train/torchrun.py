@@ -10,10 +10,11 @@ And the agent exits with 1 whenever a worker fails, whatever the worker's exit c
 - SIGUSR1 reaching the agent is passed on to its workers (the trainer finishes its step, saves
   and exits with ``EXIT_REQUEUE`` = 75). Under SLURM the workers also get it from slurmstepd;
   the trainer's handler only sets a flag, so twice is the same as once.
-- When every failed worker exited with 75, the agent exits with 75 (one line, no traceback), so
-  that the batch script knows the run stopped early with a checkpoint and requeues it. Other
-  failures print torchrun's usual summary and exit 1; a signal that stopped the agent (SIGTERM
-  on ``scancel``) exits 128 + its number.
+- When every failed worker exited with the same code, the agent exits with it: 75 (one line, no
+  traceback) tells the batch script that the run stopped early with a checkpoint, so it
+  requeues; 2 is a usage error the workers have already printed in one line. Other failures
+  print torchrun's usual summary and exit 1; a signal that stopped the agent (SIGTERM on
+  ``scancel``) exits 128 + its number.
 
 Why our own wrapper: torchrun has ``--signals-to-handle`` (add SIGUSR1), but an agent handling a
 signal shuts its workers down and exits 1 without their exit codes, which is the part we need.
@@ -27,8 +28,9 @@ from types import FrameType
 
 import psutil
 
-EXIT_REQUEUE = 75  # the trainer's "stopped early with a checkpoint saved; rerun to continue"
 EXIT_CRASH = 1
+EXIT_USAGE = 2  # the trainer printed one line naming the bad key
+EXIT_REQUEUE = 75  # the trainer's "stopped early with a checkpoint saved; rerun to continue"
 
 
 def _forward_to_workers(signum: int, _frame: FrameType | None) -> None:
@@ -43,10 +45,13 @@ def _forward_to_workers(signum: int, _frame: FrameType | None) -> None:
 def exit_status(worker_exit_codes: list[int]) -> int:
     """The agent's exit status for the exit codes of the workers that failed (not 0).
 
-    75 when all of them stopped for a requeue (the others finished with 0); 1 otherwise.
+    Their common code when they agree and it is a plain exit status (e.g. 75 when all stopped for
+    a requeue, the others having finished with 0); 1 otherwise (mixed codes, or killed by a
+    signal: torch reports those as negative codes).
     """
-    if worker_exit_codes and all(code == EXIT_REQUEUE for code in worker_exit_codes):
-        return EXIT_REQUEUE
+    codes = set(worker_exit_codes)
+    if len(codes) == 1 and (code := codes.pop()) > 0:
+        return code
     return EXIT_CRASH
 
 
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rerun the same command to continue",
                 file=sys.stderr,
             )
-        else:
+        elif status != EXIT_USAGE:
             print(exc.format_msg(), file=sys.stderr)
             if args.log_dir:
                 print(f"omnimoe torchrun: per-rank logs under {args.log_dir}", file=sys.stderr)
