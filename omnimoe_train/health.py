@@ -44,7 +44,9 @@ def check_devices(local_rank: int, local_world_size: int, expected_gpus: int) ->
             visible, or the rank's device cannot run a kernel.
     """
     if expected_gpus <= 0:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        )
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     needed = max(expected_gpus, local_world_size)
     if visible < needed:
@@ -106,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
         speed = f", all-reduce bus bandwidth {bandwidth:.1f} GB/s" if bandwidth else ""
         print(
-            f"health: ok: {dist.get_world_size()} ranks on {nodes} node(s), {device.type}"
-            f"{speed}",
+            f"health: ok: {dist.get_world_size()} ranks on {nodes} node(s), {device.type}{speed}",
             flush=True,
         )
     dist.destroy_process_group()

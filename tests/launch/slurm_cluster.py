@@ -106,7 +106,16 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """End the daemons started here (by PID), remove the /etc/hosts lines and the folder."""
+        """Cancel the jobs left, end the daemons started here (by PID), remove the /etc/hosts
+        lines and the folder."""
+        if len(self.pids) > 1 and self.conf.exists():  # slurmctld was started
+            self.run("scancel", "--full", "--partition=debug", check=False)
+            deadline = time.monotonic() + 40  # KillWait (30 s) ends any step that ignores TERM
+            while time.monotonic() < deadline:
+                res = self.run("squeue", "-h", "-o", "%i", check=False)
+                if res.returncode != 0 or not res.stdout.strip():
+                    break
+                time.sleep(0.5)
         for pid in reversed(self.pids):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -200,7 +209,7 @@ def start_cluster(
     root.chmod(0o755)
     cluster = SlurmCluster(root=root, nodes=list(nodes), cpus_per_node=cpus_per_node)
     try:
-        _start(cluster, ports or 17000 + (os.getpid() % 400) * 10)
+        _start(cluster, ports or 16000 + (os.getpid() % 300) * 10)
     except BaseException as exc:
         logs = cluster.logs()
         cluster.stop()

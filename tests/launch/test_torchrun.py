@@ -1,0 +1,94 @@
+"""The single-node launcher: ``omnimoe_train.torchrun`` (signals, exit status) and
+``launch/torchrun.sh`` running a ``-m`` sweep; no SLURM needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from omnimoe_train.torchrun import exit_status
+from tests.launch.conftest import REPO, TINY, job_env
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [
+        ([75, 75], 75),  # every failed worker saved for a requeue
+        ([75], 75),  # the others finished with 0
+        ([2, 2], 2),  # a usage error, already printed by the workers
+        ([75, 1], 1),  # one crashed: not a clean stop
+        ([-9, -9], 1),  # killed by a signal
+        ([], 1),
+    ],
+)
+def test_exit_status(codes: list[int], expected: int) -> None:
+    assert exit_status(codes) == expected
+
+
+def test_usr1_to_the_agent_reaches_the_workers_and_75_comes_back(tmp_path: Path) -> None:
+    """torchrun's own agent would die of SIGUSR1 and exit 1; ours passes it on and exits 75."""
+    agent = subprocess.Popen(
+        [
+            sys.executable, "-m", "omnimoe_train.torchrun", "--standalone",
+            "--nproc-per-node", "2", "-m", "tests.launch.usr1_worker", str(tmp_path),
+        ],
+        cwd=REPO, env=job_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("ready_*"))) < 2 and time.monotonic() < deadline:
+            assert agent.poll() is None, agent.communicate()
+            time.sleep(0.1)
+        os.kill(agent.pid, signal.SIGUSR1)
+        _, err = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+    assert agent.returncode == 75, err
+    assert "saved a checkpoint and stopped early (exit 75)" in err
+    assert "Traceback" not in err
+
+
+def test_sweep_under_torchrun_runs_every_job_in_one_sweep_dir(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
+    """The issue's repro: the second job used to hang (process group created twice)."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            "bash", str(REPO / "launch" / "torchrun.sh"), "2", "-m", *TINY,
+            "trainer.max_steps=2", "trainer.seed=1,2", "hydra.sweep.subdir=job${hydra.job.num}",
+        ],
+        cwd=tmp_path, env=job_env(tiny_cache, OMNIMOE_SWEEP_DIR=str(sweep)),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.name.startswith("job")) == ["job0", "job1"]
+    for job in ("job0", "job1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["last_train"]["step"] == 2, summary
+        steps = [json.loads(line)["step"] for line in (sweep / job / "metrics.jsonl").open()]
+        assert steps[-1] == 2
+    # Both ranks' output, per rank, under the sweep dir; the console showed rank 0 only.
+    rank_logs = {p.parent.name for p in (sweep / "logs").rglob("stderr.log")}
+    assert rank_logs == {"0", "1"}
+    assert "[default1]" not in result.stdout + result.stderr
+
+
+def test_sbatch_outside_slurm_says_how_to_submit(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), "model=tiny"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        "not inside a SLURM job" in result.stderr and "sbatch launch/slurm.sbatch" in result.stderr
+    )
+    assert not any(tmp_path.iterdir())

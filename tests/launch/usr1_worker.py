@@ -1,0 +1,29 @@
+"""A torchrun worker for the launcher tests: it marks itself ready, waits for SIGUSR1 and then
+exits as the trainer does after saving its checkpoint (75); 3 if no signal came in 60 s.
+
+    python -m tests.launch.usr1_worker READY_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+EXIT_REQUEUE = 75
+received: list[int] = []
+
+
+def main() -> int:
+    signal.signal(signal.SIGUSR1, lambda signum, _frame: received.append(signum))
+    Path(sys.argv[1], f"ready_{os.environ['RANK']}").touch()
+    deadline = time.monotonic() + 60
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return EXIT_REQUEUE if received else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
