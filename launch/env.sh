@@ -25,6 +25,9 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 if [ -z "${PYTORCH_ALLOC_CONF:-}" ]; then
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 fi
+# The console (rich) wraps at 80 columns when it writes to a file or a pipe, as it does under
+# torchrun and SLURM: a wider line keeps one line per logged step.
+export COLUMNS=${COLUMNS:-160}
 # Triton compiles into a node-local cache: a shared home directory is slow and several nodes
 # writing one cache race.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/omnimoe-triton-$(id -u)-${SLURMD_NODENAME:-$(hostname -s)}}
