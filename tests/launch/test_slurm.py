@@ -145,3 +145,43 @@ def test_hydra_sweep_on_slurm_through_submitit(
     # The launcher config's preemption settings reached sbatch.
     script = next((sweep / ".submitit").glob("*submission*.sh")).read_text()
     assert "#SBATCH --signal=USR1@300" in script and "#SBATCH --requeue" in script
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("omnimoe_train.exit_codes") is None,
+    reason="awaits the checkpoint work: SIGUSR1 -> save -> exit 75, checkpoint.resume=auto",
+)
+def test_sweep_job_requeues_itself_after_usr1(
+    slurm: SlurmCluster, tiny_cache: Path, tmp_path: Path
+) -> None:
+    """A sweep job signalled as SLURM does before its time limit (USR1 to the job's tasks)
+    saves, requeues itself through ``sweep_jobs.requeue_on_early_stop`` and completes."""
+    steps = 200
+    sweep = tmp_path / "sweep"
+    sweeping = subprocess.Popen(
+        [
+            sys.executable, "-m", "omnimoe_train.cli", "-m", "hydra/launcher=slurm", *TINY,
+            f"trainer.max_steps={steps}", "trainer.eval_interval=50", "trainer.seed=1",
+            f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}",
+            "hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=2",
+        ],
+        cwd=tmp_path, env=slurm.env(**job_env(tiny_cache)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        run_dir = sweep / "job0"
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while len(train_losses(run_dir)) < 3 and time.monotonic() < deadline:
+            assert sweeping.poll() is None, sweeping.communicate()[0][-3000:]
+            time.sleep(0.1)
+        job = slurm.run("squeue", "-h", "-o", "%i").stdout.split()[0]
+        slurm.run("scancel", "--signal=USR1", job)
+        out, _ = sweeping.communicate(timeout=JOB_TIMEOUT)
+    finally:
+        sweeping.kill()
+    assert sweeping.returncode == 0, out[-3000:]
+    assert int(slurm.job_info(job).get("Restarts", "0")) == 1
+    assert sorted(train_losses(run_dir)) == list(range(1, steps + 1))
+    log = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.err"))
+    assert "requeueing SLURM job" in log and "resumed from" in log, log[-3000:]
