@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from types import FrameType
 
 import psutil
@@ -31,6 +32,9 @@ import psutil
 EXIT_CRASH = 1
 EXIT_USAGE = 2  # the trainer printed one line naming the bad key
 EXIT_REQUEUE = 75  # the trainer's "stopped early with a checkpoint saved; rerun to continue"
+# After its workers failed, the node hosting the rendezvous store keeps it up this long, so the
+# other nodes' agents close the rendezvous cleanly instead of printing a C++ stack trace.
+HOST_LINGER_S = 3.0
 
 
 def _forward_to_workers(signum: int, _frame: FrameType | None) -> None:
@@ -55,6 +59,10 @@ def exit_status(worker_exit_codes: list[int]) -> int:
     return EXIT_CRASH
 
 
+def _hosts_multinode_rendezvous(args) -> bool:  # noqa: ANN001 - torchrun's argparse namespace
+    return str(args.nnodes) not in ("1", "1:1") and "is_host=1" in (args.rdzv_conf or "")
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
+        if _hosts_multinode_rendezvous(args):
+            time.sleep(HOST_LINGER_S)
         codes = [failure.exitcode for failure in exc.failures.values()]
         status = exit_status(codes)
         if status == EXIT_REQUEUE:
