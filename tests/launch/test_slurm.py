@@ -185,3 +185,27 @@ def test_sweep_job_requeues_itself_after_usr1(
     assert sorted(train_losses(run_dir)) == list(range(1, steps + 1))
     log = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.err"))
     assert "requeueing SLURM job" in log and "resumed from" in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_sweep_job_requeue_on_exit_75(
+    slurm: SlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sweep_jobs.requeue_on_early_stop`` in a real submitit job: exit 75 requeues the job,
+    which then finishes; with no requeue left, the job fails with one clear error."""
+    import submitit
+
+    from tests.launch.sweep_job_fns import stop_early_on_first_start
+
+    for key, value in slurm.env(PYTHONPATH=str(REPO)).items():
+        monkeypatch.setenv(key, value)
+    executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
+    executor.update_parameters(
+        timeout_min=5, cpus_per_task=1, slurm_additional_parameters={"requeue": True}
+    )
+    requeued = executor.submit(stop_early_on_first_start, 1)
+    stopped = executor.submit(stop_early_on_first_start, 0)
+    assert requeued.result() == "1"
+    with pytest.raises(submitit.core.utils.FailedJobError, match="stopped early with a checkpoint"):
+        stopped.result()
+    assert slurm.job_info(stopped.job_id)["Restarts"] == "0"
