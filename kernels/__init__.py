@@ -5,16 +5,21 @@ Imported as ``omnimoe_kernels`` (the folder is ``kernels/``; that name is taken 
 ``backend`` selects the implementation: ``"torch"`` (the reference in ``reference.py``),
 ``"triton"``, or ``"auto"``: Triton for CUDA tensors, or for CPU tensors when
 ``TRITON_INTERPRET=1`` is set (so CI exercises the very same kernels), else the reference.
+
+Importing the package does not import torch (the reference is loaded on first use): the
+configuration validation reads ``limits`` before a run, and a usage error should not wait for
+torch to load.
 """
 
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from omnimoe_kernels.limits import EXPERTS_MAX_NUM, EXPERTS_MAX_PAIRS, ROUTER_MAX_TOP_K
-from omnimoe_kernels.reference import atomic_experts_reference, cartesian_topk_reference
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -46,6 +51,8 @@ def cartesian_topk(
         from omnimoe_kernels.triton_ops import cartesian_topk_triton
 
         return cartesian_topk_triton(rows_Tn, cols_Tn, k)
+    from omnimoe_kernels.reference import cartesian_topk_reference
+
     return cartesian_topk_reference(rows_Tn, cols_Tn, k)
 
 
@@ -79,7 +86,18 @@ def atomic_experts(
         return atomic_experts_triton(
             x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic=deterministic
         )
+    from omnimoe_kernels.reference import atomic_experts_reference
+
     return atomic_experts_reference(x_TD, up_ND, down_ND, weights_TK, indices_TK)
+
+
+def __getattr__(name: str) -> Any:
+    """The reference functions, imported (with torch) on first access."""
+    if name in ("atomic_experts_reference", "cartesian_topk_reference"):
+        from omnimoe_kernels import reference
+
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
