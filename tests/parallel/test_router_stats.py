@@ -18,10 +18,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_dp2_running_stats_match_single_process(reference: Path) -> None:
     run_distributed(check_stats, 2, reference, ["single"], timeout_s=300)
 
 
+@pytest.mark.slow
 def test_world4_running_stats_match_single_process(reference: Path) -> None:
     """Sequence parallel + expert parallel (tp2_ep2) and pipeline stages (pp2_dp2), dp = 2."""
     run_distributed(check_stats, 4, reference, ["tp2_ep2", "pp2_dp2"], timeout_s=300)
