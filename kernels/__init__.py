@@ -16,7 +16,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from omnimoe_kernels.limits import EXPERTS_MAX_NUM, EXPERTS_MAX_PAIRS, ROUTER_MAX_TOP_K
+from omnimoe_kernels.limits import (
+    EXPERTS_MAX_HIDDEN,
+    EXPERTS_MAX_NUM,
+    EXPERTS_MAX_PAIRS,
+    ROUTER_MAX_TOP_K,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -73,8 +78,8 @@ def atomic_experts(
     list an expert twice, a padded slot may carry weight 0). The ids are not range-checked on
     the device (that costs a host sync per call): ``cartesian_topk`` guarantees the range for
     every input, and the expert-parallel dispatch maps ids to local ones in their shard's range.
-    Triton limits: N <= ``EXPERTS_MAX_NUM``, T * K <= ``EXPERTS_MAX_PAIRS`` (checked from the
-    shapes). Non-finite x, weights or tables give non-finite outputs for the tokens that use
+    Triton limits: N <= ``EXPERTS_MAX_NUM``, D <= ``EXPERTS_MAX_HIDDEN``, T * K <=
+    ``EXPERTS_MAX_PAIRS`` (checked from the shapes). Non-finite x, weights or tables give non-finite outputs for the tokens that use
     them; in the Triton backward a non-finite x or dy row also reaches the weight gradients
     of the other experts reduced in its 16-pair chunk (0 * inf in the one-hot product), where
     the reference keeps it to that token's experts: a step with non-finite activations is
@@ -102,6 +107,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BACKENDS",
+    "EXPERTS_MAX_HIDDEN",
     "EXPERTS_MAX_NUM",
     "EXPERTS_MAX_PAIRS",
     "ROUTER_MAX_TOP_K",

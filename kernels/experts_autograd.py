@@ -26,7 +26,7 @@ import torch
 
 from omnimoe_kernels.experts_grad import expert_grads
 from omnimoe_kernels.experts_pairs import combine_rows, pair_scores
-from omnimoe_kernels.limits import EXPERTS_MAX_NUM, EXPERTS_MAX_PAIRS
+from omnimoe_kernels.limits import EXPERTS_MAX_HIDDEN, EXPERTS_MAX_NUM, EXPERTS_MAX_PAIRS
 
 
 def expert_order(indices_TK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -118,8 +118,8 @@ def atomic_experts_triton(
     the tables: ``cartesian_topk`` emits only valid ids, for every input.
 
     Raises:
-        ValueError: shapes that do not match, non-integer ids, N above ``EXPERTS_MAX_NUM`` or
-            T * K above ``EXPERTS_MAX_PAIRS``.
+        ValueError: shapes that do not match, non-integer ids, N above ``EXPERTS_MAX_NUM``, D
+            above ``EXPERTS_MAX_HIDDEN`` or T * K above ``EXPERTS_MAX_PAIRS``.
     """
     if x_TD.dim() != 2 or up_ND.shape != down_ND.shape or up_ND.shape[1] != x_TD.shape[1]:
         raise ValueError(
@@ -131,6 +131,8 @@ def atomic_experts_triton(
         raise ValueError(f"indices must be int32 or int64 expert ids (got {indices_TK.dtype})")
     if up_ND.shape[0] > EXPERTS_MAX_NUM:
         raise ValueError(f"N={up_ND.shape[0]} experts: at most {EXPERTS_MAX_NUM}")
+    if up_ND.shape[1] > EXPERTS_MAX_HIDDEN:
+        raise ValueError(f"D={up_ND.shape[1]} columns: at most {EXPERTS_MAX_HIDDEN}")
     if indices_TK.numel() > EXPERTS_MAX_PAIRS:
         raise ValueError(f"T * K = {indices_TK.numel()} pairs: at most {EXPERTS_MAX_PAIRS}")
     return AtomicExperts.apply(x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic)

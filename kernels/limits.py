@@ -14,6 +14,10 @@ ROUTER_MAX_TOP_K = 4096
 #: gradient kernel are int32.
 EXPERTS_MAX_NUM = 2**31 - 2
 
+#: Largest D (columns per table row) of the expert kernels: the gradient kernel's grid has
+#: ceil(D / GRAD_BD) programs in its second dimension, at most 65535 on CUDA, GRAD_BD = 128.
+EXPERTS_MAX_HIDDEN = 65535 * 128
+
 #: Largest P = T * K of one expert-kernel call: pair counts and flat positions stay below 2**31,
 #: so 32-bit arithmetic on them (sort keys, kernel arguments) never wraps.
 #: Under expert parallelism one call sees the pairs of the whole expert-parallel group.

@@ -19,7 +19,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from omnimoe_kernels.limits import EXPERTS_MAX_NUM, EXPERTS_MAX_PAIRS, ROUTER_MAX_TOP_K
+from omnimoe_kernels.limits import (
+    EXPERTS_MAX_HIDDEN,
+    EXPERTS_MAX_NUM,
+    EXPERTS_MAX_PAIRS,
+    ROUTER_MAX_TOP_K,
+)
 from omnimoe_train.config import DataConfig, RootConfig
 from omnimoe_train.names import COMPONENT_MAX_BYTES, long_component
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
@@ -217,6 +222,13 @@ def _validate_kernel_limits(cfg: RootConfig) -> None:
         "model.num_experts",
         f"must be <= {EXPERTS_MAX_NUM}, the Triton expert kernels' limit "
         f"(got {m.num_experts}){torch_only}",
+    )
+    # The kernels see hidden_size / ep columns under dim sharding: the full width is the bound.
+    _require(
+        m.hidden_size <= EXPERTS_MAX_HIDDEN,
+        "model.hidden_size",
+        f"must be <= {EXPERTS_MAX_HIDDEN}, the Triton expert kernels' limit "
+        f"(got {m.hidden_size}){torch_only}",
     )
     pairs = d.micro_batch_size * d.seq_len * m.top_k * ep
     _require(

@@ -206,6 +206,10 @@ def test_atomic_experts_rejects_what_breaks_the_contract(monkeypatch) -> None:
     with pytest.raises(ValueError, match="N=9 experts"):
         experts_autograd.atomic_experts_triton(x, up, down, w, idx)
     monkeypatch.setattr(experts_autograd, "EXPERTS_MAX_NUM", 9)
+    monkeypatch.setattr(experts_autograd, "EXPERTS_MAX_HIDDEN", 7)
+    with pytest.raises(ValueError, match="D=8 columns"):
+        experts_autograd.atomic_experts_triton(x, up, down, w, idx)
+    monkeypatch.setattr(experts_autograd, "EXPERTS_MAX_HIDDEN", 8)
     monkeypatch.setattr(experts_autograd, "EXPERTS_MAX_PAIRS", 11)
     with pytest.raises(ValueError, match="12 pairs"):
         experts_autograd.atomic_experts_triton(x, up, down, w, idx)

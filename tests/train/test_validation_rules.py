@@ -50,6 +50,15 @@ def _key_of(*overrides: str, world_size: int = 1) -> str | None:
             ),
             "data.micro_batch_size",
         ),  # 2^31 pairs  # fmt: skip
+        (
+            (
+                "model.hidden_size=8388608",
+                "model.num_attention_heads=1",
+                "model.num_experts=4",
+                "model.top_k=1",
+            ),
+            "model.hidden_size",
+        ),  # fmt: skip
         (("model.mlp=dense", "model.top_k=5000"), None),  # no router, no limit
     ],
 )
@@ -65,6 +74,9 @@ def test_kernel_limits_are_defined_once() -> None:
     assert experts_autograd.EXPERTS_MAX_NUM is limits.EXPERTS_MAX_NUM
     assert validation.EXPERTS_MAX_PAIRS is experts_autograd.EXPERTS_MAX_PAIRS
     assert omnimoe_kernels.ROUTER_MAX_TOP_K == 4096
+    from omnimoe_kernels import experts_grad
+
+    assert validation.EXPERTS_MAX_HIDDEN == 65535 * experts_grad.GRAD_BD
 
 
 def test_router_refuses_top_k_above_its_limit() -> None:
