@@ -124,6 +124,7 @@ def test_vocab_below_the_prepared_tokenizer_is_refused_before_model_work(
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_empty_validation_split_is_refused_after_preparation(tmp_path: Path) -> None:
     """val_fraction > 0 whose hash split leaves no validation document: one line, exit 2."""
     run_dir = tmp_path / "run"
@@ -153,6 +154,7 @@ def test_val_fraction_zero_trains_without_evaluation(tmp_path: Path, cache: Path
     assert "evaluation off: data.val_fraction=0" in result.stderr
 
 
+@pytest.mark.slow
 def test_sweep_with_many_overrides_names_jobs_by_the_swept_keys(
     tmp_path: Path, cache: Path
 ) -> None:
