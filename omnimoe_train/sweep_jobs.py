@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 EXIT_REQUEUE = 75
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
+SWEPT_KEYS_ENV = "OMNIMOE_SWEPT_KEYS"
 REPO_RESOLVER = "omnimoe_repo"
 
 
@@ -57,6 +58,21 @@ def register_repo_resolver() -> None:
         OmegaConf.register_new_resolver(
             REPO_RESOLVER, lambda: str(Path(__file__).resolve().parents[1])
         )
+
+
+def pass_swept_keys(keys: list[str]) -> None:
+    """Hand the swept keys to the jobs (sbatch passes the environment on): they name the job's
+    folder (``names.job_dirname``), and a SLURM job resolves that name itself."""
+    os.environ[SWEPT_KEYS_ENV] = ",".join(keys)
+
+
+def prepare_job_process() -> None:
+    """In a sweep job: the resolvers ``conf/config.yaml`` uses and the swept keys, which the job
+    needs before Hydra names its folder, i.e. before ``cli.main`` would have set them."""
+    from omnimoe_train import names
+
+    names.register_resolvers()
+    names.set_swept_keys(k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k)
 
 
 def export_distributed_env() -> None:
@@ -104,3 +120,9 @@ def requeue_on_early_stop(max_requeues: int) -> Iterator[None]:
             )
             subprocess.run(["scontrol", "requeue", job_id()], check=True, timeout=60)
         raise
+
+
+if in_slurm_sweep_job():
+    # submitit imports this module while it unpickles the job's task function (which refers to
+    # it), before Hydra resolves the job's folder name in that process.
+    prepare_job_process()

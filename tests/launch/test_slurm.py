@@ -133,13 +133,16 @@ def test_hydra_sweep_on_slurm_through_submitit(
         [
             sys.executable, "-m", "omnimoe_train.cli", "-m", "hydra/launcher=slurm", *TINY,
             "trainer.max_steps=3", "trainer.seed=1,2", f"hydra.sweep.dir={sweep}",
-            "hydra.sweep.subdir=job${hydra.job.num}", "hydra.launcher.timeout_min=10",
+            "hydra.launcher.timeout_min=10",
         ],
         cwd=tmp_path, env=slurm.env(**job_env(tiny_cache)), capture_output=True, text=True,
         timeout=JOB_TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for job in ("job0", "job1"):
+    # Each job named its folder after the swept key, as a local sweep does.
+    jobs = sorted(p.name for p in sweep.iterdir() if p.name[0].isdigit())
+    assert jobs == ["0_trainer.seed=1", "1_trainer.seed=2"]
+    for job in jobs:
         assert sorted(train_losses(sweep / job)) == [1, 2, 3]
         assert json.loads((sweep / job / "summary.json").read_text())["last_train"]["step"] == 3
     # The launcher config's preemption settings reached sbatch.
@@ -163,16 +166,17 @@ def test_sweep_job_requeues_itself_after_usr1(
         [
             sys.executable, "-m", "omnimoe_train.cli", "-m", "hydra/launcher=slurm", *TINY,
             f"trainer.max_steps={steps}", "trainer.eval_interval=50", "trainer.seed=1",
-            f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}",
-            "hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=2",
+            f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10",
+            "hydra.launcher.max_num_timeout=2",
         ],
         cwd=tmp_path, env=slurm.env(**job_env(tiny_cache)), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        run_dir = sweep / "job0"
         deadline = time.monotonic() + JOB_TIMEOUT
+        run_dir = sweep / "none yet"
         while len(train_losses(run_dir)) < 3 and time.monotonic() < deadline:
+            run_dir = next(sweep.glob("0_*"), run_dir)
             assert sweeping.poll() is None, sweeping.communicate()[0][-3000:]
             time.sleep(0.1)
         job = slurm.run("squeue", "-h", "-o", "%i").stdout.split()[0]
