@@ -20,7 +20,7 @@ from megatron.core import tensor_parallel
 from omnimoe_data.loader import TokenShardLoader
 from omnimoe_train import checkpoint as ckpt
 from omnimoe_train.config import RootConfig
-from omnimoe_train.data import ensure_dataset, tokenizer_vocab_size
+from omnimoe_train.data import build_loader, prepare_data
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine.megatron import MegatronEngine
 from omnimoe_train.metrics import MetricsSink
@@ -62,22 +62,23 @@ class Trainer:
     def __init__(self, cfg: RootConfig, runtime: Runtime, run_dir: Path) -> None:
         self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
         d = cfg.data
-        self.data_dir = ensure_dataset(d, rank=runtime.rank)
-        vocab = cfg.model.vocab_size or tokenizer_vocab_size(self.data_dir)
+        self.data = prepare_data(d, rank=runtime.rank)
+        self.data_dir = self.data.description
+        vocab = cfg.model.vocab_size or self.data.vocab_size
         self.vocab_size = padded_vocab_size(vocab, cfg.parallel.tp)
         self.tokens_per_step = d.global_batch_size * d.seq_len
         self.engine = MegatronEngine(cfg, runtime, self.vocab_size)
         self.num_microbatches = self.engine.num_microbatches
         # The loader takes only the DP coordinates: every TP (and PP) rank of a replica reads the
-        # same micro-batches, as megatron's TP layers and pipeline stages require.
-        loader = TokenShardLoader(
-            self.data_dir,
+        # same micro-batches, as megatron's TP layers and pipeline stages require. Its order of
+        # global batches does not depend on the DP size (omnimoe_data.order).
+        loader = build_loader(
+            d,
+            self.data,
             "train",
-            d.micro_batch_size,
             dp_rank=runtime.dp_rank,
             dp_size=runtime.dp_size,
-            seed=d.seed,
-            num_workers=d.num_workers,
+            pin_memory=runtime.device.type == "cuda",
         )
         e = self.engine
         self.state = TrainState(e, loader)
@@ -99,14 +100,8 @@ class Trainer:
         d = self.cfg.data
         for chunk in self.engine.model:
             chunk.eval()
-        loader = TokenShardLoader(
-            self.data_dir,
-            "val",
-            d.micro_batch_size,
-            dp_rank=self.rt.dp_rank,
-            dp_size=self.rt.dp_size,
-            seed=d.seed,
-            infinite=False,
+        loader = build_loader(
+            d, self.data, "val", dp_rank=self.rt.dp_rank, dp_size=self.rt.dp_size, infinite=False
         )
         batches = list(itertools.islice(iter(loader), self.cfg.trainer.eval_iters))
         if dist.is_initialized():

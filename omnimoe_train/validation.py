@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import os
 
-from omnimoe_train.config import RootConfig
+from omnimoe_data.source import is_url
+from omnimoe_train.config import DataConfig, RootConfig
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
 
 MLPS = ("omnimoe", "dense")
@@ -141,7 +142,7 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
             f"with parallel.vpp the micro-batches per step ({num_microbatches} = global_batch_size "
             f"/ (micro_batch_size * dp={dp})) must be a multiple of parallel.pp={p.pp}",
         )
-    _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    _validate_data(d)
 
     _require(o.lr > 0, "optim.lr", f"must be positive (got {o.lr})")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -154,6 +155,48 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = final only)")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {c.keep})")
+
+
+def _validate_data(d: DataConfig) -> None:
+    """Where the data comes from must be unambiguous; preparation options must be usable."""
+    _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0 (got {d.num_workers})")
+    _require(
+        d.tokenizer is not None or d.vocab_size >= 257,
+        "data.vocab_size",
+        f"must be >= 257 (256 bytes + end-of-document) to train a tokenizer (got {d.vocab_size})",
+    )
+    for key in ("max_bytes", "tokenizer_sample_bytes", "prepare_workers"):
+        value = getattr(d, key)
+        _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
+    if d.dirs is not None:
+        _require(len(d.dirs) >= 1, "data.dirs", "must list at least one prepared dataset")
+        _require(
+            d.dir is None, "data.dirs", "set either data.dir (one dataset) or data.dirs, not both"
+        )
+        _require(
+            d.inputs is None,
+            "data.inputs",
+            "cannot be prepared into a mixture: prepare each dataset, then list them in data.dirs",
+        )
+    if d.weights is not None:
+        _require(d.dirs is not None, "data.weights", "needs data.dirs (one weight per dataset)")
+        _require(
+            len(d.weights) == len(d.dirs),
+            "data.weights",
+            f"needs one weight per data.dirs entry ({len(d.dirs)}), got {len(d.weights)}",
+        )
+        _require(
+            all(math.isfinite(w) and w > 0 for w in d.weights),
+            "data.weights",
+            f"must be positive numbers (got {list(d.weights)})",
+        )
+    if d.dir is not None and d.inputs is not None:
+        _require(
+            not is_url(d.dir),
+            "data.dir",
+            f"data.inputs are prepared into a local folder, not a URL (got {d.dir!r})",
+        )
 
 
 def layout_from_config(cfg: RootConfig, world_size: int) -> ParallelLayout:
