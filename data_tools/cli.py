@@ -208,11 +208,16 @@ def _inspect(location: str, console: Console) -> None:
             except FileNotFoundError:
                 bad.append(f"{url}: missing")
             except (OSError, ValueError) as err:
-                bad.append(f"{url}: {str(err).splitlines()[0] if str(err) else err!r}")
+                bad.append(f"{url}: {_first_line(err)}")
     if bad:
         raise DataError(f"{len(bad)} bad shard(s): {'; '.join(bad)}")
     shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     console.print(f"all {shards} shard checksums match")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

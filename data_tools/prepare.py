@@ -118,12 +118,13 @@ def prepare(
         if tokenizer is None:
             # The tokenizer sees held-out documents too, as is usual: the split keeps samples
             # apart, and a vocabulary carries no document content.
+            scan = SkipLog()
             docs = _training_texts(
-                blocks, text_field, max_bytes, tokenizer_sample_bytes, workers, bar.track
+                blocks, text_field, max_bytes, tokenizer_sample_bytes, workers, bar.track, scan
             )
             tok = train_tokenizer(docs, vocab_size)
             if tok is None:
-                raise DataError("no usable documents in the input")
+                raise DataError(f"no usable documents in the input ({scan.summary()})")
         else:
             tok = load_tokenizer(tokenizer)
         eod_token, eod_id = find_eod(tok, tokenizer)
@@ -221,7 +222,7 @@ def report(console: Console, out: Path, splits: dict[str, dict], skips: SkipLog)
         console.print(f"  skipped {example}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _training_texts(blocks, text_field, max_bytes, sample_bytes, workers, track=None):  # noqa: ANN001, ANN202
+def _training_texts(blocks, text_field, max_bytes, sample_bytes, workers, track=None, skips=None):  # noqa: ANN001, ANN202, E501
     """Documents the tokenizer trains on: every document (up to ``max_bytes``), or from each
     block its leading documents in proportion to the block's size (``sample_bytes`` in all),
     so a sample spreads over the whole corpus rather than its first files."""
@@ -237,6 +238,9 @@ def _training_texts(blocks, text_field, max_bytes, sample_bytes, workers, track=
     if track is not None:
         results = track(results, "training tokenizer", len(tasks))
     for result in results:
+        if skips is not None:
+            for _, reason, message in result.skip_events:
+                skips.skip(reason, message)
         for text, size in zip(result.texts, result.sizes):
             used += size
             if max_bytes is not None and sample_bytes is None and used > max_bytes:

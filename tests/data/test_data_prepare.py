@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from omnimoe_data import prepare as prepare_mod
-from omnimoe_data.corpus import DataError
-from omnimoe_data.prepare import default_corpus_files, is_prepared, prepare
+from omnimoe_data.corpus import DataError, default_corpus_files
+from omnimoe_data.encode import is_val
+from omnimoe_data.prepare import prepare
+from omnimoe_data.request import is_prepared
 from omnimoe_data.shards import ShardWriter, read_shard, sha256_file, token_dtype
 
 from .helpers import TINY, make_docs, sorted_txt_docs, split_samples, write_txt_folder
@@ -39,7 +40,7 @@ def decoded_documents(data_dir: Path, split: str) -> list[str]:
 
 def expected_split(docs: list[str], split: str, *, seed: int, val_fraction: float) -> list[str]:
     want_val = split == "val"
-    return [d for d in docs if prepare_mod._is_val(d, seed, val_fraction) == want_val]
+    return [d for d in docs if is_val(d.encode(), seed, val_fraction) == want_val]
 
 
 def test_round_trip_and_manifest(txt_corpus: Path, tmp_path: Path) -> None:
@@ -58,6 +59,7 @@ def test_round_trip_and_manifest(txt_corpus: Path, tmp_path: Path) -> None:
         assert info["documents"] == len(want)
         assert info["samples"] == sum(s["samples"] for s in info["shards"])
         assert info["tokens"] == info["samples"] * (TINY["seq_len"] + 1)
+        assert info["packed_streams"] == 1  # one block: one packed stream per split
         assert (
             info["samples"] * TINY["seq_len"] + 1 + info["dropped_tokens"] == info["stream_tokens"]
         )
