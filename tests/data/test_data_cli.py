@@ -75,3 +75,29 @@ def test_console_entry_point_exit_status(tmp_path: Path) -> None:
 def test_inspect_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not found; prepare the data first" in capsys.readouterr().err
+
+
+def test_parts_and_merge_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = write_txt_folder(tmp_path / "c", make_docs(40))
+    tok = tmp_path / "tok.json"
+    common = ["--block-bytes", "2000", "--workers", "1", "--no-progress"]
+    args = ["--vocab-size", "300", "--workers", "1", "--tokenizer-sample-bytes", "4000"]
+    assert main(["train-tokenizer", str(corpus), "--out", str(tok), *args]) == 0
+    for i in range(2):
+        part = ["prepare", str(corpus), "--tokenizer", str(tok), "--part", f"{i}/2"]
+        assert main([*part, "--out", str(tmp_path / f"p{i}"), "--seq-len", "16", *common]) == 0
+    assert (
+        main(["merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "m")])
+        == 0
+    )
+    assert main(["inspect", f"pipe:cat {tmp_path}/m/{{name}}"]) == 0  # a webdataset URL
+    assert "shard checksums match" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        main(["prepare", str(corpus), "--part", "2/2", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "argument --part: --part '2/2': need 0 <= i < n" in capsys.readouterr().err
+    assert main(["prepare", str(corpus), "--part", "0/2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("omnimoe-data: error: --part needs --tokenizer") and err.count("\n") == 1
