@@ -116,7 +116,8 @@ class _Plan:
     def rows(self, blend: Blend, lo: int, hi: int) -> np.ndarray:
         """Rows of sequence entries ``[lo, hi)``, ``blend`` at ``lo`` (it moves to ``hi``)."""
         datasets, index = blend.assign(hi - lo)
-        out = np.empty((hi - lo, self.stores[0].sample_len), dtype=np.int64)
+        # int32 across the worker boundary (half of int64's bytes); __next__ widens it.
+        out = np.empty((hi - lo, self.stores[0].sample_len), dtype=np.int32)
         for d in np.unique(datasets):
             sel = np.flatnonzero(datasets == d)
             ids = self._usable_ids(int(d), index[sel])
@@ -225,6 +226,8 @@ class TokenShardLoader:
         manifests = [s.manifest for s in self.sources]
         self.seq_len: int = manifests[0]["seq_len"]
         self.vocab_size: int = manifests[0]["vocab_size"]
+        if self.vocab_size > 2**31:  # batches cross the worker boundary as int32
+            raise DataError(f"{locations[0]}: vocab_size {self.vocab_size} is over 2^31")
         for source, manifest in zip(self.sources[1:], manifests[1:]):
             _check_compatible(self.sources[0], manifests[0], source, manifest)
         self.data_ids = [data_id(s, split) for s in self.sources]
@@ -263,6 +266,9 @@ class TokenShardLoader:
         self._start, self._start_counts = 0, [0] * len(stores)
         self._consumed = 0  # micro-batches this rank took since _start
         self._it: Iterator | None = None
+        # The blend walked forward as steps complete, so saving a position costs only the
+        # steps since the last save (a mixture's walk is sequential).
+        self._cursor = Blend(self.weights)
 
     @property
     def bad_shards(self) -> int:
@@ -288,9 +294,8 @@ class TokenShardLoader:
             self._it = None
             raise DataError(batch.message)
         self._consumed += 1
-        if self.pin_memory and self.num_workers == 0:
-            batch = batch.pin_memory()
-        return batch
+        batch = batch.long()  # token ids as the model's embedding and loss take them
+        return batch.pin_memory() if self.pin_memory else batch
 
     def _open(self) -> Iterator:
         plan = _Plan(
@@ -315,7 +320,6 @@ class TokenShardLoader:
                 batch_size=None,
                 num_workers=self.num_workers,
                 prefetch_factor=4,
-                pin_memory=self.pin_memory,
             )
         )
 
@@ -323,9 +327,11 @@ class TokenShardLoader:
     def consumed_samples(self) -> tuple[int, list[int]]:
         """(global samples consumed, samples per dataset) at the end of the last full step."""
         steps = self._consumed // self.microbatches_per_step
-        blend = Blend(self.weights, self._start, self._start_counts)
-        blend.assign(steps * self.global_batch_size)
-        return blend.position, list(blend.counts)
+        target = self._start + steps * self.global_batch_size
+        if target < self._cursor.position:
+            self._cursor = Blend(self.weights, self._start, self._start_counts)
+        self._cursor.assign(target - self._cursor.position)
+        return self._cursor.position, list(self._cursor.counts)
 
     def state_dict(self) -> dict:
         """The position, independent of data-parallel size, workers and micro-batch size."""
@@ -364,6 +370,7 @@ class TokenShardLoader:
                 )
         self._start = int(state["consumed_samples"])
         self._start_counts = [int(c) for c in state["dataset_samples"]]
+        self._cursor = Blend(self.weights, self._start, self._start_counts)
         self._consumed, self._it = 0, None
 
 

@@ -142,9 +142,8 @@ class ShardWriter:
         self._tmp = temp_path(final)
         # Stays open across write() calls; closed by _finish() or abort().
         self._file = open(self._tmp, "wb")  # noqa: SIM115
-        self._tar = wds.TarWriter(
-            self._file, user="", group="", mode=0o644, encoder=False, mtime=0.0
-        )
+        # An integer mtime: a float one makes tarfile add a PAX header to every member.
+        self._tar = wds.TarWriter(self._file, user="", group="", mode=0o644, encoder=False, mtime=0)
         self._in_shard = 0
 
     def _finish(self) -> None:
@@ -176,6 +175,9 @@ def index_shard(data: bytes, record: dict, *, dtype: np.dtype, sample_len: int) 
     dtype = np.dtype(dtype)
     extension = "." + sample_extension(dtype)
     nbytes = sample_len * dtype.itemsize
+    regular = _regular_offsets(data, record["samples"], nbytes, extension)
+    if regular is not None:
+        return regular
     offsets = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -193,6 +195,34 @@ def index_shard(data: bytes, record: dict, *, dtype: np.dtype, sample_len: int) 
     if len(offsets) != record["samples"]:
         raise ValueError(f"has {len(offsets)} samples, the manifest says {record['samples']}")
     return np.asarray(offsets, dtype=np.int64)
+
+
+def _regular_offsets(data: bytes, count: int, nbytes: int, extension: str) -> np.ndarray | None:
+    """Offsets of a shard in the layout our writer produces (one 512-byte header per member,
+    payload padded to 512 bytes, zero blocks after the last member), checked on all headers
+    at once; ``None`` if the shard is laid out otherwise (then tarfile parses it). Why: a
+    per-member tarfile parse costs ~100 ms per 1024-sample shard, this ~1 ms."""
+    stride = 512 + -(-nbytes // 512) * 512
+    if count == 0 or len(data) < count * stride or data[count * stride :].strip(b"\0"):
+        return None
+    headers = np.frombuffer(data, np.uint8, count=count * stride).reshape(count, stride)[:, :512]
+    size_field = np.frombuffer(f"{nbytes:011o}\0".encode(), np.uint8)
+    if not (headers[:, 124:136] == size_field).all() or not (headers[:, 156] == ord("0")).all():
+        return None
+    name_len = np.argmin(headers[:, :100] != 0, axis=1)  # first NUL of the name field
+    ext = np.frombuffer(extension.encode(), np.uint8)
+    if (name_len <= len(ext)).any():
+        return None
+    tails = headers[np.arange(count)[:, None], name_len[:, None] - len(ext) + np.arange(len(ext))]
+    if not (tails == ext).all():
+        return None
+    # The header checksum (bytes 148:156, octal): the sum of the header with that field as
+    # spaces; tarfile checks it too, so a shard passing here also passes a tarfile read.
+    checksum = headers.astype(np.int64).sum(axis=1) - headers[:, 148:156].sum(axis=1) + 8 * 32
+    stored = [int(bytes(h[148:154]), 8) if bytes(h[148:154]).strip() else -1 for h in headers]
+    if not np.array_equal(checksum, np.asarray(stored)):
+        return None
+    return np.arange(count, dtype=np.int64) * stride + 512
 
 
 def read_shard(

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .corpus import DataError
+from .corpus import BOM, DataError
 
 EOD_TOKEN = "<|endoftext|>"
 # End-of-document tokens recognised in a user-supplied tokenizer, in order of preference.
@@ -47,10 +47,15 @@ def train_tokenizer(docs: Iterator[str], vocab_size: int):  # noqa: ANN201 - tok
 
 
 def load_tokenizer(path: str | Path):  # noqa: ANN201
+    """A ``tokenizer.json``; a leading UTF-8 byte-order mark (Windows editors) is dropped."""
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_file(str(path))
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot load tokenizer ({err.strerror or err})") from None
+    try:
+        return Tokenizer.from_str(data.removeprefix(BOM).decode("utf-8"))
     except Exception as err:  # tokenizers raises plain Exception for bad files
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{path}: cannot load tokenizer ({reason})") from err

@@ -101,3 +101,49 @@ def test_parts_and_merge_on_the_command_line(
     assert main(["prepare", str(corpus), "--part", "0/2", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("omnimoe-data: error: --part needs --tokenizer") and err.count("\n") == 1
+
+
+def test_training_on_a_mixture_records_it(tmp_path: Path) -> None:
+    """`omnimoe-train data.dirs=[a,b] data.weights=[3,1]`: trains, and config.yaml records the
+    datasets with normalised weights; a bad weight list is one line, exit 2."""
+    from omnimoe_data.prepare import prepare, train_tokenizer_file
+    from tests.cli_helpers import assert_usage_error, run_train_cli
+
+    docs = make_docs(80)
+    tok = train_tokenizer_file(
+        [write_txt_folder(tmp_path / "all", docs)], tmp_path / "t.json", vocab_size=300, workers=1
+    )
+    dirs = []
+    for name, part in (("a", docs[:40]), ("b", docs[40:])):
+        corpus = write_txt_folder(tmp_path / f"c{name}", part)
+        prepare([corpus], tmp_path / name, tokenizer=tok, seq_len=16, progress=False, workers=1)
+        dirs.append(str(tmp_path / name))
+    args = [
+        f"data.dirs=[{dirs[0]},{dirs[1]}]",
+        "data.weights=[3,1]",
+        "data.seq_len=16",
+        "data.micro_batch_size=2",
+        "data.global_batch_size=4",
+        "model.num_layers=1",
+        "model.hidden_size=32",
+        "model.num_attention_heads=2",
+        "model.ffn_hidden_size=64",
+        "model.num_experts=64",
+        "model.top_k=4",
+        "optim.warmup_steps=1",
+        "trainer.max_steps=2",
+        "trainer.eval_iters=1",
+        "trainer.progress=false",
+        "logging=disabled",
+        "checkpoint.save_final=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = run_train_cli(args, cache=tmp_path / "cache", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"location: {dirs[0]}\n    weight: 0.75" in config
+    assert f"location: {dirs[1]}\n    weight: 0.25" in config
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = run_train_cli([*args[:1], "data.weights=[1]"], cache=empty, timeout=120)
+    assert_usage_error(bad, "omnimoe-train: error: data.weights: needs one weight per", empty)

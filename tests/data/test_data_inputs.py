@@ -145,6 +145,17 @@ def test_bad_tokenizer_files(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(DataError, match=r"broken\.json: cannot load tokenizer"):
         run([corpus], tmp_path / "out", tokenizer=tmp_path / "broken.json")
+    with pytest.raises(DataError, match=r"absent\.json: cannot load tokenizer"):
+        run([corpus], tmp_path / "out", tokenizer=tmp_path / "absent.json")
+    # A byte-order mark before the JSON (as some editors save it) is not an error.
+    good = tmp_path / "good"
+    run([corpus], good)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + (good / "tokenizer.json").read_bytes())
+    assert (
+        run([corpus], tmp_path / "out", tokenizer=bom)["splits"]
+        == (json.loads((good / "manifest.json").read_text())["splits"])
+    )
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     no_eod = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
