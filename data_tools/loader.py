@@ -323,6 +323,13 @@ class TokenShardLoader:
             )
         )
 
+    def seek(self, microbatch: int) -> None:
+        """Continue a finite pass from this rank's ``microbatch``-th micro-batch (earlier
+        samples are not read): e.g. one rank's share of an evaluation."""
+        if self.infinite:
+            raise ValueError("seek() is for finite passes; resume training with load_state_dict")
+        self._consumed, self._it = microbatch, None
+
     # -- position -----------------------------------------------------------------------------
     def consumed_samples(self) -> tuple[int, list[int]]:
         """(global samples consumed, samples per dataset) at the end of the last full step."""

@@ -16,21 +16,14 @@ shard that cannot be opened or read gives a :class:`DataError` naming its URL.
 from __future__ import annotations
 
 import json
-import re
 from functools import cached_property
 from pathlib import Path
 
 from .corpus import DataError
 from .shards import MANIFEST_NAME, check_manifest
+from .urls import NAME_FIELD, is_url
 
-# A scheme of two or more letters (one letter would be a Windows drive).
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
-NAME_FIELD = "{name}"
-
-
-def is_url(location: str | Path) -> bool:
-    text = str(location)
-    return NAME_FIELD in text or bool(_SCHEME.match(text))
+__all__ = ["DataSource", "is_url"]
 
 
 class DataSource:

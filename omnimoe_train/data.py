@@ -29,6 +29,7 @@ from omnimoe_data.plan import DEFAULT_BLOCK_BYTES
 from omnimoe_data.request import is_prepared, preparation_request, request_key, request_mismatch
 from omnimoe_data.source import DataSource, is_url
 from omnimoe_train.config import DataConfig
+from omnimoe_train.validation import DataFacts
 
 
 def cache_root() -> Path:
@@ -47,10 +48,18 @@ class TrainingData:
     seq_len: int
     vocab_size: int
     samples: list[dict]  # per dataset: samples per split
+    vocab_sizes: list[int]  # per dataset (a mixture's loader requires them equal)
 
     @property
     def description(self) -> str:
         return self.locations[0] if len(self.locations) == 1 else ", ".join(self.locations)
+
+    def facts(self) -> list[DataFacts]:
+        """Per dataset, what the config rules against the data check (``validation``)."""
+        return [
+            DataFacts(f"dataset {loc}", vocab, self.seq_len, samples)
+            for loc, vocab, samples in zip(self.locations, self.vocab_sizes, self.samples)
+        ]
 
     def record(self) -> list[dict]:
         """What config.yaml records about the data: each dataset, its weight and size."""
@@ -175,6 +184,7 @@ def prepare_data(d: DataConfig, *, rank: int) -> TrainingData:
         samples=[
             {name: s["samples"] for name, s in src.manifest["splits"].items()} for src in sources
         ],
+        vocab_sizes=[src.manifest["vocab_size"] for src in sources],
     )
 
 
