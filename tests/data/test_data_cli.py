@@ -116,7 +116,15 @@ def test_training_on_a_mixture_records_it(tmp_path: Path) -> None:
     dirs = []
     for name, part in (("a", docs[:40]), ("b", docs[40:])):
         corpus = write_txt_folder(tmp_path / f"c{name}", part)
-        prepare([corpus], tmp_path / name, tokenizer=tok, seq_len=16, progress=False, workers=1)
+        prepare(
+            [corpus],
+            tmp_path / name,
+            tokenizer=tok,
+            seq_len=16,
+            val_fraction=0.2,
+            progress=False,
+            workers=1,
+        )
         dirs.append(str(tmp_path / name))
     args = [
         f"data.dirs=[{dirs[0]},{dirs[1]}]",
