@@ -49,7 +49,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from omnimoe_train.cli import to_root_config
     from omnimoe_train.config import register_configs
-    from omnimoe_train.data import ensure_dataset
+    from omnimoe_train.data import prepare_data
 
     cache = tmp_path_factory.mktemp("omnimoe-cache")
     register_configs()
@@ -58,7 +58,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     old = os.environ.get("OMNIMOE_CACHE")
     os.environ["OMNIMOE_CACHE"] = str(cache)
     try:
-        ensure_dataset(cfg.data, rank=0)
+        prepare_data(cfg.data, rank=0)
     finally:
         if old is None:
             os.environ.pop("OMNIMOE_CACHE")

@@ -1,5 +1,7 @@
 """A torchrun worker for the launcher tests: it marks itself ready, waits for SIGUSR1 and then
 exits as the trainer does after saving its checkpoint (75); 3 if no signal came in 60 s.
+Like the trainer it also takes SIGTERM as a stop request: once one worker has exited, torchrun's
+agent sends SIGTERM to the others, which may not have acted on their SIGUSR1 yet.
 
     python -m tests.launch.usr1_worker READY_DIR
 """
@@ -17,7 +19,8 @@ received: list[int] = []
 
 
 def main() -> int:
-    signal.signal(signal.SIGUSR1, lambda signum, _frame: received.append(signum))
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
     Path(sys.argv[1], f"ready_{os.environ['RANK']}").touch()
     deadline = time.monotonic() + 60
     while not received and time.monotonic() < deadline:
