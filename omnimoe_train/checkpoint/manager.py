@@ -85,6 +85,15 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The root cause in one line: torch's ``CheckpointException`` wraps each rank's error
+    (``failures``: rank -> (exception, traceback)), megatron wraps a writer's in a RuntimeError."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        wrapped = next(iter(failures.values()))
+        if isinstance(wrapped, tuple) and wrapped and isinstance(wrapped[0], BaseException):
+            exc = wrapped[0]
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
 
@@ -118,7 +127,9 @@ class CheckpointManager:
         error: BaseException | None = None
         try:
             pending = write(tmp)
-        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, whatever it is
+        except BaseException as exc:  # torch's CheckpointException is not an Exception
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
             error = exc
         self._agree_or_raise(error, step, tmp)
         self.last_saved_step = step
@@ -143,7 +154,9 @@ class CheckpointManager:
         finished = False
         try:
             finished = pending.done(blocking)
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # as in save()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
             error, finished = exc, True
         if not finished:
             return

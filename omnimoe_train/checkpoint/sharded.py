@@ -28,6 +28,7 @@ into groups or chains is now; the Adam step count is carried separately (``optim
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,27 @@ SHARDING_METADATA = {
 # megatron logs a deprecation for its own async writer on every first save; we choose it on
 # purpose (the alternative needs nvidia-resiliency-ext).
 logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
+
+
+class _WriterErrors(logging.Handler):
+    """megatron's file writer logs a failed write's cause ("[Errno 28] No space left on
+    device") and then raises an exception that names only its type; keep the logged cause
+    for the one-line error instead of printing it as a log line."""
+
+    PREFIX = re.compile(r"^Local worker \d+ encountered an error: ")
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(self.PREFIX.sub("", record.getMessage()))
+
+
+_writer_errors = _WriterErrors()
+_writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+_writer_log.addHandler(_writer_errors)
+_writer_log.propagate = False
 
 
 def _chained(optimizer: Any) -> list[Any]:
@@ -225,14 +247,20 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any], *, async_sa
     get_write_results_queue("fork")
     # Each data-parallel replica writes a share of the replicated tensors (megatron's wrapper).
     strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
-    request = dist_checkpointing.save(
-        state,
-        str(directory),
-        sharded_strategy=strategy,
-        async_sharded_save=async_save,
-        preprocess_common_before_consistancy_check=_ignore_client_differences,
-        async_strategy="mcore",
-    )
+    _writer_errors.messages.clear()
+    try:
+        request = dist_checkpointing.save(
+            state,
+            str(directory),
+            sharded_strategy=strategy,
+            async_sharded_save=async_save,
+            preprocess_common_before_consistancy_check=_ignore_client_differences,
+            async_strategy="mcore",
+        )
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        if _writer_errors.messages and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise OSError(_writer_errors.messages[0]) from None
+        raise
     if request is None:
         return None
     queue = AsyncCallsQueue(persistent=False)

@@ -21,9 +21,10 @@ import re
 import signal
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported where used: config validation needs parse_duration fast
+    import torch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -89,7 +90,7 @@ class StopRequest:
             return f"received {self.signal_name}"
         if self.time_is_up():
             return f"trainer.max_time ({self.max_time_s:.0f} s) is used up"
-        return "another rank asked to stop"
+        return "another rank received a stop signal or reached trainer.max_time"
 
 
 class StepSync:
@@ -101,6 +102,8 @@ class StepSync:
     """
 
     def __init__(self, device: torch.device) -> None:
+        import torch
+
         self.device = device
         self._buf = torch.zeros(3, dtype=torch.float64, device=device)
         cuda = device.type == "cuda"
@@ -108,6 +111,8 @@ class StepSync:
         self._event = torch.cuda.Event() if cuda else None
 
     def start(self, loss_total: torch.Tensor, stop: bool) -> None:
+        import torch.distributed as dist
+
         self._buf[:2].copy_(loss_total)
         self._buf[2].fill_(1.0 if stop else 0.0)
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -29,6 +29,7 @@ from omnimoe_train.checkpoint import sharded
 from omnimoe_train.config import RootConfig
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.model.gpt import build_model, transformer_config
+from omnimoe_train.model.router import GateNorm
 from omnimoe_train.parallel.expert_parallel import dispatch_metrics
 from omnimoe_train.parallel.setup import apply_parallelism, dispatch_layers, resolve_table_sharding
 
@@ -97,6 +98,14 @@ class MegatronEngine:
         )
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dispatches = [ep for c in chunks for ep in dispatch_layers(c)]
+        self._norm_buffers = [
+            buf
+            for c in chunks
+            for m in c.modules()
+            if isinstance(m, GateNorm)
+            for buf in (m.running_mean, m.running_var)
+        ]
+        self._norm_saved = [buf.detach().clone() for buf in self._norm_buffers]
         self.forward_backward = get_forward_backward_func()
 
     # -- construction -------------------------------------------------------------------------
@@ -178,7 +187,18 @@ class MegatronEngine:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        # The forward moves the router BatchNorm statistics; keep them to undo a skipped step
+        # (a few n-vectors per layer, copied on the device).
+        for saved, buf in zip(self._norm_saved, self._norm_buffers, strict=True):
+            saved.copy_(buf)
         return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+
+    def skip_update(self) -> None:
+        """Leave the model as before this step: the weights and the optimizer were not touched;
+        the router BatchNorm statistics the forward moved (possibly to NaN) are put back."""
+        with torch.no_grad():
+            for saved, buf in zip(self._norm_saved, self._norm_buffers, strict=True):
+                buf.copy_(saved)
 
     def grad_norm(self) -> float:
         """Global norm of this step's reduced grads (megatron's own computation, one host sync);
