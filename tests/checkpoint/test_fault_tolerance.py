@@ -194,6 +194,8 @@ def test_max_time_stops_with_75_and_the_next_run_continues(tmp_path: Path, cache
         assert len(stops) == 1 and "trainer.max_time" in stops[0], result.stderr[-3000:]
         assert f"stopped after step {attempt}" in stops[0] and "exit code 75" in stops[0]
         assert (run / "checkpoints" / f"step_{attempt:08d}" / "meta.json").is_file()
+        status = json.loads((run / "exit_status.json").read_text())
+        assert status["exit_code"] == EXIT_REQUEUE and status["message"] in stops[0]
     assert [r["resumed_from"] for r in records(run) if "resumed_from" in r] == ["step_00000001"]
 
 
@@ -209,6 +211,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, c
         "omnimoe-train: error: checkpoint.dir: could not write checkpoint step_00000008: "
         "[Errno 28] No space left on device"
     )
+    assert json.loads((run / "exit_status.json").read_text())["exit_code"] == EXIT_IO_ERROR
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000004"]
     assert (ckpts / "latest").read_text() == "step_00000004\n"
