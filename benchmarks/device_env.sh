@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Source on a GPU machine without a package registry, from the repository root:
+#   source benchmarks/device_env.sh
+# Installs the wheels carried in .whl/ (megatron-core, hydra-core, omegaconf, antlr4 runtime,
+# webdataset, ...: whatever the image lacks) and this project into a private site folder, and
+# puts the console scripts on PATH. NVLink multicast stays off (shared hosts).
+site=${OMNIMOE_DEVICE_SITE:-/tmp/omnimoe-site}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" .whl/*.whl || return 1
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+  --target "$site" . >/dev/null || return 1
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
