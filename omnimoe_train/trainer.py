@@ -65,7 +65,6 @@ class Trainer:
 
     def __init__(self, cfg: RootConfig, runtime: Runtime, run_dir: Path) -> None:
         self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
-        self._console: Any = None  # the metrics sink's, once fit() has it
         t, d = cfg.trainer, cfg.data
         # First, so that a SIGTERM during setup still ends in a clean save after one step.
         self.stop = StopRequest(parse_duration(t.max_time) if t.max_time else None)
@@ -124,11 +123,9 @@ class Trainer:
         ]
 
     def _warn(self, line: str) -> None:
+        # A plain line (not the rich console's, which wraps it): launchers and people grep these.
         if self.rt.is_main:
-            if self._console is not None:
-                self._console.log(line)
-            else:
-                print(line, file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     def _vocab_size(self, resume_from: Path | None) -> int:
         """The padded vocabulary: the checkpoint's when it divides over this TP size (so a
@@ -211,7 +208,6 @@ class Trainer:
     # -- loop ---------------------------------------------------------------------------------
     def fit(self, sink: MetricsSink) -> dict[str, Any]:
         """Train to ``trainer.max_steps`` or an early stop; ``summary["exit_code"]`` says which."""
-        self._console = sink.console
         try:
             return self._fit(sink)
         finally:
