@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from omnimoe_train import names, sweep_jobs
 from omnimoe_train.config import RootConfig, register_configs
+from omnimoe_train.exit_codes import EXIT_USAGE
 from omnimoe_train.validation import (
     ConfigError,
     data_facts_before_preparation,
@@ -25,7 +26,6 @@ from omnimoe_train.validation import (
 )
 
 CONFIG_MODULE = "omnimoe_conf"
-EXIT_USAGE = 2
 
 
 def _fail(message: str) -> None:

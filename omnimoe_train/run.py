@@ -13,12 +13,40 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from omnimoe_train.config import RootConfig
+from omnimoe_train.exit_codes import EXIT_IO_ERROR, EXIT_OK, EXIT_REQUEUE, EXIT_USAGE
 
-EXIT_USAGE = 2
+EXIT_STATUS = "exit_status.json"
+
+
+def _write_exit_status(run_dir: Path, code: int, message: str) -> None:
+    """``<run_dir>/exit_status.json``: how this process ended, for launchers that cannot see
+    the exit code (torchrun exits 1 whenever a worker exits non-zero). Removed at the start of
+    every run, so its absence after a run means a crash."""
+    from omnimoe_train.checkpoint.files import write_json_atomic
+
+    write_json_atomic(run_dir / EXIT_STATUS, {"exit_code": code, "message": message})
+
+
+def _fail(message: str, code: int, *, show: bool, run_dir: Path | None = None) -> None:
+    if show:
+        kind = "stopped" if code == EXIT_REQUEUE else "error"
+        print(f"omnimoe-train: {kind}: {message}", file=sys.stderr, flush=True)
+        if run_dir is not None:
+            _write_exit_status(run_dir, code, message)
+    raise SystemExit(code)
 
 
 def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
+    """Train in ``run_dir``; exits the process with a code of ``exit_codes`` unless it is 0.
+
+    Bad input (data, an unusable checkpoint) prints one line and exits 2; a checkpoint that
+    cannot be written exits 74; an early stop (signal, time limit) exits 75 with a checkpoint
+    saved; divergence exits 65 with a checkpoint of the last good weights.
+    """
     from omnimoe_data.prepare import DataError
+    from omnimoe_train.checkpoint.files import CheckpointCorrupt
+    from omnimoe_train.checkpoint.manager import CheckpointWriteError
+    from omnimoe_train.checkpoint.session import CheckpointLoadError
     from omnimoe_train.distributed import init_runtime, shutdown_runtime
     from omnimoe_train.metrics import MetricsSink
     from omnimoe_train.trainer import Trainer
@@ -29,12 +57,15 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     runtime = init_runtime(cfg)
     try:
+        main = runtime.is_main
+        if main:
+            (run_dir / EXIT_STATUS).unlink(missing_ok=True)
         try:
             trainer = Trainer(cfg, runtime, run_dir)
         except (ConfigError, DataError) as exc:  # the data or a rule against it: one line
-            if runtime.is_main:  # every rank meets the same rule; one line for the run
-                print(f"omnimoe-train: error: {exc}", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
+            _fail(str(exc), EXIT_USAGE, show=main, run_dir=run_dir)
+        except CheckpointCorrupt as exc:
+            _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main, run_dir=run_dir)
         resolved = OmegaConf.structured(cfg)
         resolved.model.vocab_size = trainer.vocab_size
         derived = {
@@ -68,15 +99,22 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             )
         try:
             summary = trainer.fit(sink)
-        except DataError as exc:  # e.g. a shard found corrupt mid-run
-            print(f"omnimoe-train: error: {exc}", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
+        except DataError as exc:  # e.g. a shard found corrupt mid-run, or a resume onto other data
+            _fail(str(exc), EXIT_USAGE, show=main, run_dir=run_dir)
+        except CheckpointLoadError as exc:
+            _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main, run_dir=run_dir)
+        except CheckpointWriteError as exc:
+            _fail(f"checkpoint.dir: {exc}", EXIT_IO_ERROR, show=main, run_dir=run_dir)
         finally:
             sink.close()
         summary["wall_s"] = time.perf_counter() - started
-        if runtime.is_main:
+        if main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             _report(sink, summary)
+        if summary["exit_code"] != EXIT_OK:
+            _fail(summary["message"], summary["exit_code"], show=main, run_dir=run_dir)
+        if main:
+            _write_exit_status(run_dir, EXIT_OK, "finished")
         return summary
     finally:
         shutdown_runtime(keep_process_group=True)  # the next job of a -m sweep reuses it
@@ -95,6 +133,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module=r"megatron\.")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
     warnings.filterwarnings("ignore", category=SyntaxWarning)
+    # torch.distributed.checkpoint under megatron's dist_checkpointing, on every load.
+    warnings.filterwarnings("ignore", message=".*(DTensor instead|argument order of load)")
 
 
 def _report(sink: Any, summary: dict[str, Any]) -> None:

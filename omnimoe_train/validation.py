@@ -26,6 +26,7 @@ from omnimoe_kernels.limits import (
     EXPERTS_MAX_PAIRS,
     ROUTER_MAX_TOP_K,
 )
+from omnimoe_train.checkpoint.signals import parse_duration
 from omnimoe_train.config import DataConfig, RootConfig
 from omnimoe_train.names import COMPONENT_MAX_BYTES, long_component
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
@@ -177,7 +178,33 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = final only)")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {c.keep})")
+    _require(
+        all(s >= 0 for s in c.keep_steps),
+        "checkpoint.keep_steps",
+        f"must be steps >= 0 (got {list(c.keep_steps)})",
+    )
+    _validate_robustness(cfg)
     _validate_names(cfg)
+
+
+def _validate_robustness(cfg: RootConfig) -> None:
+    """Time limit and bad-step rules."""
+    t = cfg.trainer
+    if t.max_time is not None:
+        try:
+            parse_duration(t.max_time)
+        except ValueError as exc:
+            raise ConfigError("trainer.max_time", str(exc)) from None
+    _require(
+        t.spike_zscore >= 0, "trainer.spike_zscore", f"must be >= 0 (0 = off; got {t.spike_zscore})"
+    )
+    _require(t.spike_window >= 2, "trainer.spike_window", f"must be >= 2 (got {t.spike_window})")
+    _require(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1 (got {t.max_bad_steps})")
+    _require(
+        all(s >= 1 for s in t.nan_loss_steps),
+        "trainer.nan_loss_steps",
+        f"must be steps >= 1 (a test hook; got {list(t.nan_loss_steps)})",
+    )
 
 
 # W&B refuses a run whose tags are empty or longer than this (wandb.Settings.validate_tags).
