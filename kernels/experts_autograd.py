@@ -1,6 +1,9 @@
 """Atomic-expert layer in Triton: ``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]``.
 
 Legend: T tokens, D hidden, N experts, K experts per token, P = T * K (token, expert) pairs.
+An expert id equal to N means "no expert": the pair is skipped and contributes 0 to y and to
+every gradient (``experts_pairs``); the expert-parallel ``rows`` layout uses it for the pairs of
+experts owned by another rank.
 
 Schedule (no host synchronisation anywhere: every size comes from input shapes, so forward and
 backward can be captured in a CUDA graph):
@@ -31,10 +34,11 @@ from omnimoe_kernels.experts_pairs import combine_rows, pair_scores
 def expert_order(indices_TK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(key_P sorted expert keys, order_P int64 flat positions in that order, base): expert
     id = key + base. Keys are 16-bit (ids shifted by base = -2^15 into int16's range: half the
-    radix passes) when N <= 2^16, else int32 with base 0; left in that form for the forward,
-    which only needs them inside ``pair_scores`` (each conversion is another kernel launch)."""
+    radix passes) when N < 2^16 (ids 0..N, N included: the "no expert" id), else int32 with
+    base 0; left in that form for the forward, which only needs them inside ``pair_scores``
+    (each conversion is another kernel launch)."""
     e_P = indices_TK.reshape(-1)
-    if N <= 1 << 16:
+    if N < 1 << 16:
         key_P, order_P = torch.sort((e_P - (1 << 15)).to(torch.int16), stable=True)
         return key_P, order_P, 1 << 15
     key_P, order_P = torch.sort(e_P.to(torch.int32), stable=True)
@@ -109,7 +113,10 @@ def atomic_experts_triton(
     *,
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype)."""
+    """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype).
+
+    ``indices_TK`` holds ids in [0, N]; N marks a pair with no expert (skipped, zero gradient).
+    """
     if x_TD.dim() != 2 or up_ND.shape != down_ND.shape or up_ND.shape[1] != x_TD.shape[1]:
         raise ValueError(
             f"x {tuple(x_TD.shape)}, up {tuple(up_ND.shape)}, down {tuple(down_ND.shape)}"

@@ -26,6 +26,11 @@ split into a bf16 high part and a bf16 residual, so each product keeps ~16 manti
 dy are exact in bf16). Other dtypes use a float32 (IEEE) product.
 
 ``_zero_rows_kernel`` writes the zero gradient rows of experts no pair routes to.
+
+Pairs with id N ("no expert", see ``experts_pairs``) sort after every real expert; the programs
+stop at ``off[N]``, the number of real pairs, read on the device (no host sync). With
+``A_GIVEN`` the ``w`` input holds the coefficient ``a`` itself (the column-sharded layout
+computes ``a = w * silu(h)`` from the full score on another rank), and ``h`` is not read.
 """
 
 from __future__ import annotations
@@ -62,7 +67,9 @@ def _reduce(coef_P, onehot_SP, rows_PD, SPLIT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _chunk_meta(e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0, start, end, P, K, BP: tl.constexpr):
+def _chunk_meta(
+    e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0, start, end, P, K, BP: tl.constexpr, A_GIVEN
+):
     """Per-pair data of the chunk at p0: what the row gathers and the segmentation need."""
     offs_P = p0 + tl.arange(0, BP)
     ok_P = offs_P < end
@@ -70,9 +77,11 @@ def _chunk_meta(e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0, start, end, P, K, BP:
     prev_P = tl.load(e_ptr + offs_P - 1, mask=ok_P & (offs_P > start), other=-2)
     new_P = ((e_P != prev_P) & ok_P).to(tl.int32)
     q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
-    g_P = tl.load(g_ptr + q_P, mask=ok_P, other=0.0)
-    h_P = tl.load(h_ptr + q_P, mask=ok_P, other=0.0)
-    a_P = tl.load(w_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32) * h_P * tl.sigmoid(h_P)
+    g_P = tl.load(g_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32)
+    a_P = tl.load(w_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32)
+    if not A_GIVEN:
+        h_P = tl.load(h_ptr + q_P, mask=ok_P, other=0.0)
+        a_P = a_P * h_P * tl.sigmoid(h_P)
     nxt = p0 + BP
     e_next = tl.load(e_ptr + tl.minimum(nxt, P - 1))
     e_next = tl.where(nxt < end, e_next, -3)
@@ -88,10 +97,11 @@ def _pair_block_grad_kernel(
     h_ptr,  # (P,) float32, flat order
     w_ptr,  # (P,) routing weights, flat order
     g_ptr,  # (P,) float32 dL/dh, flat order
-    off_ptr,  # (N + 1,) int64 run starts
+    off_ptr,  # (N + 1,) int64 run starts; off[N] = number of real pairs
     dup_ptr,  # (N, D) out, param dtype
     ddown_ptr,  # (N, D) out, param dtype
     P,
+    N,
     D,
     K,
     stride_x,
@@ -100,18 +110,23 @@ def _pair_block_grad_kernel(
     BP: tl.constexpr,
     BD: tl.constexpr,
     SPLIT_BF16: tl.constexpr,
+    A_GIVEN: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_D = tl.program_id(1) * BD + tl.arange(0, BD)
     ok_D = offs_D < D
     # Pairs [start, end): skip the tail of a run that began in an earlier block, and run past the
-    # block end to finish the last run that begins in this one.
+    # block end to finish the last run that begins in this one. Only the first off[N] sorted
+    # pairs are real (id N, "no expert", sorts last); ids are clamped below N so that a block
+    # with no real pair reads no offset out of range (its start >= b1 then, so it does nothing).
+    real = tl.load(off_ptr + N)
     b0 = b * BLOCK
-    b1 = tl.minimum(b0 + BLOCK, P)
-    e_first = tl.load(e_ptr + b0)
-    prev = tl.load(e_ptr + tl.maximum(b0 - 1, 0))
+    b1 = tl.minimum(b0 + BLOCK, real)
+    e_first = tl.minimum(tl.load(e_ptr + tl.minimum(b0, P - 1)), N - 1)
+    prev = tl.minimum(tl.load(e_ptr + tl.maximum(tl.minimum(b0, P) - 1, 0)), N - 1)
     start = tl.where((b0 > 0) & (prev == e_first), tl.load(off_ptr + e_first + 1), b0)
-    end = tl.load(off_ptr + tl.load(e_ptr + b1 - 1) + 1)
+    e_last = tl.minimum(tl.load(e_ptr + tl.maximum(b1 - 1, 0)), N - 1)
+    end = tl.load(off_ptr + e_last + 1)
     end = tl.where(start < b1, end, start)
 
     rows_S = tl.arange(0, BP)
@@ -120,14 +135,14 @@ def _pair_block_grad_kernel(
     # The pair data of chunk i + 1 is fetched while chunk i's rows are reduced, so a chunk
     # waits on one round of loads (its row gathers) instead of a chain of three.
     ok_P, e_P, new_P, tok_P, g_P, a_P, e_next = _chunk_meta(
-        e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, start, start, end, P, K, BP
+        e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, start, start, end, P, K, BP, A_GIVEN
     )
     for p0 in range(start, end, BP):
         m_PD = ok_P[:, None] & ok_D[None, :]
         x_PD = tl.load(x_ptr + tok_P[:, None] * stride_x + offs_D[None, :], mask=m_PD, other=0)
         dy_PD = tl.load(dy_ptr + tok_P[:, None] * stride_dy + offs_D[None, :], mask=m_PD, other=0)
         n_ok_P, n_e_P, n_new_P, n_tok_P, n_g_P, n_a_P, n_e_next = _chunk_meta(
-            e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0 + BP, start, end, P, K, BP
+            e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0 + BP, start, end, P, K, BP, A_GIVEN
         )
         # Segment rank in the chunk; row 0 is the run carried in from the previous chunk when
         # the chunk does not open with a new run.
@@ -200,9 +215,12 @@ def expert_grads(
     K: int,
     *,
     deterministic: bool,
+    a_given: bool = False,
 ) -> None:
     """Fill dup_ND and ddown_ND (every row) from the expert-sorted pairs; no host sync.
 
+    ``e_P`` may end with pairs of id N ("no expert"): they are skipped. ``a_given``: ``w_P``
+    holds the coefficient ``a`` of ddown itself (``h_P`` is not read), else ``a = w * silu(h)``.
     ``deterministic`` is accepted for the API: this schedule is always fixed-order (see above).
     """
     del deterministic
@@ -225,6 +243,7 @@ def expert_grads(
     split = x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and dy_TD.dtype == torch.bfloat16
     _pair_block_grad_kernel[(triton.cdiv(P, block), triton.cdiv(D, BD))](
         x_TD, dy_TD, e_P, order_P, h_P, w_P, g_P, off_N1, dup_ND, ddown_ND,
-        P, D, K, x_TD.stride(0), dy_TD.stride(0), block,
-        BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
+        P, N, D, K, x_TD.stride(0), dy_TD.stride(0), block,
+        BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, A_GIVEN=a_given,
+        num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
     )  # fmt: skip
