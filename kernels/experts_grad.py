@@ -28,9 +28,7 @@ dy are exact in bf16). Other dtypes use a float32 (IEEE) product.
 ``_zero_rows_kernel`` writes the zero gradient rows of experts no pair routes to.
 
 Pairs with id N ("no expert", see ``experts_pairs``) sort after every real expert; the programs
-stop at ``off[N]``, the number of real pairs, read on the device (no host sync). With
-``A_GIVEN`` the ``w`` input holds the coefficient ``a`` itself (the column-sharded layout
-computes ``a = w * silu(h)`` from the full score on another rank), and ``h`` is not read.
+stop at ``off[N]``, the number of real pairs, read on the device (no host sync).
 """
 
 from __future__ import annotations
@@ -67,9 +65,7 @@ def _reduce(coef_P, onehot_SP, rows_PD, SPLIT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _chunk_meta(
-    e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0, start, end, P, K, BP: tl.constexpr, A_GIVEN
-):
+def _chunk_meta(e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0, start, end, P, K, BP: tl.constexpr):
     """Per-pair data of the chunk at p0: what the row gathers and the segmentation need."""
     offs_P = p0 + tl.arange(0, BP)
     ok_P = offs_P < end
@@ -77,11 +73,9 @@ def _chunk_meta(
     prev_P = tl.load(e_ptr + offs_P - 1, mask=ok_P & (offs_P > start), other=-2)
     new_P = ((e_P != prev_P) & ok_P).to(tl.int32)
     q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
-    g_P = tl.load(g_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32)
-    a_P = tl.load(w_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32)
-    if not A_GIVEN:
-        h_P = tl.load(h_ptr + q_P, mask=ok_P, other=0.0)
-        a_P = a_P * h_P * tl.sigmoid(h_P)
+    g_P = tl.load(g_ptr + q_P, mask=ok_P, other=0.0)
+    h_P = tl.load(h_ptr + q_P, mask=ok_P, other=0.0)
+    a_P = tl.load(w_ptr + q_P, mask=ok_P, other=0.0).to(tl.float32) * h_P * tl.sigmoid(h_P)
     nxt = p0 + BP
     e_next = tl.load(e_ptr + tl.minimum(nxt, P - 1))
     e_next = tl.where(nxt < end, e_next, -3)
@@ -110,7 +104,6 @@ def _pair_block_grad_kernel(
     BP: tl.constexpr,
     BD: tl.constexpr,
     SPLIT_BF16: tl.constexpr,
-    A_GIVEN: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_D = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -135,14 +128,14 @@ def _pair_block_grad_kernel(
     # The pair data of chunk i + 1 is fetched while chunk i's rows are reduced, so a chunk
     # waits on one round of loads (its row gathers) instead of a chain of three.
     ok_P, e_P, new_P, tok_P, g_P, a_P, e_next = _chunk_meta(
-        e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, start, start, end, P, K, BP, A_GIVEN
+        e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, start, start, end, P, K, BP
     )
     for p0 in range(start, end, BP):
         m_PD = ok_P[:, None] & ok_D[None, :]
         x_PD = tl.load(x_ptr + tok_P[:, None] * stride_x + offs_D[None, :], mask=m_PD, other=0)
         dy_PD = tl.load(dy_ptr + tok_P[:, None] * stride_dy + offs_D[None, :], mask=m_PD, other=0)
         n_ok_P, n_e_P, n_new_P, n_tok_P, n_g_P, n_a_P, n_e_next = _chunk_meta(
-            e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0 + BP, start, end, P, K, BP, A_GIVEN
+            e_ptr, order_ptr, h_ptr, w_ptr, g_ptr, p0 + BP, start, end, P, K, BP
         )
         # Segment rank in the chunk; row 0 is the run carried in from the previous chunk when
         # the chunk does not open with a new run.
@@ -215,12 +208,10 @@ def expert_grads(
     K: int,
     *,
     deterministic: bool,
-    a_given: bool = False,
 ) -> None:
     """Fill dup_ND and ddown_ND (every row) from the expert-sorted pairs; no host sync.
 
-    ``e_P`` may end with pairs of id N ("no expert"): they are skipped. ``a_given``: ``w_P``
-    holds the coefficient ``a`` of ddown itself (``h_P`` is not read), else ``a = w * silu(h)``.
+    ``e_P`` may end with pairs of id N ("no expert"): they are skipped.
     ``deterministic`` is accepted for the API: this schedule is always fixed-order (see above).
     """
     del deterministic
@@ -244,6 +235,5 @@ def expert_grads(
     _pair_block_grad_kernel[(triton.cdiv(P, block), triton.cdiv(D, BD))](
         x_TD, dy_TD, e_P, order_P, h_P, w_P, g_P, off_N1, dup_ND, ddown_ND,
         P, N, D, K, x_TD.stride(0), dy_TD.stride(0), block,
-        BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, A_GIVEN=a_given,
-        num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
+        BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
     )  # fmt: skip

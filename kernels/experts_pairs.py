@@ -67,12 +67,17 @@ def _pair_scores_kernel(
         q_P = tl.load(order_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
     tok_P = q_P // K
     acc_P = tl.zeros([BP], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        offs_D = d0 + tl.arange(0, BD)
-        m_PD = use_P[:, None] & (offs_D[None, :] < D)
-        a_PD = tl.load(rows_ptr + tok_P[:, None] * stride_row + offs_D[None, :], mask=m_PD, other=0)
-        b_PD = tl.load(table_ptr + e_P[:, None] * stride_tab + offs_D[None, :], mask=m_PD, other=0)
-        acc_P += tl.sum(a_PD.to(tl.float32) * b_PD.to(tl.float32), axis=1)
+    if tl.max(use_P.to(tl.int32), axis=0) > 0:  # a block of skipped pairs walks no columns
+        for d0 in range(0, D, BD):
+            offs_D = d0 + tl.arange(0, BD)
+            m_PD = use_P[:, None] & (offs_D[None, :] < D)
+            a_PD = tl.load(
+                rows_ptr + tok_P[:, None] * stride_row + offs_D[None, :], mask=m_PD, other=0
+            )
+            b_PD = tl.load(
+                table_ptr + e_P[:, None] * stride_tab + offs_D[None, :], mask=m_PD, other=0
+            )
+            acc_P += tl.sum(a_PD.to(tl.float32) * b_PD.to(tl.float32), axis=1)
     if BACKWARD:  # skipped pairs: acc = 0, so dw = g = 0 whatever h and w hold
         h_P = tl.load(h_ptr + q_P, mask=use_P, other=0.0)
         w_P = tl.load(w_ptr + q_P, mask=use_P, other=0.0).to(tl.float32)
@@ -126,16 +131,18 @@ def _combine_rows_kernel(
     ok_T = offs_T < T
     ok_D = offs_D < D
     acc_TD = tl.zeros([BT, BD], dtype=tl.float32)
-    # The ids of step k + 1 are loaded before step k's rows are summed, so each step waits on
-    # one round of loads (its row gathers), not on ids and then rows.
+    # The ids of step k + 1 are loaded before step k's rows are gathered and summed, so each
+    # step waits on one round of loads (its row gathers), not on ids and then rows.
     e_TK, c_TK, m_TK = _combine_step(idx_ptr, coef_ptr, w_ptr, offs_T, ok_T, 0, N, K, GATED, BK)
     for k0 in range(0, K, BK):
-        ptr_TKD = table_ptr + e_TK[:, :, None] * stride_tab + offs_D[None, None, :]
-        v_TKD = tl.load(ptr_TKD, mask=m_TK[:, :, None] & ok_D[None, None, :], other=0)
         n_e_TK, n_c_TK, n_m_TK = _combine_step(
             idx_ptr, coef_ptr, w_ptr, offs_T, ok_T, k0 + BK, N, K, GATED, BK
         )
-        acc_TD += tl.sum(c_TK[:, :, None] * v_TKD.to(tl.float32), axis=1)
+        # A step whose pairs are all skipped ("no expert") gathers nothing.
+        if tl.max(tl.max(m_TK.to(tl.int32), axis=1), axis=0) > 0:
+            ptr_TKD = table_ptr + e_TK[:, :, None] * stride_tab + offs_D[None, None, :]
+            v_TKD = tl.load(ptr_TKD, mask=m_TK[:, :, None] & ok_D[None, None, :], other=0)
+            acc_TD += tl.sum(c_TK[:, :, None] * v_TKD.to(tl.float32), axis=1)
         e_TK, c_TK, m_TK = n_e_TK, n_c_TK, n_m_TK
     ptr_TD = out_ptr + offs_T[:, None] * stride_out + offs_D[None, :]
     tl.store(ptr_TD, acc_TD.to(out_ptr.dtype.element_ty), mask=ok_T[:, None] & ok_D[None, :])
@@ -196,3 +203,31 @@ def combine_rows(
         T, table_ND.shape[0], D, K, table_ND.stride(0), out_TD.stride(0),
         GATED=w_TK is not None, BT=BT, BK=BK, BD=BD, num_warps=num_warps,
     )  # fmt: skip
+
+
+@triton.jit
+def _silu_grads_kernel(da_ptr, h_ptr, w_ptr, g_ptr, dw_ptr, P, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < P
+    da = tl.load(da_ptr + offs, mask=ok, other=0.0)
+    h = tl.load(h_ptr + offs, mask=ok, other=0.0)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(h)
+    tl.store(dw_ptr + offs, (da * h * sig).to(dw_ptr.dtype.element_ty), mask=ok)
+    tl.store(g_ptr + offs, da * w * sig * (1.0 + h * (1.0 - sig)), mask=ok)
+
+
+def silu_grads(
+    da_P: torch.Tensor, h_P: torch.Tensor, w_P: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """g = dL/dh and dw = dL/dw through a = w * silu(h), from float32 da = dL/da (any shape;
+    g float32, dw in w's dtype): the column-sharded layout's step between the reduction of
+    the partial da and the dx combine, in one launch."""
+    da_P, h_P, w_P = da_P.contiguous(), h_P.contiguous(), w_P.contiguous()
+    g_P, dw_P = torch.empty_like(da_P), torch.empty_like(w_P)
+    P = da_P.numel()
+    if P:
+        _silu_grads_kernel[(triton.cdiv(P, 1024),)](
+            da_P, h_P, w_P, g_P, dw_P, P, BLOCK=1024, num_warps=4
+        )
+    return g_P, dw_P

@@ -4,11 +4,12 @@
 columns ``c`` of U and V (the expert-parallel ``dim`` layout) runs the layer as three local ops
 with collectives in between (``omnimoe_train.parallel.dim_sharding``):
 
-    pair_dots(x[:, c], up[:, c], idx)         -> partial h (summed over ranks, then a = w silu h)
-    combine(down[:, c], idx, a)                -> y[:, c]
-    pair_dots(dy[:, c], down[:, c], idx)       -> partial da (backward)
-    combine(up[:, c], idx, g)                  -> dx[:, c]       (g = dL/dh)
-    table_grads(x[:, c], dy[:, c], idx, g, a)  -> dup[:, c], ddown[:, c]
+    pair_dots(x[:, c], up[:, c], idx)             -> partial h (summed over ranks)
+    combine(down[:, c], idx, h, gate=w)            -> y[:, c]    (coefficient w * silu(h))
+    pair_dots(dy[:, c], down[:, c], idx)           -> partial da (backward, summed over ranks)
+    silu_grads(da, h, w)                           -> g = dL/dh, dw
+    combine(up[:, c], idx, g)                      -> dx[:, c]
+    table_grads(x[:, c], dy[:, c], idx, g, h, w)   -> dup[:, c], ddown[:, c]
 
 Legend: T tokens, D columns (of the slice), N experts, K experts per token. Each op has a Triton
 version (the kernels of ``experts_pairs`` / ``experts_grad``, no host sync) and a PyTorch one
@@ -74,26 +75,48 @@ def combine(
     idx_TK: torch.Tensor,
     coef_TK: torch.Tensor,
     *,
+    gate_TK: torch.Tensor | None = None,
     out_dtype: torch.dtype,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``out[t] = sum_k coef[t, k] * table[idx[t, k]]`` -> (T, D) in ``out_dtype``."""
-    if coef_TK.shape != idx_TK.shape:
+    """``out[t] = sum_k c[t, k] * table[idx[t, k]]`` -> (T, D) in ``out_dtype``, with
+    ``c = gate * silu(coef)`` when ``gate_TK`` is given (the layer's forward), else ``coef``."""
+    if coef_TK.shape != idx_TK.shape or (gate_TK is not None and gate_TK.shape != idx_TK.shape):
         raise ValueError(f"coefficients {tuple(coef_TK.shape)} / indices {tuple(idx_TK.shape)}")
     num_tokens, width = idx_TK.shape[0], table_ND.shape[1]
     if resolve_backend(backend, table_ND.device) == "triton":
         from omnimoe_kernels.experts_pairs import combine_rows
 
         out_TD = torch.empty(num_tokens, width, dtype=out_dtype, device=table_ND.device)
-        combine_rows(table_ND.contiguous(), idx_TK.contiguous(), coef_TK.contiguous(), out_TD)
+        gate = gate_TK.contiguous() if gate_TK is not None else None
+        combine_rows(
+            table_ND.contiguous(), idx_TK.contiguous(), coef_TK.contiguous(), out_TD, w_TK=gate
+        )
         return out_TD
     acc = _acc_dtype(coef_TK.dtype)
     if num_tokens == 0:
         return torch.zeros(0, width, dtype=out_dtype, device=table_ND.device)
-    out_TD = F.embedding_bag(
-        idx_TK, table_ND.to(acc), per_sample_weights=coef_TK.to(acc), mode="sum"
-    )
+    coef_TK = coef_TK.to(acc)
+    if gate_TK is not None:
+        coef_TK = gate_TK.to(acc) * F.silu(coef_TK)
+    out_TD = F.embedding_bag(idx_TK, table_ND.to(acc), per_sample_weights=coef_TK, mode="sum")
     return out_TD.to(out_dtype)
+
+
+def silu_grads(
+    da_TK: torch.Tensor, h_TK: torch.Tensor, w_TK: torch.Tensor, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients through ``a = w * silu(h)`` given ``da = dL/da``: ``g = dL/dh`` (dtype of
+    ``da``) and ``dw = dL/dw`` (dtype of ``w``), in one pass (one launch on the Triton path)."""
+    if da_TK.shape != h_TK.shape or w_TK.shape != h_TK.shape:
+        raise ValueError(f"da {tuple(da_TK.shape)}, h {tuple(h_TK.shape)}, w {tuple(w_TK.shape)}")
+    if resolve_backend(backend, da_TK.device) == "triton" and da_TK.dtype == torch.float32:
+        from omnimoe_kernels.experts_pairs import silu_grads as silu_grads_triton
+
+        return silu_grads_triton(da_TK, h_TK, w_TK)
+    sig_TK = torch.sigmoid(h_TK)
+    dw_TK = (da_TK * h_TK * sig_TK).to(w_TK.dtype)
+    return da_TK * w_TK.to(da_TK.dtype) * sig_TK * (1 + h_TK * (1 - sig_TK)), dw_TK
 
 
 def table_grads(
@@ -101,18 +124,20 @@ def table_grads(
     dy_TD: torch.Tensor,
     idx_TK: torch.Tensor,
     g_TK: torch.Tensor,
-    a_TK: torch.Tensor,
+    h_TK: torch.Tensor,
+    w_TK: torch.Tensor,
     num_experts: int,
     *,
     dtype: torch.dtype,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dup[e] = sum_{(t,k): idx=e} g x_t``, ``ddown[e] = sum a dy_t`` -> two (N, D) in
-    ``dtype`` (every row written; experts with no pair get 0). Expert-sorted, fixed order."""
-    if dy_TD.shape != x_TD.shape or g_TK.shape != idx_TK.shape or a_TK.shape != idx_TK.shape:
+    """``dup[e] = sum_{(t,k): idx=e} g x_t``, ``ddown[e] = sum a dy_t`` with ``a = w silu(h)``
+    -> two (N, D) in ``dtype`` (every row written; experts with no pair get 0). Expert-sorted,
+    fixed order (``experts_grad``)."""
+    shapes = {tuple(t.shape) for t in (g_TK, h_TK, w_TK, idx_TK)}
+    if dy_TD.shape != x_TD.shape or len(shapes) != 1:
         raise ValueError(
-            f"x {tuple(x_TD.shape)}, dy {tuple(dy_TD.shape)}, g {tuple(g_TK.shape)}, "
-            f"a {tuple(a_TK.shape)}, indices {tuple(idx_TK.shape)}"
+            f"x {tuple(x_TD.shape)}, dy {tuple(dy_TD.shape)}, g/h/w/indices {sorted(shapes)}"
         )
     width = x_TD.shape[1]
     if resolve_backend(backend, x_TD.device) == "triton":
@@ -123,17 +148,17 @@ def table_grads(
         e_P = key_P.to(torch.int32) + base
         dup_ND = torch.empty(num_experts, width, dtype=dtype, device=x_TD.device)
         ddown_ND = torch.empty_like(dup_ND)
-        a_TK = a_TK.contiguous()
         expert_grads(
-            x_TD.contiguous(), dy_TD.contiguous(), order_P, e_P, a_TK, a_TK,
-            g_TK.contiguous(), dup_ND, ddown_ND, idx_TK.shape[1],
-            deterministic=True, a_given=True,
+            x_TD.contiguous(), dy_TD.contiguous(), order_P, e_P, h_TK.contiguous(),
+            w_TK.contiguous(), g_TK.contiguous(), dup_ND, ddown_ND, idx_TK.shape[1],
+            deterministic=True,
         )  # fmt: skip
         return dup_ND, ddown_ND
     acc = _acc_dtype(x_TD.dtype)
     dup_ND = torch.zeros(num_experts, width, dtype=acc, device=x_TD.device)
     ddown_ND = torch.zeros_like(dup_ND)
     top_k = idx_TK.shape[1]
+    a_TK = w_TK.to(acc) * F.silu(h_TK.to(acc))
     for start, end in _token_chunks(x_TD.shape[0], top_k, width):
         ids = idx_TK[start:end].flatten()
         x_CD, dy_CD = x_TD[start:end].to(acc), dy_TD[start:end].to(acc)

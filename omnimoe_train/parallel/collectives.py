@@ -85,6 +85,12 @@ class GroupComm:
         )
         return parts.view(self.size, self.mine, *t.shape[1:]).sum(0)
 
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """(G, ...) partial sums on every rank -> their sum, in place, on every rank."""
+        t = t.contiguous()
+        dist.all_reduce(t, group=self.group)
+        return t
+
     def exchange(
         self, t: torch.Tensor, *, to_owners: bool, async_op: bool = False
     ) -> tuple[torch.Tensor, dist.Work | None]:
@@ -108,6 +114,11 @@ class GroupComm:
 
     def scatter_bytes(self, bytes_per_row: int) -> int:
         return (sum(self.tokens) - self.mine) * bytes_per_row
+
+    def all_reduce_bytes(self, bytes_per_row: int) -> float:
+        """A ring all-reduce of (G, row): each rank sends 2 (P-1)/P of it (NCCL's ring; the sum
+        over ranks, 2 (P-1) G row, is what the tests compare)."""
+        return 2 * (self.size - 1) * sum(self.tokens) * bytes_per_row / self.size
 
     def count_bytes(self, exchanged: bool) -> int:
         """The token-count exchange of ``create`` (8 bytes to each peer), if it ran."""
@@ -218,8 +229,8 @@ class ShardingStats:
     """
 
     mode: str
-    forward_bytes: int
-    backward_bytes: int
+    forward_bytes: float
+    backward_bytes: float
     tokens: int
     local_pairs: torch.Tensor
     owner_ranks: torch.Tensor

@@ -9,9 +9,9 @@ test-suite checks them against the bytes real calls report.
 rows (b = dtype_bytes, w = weight_bytes, 4 = int32 expert id; implemented):
     forward  = (P-1)*T*(D*b + K*(4 + w))  +  (P-1)*T*D*b     gather x, ids, w; scatter-sum y
     backward = (P-1)*T*D*b  +  (P-1)*T*(D*b + K*w)            gather dy; scatter-sum dx, dw
-dim (s = 4 score bytes; implemented):
-    forward  = 2*(P-1)*T*(D/P)*b + (P-1)*T*K*(4 + 2*s)        x slices + ids, h, a, y slices
-    backward = 2*(P-1)*T*(D/P)*b + 2*(P-1)*T*K*s
+dim (s = 4 score bytes; ring all-reduce; implemented):
+    forward  = 2*(P-1)*T*(D/P)*b + (P-1)*T*K*(4 + w + 2*s)    x slices + ids + w, h, y slices
+    backward = 2*(P-1)*T*(D/P)*b + 2*(P-1)*T*K*s              dy slices, da, dx slices
 
 Reference points, NOT implemented:
 rows_a2a (the variable-split all-to-all the rows mode replaced; R = remote (token, rank) rows,
@@ -79,12 +79,19 @@ def rows_a2a_bytes(
 
 
 def dim_bytes(
-    *, tokens: float, d: int, k: int, ranks: int, dtype_bytes: int, score_bytes: int = 4
+    *,
+    tokens: float,
+    d: int,
+    k: int,
+    ranks: int,
+    dtype_bytes: int,
+    weight_bytes: int = 4,
+    score_bytes: int = 4,
 ) -> dict[str, float]:
     """Bytes of the dim-sharded layer for ``tokens`` tokens on each rank."""
     peers = ranks - 1
     activations = 2 * tokens * peers * (d / ranks) * dtype_bytes
-    forward = activations + tokens * k * peers * (_ID_BYTES + 2 * score_bytes)
+    forward = activations + tokens * k * peers * (_ID_BYTES + weight_bytes + 2 * score_bytes)
     backward = activations + 2 * tokens * k * peers * score_bytes
     return _totals(forward, backward)
 
@@ -135,8 +142,9 @@ def predict_bytes(
         return {**predicted, "dest_ranks_per_token": dest}
     if mode == "dim":
         predicted = dim_bytes(
-            tokens=tokens, d=d, k=k, ranks=ranks, dtype_bytes=dtype_bytes, score_bytes=score_bytes
-        )
+            tokens=tokens, d=d, k=k, ranks=ranks, dtype_bytes=dtype_bytes,
+            weight_bytes=weight_bytes, score_bytes=score_bytes,
+        )  # fmt: skip
         return {**predicted, "dest_ranks_per_token": float(ranks)}
     if mode == "gather":
         predicted = table_gather_bytes(

@@ -5,34 +5,35 @@ the FULL score up[e] . x, so the partial scores of the D/P slices are summed bef
 activation. One call on rank r (T own tokens, G of the group, Dp = D/P; legend in
 ``collectives``; every size is known on the host, so nothing waits on it):
 
-    x, ids   all-to-all, one packed exchange: x[:, slice q] and the (T, K) int32 expert ids of
-             my tokens to every rank q -> (G, Dp) x of my slice, (G, K) ids of the group
-    h        partial scores on my slice (``experts_parts.pair_dots``, Triton), fp32 (G, K),
-             reduce-scattered: each source gets the full h of its tokens (T, K)
-    a        source: a = w * silu(h), all-gathered (G, K)
-    y        y[:, slice] = sum_k a * V[e, slice] (``experts_parts.combine``) for all G tokens;
-             all-to-all back, each source assembles its (T, D) rows from the P slices
+    x, ids, w  all-to-all, one packed exchange: x[:, slice q], the (T, K) int32 expert ids and
+               the routing weights of my tokens to every rank q -> (G, Dp) x of my slice and
+               the (G, K) ids and weights of the group
+    h          partial scores on my slice (``experts_parts.pair_dots``), fp32 (G, K),
+               all-reduced: every rank has the full h of the group's pairs
+    y          y[:, slice] = sum_k w * silu(h) * V[e, slice] (``experts_parts.combine``, the
+               gated Triton combine) for all G tokens; all-to-all back, each source assembles
+               its (T, D) rows from the P slices
 
 Backward (one autograd node, collectives in a fixed order): dy slices out (all-to-all), partial
-da = dy . V[e, slice] reduce-scattered to the source, which forms dw and g = dL/dh, g
-all-gathered, dx slices = sum_k g * U[e, slice] sent back (all-to-all, overlapped with the
-table gradients dU, dV of the slice, which never leave the rank).
+da = dy . V[e, slice] all-reduced, g = dL/dh and dw from (da, h, w) in one kernel, dx slices =
+sum_k g * U[e, slice] sent back (all-to-all, overlapped with the table gradients dU, dV of the
+slice, which never leave the rank); dw of my tokens is my rows of the group's dw.
 
-Every rank computes all G*K pairs on D/P columns: the same work as one GPU on its own T*K pairs
-with all D columns, whatever the routing (no load imbalance). Scores and activations travel in
-fp32 (cancellation-prone sums of D/P products). Bytes a rank sends (b activation bytes, s = 4
-score bytes, equal T): forward 2*(P-1)*T*(D/P)*b + (P-1)*T*K*(4 + 2*s); backward
-2*(P-1)*T*(D/P)*b + 2*(P-1)*T*K*s. Nothing depends on N.
+Three collectives each way. Every rank computes all G*K pairs on D/P columns: the same work as
+one GPU on its own T*K pairs with all D columns, whatever the routing (no load imbalance).
+Scores travel in fp32 (cancellation-prone sums of D/P products). Bytes a rank sends (b
+activation bytes, w weight bytes, s = 4 score bytes, equal T, ring all-reduce):
+forward 2*(P-1)*T*(D/P)*b + (P-1)*T*K*(4 + w + 2*s); backward 2*(P-1)*T*(D/P)*b + 2*(P-1)*T*K*s.
+Nothing depends on N.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 from omnimoe_kernels import experts_parts
-from omnimoe_train.parallel.collectives import GroupComm, ShardingStats
+from omnimoe_train.parallel.collectives import GroupComm, ShardingStats, unpack_rows
 
 
 def _to_owners(comm: GroupComm, t_TD: torch.Tensor, width: int) -> torch.Tensor:
@@ -57,48 +58,54 @@ class _DimExperts(torch.autograd.Function):
         num_tokens, top_k = ids_TK.shape
         width = up_NDp.shape[1]
         acc = torch.promote_types(x_TD.dtype, torch.float32)
-        # One exchange for x slices and ids: block q = (x[:, slice q] bytes, all my ids bytes).
-        x_bytes = width * x_TD.element_size()
+        # One exchange: block q = (x[:, slice q], my ids, my weights), as bytes.
+        x_bytes, w_bytes = width * x_TD.element_size(), top_k * weights_TK.element_size()
         send = torch.empty(
-            comm.size, num_tokens, x_bytes + 4 * top_k, dtype=torch.uint8, device=x_TD.device
-        )
-        x_slices = x_TD.contiguous().view(num_tokens, comm.size, width).view(torch.uint8)
-        send[:, :, :x_bytes] = x_slices.transpose(0, 1)
-        send[:, :, x_bytes:] = ids_TK.to(torch.int32).view(torch.uint8)[None]
+            comm.size, num_tokens, x_bytes + 4 * top_k + w_bytes,
+            dtype=torch.uint8, device=x_TD.device,
+        )  # fmt: skip
+        if num_tokens:
+            x_slices = x_TD.contiguous().view(num_tokens, comm.size, width).view(torch.uint8)
+            send[:, :, :x_bytes] = x_slices.transpose(0, 1)
+            send[:, :, x_bytes : x_bytes + 4 * top_k] = ids_TK.to(torch.int32).view(torch.uint8)
+            send[:, :, x_bytes + 4 * top_k :] = weights_TK.contiguous().view(torch.uint8)
         recv, _ = comm.exchange(send.view(comm.size * num_tokens, send.shape[2]), to_owners=True)
-        x_GDp = recv[:, :x_bytes].contiguous().view(x_TD.dtype)
-        ids_GK = recv[:, x_bytes:].contiguous().view(torch.int32)
+        x_GDp, ids_GK, w_GK = unpack_rows(
+            recv, [(x_TD.dtype, (width,)), (torch.int32, (top_k,)), (weights_TK.dtype, (top_k,))]
+        )
 
-        h_part_GK = experts_parts.pair_dots(x_GDp, up_NDp, ids_GK, backend=backend).to(acc)
-        h_TK = comm.scatter_sum(h_part_GK)
-        a_TK = weights_TK.to(acc) * F.silu(h_TK)
-        a_GK = comm.gather(a_TK)
-        y_GDp = experts_parts.combine(down_NDp, ids_GK, a_GK, out_dtype=x_TD.dtype, backend=backend)
+        h_GK = comm.all_reduce(
+            experts_parts.pair_dots(x_GDp, up_NDp, ids_GK, backend=backend).to(acc)
+        )
+        y_GDp = experts_parts.combine(
+            down_NDp, ids_GK, h_GK, gate_TK=w_GK, out_dtype=x_TD.dtype, backend=backend
+        )
         y_back, _ = comm.exchange(y_GDp, to_owners=False)
 
-        ctx.save_for_backward(x_GDp, ids_GK, a_GK, h_TK, weights_TK, up_NDp, down_NDp)
+        ctx.save_for_backward(x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp)
         ctx.comm, ctx.backend, ctx.x_dtype = comm, backend, x_TD.dtype
         return _from_owners(comm, y_back)
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_GDp, ids_GK, a_GK, h_TK, weights_TK, up_NDp, down_NDp = ctx.saved_tensors
+        x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp = ctx.saved_tensors
         comm, backend = ctx.comm, ctx.backend
         width = up_NDp.shape[1]
         dy_GDp, _ = comm.exchange(_to_owners(comm, dy_TD.to(ctx.x_dtype), width), to_owners=True)
-        da_part_GK = experts_parts.pair_dots(dy_GDp, down_NDp, ids_GK, backend=backend)
-        da_TK = comm.scatter_sum(da_part_GK.to(h_TK.dtype))
-        sig_TK = torch.sigmoid(h_TK)
-        dweights_TK = (da_TK * h_TK * sig_TK).to(weights_TK.dtype)
-        g_TK = da_TK * weights_TK.to(h_TK.dtype) * sig_TK * (1 + h_TK * (1 - sig_TK))
-        g_GK = comm.gather(g_TK)
+        da_GK = comm.all_reduce(
+            experts_parts.pair_dots(dy_GDp, down_NDp, ids_GK, backend=backend).to(h_GK.dtype)
+        )
+        g_GK, dw_GK = experts_parts.silu_grads(da_GK, h_GK, w_GK, backend=backend)
         dx_GDp = experts_parts.combine(up_NDp, ids_GK, g_GK, out_dtype=ctx.x_dtype, backend=backend)
         # dx travels while the table gradients are computed.
         dx_back, work = comm.exchange(dx_GDp, to_owners=False, async_op=True)
         dup_NDp, ddown_NDp = experts_parts.table_grads(
-            x_GDp, dy_GDp, ids_GK, g_GK, a_GK, up_NDp.shape[0], dtype=up_NDp.dtype, backend=backend
-        )
+            x_GDp, dy_GDp, ids_GK, g_GK, h_GK, w_GK, up_NDp.shape[0],
+            dtype=up_NDp.dtype, backend=backend,
+        )  # fmt: skip
         work.wait()
+        first = sum(comm.tokens[: comm.rank])
+        dweights_TK = dw_GK[first : first + comm.mine]
         return _from_owners(comm, dx_back), dup_NDp, ddown_NDp, dweights_TK, None, None, None
 
 
@@ -151,15 +158,14 @@ def _dim_stats(
     slice_row = width * x_TD.element_size()
     forward = {
         "counts": comm.count_bytes(counted),
-        "x_ids": comm.gather_bytes(slice_row + 4 * top_k),
-        "scores": comm.scatter_bytes(score * top_k),
-        "activations": comm.gather_bytes(score * top_k),
+        "x_ids_weights": comm.gather_bytes(slice_row + top_k * (4 + weights_TK.element_size())),
+        "scores": comm.all_reduce_bytes(score * top_k),
         "y": comm.scatter_bytes(slice_row),
     }
-    backward = 0
+    backward = 0.0
     if has_backward:
-        backward = comm.gather_bytes(slice_row) + comm.scatter_bytes(score * top_k)
-        backward += comm.gather_bytes(score * top_k) + comm.scatter_bytes(slice_row)
+        backward = comm.gather_bytes(slice_row) + comm.all_reduce_bytes(score * top_k)
+        backward += comm.scatter_bytes(slice_row)
     pairs = sum(comm.tokens) * top_k  # every rank computes every pair of the group
     device = x_TD.device
     return ShardingStats(

@@ -27,45 +27,49 @@ def _inputs(T, D, N, K, device, seed=0):
     up = torch.randn(N, D, generator=gen)
     down = torch.randn(N, D, generator=gen)
     idx = torch.randint(0, N, (T, K), generator=gen)
-    g = torch.randn(T, K, generator=gen)
-    a = torch.randn(T, K, generator=gen)
-    return [t.to(device) for t in (x, dy, up, down, idx, g, a)]
+    g = torch.randn(T, K, generator=gen)  # also used as the score h and as da
+    w = torch.rand(T, K, generator=gen) + 0.1
+    return [t.to(device) for t in (x, dy, up, down, idx, g, w)]
+
+
+def _run(tensors, backend):
+    x, dy, up, down, idx, g, w = tensors
+    dtype = x.dtype
+    h = g.flip(0)
+    return {
+        "h": experts_parts.pair_dots(x, up, idx, backend=backend),
+        "out": experts_parts.combine(down, idx, g, out_dtype=dtype, backend=backend),
+        "gated": experts_parts.combine(down, idx, h, gate_TK=w, out_dtype=dtype, backend=backend),
+        "grads": experts_parts.table_grads(
+            x, dy, idx, g, h, w, down.shape[0], dtype=dtype, backend=backend
+        ),
+        "silu": experts_parts.silu_grads(g, h, w, backend=backend),
+    }
 
 
 def _check(T, D, N, K, device) -> None:
-    x, dy, up, down, idx, g, a = _inputs(T, D, N, K, device)
-    h = experts_parts.pair_dots(x, up, idx, backend="triton")
-    out = experts_parts.combine(down, idx, a, out_dtype=torch.float32, backend="triton")
-    dup, ddown = experts_parts.table_grads(
-        x, dy, idx, g, a, N, dtype=torch.float32, backend="triton"
-    )
-    cpu = [t.cpu() for t in (x, dy, up, down, idx, g, a)]
-    x64, dy64, up64, down64, idx64, g64, a64 = [
-        t.double() if t.is_floating_point() else t for t in cpu
-    ]
-    h64 = experts_parts.pair_dots(x64, up64, idx64, backend="torch")
-    out64 = experts_parts.combine(down64, idx64, a64, out_dtype=torch.float64, backend="torch")
-    dup64, ddown64 = experts_parts.table_grads(
-        x64, dy64, idx64, g64, a64, N, dtype=torch.float64, backend="torch"
-    )
-    assert h.dtype == torch.float32 and h.shape == (T, K)
-    assert out.shape == (T, D) and dup.shape == ddown.shape == (N, D)
+    tensors = _inputs(T, D, N, K, device)
+    got = _run(tensors, "triton")
+    ref = _run([t.cpu().double() if t.is_floating_point() else t.cpu() for t in tensors], "torch")
+    assert got["h"].dtype == torch.float32 and got["h"].shape == (T, K)
+    assert got["out"].shape == (T, D) and got["grads"][0].shape == (N, D)
     if T == 0:
-        assert dup.abs().sum() == 0 and ddown.abs().sum() == 0
+        assert all(t.abs().sum() == 0 for t in got["grads"])
         return
-    for name, got, want in (
-        ("h", h, h64),
-        ("out", out, out64),
-        ("dup", dup, dup64),
-        ("ddown", ddown, ddown64),
+    for name in ("h", "out", "gated"):
+        assert rel_err(got[name], ref[name]) <= 2e-6, name
+    for name, a, b in zip(
+        ("dup", "ddown", "g", "dw"), got["grads"] + got["silu"], ref["grads"] + ref["silu"]
     ):
-        assert rel_err(got, want) <= 2e-6, name
+        assert rel_err(a, b) <= 2e-6, name
 
 
 def test_torch_parts_match_definitions() -> None:
     """The PyTorch path against a dense einsum reading of the definitions (float64)."""
-    x, dy, up, down, idx, g, a = _inputs(9, 12, 10, 4, "cpu", seed=3)
-    x, dy, up, down, g, a = (t.double() for t in (x, dy, up, down, g, a))
+    x, dy, up, down, idx, g, w = _inputs(9, 12, 10, 4, "cpu", seed=3)
+    x, dy, up, down, g, w = (t.double() for t in (x, dy, up, down, g, w))
+    h = g.flip(0)
+    a = w * F.silu(h)
     onehot_TKN = F.one_hot(idx, 10).double()
     torch.testing.assert_close(
         experts_parts.pair_dots(x, up, idx, backend="torch"),
@@ -75,19 +79,28 @@ def test_torch_parts_match_definitions() -> None:
         experts_parts.combine(down, idx, a, out_dtype=torch.float64, backend="torch"),
         torch.einsum("tk,tkn,nd->td", a, onehot_TKN, down),
     )
+    torch.testing.assert_close(
+        experts_parts.combine(down, idx, h, gate_TK=w, out_dtype=torch.float64, backend="torch"),
+        torch.einsum("tk,tkn,nd->td", a, onehot_TKN, down),
+    )
     dup, ddown = experts_parts.table_grads(
-        x, dy, idx, g, a, 10, dtype=torch.float64, backend="torch"
+        x, dy, idx, g, h, w, 10, dtype=torch.float64, backend="torch"
     )
     torch.testing.assert_close(dup, torch.einsum("tk,tkn,td->nd", g, onehot_TKN, x))
     torch.testing.assert_close(ddown, torch.einsum("tk,tkn,td->nd", a, onehot_TKN, dy))
+    # silu_grads: autograd through a = w * silu(h) with upstream da = g.
+    h_, w_ = h.clone().requires_grad_(), w.clone().requires_grad_()
+    dh, dw = torch.autograd.grad(w_ * F.silu(h_), (h_, w_), g)
+    g_out, dw_out = experts_parts.silu_grads(g, h, w, backend="torch")
+    torch.testing.assert_close(g_out, dh)
+    torch.testing.assert_close(dw_out, dw)
 
 
 def test_parts_compose_to_atomic_experts() -> None:
-    """combine(down, idx, w * silu(pair_dots(x, up, idx))) is the layer's forward."""
-    x, _, up, down, idx, _, a = _inputs(11, 16, 20, 5, "cpu", seed=4)
-    w = a.abs()
+    """combine(down, idx, pair_dots(x, up, idx), gate=w) is the layer's forward."""
+    x, _, up, down, idx, _, w = _inputs(11, 16, 20, 5, "cpu", seed=4)
     h = experts_parts.pair_dots(x, up, idx, backend="torch")
-    y = experts_parts.combine(down, idx, w * F.silu(h), out_dtype=torch.float32, backend="torch")
+    y = experts_parts.combine(down, idx, h, gate_TK=w, out_dtype=torch.float32, backend="torch")
     ref = omnimoe_kernels.atomic_experts(x, up, down, w, idx, backend="torch")
     assert rel_err(y, ref) <= 1e-6
 
