@@ -63,6 +63,7 @@ def _build(case: Case, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def _assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
     if expected.numel() == 0:
         return
     scale = expected.abs().max().clamp_min(1e-12)
@@ -79,7 +80,9 @@ def _all_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _sum_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item()
 
@@ -96,12 +99,13 @@ def check_case(
     dtype: torch.dtype = torch.float32,
     known_tokens: bool = False,
     backend: str = "auto",
+    device: str = "cpu",
 ) -> None:
     """Run one case in ``mode`` on this rank and assert it matches the single-process op.
     ``known_tokens``: pass every rank's token count (no count exchange)."""
     num_ranks, rank = dist.get_world_size(), dist.get_rank()
     assert len(case.tokens_per_rank) == num_ranks
-    full = _build(case, dtype)
+    full = {name: t.to(device) for name, t in _build(case, dtype).items()}
     start = sum(case.tokens_per_rank[:rank])
     mine = slice(start, start + case.tokens_per_rank[rank])
 
@@ -169,17 +173,17 @@ def check_cases(cases: list[Case], modes: tuple[str, ...], dtype: torch.dtype = 
             check_case(case, mode, dtype, known_tokens=True)
 
 
-def check_cases_triton(cases: list[Case], modes: tuple[str, ...]) -> None:
+def check_cases_triton(cases: list[Case], modes: tuple[str, ...], device: str = "cpu") -> None:
     """The same checks with the Triton kernels (through Triton's interpreter on CPU)."""
     import os
 
-    if not torch.cuda.is_available():
+    if device == "cpu":
         # Read when the kernel modules are first imported, which has not happened in this
         # freshly spawned process (``omnimoe_kernels`` imports them lazily).
         os.environ["TRITON_INTERPRET"] = "1"
     for case in cases:
         for mode in modes:
-            check_case(case, mode, known_tokens=True, backend="triton")
+            check_case(case, mode, known_tokens=True, backend="triton", device=device)
 
 
 def check_bytes_per_rank(case: Case) -> None:

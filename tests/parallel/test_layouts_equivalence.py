@@ -17,7 +17,7 @@ import pytest
 from .distributed import run_distributed
 from .layout_checks import check_layouts, make_reference
 
-WORLD_2 = ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "dp2_distopt", "ep2_rows", "ep2_dim"]
+WORLD_2 = ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "dp2_distopt", "ep2_rows", "ep2_dim", "tp2_sp_ep2"]
 WORLD_4 = ["tp2_ep2", "pp2_dp2", "mixed4"]
 
 
