@@ -262,3 +262,24 @@ def fit_and_log(data_dir: Path, run_dir: Path) -> None:
     finally:
         sink.close()
     parallel_state.destroy_model_parallel()
+
+
+def check_distopt_bitwise(steps: int, device: str = "cpu") -> None:
+    """Without gradient clipping the distributed optimizer is plain data parallel to the bit.
+
+    With clipping the two differ in the last bit of the grad norm (the distributed optimizer sums
+    squared norms per shard, then over ranks: another order), so the clip factor does, and the
+    top-K routing amplifies that over steps (a near-tie flips an expert choice)."""
+    runs = {}
+    for layout in ("single", "dp2_distopt"):
+        cfg = layout_config(layout, "optim.clip_grad=0.0", device=device)
+        rt = init_runtime(cfg)
+        engine = MegatronEngine(cfg, rt, VOCAB)
+        losses = _train(engine, cfg, steps)
+        params = {n: p.detach().cpu().clone() for n, p, _ in _local_params(engine)}
+        runs[layout] = (losses, params)
+        parallel_state.destroy_model_parallel()
+    (plain_losses, plain), (dist_losses, sharded) = runs["single"], runs["dp2_distopt"]
+    assert plain_losses == dist_losses, (plain_losses, dist_losses)
+    for name, value in plain.items():
+        assert torch.equal(value, sharded[name]), name

@@ -20,7 +20,13 @@ import pytest
 import torch
 
 from .distributed import run_distributed
-from .layout_checks import RTOL_CURVE, RTOL_STEP, check_layouts, make_reference
+from .layout_checks import (
+    RTOL_CURVE,
+    RTOL_STEP,
+    check_distopt_bitwise,
+    check_layouts,
+    make_reference,
+)
 from .sharding_checks import Case, check_cases_triton
 
 pytestmark = [
@@ -45,6 +51,10 @@ def test_two_gpu_layouts_match_one_gpu(reference: Path) -> None:
         check_layouts, 2, reference, LAYOUTS, "cuda", 10 * RTOL_STEP, 10 * RTOL_CURVE,
         backend="nccl", timeout_s=600,
     )  # fmt: skip
+
+
+def test_distributed_optimizer_equals_plain_dp_without_clipping_nccl() -> None:
+    run_distributed(check_distopt_bitwise, 2, 8, "cuda", backend="nccl", timeout_s=300)
 
 
 def test_sharded_ops_match_one_gpu() -> None:
