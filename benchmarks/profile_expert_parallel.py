@@ -2,7 +2,8 @@
 
 Each rank routes its own T tokens with the Cartesian router, runs the atomic experts (``local``:
 the full tables on one GPU, what data parallelism runs; ``rows`` / ``dim``: the sharded ops) and
-the shared SwiGLU, then the backward. Reported per mode: median ms per layer step (synchronised wall time),
+the shared SwiGLU, then the backward. Reported per mode: median ms per layer step (synchronised
+wall time, and the CPU time until the step's last launch returned: equal means launch-bound),
 tokens/s of the group, the (token, expert) pairs per rank (max / mean), and the CUDA time per
 category from ``torch.profiler`` (routing, NCCL exchanges, expert kernels, sorts, copies, rest).
 
@@ -135,10 +136,11 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     for _ in range(args.warmup):
         step()
     sync()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.iters):
         start = time.perf_counter()
         step()
+        cpu_times.append((time.perf_counter() - start) * 1e3)  # until the last launch returned
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     dist.barrier()
@@ -163,6 +165,7 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
         "mode": mode,
         "skew": args.skew,
         "ms_per_layer_step": median,
+        "cpu_ms_per_layer_step": statistics.median(cpu_times),
         "group_tokens_per_s": T * size / median * 1e3,
         "pair_imbalance_max_over_mean": pairs[0],
         "cuda_ms_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
@@ -205,7 +208,8 @@ def main() -> None:
         if dist.get_rank() == 0:
             cats = ", ".join(f"{k} {v:.2f}" for k, v in result["cuda_ms_by_category"].items())
             print(
-                f"{mode:>9} skew={args.skew}: {result['ms_per_layer_step']:.2f} ms/layer step, "
+                f"{mode:>9} skew={args.skew}: {result['ms_per_layer_step']:.2f} ms/layer step "
+                f"(CPU {result['cpu_ms_per_layer_step']:.2f}), "
                 f"{result['group_tokens_per_s'] / 1e3:.0f}k tok/s (group), pairs max/mean "
                 f"{result['pair_imbalance_max_over_mean']:.3f}; CUDA ms: {cats}",
                 flush=True,
