@@ -81,6 +81,8 @@ def test_torchrun_launcher_two_gpus(tmp_path: Path) -> None:
         "trainer.progress=false",
         "logging=disabled",
         "data.global_batch_size=32",
+        "data.max_bytes=500000",
+        "data.vocab_size=512",
     ]
     result = subprocess.run(
         ["bash", str(REPO / "launch" / "torchrun.sh"), "2", *args],
