@@ -13,7 +13,11 @@ import os
 
 import torch
 
-from omnimoe_kernels.reference import atomic_experts_reference, cartesian_topk_reference
+from omnimoe_kernels.reference import (
+    atomic_experts_gather,
+    atomic_experts_reference,
+    cartesian_topk_reference,
+)
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -63,6 +67,7 @@ def atomic_experts(
 __all__ = [
     "BACKENDS",
     "atomic_experts",
+    "atomic_experts_gather",
     "atomic_experts_reference",
     "cartesian_topk",
     "cartesian_topk_reference",

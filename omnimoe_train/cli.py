@@ -44,22 +44,37 @@ def _compose_error(exc: Exception) -> str:
 
 
 def _sweep_combinations(overrides: list[str]) -> list[list[str]]:
-    """Expand ``a=1,2 b=x,y`` into every combination, as Hydra's basic sweeper would."""
+    """Expand ``a=1,2 b=x,y`` into every combination, as Hydra's basic sweeper would (a later
+    override of the same key replaces an earlier one)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = []
+    choices: dict[str, list[str]] = {}
     for ov in parsed:
+        key = ov.get_key_element()
         if ov.is_sweep_override():
-            key = ov.get_key_element()
-            choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+            choices[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
         else:
-            choices.append([ov.input_line])
-    return [list(combo) for combo in itertools.product(*choices)]
+            choices[key] = [ov.input_line]
+    return [list(combo) for combo in itertools.product(*choices.values())]
+
+
+def _sweeper_params(overrides: list[str]) -> list[str]:
+    """The ``hydra.sweeper.params`` a config (e.g. ``+experiment=...``) declares, as overrides."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    params = dcfg.hydra.sweeper.get("params") or {}
+    return [f"{key}={value}" for key, value in params.items()]
 
 
 def precheck(argv: list[str]) -> None:
-    """Compose and validate the config(s) that ``argv`` asks for; exit 2 on the first error."""
+    """Compose and validate the config(s) that ``argv`` asks for; exit 2 on the first error.
+
+    For ``-m`` sweeps this is every combination of the command-line sweeps and of the
+    ``hydra.sweeper.params`` the composed config declares (the ready-made experiments).
+    """
     from hydra import compose, initialize_config_module
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
@@ -67,8 +82,11 @@ def precheck(argv: list[str]) -> None:
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --help, --cfg, --info ...: Hydra answers those itself
     try:
-        combos = _sweep_combinations(overrides) if multirun else [overrides]
-    except Exception as exc:  # noqa: BLE001 - a parse error in the overrides themselves
+        combos = [overrides]
+        if multirun:
+            base = [o for combo in _sweep_combinations(overrides)[:1] for o in combo]
+            combos = _sweep_combinations(_sweeper_params(base) + overrides)
+    except Exception as exc:  # noqa: BLE001 - a parse or composition error in the overrides
         _fail(_compose_error(exc))
     for combo in combos:
         try:

@@ -24,8 +24,11 @@ from omnimoe_train.data import ensure_dataset, tokenizer_vocab_size
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine.megatron import MegatronEngine
 from omnimoe_train.metrics import MetricsSink
-from omnimoe_train.model.expert_stats import ExpertStats, collect_expert_metrics
+from omnimoe_train.mfu import throughput_metrics
+from omnimoe_train.model.accounting import model_accounting
+from omnimoe_train.model.expert_stats import ExpertStats, collect_aux_loss, collect_expert_metrics
 from omnimoe_train.model.gpt import padded_vocab_size
+from omnimoe_train.validation import MEGATRON_MOE_MLPS
 
 
 @dataclass
@@ -82,6 +85,10 @@ class Trainer:
         e = self.engine
         self.state = TrainState(e, loader)
         self.expert_stats = [m for c in e.model for m in c.modules() if isinstance(m, ExpertStats)]
+        # The same count omnimoe-params prints (the whole model, whatever this rank holds).
+        self.flops_per_token = model_accounting(
+            cfg.model, seq_len=d.seq_len, vocab_size=self.vocab_size
+        ).flops_per_token
 
     def num_parameters(self) -> int:
         return sum(p.numel() for c in self.engine.model for p in c.parameters())
@@ -120,10 +127,16 @@ class Trainer:
             total = self.engine.run_schedule(iter(batches), len(batches), forward_only=True)
         return self.engine.mean_loss(total)
 
-    def _expert_metrics(self) -> dict[str, float]:
-        return collect_expert_metrics(
+    def _expert_metrics(self, steps: int) -> dict[str, float]:
+        metrics = collect_expert_metrics(
             self.expert_stats, sequence_parallel=self.cfg.parallel.sequence_parallel
         )
+        m = self.cfg.model
+        if m.mlp in MEGATRON_MOE_MLPS and m.moe_aux_loss_coeff > 0:
+            metrics |= collect_aux_loss(
+                num_layers=m.num_layers, microbatches=steps * self.num_microbatches
+            )
+        return metrics
 
     # -- loop ---------------------------------------------------------------------------------
     def fit(self, sink: MetricsSink) -> dict[str, Any]:
@@ -155,14 +168,21 @@ class Trainer:
             if s.step % t.log_interval == 0 or s.step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
                 loss = self.engine.mean_loss(window_loss)
+                tokens_per_s = window_steps * self.tokens_per_step / elapsed
                 record = {
                     "step": s.step,
                     "loss": loss,
                     "lr": self.engine.current_lr(),
                     "grad_norm": grad_norm,
-                    "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+                    "tokens_per_s": tokens_per_s,
+                    **throughput_metrics(
+                        self.flops_per_token,
+                        tokens_per_s,
+                        world_size=self.rt.world_size,
+                        device=self.rt.device,
+                    ),
                     "consumed_tokens": s.consumed_tokens,
-                    **self._expert_metrics(),
+                    **self._expert_metrics(window_steps),
                     **self.engine.dispatch_metrics(window_steps),
                 }
                 if self.rt.device.type == "cuda":
