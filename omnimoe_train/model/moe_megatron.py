@@ -49,7 +49,8 @@ def transformer_config_fields(m: ModelConfig, p: ParallelConfig) -> dict[str, An
         moe_router_topk=m.moe_top_k,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
         moe_shared_expert_intermediate_size=m.moe_shared_ffn_hidden_size if deepseek else None,
-        moe_router_pre_softmax=deepseek,
+        # Top-1 also needs the softmax over all E first (Switch): over one logit it is constant.
+        moe_router_pre_softmax=deepseek or m.moe_top_k == 1,
         moe_router_score_function="softmax",
         moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
