@@ -79,12 +79,11 @@ def read_run(run_dir: Path) -> dict:
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     steady = train[1:] or train  # the first window includes compilation and warm-up
-    mean = lambda key: (
-        sum(r[key] for r in steady if r.get(key) is not None)
-        / max(  # noqa: E731
-            1, sum(1 for r in steady if r.get(key) is not None)
-        )
-    )
+
+    def mean(key: str) -> float:
+        values = [r[key] for r in steady if r.get(key) is not None]
+        return sum(values) / max(1, len(values))
+
     last = train[-1]
     result = {
         "steps": last["step"],
@@ -110,7 +109,10 @@ def markdown(rows: list[dict], command: str) -> str:
         "| MFU | peak mem GiB | expert usage | unevenness | load imbalance |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | | | | failed: {r['error']} | | | | | | | |")

@@ -28,7 +28,7 @@ from omnimoe_train.mfu import throughput_metrics
 from omnimoe_train.model.accounting import model_accounting
 from omnimoe_train.model.expert_stats import ExpertStats, collect_aux_loss, collect_expert_metrics
 from omnimoe_train.model.gpt import padded_vocab_size
-from omnimoe_train.validation import MEGATRON_MOE_MLPS
+from omnimoe_train.validation import ATOMIC_EXPERT_MLPS, MEGATRON_MOE_MLPS
 
 
 @dataclass
@@ -152,7 +152,7 @@ class Trainer:
             sink.console.log(f"resumed from {resume} at step {s.step}")
 
         summary: dict[str, Any] = {"num_parameters": self.num_parameters()}
-        if self.rt.is_main and cfg.model.mlp == "omnimoe":
+        if self.rt.is_main and cfg.model.mlp in ATOMIC_EXPERT_MLPS:
             sink.console.log(self.engine.sharding_note)
         if s.step == 0:
             summary["initial_val_loss"] = self.evaluate()
