@@ -82,3 +82,18 @@ def test_variant_trains_with_falling_loss(single_rank: None, variant: str) -> No
         assert aux["aux_loss"] >= 0.99
     else:
         assert aux.get("aux_loss", 0.0) == 0.0
+
+
+def test_aux_loss_reaches_the_router_gradient(single_rank: None) -> None:
+    """megatron's MoEAuxLossAutoScaler adds the load-balancing loss's gradient in the backward."""
+    grads = {}
+    batch = torch.randint(0, VOCAB, (8, 17), generator=torch.Generator().manual_seed(1))
+    for coeff in (0.0, 0.5):
+        cfg = compose_config(*TINY, "model.mlp=gshard", f"model.moe_aux_loss_coeff={coeff}")
+        engine = MegatronEngine(cfg, init_runtime(cfg), VOCAB)  # reseeded: the same weights
+        engine.forward_backward_step(iter(batch.split(4)))
+        layer = engine.model[0].module.decoder.layers[0].mlp
+        grads[coeff] = (layer.router.weight.detach().clone(), layer.router.weight.main_grad.clone())
+    (weight0, without), (weight1, with_aux) = grads[0.0], grads[0.5]
+    assert torch.equal(weight0, weight1) and without.abs().sum() > 0
+    assert (with_aux - without).abs().max() > 1e-3 * without.abs().max()
