@@ -1,6 +1,6 @@
 """Checkpoints: one folder per step, written whole or not at all.
 
-Layout: ``<dir>/step_00000300/`` with ``rank_00000.pt`` per rank (model, optimizer, scheduler,
+Layout: ``<dir>/step_00000300/`` (the step, at least 8 digits) with ``rank_00000.pt`` per rank (model, optimizer, scheduler,
 data position, RNG states) and ``meta.json`` (step, world size, layout). Everything is written
 under ``step_<8 digits>.tmp`` and renamed after every rank has finished, so a folder with the final
 name is always complete; ``latest`` names the newest one. Resharding to another layout is the job
@@ -18,7 +18,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+# At least 8 digits: a run past step 99,999,999 writes step_100000000, which must still be found
+# by resume=auto and pruned by keep.
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
 def step_dir_name(step: int) -> str:

@@ -15,8 +15,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from omnimoe_train import names
 from omnimoe_train.config import RootConfig, register_configs
-from omnimoe_train.validation import ConfigError, validate
+from omnimoe_train.validation import (
+    ConfigError,
+    data_facts_before_preparation,
+    validate,
+    validate_against_data,
+)
 
 CONFIG_MODULE = "omnimoe_conf"
 EXIT_USAGE = 2
@@ -43,20 +49,23 @@ def _compose_error(exc: Exception) -> str:
     return f"{full_key}: {first}" if full_key else first
 
 
-def _sweep_combinations(overrides: list[str]) -> list[list[str]]:
+def _sweep_combinations(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
     """Expand ``a=1,2 b=x,y`` into every combination, as Hydra's basic sweeper would (a later
-    override of the same key replaces an earlier one)."""
+    override of the same key replaces an earlier one); also return the swept keys."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     choices: dict[str, list[str]] = {}
+    swept: dict[str, bool] = {}
     for ov in parsed:
         key = ov.get_key_element()
-        if ov.is_sweep_override():
+        swept[key] = ov.is_sweep_override()
+        if swept[key]:
             choices[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
         else:
             choices[key] = [ov.input_line]
-    return [list(combo) for combo in itertools.product(*choices.values())]
+    combos = [list(combo) for combo in itertools.product(*choices.values())]
+    return combos, [key for key, is_sweep in swept.items() if is_sweep]
 
 
 def _sweeper_params(overrides: list[str]) -> list[str]:
@@ -67,6 +76,20 @@ def _sweeper_params(overrides: list[str]) -> list[str]:
         dcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     params = dcfg.hydra.sweeper.get("params") or {}
     return [f"{key}={value}" for key, value in params.items()]
+
+
+def _check_hydra_dirs(argv: list[str]) -> None:
+    """Output folders given whole on the command line must fit the file system (the folders
+    Hydra names itself are bounded by ``names``)."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
+            part = names.long_component(value)
+            if part is not None:
+                _fail(
+                    f"{key}: a path component has {len(part.encode())} bytes, more than the "
+                    f"file system's {names.COMPONENT_MAX_BYTES} ({part[:40]}...)"
+                )
 
 
 def precheck(argv: list[str]) -> None:
@@ -81,19 +104,25 @@ def precheck(argv: list[str]) -> None:
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --help, --cfg, --info ...: Hydra answers those itself
+    _check_hydra_dirs(argv)
     try:
-        combos = [overrides]
+        combos, swept = [overrides], []
         if multirun:
-            base = [o for combo in _sweep_combinations(overrides)[:1] for o in combo]
-            combos = _sweep_combinations(_sweeper_params(base) + overrides)
+            first = _sweep_combinations(overrides)[0][0]
+            combos, swept = _sweep_combinations(_sweeper_params(first) + overrides)
     except Exception as exc:  # noqa: BLE001 - a parse or composition error in the overrides
         _fail(_compose_error(exc))
+    names.set_swept_keys(swept)  # a sweep job's folder shows these keys' values
     for combo in combos:
         try:
             with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
                 dcfg = compose(config_name="config", overrides=combo)
             cfg = to_root_config(dcfg)
             validate(cfg)
+            # What the data already tells (a given tokenizer, a prepared data.dir); the rest is
+            # checked right after preparation, before any model work.
+            for facts in data_facts_before_preparation(cfg.data):
+                validate_against_data(cfg, facts)
         except ConfigError as exc:
             _fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
@@ -118,6 +147,7 @@ def main() -> None:
 
     quiet_libraries()
     register_configs()
+    names.register_resolvers()
     precheck(sys.argv[1:])
     _hydra_main()
 

@@ -22,6 +22,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     from omnimoe_train.distributed import init_runtime, shutdown_runtime
     from omnimoe_train.metrics import MetricsSink
     from omnimoe_train.trainer import Trainer
+    from omnimoe_train.validation import ConfigError
 
     quiet_libraries()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -30,8 +31,9 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     try:
         try:
             trainer = Trainer(cfg, runtime, run_dir)
-        except DataError as exc:
-            print(f"omnimoe-train: error: {exc}", file=sys.stderr)
+        except (ConfigError, DataError) as exc:  # the data or a rule against it: one line
+            if runtime.is_main:  # every rank meets the same rule; one line for the run
+                print(f"omnimoe-train: error: {exc}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         resolved = OmegaConf.structured(cfg)
         resolved.model.vocab_size = trainer.vocab_size
@@ -93,7 +95,7 @@ def quiet_libraries() -> None:
 
 def _report(sink: Any, summary: dict[str, Any]) -> None:
     first, last = summary.get("initial_val_loss"), summary.get("final_val_loss")
-    if first is not None and last is not None:
+    if first and last is not None:  # evaluation on (data.val_fraction > 0), a nonzero start
         drop = 100.0 * (1.0 - last / first)
         sink.console.log(
             f"val_loss {first:.3f} -> {last:.3f} ({drop:.1f}% lower) in {summary['wall_s']:.0f}s"

@@ -7,14 +7,13 @@ training state lives in :class:`TrainState`, which is what a checkpoint saves an
 
 from __future__ import annotations
 
-import itertools
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import tensor_parallel
 
 from omnimoe_data.loader import TokenShardLoader
@@ -22,13 +21,21 @@ from omnimoe_train import checkpoint as ckpt
 from omnimoe_train.config import RootConfig
 from omnimoe_train.data import ensure_dataset, tokenizer_vocab_size
 from omnimoe_train.distributed import Runtime
-from omnimoe_train.engine.megatron import MegatronEngine
+from omnimoe_train.engine.megatron import PAD_ID, MegatronEngine
 from omnimoe_train.metrics import MetricsSink
 from omnimoe_train.mfu import throughput_metrics
 from omnimoe_train.model.accounting import model_accounting
 from omnimoe_train.model.expert_stats import ExpertStats, collect_aux_loss, collect_expert_metrics
 from omnimoe_train.model.gpt import padded_vocab_size
-from omnimoe_train.validation import ATOMIC_EXPERT_MLPS, MEGATRON_MOE_MLPS
+from omnimoe_train.validation import (
+    ATOMIC_EXPERT_MLPS,
+    MEGATRON_MOE_MLPS,
+    data_facts_before_preparation,
+    dataset_facts,
+    validate_against_data,
+)
+
+EVAL_OFF = "off: data.val_fraction=0"
 
 
 @dataclass
@@ -61,18 +68,35 @@ class TrainState:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
 
 
+def eval_microbatches_per_rank(num_batches: int, dp: int, multiple: int) -> int:
+    """Micro-batches every rank runs to evaluate ``num_batches`` global ones: ceil(num / dp),
+    rounded up to ``multiple`` (the interleaved pipeline schedule runs groups of pp)."""
+    return math.ceil(math.ceil(num_batches / dp) / multiple) * multiple
+
+
 class Trainer:
+    """Data, engine and loaders of one run; :meth:`fit` is the loop.
+
+    Raises ``ConfigError`` (a rule between the config and the data, see
+    ``validation.validate_against_data``) or ``DataError`` before any model work.
+    """
+
     def __init__(self, cfg: RootConfig, runtime: Runtime, run_dir: Path) -> None:
         self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
         d = cfg.data
+        # Checked before preparation too: a dataset already in data.dir is never re-cut.
+        for facts in data_facts_before_preparation(d):
+            validate_against_data(cfg, facts)
         self.data_dir = ensure_dataset(d, rank=runtime.rank)
+        prepared = dataset_facts(self.data_dir, f"dataset {self.data_dir}")
+        if prepared is not None:
+            validate_against_data(cfg, prepared)
         vocab = cfg.model.vocab_size or tokenizer_vocab_size(self.data_dir)
         self.vocab_size = padded_vocab_size(vocab, cfg.parallel.tp)
         self.tokens_per_step = d.global_batch_size * d.seq_len
-        self.engine = MegatronEngine(cfg, runtime, self.vocab_size)
-        self.num_microbatches = self.engine.num_microbatches
         # The loader takes only the DP coordinates: every TP (and PP) rank of a replica reads the
-        # same micro-batches, as megatron's TP layers and pipeline stages require.
+        # same micro-batches, as megatron's TP layers and pipeline stages require. Built before
+        # the model, so a split too small for the layout is refused before any model work.
         loader = TokenShardLoader(
             self.data_dir,
             "train",
@@ -82,6 +106,15 @@ class Trainer:
             seed=d.seed,
             num_workers=d.num_workers,
         )
+        # Evaluation reads the validation split in file order as one sequence (each rank then
+        # takes its share, see ``evaluate``); there is none with data.val_fraction=0.
+        self.val_loader = None
+        if d.val_fraction > 0:
+            self.val_loader = TokenShardLoader(
+                self.data_dir, "val", d.micro_batch_size, seed=d.seed, infinite=False
+            )
+        self.engine = MegatronEngine(cfg, runtime, self.vocab_size)
+        self.num_microbatches = self.engine.num_microbatches
         e = self.engine
         self.state = TrainState(e, loader)
         self.expert_stats = [m for c in e.model for m in c.modules() if isinstance(m, ExpertStats)]
@@ -101,30 +134,46 @@ class Trainer:
         s.consumed_tokens += self.tokens_per_step
         return loss_sum, grad_norm
 
+    def eval_samples(self) -> int:
+        """Validation samples of one evaluation: the first ``trainer.eval_iters`` micro-batches
+        of the split in file order (fewer if the split is shorter; the last may be partial)."""
+        assert self.val_loader is not None
+        requested = self.cfg.trainer.eval_iters * self.cfg.data.micro_batch_size
+        return min(requested, self.val_loader.num_samples)
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        d = self.cfg.data
+        """Token-weighted mean loss over :meth:`eval_samples`, the same value for every layout.
+
+        The B global micro-batches are split into contiguous runs of M = ceil(B / dp) per
+        data-parallel rank (M rounded up to a multiple of pp under the interleaved schedule), so
+        every rank and pipeline stage runs M micro-batches of one shape: a partial last one and
+        the runs past B are filled with padding rows (``PAD_ID``) that count neither in the
+        loss nor in the token count. Padding, not dropping: the mean is over exactly the
+        samples one process evaluates. (BatchNorm uses its running statistics in evaluation,
+        so padding rows change no other token's loss.)
+        """
+        d, p = self.cfg.data, self.cfg.parallel
+        loader = self.val_loader
+        assert loader is not None, "evaluation is off (data.val_fraction=0)"
         for chunk in self.engine.model:
             chunk.eval()
-        loader = TokenShardLoader(
-            self.data_dir,
-            "val",
-            d.micro_batch_size,
-            dp_rank=self.rt.dp_rank,
-            dp_size=self.rt.dp_size,
-            seed=d.seed,
-            infinite=False,
-        )
-        batches = list(itertools.islice(iter(loader), self.cfg.trainer.eval_iters))
-        if dist.is_initialized():
-            # Expert dispatch and pipeline stages are collectives: every rank must run the same
-            # number of micro-batches even if its share of the validation split is shorter.
-            count = torch.tensor([len(batches)], device=self.rt.device)
-            dist.all_reduce(count, op=dist.ReduceOp.MIN)
-            batches = batches[: int(count.item())]
-        total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        if batches:
-            total = self.engine.run_schedule(iter(batches), len(batches), forward_only=True)
+        mbs = d.micro_batch_size
+        num_batches = math.ceil(self.eval_samples() / mbs)
+        per_rank = eval_microbatches_per_rank(num_batches, self.rt.dp_size, p.pp if p.vpp else 1)
+        first = self.rt.dp_rank * per_rank
+        # Start at this rank's first micro-batch (the loader's resume position: whole shard
+        # segments before it are skipped unread).
+        position = loader.state_dict()
+        position.update(epoch=0, batch=min(first, loader.batches_per_epoch))
+        loader.load_state_dict(position)
+        pad = torch.full((mbs, loader.seq_len + 1), PAD_ID, dtype=torch.long)
+        batches = []
+        for index in range(first, first + per_rank):
+            # The loader's last batch of the split is partial; past B only padding is left.
+            batch = next(loader) if index < num_batches else pad[:0]
+            batches.append(torch.cat([batch, pad[batch.shape[0] :]]))
+        total = self.engine.run_schedule(iter(batches), per_rank, forward_only=True)
         return self.engine.mean_loss(total)
 
     def _expert_metrics(self, steps: int) -> dict[str, float]:
@@ -154,7 +203,14 @@ class Trainer:
         summary: dict[str, Any] = {"num_parameters": self.num_parameters()}
         if self.rt.is_main and cfg.model.mlp in ATOMIC_EXPERT_MLPS:
             sink.console.log(self.engine.sharding_note)
-        if s.step == 0:
+        evaluating = self.val_loader is not None
+        if evaluating:
+            summary["evaluation"] = f"{self.eval_samples()} validation samples per evaluation"
+        else:
+            summary["evaluation"] = EVAL_OFF
+            if self.rt.is_main:
+                sink.console.log(f"evaluation {EVAL_OFF}: no val_loss is logged")
+        if s.step == 0 and evaluating:
             summary["initial_val_loss"] = self.evaluate()
             sink.log({"step": 0, "val_loss": summary["initial_val_loss"]})
         window_loss = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
@@ -194,7 +250,7 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             else:
                 sink.advance(s.step)
-            if s.step % t.eval_interval == 0 or s.step == t.max_steps:
+            if evaluating and (s.step % t.eval_interval == 0 or s.step == t.max_steps):
                 summary["final_val_loss"] = self.evaluate()
                 sink.log({"step": s.step, "val_loss": summary["final_val_loss"]})
             interval = cfg.checkpoint.interval

@@ -1,17 +1,37 @@
-"""One validation step for the whole configuration.
+"""One validation step for the whole configuration, and the rules that need the data.
 
-Runs before any model, data or process-group work. Each violated rule raises a
+:func:`validate` runs before any model, data or process-group work. Each violated rule raises a
 :class:`ConfigError` whose message is one line naming the key and the rule; the CLI prints it and
-exits with code 2.
+exits with code 2. The limits of the Triton kernels are rules here too (``omnimoe_kernels.limits``
+defines them once, for the kernels and for these rules).
+
+:func:`validate_against_data` holds the rules that compare the config with the data: the
+tokenizer's vocabulary, a prepared dataset's sample length and its validation split. They run as
+early as the facts exist: in the CLI's pre-check when ``data.tokenizer`` or an already prepared
+``data.dir`` is given, and in any case right after data preparation, before any model work.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
-from omnimoe_train.config import ModelConfig, ParallelConfig, RootConfig
+from omnimoe_kernels.limits import (
+    EXPERTS_MAX_HIDDEN,
+    EXPERTS_MAX_NUM,
+    EXPERTS_MAX_PAIRS,
+    ROUTER_MAX_TOP_K,
+)
+from omnimoe_train.config import DataConfig, ModelConfig, ParallelConfig, RootConfig
+from omnimoe_train.names import COMPONENT_MAX_BYTES, long_component
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
+
+# The prepared dataset's manifest (``omnimoe_data.shards.MANIFEST_NAME``; not imported, so the
+# pre-check stays free of numpy and torch).
+MANIFEST_NAME = "manifest.json"
 
 MLPS = ("omnimoe", "dense", "gshard", "deepseekmoe", "pkm", "peer")
 ATOMIC_EXPERT_MLPS = ("omnimoe", "peer")  # tables U, V: expert-parallel table sharding applies
@@ -110,6 +130,8 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
         _require(m.vocab_size >= 2, "model.vocab_size", f"must be >= 2 (got {m.vocab_size})")
 
     _validate_mlp(m, p)
+    if m.mlp in PRODUCT_KEY_MLPS and m.expert_backend != "torch":
+        _validate_kernel_limits(cfg)
 
     # Parallel layout: rules that can be checked from the config and the launcher's world size,
     # before any process group exists (parallel.layout holds them; here they get config keys).
@@ -143,6 +165,144 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = final only)")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {c.keep})")
+    _validate_names(cfg)
+
+
+# W&B refuses a run whose tags are empty or longer than this (wandb.Settings.validate_tags).
+WANDB_TAG_MAX_CHARS = 64
+
+
+def _validate_names(cfg: RootConfig) -> None:
+    """Folders the run creates from paths given whole, and W&B's tag rule: checked here, not
+    at the first write (the checkpoint folder is first made at the end of training)."""
+    for key in ("data.dir", "checkpoint.dir"):
+        path = _get(cfg, key)
+        part = long_component(path) if path is not None else None
+        _require(
+            part is None,
+            key,
+            f"a path component has {len(part.encode()) if part else 0} bytes, more than the "
+            f"file system's {COMPONENT_MAX_BYTES} ({(part or '')[:40]}...)",
+        )
+    w = cfg.logging.wandb
+    if w.mode != "disabled":
+        for tag in w.tags:
+            _require(
+                1 <= len(str(tag)) <= WANDB_TAG_MAX_CHARS,
+                "logging.wandb.tags",
+                f"each tag must have 1 to {WANDB_TAG_MAX_CHARS} characters, W&B's rule "
+                f"(got {len(str(tag))}: {str(tag)[:40]!r})",
+            )
+
+
+def _validate_kernel_limits(cfg: RootConfig) -> None:
+    """What the Triton kernels support (``auto`` takes them on CUDA; the reference has no
+    limits). One expert-kernel call sees the pairs of a whole micro-batch of every rank of the
+    expert-parallel group (the dispatch gathers them), hence the factor ep."""
+    m, d, ep = cfg.model, cfg.data, cfg.parallel.ep
+    torch_only = "; model.expert_backend=torch has no such limit"
+    # PKM and PEER search top_k / heads per head; the dense-router ablation uses torch.topk.
+    heads = {"pkm": m.pkm_heads, "peer": m.peer_heads}.get(m.mlp, 1)
+    if m.router == "cartesian":
+        _require(
+            m.top_k // heads <= ROUTER_MAX_TOP_K,
+            "model.top_k",
+            f"per head must be <= {ROUTER_MAX_TOP_K}, the Triton router's limit "
+            f"(got {m.top_k // heads}){torch_only}",
+        )
+    if m.mlp not in ATOMIC_EXPERT_MLPS:
+        return  # PKM reads its values with embedding_bag, not the expert kernels
+    _require(
+        m.num_experts <= EXPERTS_MAX_NUM,
+        "model.num_experts",
+        f"must be <= {EXPERTS_MAX_NUM}, the Triton expert kernels' limit "
+        f"(got {m.num_experts}){torch_only}",
+    )
+    # The kernels see hidden_size / ep columns under dim sharding: the full width is the bound.
+    _require(
+        m.hidden_size <= EXPERTS_MAX_HIDDEN,
+        "model.hidden_size",
+        f"must be <= {EXPERTS_MAX_HIDDEN}, the Triton expert kernels' limit "
+        f"(got {m.hidden_size}){torch_only}",
+    )
+    pairs = d.micro_batch_size * d.seq_len * m.top_k * ep
+    _require(
+        pairs <= EXPERTS_MAX_PAIRS,
+        "data.micro_batch_size",
+        f"micro_batch_size * seq_len * model.top_k * parallel.ep = {pairs} token-expert pairs in "
+        f"one expert-kernel call, above the Triton kernels' limit {EXPERTS_MAX_PAIRS}{torch_only}",
+    )
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the data-dependent rules know about a tokenizer or a prepared dataset."""
+
+    where: str  # names the source in messages: "data.dir=..." or "data.tokenizer=..."
+    vocab_size: int | None  # the tokenizer's vocabulary: token ids are below it
+    seq_len: int | None = None  # a prepared dataset's sample length - 1
+    split_samples: dict[str, int] | None = None  # samples per split of a prepared dataset
+
+
+def dataset_facts(data_dir: Path, where: str) -> DataFacts | None:
+    """The facts of the dataset prepared in ``data_dir`` (its manifest), or None if none is."""
+    try:
+        manifest = json.loads((data_dir / MANIFEST_NAME).read_text())
+        splits = {
+            name: sum(int(shard["samples"]) for shard in split["shards"])
+            for name, split in manifest["splits"].items()
+        }
+        return DataFacts(where, int(manifest["vocab_size"]), int(manifest["seq_len"]), splits)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: preparation makes (or refuses) it
+
+
+def tokenizer_facts(path: str) -> DataFacts:
+    """The vocabulary of an existing ``tokenizer.json`` (what preparation would use)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(Path(path).expanduser()))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for bad files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("data.tokenizer", f"cannot load {path} ({reason})") from None
+    return DataFacts(f"data.tokenizer={path}", tok.get_vocab_size(with_added_tokens=True))
+
+
+def data_facts_before_preparation(d: DataConfig) -> list[DataFacts]:
+    """The facts known before any data work: a given tokenizer, a dataset already in data.dir."""
+    facts = [tokenizer_facts(d.tokenizer)] if d.tokenizer is not None else []
+    if d.dir is not None:
+        found = dataset_facts(Path(d.dir).expanduser(), f"data.dir={d.dir}")
+        facts += [found] if found is not None else []
+    return facts
+
+
+def validate_against_data(cfg: RootConfig, facts: DataFacts) -> None:
+    """Rules between the config and the data; raise :class:`ConfigError` on the first broken."""
+    m, d = cfg.model, cfg.data
+    if m.vocab_size is not None and facts.vocab_size is not None:
+        _require(
+            m.vocab_size >= facts.vocab_size,
+            "model.vocab_size",
+            f"must be >= the tokenizer's vocabulary of {facts.vocab_size} tokens "
+            f"({facts.where}) (got {m.vocab_size}; leave it unset to take the tokenizer's)",
+        )
+    if facts.seq_len is not None:
+        # A prepared dataset is never re-cut: data.dir may hold the user's only copy.
+        _require(
+            facts.seq_len == d.seq_len,
+            "data.seq_len",
+            f"must equal the prepared dataset's seq_len={facts.seq_len} ({facts.where}) "
+            f"(got {d.seq_len})",
+        )
+    if facts.split_samples is not None and d.val_fraction > 0:
+        _require(
+            facts.split_samples.get("val", 0) > 0,
+            "data.val_fraction",
+            f"the validation split is empty ({facts.where}); set data.val_fraction=0 to train "
+            f"without evaluation, or give more data or a larger fraction (got {d.val_fraction})",
+        )
 
 
 def _validate_mlp(m: ModelConfig, p: ParallelConfig) -> None:

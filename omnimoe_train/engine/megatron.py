@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from omnimoe_train.config import RootConfig
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.model.gpt import build_model, transformer_config
+from omnimoe_train.model.router import GateNorm, apply_running_stats
 from omnimoe_train.parallel.expert_parallel import dispatch_metrics
 from omnimoe_train.parallel.setup import apply_parallelism, dispatch_layers, resolve_table_sharding
 
@@ -59,19 +60,29 @@ def _distributed_optimizer_shards(optimizer: Any) -> list[dict | None]:
     return shards
 
 
-def _loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+# Token id of a padding row: evaluation fills its last micro-batches with such rows so every
+# rank and pipeline stage runs the same number of equal-shaped micro-batches; their positions
+# count neither in the loss nor in the token count.
+PAD_ID = -1
+
+
+def _loss_func(
+    mask_BS: torch.Tensor, output_tensor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     # Megatron's 3-tuple contract: the schedule divides by the token count and microbatches.
-    loss_sum = output_tensor.float().sum()
-    num_tokens = torch.tensor(output_tensor.numel(), dtype=torch.int, device=loss_sum.device)
+    loss_sum = (output_tensor.float() * mask_BS).sum()
+    num_tokens = mask_BS.sum().to(torch.int)
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
 def _forward_step(data_iterator, model, *, device: torch.device):  # noqa: ANN001, ANN202
     batch_BL = next(data_iterator).to(device, non_blocking=True)
+    mask_BS = batch_BL[:, 1:] != PAD_ID  # all true in training (no padding there)
+    batch_BL = batch_BL.clamp_min(0)
     tokens_BS, labels_BS = batch_BL[:, :-1], batch_BL[:, 1:]
     position_ids_BS = torch.arange(tokens_BS.shape[1], device=device).expand_as(tokens_BS)
     losses_BS = model(tokens_BS, position_ids_BS, None, labels=labels_BS)
-    return losses_BS, _loss_func
+    return losses_BS, partial(_loss_func, mask_BS)
 
 
 class MegatronEngine:
@@ -113,6 +124,11 @@ class MegatronEngine:
         )
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dispatches = [ep for c in chunks for ep in dispatch_layers(c)]
+        # Router BatchNorm running statistics are recorded during a step and applied at its end
+        # over the data-parallel group, in global micro-batch order (``apply_running_stats``).
+        self.gate_norms = [m for c in chunks for m in c.modules() if isinstance(m, GateNorm)]
+        for norm in self.gate_norms:
+            norm.pending = []
         self.forward_backward = get_forward_backward_func()
 
     # -- construction -------------------------------------------------------------------------
@@ -194,7 +210,10 @@ class MegatronEngine:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+        total = self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+        group = parallel_state.get_data_parallel_group() if dist.is_initialized() else None
+        apply_running_stats(self.gate_norms, group)
+        return total
 
     def optimizer_step(self) -> float:
         _, grad_norm, _ = self.optimizer.step()
@@ -202,12 +221,14 @@ class MegatronEngine:
         return float(grad_norm) if grad_norm is not None else float("nan")
 
     def mean_loss(self, total: torch.Tensor) -> float:
-        """(sum, count) on the last stage -> mean over all data-parallel ranks, on every rank."""
+        """(sum, count) on the last stage -> token-weighted mean over all data-parallel ranks,
+        on every rank; NaN when no rank counted a token."""
         if dist.is_initialized():
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
             # Non-last pipeline stages hold zeros: summing over the pipeline group broadcasts.
             dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-        return (total[0] / total[1].clamp_min(1)).item()
+        loss_sum, count = total.tolist()
+        return loss_sum / count if count > 0 else float("nan")
 
     def dispatch_metrics(self, steps: int) -> dict[str, float]:
         """Expert-dispatch traffic per layer per step, averaged over ranks and layers (ep > 1)."""
