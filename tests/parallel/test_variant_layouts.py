@@ -35,7 +35,9 @@ def test_trainer_logs_moe_metrics_under_expert_parallelism(tmp_path: Path) -> No
     data_dir = make_token_dataset(tmp_path / "data", [64, 64], sample_len=17)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     (data_dir / "tokenizer.json").write_text("{}")
-    (data_dir / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "tokenizer.json"}))
+    # Its token ids are below 2048 (the model's vocab_size): the manifest says so.
+    manifest.update(tokenizer="tokenizer.json", vocab_size=2048)
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
     run_distributed(fit_gshard_and_log, 2, data_dir, tmp_path / "run", timeout_s=300)
     records = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

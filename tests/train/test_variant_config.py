@@ -76,10 +76,12 @@ def test_matched_baselines_accept_parallel_layouts(overrides: list[str]) -> None
 
 
 def test_experiments_expand_to_the_papers_tables() -> None:
-    table1 = _sweep_combinations(_sweeper_params(["+experiment=table1_a200m"]))
+    table1, swept = _sweep_combinations(_sweeper_params(["+experiment=table1_a200m"]))
+    assert swept == ["model"]
     mlps = [compose_config(*combo, "+experiment=table1_a200m").model.mlp for combo in table1]
     assert mlps == ["dense", "gshard", "deepseekmoe", "pkm", "peer", "omnimoe"]
-    table3 = _sweep_combinations(_sweeper_params(["+experiment=table3_a80m"]))
+    table3, swept = _sweep_combinations(_sweeper_params(["+experiment=table3_a80m"]))
+    assert swept == ["+ablation"]
     models = [compose_config(*combo, "+experiment=table3_a80m").model for combo in table3]
     assert [(m.shared_expert, m.router, m.execution) for m in models] == [
         (True, "cartesian", "expert"),
