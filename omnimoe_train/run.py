@@ -44,6 +44,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             "dp": runtime.dp_size,
             "num_microbatches": trainer.num_microbatches,
             "data_dir": str(trainer.data_dir),
+            "data": trainer.data.record(),  # each dataset (a mixture: with its weight), samples
         }
         if runtime.is_main:
             (run_dir / "config.yaml").write_text(
@@ -67,6 +68,9 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             )
         try:
             summary = trainer.fit(sink)
+        except DataError as exc:  # e.g. a shard found corrupt mid-run
+            print(f"omnimoe-train: error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
         finally:
             sink.close()
         summary["wall_s"] = time.perf_counter() - started

@@ -19,7 +19,7 @@ from megatron.core import tensor_parallel
 from omnimoe_data.loader import TokenShardLoader
 from omnimoe_train import checkpoint as ckpt
 from omnimoe_train.config import RootConfig
-from omnimoe_train.data import ensure_dataset, tokenizer_vocab_size
+from omnimoe_train.data import build_loader, prepare_data
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine.megatron import PAD_ID, MegatronEngine
 from omnimoe_train.metrics import MetricsSink
@@ -31,7 +31,6 @@ from omnimoe_train.validation import (
     ATOMIC_EXPERT_MLPS,
     MEGATRON_MOE_MLPS,
     data_facts_before_preparation,
-    dataset_facts,
     validate_against_data,
 )
 
@@ -87,31 +86,31 @@ class Trainer:
         # Checked before preparation too: a dataset already in data.dir is never re-cut.
         for facts in data_facts_before_preparation(d):
             validate_against_data(cfg, facts)
-        self.data_dir = ensure_dataset(d, rank=runtime.rank)
-        prepared = dataset_facts(self.data_dir, f"dataset {self.data_dir}")
-        if prepared is not None:
-            validate_against_data(cfg, prepared)
-        vocab = cfg.model.vocab_size or tokenizer_vocab_size(self.data_dir)
+        self.data = prepare_data(d, rank=runtime.rank)
+        self.data_dir = self.data.description
+        for facts in self.data.facts():  # each dataset read (a mixture: every one)
+            validate_against_data(cfg, facts)
+        vocab = cfg.model.vocab_size or self.data.vocab_size
         self.vocab_size = padded_vocab_size(vocab, cfg.parallel.tp)
         self.tokens_per_step = d.global_batch_size * d.seq_len
         # The loader takes only the DP coordinates: every TP (and PP) rank of a replica reads the
-        # same micro-batches, as megatron's TP layers and pipeline stages require. Built before
-        # the model, so a split too small for the layout is refused before any model work.
-        loader = TokenShardLoader(
-            self.data_dir,
+        # same micro-batches, as megatron's TP layers and pipeline stages require. Its order of
+        # global batches does not depend on the DP size (omnimoe_data.order). Built before the
+        # model, so a split too small for the layout is refused before any model work.
+        loader = build_loader(
+            d,
+            self.data,
             "train",
-            d.micro_batch_size,
             dp_rank=runtime.dp_rank,
             dp_size=runtime.dp_size,
-            seed=d.seed,
-            num_workers=d.num_workers,
+            pin_memory=runtime.device.type == "cuda",
         )
         # Evaluation reads the validation split in file order as one sequence (each rank then
         # takes its share, see ``evaluate``); there is none with data.val_fraction=0.
         self.val_loader = None
         if d.val_fraction > 0:
-            self.val_loader = TokenShardLoader(
-                self.data_dir, "val", d.micro_batch_size, seed=d.seed, infinite=False
+            self.val_loader = build_loader(
+                d, self.data, "val", dp_rank=0, dp_size=1, infinite=False
             )
         self.engine = MegatronEngine(cfg, runtime, self.vocab_size)
         self.num_microbatches = self.engine.num_microbatches
@@ -139,7 +138,7 @@ class Trainer:
         of the split in file order (fewer if the split is shorter; the last may be partial)."""
         assert self.val_loader is not None
         requested = self.cfg.trainer.eval_iters * self.cfg.data.micro_batch_size
-        return min(requested, self.val_loader.num_samples)
+        return min(requested, self.val_loader.total)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -162,11 +161,8 @@ class Trainer:
         num_batches = math.ceil(self.eval_samples() / mbs)
         per_rank = eval_microbatches_per_rank(num_batches, self.rt.dp_size, p.pp if p.vpp else 1)
         first = self.rt.dp_rank * per_rank
-        # Start at this rank's first micro-batch (the loader's resume position: whole shard
-        # segments before it are skipped unread).
-        position = loader.state_dict()
-        position.update(epoch=0, batch=min(first, loader.batches_per_epoch))
-        loader.load_state_dict(position)
+        # Start at this rank's first micro-batch (samples before it are not read).
+        loader.seek(min(first, loader.batches_per_pass))
         pad = torch.full((mbs, loader.seq_len + 1), PAD_ID, dtype=torch.long)
         batches = []
         for index in range(first, first + per_rank):

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from omnimoe_data.urls import is_url
 from omnimoe_kernels.limits import (
     EXPERTS_MAX_HIDDEN,
     EXPERTS_MAX_NUM,
@@ -152,7 +153,7 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
             f"with parallel.vpp the micro-batches per step ({num_microbatches} = global_batch_size "
             f"/ (micro_batch_size * dp={dp})) must be a multiple of parallel.pp={p.pp}",
         )
-    _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    _validate_data(d)
 
     _require(o.lr > 0, "optim.lr", f"must be positive (got {o.lr})")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -403,6 +404,48 @@ def _validate_megatron_moe(m: ModelConfig, p: ParallelConfig) -> None:
         "parallel.sequence_parallel",
         f"megatron's MoE layer with tp={p.tp} > 1 needs sequence_parallel=true in training",
     )
+
+
+def _validate_data(d: DataConfig) -> None:
+    """Where the data comes from must be unambiguous; preparation options must be usable."""
+    _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0 (got {d.num_workers})")
+    _require(
+        d.tokenizer is not None or d.vocab_size >= 257,
+        "data.vocab_size",
+        f"must be >= 257 (256 bytes + end-of-document) to train a tokenizer (got {d.vocab_size})",
+    )
+    for key in ("max_bytes", "tokenizer_sample_bytes", "prepare_workers"):
+        value = getattr(d, key)
+        _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
+    if d.dirs is not None:
+        _require(len(d.dirs) >= 1, "data.dirs", "must list at least one prepared dataset")
+        _require(
+            d.dir is None, "data.dirs", "set either data.dir (one dataset) or data.dirs, not both"
+        )
+        _require(
+            d.inputs is None,
+            "data.inputs",
+            "cannot be prepared into a mixture: prepare each dataset, then list them in data.dirs",
+        )
+    if d.weights is not None:
+        _require(d.dirs is not None, "data.weights", "needs data.dirs (one weight per dataset)")
+        _require(
+            len(d.weights) == len(d.dirs),
+            "data.weights",
+            f"needs one weight per data.dirs entry ({len(d.dirs)}), got {len(d.weights)}",
+        )
+        _require(
+            all(math.isfinite(w) and w > 0 for w in d.weights),
+            "data.weights",
+            f"must be positive numbers (got {list(d.weights)})",
+        )
+    if d.dir is not None and d.inputs is not None:
+        _require(
+            not is_url(d.dir),
+            "data.dir",
+            f"data.inputs are prepared into a local folder, not a URL (got {d.dir!r})",
+        )
 
 
 def layout_from_config(cfg: RootConfig, world_size: int) -> ParallelLayout:
