@@ -101,7 +101,9 @@ def build_meta_model(m: ModelConfig, *, seq_len: int, vocab_size: int) -> GPTMod
     cfg = RootConfig(model=m, data=DataConfig(seq_len=seq_len))
     tconfig = transformer_config(cfg, bf16=False)
     tconfig.perform_initialization = False
-    with torch.device("meta"):
+    # The layers reseed the global CPU generator as they are built (model.init): restore it, so
+    # counting inside a run leaves the run's random stream where it was.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         block = TransformerBlockSubmodules(
             layer_specs=[layer_spec(cfg)] * m.num_layers, layer_norm=RMSNorm
         )

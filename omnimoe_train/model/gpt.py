@@ -25,6 +25,7 @@ from torch import nn
 
 from omnimoe_train.config import ModelConfig, RootConfig
 from omnimoe_train.model.attention import SDPAttention
+from omnimoe_train.model.init import SeededTransformerLayer
 from omnimoe_train.model.moe_megatron import (
     MEGATRON_MOE_MLPS,
     moe_layer_spec,
@@ -35,7 +36,7 @@ from omnimoe_train.model.peer import PEERMLP, PEERSettings
 from omnimoe_train.model.pkm import PKMMLP, PKMSettings
 
 
-def omnimoe_settings(m: ModelConfig) -> OmniMoESettings:
+def omnimoe_settings(m: ModelConfig, table_sharding: str = "none") -> OmniMoESettings:
     return OmniMoESettings(
         num_experts=m.num_experts,
         top_k=m.top_k,
@@ -46,15 +47,17 @@ def omnimoe_settings(m: ModelConfig) -> OmniMoESettings:
         router_weights=m.router_weights,
         backend=m.expert_backend,
         deterministic=m.deterministic,
+        table_sharding=table_sharding,
     )
 
 
-def mlp_builder(m: ModelConfig):  # noqa: ANN201 - a megatron MLP builder, or None for dense
-    """The ``mlp`` submodule builder of ``model.mlp``; None keeps megatron's dense SwiGLU MLP."""
+def mlp_builder(m: ModelConfig, table_sharding: str = "none"):  # noqa: ANN201
+    """The ``mlp`` submodule builder of ``model.mlp`` (None keeps megatron's dense SwiGLU MLP);
+    ``table_sharding`` (none, rows, dim): the expert-parallel shard of atomic-expert tables."""
     if m.mlp == "omnimoe":
-        return OmniMoEMLP.spec(omnimoe_settings(m))
+        return OmniMoEMLP.spec(omnimoe_settings(m, table_sharding))
     if m.mlp == "peer":
-        fields = dataclasses.asdict(omnimoe_settings(m))
+        fields = dataclasses.asdict(omnimoe_settings(m, table_sharding))
         return PEERMLP.spec(PEERSettings(**fields, heads=m.peer_heads, key_dim=m.peer_key_dim))
     if m.mlp == "pkm":
         return PKMMLP.spec(
@@ -127,17 +130,22 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def layer_spec(cfg: RootConfig) -> ModuleSpec:
+def layer_spec(cfg: RootConfig, table_sharding: str = "none") -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     submodules = dataclasses.replace(
         spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
     )
     attention = submodules.self_attention
     attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
-    mlp = mlp_builder(cfg.model)
+    mlp = mlp_builder(cfg.model, table_sharding)
     if mlp is not None:
         submodules = dataclasses.replace(submodules, mlp=mlp)
-    return ModuleSpec(module=spec.module, submodules=submodules)
+    # Each layer draws its weights from (seed, global layer number): the same in every layout.
+    return ModuleSpec(
+        module=SeededTransformerLayer,
+        params={"init_seed": cfg.trainer.seed},
+        submodules=submodules,
+    )
 
 
 def build_model(
@@ -148,11 +156,14 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    table_sharding: str = "none",
 ) -> GPTModel:
+    """This stage's (or virtual chunk's) part of the GPT; ``table_sharding`` (none, rows, dim)
+    says which expert-parallel shard of the atomic-expert tables each layer holds."""
     # A block spec (not a layer spec) so the final norm is ours too; this stage's layers only.
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     block = TransformerBlockSubmodules(
-        layer_specs=[layer_spec(cfg)] * num_layers, layer_norm=RMSNorm
+        layer_specs=[layer_spec(cfg, table_sharding)] * num_layers, layer_norm=RMSNorm
     )
     return GPTModel(
         config=tconfig,
