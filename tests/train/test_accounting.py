@@ -90,7 +90,9 @@ def test_meta_build_has_the_real_models_parameters(single_rank: None, mlp: str, 
     shapes = {n: tuple(p.shape) for n, p in real.named_parameters()}
     assert {n: tuple(p.shape) for n, p in meta.named_parameters()} == shapes
     assert all(p.device.type == "meta" for p in meta.parameters())
+    rng = torch.get_rng_state()
     acc = model_accounting(cfg.model, seq_len=16, vocab_size=256)
+    assert torch.equal(torch.get_rng_state(), rng)  # counting leaves the run's stream alone
     assert acc.total_params == sum(p.numel() for p in real.parameters())
     assert acc.embedding_params == 256 * 32 * (1 if tied else 2)
 
