@@ -15,7 +15,7 @@ runs a few optimizer steps on random tokens (so the Adam state exists), then thr
 The first save of a process pays one-time costs (megatron's writer queue); it is reported
 separately, and the other numbers are medians over ``--repeats``.
 
-    python benchmarks/bench_checkpoint.py model=a80m --repeats 3 --json ckpt.json   # a GPU
+    python benchmarks/bench_checkpoint.py model=a80m --vocab 128000 --json ckpt.json  # a GPU
     python benchmarks/bench_checkpoint.py trainer.device=cpu model.num_layers=2 \\
         model.hidden_size=32 model.num_experts=64 model.ffn_hidden_size=64     # tiny, CPU
 Runs under torchrun too (every rank saves its shard; rank 0 prints).
@@ -76,10 +76,12 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run(overrides: list[str], repeats: int, vocab: int, root: Path) -> dict[str, Any]:
+def run(overrides: list[str], repeats: int, vocab: int | None, root: Path) -> dict[str, Any]:
     register_configs()
     with initialize_config_module(config_module="omnimoe_conf", version_base="1.3"):
         cfg = to_root_config(compose(config_name="config", overrides=overrides))
+    # The vocabulary a run of this config would have (the tokenizer it trains), unless given.
+    vocab = vocab or cfg.model.vocab_size or cfg.data.vocab_size
     rt = init_runtime(cfg)
     engine = MegatronEngine(cfg, rt, padded_vocab_size(vocab, cfg.parallel.tp))
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -135,6 +137,7 @@ def run(overrides: list[str], repeats: int, vocab: int, root: Path) -> dict[str,
 
     result = {
         "config": overrides,
+        "vocab_size": engine.vocab_size,
         "device": str(rt.device),
         "precision": "bf16" if rt.bf16 else "fp32",
         "world_size": rt.world_size,
@@ -183,7 +186,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="omnimoe-train overrides, e.g. model=a80m")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary (before padding)")
+    parser.add_argument(
+        "--vocab", type=int, default=None, help="vocabulary before padding (default: the config's)"
+    )
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: tmp)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

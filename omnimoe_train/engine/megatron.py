@@ -135,6 +135,7 @@ class MegatronEngine:
                     ignore_virtual=False, vp_stage=vp_stage
                 ),
                 vp_stage=vp_stage if self.cfg.parallel.vpp else None,
+                table_sharding=self.table_sharding,
             )
             apply_parallelism(model, self.cfg, self.table_sharding)  # before DDP reads the attrs
             model = model.to(self.rt.device)

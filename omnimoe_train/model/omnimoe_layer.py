@@ -2,11 +2,18 @@
 
     y = SwiGLU_shared(x) + sum_k w_k * silu(U[e_k] . x) * V[e_k]
 
+The paper's Table 3 ablations are settings of the same module: ``shared_expert=False``,
+``router="dense"`` (one gate over all N, ``router.DenseRouter``) and ``execution="token"`` (each
+token gathers its K rows, ``omnimoe_kernels.atomic_experts_gather``, instead of the
+expert-centric kernels). PEER (``peer.py``) is this module with a multi-head product-key router.
+
 Shape suffixes: S sequence, B batch, T = S*B tokens, D hidden, N experts, K top-k.
 The shared branch is megatron's tensor-parallel MLP; the router and the expert tables are plain
-parameters. With ep > 1, ``parallel.setup.apply_parallelism`` replaces U and V by this rank's
-shard (rows or columns; the ``_ND`` names are kept so checkpoint keys do not depend on the layout)
-and attaches an ``ExpertParallel`` dispatch that the forward calls instead of the local kernel.
+parameters. With ep > 1 (``settings.table_sharding`` rows or dim) the layer holds only this
+rank's shard of U and V (the ``_ND`` names are kept so checkpoint keys do not depend on the
+layout), drawn as the matching slice of the full tables (``model.init.init_table_shard``), and
+``parallel.setup.apply_parallelism`` attaches an ``ExpertParallel`` dispatch that the forward
+calls instead of the local kernel.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from torch import nn
 
 import omnimoe_kernels
 from omnimoe_train.model.expert_stats import ExpertStats
-from omnimoe_train.model.router import CartesianRouter
+from omnimoe_train.model.init import draw_seed, init_table_shard
+from omnimoe_train.model.router import CartesianRouter, DenseRouter
 
 
 @dataclass(frozen=True)
@@ -35,14 +43,35 @@ class OmniMoESettings:
     num_experts: int
     top_k: int
     shared_expert: bool = True
+    router: str = "cartesian"  # cartesian | dense (Table 3 ablation)
+    execution: str = "expert"  # expert | token (Table 3 ablation: per-token gather)
     router_norm: str = "batchnorm"
     router_weights: str = "softmax"
     backend: str = "auto"
     deterministic: bool = False
+    table_sharding: str = "none"  # none | rows | dim: which EP shard of U, V this rank holds
 
 
 def shared_mlp_submodules() -> MLPSubmodules:
     return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def table_shard(mode: str, num_experts: int, hidden: int) -> tuple[tuple[int, int], ...]:
+    """(rows, cols) ranges of the (N, D) tables this rank holds: all of them for ``none``, its
+    expert-id block for ``rows``, its column block for ``dim`` (expert-parallel rank and size
+    from megatron's parallel state)."""
+    rows, cols = (0, num_experts), (0, hidden)
+    if mode == "none":
+        return rows, cols
+    if mode not in ("rows", "dim"):
+        raise ValueError(f"table_sharding={mode!r} must be none, rows or dim")
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_expert_model_parallel_rank()
+    size = parallel_state.get_expert_model_parallel_world_size()
+    if mode == "rows":
+        return (rank * num_experts // size, (rank + 1) * num_experts // size), cols
+    return rows, (rank * hidden // size, (rank + 1) * hidden // size)
 
 
 class OmniMoEMLP(MegatronModule):
@@ -66,24 +95,59 @@ class OmniMoEMLP(MegatronModule):
             if settings.shared_expert
             else None
         )
-        self.router = CartesianRouter(
-            D,
-            N,
-            settings.top_k,
-            norm=settings.router_norm,
-            weights=settings.router_weights,
-            backend=settings.backend,
-            init_std=config.init_method_std,
-        )
+        self.router = self.build_router(D, config.init_method_std)
         # U reads the token (like an fc1 row); V writes the residual stream (like an fc2 column),
         # so V takes the depth-scaled output init.
-        self.up_ND = nn.Parameter(torch.empty(N, D, dtype=config.params_dtype))
-        self.down_ND = nn.Parameter(torch.empty(N, D, dtype=config.params_dtype))
-        config.init_method(self.up_ND)
-        config.output_layer_init_method(self.down_ND)
+        rows, cols = table_shard(settings.table_sharding, N, D)
+        shape = (rows[1] - rows[0], cols[1] - cols[0])
+        self.up_ND = nn.Parameter(torch.empty(shape, dtype=config.params_dtype))
+        self.down_ND = nn.Parameter(torch.empty(shape, dtype=config.params_dtype))
+        up_seed, down_seed = draw_seed(), draw_seed()
+        init_table_shard(self.up_ND, (N, D), config.init_method, up_seed, rows, cols)
+        init_table_shard(
+            self.down_ND, (N, D), config.output_layer_init_method, down_seed, rows, cols
+        )
         self.stats = ExpertStats(N)
         # Set by parallel.setup when the tables are sharded over the expert-parallel group.
         self.expert_parallel: Callable[..., torch.Tensor] | None = None
+
+    def build_router(self, hidden_size: int, init_std: float) -> nn.Module:
+        """The module that maps ``x_TD`` to a ``Routing`` (subclasses bring their own)."""
+        s = self.settings
+        if s.router == "dense":
+            return DenseRouter(
+                hidden_size,
+                s.num_experts,
+                s.top_k,
+                norm=s.router_norm,
+                weights=s.router_weights,
+                init_std=init_std,
+            )
+        return CartesianRouter(
+            hidden_size,
+            s.num_experts,
+            s.top_k,
+            norm=s.router_norm,
+            weights=s.router_weights,
+            backend=s.backend,
+            init_std=init_std,
+        )
+
+    def parameter_roles(self) -> dict[str, tuple[str, float, float]]:
+        """Local parameter name -> (component, fraction a token reads, reads per token).
+
+        Used by ``model.accounting``: a token reads K of the N rows of U and V; the router gates
+        and the shared branch are read whole, once.
+        """
+        sparse = self.settings.top_k / self.settings.num_experts
+        roles = {name: ("router", 1.0, 1.0) for name, _ in self.router.named_parameters("router")}
+        roles |= {"up_ND": ("atomic experts", sparse, 1.0)}
+        roles |= {"down_ND": ("atomic experts", sparse, 1.0)}
+        if self.shared is not None:
+            roles |= {
+                n: ("shared MLP", 1.0, 1.0) for n, _ in self.shared.named_parameters("shared")
+            }
+        return roles
 
     @classmethod
     def as_mlp_submodule(
@@ -117,9 +181,10 @@ class OmniMoEMLP(MegatronModule):
         (same r) differ in ``replica_id``. So a checkpoint loads under either mode and any ep.
         """
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if self.expert_parallel is None:
+        mode = self.settings.table_sharding  # the shard held: see table_shard
+        if mode == "none":
             return state
-        axis = len(sharded_offsets) + (0 if self.expert_parallel.mode == "rows" else 1)
+        axis = len(sharded_offsets) + (0 if mode == "rows" else 1)
         shard = (
             axis,
             parallel_state.get_expert_model_parallel_rank(),
@@ -147,7 +212,11 @@ class OmniMoEMLP(MegatronModule):
         routing = self.router(x_TD)
         if self.training:  # evaluation batches stay out of the usage statistics
             self.stats.update(routing.indices_TK, routing.entropy_T)
-        if self.expert_parallel is None:
+        if self.expert_parallel is None and self.settings.execution == "token":
+            y_TD = omnimoe_kernels.atomic_experts_gather(
+                x_TD, self.up_ND, self.down_ND, routing.weights_TK, routing.indices_TK
+            )
+        elif self.expert_parallel is None:
             y_TD = omnimoe_kernels.atomic_experts(
                 x_TD,
                 self.up_ND,

@@ -1,7 +1,9 @@
 """``omnimoe-ckpt inspect`` and ``consolidate`` (subprocesses, as a user runs them).
 
 The multi-rank case (consolidating a ``tp2_ep2`` checkpoint with row-sharded expert tables) is
-part of ``test_resharding.py``, which has that checkpoint at hand.
+part of ``test_resharding.py``, which has that checkpoint at hand. ``reshard_checks`` (which
+imports the model, hence the kernels) is imported inside the tests: the kernel tests turn on
+Triton's CPU interpreter when they are collected, after this module.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from omnimoe_train.checkpoint.cli import main
 from tests.parallel.distributed import run_distributed
-
-from .reshard_checks import MODEL, stage
 
 
 def omnimoe_ckpt(*args: str) -> subprocess.CompletedProcess:
@@ -65,6 +65,8 @@ def _in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, st
 
 
 def test_inspect_and_consolidate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from .reshard_checks import MODEL, stage
+
     root = tmp_path / "ckpts"
     run_distributed(stage, 1, [], ("single", root))
     folder = root / "step_00000002"

@@ -16,12 +16,13 @@ import pytest
 
 from tests.parallel.distributed import run_distributed
 
-from .reshard_checks import stage
 from .test_ckpt_cli import consolidate_and_check
 
 
 @pytest.mark.slow
 def test_resharding_matrix(tmp_path: Path) -> None:
+    from .reshard_checks import stage  # here, not at collection: see test_ckpt_cli
+
     tp2_ep2, distopt, single = tmp_path / "tp2_ep2", tmp_path / "dp2_distopt", tmp_path / "single"
     run_distributed(stage, 4, [], ("tp2_ep2", tp2_ep2), timeout_s=300)
     # Same layout (per-rank state restored), dim tables at 4-way EP, pp2 x dp2 with dim tables
