@@ -23,6 +23,10 @@ What is saved, and how it reshards:
 On load the optimizer's tensors come from the checkpoint and its plain state (param groups,
 hyper-parameters) from the current config, so a checkpoint loads whatever the optimizer's split
 into groups or chains is now; the Adam step count is carried separately (``optimizer_updates``).
+
+The optimizer's description and the megatron-core 0.19 workarounds around it (mixed bf16/fp32
+parameters, the distributed optimizer on torch Adam, main params a plain-fp32 checkpoint does
+not have) are in ``optimizer_state``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
 from megatron.core.dist_checkpointing.mapping import (
-    LocalNonpersistentObject,
     ShardedBase,
     ShardedObject,
 )
@@ -54,12 +57,16 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 )
 
 from omnimoe_train.checkpoint.files import read_meta
-
-# Reshardable over TP, PP, EP, DP; tensor keys independent of megatron's optimizer chaining.
-SHARDING_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "chained_optim_avoid_prefix": True,
-}
+from omnimoe_train.checkpoint.optimizer_state import (
+    SHARDING_METADATA,
+    complete_state_copies,
+    drop_missing_main_params,
+    ensure_optimizer_state,
+    optimizer_sharded_state_dict,
+    optimizer_updates,
+    resolve_unloaded,
+    set_optimizer_updates,
+)
 
 # megatron logs a deprecation for its own async writer on every first save; we choose it on
 # purpose (the alternative needs nvidia-resiliency-ext).
@@ -87,84 +94,12 @@ _writer_log.addHandler(_writer_errors)
 _writer_log.propagate = False
 
 
-def _chained(optimizer: Any) -> list[Any]:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
     """Every local model chunk's sharded state dict (keys are global; chunk names are not)."""
     return {
         f"chunk{i}": chunk.module.sharded_state_dict(metadata=dict(SHARDING_METADATA))
         for i, chunk in enumerate(chunks)
     }
-
-
-def optimizer_updates(optimizer: Any) -> int:
-    """Adam's step count: the number of updates applied (skipped steps excluded)."""
-    for opt in _chained(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
-        for group in inner.param_groups:
-            if "step" in group:
-                return int(group["step"])
-        for state in inner.state.values():
-            if "step" in state:
-                return int(state["step"])
-    return 0
-
-
-def set_optimizer_updates(optimizer: Any, updates: int) -> None:
-    """Give every parameter its own step tensor (torch Adam) and every group the count."""
-    for opt in _chained(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
-        for group in inner.param_groups:
-            if "step" in group:
-                group["step"] = updates
-        for state in inner.state.values():
-            if "exp_avg" in state:
-                state["step"] = torch.tensor(float(updates), dtype=torch.float32)
-
-
-def ensure_optimizer_state(optimizer: Any) -> None:
-    """Create Adam's state (zero moments, step 0) where no update has run yet.
-
-    megatron's distributed optimizer reads every parameter's ``step`` when describing its
-    state (without TransformerEngine/apex), which a fresh torch Adam does not have yet.
-    """
-    for opt in _chained(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        init = getattr(opt, "init_state_fn", None)
-        if inner is None or init is None or len(inner.state) > 0:
-            continue
-        init(inner, opt.config)
-        for state in inner.state.values():
-            if "exp_avg" in state and "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-
-
-def _complete_state_copies(optimizer: Any) -> None:
-    """Let megatron 0.19's distributed optimizer load a ``fully_reshardable`` state into torch
-    Adam (no TransformerEngine/apex): its per-parameter copy visits every tensor of the live
-    Adam state, ``step`` included, and of the main param, but the checkpoint's tensors never
-    hold ``step`` (megatron keeps it out) and a plain-fp32 checkpoint has no main params. The
-    missing entries are filled with the live tensors themselves (a no-op copy); the step count
-    and main params are set right after the load."""
-    for opt in _chained(optimizer):
-        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if setter is None or getattr(setter, "_completes_missing", False):
-            continue
-
-        def complete(model_param: Any, tensors: dict, _opt: Any = opt, _set: Any = setter) -> None:
-            group, order = _opt.model_param_group_index_map[model_param]
-            main_param = _opt.optimizer.param_groups[group]["params"][order]
-            live = {k: v for k, v in _opt.optimizer.state[main_param].items() if torch.is_tensor(v)}
-            _set(model_param, {"param": main_param, **live, **tensors})
-
-        complete._completes_missing = True  # type: ignore[attr-defined]
-        opt._set_main_param_and_optimizer_states = complete
 
 
 def _rank_local_state() -> dict[str, Any]:
@@ -217,9 +152,7 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any], *, async_sa
     model_sd = model_sharded_state_dict(engine.model)
     state = {
         "model": model_sd,
-        "optimizer": engine.optimizer.sharded_state_dict(
-            model_sd, metadata=dict(SHARDING_METADATA)
-        ),
+        "optimizer": optimizer_sharded_state_dict(engine.optimizer, model_sd),
         "scheduler": engine.scheduler.state_dict(),
         "engine": {"optimizer_updates": optimizer_updates(engine.optimizer)},
         "client": client_state,
@@ -252,11 +185,6 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any], *, async_sa
     return _AsyncWrite(queue)
 
 
-# Main (fp32) parameter copies: the plain bf16 optimizer and the distributed optimizer name them
-# differently; a plain fp32 optimizer has none (its main params are the model weights).
-_MAIN_PARAM = ("optimizer.state.fp32_param.", "optimizer.state.param.")
-
-
 def _fill(target: Any, loaded: Any) -> None:
     """Put the loaded tensors at the places of the ShardedBase leaves of ``target``."""
     for key, value in loaded.items():
@@ -264,26 +192,6 @@ def _fill(target: Any, loaded: Any) -> None:
             target[key] = value
         else:
             _fill(target[key], value)
-
-
-def _drop_missing_main_params(request: dict[str, Any], stored: set[str]) -> bool:
-    """Drop main-param requests a checkpoint lacks (one written by the plain fp32 optimizer,
-    whose main params are the model weights). True if any was dropped."""
-    dropped = False
-
-    def walk(node: Any) -> None:
-        nonlocal dropped
-        for key in list(node):
-            value = node[key]
-            if isinstance(value, ShardedBase):
-                if value.key.startswith(_MAIN_PARAM) and value.key not in stored:
-                    del node[key]
-                    dropped = True
-            elif isinstance(value, dict):
-                walk(value)
-
-    walk(request)
-    return dropped
 
 
 def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
@@ -300,16 +208,14 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
     fill_main_params = False
     if not model_only:
         ensure_optimizer_state(engine.optimizer)
-        opt_sd = engine.optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata=dict(SHARDING_METADATA)
-        )
+        opt_sd = optimizer_sharded_state_dict(engine.optimizer, model_sd, is_loading=True)
         # The tensors only, under a key of their own: the checkpoint's plain optimizer state
         # (rank 0's param groups for its layout) must not be merged into this rank's.
         tensors, _ = extract_matching_values(
             opt_sd, lambda v: isinstance(v, ShardedBase), return_lists_as_dicts=True
         )
         stored = {v.key for v in load_sharded_metadata(str(directory)).values()}
-        fill_main_params = _drop_missing_main_params(tensors, stored)
+        fill_main_params = drop_missing_main_params(tensors, stored)
         request["optimizer_tensors"] = tensors
         if same_layout:
             request["rank_local"] = _rank_local_object(None)
@@ -323,10 +229,10 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
     assert opt_sd is not None
     updates = loaded["engine"]["optimizer_updates"]
     _fill(opt_sd, loaded["optimizer_tensors"])
-    _resolve_unloaded(opt_sd, updates)
+    resolve_unloaded(opt_sd, updates)
     if fill_main_params:  # main params := the loaded weights, before the state load uses them
         engine.optimizer.reload_model_params()
-    _complete_state_copies(engine.optimizer)
+    complete_state_copies(engine.optimizer)
     engine.optimizer.load_state_dict(opt_sd)
     if fill_main_params:  # ... and after it, which may have reset them from its own copy
         engine.optimizer.reload_model_params()
@@ -336,29 +242,3 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
         _restore_rank_local(loaded["rank_local"])
     client["_rank_local_restored"] = same_layout
     return client
-
-
-def _resolve_unloaded(node: Any, updates: int) -> None:
-    """Turn the rest of a filled sharded optimizer state into a plain one.
-
-    Local-only objects (megatron's param-id lists) are unwrapped; each Adam state gets its own
-    ``step`` (megatron leaves it out of the tensors). Tensors not requested because the
-    checkpoint lacks them can only be main-param copies: dropped where they are dict entries
-    (the distributed optimizer then keeps its live main param), kept as the live tensor in
-    lists (the bf16 optimizer's), and refreshed from the loaded weights by the caller.
-    """
-    if isinstance(node, dict) and "exp_avg" in node and "step" not in node:
-        node["step"] = torch.tensor(float(updates), dtype=torch.float32)
-    items = node.items() if isinstance(node, dict) else enumerate(node)
-    for key, value in list(items):
-        if isinstance(value, LocalNonpersistentObject):
-            node[key] = value.unwrap()
-        elif isinstance(value, ShardedBase):
-            if not value.key.startswith(_MAIN_PARAM):
-                raise KeyError(f"checkpoint has no tensor for {value.key}")
-            if isinstance(node, dict):
-                del node[key]
-            else:
-                node[key] = value.data
-        elif isinstance(value, (dict, list)):
-            _resolve_unloaded(value, updates)

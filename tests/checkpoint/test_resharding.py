@@ -40,3 +40,16 @@ def test_resharding_matrix(tmp_path: Path) -> None:
     plain = consolidate_and_check(single / step, tmp_path / "from_single.pt")
     assert sharded.keys() == plain.keys()
     assert all(sharded[k].shape == plain[k].shape for k in plain)
+
+
+@pytest.mark.slow
+def test_bf16_checkpoints_with_fp32_router_parameters(tmp_path: Path) -> None:
+    """bf16 weights with an fp32 router (optimizer groups of two dtypes), plain and distributed
+    optimizer: the same layout resumes exactly, the other one continues within bf16 accuracy."""
+    from .reshard_checks import stage
+
+    single, distopt = tmp_path / "single", tmp_path / "distopt"
+    run_distributed(stage, 1, [], ("single_bf16", single))
+    loads = [(["dp2_distopt_bf16"], distopt), (["dp2_distopt_bf16"], single)]
+    run_distributed(stage, 2, loads, ("dp2_distopt_bf16", distopt), timeout_s=300)
+    run_distributed(stage, 1, [(["single_bf16"], single), (["single_bf16"], distopt)])
