@@ -10,7 +10,8 @@ And the agent exits with 1 whenever a worker fails, whatever the worker's exit c
 - SIGUSR1 reaching the agent is passed on to its workers (the trainer finishes its step, saves
   and exits with ``EXIT_REQUEUE`` = 75). Under SLURM the workers also get it from slurmstepd;
   the trainer's handler only sets a flag, so twice is the same as once.
-- When every failed worker exited with the same code, the agent exits with it: 75 (one line, no
+- When every failed worker exited with the same code (leaving out those the agent's own SIGTERM
+  ended, see ``exit_status``), the agent exits with it: 75 (one line, no
   traceback) tells the batch script that the run stopped early with a checkpoint, so it
   requeues; 2 is a usage error the workers have already printed in one line. Other failures
   print torchrun's usual summary and exit 1; a signal that stopped the agent (SIGTERM on
@@ -49,11 +50,14 @@ def _forward_to_workers(signum: int, _frame: FrameType | None) -> None:
 def exit_status(worker_exit_codes: list[int]) -> int:
     """The agent's exit status for the exit codes of the workers that failed (not 0).
 
-    Their common code when they agree and it is a plain exit status (e.g. 75 when all stopped for
-    a requeue, the others having finished with 0); 1 otherwise (mixed codes, or killed by a
-    signal: torch reports those as negative codes).
+    Once one worker has exited, the agent SIGTERMs the others; one that was already past its
+    checkpoint and in interpreter shutdown (its handlers gone) dies of it, and torch reports
+    -15. Those are not the run's outcome and are left out. Of the rest: their common code when
+    they agree and it is a plain exit status (75 when all stopped for a requeue, the others
+    having finished with 0); 1 otherwise (mixed codes, killed by another signal, or nothing but
+    SIGTERMs).
     """
-    codes = set(worker_exit_codes)
+    codes = {code for code in worker_exit_codes if code != -signal.SIGTERM}
     if len(codes) == 1 and (code := codes.pop()) > 0:
         return code
     return EXIT_CRASH

@@ -23,8 +23,11 @@ from tests.launch.conftest import REPO, TINY, job_env
         ([75, 75], 75),  # every failed worker saved for a requeue
         ([75], 75),  # the others finished with 0
         ([2, 2], 2),  # a usage error, already printed by the workers
+        ([75, -15], 75),  # the agent's own SIGTERM caught a worker already past its save
         ([75, 1], 1),  # one crashed: not a clean stop
+        ([1, -15], 1),
         ([-9, -9], 1),  # killed by a signal
+        ([-15], 1),
         ([], 1),
     ],
 )
