@@ -89,6 +89,12 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module=r"megatron\.")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
     warnings.filterwarnings("ignore", category=SyntaxWarning)
+    # DeepSpeed: its INFO config dumps, the compiler probes of its op builders (logged through
+    # the root logger Hydra configures), and torch's deprecation notices for the collectives it
+    # calls.
+    for noisy in ("DeepSpeed", "compilers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def _report(sink: Any, summary: dict[str, Any]) -> None:

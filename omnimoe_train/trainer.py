@@ -22,7 +22,7 @@ from omnimoe_train import checkpoint as ckpt
 from omnimoe_train.config import RootConfig
 from omnimoe_train.data import ensure_dataset, tokenizer_vocab_size
 from omnimoe_train.distributed import Runtime
-from omnimoe_train.engine.megatron import MegatronEngine
+from omnimoe_train.engine import Engine, build_engine
 from omnimoe_train.metrics import MetricsSink
 from omnimoe_train.model.expert_stats import ExpertStats, collect_expert_metrics
 from omnimoe_train.model.gpt import padded_vocab_size
@@ -30,7 +30,7 @@ from omnimoe_train.model.gpt import padded_vocab_size
 
 @dataclass
 class TrainState:
-    engine: MegatronEngine
+    engine: Engine
     train_loader: TokenShardLoader
     step: int = 0
     consumed_tokens: int = 0
@@ -66,7 +66,7 @@ class Trainer:
         vocab = cfg.model.vocab_size or tokenizer_vocab_size(self.data_dir)
         self.vocab_size = padded_vocab_size(vocab, cfg.parallel.tp)
         self.tokens_per_step = d.global_batch_size * d.seq_len
-        self.engine = MegatronEngine(cfg, runtime, self.vocab_size)
+        self.engine = build_engine(cfg, runtime, self.vocab_size)
         self.num_microbatches = self.engine.num_microbatches
         # The loader takes only the DP coordinates: every TP (and PP) rank of a replica reads the
         # same micro-batches, as megatron's TP layers and pipeline stages require.
@@ -84,7 +84,7 @@ class Trainer:
         self.expert_stats = [m for c in e.model for m in c.modules() if isinstance(m, ExpertStats)]
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for c in self.engine.model for p in c.parameters())
+        return self.engine.num_parameters()
 
     def train_step(self) -> tuple[torch.Tensor, float]:
         s = self.state

@@ -7,10 +7,12 @@ exits with code 2.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
 from omnimoe_train.config import RootConfig
+from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
 
 MLPS = ("omnimoe", "dense")
@@ -22,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.expert_table_sharding": ("rows", "dim", "auto"),
     "optim.name": ("adamw",),
     "optim.decay_style": ("linear", "cosine", "sqrt"),
+    "trainer.engine": ("megatron", "deepspeed"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "fp32", "bf16"),
     "logging.wandb.mode": ("offline", "online", "disabled"),
@@ -122,6 +125,8 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
             "must be positive",
         )
 
+    if t.engine == "deepspeed":
+        _validate_deepspeed(cfg)
     # Parallel layout: rules that can be checked from the config and the launcher's world size,
     # before any process group exists (parallel.layout holds them; here they get config keys).
     _validate_layout(cfg, world_size, groups)
@@ -154,6 +159,34 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = final only)")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {c.keep})")
+
+
+def _validate_deepspeed(cfg: RootConfig) -> None:
+    """``trainer.engine=deepspeed``: data parallel only, DeepSpeed installed, its keys sane."""
+    p = cfg.parallel
+    model_parallel = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.ep": p.ep}
+    bad = {key: value for key, value in model_parallel.items() if value != 1}
+    _require(
+        not bad and p.vpp is None,
+        "trainer.engine",
+        "deepspeed is data parallel only: parallel.tp, parallel.pp and parallel.ep must be 1 and "
+        f"parallel.vpp null (got {', '.join(f'{k}={v}' for k, v in bad.items()) or f'vpp={p.vpp}'}"
+        "); use trainer.engine=megatron for tensor, pipeline or expert parallelism",
+    )
+    _require(
+        not p.sequence_parallel and not p.distributed_optimizer,
+        "trainer.engine",
+        "deepspeed shards the optimizer with ZeRO (deepspeed=zero1|zero2|zero3...): "
+        "parallel.sequence_parallel and parallel.distributed_optimizer must be false",
+    )
+    _require(
+        importlib.util.find_spec("deepspeed") is not None,
+        "trainer.engine",
+        "deepspeed is not installed (pip install -e '.[deepspeed]')",
+    )
+    problem = check_deepspeed_keys(cfg.deepspeed)
+    if problem is not None:
+        raise ConfigError(*problem)
 
 
 def layout_from_config(cfg: RootConfig, world_size: int) -> ParallelLayout:

@@ -19,17 +19,15 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from omnimoe_train.config import RootConfig
 from omnimoe_train.distributed import Runtime
+from omnimoe_train.engine.optim import optimizer_config, wsd_scheduler
 from omnimoe_train.model.gpt import build_model, transformer_config
 from omnimoe_train.parallel.expert_parallel import dispatch_metrics
 from omnimoe_train.parallel.setup import apply_parallelism, dispatch_layers, resolve_table_sharding
-
-WSD_STYLES = {"linear": "linear", "cosine": "cosine", "sqrt": "minus_sqrt"}
 
 
 def _chained(optimizer: Any) -> list[Any]:
@@ -88,23 +86,13 @@ class MegatronEngine:
         self.tconfig = transformer_config(cfg, bf16=runtime.bf16)
         chunks = self._build_model_chunks()
         self.model = chunks
-        optimizer = get_megatron_optimizer(self._optimizer_config(), chunks)
-        o, t = cfg.optim, cfg.trainer
-        scheduler = OptimizerParamScheduler(
-            optimizer,
-            init_lr=0.0,
-            max_lr=o.lr,
-            min_lr=o.lr * o.min_lr_ratio,
-            lr_warmup_steps=o.warmup_steps,
-            lr_decay_steps=t.max_steps,
-            lr_decay_style="WSD",
-            start_wd=o.weight_decay,
-            end_wd=o.weight_decay,
-            wd_incr_steps=t.max_steps,
-            wd_incr_style="constant",
-            wsd_decay_steps=max(1, int(o.decay_fraction * t.max_steps)),
-            lr_wsd_decay_style=WSD_STYLES[o.decay_style],
+        optimizer = get_megatron_optimizer(
+            optimizer_config(
+                cfg.optim, bf16=runtime.bf16, distributed=cfg.parallel.distributed_optimizer
+            ),
+            chunks,
         )
+        scheduler = wsd_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
         # Megatron's schedule calls these hooks: grad sync, loss scaling, no-sync for accumulation.
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.tconfig.grad_scale_func = optimizer.scale_loss
@@ -145,22 +133,6 @@ class MegatronEngine:
                 )
             )
         return chunks
-
-    def _optimizer_config(self) -> OptimizerConfig:
-        o = self.cfg.optim
-        return OptimizerConfig(
-            optimizer="adam",
-            lr=o.lr,
-            min_lr=o.lr * o.min_lr_ratio,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.beta1,
-            adam_beta2=o.beta2,
-            adam_eps=o.eps,
-            clip_grad=o.clip_grad,
-            bf16=self.rt.bf16,
-            params_dtype=torch.bfloat16 if self.rt.bf16 else torch.float32,
-            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
-        )
 
     # -- steps --------------------------------------------------------------------------------
     def run_schedule(
@@ -214,6 +186,9 @@ class MegatronEngine:
         if self.cfg.parallel.ep == 1:
             return {}
         return dispatch_metrics(self.dispatches, steps, self.rt.device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for chunk in self.model for p in chunk.parameters())
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

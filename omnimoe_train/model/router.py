@@ -12,7 +12,7 @@ all n*n sums are found exactly by ``omnimoe_kernels.cartesian_topk``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,8 +24,9 @@ from torch.distributed import ProcessGroup
 import omnimoe_kernels
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):
+    # A named tuple (not a dataclass) so that hooks which walk a module's outputs -- ZeRO-3's
+    # re-gather of the router's gates before its backward -- find the tensors.
     weights_TK: torch.Tensor  # fp32 routing weights of the K selected experts
     indices_TK: torch.Tensor  # int64 expert ids i*n + j
     entropy_T: torch.Tensor  # entropy (nats) of each token's full n*n routing distribution
@@ -101,9 +102,12 @@ class CartesianRouter(nn.Module):
         self.row_norm, self.col_norm = make_norm(), make_norm()
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        x_TD = x_TD.to(self.row_gate_nD.dtype)  # fp32 (or fp64 in tests) whatever the model dtype
-        rows_Tn = F.log_softmax(self.row_norm(x_TD @ self.row_gate_nD.t()), dim=-1)
-        cols_Tn = F.log_softmax(self.col_norm(x_TD @ self.col_gate_nD.t()), dim=-1)
+        # fp32 (or fp64 in tests) whatever the model dtype; the gates too, since DeepSpeed's bf16
+        # mode stores every parameter (these included) in bf16 and keeps fp32 master copies.
+        dtype = torch.promote_types(self.row_gate_nD.dtype, torch.float32)
+        x_TD = x_TD.to(dtype)
+        rows_Tn = F.log_softmax(self.row_norm(x_TD @ self.row_gate_nD.to(dtype).t()), dim=-1)
+        cols_Tn = F.log_softmax(self.col_norm(x_TD @ self.col_gate_nD.to(dtype).t()), dim=-1)
         scores_TK, indices_TK = omnimoe_kernels.cartesian_topk(
             rows_Tn, cols_Tn, self.top_k, backend=self.backend
         )

@@ -39,6 +39,7 @@ def _worker(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
+        LOCAL_RANK=str(rank),  # one host, as torchrun sets it (DeepSpeed requires it)
         WORLD_SIZE=str(world_size),
     )
     # Two cores are shared by all ranks: one intra-op thread each avoids oversubscription.

@@ -1,0 +1,185 @@
+"""The DeepSpeed engine: the same GPT/OmniMoE model trained data parallel with ZeRO stage 0-3,
+optional CPU offload of the optimizer (stage >= 1) and of the parameters (stage 3).
+
+What is ours and what is DeepSpeed's:
+
+* model: ``model.gpt.build_model`` (megatron-core modules with tp = pp = 1, whose parallel state
+  ``distributed.init_runtime`` creates), built whole on the host from the run's seed, then
+  moved to the device and (ZeRO-3) partitioned by ``deepspeed.initialize``: a model must fit
+  once in host memory and once, in its training dtype, on the device while it is partitioned.
+* optimizer: a client AdamW over megatron's param groups (``engine.optim``) -- torch's AdamW, or
+  DeepSpeed's CPU Adam when the optimizer is offloaded -- wrapped by DeepSpeed's ZeRO optimizer.
+* LR schedule: our WSD scheduler, stepped here once per optimizer step (not handed to DeepSpeed).
+* gradient accumulation: DeepSpeed's, with ``gradient_accumulation_steps`` = our micro-batches
+  per step (``deepspeed_config``); the loss of each micro-batch is the token mean, which
+  ``engine.backward`` divides by that count, as megatron's schedule does.
+
+ZeRO-3 and the OmniMoE layer: a module's parameters are all-gathered by a hook before its
+forward (and again before its backward) and released after. The atomic-expert tables U, V
+[N, D] are parameters of ``OmniMoEMLP`` read by index, and ZeRO-3 has no partial gather: each
+layer all-gathers both whole tables (2 * N * D elements) for the forward and again for the
+backward, and reduce-scatters their full-size gradients, however few rows the tokens touched.
+At ``a80m`` (N = 5776, D = 768, bf16) that is 17.7 MB per layer per gather. The tied embedding
+is read by the output layer outside the embedding's forward: it is registered as an external
+parameter of the GPT model so ZeRO-3 keeps it gathered for the output projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from omnimoe_train.config import RootConfig
+from omnimoe_train.distributed import Runtime
+from omnimoe_train.engine.deepspeed_config import (
+    build_deepspeed_config,
+    offload_device,
+    zero_stage,
+)
+from omnimoe_train.engine.optim import param_groups, wsd_scheduler
+from omnimoe_train.model.gpt import build_model, transformer_config
+
+
+def _micro_batch(batch_BL: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    batch_BL = batch_BL.to(device, non_blocking=True)
+    tokens_BS, labels_BS = batch_BL[:, :-1], batch_BL[:, 1:]
+    position_ids_BS = torch.arange(tokens_BS.shape[1], device=device).expand_as(tokens_BS)
+    return tokens_BS, position_ids_BS, labels_BS
+
+
+class DeepSpeedEngine:
+    """``deepspeed.initialize`` around our model, optimizer and schedule (see ``base.Engine``)."""
+
+    def __init__(self, cfg: RootConfig, runtime: Runtime, vocab_size: int) -> None:
+        if runtime.device.type == "cpu":
+            # DeepSpeed's CPU accelerator (communication through the gloo group that
+            # ``init_runtime`` created); naming it skips the probe that warns about it.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        self.cfg, self.rt, self.vocab_size = cfg, runtime, vocab_size
+        d = cfg.data
+        self.num_microbatches = d.global_batch_size // (d.micro_batch_size * runtime.dp_size)
+        self.ds_config = build_deepspeed_config(cfg, dp_size=runtime.dp_size, bf16=runtime.bf16)
+        self.zero_stage = zero_stage(self.ds_config)
+        self.offload = {
+            what: offload_device(self.ds_config, f"offload_{what}")
+            for what in ("optimizer", "param")
+        }
+        self.tconfig = transformer_config(cfg, bf16=runtime.bf16)
+        # DeepSpeed insists on LOCAL_RANK (torchrun sets it); a plain single process has none.
+        os.environ.setdefault("LOCAL_RANK", str(runtime.device.index or 0))
+        # Built whole on the host (``use_cpu_initialization``), as under the megatron engine; ZeRO-3
+        # partitions it inside ``deepspeed.initialize``. Not under ``deepspeed.zero.Init``: that
+        # recasts every floating tensor made during construction to the training dtype, buffers
+        # included (RoPE frequencies, router BatchNorm statistics, fp64 expert counters).
+        module = build_model(cfg, self.tconfig, vocab_size=vocab_size)
+        if self.zero_stage == 3 and module.share_embeddings_and_output_weights:
+            deepspeed.zero.register_external_parameter(
+                module, module.shared_embedding_or_output_weight()
+            )
+        self.client_optimizer = self._client_optimizer(module)
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=self.client_optimizer, config=self.ds_config
+        )
+        self.engine = engine
+        self.model: list[nn.Module] = [engine]
+        self.scheduler = wsd_scheduler(self.client_optimizer, cfg.optim, cfg.trainer.max_steps)
+        self.sharding_note = self._describe()
+
+    def _describe(self) -> str:
+        partitioned = {0: "nothing", 1: "optimizer state", 2: "optimizer state and gradients"}
+        what = partitioned.get(self.zero_stage, "parameters, gradients and optimizer state")
+        note = f"DeepSpeed ZeRO-{self.zero_stage}: {what} partitioned over dp={self.rt.dp_size}"
+        offloads = [f"{what} to {dev}" for what, dev in self.offload.items() if dev != "none"]
+        if offloads:
+            note += f"; offload {', '.join(offloads)}"
+        m = self.cfg.model
+        if self.zero_stage == 3 and m.mlp == "omnimoe":
+            table_mb = 2 * m.num_experts * m.hidden_size * (2 if self.rt.bf16 else 4) / 1e6
+            note += f"; each layer all-gathers its U, V tables ({table_mb:.1f} MB) per pass"
+        return note
+
+    def _client_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = param_groups(module, o)
+        kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        if self.offload["optimizer"] != "none":
+            # The offloaded step runs on the host: DeepSpeed's vectorised CPU Adam (a C++
+            # extension built on first use) is the optimizer ZeRO-Offload is written for.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        # torch's AdamW, as megatron-core uses without TransformerEngine/apex.
+        return torch.optim.AdamW(groups, **kwargs)
+
+    # -- steps --------------------------------------------------------------------------------
+    def run_schedule(
+        self, data_iterator: Any, num_microbatches: int, forward_only: bool
+    ) -> torch.Tensor:
+        """Forward (and backward) of ``num_microbatches``; returns float64 (loss sum, tokens).
+
+        With backward, every micro-batch but the last is followed by ``engine.step()``, which
+        only advances DeepSpeed's micro-step counter inside an accumulation window; the last
+        backward reduces the gradients (the accumulation boundary) and :meth:`optimizer_step`
+        makes the boundary step.
+        """
+        total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        for i in range(num_microbatches):
+            tokens_BS, position_ids_BS, labels_BS = _micro_batch(
+                next(data_iterator), self.rt.device
+            )
+            with torch.no_grad() if forward_only else contextlib.nullcontext():
+                losses_BS = self.engine(tokens_BS, position_ids_BS, None, labels=labels_BS)
+            loss_sum = losses_BS.float().sum()
+            if not forward_only:
+                self.engine.backward(loss_sum / losses_BS.numel())
+                if i < num_microbatches - 1:
+                    self.engine.step()
+            total += torch.stack([loss_sum.detach().double(), total.new_tensor(losses_BS.numel())])
+        return total
+
+    def forward_backward_step(self, data_iterator: Any) -> torch.Tensor:
+        self.engine.train()
+        return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+
+    def optimizer_step(self) -> float:
+        """The accumulation-boundary ``engine.step()`` (clip + update), then one WSD step."""
+        own_norm = self._grad_norm() if self._norm_is_ours() else None
+        self.engine.step()
+        self.scheduler.step(increment=1)
+        norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _norm_is_ours(self) -> bool:
+        # Without ZeRO and in fp32, DeepSpeed clips with the client optimizer's params and keeps
+        # no norm; its ZeRO and bf16 optimizers record the one they clip with.
+        return self.zero_stage == 0 and not self.rt.bf16
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        ).item()
+
+    def mean_loss(self, total: torch.Tensor) -> float:
+        """(sum, count) of this rank -> mean over all data-parallel ranks (= the world)."""
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return (total[0] / total[1].clamp_min(1)).item()
+
+    def dispatch_metrics(self, steps: int) -> dict[str, float]:
+        """No expert-parallel dispatch: the tables are whole in every forward."""
+        return {}
+
+    def current_lr(self) -> float:
+        return self.client_optimizer.param_groups[0]["lr"]
+
+    def num_parameters(self) -> int:
+        """Full parameter count (ZeRO-3 partitions keep the full size in ``ds_numel``)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())

@@ -1,0 +1,72 @@
+"""``trainer.engine=deepspeed``: ZeRO 0-3 train like the megatron engine; bad configs exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from omnimoe_train.validation import ConfigError, validate
+from tests.cli_helpers import assert_usage_error, run_train_cli
+from tests.train.conftest import compose_config
+
+from .deepspeed_checks import check_zero_stages
+from .distributed import run_distributed
+
+
+def test_zero_stages_match_megatron_engine_at_dp2() -> None:
+    run_distributed(check_zero_stages, 2, [0, 1, 2, 3], timeout_s=600)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "key", "rule"),
+    [
+        (["parallel=tp2"], 2, "trainer.engine", "data parallel only"),
+        (["parallel=pp2"], 2, "trainer.engine", "parallel.pp=2"),
+        (["parallel=ep2_rows"], 2, "trainer.engine", "parallel.ep=2"),
+        (["parallel=pp2_vpp2"], 2, "trainer.engine", "parallel.pp=2"),
+        (["parallel=dp2_distopt"], 2, "trainer.engine", "shards the optimizer with ZeRO"),
+        (["deepspeed.zero_optimization.stage=4"], 1, "deepspeed.zero_optimization.stage", "0, 1"),
+        (
+            ["deepspeed=zero3_offload", "deepspeed.zero_optimization.stage=2"],
+            1,
+            "deepspeed.zero_optimization.offload_param",
+            "needs ZeRO stage 3",
+        ),
+        (
+            ["deepspeed=zero0", "+deepspeed.zero_optimization.offload_optimizer.device=cpu"],
+            1,
+            "deepspeed.zero_optimization.offload_optimizer",
+            "stage 1, 2 or 3",
+        ),
+        (
+            ["deepspeed=zero2_offload", "deepspeed.zero_optimization.offload_optimizer.device=gpu"],
+            1,
+            "deepspeed.zero_optimization.offload_optimizer.device",
+            "cpu, nvme, none",
+        ),
+        (["+deepspeed.train_batch_size=64"], 1, "deepspeed.train_batch_size", "data.global_batch"),
+        (["+deepspeed.gradient_clipping=2.0"], 1, "deepspeed.gradient_clipping", "optim.clip_grad"),
+        (["+deepspeed.fp16.enabled=true"], 1, "deepspeed.fp16", "trainer.precision"),
+        (["+deepspeed.scheduler.type=WarmupLR"], 1, "deepspeed.scheduler", "WSD"),
+    ],
+)
+def test_deepspeed_config_rules(overrides: list[str], world_size: int, key: str, rule: str) -> None:
+    cfg = compose_config("trainer.engine=deepspeed", *overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size)
+    assert info.value.key == key and rule in info.value.rule, str(info.value)
+
+
+def test_presets_and_megatron_layouts_stay_valid() -> None:
+    for preset in ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"):
+        validate(compose_config("trainer.engine=deepspeed", f"deepspeed={preset}"), 1)
+    # The deepspeed section is the DeepSpeed engine's only: megatron runs ignore it.
+    validate(compose_config("parallel=tp2", "+deepspeed.train_batch_size=64"), 2)
+
+
+def test_model_parallel_layout_exits_2_before_any_work(tmp_path: Path) -> None:
+    result = run_train_cli(
+        ["trainer.engine=deepspeed", "parallel=tp2"], cache=tmp_path, world_size=2, timeout=120
+    )
+    assert_usage_error(result, "omnimoe-train: error: trainer.engine: deepspeed is", tmp_path)
