@@ -15,7 +15,11 @@ from .distributed import run_distributed
 
 
 def test_zero_stages_match_megatron_engine_at_dp2() -> None:
-    run_distributed(check_zero_stages, 2, [0, 1, 2, 3], timeout_s=600)
+    run_distributed(check_zero_stages, 2, ["zero0", "zero1", "zero2", "zero3"], timeout_s=600)
+
+
+def test_cpu_offload_matches_megatron_engine_at_dp2() -> None:
+    run_distributed(check_zero_stages, 2, ["zero2_offload", "zero3_offload"], timeout_s=600)
 
 
 @pytest.mark.parametrize(
