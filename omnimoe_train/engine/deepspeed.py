@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from torch import nn
 
 from omnimoe_train.config import RootConfig
 from omnimoe_train.distributed import Runtime
+from omnimoe_train.engine import deepspeed_checkpoint
 from omnimoe_train.engine.deepspeed_config import (
     build_deepspeed_config,
     offload_device,
@@ -83,6 +85,7 @@ class DeepSpeedEngine:
             deepspeed.zero.register_external_parameter(
                 module, module.shared_embedding_or_output_weight()
             )
+        deepspeed_checkpoint.drop_empty_extra_state(module)
         self.client_optimizer = self._client_optimizer(module)
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=self.client_optimizer, config=self.ds_config
@@ -183,3 +186,27 @@ class DeepSpeedEngine:
     def num_parameters(self) -> int:
         """Full parameter count (ZeRO-3 partitions keep the full size in ``ds_numel``)."""
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def layout(self) -> dict[str, Any]:
+        """What DeepSpeed's files and the per-rank state depend on; another layout loads
+        through a universal checkpoint (``deepspeed_checkpoint.load``)."""
+        return {
+            "engine": "deepspeed",
+            "world_size": self.rt.world_size,
+            "dp": self.rt.dp_size,
+            "zero_stage": self.zero_stage,
+        }
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"engine": "deepspeed", "layout": self.layout(), "vocab_size": self.vocab_size}
+
+    def save_checkpoint(
+        self, directory: Path, client_state: dict[str, Any], *, async_save: bool = False
+    ) -> None:
+        """Write into ``directory`` (collective). DeepSpeed's default checkpoint engine writes
+        synchronously, so ``async_save`` makes no difference here."""
+        deepspeed_checkpoint.save(self, directory, client_state)
+
+    def load_checkpoint(self, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
+        return deepspeed_checkpoint.load(self, directory, model_only=model_only)
