@@ -54,6 +54,23 @@ def _micro_batch(batch_BL: torch.Tensor, device: torch.device) -> tuple[torch.Te
     return tokens_BS, position_ids_BS, labels_BS
 
 
+def skippable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` whose ``step`` does nothing while ``optimizer.skip_next`` is set.
+
+    For a skipped bad step DeepSpeed still runs its own step (it ends the accumulation window);
+    ours must leave weights and moments alone. The step is wrapped on the instance, not by a
+    subclass: ZeRO accepts an optimizer by its exact type (torch's AdamW, DeepSpeed's CPU Adam).
+    """
+    step = optimizer.step
+
+    def guarded_step(*args: Any, **kwargs: Any) -> Any:
+        return None if optimizer.skip_next else step(*args, **kwargs)
+
+    optimizer.skip_next = False  # type: ignore[attr-defined]
+    optimizer.step = guarded_step  # type: ignore[method-assign]
+    return optimizer
+
+
 class DeepSpeedEngine:
     """``deepspeed.initialize`` around our model, optimizer and schedule (see ``base.Engine``)."""
 
@@ -117,9 +134,9 @@ class DeepSpeedEngine:
             # extension built on first use) is the optimizer ZeRO-Offload is written for.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+            return skippable(DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs))
         # torch's AdamW, as megatron-core uses without TransformerEngine/apex.
-        return torch.optim.AdamW(groups, **kwargs)
+        return skippable(torch.optim.AdamW(groups, **kwargs))
 
     # -- steps --------------------------------------------------------------------------------
     def run_schedule(
@@ -151,24 +168,57 @@ class DeepSpeedEngine:
         self.engine.train()
         return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
 
-    def optimizer_step(self) -> float:
-        """The accumulation-boundary ``engine.step()`` (clip + update), then one WSD step."""
-        own_norm = self._grad_norm() if self._norm_is_ours() else None
+    def grad_norm(self) -> float:
+        """Global L2 norm of this step's reduced gradients, before the update (collective).
+
+        DeepSpeed computes its norm inside ``engine.step()``, after which the update is made;
+        to decide first whether to apply it (bad-step rule), the same norm is computed here with
+        the functions its optimizers use in ``step`` -- one more pass over this rank's gradient
+        partition and one scalar all-reduce per step. ``inf`` when any gradient is non-finite.
+        """
+        from deepspeed.runtime.utils import (
+            combine_grad_norm_groups,
+            get_global_norm_of_tensors,
+            is_invalid_grad_norm,
+        )
+
+        opt = self.engine.optimizer
+        if hasattr(opt, "scaled_global_norm"):  # ZeRO-1/2
+            norm = opt.scaled_global_norm() / opt.loss_scale
+        elif hasattr(opt, "_get_norm_groups"):  # ZeRO-3
+            norm = combine_grad_norm_groups(opt._get_norm_groups()) / opt.loss_scale
+        elif hasattr(opt, "get_grads_for_norm"):  # BF16 optimizer (ZeRO-1, bf16): fp32 grads
+            norm = get_global_norm_of_tensors(opt.get_grads_for_norm()[0], mpu=None)
+        else:  # no ZeRO: the all-reduced gradients, replicated on every rank
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))
+        return float("inf") if is_invalid_grad_norm(norm) else float(norm)
+
+    def apply_update(self, grad_norm: float) -> None:
+        """The accumulation-boundary ``engine.step()`` (DeepSpeed clips by its own computation
+        of the same norm, then updates), then one WSD step."""
         self.engine.step()
         self.scheduler.step(increment=1)
-        norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
 
-    def _norm_is_ours(self) -> bool:
-        # Without ZeRO and in fp32, DeepSpeed clips with the client optimizer's params and keeps
-        # no norm; its ZeRO and bf16 optimizers record the one they clip with.
-        return self.zero_stage == 0 and not self.rt.bf16
+    def skip_update(self) -> None:
+        """End the step without changing weights, optimizer state or schedule.
 
-    def _grad_norm(self) -> float:
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-        ).item()
+        ``engine.step()`` still runs -- it closes DeepSpeed's accumulation window and clears
+        the (possibly partitioned) gradients -- with the client optimizer's step turned into a
+        no-op; ZeRO then writes back its unchanged fp32 master weights. Non-finite gradients
+        DeepSpeed's optimizers already skip by themselves (their overflow check).
+        """
+        self.client_optimizer.skip_next = True
+        try:
+            self.engine.step()
+        finally:
+            self.client_optimizer.skip_next = False
+
+    def optimizer_step(self) -> float:
+        """``grad_norm`` then ``apply_update``, whatever the norm; returns the norm."""
+        norm = self.grad_norm()
+        self.apply_update(norm)
+        return norm
 
     def mean_loss(self, total: torch.Tensor) -> float:
         """(sum, count) of this rank -> mean over all data-parallel ranks (= the world)."""

@@ -100,6 +100,14 @@ def build_deepspeed_config(cfg: RootConfig, *, dp_size: int, bf16: bool) -> dict
         "gradient_accumulation_steps": d.global_batch_size // (d.micro_batch_size * dp_size),
         "gradient_clipping": cfg.optim.clip_grad,
         "bf16": {"enabled": bf16},
+        # Gradients accumulate and reduce in fp32 under bf16, as megatron's grad buffer does
+        # (DeepSpeed's default is the model dtype). Without ZeRO DeepSpeed has no fp32
+        # accumulation for a bf16 model, so ZeRO-0 keeps bf16 gradients.
+        **(
+            {"data_types": {"grad_accum_dtype": "fp32"}}
+            if bf16 and zero_stage(cfg.deepspeed)
+            else {}
+        ),
         "zero_optimization": {"stage": 0},
         # Our loop logs one line per logged step; DeepSpeed's own progress lines stay off.
         "steps_per_print": None,

@@ -10,7 +10,7 @@ from omnimoe_train.validation import ConfigError, validate
 from tests.cli_helpers import assert_usage_error, run_train_cli
 from tests.train.conftest import compose_config
 
-from .deepspeed_checks import check_zero_stages
+from .deepspeed_checks import check_skip_and_norm, check_zero_stages
 from .distributed import run_distributed
 
 
@@ -20,6 +20,12 @@ def test_zero_stages_match_megatron_engine_at_dp2() -> None:
 
 def test_cpu_offload_matches_megatron_engine_at_dp2() -> None:
     run_distributed(check_zero_stages, 2, ["zero2_offload", "zero3_offload"], timeout_s=600)
+
+
+def test_grad_norm_before_the_step_and_skipped_steps() -> None:
+    runs = [("zero0", "fp32"), ("zero2", "fp32"), ("zero3_offload", "fp32")]
+    runs += [("zero0", "bf16"), ("zero1", "bf16"), ("zero3", "bf16")]
+    run_distributed(check_skip_and_norm, 2, runs, timeout_s=600)
 
 
 @pytest.mark.parametrize(
