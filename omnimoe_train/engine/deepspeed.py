@@ -110,6 +110,7 @@ class DeepSpeedEngine:
         self.engine = engine
         self.model: list[nn.Module] = [engine]
         self.scheduler = wsd_scheduler(self.client_optimizer, cfg.optim, cfg.trainer.max_steps)
+        self._window_open = False  # gradients of a step not yet applied nor skipped
         self.sharding_note = self._describe()
 
     def _describe(self) -> str:
@@ -165,8 +166,11 @@ class DeepSpeedEngine:
         return total
 
     def forward_backward_step(self, data_iterator: Any) -> torch.Tensor:
+        self._close_skipped_step()
         self.engine.train()
-        return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+        total = self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+        self._window_open = True
+        return total
 
     def grad_norm(self) -> float:
         """Global L2 norm of this step's reduced gradients, before the update (collective).
@@ -198,21 +202,26 @@ class DeepSpeedEngine:
         """The accumulation-boundary ``engine.step()`` (DeepSpeed clips by its own computation
         of the same norm, then updates), then one WSD step."""
         self.engine.step()
+        self._window_open = False
         self.scheduler.step(increment=1)
 
-    def skip_update(self) -> None:
-        """End the step without changing weights, optimizer state or schedule.
+    def _close_skipped_step(self) -> None:
+        """End a step the loop did not apply (a bad step), before the next one or a save.
 
-        ``engine.step()`` still runs -- it closes DeepSpeed's accumulation window and clears
-        the (possibly partitioned) gradients -- with the client optimizer's step turned into a
-        no-op; ZeRO then writes back its unchanged fp32 master weights. Non-finite gradients
-        DeepSpeed's optimizers already skip by themselves (their overflow check).
+        ``engine.step()`` still has to run -- it closes DeepSpeed's accumulation window and
+        clears the (possibly partitioned) gradients -- but with the client optimizer's step
+        turned into a no-op: weights (ZeRO writes back its unchanged fp32 master copies), Adam
+        moments and the schedule stay as they were. Non-finite gradients DeepSpeed's optimizers
+        would skip by themselves (their overflow check).
         """
+        if not self._window_open:
+            return
         self.client_optimizer.skip_next = True
         try:
             self.engine.step()
         finally:
             self.client_optimizer.skip_next = False
+            self._window_open = False
 
     def optimizer_step(self) -> float:
         """``grad_norm`` then ``apply_update``, whatever the norm; returns the norm."""
@@ -256,6 +265,7 @@ class DeepSpeedEngine:
     ) -> None:
         """Write into ``directory`` (collective). DeepSpeed's default checkpoint engine writes
         synchronously, so ``async_save`` makes no difference here."""
+        self._close_skipped_step()
         deepspeed_checkpoint.save(self, directory, client_state)
 
     def load_checkpoint(self, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
