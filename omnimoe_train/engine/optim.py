@@ -82,4 +82,8 @@ def wsd_scheduler(optimizer: Any, o: OptimConfig, max_steps: int) -> OptimizerPa
         wd_incr_style="constant",
         wsd_decay_steps=max(1, int(o.decay_fraction * max_steps)),
         lr_wsd_decay_style=WSD_STYLES[o.decay_style],
+        # On resume the schedule's shape comes from the current config (a longer
+        # trainer.max_steps extends the run) and only its position from the checkpoint.
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )

@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from omnimoe_train.validation import ConfigError, validate
 from tests.cli_helpers import assert_usage_error, run_train_cli
 from tests.train.conftest import compose_config
 
-from .deepspeed_checks import check_skip_and_norm, check_zero_stages
+from .deepspeed_checks import (
+    check_skip_and_norm,
+    check_zero_stages,
+    resume_and_continue,
+    save_and_continue,
+)
 from .distributed import run_distributed
 
 
@@ -26,6 +32,22 @@ def test_grad_norm_before_the_step_and_skipped_steps() -> None:
     runs = [("zero0", "fp32"), ("zero2", "fp32"), ("zero3_offload", "fp32")]
     runs += [("zero0", "bf16"), ("zero1", "bf16"), ("zero3", "bf16")]
     run_distributed(check_skip_and_norm, 2, runs, timeout_s=600)
+
+
+@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, preset: str) -> None:
+    """Saved at dp 2; loaded at dp 2 (DeepSpeed's files as they are) and at dp 1 (through a
+    universal checkpoint); the consolidated weights equal the live ones."""
+    from omnimoe_train.engine.deepspeed_checkpoint import consolidate
+
+    run_distributed(save_and_continue, 2, preset, tmp_path, timeout_s=600)
+    run_distributed(resume_and_continue, 2, preset, tmp_path, timeout_s=600)
+    run_distributed(resume_and_continue, 1, preset, tmp_path, timeout_s=600)
+    live = torch.load(tmp_path / "reference.pt", weights_only=False)["live"]
+    weights = consolidate(tmp_path / "step_00000002")
+    assert set(live) <= set(weights)  # plus the router's BatchNorm statistics (buffers)
+    for name, value in live.items():
+        assert torch.equal(weights[name], value), name
 
 
 @pytest.mark.parametrize(
