@@ -16,10 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from omnimoe_train.config import RootConfig, register_configs
+from omnimoe_train.exit_codes import EXIT_USAGE
 from omnimoe_train.validation import ConfigError, validate
 
 CONFIG_MODULE = "omnimoe_conf"
-EXIT_USAGE = 2
 
 
 def _fail(message: str) -> None:

@@ -94,15 +94,33 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     progress: bool = True
+    # Wall-clock budget of this process, e.g. "23h30m", "90m", "1d2h", "3600s"; when it is used
+    # up every rank finishes its step, saves and exits with code 75 (rerun to continue).
+    max_time: str | None = None
+    # Bad steps: a non-finite loss or grad norm never updates the weights. A loss above
+    # mean + spike_zscore * std of the last spike_window accepted steps is a spike: logged, and
+    # skipped like a non-finite one when skip_spikes. max_bad_steps skipped steps in a row save
+    # and stop the run (exit code 65). spike_zscore 0 turns spike detection off.
+    spike_zscore: float = 6.0
+    spike_window: int = 50
+    skip_spikes: bool = False
+    max_bad_steps: int = 10
+    # TEST HOOK: the loss of these steps (1-based, as logged) is replaced by NaN after the
+    # backward pass, to exercise the bad-step path. Leave empty outside tests.
+    nan_loss_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
 class CheckpointConfig:
     interval: int = 0  # 0 = only the final checkpoint
     keep: int = 2  # newest checkpoints kept
+    keep_steps: list[int] = field(default_factory=list)  # also kept, whatever their age
     dir: str = "checkpoints"  # relative to the run directory unless absolute
-    resume: str | None = None  # None | auto (newest in dir) | a checkpoint path
+    # auto: the newest valid checkpoint in dir (a corrupt one falls back to the one before);
+    # none: start fresh; or a path: that checkpoint folder (or the newest valid one under it).
+    resume: str | None = "auto"
     save_final: bool = True
+    async_save: bool = False  # write in a background process; the next save/the end waits
 
 
 @dataclass

@@ -1,5 +1,10 @@
 """Where metrics go: ``metrics.jsonl`` in the run directory, W&B (offline by default), and the
 terminal (a rich progress bar with loss and tokens/s). Only the main rank writes.
+
+A run directory is one run: a resumed run appends to its ``metrics.jsonl`` and continues its W&B
+run, whose id is kept in ``wandb_run_id`` next to it (``wandb.init(id=..., resume="allow")``).
+W&B ignores steps at or below the last one it has; the JSON file keeps every line (a step logged
+again after a resume supersedes the earlier line).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class MetricsSink:
             return
         self.path = run_dir / "metrics.jsonl"
         self._file = self.path.open("a", buffering=1)
+        if self._file.tell() > 0 and not self.path.read_bytes().endswith(b"\n"):
+            self._file.write("\n")  # a killed run's half-written line stays on a line of its own
         if wandb_cfg.mode != "disabled":
             self._wandb_run = _init_wandb(run_dir, wandb_cfg, run_config)
         if progress:
@@ -94,6 +101,21 @@ class MetricsSink:
             self._wandb_run.finish()
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory, created on first use."""
+    import wandb
+
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = wandb.util.generate_id()
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 def _init_wandb(run_dir: Path, cfg: WandbConfig, run_config: dict[str, Any]):  # noqa: ANN202
     import wandb
 
@@ -107,5 +129,7 @@ def _init_wandb(run_dir: Path, cfg: WandbConfig, run_config: dict[str, Any]):  #
         mode=cfg.mode,
         dir=str(run_dir),
         config=run_config,
+        id=wandb_run_id(run_dir),
+        resume="allow",
         settings=wandb.Settings(console="off", x_disable_stats=True),
     )

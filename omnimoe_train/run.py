@@ -13,12 +13,27 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from omnimoe_train.config import RootConfig
+from omnimoe_train.exit_codes import EXIT_IO_ERROR, EXIT_OK, EXIT_REQUEUE, EXIT_USAGE
 
-EXIT_USAGE = 2
+
+def _fail(message: str, code: int, *, show: bool) -> None:
+    if show:
+        kind = "stopped" if code == EXIT_REQUEUE else "error"
+        print(f"omnimoe-train: {kind}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
+    """Train in ``run_dir``; exits the process with a code of ``exit_codes`` unless it is 0.
+
+    Bad input (data, an unusable checkpoint) prints one line and exits 2; a checkpoint that
+    cannot be written exits 74; an early stop (signal, time limit) exits 75 with a checkpoint
+    saved; divergence exits 65 with a checkpoint of the last good weights.
+    """
     from omnimoe_data.prepare import DataError
+    from omnimoe_train.checkpoint.files import CheckpointCorrupt
+    from omnimoe_train.checkpoint.manager import CheckpointWriteError
+    from omnimoe_train.checkpoint.session import CheckpointLoadError
     from omnimoe_train.distributed import init_runtime, shutdown_runtime
     from omnimoe_train.metrics import MetricsSink
     from omnimoe_train.trainer import Trainer
@@ -28,11 +43,13 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     runtime = init_runtime(cfg)
     try:
+        main = runtime.is_main
         try:
             trainer = Trainer(cfg, runtime, run_dir)
         except DataError as exc:
-            print(f"omnimoe-train: error: {exc}", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
+            _fail(str(exc), EXIT_USAGE, show=main)
+        except CheckpointCorrupt as exc:
+            _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main)
         resolved = OmegaConf.structured(cfg)
         resolved.model.vocab_size = trainer.vocab_size
         derived = {
@@ -65,12 +82,18 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             )
         try:
             summary = trainer.fit(sink)
+        except CheckpointLoadError as exc:
+            _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main)
+        except CheckpointWriteError as exc:
+            _fail(f"checkpoint.dir: {exc}", EXIT_IO_ERROR, show=main)
         finally:
             sink.close()
         summary["wall_s"] = time.perf_counter() - started
-        if runtime.is_main:
+        if main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             _report(sink, summary)
+        if summary["exit_code"] != EXIT_OK:
+            _fail(summary["message"], summary["exit_code"], show=main)
         return summary
     finally:
         shutdown_runtime()
@@ -95,6 +118,8 @@ def quiet_libraries() -> None:
     for noisy in ("DeepSpeed", "compilers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # torch.distributed.checkpoint under megatron's dist_checkpointing, on every load.
+    warnings.filterwarnings("ignore", message=".*(DTensor instead|argument order of load)")
 
 
 def _report(sink: Any, summary: dict[str, Any]) -> None:

@@ -1,13 +1,20 @@
-"""The training loop: steps, logging, evaluation and checkpoints around an engine.
+"""The training loop: steps, logging, evaluation, checkpoints and early stops around an engine.
 
 How one optimizer step is computed (model chunks, optimizer, schedules, parallel layout) is the
-engine's business (``engine/``); this module decides only what happens when. All mutable
-training state lives in :class:`TrainState`, which is what a checkpoint saves and restores.
+engine's business (``engine/``); when a checkpoint is complete, kept or loaded is the
+checkpoint manager's (``checkpoint/``); this module decides only what happens when.
+
+One step: forward/backward; one world all-reduce of [loss, tokens, stop flag]
+(``checkpoint.signals.StepSync``); the grad norm (the step's one host sync); then the bad-step
+verdict (``bad_steps.StepGuard``) decides whether the update is applied. Every rank reaches the
+same verdict and the same stop decision from the same reduced values.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,62 +22,60 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import tensor_parallel
+from omegaconf import OmegaConf
 
 from omnimoe_data.loader import TokenShardLoader
-from omnimoe_train import checkpoint as ckpt
+from omnimoe_train.bad_steps import StepGuard, Verdict
+from omnimoe_train.checkpoint.files import read_meta
+from omnimoe_train.checkpoint.session import Checkpointing, TrainState
+from omnimoe_train.checkpoint.signals import StepSync, StopRequest, parse_duration
 from omnimoe_train.config import RootConfig
 from omnimoe_train.data import ensure_dataset, tokenizer_vocab_size
 from omnimoe_train.distributed import Runtime
-from omnimoe_train.engine import Engine, build_engine
+from omnimoe_train.engine import build_engine
+from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from omnimoe_train.metrics import MetricsSink
 from omnimoe_train.model.expert_stats import ExpertStats, collect_expert_metrics
 from omnimoe_train.model.gpt import padded_vocab_size
 
 
-@dataclass
-class TrainState:
-    engine: Engine
-    train_loader: TokenShardLoader
-    step: int = 0
-    consumed_tokens: int = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **self.engine.state_dict(),
-            "data": self.train_loader.state_dict(),
-            "step": self.step,
-            "consumed_tokens": self.consumed_tokens,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-            },
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.engine.load_state_dict(state)
-        self.train_loader.load_state_dict(state["data"])
-        self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
+@dataclass(frozen=True)
+class StepOutcome:
+    loss: float  # global mean loss of the step (NaN if non-finite)
+    loss_sum: float
+    tokens: float
+    grad_norm: float
+    verdict: Verdict
+    stop: bool  # some rank asked to stop (signal or time limit): every rank sees the same
 
 
 class Trainer:
     def __init__(self, cfg: RootConfig, runtime: Runtime, run_dir: Path) -> None:
         self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
-        d = cfg.data
+        self._console: Any = None  # the metrics sink's, once fit() has it
+        t, d = cfg.trainer, cfg.data
+        # First, so that a SIGTERM during setup still ends in a clean save after one step.
+        self.stop = StopRequest(parse_duration(t.max_time) if t.max_time else None)
+        self.stop.install()
         self.data_dir = ensure_dataset(d, rank=runtime.rank)
-        vocab = cfg.model.vocab_size or tokenizer_vocab_size(self.data_dir)
-        self.vocab_size = padded_vocab_size(vocab, cfg.parallel.tp)
+        root = Path(cfg.checkpoint.dir)
+        ckpt_root = root if root.is_absolute() else run_dir / root
+        self.ckpt = Checkpointing(
+            cfg.checkpoint,
+            ckpt_root,
+            None,
+            run_config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+            warn=self._warn,
+        )
+        self.resume_from = self.ckpt.manager.resolve_resume()
+        self.vocab_size = self._vocab_size(self.resume_from)
         self.tokens_per_step = d.global_batch_size * d.seq_len
         self.engine = build_engine(cfg, runtime, self.vocab_size)
+        self.ckpt.engine = self.engine
         self.num_microbatches = self.engine.num_microbatches
         # The loader takes only the DP coordinates: every TP (and PP) rank of a replica reads the
         # same micro-batches, as megatron's TP layers and pipeline stages require.
-        loader = TokenShardLoader(
+        self.train_loader = TokenShardLoader(
             self.data_dir,
             "train",
             d.micro_batch_size,
@@ -79,20 +84,55 @@ class Trainer:
             seed=d.seed,
             num_workers=d.num_workers,
         )
-        e = self.engine
-        self.state = TrainState(e, loader)
-        self.expert_stats = [m for c in e.model for m in c.modules() if isinstance(m, ExpertStats)]
+        self.state = TrainState()
+        self.guard = StepGuard(
+            spike_zscore=t.spike_zscore,
+            spike_window=t.spike_window,
+            skip_spikes=t.skip_spikes,
+            max_bad_steps=t.max_bad_steps,
+        )
+        self.sync = StepSync(runtime.device)
+        self.expert_stats = [
+            m for c in self.engine.model for m in c.modules() if isinstance(m, ExpertStats)
+        ]
+
+    def _warn(self, line: str) -> None:
+        if self.rt.is_main:
+            if self._console is not None:
+                self._console.log(line)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+    def _vocab_size(self, resume_from: Path | None) -> int:
+        """The padded vocabulary: the checkpoint's when it divides over this TP size (so a
+        checkpoint padded for more TP ranks still loads), else padded for this layout."""
+        vocab = self.cfg.model.vocab_size or tokenizer_vocab_size(self.data_dir)
+        if resume_from is not None:
+            saved = read_meta(resume_from).get("vocab_size")
+            if isinstance(saved, int) and saved >= vocab and saved % self.cfg.parallel.tp == 0:
+                return saved
+        return padded_vocab_size(vocab, self.cfg.parallel.tp)
 
     def num_parameters(self) -> int:
         return self.engine.num_parameters()
 
-    def train_step(self) -> tuple[torch.Tensor, float]:
+    def train_step(self) -> StepOutcome:
         s = self.state
-        loss_sum = self.engine.forward_backward_step(iter(s.train_loader))
-        grad_norm = self.engine.optimizer_step()
+        total = self.engine.forward_backward_step(iter(self.train_loader))
+        if s.step + 1 in self.cfg.trainer.nan_loss_steps:  # TEST HOOK (config docstring)
+            total = total * float("nan")
+        self.sync.start(total, self.stop.local())
+        grad_norm = self.engine.grad_norm()
+        loss_sum, tokens, stop = self.sync.result()
+        loss = loss_sum / tokens if tokens > 0 else float("nan")
+        verdict = self.guard.check(loss, grad_norm)
+        if verdict.skip:
+            self.engine.skip_update()
+        else:
+            self.engine.apply_update(grad_norm)
         s.step += 1
         s.consumed_tokens += self.tokens_per_step
-        return loss_sum, grad_norm
+        return StepOutcome(loss, loss_sum, tokens, grad_norm, verdict, stop)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -125,53 +165,46 @@ class Trainer:
             self.expert_stats, sequence_parallel=self.cfg.parallel.sequence_parallel
         )
 
+    def save(self) -> None:
+        self.ckpt.save(self.state, self.train_loader, self.guard)
+
     # -- loop ---------------------------------------------------------------------------------
     def fit(self, sink: MetricsSink) -> dict[str, Any]:
+        """Train to ``trainer.max_steps`` or an early stop; ``summary["exit_code"]`` says which."""
+        self._console = sink.console
+        try:
+            return self._fit(sink)
+        finally:
+            self.stop.restore()
+
+    def _fit(self, sink: MetricsSink) -> dict[str, Any]:
         cfg, s = self.cfg, self.state
         t = cfg.trainer
-        ckpt_root = Path(cfg.checkpoint.dir)
-        if not ckpt_root.is_absolute():
-            ckpt_root = self.run_dir / ckpt_root
-        resume = ckpt.resolve_resume(ckpt_root, cfg.checkpoint.resume)
-        if resume is not None:
-            state, _ = ckpt.load_checkpoint(resume, rank=self.rt.rank)
-            s.load_state_dict(state)
-            sink.console.log(f"resumed from {resume} at step {s.step}")
-
-        summary: dict[str, Any] = {"num_parameters": self.num_parameters()}
+        summary: dict[str, Any] = {"num_parameters": self.num_parameters(), "exit_code": EXIT_OK}
+        if self.resume_from is not None:
+            for line in self.ckpt.load(self.resume_from, s, self.train_loader, self.guard):
+                self._warn(line)
+            sink.log({"step": s.step, "resumed_from": self.resume_from.name})
         if self.rt.is_main and cfg.model.mlp == "omnimoe":
             sink.console.log(self.engine.sharding_note)
         if s.step == 0:
             summary["initial_val_loss"] = self.evaluate()
             sink.log({"step": 0, "val_loss": summary["initial_val_loss"]})
-        window_loss = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start = time.perf_counter()
         if self.rt.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         while s.step < t.max_steps:
-            loss_sum, grad_norm = self.train_step()
-            window_loss += loss_sum
-            window_steps += 1
+            out = self.train_step()
+            if out.verdict.reason is not None:
+                self._log_bad_step(sink, out)
+            if not out.verdict.skip:
+                s.window[0] += out.loss_sum
+                s.window[1] += out.tokens
+            s.window[2] += 1
             if s.step % t.log_interval == 0 or s.step == t.max_steps:
-                elapsed = time.perf_counter() - window_start
-                loss = self.engine.mean_loss(window_loss)
-                record = {
-                    "step": s.step,
-                    "loss": loss,
-                    "lr": self.engine.current_lr(),
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
-                    "consumed_tokens": s.consumed_tokens,
-                    **self._expert_metrics(),
-                    **self.engine.dispatch_metrics(window_steps),
-                }
-                if self.rt.device.type == "cuda":
-                    record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                sink.log(record)
-                sink.advance(s.step, loss, record["tokens_per_s"])
-                summary["last_train"] = record
-                window_loss.zero_()
-                window_start, window_steps = time.perf_counter(), 0
+                summary["last_train"] = self._log_window(sink, out, window_start)
+                window_start = time.perf_counter()
+                self.ckpt.manager.poll()  # publish a finished async save (ranks sync here anyway)
             else:
                 sink.advance(s.step)
             if s.step % t.eval_interval == 0 or s.step == t.max_steps:
@@ -181,17 +214,68 @@ class Trainer:
             if (interval and s.step % interval == 0) or (
                 s.step == t.max_steps and cfg.checkpoint.save_final
             ):
-                self._save(ckpt_root)
+                self.save()
+            if self.guard.diverged:
+                return self._stop(summary, EXIT_DIVERGED, self._divergence_message(out))
+            if out.stop and s.step < t.max_steps:
+                return self._stop(summary, EXIT_REQUEUE, self.stop.reason())
+        self.ckpt.manager.wait()
         return summary
 
-    def _save(self, root: Path) -> None:
-        p = self.cfg.parallel
-        meta = {"world_size": self.rt.world_size, "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep}
-        ckpt.save_checkpoint(
-            root,
-            self.state.step,
-            self.state.state_dict(),
-            meta,
-            rank=self.rt.rank,
-            keep=self.cfg.checkpoint.keep,
+    def _stop(self, summary: dict[str, Any], code: int, why: str) -> dict[str, Any]:
+        self.save()
+        self.ckpt.manager.wait()
+        summary["exit_code"] = code
+        summary["stop_reason"] = why
+        where = self.ckpt.manager.root / f"step_{self.state.step:08d}"
+        if code == EXIT_REQUEUE:
+            summary["message"] = (
+                f"{why}: stopped after step {self.state.step}, checkpoint {where}; exit code "
+                f"{code} (rerun the same command to continue)"
+            )
+        else:
+            summary["message"] = f"{why}; the last good weights are in {where}"
+        return summary
+
+    def _divergence_message(self, out: StepOutcome) -> str:
+        return (
+            f"training diverged: {self.guard.consecutive_bad} bad steps in a row "
+            f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}; the last, step "
+            f"{self.state.step}: {out.verdict.reason})"
         )
+
+    def _log_bad_step(self, sink: MetricsSink, out: StepOutcome) -> None:
+        record: dict[str, Any] = {
+            "step": self.state.step,
+            "bad_step": out.verdict.reason,
+            "skipped": out.verdict.skip,
+            "loss": out.loss,
+            "grad_norm": out.grad_norm,
+            "skipped_steps": self.guard.skipped_steps,
+        }
+        if out.verdict.zscore is not None:
+            record["zscore"] = out.verdict.zscore
+        sink.log(record)
+
+    def _log_window(self, sink: MetricsSink, out: StepOutcome, started: float) -> dict[str, Any]:
+        s = self.state
+        loss_sum, tokens, steps = s.window
+        elapsed = time.perf_counter() - started
+        loss = loss_sum / tokens if tokens > 0 else float("nan")
+        record = {
+            "step": s.step,
+            "loss": loss,
+            "lr": self.engine.current_lr(),
+            "grad_norm": out.grad_norm,
+            "tokens_per_s": steps * self.tokens_per_step / elapsed,
+            "consumed_tokens": s.consumed_tokens,
+            "skipped_steps": self.guard.skipped_steps,
+            **self._expert_metrics(),
+            **self.engine.dispatch_metrics(int(steps)),
+        }
+        if self.rt.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        sink.log(record)
+        sink.advance(s.step, loss if math.isfinite(loss) else None, record["tokens_per_s"])
+        s.reset_window()
+        return record

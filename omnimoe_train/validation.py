@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 
+from omnimoe_train.checkpoint.signals import parse_duration
 from omnimoe_train.config import RootConfig
 from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
@@ -159,6 +160,32 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = final only)")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {c.keep})")
+    _require(
+        all(s >= 0 for s in c.keep_steps),
+        "checkpoint.keep_steps",
+        f"must be steps >= 0 (got {list(c.keep_steps)})",
+    )
+    _validate_robustness(cfg)
+
+
+def _validate_robustness(cfg: RootConfig) -> None:
+    """Time limit and bad-step rules."""
+    t = cfg.trainer
+    if t.max_time is not None:
+        try:
+            parse_duration(t.max_time)
+        except ValueError as exc:
+            raise ConfigError("trainer.max_time", str(exc)) from None
+    _require(
+        t.spike_zscore >= 0, "trainer.spike_zscore", f"must be >= 0 (0 = off; got {t.spike_zscore})"
+    )
+    _require(t.spike_window >= 2, "trainer.spike_window", f"must be >= 2 (got {t.spike_window})")
+    _require(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1 (got {t.max_bad_steps})")
+    _require(
+        all(s >= 1 for s in t.nan_loss_steps),
+        "trainer.nan_loss_steps",
+        f"must be steps >= 1 (a test hook; got {list(t.nan_loss_steps)})",
+    )
 
 
 def _validate_deepspeed(cfg: RootConfig) -> None:

@@ -10,10 +10,13 @@ the checkpoint rules are written once for every engine.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from omnimoe_train.checkpoint.manager import PendingWrite
 
 
 class Engine(Protocol):
@@ -39,8 +42,23 @@ class Engine(Protocol):
         """Forward (and backward unless ``forward_only``) of ``num_microbatches`` micro-batches."""
         ...
 
-    def optimizer_step(self) -> float:
-        """Clip, apply the update, advance the LR schedule; returns the global grad norm."""
+    def grad_norm(self) -> float:
+        """Global L2 norm of this step's reduced gradients, the same float on every rank
+        (collective). ``inf``/``NaN`` when any gradient is non-finite. This is the step's one
+        host synchronisation: the trainer reads other per-step values only after it."""
+        ...
+
+    def apply_update(self, grad_norm: float) -> None:
+        """Clip by ``grad_norm`` (``optim.clip_grad``), update the weights, advance the LR
+        schedule. Not called for a skipped (bad) step: then nothing changes, neither weights
+        nor optimizer state nor schedule, and the next ``forward_backward_step`` starts from
+        zeroed gradients."""
+        ...
+
+    def skip_update(self) -> None:
+        """The step is not applied (instead of ``apply_update``): put back whatever its forward
+        pass changed outside the weights (running statistics such as the router's BatchNorm),
+        so that a skipped step leaves the model exactly as it was."""
         ...
 
     def mean_loss(self, total: torch.Tensor) -> float:
@@ -59,10 +77,27 @@ class Engine(Protocol):
         """The learning rate of the last (or next) update."""
         ...
 
-    def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer and LR-schedule state of this rank, for a checkpoint."""
+    # -- checkpoints (rules: checkpoint/manager.py; the loop's state: checkpoint/session.py) --
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """JSON-able facts for ``meta.json``: at least ``engine`` (a name) and ``layout`` (a
+        dict: a checkpoint whose layout equals the current one restores per-rank state too)."""
         ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`."""
+    def save_checkpoint(
+        self, directory: Path, client_state: dict[str, Any], *, async_save: bool
+    ) -> PendingWrite | None:
+        """Collective. Write model, optimizer, LR schedule and every rank's RNG states, plus
+        ``client_state`` (the loop's; the same on every rank, stored once), into the existing
+        empty ``directory``. Write only there: the manager checksums and publishes the folder.
+        Returns None when the files are complete, or (``async_save``) a
+        :class:`~omnimoe_train.checkpoint.manager.PendingWrite` whose ``done`` finishes them;
+        the state must be snapshotted before returning (training continues). Raise on any
+        write error; the manager makes every rank agree and removes the folder."""
+        ...
+
+    def load_checkpoint(self, directory: Path) -> dict[str, Any]:
+        """Collective. Load a published checkpoint written under *any* parallel layout of this
+        engine (resharding), restore per-rank state when the layout is the same, and return the
+        saved ``client_state`` with ``_rank_local_restored`` (bool) added. Raise if it does not
+        fit this model."""
         ...

@@ -45,6 +45,7 @@ from omnimoe_train.engine.deepspeed_config import (
 )
 from omnimoe_train.engine.optim import param_groups, wsd_scheduler
 from omnimoe_train.model.gpt import build_model, transformer_config
+from omnimoe_train.model.router import GateNormSnapshot
 
 
 def _micro_batch(batch_BL: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -110,7 +111,7 @@ class DeepSpeedEngine:
         self.engine = engine
         self.model: list[nn.Module] = [engine]
         self.scheduler = wsd_scheduler(self.client_optimizer, cfg.optim, cfg.trainer.max_steps)
-        self._window_open = False  # gradients of a step not yet applied nor skipped
+        self.gate_norms = GateNormSnapshot([module])
         self.sharding_note = self._describe()
 
     def _describe(self) -> str:
@@ -166,11 +167,9 @@ class DeepSpeedEngine:
         return total
 
     def forward_backward_step(self, data_iterator: Any) -> torch.Tensor:
-        self._close_skipped_step()
         self.engine.train()
-        total = self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
-        self._window_open = True
-        return total
+        self.gate_norms.save()
+        return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
 
     def grad_norm(self) -> float:
         """Global L2 norm of this step's reduced gradients, before the update (collective).
@@ -202,26 +201,24 @@ class DeepSpeedEngine:
         """The accumulation-boundary ``engine.step()`` (DeepSpeed clips by its own computation
         of the same norm, then updates), then one WSD step."""
         self.engine.step()
-        self._window_open = False
         self.scheduler.step(increment=1)
 
-    def _close_skipped_step(self) -> None:
-        """End a step the loop did not apply (a bad step), before the next one or a save.
+    def skip_update(self) -> None:
+        """End a step the loop does not apply (a bad step) leaving the model as it was.
 
         ``engine.step()`` still has to run -- it closes DeepSpeed's accumulation window and
         clears the (possibly partitioned) gradients -- but with the client optimizer's step
         turned into a no-op: weights (ZeRO writes back its unchanged fp32 master copies), Adam
-        moments and the schedule stay as they were. Non-finite gradients DeepSpeed's optimizers
-        would skip by themselves (their overflow check).
+        moments and the schedule stay as they were (non-finite gradients DeepSpeed's optimizers
+        would also skip by their overflow check). The router BatchNorm statistics the forward
+        moved are put back.
         """
-        if not self._window_open:
-            return
         self.client_optimizer.skip_next = True
         try:
             self.engine.step()
         finally:
             self.client_optimizer.skip_next = False
-            self._window_open = False
+        self.gate_norms.restore()
 
     def optimizer_step(self) -> float:
         """``grad_norm`` then ``apply_update``, whatever the norm; returns the norm."""
@@ -265,7 +262,6 @@ class DeepSpeedEngine:
     ) -> None:
         """Write into ``directory`` (collective). DeepSpeed's default checkpoint engine writes
         synchronously, so ``async_save`` makes no difference here."""
-        self._close_skipped_step()
         deepspeed_checkpoint.save(self, directory, client_state)
 
     def load_checkpoint(self, directory: Path, *, model_only: bool = False) -> dict[str, Any]:

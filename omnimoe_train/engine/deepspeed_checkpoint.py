@@ -11,8 +11,9 @@ and :func:`load` on a folder):
 * ``zero_to_fp32.py``: DeepSpeed's recovery script (it copies it; :func:`consolidate` calls the
   same code in-process).
 * ``rank_XXXXX.pt``: each rank's RNG states and router BatchNorm statistics (data-parallel
-  ranks normalise different tokens; DeepSpeed saves rank 0's buffers only). Restored when the
-  data-parallel size is unchanged.
+  ranks normalise different tokens; DeepSpeed saves rank 0's buffers only), the same record
+  the megatron engine keeps (``checkpoint.sharded.rank_local_state``). Restored when the
+  layout (data-parallel size, ZeRO stage) is unchanged.
 
 Another data-parallel size (or ZeRO stage) on resume: the checkpoint is converted with
 DeepSpeed's ``ds_to_universal`` into a universal checkpoint (one fp32 file per parameter and
@@ -30,10 +31,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import tensor_parallel
 from torch import nn
 
-from omnimoe_train.model.router import GateNorm
+from omnimoe_train.checkpoint.sharded import rank_local_state, restore_rank_local
 
 TAG = "deepspeed"
 EXTRA_STATE = "_extra_state"
@@ -72,33 +72,6 @@ def drop_empty_extra_state(model: nn.Module) -> None:
             module.register_load_state_dict_pre_hook(restore)
 
 
-def _gate_norms(model: nn.Module) -> list[GateNorm]:
-    return [m for m in model.modules() if isinstance(m, GateNorm)]
-
-
-def _rank_local_state(model: nn.Module) -> dict[str, Any]:
-    return {
-        "rng_torch": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "rng_tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-        "gate_norms": [
-            (m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone())
-            for m in _gate_norms(model)
-        ],
-    }
-
-
-def _restore_rank_local(model: nn.Module, state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["rng_torch"])
-    if state["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng_cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker"])
-    with torch.no_grad():
-        for module, (mean, var) in zip(_gate_norms(model), state["gate_norms"], strict=True):
-            module.running_mean.copy_(mean)
-            module.running_var.copy_(var)
-
-
 def universal_info() -> dict[str, Any]:
     """The client state DeepSpeed's universal-checkpoint converter requires (no TP patterns:
     every parameter is whole in every rank's model)."""
@@ -125,7 +98,8 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any]) -> None:
         **universal_info(),
     }
     engine.engine.save_checkpoint(str(directory), tag=TAG, client_state=state, save_latest=False)
-    torch.save(_rank_local_state(engine.engine.module), directory / f"rank_{rank:05d}.pt")
+    # The megatron engine's per-rank state (checkpoint.sharded), in a file of its own here.
+    torch.save(rank_local_state([engine.engine.module]), directory / f"rank_{rank:05d}.pt")
     _barrier()
 
 
@@ -201,7 +175,7 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
         engine.scheduler.load_state_dict(state["scheduler"])
         if same_layout:
             local = torch.load(directory / f"rank_{rank:05d}.pt", weights_only=False)
-            _restore_rank_local(ds.module, local)
+            restore_rank_local([ds.module], local)
     client["_rank_local_restored"] = same_layout and not model_only
     return client
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,41 +21,21 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from omnimoe_train.checkpoint import sharded
 from omnimoe_train.config import RootConfig
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine.optim import optimizer_config, wsd_scheduler
 from omnimoe_train.model.gpt import build_model, transformer_config
+from omnimoe_train.model.router import GateNormSnapshot
 from omnimoe_train.parallel.expert_parallel import dispatch_metrics
 from omnimoe_train.parallel.setup import apply_parallelism, dispatch_layers, resolve_table_sharding
 
 
 def _chained(optimizer: Any) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _distributed_optimizer_shards(optimizer: Any) -> list[dict | None]:
-    """This rank's shard of each distributed optimizer's main params and Adam moments.
-
-    Megatron's ``state_dict()`` of a distributed optimizer leaves them out. Its bucket-space
-    form is kept per rank, which resumes the same layout exactly (resharding is the job of the
-    sharded-checkpoint format). Its loader expects a ``padding`` flag the getter does not set.
-    """
-    shards: list[dict | None] = []
-    for opt in _chained(optimizer):
-        if not hasattr(opt, "get_parameter_state_dp_reshardable"):
-            shards.append(None)
-            continue
-        shard = opt.get_parameter_state_dp_reshardable()
-        for key, by_dtype in shard.items():
-            if isinstance(key, int):
-                for buckets in by_dtype.values():
-                    for bucket in buckets:
-                        for entry in bucket:
-                            entry.setdefault("padding", False)
-        shards.append(shard)
-    return shards
 
 
 def _loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -101,6 +82,7 @@ class MegatronEngine:
         )
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dispatches = [ep for c in chunks for ep in dispatch_layers(c)]
+        self.gate_norms = GateNormSnapshot(chunks)
         self.forward_backward = get_forward_backward_func()
 
     # -- construction -------------------------------------------------------------------------
@@ -166,12 +148,43 @@ class MegatronEngine:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        # The forward moves the router BatchNorm statistics; keep them to undo a skipped step
+        # (a few n-vectors per layer, copied on the device).
+        self.gate_norms.save()
         return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
 
-    def optimizer_step(self) -> float:
-        _, grad_norm, _ = self.optimizer.step()
+    def skip_update(self) -> None:
+        """Leave the model as before this step: the weights and the optimizer were not touched;
+        the router BatchNorm statistics the forward moved (possibly to NaN) are put back."""
+        self.gate_norms.restore()
+
+    def grad_norm(self) -> float:
+        """Global norm of this step's reduced grads (megatron's own computation, one host sync);
+        inf or NaN if any grad is non-finite."""
+        if self.optimizer.prepare_grads():  # found inf/NaN while unscaling (fp16 loss scaling)
+            return float("inf")
+        return float(self.optimizer.get_grad_norm())
+
+    def apply_update(self, grad_norm: float) -> None:
+        """Clip by ``grad_norm``, update the weights, advance the LR schedule.
+
+        The pieces of megatron's ``ChainedOptimizer.step`` after its grad norm, so the trainer
+        can decide in between whether the step is applied at all.
+        """
+        clip = self.cfg.optim.clip_grad
+        if clip > 0:
+            for opt in _chained(self.optimizer):
+                params = opt.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(params, max_norm=clip, total_norm=grad_norm)
+        self.optimizer.step_with_ready_grads()
         self.scheduler.step(increment=1)
-        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def optimizer_step(self) -> float:
+        """``apply_update(grad_norm())`` whatever the norm; returns the norm."""
+        grad_norm = self.grad_norm()
+        self.apply_update(grad_norm)
+        return grad_norm
 
     def mean_loss(self, total: torch.Tensor) -> float:
         """(sum, count) on the last stage -> mean over all data-parallel ranks, on every rank."""
@@ -193,26 +206,33 @@ class MegatronEngine:
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    # -- checkpoint state -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    # -- checkpoints ------------------------------------------------------------------------------
+    def layout(self) -> dict[str, Any]:
+        """What a checkpoint must match for per-rank state (RNG, BatchNorm stats) to carry over."""
+        p = self.cfg.parallel
         return {
-            "model": [chunk.state_dict() for chunk in self.model],
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_shards": _distributed_optimizer_shards(self.optimizer),
-            "scheduler": self.scheduler.state_dict(),
+            "world_size": self.rt.world_size,
+            "tp": p.tp,
+            "pp": p.pp,
+            "vpp": p.vpp,
+            "ep": p.ep,
+            "dp": self.rt.dp_size,
+            "sequence_parallel": p.sequence_parallel,
+            "expert_table_sharding": self.table_sharding,
+            "distributed_optimizer": p.distributed_optimizer,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for chunk, chunk_state in zip(self.model, state["model"], strict=True):
-            chunk.load_state_dict(chunk_state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        for opt, shard in zip(_chained(self.optimizer), state["optimizer_shards"], strict=True):
-            if shard is not None:
-                with torch.no_grad():  # copies into leaf main params
-                    opt.load_parameter_state_from_dp_reshardable(shard)
-                # Megatron's loader (torch-Adam path) hands every parameter one shared ``step``
-                # tensor, which Adam would then advance once per parameter per step.
-                for param_state in opt.optimizer.state.values():
-                    if isinstance(param_state.get("step"), torch.Tensor):
-                        param_state["step"] = param_state["step"].clone()
-        self.scheduler.load_state_dict(state["scheduler"])
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"engine": "megatron", "layout": self.layout(), "vocab_size": self.vocab_size}
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """The model chunks' ``dist_checkpointing`` sharded state dict (global keys)."""
+        return sharded.model_sharded_state_dict(self.model)
+
+    def save_checkpoint(
+        self, directory: Path, client_state: dict[str, Any], *, async_save: bool
+    ) -> Any:
+        return sharded.save(self, directory, client_state, async_save=async_save)
+
+    def load_checkpoint(self, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
+        return sharded.load(self, directory, model_only=model_only)

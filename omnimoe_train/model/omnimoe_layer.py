@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -99,6 +101,43 @@ class OmniMoEMLP(MegatronModule):
     @classmethod
     def spec(cls, settings: OmniMoESettings) -> functools.partial:
         return functools.partial(cls.as_mlp_submodule, settings)
+
+    def sharded_state_dict(
+        self,
+        prefix: str = "",
+        sharded_offsets: tuple[tuple[int, int, int], ...] = (),
+        metadata: dict | None = None,
+    ) -> ShardedStateDict:
+        """megatron's default (shared MLP TP-sharded, router + BatchNorm buffers replicated),
+        with the expert tables described as the global ``[N, D]`` tensors they are shards of.
+
+        ep = 1: replicated (megatron's default). ep > 1, ``rows``: this rank holds rows
+        ``r*N/P..(r+1)*N/P`` (axis 0); ``dim``: columns ``r*D/P..(r+1)*D/P`` (axis 1), P the
+        expert-parallel size, r the rank in it. The expert-data-parallel replicas of a shard
+        (same r) differ in ``replica_id``. So a checkpoint loads under either mode and any ep.
+        """
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.expert_parallel is None:
+            return state
+        axis = len(sharded_offsets) + (0 if self.expert_parallel.mode == "rows" else 1)
+        shard = (
+            axis,
+            parallel_state.get_expert_model_parallel_rank(),
+            parallel_state.get_expert_model_parallel_world_size(),
+        )
+        replica_id = (0, 0, parallel_state.get_expert_data_parallel_rank())
+        tables = (self.up_ND, self.down_ND)
+        for name, entry in list(state.items()):
+            if isinstance(entry, ShardedTensor) and any(entry.data is t for t in tables):
+                state[name] = ShardedTensor.from_rank_offsets(
+                    entry.key,
+                    entry.data,
+                    *sharded_offsets,
+                    shard,
+                    replica_id=replica_id,
+                    prepend_axis_num=len(sharded_offsets),
+                )
+        return state
 
     def forward(
         self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None

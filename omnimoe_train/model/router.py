@@ -73,6 +73,35 @@ class GateNorm(nn.Module):
         return (z_Tn - mean_n) * torch.rsqrt(var_n + self.eps)
 
 
+class GateNormSnapshot:
+    """A copy of every router BatchNorm statistic in some modules, to undo a step's forward.
+
+    A skipped (bad) step must leave the model as it was, and its forward has already moved the
+    running statistics (possibly to NaN). ``save`` before the forward, ``restore`` to undo it:
+    a few n-vectors per layer, copied on the device. Used by every engine.
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.buffers = [
+            buf
+            for module in modules
+            for m in module.modules()
+            if isinstance(m, GateNorm)
+            for buf in (m.running_mean, m.running_var)
+        ]
+        self.saved = [buf.detach().clone() for buf in self.buffers]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        for saved, buf in zip(self.saved, self.buffers, strict=True):
+            saved.copy_(buf)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for saved, buf in zip(self.saved, self.buffers, strict=True):
+            buf.copy_(saved)
+
+
 class CartesianRouter(nn.Module):
     """Routes each token to K of N = n*n atomic experts with O(n) gate work."""
 

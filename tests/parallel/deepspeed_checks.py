@@ -105,8 +105,8 @@ def check_zero_stages(presets: list[str]) -> None:
 
 
 def check_skip_and_norm(runs: list[tuple[str, str]]) -> None:
-    """``grad_norm`` before the step equals the norm DeepSpeed clips with; a step the loop
-    does not apply leaves every weight and the LR schedule unchanged, and training then continues. Each of
+    """``grad_norm`` before the step equals the norm DeepSpeed clips with; ``skip_update``
+    leaves every weight and the LR schedule unchanged, and training then continues. Each of
     DeepSpeed's optimizer wrappers is covered: none (ZeRO-0 fp32), ZeRO-0 bf16, the BF16
     optimizer (ZeRO-1 bf16), ZeRO-1/2, ZeRO-3, and the offloaded CPU Adam."""
     from omnimoe_train.engine.deepspeed import DeepSpeedEngine
@@ -117,15 +117,20 @@ def check_skip_and_norm(runs: list[tuple[str, str]]) -> None:
         engine = DeepSpeedEngine(cfg, rt, VOCAB)
         train(engine, cfg, 1)
         batches = rank_microbatches(1, cfg, rt.dp_rank, rt.dp_size)
+        norms_before = [b.clone() for b in engine.gate_norms.buffers]
         engine.forward_backward_step(iter(batches))
+        assert any(not torch.equal(a, b) for a, b in zip(norms_before, engine.gate_norms.buffers))
         before, lr = full_params(engine), engine.current_lr()
-        norm = engine.grad_norm()  # the loop decides to skip: no apply_update
-        engine.forward_backward_step(iter(batches))  # closes the skipped step first
+        norm = engine.grad_norm()
+        engine.skip_update()
         after = full_params(engine)
+        for saved, buf in zip(norms_before, engine.gate_norms.buffers, strict=True):
+            assert torch.equal(saved, buf), f"{preset}: skipped step moved router statistics"
         for name, value in before.items():
             assert torch.equal(value, after[name]), f"{preset}: skipped step changed {name}"
         assert engine.current_lr() == lr
-        assert engine.grad_norm() == norm  # the same batch again: the same norm
+        engine.forward_backward_step(iter(batches))  # the same batch again: the same norm
+        assert engine.grad_norm() == norm
         engine.apply_update(norm)
         applied = engine.engine.get_global_grad_norm()
         if applied is not None:  # DeepSpeed's own norm (ZeRO and bf16 optimizers keep it)

@@ -1,0 +1,222 @@
+"""``omnimoe-ckpt``: look into checkpoints and turn one into a single-process weights file.
+
+    omnimoe-ckpt inspect PATH [--json]     PATH: a checkpoint folder or a folder of them
+    omnimoe-ckpt consolidate PATH OUT      full model weights of any layout -> one torch file
+
+``inspect`` verifies every file's size and SHA-256 against ``meta.json`` and reports step,
+tokens, the layout that wrote it and tensor sizes (read from the ``dist_checkpointing``
+metadata, no tensor data loaded). Exit 0 if valid, 2 (one line naming the bad file) if not.
+
+``consolidate`` builds the model on one process (CPU, fp32, no parallelism) and loads the
+checkpoint into it through the same resharding load as a resumed run, then writes
+``{"model": state_dict, "step", "vocab_size", "config"}`` with ``torch.save`` (under a
+temporary name, renamed when complete). The keys are those of a single-process ``GPTModel``
+built from the same config (``model.gpt.build_model``), so ``load_state_dict`` takes them as is.
+A DeepSpeed engine's checkpoint is merged by DeepSpeed's own ``zero_to_fp32`` from its ZeRO
+partitions instead (``engine.deepspeed_checkpoint.consolidate``; the same keys, fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from omnimoe_train.checkpoint.files import (
+    CheckpointCorrupt,
+    find_problem,
+    list_checkpoints,
+    read_meta,
+    step_of,
+)
+from omnimoe_train.exit_codes import EXIT_USAGE
+
+CONSOLIDATED_FORMAT = "omnimoe-consolidated/1"
+
+
+def _fail(message: str) -> None:
+    print(f"omnimoe-ckpt: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def tensor_sizes(folder: Path) -> dict[str, Any]:
+    """Counts and sizes of the stored tensors, from the metadata alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    model = optimizer = 0
+    model_tensors = optimizer_tensors = 0
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            continue
+        numel = 1
+        for dim in entry.size:
+            numel *= dim
+        if key.startswith("optimizer."):
+            optimizer, optimizer_tensors = optimizer + numel, optimizer_tensors + 1
+        else:
+            model, model_tensors = model + numel, model_tensors + 1
+    return {
+        "model_parameters": model,
+        "model_tensors": model_tensors,
+        "optimizer_elements": optimizer,
+        "optimizer_tensors": optimizer_tensors,
+    }
+
+
+def describe(folder: Path) -> dict[str, Any]:
+    """Everything ``inspect`` reports about one checkpoint folder."""
+    problem = find_problem(folder)
+    report: dict[str, Any] = {"path": str(folder), "valid": problem is None, "problem": problem}
+    try:
+        meta = read_meta(folder)
+    except CheckpointCorrupt:
+        return report
+    files = meta.get("files", {})
+    report.update(
+        step=meta.get("step"),
+        consumed_tokens=meta.get("consumed_tokens"),
+        engine=meta.get("engine"),
+        layout=meta.get("layout"),
+        vocab_size=meta.get("vocab_size"),
+        files=len(files),
+        bytes=sum(entry["bytes"] for entry in files.values()),
+    )
+    if problem is None and meta.get("engine") == "megatron":
+        report.update(tensor_sizes(folder))
+    return report
+
+
+def _summary_line(report: dict[str, Any]) -> str:
+    name = Path(report["path"]).name
+    if not report["valid"]:
+        return f"{name}: INVALID: {report['problem']}"
+    layout = report.get("layout") or {}
+    shape = ", ".join(f"{k} {v}" for k, v in layout.items() if k != "world_size")
+    lines = [
+        f"{name}: valid ({report['files']} files, {report['bytes'] / 2**20:.2f} MiB, "
+        "sizes and SHA-256 verified)",
+        f"  step {report['step']}, {report['consumed_tokens']:,} tokens, engine "
+        f"{report['engine']}, written by world {layout.get('world_size')} ({shape})",
+    ]
+    if "model_parameters" in report:
+        lines.append(
+            f"  model: {report['model_parameters']:,} parameters in {report['model_tensors']} "
+            f"tensors; optimizer: {report['optimizer_elements']:,} values in "
+            f"{report['optimizer_tensors']} tensors; vocab {report['vocab_size']}"
+        )
+    return "\n".join(lines)
+
+
+def inspect(path: Path, as_json: bool) -> int:
+    folders = [path] if step_of(path) is not None or (path / "meta.json").exists() else []
+    folders = folders or list_checkpoints(path)
+    if not folders:
+        _fail(f"{path}: not a checkpoint folder and holds no step_XXXXXXXX folders")
+    reports = [describe(folder) for folder in folders]
+    if as_json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    else:
+        for report in reports:
+            print(_summary_line(report))
+    if not any(r["valid"] for r in reports):
+        bad = reports[-1]
+        print(f"omnimoe-ckpt: error: {bad['path']}: {bad['problem']}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def consolidate(path: Path, out: Path) -> None:
+    """Load ``path`` (any layout) on one process and write the full model weights to ``out``."""
+    problem = find_problem(path)
+    if problem is not None:
+        _fail(f"{path}: {problem}")
+    meta = read_meta(path)
+    if meta.get("engine") not in ("megatron", "deepspeed"):
+        _fail(f"{path}: written by engine {meta.get('engine')!r}; not megatron or deepspeed")
+    import torch
+    from omegaconf import OmegaConf
+
+    from omnimoe_train.config import RootConfig
+
+    saved = OmegaConf.merge(OmegaConf.structured(RootConfig), meta["config"])
+    if meta["engine"] == "deepspeed":
+        state = _consolidate_deepspeed(path)
+    else:
+        state = _consolidate_megatron(path, saved, meta)
+    payload = {
+        "format": CONSOLIDATED_FORMAT,
+        "step": meta["step"],
+        "vocab_size": meta["vocab_size"],
+        "config": OmegaConf.to_container(saved.model, resolve=True),
+        "model": state,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out)
+    numel = sum(t.numel() for t in state.values())
+    print(f"{out}: {len(state)} tensors, {numel:,} values, step {meta['step']}")
+
+
+def _consolidate_megatron(path: Path, saved: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Build the model on one process (CPU, fp32) and load the sharded checkpoint into it."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from omnimoe_train.config import RootConfig
+    from omnimoe_train.distributed import init_runtime, shutdown_runtime
+    from omnimoe_train.engine.megatron import MegatronEngine
+
+    single = {"tp": 1, "pp": 1, "vpp": None, "ep": 1, "sequence_parallel": False}
+    saved.parallel = OmegaConf.merge(saved.parallel, {**single, "distributed_optimizer": False})
+    saved.trainer.device, saved.trainer.precision = "cpu", "fp32"
+    saved.trainer.engine = "megatron"
+    cfg: RootConfig = OmegaConf.to_object(saved)  # type: ignore[assignment]
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ[key] = "0" if key != "WORLD_SIZE" else "1"
+    runtime = init_runtime(cfg)
+    try:
+        engine = MegatronEngine(cfg, runtime, meta["vocab_size"])
+        engine.load_checkpoint(path, model_only=True)
+        return {
+            k: v.detach().clone()
+            for k, v in engine.model[0].module.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+        }
+    finally:
+        shutdown_runtime()
+
+
+def _consolidate_deepspeed(path: Path) -> dict[str, Any]:
+    """DeepSpeed's ``zero_to_fp32`` on the ZeRO partitions (no model is built)."""
+    from omnimoe_train.engine.deepspeed_checkpoint import consolidate as deepspeed_weights
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return deepspeed_weights(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from omnimoe_train.run import quiet_libraries
+
+    quiet_libraries()  # before torch and megatron are imported
+    parser = argparse.ArgumentParser(prog="omnimoe-ckpt", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_inspect = sub.add_parser("inspect", help="verify and describe checkpoints")
+    p_inspect.add_argument("path", type=Path)
+    p_inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    p_cons = sub.add_parser("consolidate", help="full model weights of any layout -> one file")
+    p_cons.add_argument("path", type=Path)
+    p_cons.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "inspect":
+        sys.exit(inspect(args.path, args.json))
+    consolidate(args.path, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Engine-independent checkpoint rules: atomic publish, retention, resume with fallback, async.
+
+An engine only has to write "this step's state into this folder" (a callable passed to
+:meth:`CheckpointManager.save`, returning ``None`` when the write is finished or a
+:class:`PendingWrite` when it continues in the background) and to load from a folder. The
+manager owns everything else:
+
+* **Atomic publish.** The engine writes into ``step_XXXXXXXX.tmp/``. Once every rank has
+  finished, the files are checksummed (spread over the ranks), ``meta.json`` is written last,
+  and the folder is renamed to ``step_XXXXXXXX``; only then is it the newest checkpoint, and
+  ``latest`` (a convenience for people and launchers) names it. A crash at any point leaves a
+  ``.tmp`` folder, which is never loaded and is removed by the next save.
+* **Retention.** The newest ``checkpoint.keep`` published checkpoints plus those whose step is in
+  ``checkpoint.keep_steps`` are kept; older ones are deleted after a successful publish.
+* **Errors.** A write error on any rank (a full disk) is agreed on by all ranks, the ``.tmp``
+  folder is removed and :class:`CheckpointWriteError` is raised everywhere; the previous
+  checkpoint stays the newest.
+* **Resume.** ``auto``: the newest published checkpoint that passes :func:`files.find_problem`;
+  each one that fails is renamed ``*.corrupt`` (kept for inspection) with one warning line naming
+  the bad file, and the one before it is tried.
+
+Every public method is collective: all ranks call it at the same point.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from omnimoe_train.checkpoint.files import (
+    FORMAT,
+    CheckpointCorrupt,
+    checksum_files,
+    find_problem,
+    fsync_dir,
+    list_checkpoints,
+    step_dir_name,
+    step_of,
+    write_json_atomic,
+)
+from omnimoe_train.config import CheckpointConfig
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous one is still the newest."""
+
+
+class PendingWrite(Protocol):
+    """An engine's write still running in the background (asynchronous save)."""
+
+    def done(self, blocking: bool) -> bool:
+        """Collective. True once every rank's write has finished (and the engine's own
+        finalisation is done); with ``blocking`` waits for that. Raises if any rank failed."""
+        ...
+
+
+WriteFn = Callable[[Path], PendingWrite | None]
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (gloo and NCCL alike)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _first_line(exc: BaseException) -> str:
+    """The root cause in one line: torch's ``CheckpointException`` wraps each rank's error
+    (``failures``: rank -> (exception, traceback)), megatron wraps a writer's in a RuntimeError."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        wrapped = next(iter(failures.values()))
+        if isinstance(wrapped, tuple) and wrapped and isinstance(wrapped[0], BaseException):
+            exc = wrapped[0]
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+class CheckpointManager:
+    """Saves, publishes, prunes and finds checkpoints under ``root`` (see module docstring)."""
+
+    def __init__(
+        self, root: Path, cfg: CheckpointConfig, *, warn: Callable[[str], None] | None = None
+    ) -> None:
+        self.root, self.cfg = root, cfg
+        self.rank, self.world = _rank_world()
+        self._warn = warn or (lambda line: None)
+        self._pending: tuple[int, Path, dict[str, Any], PendingWrite] | None = None
+        self.last_saved_step: int | None = None
+
+    # -- saving -------------------------------------------------------------------------------
+    def save(self, step: int, write: WriteFn, meta: dict[str, Any]) -> None:
+        """Write and (now, or when the background write ends) publish the checkpoint of
+        ``step``. Waits first for a previous asynchronous save. Raises
+        :class:`CheckpointWriteError` on every rank if any rank fails."""
+        self.wait()
+        tmp = self.root / (step_dir_name(step) + ".tmp")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("step_*.tmp"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        pending: PendingWrite | None = None
+        error: BaseException | None = None
+        try:
+            pending = write(tmp)
+        except BaseException as exc:  # torch's CheckpointException is not an Exception
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = exc
+        self._agree_or_raise(error, step, tmp)
+        self.last_saved_step = step
+        if pending is None:
+            self._publish(step, tmp, meta)
+        else:
+            self._pending = (step, tmp, meta, pending)
+
+    def poll(self) -> None:
+        """Publish a finished background save without waiting (call where ranks already sync)."""
+        self._finish_pending(blocking=False)
+
+    def wait(self) -> None:
+        """Block until a background save is written and published."""
+        self._finish_pending(blocking=True)
+
+    def _finish_pending(self, *, blocking: bool) -> None:
+        if self._pending is None:
+            return
+        step, tmp, meta, pending = self._pending
+        error: BaseException | None = None
+        finished = False
+        try:
+            finished = pending.done(blocking)
+        except BaseException as exc:  # as in save()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            error, finished = exc, True
+        if not finished:
+            return
+        self._pending = None
+        self._agree_or_raise(error, step, tmp)
+        self._publish(step, tmp, meta)
+
+    def _agree_or_raise(self, error: BaseException | None, step: int, tmp: Path) -> None:
+        if not _any_rank(error is not None):
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        reason = _first_line(error) if error is not None else "failed on another rank"
+        raise CheckpointWriteError(f"could not write checkpoint {step_dir_name(step)}: {reason}")
+
+    def _publish(self, step: int, tmp: Path, meta: dict[str, Any]) -> None:
+        files = checksum_files(tmp)
+        final = self.root / step_dir_name(step)
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                write_json_atomic(tmp / "meta.json", {"format": FORMAT, **meta, "files": files})
+                if final.exists():  # an older timeline's checkpoint of the same step
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                fsync_dir(self.root)
+                latest = self.root / "latest.tmp"
+                latest.write_text(final.name + "\n")
+                latest.replace(self.root / "latest")
+                self._prune(step)
+            except OSError as exc:
+                error = exc
+        self._agree_or_raise(error, step, tmp)  # also the barrier: published for every rank
+
+    def _prune(self, just_saved: int) -> None:
+        published = list_checkpoints(self.root)
+        keep = {step_of(p) for p in published[-self.cfg.keep :]}
+        keep |= set(self.cfg.keep_steps) | {just_saved}
+        for path in published:
+            if step_of(path) not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- resuming -----------------------------------------------------------------------------
+    def resolve_resume(self) -> Path | None:
+        """The checkpoint to resume from per ``checkpoint.resume``, or None to start fresh.
+
+        ``auto``: the newest valid one under ``root`` (None if there is none at all). A path:
+        that checkpoint folder, or the newest valid one in that folder. Raises
+        :class:`CheckpointCorrupt` when checkpoints exist but none is valid, or when an
+        explicitly named folder is invalid.
+        """
+        resume = self.cfg.resume
+        if resume is None or str(resume).lower() in ("none", "null", "false"):
+            return None
+        auto = resume == "auto"
+        path = self.root if auto else Path(resume).expanduser()
+        if not auto and (step_of(path) is not None or (path / "meta.json").exists()):
+            problem = find_problem(path)
+            if problem is not None:
+                raise CheckpointCorrupt(f"{path}: {problem}")
+            return path
+        candidates = list(reversed(list_checkpoints(path)))
+        if not auto and not candidates:
+            raise CheckpointCorrupt(f"{path}: no checkpoint folders (step_XXXXXXXX) in it")
+        for i, candidate in enumerate(candidates):
+            problem = find_problem(candidate)
+            if problem is None:
+                return candidate
+            after = candidates[i + 1].name if i + 1 < len(candidates) else None
+            quarantined = self._quarantine(candidate) if auto else candidate.name
+            self._warn(
+                f"warning: checkpoint {candidate.name} is not usable: {problem}; "
+                + (f"falling back to {after}" if after else "no older checkpoint to fall back to")
+                + (f" (the bad one is kept as {quarantined})" if auto else "")
+            )
+        if candidates:
+            raise CheckpointCorrupt(
+                f"{path}: none of the {len(candidates)} checkpoints is valid; move them away "
+                "or set checkpoint.resume=none to start from scratch"
+            )
+        return None
+
+    def _quarantine(self, folder: Path) -> str:
+        """Rename a bad checkpoint out of the ``step_*`` namespace so nothing loads or prunes it."""
+        target = folder.with_name(folder.name + ".corrupt")
+        if self.rank == 0:
+            n = 1
+            while target.exists():
+                target = folder.with_name(f"{folder.name}.corrupt{n}")
+                n += 1
+            os.replace(folder, target)
+        target_name = _broadcast_name(target.name)
+        _barrier()
+        return target_name
+
+
+def _broadcast_name(name: str) -> str:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return name
+    box = [name]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,119 @@
+"""The loop's side of checkpoints, for any engine: what the loop saves besides the engine's
+state, and how a run is put back where it stopped.
+
+The engine contract (``engine.base.Engine``): ``save_checkpoint(folder, client_state,
+async_save=...)`` writes the engine's state plus the loop's ``client_state`` (identical on every
+rank; saved once) into ``folder``; ``load_checkpoint(folder)`` loads a checkpoint of any layout
+and returns that ``client_state``; ``checkpoint_meta()`` describes the layout for ``meta.json``.
+The rules of when a checkpoint is complete, kept or loaded are the manager's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omnimoe_train.bad_steps import StepGuard
+from omnimoe_train.checkpoint.files import read_meta
+from omnimoe_train.checkpoint.manager import CheckpointManager
+from omnimoe_train.config import CheckpointConfig
+
+
+class CheckpointLoadError(ValueError):
+    """A valid checkpoint that does not fit this run (another model shape, engine...)."""
+
+
+@dataclass
+class TrainState:
+    """Everything of the loop that a resume must restore (the engine holds the rest)."""
+
+    step: int = 0
+    consumed_tokens: int = 0
+    # The current logging window: sum of global loss sums, token counts, steps in it.
+    window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+    def reset_window(self) -> None:
+        self.window = [0.0, 0.0, 0.0]
+
+
+def _loader_state_for_this_rank(state: dict[str, Any], dp_rank: int) -> dict[str, Any]:
+    # The loader's state is saved once (rank 0's). Until its position becomes independent of
+    # the data-parallel rank, it still names that rank; every rank is at the same batch count
+    # (each consumes one micro-batch per micro-step), so only the rank differs.
+    if "dp_rank" in state:
+        return {**state, "dp_rank": dp_rank}
+    return state
+
+
+class Checkpointing:
+    """Save and resume one run: a :class:`CheckpointManager` plus the loop's own state."""
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        root: Path,
+        engine: Any,
+        *,
+        run_config: dict[str, Any],
+        warn: Callable[[str], None],
+    ) -> None:
+        self.cfg, self.engine, self.run_config, self.warn = cfg, engine, run_config, warn
+        self.manager = CheckpointManager(root, cfg, warn=warn)
+
+    def save(self, state: TrainState, loader: Any, guard: StepGuard) -> None:
+        """Checkpoint the current step (once per step; a second call is a no-op)."""
+        if self.manager.last_saved_step == state.step:
+            return
+        client = {
+            "step": state.step,
+            "consumed_tokens": state.consumed_tokens,
+            "window": list(state.window),
+            "data": loader.state_dict(),
+            "guard": guard.state_dict(),
+        }
+        meta = {
+            "step": state.step,
+            "consumed_tokens": state.consumed_tokens,
+            **self.engine.checkpoint_meta(),
+            "config": self.run_config,
+        }
+        self.manager.save(
+            state.step,
+            lambda folder: self.engine.save_checkpoint(
+                folder, client, async_save=self.cfg.async_save
+            ),
+            meta,
+        )
+
+    def load(self, path: Path, state: TrainState, loader: Any, guard: StepGuard) -> list[str]:
+        """Restore the engine and the loop from ``path``; returns the lines worth logging."""
+        try:
+            client = self.engine.load_checkpoint(path)
+        except Exception as exc:  # noqa: BLE001 - one line for the user, whatever went wrong
+            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise CheckpointLoadError(f"{path} does not fit this run: {first}") from exc
+        state.step, state.consumed_tokens = client["step"], client["consumed_tokens"]
+        state.window = list(client["window"])
+        guard.load_state_dict(client["guard"])
+        lines = [f"resumed from {path} at step {state.step} ({state.consumed_tokens:,} tokens)"]
+        if not client.get("_rank_local_restored", True):
+            saved = read_meta(path).get("layout")
+            lines.append(
+                f"layout changed (checkpoint {saved}): RNG states and per-rank router "
+                "statistics start fresh"
+            )
+        try:
+            loader.load_state_dict(_loader_state_for_this_rank(client["data"], loader_rank(loader)))
+        except ValueError as exc:
+            lines.append(
+                f"the data position cannot carry over ({exc}); the training data restarts "
+                "from the beginning of the split"
+            )
+        return lines
+
+
+def loader_rank(loader: Any) -> int:
+    """This rank's data-parallel rank as the loader knows it."""
+    return int(loader.state_dict().get("dp_rank", 0))

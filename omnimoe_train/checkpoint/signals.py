@@ -1,0 +1,129 @@
+"""Stopping early, cleanly and together: SIGTERM/SIGUSR1, ``trainer.max_time``, and the per-step
+agreement that makes every rank stop at the same step.
+
+A scheduler (SLURM sends SIGTERM before a time limit or a preemption, or SIGUSR1 with
+``--signal``) may signal only some ranks, or signal them a moment apart; and each rank's clock
+reads the time limit a moment apart. So a rank never acts on its own flag: each step,
+:class:`StepSync` all-reduces ``[loss sum, token count, stop flag]`` over the whole world, and
+every rank reads the same sum. The trainer then finishes that step, saves and exits with
+:data:`~omnimoe_train.exit_codes.EXIT_REQUEUE` (75).
+
+No extra host synchronisation on the GPU: the all-reduce is issued right after the backward
+pass and copied into pinned host memory without blocking; the trainer reads it only after the
+optimizer's grad-norm computation, which already waits on the host for a value the GPU computes
+after that all-reduce. By then the copy has landed and reading it costs nothing. The same value
+gives the trainer the global loss of every step (for the bad-step checks) for free.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where used: config validation needs parse_duration fast
+    import torch
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)([dhms]))+$")
+_TERM = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_CLOCK = re.compile(r"^(?:(\d+)-)?(\d+):(\d{2}):(\d{2})$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``23h30m``, ``90m``, ``1d2h``, ``45s``, ``3600`` or SLURM's ``[D-]HH:MM:SS``.
+
+    Raises ``ValueError`` (message: the accepted forms) for anything else or a zero duration.
+    """
+    value = str(text).strip().lower().replace(" ", "")
+    seconds: float | None = None
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        seconds = float(value)
+    elif _DURATION.match(value):
+        seconds = sum(float(n) * _UNITS[u] for n, u in _TERM.findall(value))
+    elif clock := _CLOCK.match(value):
+        days, hours, minutes, secs = (int(g or 0) for g in clock.groups())
+        seconds = float(((days * 24 + hours) * 60 + minutes) * 60 + secs)
+    if seconds is None or seconds <= 0:
+        raise ValueError(
+            f"must be a positive duration like 23h30m, 90m, 1d2h, 3600s or 23:30:00 (got {text!r})"
+        )
+    return seconds
+
+
+class StopRequest:
+    """This rank's wish to stop: a stop signal was received, or the time budget is used up.
+
+    The handler only records the signal (async-signal-safe); the loop reads :meth:`local`.
+    """
+
+    def __init__(self, max_time_s: float | None, started: float | None = None) -> None:
+        self.max_time_s = max_time_s
+        self.started = time.monotonic() if started is None else started
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self.signal_name = signal.Signals(signum).name
+
+    def time_is_up(self) -> bool:
+        return self.max_time_s is not None and time.monotonic() - self.started >= self.max_time_s
+
+    def local(self) -> bool:
+        return self.signal_name is not None or self.time_is_up()
+
+    def reason(self) -> str:
+        if self.signal_name is not None:
+            return f"received {self.signal_name}"
+        if self.time_is_up():
+            return f"trainer.max_time ({self.max_time_s:.0f} s) is used up"
+        return "another rank received a stop signal or reached trainer.max_time"
+
+
+class StepSync:
+    """One world all-reduce per step of ``[loss sum, token count, stop flag]`` (module docstring).
+
+    ``start`` after the backward pass, ``result`` after the grad norm has been read on the host.
+    The loss sum counts each tensor-parallel copy of the last stage's loss, and so does the
+    token count: their ratio is the global mean loss.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        import torch
+
+        self.device = device
+        self._buf = torch.zeros(3, dtype=torch.float64, device=device)
+        cuda = device.type == "cuda"
+        self._host = torch.zeros(3, dtype=torch.float64, pin_memory=cuda)
+        self._event = torch.cuda.Event() if cuda else None
+
+    def start(self, loss_total: torch.Tensor, stop: bool) -> None:
+        import torch.distributed as dist
+
+        self._buf[:2].copy_(loss_total)
+        self._buf[2].fill_(1.0 if stop else 0.0)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self._buf)
+        self._host.copy_(self._buf, non_blocking=True)
+        if self._event is not None:
+            self._event.record()
+
+    def result(self) -> tuple[float, float, bool]:
+        """(loss sum, token count, stop) summed over the world; identical on every rank."""
+        if self._event is not None:
+            self._event.synchronize()  # already complete: see the module docstring
+        loss_sum, count, stop = self._host.tolist()
+        return loss_sum, count, stop > 0

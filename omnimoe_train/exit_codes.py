@@ -1,0 +1,22 @@
+"""Process exit codes of ``omnimoe-train`` (documented in docs/checkpoints.md).
+
+Launchers key on these: 75 means "stopped early with a checkpoint saved, run the same command
+again to continue" (requeue); the others need a person.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+#: An unexpected error (a traceback was printed).
+EXIT_CRASH = 1
+#: Bad input: a config key, a layout, the data, or a checkpoint that cannot be used.
+EXIT_USAGE = 2
+#: ``trainer.max_bad_steps`` skipped steps in a row (non-finite or spiking loss): the run
+#: diverged. A checkpoint of the last good weights was saved; rerunning as is will not help.
+EXIT_DIVERGED = 65
+#: A checkpoint could not be written (e.g. disk full). The previous checkpoint is still the
+#: newest and valid; free space and rerun.
+EXIT_IO_ERROR = 74
+#: EX_TEMPFAIL: stopped early on SIGTERM/SIGUSR1 or ``trainer.max_time``, checkpoint saved;
+#: rerun the same command to continue.
+EXIT_REQUEUE = 75

@@ -1,0 +1,262 @@
+"""``omnimoe-train`` as a user runs it, when things go wrong (subprocesses, CPU, gloo).
+
+- kill -9 after the first checkpoint, rerun the same command: the loss trajectory is bitwise
+  that of an uninterrupted run, and the rerun resumed (not restarted); then one file of the
+  newest checkpoint is truncated and the same command falls back to the previous one.
+- SIGTERM to one of two ranks during training: both finish the step, save and exit 75; the same
+  command then finishes the run from there.
+- ``trainer.max_time``: exit 75 with a checkpoint, and the next run continues.
+- Injected NaN losses: skipped without touching weights or optimizer state; two in a row stop
+  the run with exit 65 and a checkpoint of the last good weights.
+- A full disk while writing a checkpoint: exit 74 with one line; the previous one stays newest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_IO_ERROR, EXIT_REQUEUE
+from tests.cli_helpers import run_train_cli
+from tests.parallel.distributed import find_free_port
+
+TINY = [
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=64",
+    "model.num_experts=64",
+    "model.top_k=4",
+    "data.vocab_size=512",
+    "data.max_bytes=300000",
+    "data.seq_len=32",
+    "data.micro_batch_size=4",
+    "data.global_batch_size=8",
+    "optim.warmup_steps=2",
+    "trainer.log_interval=4",
+    "trainer.eval_interval=24",
+    "trainer.eval_iters=2",
+    "trainer.progress=false",
+    "logging=disabled",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _env(cache: Path) -> dict[str, str]:
+    env = {**os.environ, "OMNIMOE_CACHE": str(cache), "WANDB_SILENT": "true"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "omnimoe_train.cli", *args]
+
+
+def records(run_dir: Path) -> list[dict]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # the half-written last line of a killed run
+            continue
+    return out
+
+
+def trajectory(run_dir: Path) -> dict[tuple[int, str], float]:
+    """Last logged loss, grad norm, lr and val_loss per step (a resumed step supersedes)."""
+    out: dict[tuple[int, str], float] = {}
+    for r in records(run_dir):
+        for key in ("loss", "grad_norm", "lr", "val_loss"):
+            if key in r and "bad_step" not in r:
+                out[(r["step"], key)] = r[key]
+    return out
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"exited {proc.returncode} before {path.name} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def _tensors(folder: Path, out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, global shapes (torch's DCP converter, no process group)."""
+    dcp_to_torch_save(folder, out)
+    return {k: v for k, v in torch.load(out).items() if isinstance(v, torch.Tensor)}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_kill_9_and_rerun_is_bitwise_and_falls_back_past_a_truncated_file(
+    tmp_path: Path, cache: Path
+) -> None:
+    args = [*TINY, "trainer.max_steps=48", "checkpoint.interval=4", "checkpoint.keep=2"]
+    ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
+    done = run_train_cli([*args, f"hydra.run.dir={ref}"], cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    command = _cmd(*args, f"hydra.run.dir={run}")
+    proc = subprocess.Popen(command, env=_env(cache), stderr=subprocess.DEVNULL)
+    _wait_for(run / "checkpoints" / "step_00000004", proc)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(r["step"] for r in records(run))
+    assert killed_at < 48
+
+    rerun = subprocess.run(command, env=_env(cache), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stderr
+    resumes = [r for r in records(run) if "resumed_from" in r]
+    assert len(resumes) == 1 and 4 <= resumes[0]["step"] <= killed_at  # resumed, ...
+    initial_evals = [r for r in records(run) if r["step"] == 0 and "val_loss" in r]
+    assert len(initial_evals) == 1  # ... not restarted from step 0
+    expected = trajectory(ref)
+    assert trajectory(run) == expected  # bitwise: floats compared with ==
+
+    # Truncate the largest file of the newest checkpoint: the same command falls back.
+    newest = run / "checkpoints" / "step_00000048"
+    victim = max((p for p in newest.iterdir() if p.name != "meta.json"), key=os.path.getsize)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    again = subprocess.run(command, env=_env(cache), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    warnings = [line for line in again.stderr.splitlines() if "is not usable" in line]
+    assert len(warnings) == 1
+    assert f"step_00000048 is not usable: {victim.name} is truncated" in warnings[0]
+    assert "falling back to step_00000044" in warnings[0]
+    assert [r["resumed_from"] for r in records(run) if "resumed_from" in r][-1] == "step_00000044"
+    assert trajectory(run) == expected
+
+
+def test_injected_nan_is_skipped_and_repeated_ones_stop_the_run(
+    tmp_path: Path, cache: Path
+) -> None:
+    run = tmp_path / "run"
+    args = [
+        *TINY,
+        "trainer.max_steps=8",
+        "trainer.log_interval=1",
+        "trainer.max_bad_steps=2",
+        "trainer.nan_loss_steps=[3,5,6]",
+        "checkpoint.interval=1",
+        "checkpoint.keep=10",
+        f"hydra.run.dir={run}",
+    ]
+    result = run_train_cli(args, cache=cache)
+    assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "omnimoe-train: error:" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "training diverged: 2 bad steps in a row" in errors[0]
+    assert "step_00000006" in errors[0]
+
+    recs = records(run)
+    bad = [(r["step"], r["bad_step"], r["skipped"]) for r in recs if "bad_step" in r]
+    assert bad == [
+        (3, "nonfinite_loss", True),
+        (5, "nonfinite_loss", True),
+        (6, "nonfinite_loss", True),
+    ]
+    skipped = {r["step"]: r["skipped_steps"] for r in recs if "loss" in r and "bad_step" not in r}
+    assert skipped[2] == 0 and skipped[4] == 1
+
+    ckpts = run / "checkpoints"
+    state = {s: _tensors(ckpts / f"step_{s:08d}", tmp_path / f"{s}.pt") for s in (2, 3, 4, 6)}
+    assert _equal(state[3], state[2])  # the NaN step changed no weight and no Adam moment
+    assert not _equal(state[4], state[3])  # a good step does
+    assert _equal(state[6], state[4])  # the saved weights are the last good ones
+
+
+def test_max_time_stops_with_75_and_the_next_run_continues(tmp_path: Path, cache: Path) -> None:
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=6", "trainer.max_time=0.001s", f"hydra.run.dir={run}"]
+    for attempt in (1, 2):
+        result = run_train_cli(args, cache=cache)
+        assert result.returncode == EXIT_REQUEUE, result.stderr[-3000:]
+        stops = [line for line in result.stderr.splitlines() if "omnimoe-train: stopped:" in line]
+        assert len(stops) == 1 and "trainer.max_time" in stops[0], result.stderr[-3000:]
+        assert f"stopped after step {attempt}" in stops[0] and "exit code 75" in stops[0]
+        assert (run / "checkpoints" / f"step_{attempt:08d}" / "meta.json").is_file()
+    assert [r["resumed_from"] for r in records(run) if "resumed_from" in r] == ["step_00000001"]
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, cache: Path) -> None:
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=12", "checkpoint.interval=4", f"hydra.run.dir={run}"]
+    cmd = [sys.executable, "-m", "tests.checkpoint.full_disk", "step_00000008", *args]
+    result = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, timeout=600)
+    assert result.returncode == EXIT_IO_ERROR, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "omnimoe-train: error:" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert errors[0] == (
+        "omnimoe-train: error: checkpoint.dir: could not write checkpoint step_00000008: "
+        "[Errno 28] No space left on device"
+    )
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000004"]
+    assert (ckpts / "latest").read_text() == "step_00000004\n"
+
+
+def _start_rank(rank: int, port: int, run: Path, cache: Path, args: list[str]) -> subprocess.Popen:
+    env = {
+        **_env(cache),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMNIMOE_RUN_DIR": str(run),
+    }
+    return subprocess.Popen(_cmd(*args), env=env, stderr=subprocess.PIPE, text=True)
+
+
+def _two_ranks(run: Path, cache: Path, args: list[str], *, sigterm_rank_1_after: Path | None):  # noqa: ANN202
+    port = find_free_port()
+    procs = [_start_rank(r, port, run, cache, args) for r in (0, 1)]
+    if sigterm_rank_1_after is not None:
+        _wait_for(sigterm_rank_1_after, procs[1])
+        procs[1].send_signal(signal.SIGTERM)  # one rank only: the other must stop with it
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    return [p.returncode for p in procs], errs
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_both_at_one_step_with_a_checkpoint(
+    tmp_path: Path, cache: Path
+) -> None:
+    run = tmp_path / "run"
+    args = [*TINY, "parallel=ep2_rows", "trainer.max_steps=60", "checkpoint.interval=4"]
+    codes, errs = _two_ranks(
+        run, cache, args, sigterm_rank_1_after=run / "checkpoints" / "step_00000004"
+    )
+    assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], errs[0][-3000:] + errs[1][-3000:]
+    stops = [line for line in errs[0].splitlines() if "omnimoe-train: stopped:" in line]
+    assert len(stops) == 1 and "exit code 75" in stops[0]
+    step = int(stops[0].split("stopped after step ")[1].split(",")[0])
+    assert 4 <= step < 60
+    newest = sorted(p.name for p in (run / "checkpoints").glob("step_*"))[-1]
+    assert newest == f"step_{step:08d}"  # one save, collective: both ranks stopped there
+    meta = json.loads((run / "checkpoints" / newest / "meta.json").read_text())
+    assert meta["step"] == step and meta["layout"]["world_size"] == 2
+
+    codes, errs = _two_ranks(run, cache, args, sigterm_rank_1_after=None)
+    assert codes == [0, 0], errs[0][-3000:]
+    assert [r["resumed_from"] for r in records(run) if "resumed_from" in r] == [newest]
+    assert max(r["step"] for r in records(run)) == 60

@@ -1,0 +1,104 @@
+"""Bad-step verdicts, time limits and stop signals (one process, no model)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from omnimoe_train.bad_steps import StepGuard
+from omnimoe_train.checkpoint.signals import StepSync, StopRequest, parse_duration
+
+
+def _guard(**kw) -> StepGuard:  # noqa: ANN003
+    args = {"spike_zscore": 3.0, "spike_window": 5, "skip_spikes": False, "max_bad_steps": 2}
+    return StepGuard(**{**args, **kw})
+
+
+def test_non_finite_loss_or_grad_norm_is_skipped_and_counted() -> None:
+    guard = _guard()
+    assert guard.check(float("nan"), 1.0).reason == "nonfinite_loss"
+    assert not guard.diverged
+    verdict = guard.check(2.0, float("inf"))
+    assert verdict.skip and verdict.reason == "nonfinite_grad_norm"
+    assert guard.skipped_steps == 2 and guard.diverged  # two in a row
+    assert not guard.check(2.0, 1.0).skip and guard.consecutive_bad == 0 and not guard.diverged
+    assert guard.skipped_steps == 2
+
+
+@pytest.mark.parametrize("skip_spikes", [False, True])
+def test_spike_is_logged_and_optionally_skipped(skip_spikes: bool) -> None:
+    guard = _guard(skip_spikes=skip_spikes)
+    for loss in (3.0, 3.1, 2.9, 3.05, 2.95):
+        assert guard.check(loss, 1.0).reason is None  # filling the window
+    assert guard.check(2.0, 1.0).reason is None  # a drop is never a spike
+    verdict = guard.check(9.0, 1.0)
+    assert verdict.reason == "loss_spike" and verdict.zscore > 3.0
+    assert verdict.skip == skip_spikes and guard.spikes == 1
+    assert guard.skipped_steps == int(skip_spikes)
+    # A skipped spike stays out of the window; an accepted one enters it.
+    assert (9.0 in guard.window) != skip_spikes
+
+
+def test_guard_state_round_trips() -> None:
+    guard = _guard()
+    for loss in (3.0, 3.2, float("nan"), 3.1):
+        guard.check(loss, 1.0)
+    other = _guard()
+    other.load_state_dict(guard.state_dict())
+    assert other.state_dict() == guard.state_dict()
+    assert other.check(3.0, 1.0) == guard.check(3.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("23h30m", 84600),
+        ("90m", 5400),
+        ("1d2h", 93600),
+        ("45s", 45),
+        ("3600", 3600),
+        ("23:30:00", 84600),
+        ("1-00:00:10", 86410),
+        ("0.5h", 1800),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "0s", "10x", "h", "-5m"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="positive duration like 23h30m"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_sets_the_local_flag_only(sig: signal.Signals) -> None:
+    stop = StopRequest(None)
+    stop.install()
+    try:
+        assert not stop.local()
+        os.kill(os.getpid(), sig)  # delivered to the main thread before kill returns
+        assert stop.local() and stop.reason() == f"received {sig.name}"
+    finally:
+        stop.restore()
+    assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)
+
+
+def test_time_limit() -> None:
+    assert StopRequest(3600.0).local() is False
+    assert StopRequest(10.0, started=-1e9).time_is_up()
+
+
+def test_step_sync_without_a_process_group() -> None:
+    sync = StepSync(torch.device("cpu"))
+    sync.start(torch.tensor([6.0, 3.0], dtype=torch.float64), stop=True)
+    loss_sum, tokens, stop = sync.result()
+    assert (loss_sum, tokens, stop) == (6.0, 3.0, True)
+    sync.start(torch.tensor([float("nan"), 3.0], dtype=torch.float64), stop=False)
+    loss_sum, _, stop = sync.result()
+    assert math.isnan(loss_sum) and not stop

@@ -1,0 +1,149 @@
+"""CheckpointManager rules on plain files (one process, no engine): atomic publish with
+checksums, retention, write errors, resume with fallback past truncated or corrupt checkpoints,
+and asynchronous publication."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from omnimoe_train.checkpoint.files import FORMAT, CheckpointCorrupt, find_problem
+from omnimoe_train.checkpoint.manager import CheckpointManager, CheckpointWriteError
+from omnimoe_train.config import CheckpointConfig
+
+
+def _writer(step: int):  # noqa: ANN202
+    """An engine write: two files whose content depends on the step, one in a subfolder."""
+
+    def write(folder: Path) -> None:
+        (folder / "weights.bin").write_bytes(bytes([step % 256]) * (1000 + step))
+        (folder / "sub").mkdir()
+        (folder / "sub" / "extra.txt").write_text(f"step {step}\n")
+
+    return write
+
+
+def _manager(root: Path, warnings: list[str] | None = None, **cfg) -> CheckpointManager:  # noqa: ANN003
+    sink = warnings if warnings is not None else []
+    return CheckpointManager(root, CheckpointConfig(**cfg), warn=sink.append)
+
+
+def _names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_publish_writes_checksums_last_and_prunes(tmp_path: Path) -> None:
+    manager = _manager(tmp_path, keep=2, keep_steps=[2])
+    for step in (1, 2, 3, 4, 5):
+        manager.save(step, _writer(step), {"step": step})
+    # keep=2 newest + keep_steps=[2]
+    assert _names(tmp_path) == ["latest", "step_00000002", "step_00000004", "step_00000005"]
+    assert (tmp_path / "latest").read_text() == "step_00000005\n"
+    meta = json.loads((tmp_path / "step_00000005" / "meta.json").read_text())
+    assert meta["format"] == FORMAT and meta["step"] == 5
+    assert set(meta["files"]) == {"weights.bin", "sub/extra.txt"}
+    assert meta["files"]["weights.bin"]["bytes"] == 1005
+    assert find_problem(tmp_path / "step_00000005") is None
+
+
+def test_write_error_keeps_previous_checkpoint_newest(tmp_path: Path) -> None:
+    manager = _manager(tmp_path)
+    manager.save(1, _writer(1), {})
+
+    def full_disk(folder: Path) -> None:
+        (folder / "weights.bin").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CheckpointWriteError, match="step_00000002: .*No space left on device"):
+        manager.save(2, full_disk, {})
+    assert _names(tmp_path) == ["latest", "step_00000001"]  # no .tmp left behind
+    assert manager.resolve_resume() == tmp_path / "step_00000001"
+
+
+def test_stale_tmp_from_a_killed_run_is_ignored_and_cleaned(tmp_path: Path) -> None:
+    manager = _manager(tmp_path)
+    manager.save(1, _writer(1), {})
+    (tmp_path / "step_00000002.tmp").mkdir()
+    (tmp_path / "step_00000002.tmp" / "weights.bin").write_bytes(b"half")
+    assert manager.resolve_resume() == tmp_path / "step_00000001"
+    manager.save(3, _writer(3), {})
+    assert "step_00000002.tmp" not in _names(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "meta"])
+def test_resume_falls_back_past_a_damaged_newest(tmp_path: Path, damage: str) -> None:
+    manager = _manager(tmp_path, keep=3)
+    for step in (1, 2):
+        manager.save(step, _writer(step), {})
+    newest = tmp_path / "step_00000002"
+    target = newest / "weights.bin"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[500] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "delete":
+        target.unlink()
+    else:
+        (newest / "meta.json").write_text("{not json")
+    warnings: list[str] = []
+    assert _manager(tmp_path, warnings, keep=3).resolve_resume() == tmp_path / "step_00000001"
+    assert len(warnings) == 1
+    line = warnings[0]
+    assert "step_00000002" in line and "falling back to step_00000001" in line
+    assert ("meta.json" if damage == "meta" else "weights.bin") in line
+    # The bad one is kept out of the way (never loaded or pruned), for inspection.
+    assert (tmp_path / "step_00000002.corrupt").is_dir() and not newest.exists()
+
+
+def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
+    manager = _manager(tmp_path)
+    manager.save(1, _writer(1), {})
+    (tmp_path / "step_00000001" / "weights.bin").write_bytes(b"")
+    warnings: list[str] = []
+    with pytest.raises(CheckpointCorrupt, match="none of the 1 checkpoints is valid"):
+        _manager(tmp_path, warnings).resolve_resume()
+    assert "no older checkpoint" in warnings[0]
+
+
+def test_resume_settings(tmp_path: Path) -> None:
+    assert _manager(tmp_path / "none-yet").resolve_resume() is None  # auto, empty: fresh start
+    manager = _manager(tmp_path / "a")
+    manager.save(3, _writer(3), {})
+    assert _manager(tmp_path / "b", resume=None).resolve_resume() is None
+    explicit = tmp_path / "a" / "step_00000003"
+    assert _manager(tmp_path / "b", resume=str(explicit)).resolve_resume() == explicit
+    assert _manager(tmp_path / "b", resume=str(tmp_path / "a")).resolve_resume() == explicit
+    (explicit / "sub" / "extra.txt").write_text("changed\n")
+    with pytest.raises(CheckpointCorrupt, match="sub/extra.txt"):  # explicit: no fallback
+        _manager(tmp_path / "b", resume=str(explicit)).resolve_resume()
+
+
+class _Background:
+    """A background write that finishes when the test says so."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.finished = folder, False
+
+    def done(self, blocking: bool) -> bool:
+        if blocking or self.finished:
+            _writer(7)(self.folder)
+            return True
+        return False
+
+
+def test_async_save_is_published_when_the_write_ends(tmp_path: Path) -> None:
+    manager = _manager(tmp_path)
+    pending: list[_Background] = []
+    manager.save(7, lambda folder: pending.append(_Background(folder)) or pending[-1], {})
+    assert _names(tmp_path) == ["step_00000007.tmp"]
+    manager.poll()
+    assert _names(tmp_path) == ["step_00000007.tmp"]  # still writing: not published
+    pending[0].finished = True
+    manager.poll()
+    assert _names(tmp_path) == ["latest", "step_00000007"]
+    assert find_problem(tmp_path / "step_00000007") is None
