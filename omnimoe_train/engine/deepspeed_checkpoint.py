@@ -189,7 +189,8 @@ def consolidate(directory: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if any((directory / TAG).glob("*optim_states.pt")) and saved_layout(directory)["zero_stage"]:
-        with contextlib.redirect_stdout(io.StringIO()):
+        quiet = io.StringIO()  # its progress bar and summary lines
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
     else:
         states = torch.load(_rank0_model_states(directory), map_location="cpu", weights_only=False)
