@@ -1,6 +1,9 @@
-"""``omnimoe-data``: prepare token datasets and inspect them.
+"""``omnimoe-data``: prepare token datasets, merge parts, and inspect them.
 
     omnimoe-data prepare [INPUT ...] --out DIR [options]   # no INPUT: the stdlib corpus
+    omnimoe-data train-tokenizer [INPUT ...] --out FILE     # the tokenizer prepare trains
+    omnimoe-data prepare INPUT ... --tokenizer FILE --part i/n --out PART_DIR
+    omnimoe-data merge PART_DIR ... --out DIR               # parts -> one dataset
     omnimoe-data inspect DIR                                # summary + sha256 check
 
 A :class:`~omnimoe_data.corpus.DataError` prints ``omnimoe-data: error: <message>`` on
@@ -13,12 +16,16 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from .corpus import DEFAULT_CORPUS_MAX_BYTES, DataError
-from .prepare import prepare
-from .shards import load_manifest, sha256_file
+from .merge import merge
+from .plan import DEFAULT_BLOCK_BYTES, parse_part
+from .prepare import prepare, train_tokenizer_file
+from .shards import index_shard
+from .source import DataSource
 
 PROG = "omnimoe-data"
 
@@ -28,6 +35,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize text into packed webdataset shards")
+    _add_input_options(p)
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--samples-per-shard", type=int, default=1024)
+    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument(
+        "--part",
+        type=_part,
+        help="prepare only part i of n (0-based; needs --tokenizer); join with merge",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    t = sub.add_parser("train-tokenizer", help="train the byte-level BPE tokenizer only")
+    _add_input_options(t)
+    t.add_argument("--out", required=True, type=Path, help="tokenizer.json to write")
+
+    m = sub.add_parser("merge", help="merge parts prepared with --part into one dataset")
+    m.add_argument("parts", nargs="+", type=Path, metavar="PART_DIR")
+    m.add_argument("--out", required=True, type=Path, help="output folder")
+
+    i = sub.add_parser("inspect", help="print a dataset's manifest and verify shard sha256")
+    i.add_argument("dir", metavar="DIR_OR_URL", help="dataset folder or URL (see data.dir)")
+    return parser
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        return parse_part(text)
+    except DataError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "inputs",
         nargs="*",
@@ -35,14 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=".txt, .jsonl or .parquet files or folders (none: the Python "
         "standard library sources)",
     )
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--samples-per-shard", type=int, default=1024)
-    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--vocab-size", type=int, default=4096, help="of a trained tokenizer")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--max-bytes",
         type=int,
@@ -50,11 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"stop after this many bytes of text (stdlib corpus default: "
         f"{DEFAULT_CORPUS_MAX_BYTES})",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    i = sub.add_parser("inspect", help="print a dataset's manifest and verify shard sha256")
-    i.add_argument("dir", type=Path)
-    return parser
+    p.add_argument(
+        "--tokenizer-sample-bytes",
+        type=int,
+        default=None,
+        help="train the tokenizer on about this many bytes spread over the corpus "
+        "(default: all of it)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: every core)"
+    )
+    p.add_argument(
+        "--block-bytes",
+        type=int,
+        default=DEFAULT_BLOCK_BYTES,
+        help="bytes of input per block, the unit of parallel work and packing",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             _prepare(args, console)
+        elif args.command == "train-tokenizer":
+            path = train_tokenizer_file(
+                args.inputs or None,
+                args.out,
+                vocab_size=args.vocab_size,
+                text_field=args.text_field,
+                max_bytes=args.max_bytes,
+                tokenizer_sample_bytes=args.tokenizer_sample_bytes,
+                block_bytes=args.block_bytes,
+                workers=args.workers,
+            )
+            console.print(f"wrote {path}")
+        elif args.command == "merge":
+            result = merge(args.parts, args.out)
+            _print_summary(result.manifest, console)
+            console.print(f"wrote {result.manifest_path}")
         else:
             _inspect(args.dir, console)
     except DataError as err:
@@ -86,6 +149,10 @@ def _prepare(args: argparse.Namespace, console: Console) -> None:
         text_field=args.text_field,
         seed=args.seed,
         max_bytes=args.max_bytes,
+        tokenizer_sample_bytes=args.tokenizer_sample_bytes,
+        block_bytes=args.block_bytes,
+        workers=args.workers,
+        part=args.part,
         progress=not args.no_progress,
     )
     _print_summary(result.manifest, console)
@@ -121,21 +188,36 @@ def _print_summary(manifest: dict, console: Console) -> None:
             console.print(f"[yellow]split {name!r} is empty (input too small)[/yellow]")
 
 
-def _inspect(data_dir: Path, console: Console) -> None:
-    manifest = load_manifest(data_dir)
+def _inspect(location: str, console: Console) -> None:
+    """Summary, then every shard read whole and checked (size, sha256, members)."""
+    source = DataSource(location)
+    manifest = source.manifest
     _print_summary(manifest, console)
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     bad = []
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            path = data_dir / shard["name"]
-            if not path.is_file():
-                bad.append(f"{path}: missing")
-            elif sha256_file(path) != shard["sha256"]:
-                bad.append(f"{path}: sha256 does not match the manifest")
+            url = source.url(shard["name"])
+            try:
+                index_shard(
+                    source.read_bytes(shard["name"]),
+                    shard,
+                    dtype=dtype,
+                    sample_len=manifest["sample_len"],
+                )
+            except FileNotFoundError:
+                bad.append(f"{url}: missing")
+            except (OSError, ValueError) as err:
+                bad.append(f"{url}: {_first_line(err)}")
     if bad:
         raise DataError(f"{len(bad)} bad shard(s): {'; '.join(bad)}")
     shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     console.print(f"all {shards} shard checksums match")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""Raw text input: finding input files and reading documents from them.
+"""Raw text input: finding input files and reading documents from pieces of them.
 
 Supported inputs (files, or folders walked recursively in sorted order):
 
-* ``.txt``: the whole file is one document.
-* ``.jsonl``: one JSON object per line; the document is the value of the text field.
-* ``.parquet``: one document per row of the text-field column.
+* ``.txt``: the whole file is one document (a leading UTF-8 byte-order mark is dropped).
+* ``.jsonl``: one JSON object per line; the document is the value of the text field. A
+  leading byte-order mark is dropped; a large file is read in byte ranges (``Piece``), each
+  holding the lines that start inside it, so no file is ever read whole.
+* ``.parquet``: one document per row of the text-field column, read by row groups.
+
+Every document is checked to be encodable as UTF-8 (a JSON ``\\ud83d`` escape without its
+pair is not) before it reaches the tokenizer.
 
 Bad input that only spoils part of the corpus (an unreadable or non-UTF-8 file, a jsonl
 line without the field, an empty document) is skipped and counted in a :class:`SkipLog`,
@@ -21,11 +26,12 @@ import json
 import os
 import sysconfig
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+BOM = b"\xef\xbb\xbf"
 
 # ~6 MB of stdlib source prepares in a few seconds on a 2-core CPU and is plenty for the
 # tiny models of a smoke run.
@@ -36,6 +42,7 @@ DEFAULT_CORPUS_MAX_BYTES = 6_000_000
 _STDLIB_EXCLUDED_DIRS = frozenset(
     {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "encodings"}
 )
+_READ_CHUNK = 1 << 20
 
 
 class DataError(Exception):
@@ -55,6 +62,11 @@ class SkipLog:
         if len(self.examples) < self.max_examples:
             self.examples.append(message)
 
+    def merge(self, other: SkipLog) -> None:
+        self.counts.update(other.counts)
+        room = self.max_examples - len(self.examples)
+        self.examples.extend(other.examples[: max(room, 0)])
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -71,6 +83,23 @@ class SkipLog:
             "by_reason": dict(sorted(self.counts.items())),
             "examples": list(self.examples),
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SkipLog:
+        return cls(counts=Counter(data["by_reason"]), examples=list(data["examples"]))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of one input file: ``.txt`` whole; ``.jsonl`` the lines starting in bytes
+    ``[start, stop)``; ``.parquet`` row groups ``[start, stop)``. ``size`` is its byte size
+    (for parquet, the row groups' uncompressed size), used to plan blocks."""
+
+    path: str
+    kind: str
+    start: int
+    stop: int
+    size: int
 
 
 def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -137,109 +166,143 @@ def default_corpus_files(max_bytes: int) -> list[Path]:
     return selected
 
 
-def iter_documents(
-    files: Iterable[Path],
-    *,
-    text_field: str,
-    skips: SkipLog,
-    max_bytes: int | None = None,
-    on_file_done: Callable[[Path], None] | None = None,
-) -> Iterator[str]:
-    """Yields the non-empty documents of ``files`` in order, recording skips in ``skips``.
-
-    ``max_bytes`` stops before the first document that would take the UTF-8 total past it.
-    """
-    used = 0
-    for path in files:
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            docs = _read_jsonl(path, text_field, skips)
-        elif suffix == ".parquet":
-            docs = _read_parquet(path, text_field, skips)
-        else:
-            docs = _read_text(path, skips)
-        for where, text in docs:
-            if not text.strip():
-                skips.skip("empty", f"{where}: empty document")
-                continue
-            if max_bytes is not None:
-                used += len(text.encode("utf-8"))
-                if used > max_bytes:
-                    return
-            yield text
-        if on_file_done is not None:
-            on_file_done(path)
-
-
-def _read_bytes(path: Path, skips: SkipLog) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        skips.skip("unreadable", f"{path}: cannot read file ({err.strerror or err})")
-        return None
+def read_piece(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[tuple[str, str, bytes]]:
+    """Yields ``(where, text, text as UTF-8)`` for the non-empty documents of ``piece``."""
+    if piece.kind == "jsonl":
+        docs = _read_jsonl(piece, text_field, skips)
+    elif piece.kind == "parquet":
+        docs = _read_parquet(piece, text_field, skips)
+    else:
+        docs = _read_text(Path(piece.path), skips)
+    for where, text in docs:
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            # Only a JSON \uXXXX escape can produce a lone surrogate: decoded bytes cannot.
+            skips.skip(
+                "unpaired_surrogate",
+                f"{where}: text holds an unpaired UTF-16 surrogate "
+                f"(U+{ord(text[err.start]):04X} at character {err.start})",
+            )
+            continue
+        if not text.strip():
+            skips.skip("empty", f"{where}: empty document")
+            continue
+        yield where, text, data
 
 
 def _read_text(path: Path, skips: SkipLog) -> Iterator[tuple[str, str]]:
-    data = _read_bytes(path, skips)
-    if data is None:
-        return
     try:
-        yield str(path), data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        skips.skip("non_utf8", f"{path}: not valid UTF-8 (byte offset {err.start})")
-
-
-def _read_jsonl(path: Path, text_field: str, skips: SkipLog) -> Iterator[tuple[str, str]]:
-    data = _read_bytes(path, skips)
-    if data is None:
+        data = path.read_bytes()
+    except OSError as err:
+        skips.skip("unreadable", f"{path}: cannot read file ({err.strerror or err})")
         return
-    for lineno, raw in enumerate(data.splitlines(), start=1):
-        where = f"{path}:{lineno}"
-        if not raw.strip():
-            continue  # blank lines (e.g. a trailing newline) are not records
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            skips.skip("non_utf8", f"{where}: not valid UTF-8 (byte offset {err.start})")
-            continue
-        except json.JSONDecodeError as err:
-            skips.skip("invalid_json", f"{where}: invalid JSON ({err.msg})")
-            continue
-        if not isinstance(record, dict) or text_field not in record:
-            skips.skip("missing_field", f"{where}: no {text_field!r} field")
-            continue
-        text = record[text_field]
-        if not isinstance(text, str):
-            skips.skip("not_text", f"{where}: field {text_field!r} is not a string")
-            continue
-        yield where, text
+    offset = len(BOM) if data.startswith(BOM) else 0
+    try:
+        yield str(path), data[offset:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        skips.skip("non_utf8", f"{path}: not valid UTF-8 (byte offset {err.start + offset})")
 
 
-def _read_parquet(path: Path, text_field: str, skips: SkipLog) -> Iterator[tuple[str, str]]:
+def _jsonl_lines(piece: Piece) -> Iterator[tuple[int, bytes]]:
+    """``(byte offset, line)`` for each line that starts in ``[piece.start, piece.stop)``."""
+    with open(piece.path, "rb") as f:
+        pos = piece.start
+        if pos > 0:  # the line containing byte start-1 belongs to the previous piece
+            f.seek(pos - 1)
+            f.readline()
+            pos = f.tell()
+        while pos < piece.stop:
+            line = f.readline()
+            if not line:
+                return
+            yield pos, line
+            pos += len(line)
+
+
+def _read_jsonl(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[tuple[str, str]]:
+    path = piece.path
+    try:
+        lines = _jsonl_lines(piece)
+        lineno = 0
+        for offset, raw in lines:
+            lineno += 1
+            # Line numbers are exact in the file's first piece; later pieces name the byte.
+            where = f"{path}:{lineno}" if piece.start == 0 else f"{path}:byte {offset}"
+            if offset == 0 and raw.startswith(BOM):
+                raw = raw[len(BOM) :]
+            if not raw.strip():
+                continue  # blank lines (e.g. a trailing newline) are not records
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                skips.skip("non_utf8", f"{where}: not valid UTF-8 (byte offset {err.start})")
+                continue
+            except json.JSONDecodeError as err:
+                skips.skip("invalid_json", f"{where}: invalid JSON ({err.msg})")
+                continue
+            if not isinstance(record, dict) or text_field not in record:
+                skips.skip("missing_field", f"{where}: no {text_field!r} field")
+                continue
+            text = record[text_field]
+            if not isinstance(text, str):
+                skips.skip("not_text", f"{where}: field {text_field!r} is not a string")
+                continue
+            yield where, text
+    except OSError as err:
+        skips.skip("unreadable", f"{path}: cannot read file ({err.strerror or err})")
+
+
+def parquet_row_groups(path: str | Path) -> list[int] | None:
+    """Uncompressed byte size of each row group, or ``None`` if the file is unreadable
+    (reading it then records the skip)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
+        meta = pq.ParquetFile(path).metadata
+        return [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def _read_parquet(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[tuple[str, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = piece.path
+    try:
         parquet = pq.ParquetFile(path)
         schema = parquet.schema_arrow
+        first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(piece.start))
     except (OSError, pa.ArrowException) as err:
         skips.skip("unreadable", f"{path}: cannot read parquet file ({err})")
         return
     if text_field not in schema.names:
-        skips.skip("missing_field", f"{path}: no {text_field!r} column")
+        if piece.start == 0:  # one skip per file, not per piece
+            skips.skip("missing_field", f"{path}: no {text_field!r} column")
         return
     column_type = schema.field(text_field).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        skips.skip("not_text", f"{path}: column {text_field!r} has type {column_type}")
+        if piece.start == 0:
+            skips.skip("not_text", f"{path}: column {text_field!r} has type {column_type}")
         return
-    row = 0
+    binary = pa.large_binary() if pa.types.is_large_string(column_type) else pa.binary()
+    row = first_row
+    groups = list(range(piece.start, min(piece.stop, parquet.num_row_groups)))
     try:
-        for batch in parquet.iter_batches(columns=[text_field]):
-            for text in batch.column(0).to_pylist():
-                if text is None:
-                    skips.skip("missing_field", f"{path}: row {row}: {text_field!r} is null")
-                else:
-                    yield f"{path}: row {row}", text
+        for batch in parquet.iter_batches(columns=[text_field], row_groups=groups):
+            # Read as bytes and decode row by row: Arrow does not validate UTF-8 on read,
+            # and one bad value must cost one skipped row, not the file.
+            for value in batch.column(0).view(binary).to_pylist():
+                where = f"{path}: row {row}"
                 row += 1
+                if value is None:
+                    skips.skip("missing_field", f"{where}: {text_field!r} is null")
+                    continue
+                try:
+                    yield where, value.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    skips.skip("non_utf8", f"{where}: not valid UTF-8 (byte offset {err.start})")
     except (OSError, pa.ArrowException) as err:
         skips.skip("unreadable", f"{path}: cannot read parquet file after row {row} ({err})")

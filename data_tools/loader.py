@@ -1,32 +1,29 @@
-"""Training loader: streams prepared token shards as ``[micro_batch_size, seq_len + 1]``
-LongTensors (format: :mod:`omnimoe_data.shards`).
+"""Training loader: ``[micro_batch_size, seq_len + 1]`` LongTensors in the global order of
+:mod:`omnimoe_data.order`, for one data-parallel rank.
 
-How an epoch is split. The split's shards are put in an order (a permutation seeded by
-``(seed, epoch)`` for shuffled splits, file order otherwise) and their samples are seen
-as one sequence of ``N`` samples. There are ``C = dp_size * max(num_workers, 1)``
-consumers (one per data-parallel rank and DataLoader worker); consumer ``c`` takes the
-contiguous range ``[c * M, (c + 1) * M)`` with ``M = N // C``. So with many shards each
-rank and worker reads its own shards, with fewer shards than consumers they share shards
-sample-wise, every consumer gets the same amount of data (ranks stay in step), and no
-sample is read twice in an epoch; at most ``C - 1`` samples per epoch are left out.
-A consumer reads its range one shard segment at a time and, when shuffling, permutes the
-segment with a generator seeded by ``(seed, epoch, shard, segment start)``.
+The sequence of global batches depends only on the seed, the datasets and their weights:
+global batch ``b`` is entries ``[b*G, (b+1)*G)`` of the (blended, per-epoch permuted)
+sample sequence, and rank ``r`` of ``dp`` reads the slice ``[r*G/dp, (r+1)*G/dp)`` of each,
+as micro-batches. With ``W`` DataLoader workers, the rank's micro-batch ``k`` is computed by
+worker ``k mod W`` (the order in which ``torch.utils.data.DataLoader`` collects them), and
+each micro-batch is a pure function of ``k``, so the worker count never changes the data.
 
-Batches are consecutive samples of one consumer, so a rank with ``W`` workers yields
-batch ``k`` of an epoch from worker ``k % W``, matching the round-robin order of
-``torch.utils.data.DataLoader``. The position is therefore one number (batches consumed),
-and resuming restarts every worker at its share of that position: the first batch after
-:meth:`TokenShardLoader.load_state_dict` is the one that would have come next. The
-position depends on ``dp_size`` and ``num_workers``; resuming with other values is refused.
+The position is one number, the global samples consumed (plus, for a mixture, how many of
+them came from each dataset, so a resume does not replay the blend from the start). A loader
+resumed from :meth:`TokenShardLoader.state_dict` at any data-parallel size, worker count or
+micro-batch size continues the exact sequence; the seed, the datasets and the weights must
+be the same (checked).
 
-Infinite loaders drop each consumer's last partial batch so every batch has the same
-shape; finite ones (evaluation) yield it, so a pass covers all of the consumer's samples.
+A finite loader (``infinite=False``, evaluation) makes one pass: a dataset's split once in
+order (unshuffled by default), or for a mixture the blend until a dataset runs out, in
+global batches whose last one may be short; ranks split it as :func:`order.rank_microbatch`
+says, so all ranks together read the same samples as one process.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,240 +32,360 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .corpus import DataError
-from .shards import load_manifest, read_shard
+from .order import Blend, Permutation, finite_blend_length, microbatches_per_rank, rank_microbatch
+from .source import DataSource
+from .store import ShardStore
 
-__all__ = ["TokenShardLoader", "load_manifest"]
+__all__ = ["TokenShardLoader"]
 
-
-@dataclass(frozen=True)
-class _Segment:
-    shard: int
-    start: int
-    stop: int
+STATE_FORMAT = "omnimoe-loader-2"
 
 
-@dataclass(frozen=True)
+def data_id(source: DataSource, split: str) -> str:
+    """A short identity of one split's content: the hash of its shards' sha256 sums."""
+    shards = source.manifest["splits"][split]["shards"]
+    joined = ",".join(s["sha256"] for s in shards).encode()
+    return hashlib.sha256(joined).hexdigest()[:16]
+
+
+@dataclass
+class _Failure:
+    """A data error raised in a DataLoader worker, carried to the main process as a value
+    so the user sees its one-line message rather than a worker traceback."""
+
+    message: str
+
+
 class _Plan:
-    """Everything a worker needs; picklable so DataLoader workers get a copy."""
+    """Everything a worker needs to compute micro-batch ``k``; picklable (spawned workers)."""
 
-    paths: tuple[Path, ...]
-    shard_samples: tuple[int, ...]
-    dtype: str
-    sample_len: int
-    micro_batch_size: int
-    dp_rank: int
-    dp_size: int
-    workers: int
-    seed: int
-    shuffle: bool
-    infinite: bool
-    per_consumer: int
-    batches_per_worker: int
+    def __init__(
+        self,
+        stores: list[ShardStore],
+        weights: list[float],
+        seed: int,
+        shuffle: bool,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        total: int | None,
+        start: int,
+        start_counts: list[int],
+    ):
+        self.stores, self.weights, self.seed, self.shuffle = stores, weights, seed, shuffle
+        self.g, self.m, self.dp_rank, self.dp_size = (
+            global_batch_size,
+            micro_batch_size,
+            dp_rank,
+            dp_size,
+        )
+        self.total, self.start, self.start_counts = total, start, start_counts
+        self._perms: dict[tuple[int, int], Permutation] = {}
 
-    def segments(self, epoch: int, consumer: int) -> list[_Segment]:
-        order = range(len(self.paths))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.paths))
-        lo, hi = consumer * self.per_consumer, (consumer + 1) * self.per_consumer
-        segments, offset = [], 0
-        for shard in order:
-            n = self.shard_samples[shard]
-            start, stop = max(lo, offset), min(hi, offset + n)
-            if start < stop:
-                segments.append(_Segment(int(shard), start - offset, stop - offset))
-            offset += n
-            if offset >= hi:
-                break
-        return segments
+    def range_of(self, k: int) -> tuple[int, int] | None:
+        return rank_microbatch(
+            k,
+            global_batch_size=self.g,
+            micro_batch_size=self.m,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            total=self.total,
+        )
 
-    def worker_batches(self, worker: int, first: int) -> Iterator[torch.Tensor]:
-        """Batches ``first, first + 1, ...`` of logical worker ``worker`` over all epochs."""
-        consumer = self.dp_rank * self.workers + worker
-        epoch, skip = divmod(first, self.batches_per_worker)
-        if epoch and not self.infinite:
-            return  # a finite loader has one epoch; this worker's share is used up
-        while True:
-            yield from self._epoch_batches(epoch, consumer, skip * self.micro_batch_size)
-            if not self.infinite:
-                return
-            epoch, skip = epoch + 1, 0
+    def sample_ids(self, dataset: int, index: np.ndarray) -> np.ndarray:
+        """Global sample ids in ``dataset`` of its ``index``-th samples overall (epochs)."""
+        n = self.stores[dataset].num_samples
+        epochs, within = np.divmod(index, n)
+        out = np.empty_like(index)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            out[sel] = self._perm(dataset, int(epoch))(within[sel])
+        return out
 
-    def _epoch_batches(self, epoch: int, consumer: int, skip: int) -> Iterator[torch.Tensor]:
-        """One epoch of a consumer's batches, the first ``skip`` samples left out."""
-        size = self.micro_batch_size
-        carry = np.empty((0, self.sample_len), dtype=self.dtype)  # < size rows, across segments
-        for seg in self.segments(epoch, consumer):
-            n = seg.stop - seg.start
-            if skip >= n:  # resuming: whole segment already consumed, do not read it
-                skip -= n
-                continue
-            rows = read_shard(
-                self.paths[seg.shard],
-                dtype=np.dtype(self.dtype),
-                sample_len=self.sample_len,
-                start=seg.start,
-                stop=seg.stop,
-            )
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, epoch, 1, seg.shard, seg.start])
-                rows = rows[rng.permutation(n)]
-            rows = np.concatenate([carry, rows[skip:]])
-            skip = 0
-            full = len(rows) - len(rows) % size
-            for i in range(0, full, size):
-                yield _to_tensor(rows[i : i + size])
-            carry = rows[full:]
-        if len(carry) and not self.infinite:
-            yield _to_tensor(carry)
+    def _perm(self, dataset: int, epoch: int) -> Permutation:
+        key = (dataset, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            n = self.stores[dataset].num_samples
+            self._perms[key] = Permutation(n, (self.seed, dataset, epoch), shuffle=self.shuffle)
+        return self._perms[key]
 
+    def rows(self, blend: Blend, lo: int, hi: int) -> np.ndarray:
+        """Rows of sequence entries ``[lo, hi)``, ``blend`` at ``lo`` (it moves to ``hi``)."""
+        datasets, index = blend.assign(hi - lo)
+        # int32 across the worker boundary (half of int64's bytes); __next__ widens it.
+        out = np.empty((hi - lo, self.stores[0].sample_len), dtype=np.int32)
+        for d in np.unique(datasets):
+            sel = np.flatnonzero(datasets == d)
+            ids = self._usable_ids(int(d), index[sel])
+            out[sel] = self.stores[d].read(ids)
+        return out
 
-def _to_tensor(rows: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(rows.astype(np.int64))
+    def _usable_ids(self, dataset: int, index: np.ndarray) -> np.ndarray:
+        """Sample ids, each one in a bad shard (skipping on) replaced by the first later
+        sample of the dataset's sequence in a usable shard: a function of the data alone,
+        so every rank and worker makes the same replacement."""
+        store = self.stores[dataset]
+        ids = self.sample_ids(dataset, index)
+        shards = store.shard_of(ids)
+        for i in range(len(ids)):
+            probe = int(index[i])
+            tries = 0
+            while not store.usable(int(shards[i])):
+                probe, tries = probe + 1, tries + 1
+                if tries > store.num_samples:
+                    raise DataError(f"{store.source.location}: every shard of the split is bad")
+                ids[i] = self.sample_ids(dataset, np.array([probe]))[0]
+                shards[i] = store.shard_of(ids[i : i + 1])[0]
+        return ids
+
+    def worker_batches(self, first: int, step: int) -> Iterator[torch.Tensor | _Failure]:
+        """The rank's micro-batches ``first, first + step, ...``."""
+        blend = Blend(self.weights, self.start, self.start_counts)
+        k = first
+        try:
+            while True:
+                span = self.range_of(k)
+                if span is None:
+                    return
+                lo, hi = span
+                blend.assign(self.start + lo - blend.position)  # skip others' samples
+                yield torch.from_numpy(self.rows(blend, lo + self.start, hi + self.start))
+                k += step
+        except DataError as err:
+            yield _Failure(str(err))
 
 
 class _RankStream(IterableDataset):
-    """One rank's batches from rank-batch index ``start`` on, split over DataLoader workers."""
+    """The rank's micro-batches from ``first`` on, dealt round-robin to DataLoader workers."""
 
-    def __init__(self, plan: _Plan, start: int):
-        self.plan = plan
-        self.start = start
+    def __init__(self, plan: _Plan, first: int):
+        self.plan, self.first = plan, first
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | _Failure]:
         info = get_worker_info()
-        slot = info.id if info is not None else 0
-        # DataLoader worker `slot` yields the rank's batches start+slot, start+slot+W, ...;
-        # batch k belongs to logical worker k % W, as its (k // W)-th batch.
-        batch = self.start + slot
-        worker = batch % self.plan.workers
-        return self.plan.worker_batches(worker, batch // self.plan.workers)
+        slot, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.plan.worker_batches(self.first + slot, count)
 
 
 class TokenShardLoader:
     """Iterator of ``torch.LongTensor [micro_batch_size, seq_len + 1]`` for one DP rank.
 
-    ``shuffle`` defaults to ``True`` for the train split and ``False`` otherwise, so the
-    validation split is read in a fixed order. For a finite loader (``infinite=False``),
-    ``iter()`` starts a fresh pass from the first batch; ``next()`` continues from the
-    current position (also after :meth:`load_state_dict`).
+    ``data``: one dataset location (folder or URL, :class:`~omnimoe_data.source.DataSource`)
+    or several with ``weights`` (a mixture; default equal). ``global_batch_size`` (``G``)
+    defaults to ``micro_batch_size * dp_size`` and must be a multiple of it. ``shuffle``
+    defaults to ``True`` for the train split and ``False`` otherwise. For a finite loader
+    ``iter()`` starts a fresh pass; ``next()`` continues from the current position.
+    ``cache_dir`` holds copies of remote shards. Raises :class:`DataError` for unusable
+    data (missing manifest or split, too few samples, bad shards) and ``ValueError`` for
+    bad arguments.
     """
 
     def __init__(
         self,
-        data_dir: str | Path,
+        data: str | Path | Sequence[str | Path],
         split: str,
         micro_batch_size: int,
         *,
+        global_batch_size: int | None = None,
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 0,
         num_workers: int = 0,
         infinite: bool = True,
         shuffle: bool | None = None,
+        weights: Sequence[float] | None = None,
+        skip_bad_shards: bool = False,
+        cache_dir: str | Path | None = None,
+        pin_memory: bool = False,
     ):
+        locations = [data] if isinstance(data, str | Path) else list(data)
+        g = global_batch_size if global_batch_size is not None else micro_batch_size * dp_size
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-        if micro_batch_size < 1 or num_workers < 0:
-            raise ValueError("micro_batch_size must be >= 1 and num_workers >= 0")
-        self.data_dir = Path(data_dir)
-        self.manifest = load_manifest(self.data_dir)
-        splits = self.manifest["splits"]
-        if split not in splits:
-            raise DataError(f"{self.data_dir}: no split {split!r} (have {', '.join(splits)})")
-        shards = splits[split]["shards"]
-        self.split = split
-        self.seq_len: int = self.manifest["seq_len"]
-        self.vocab_size: int = self.manifest["vocab_size"]
-        self.num_samples: int = sum(s["samples"] for s in shards)
-        self.num_workers = num_workers
-        workers = max(num_workers, 1)
-        consumers = dp_size * workers
-        per_consumer = self.num_samples // consumers
-        batches = per_consumer // micro_batch_size
-        if not infinite:
-            batches = math.ceil(per_consumer / micro_batch_size)
-        if batches == 0 and infinite:
-            # A finite (evaluation) loader may be empty: every rank then yields nothing,
-            # so ranks stay in step. Training on nothing is an error.
-            raise DataError(
-                f"{self.data_dir}: split {split!r} has {self.num_samples} samples, too few for "
-                f"dp_size={dp_size} x workers={workers} x micro_batch_size={micro_batch_size}"
+        if micro_batch_size < 1 or num_workers < 0 or g < 1:
+            raise ValueError("micro_batch_size and global_batch_size >= 1, num_workers >= 0")
+        if g % (micro_batch_size * dp_size):
+            raise ValueError(
+                f"global_batch_size={g} must be a multiple of micro_batch_size * dp_size "
+                f"({micro_batch_size} * {dp_size})"
             )
-        self._plan = _Plan(
-            paths=tuple(self.data_dir / s["name"] for s in shards),
-            shard_samples=tuple(s["samples"] for s in shards),
-            dtype=self.manifest["dtype"],
-            sample_len=self.manifest["sample_len"],
-            micro_batch_size=micro_batch_size,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-            workers=workers,
-            seed=seed % 2**63,
-            shuffle=(split == "train") if shuffle is None else shuffle,
-            infinite=infinite,
-            per_consumer=per_consumer,
-            batches_per_worker=batches,
+        weights = [1.0] * len(locations) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(locations) or not locations or min(weights) <= 0:
+            raise ValueError("one positive weight per dataset")
+        weights = [w / sum(weights) for w in weights]
+        self.sources = [DataSource(loc) for loc in locations]
+        self.split = split
+        stores = [
+            ShardStore(s, split, cache_dir=cache_dir, skip_bad_shards=skip_bad_shards)
+            for s in self.sources
+        ]
+        manifests = [s.manifest for s in self.sources]
+        self.seq_len: int = manifests[0]["seq_len"]
+        self.vocab_size: int = manifests[0]["vocab_size"]
+        if self.vocab_size > 2**31:  # batches cross the worker boundary as int32
+            raise DataError(f"{locations[0]}: vocab_size {self.vocab_size} is over 2^31")
+        for source, manifest in zip(self.sources[1:], manifests[1:]):
+            _check_compatible(self.sources[0], manifests[0], source, manifest)
+        self.data_ids = [data_id(s, split) for s in self.sources]
+        self.sizes = [st.num_samples for st in stores]
+        if infinite:
+            empty = [s.location for s, n in zip(self.sources, self.sizes) if n == 0]
+            if empty:
+                raise DataError(f"{empty[0]}: split {split!r} has no samples to train on")
+            total = None
+        else:  # a pass leaves out datasets whose split is empty
+            keep = [i for i, n in enumerate(self.sizes) if n > 0]
+            stores = [stores[i] for i in keep]
+            weights = [weights[i] for i in keep]
+            total = finite_blend_length(weights, [self.sizes[i] for i in keep]) if keep else 0
+        self.weights = weights
+        self.num_samples = sum(self.sizes)
+        self.stores = stores
+        self.global_batch_size, self.micro_batch_size = g, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed = seed % 2**63
+        self.shuffle = (split == "train") if shuffle is None else shuffle
+        self.num_workers, self.infinite, self.total = num_workers, infinite, total
+        self.pin_memory = pin_memory
+        self.microbatches_per_step = g // dp_size // micro_batch_size
+        self.batches_per_pass = (
+            microbatches_per_rank(
+                total,
+                global_batch_size=g,
+                micro_batch_size=micro_batch_size,
+                dp_rank=dp_rank,
+                dp_size=dp_size,
+            )
+            if total is not None
+            else None
         )
-        self.batches_per_epoch = workers * batches
-        self._epoch = 0
-        self._batch = 0  # batches consumed in the current epoch
-        self._it: Iterator[torch.Tensor] | None = None
+        self._start, self._start_counts = 0, [0] * len(stores)
+        self._consumed = 0  # micro-batches this rank took since _start
+        self._it: Iterator | None = None
+        # The blend walked forward as steps complete, so saving a position costs only the
+        # steps since the last save (a mixture's walk is sequential).
+        self._cursor = Blend(self.weights)
+
+    @property
+    def bad_shards(self) -> int:
+        """Bad shards found and skipped by this process (workers report theirs on stderr)."""
+        return sum(len(s.bad) for s in self.stores)
 
     def __iter__(self) -> TokenShardLoader:
-        if not self._plan.infinite:
-            self._epoch, self._batch = 0, 0
-            self._it = None
+        if not self.infinite:
+            self._consumed, self._it = 0, None
         return self
 
     def __next__(self) -> torch.Tensor:
-        if self.batches_per_epoch == 0:
+        if self.total == 0:
             raise StopIteration
         if self._it is None:
-            self._it = self._start()
+            self._it = self._open()
         try:
             batch = next(self._it)
         except StopIteration:
-            self._epoch, self._batch, self._it = 0, 0, None
+            self._consumed, self._it = 0, None
             raise
-        self._batch += 1
-        if self._batch == self.batches_per_epoch:
-            self._epoch, self._batch = self._epoch + 1, 0
-        return batch
+        if isinstance(batch, _Failure):
+            self._it = None
+            raise DataError(batch.message)
+        self._consumed += 1
+        batch = batch.long()  # token ids as the model's embedding and loss take them
+        return batch.pin_memory() if self.pin_memory else batch
+
+    def _open(self) -> Iterator:
+        plan = _Plan(
+            self.stores,
+            self.weights,
+            self.seed,
+            self.shuffle,
+            global_batch_size=self.global_batch_size,
+            micro_batch_size=self.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            total=self.total,
+            start=self._start,
+            start_counts=self._start_counts,
+        )
+        stream = _RankStream(plan, self._consumed)
+        if self.num_workers == 0:
+            return iter(stream)
+        return iter(
+            DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=4,
+            )
+        )
+
+    def seek(self, microbatch: int) -> None:
+        """Continue a finite pass from this rank's ``microbatch``-th micro-batch (earlier
+        samples are not read): e.g. one rank's share of an evaluation."""
+        if self.infinite:
+            raise ValueError("seek() is for finite passes; resume training with load_state_dict")
+        self._consumed, self._it = microbatch, None
+
+    # -- position -----------------------------------------------------------------------------
+    def consumed_samples(self) -> tuple[int, list[int]]:
+        """(global samples consumed, samples per dataset) at the end of the last full step."""
+        steps = self._consumed // self.microbatches_per_step
+        target = self._start + steps * self.global_batch_size
+        if target < self._cursor.position:
+            self._cursor = Blend(self.weights, self._start, self._start_counts)
+        self._cursor.assign(target - self._cursor.position)
+        return self._cursor.position, list(self._cursor.counts)
 
     def state_dict(self) -> dict:
-        p = self._plan
+        """The position, independent of data-parallel size, workers and micro-batch size."""
+        if not self.infinite:
+            raise ValueError("a finite (evaluation) loader has no position to save")
+        if self._consumed % self.microbatches_per_step:
+            raise ValueError(
+                f"loader position is mid-step ({self._consumed} micro-batches, "
+                f"{self.microbatches_per_step} per step): save after a whole step"
+            )
+        consumed, counts = self.consumed_samples()
         return {
+            "format": STATE_FORMAT,
             "split": self.split,
-            "epoch": self._epoch,
-            "batch": self._batch,
-            "seed": p.seed,
-            "dp_rank": p.dp_rank,
-            "dp_size": p.dp_size,
-            "num_workers": self.num_workers,
-            "micro_batch_size": p.micro_batch_size,
-            "num_samples": self.num_samples,
+            "consumed_samples": consumed,
+            "dataset_samples": counts,
+            "seed": self.seed,
+            "weights": self.weights,
+            "data_ids": self.data_ids,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in (
-            "split",
-            "seed",
-            "dp_rank",
-            "dp_size",
-            "num_workers",
-            "micro_batch_size",
-            "num_samples",
-        ):
-            if state[key] != mine[key]:
-                raise ValueError(
-                    f"cannot resume loader: {key}={state[key]!r} in the checkpoint, "
-                    f"{mine[key]!r} now (the data position depends on it)"
+        """Continue from a saved position; :class:`DataError` if it belongs to other data."""
+        if state.get("format") != STATE_FORMAT:
+            raise DataError(
+                "cannot resume the data loader: the checkpoint's data position is in an older "
+                "format (it depended on the data-parallel size); start the run afresh"
+            )
+        mine = {"split": self.split, "seed": self.seed, "data_ids": self.data_ids}
+        mine["weights"] = self.weights
+        for key, value in mine.items():
+            if state[key] != value:
+                raise DataError(
+                    f"cannot resume the data loader: {key}={state[key]!r} in the checkpoint, "
+                    f"{value!r} now (the data order depends on it)"
                 )
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
-        self._it = None
+        self._start = int(state["consumed_samples"])
+        self._start_counts = [int(c) for c in state["dataset_samples"]]
+        self._cursor = Blend(self.weights, self._start, self._start_counts)
+        self._consumed, self._it = 0, None
 
-    def _start(self) -> Iterator[torch.Tensor]:
-        stream = _RankStream(self._plan, self._epoch * self.batches_per_epoch + self._batch)
-        if self.num_workers == 0:
-            return iter(stream)
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
+
+def _check_compatible(a: DataSource, ma: dict, b: DataSource, mb: dict) -> None:
+    """Datasets of one mixture must share the sample shape and the tokenizer."""
+    for key in ("seq_len", "vocab_size", "eod_id", "tokenizer_sha256"):
+        if ma.get(key) != mb.get(key):
+            raise DataError(
+                f"{b.location}: {key}={mb.get(key)!r} but {a.location} has {ma.get(key)!r}; "
+                f"the datasets of a mixture must share the tokenizer and seq_len"
+            )

@@ -5,15 +5,26 @@ Imported as ``omnimoe_kernels`` (the folder is ``kernels/``; that name is taken 
 ``backend`` selects the implementation: ``"torch"`` (the reference in ``reference.py``),
 ``"triton"``, or ``"auto"``: Triton for CUDA tensors, or for CPU tensors when
 ``TRITON_INTERPRET=1`` is set (so CI exercises the very same kernels), else the reference.
+
+Importing the package does not import torch (the reference is loaded on first use): the
+configuration validation reads ``limits`` before a run, and a usage error should not wait for
+torch to load.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
-import torch
+from omnimoe_kernels.limits import (
+    EXPERTS_MAX_HIDDEN,
+    EXPERTS_MAX_NUM,
+    EXPERTS_MAX_PAIRS,
+    ROUTER_MAX_TOP_K,
+)
 
-from omnimoe_kernels.reference import atomic_experts_reference, cartesian_topk_reference
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -32,11 +43,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def cartesian_topk(
     rows_Tn: torch.Tensor, cols_Tn: torch.Tensor, k: int, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of ``rows[i] + cols[j]`` over the n x n grid -> (scores_TK, indices_TK)."""
+    """Exact top-k of ``rows[i] + cols[j]`` over the n x n grid -> (scores_TK, indices_TK).
+
+    ``rows_Tn``, ``cols_Tn``: (T, n) router log-probabilities; ``k`` in [1, n*n] (Triton: at
+    most ``ROUTER_MAX_TOP_K``). For ANY values, NaN and +-inf included, the k int64 ids of a
+    token are distinct, in [0, n*n) and ascending, and both backends return the same ids: the
+    order is defined in ``reference.cartesian_topk_reference`` (NaN ranks as -inf, +inf as the
+    largest finite value, ties by the lowest id). Scores are the input sums (NaN stays NaN).
+    No host synchronisation. Raises ValueError for shapes that differ or k out of range.
+    """
     if resolve_backend(backend, rows_Tn.device) == "triton":
         from omnimoe_kernels.triton_ops import cartesian_topk_triton
 
         return cartesian_topk_triton(rows_Tn, cols_Tn, k)
+    from omnimoe_kernels.reference import cartesian_topk_reference
+
     return cartesian_topk_reference(rows_Tn, cols_Tn, k)
 
 
@@ -50,18 +71,46 @@ def atomic_experts(
     backend: str = "auto",
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]`` with autograd."""
+    """``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]`` with autograd.
+
+    ``x_TD`` (T, D); ``up_ND``, ``down_ND`` (N, D); ``weights_TK`` (T, K); ``indices_TK`` (T, K)
+    int32/int64 expert ids. Contract: every id is in [0, N) (repeats are allowed: a token may
+    list an expert twice, a padded slot may carry weight 0). The ids are not range-checked on
+    the device (that costs a host sync per call): ``cartesian_topk`` guarantees the range for
+    every input, and the expert-parallel dispatch maps ids to local ones in their shard's range.
+    Triton limits: N <= ``EXPERTS_MAX_NUM``, D <= ``EXPERTS_MAX_HIDDEN``, T * K <=
+    ``EXPERTS_MAX_PAIRS`` (checked from the shapes). Non-finite x, weights or tables give non-finite outputs for the tokens that use
+    them; in the Triton backward a non-finite x or dy row also reaches the weight gradients
+    of the other experts reduced in its 16-pair chunk (0 * inf in the one-hot product), where
+    the reference keeps it to that token's experts: a step with non-finite activations is
+    lost either way.
+    """
     if resolve_backend(backend, x_TD.device) == "triton":
         from omnimoe_kernels.triton_ops import atomic_experts_triton
 
         return atomic_experts_triton(
             x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic=deterministic
         )
+    from omnimoe_kernels.reference import atomic_experts_reference
+
     return atomic_experts_reference(x_TD, up_ND, down_ND, weights_TK, indices_TK)
+
+
+def __getattr__(name: str) -> Any:
+    """The reference functions, imported (with torch) on first access."""
+    if name in ("atomic_experts_reference", "cartesian_topk_reference"):
+        from omnimoe_kernels import reference
+
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "BACKENDS",
+    "EXPERTS_MAX_HIDDEN",
+    "EXPERTS_MAX_NUM",
+    "EXPERTS_MAX_PAIRS",
+    "ROUTER_MAX_TOP_K",
     "atomic_experts",
     "atomic_experts_reference",
     "cartesian_topk",

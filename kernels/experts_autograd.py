@@ -26,6 +26,7 @@ import torch
 
 from omnimoe_kernels.experts_grad import expert_grads
 from omnimoe_kernels.experts_pairs import combine_rows, pair_scores
+from omnimoe_kernels.limits import EXPERTS_MAX_HIDDEN, EXPERTS_MAX_NUM, EXPERTS_MAX_PAIRS
 
 
 def expert_order(indices_TK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -109,13 +110,29 @@ def atomic_experts_triton(
     *,
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype)."""
+    """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype).
+
+    Contract (``omnimoe_kernels.atomic_experts``): ``indices_TK`` int32/int64 ids in [0, N),
+    repeats allowed. Shapes, dtypes and the size limits of ``limits`` are checked here (no
+    host sync); the id range is not (that would be one), and an id outside it reads outside
+    the tables: ``cartesian_topk`` emits only valid ids, for every input.
+
+    Raises:
+        ValueError: shapes that do not match, non-integer ids, N above ``EXPERTS_MAX_NUM``, D
+            above ``EXPERTS_MAX_HIDDEN`` or T * K above ``EXPERTS_MAX_PAIRS``.
+    """
     if x_TD.dim() != 2 or up_ND.shape != down_ND.shape or up_ND.shape[1] != x_TD.shape[1]:
         raise ValueError(
             f"x {tuple(x_TD.shape)}, up {tuple(up_ND.shape)}, down {tuple(down_ND.shape)}"
         )
     if weights_TK.shape != indices_TK.shape or indices_TK.shape[0] != x_TD.shape[0]:
         raise ValueError(f"weights {tuple(weights_TK.shape)} / indices {tuple(indices_TK.shape)}")
-    if indices_TK.numel() >= 2**31:
-        raise ValueError("T * K must stay below 2**31 pairs")
+    if indices_TK.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64 expert ids (got {indices_TK.dtype})")
+    if up_ND.shape[0] > EXPERTS_MAX_NUM:
+        raise ValueError(f"N={up_ND.shape[0]} experts: at most {EXPERTS_MAX_NUM}")
+    if up_ND.shape[1] > EXPERTS_MAX_HIDDEN:
+        raise ValueError(f"D={up_ND.shape[1]} columns: at most {EXPERTS_MAX_HIDDEN}")
+    if indices_TK.numel() > EXPERTS_MAX_PAIRS:
+        raise ValueError(f"T * K = {indices_TK.numel()} pairs: at most {EXPERTS_MAX_PAIRS}")
     return AtomicExperts.apply(x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic)

@@ -13,38 +13,66 @@ import torch
 import torch.nn.functional as F
 
 
+def rank_values(x_Tn: torch.Tensor, value_dtype: torch.dtype) -> torch.Tensor:
+    """The values router scores rank by, in ``value_dtype`` (float32, or float64): NaN as -inf,
+    +inf as the largest finite value, anything else itself.
+
+    This makes the ranking a total order for any input: no pair sum of ranking values is NaN
+    (+inf and -inf never meet), so every backend selects K distinct, valid ids. A NaN score
+    therefore ranks with -inf, below every finite score (ties by the lowest id, as always).
+    """
+    v_Tn = x_Tn.detach().to(value_dtype)
+    v_Tn = torch.where(v_Tn.isnan(), float("-inf"), v_Tn)
+    return v_Tn.clamp(max=torch.finfo(value_dtype).max)
+
+
 def cartesian_topk_reference(
     rows_Tn: torch.Tensor, cols_Tn: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of all ``rows[i] + cols[j]`` sums; expert id ``i * n + j``.
 
-    Sums are formed in float64 (exact for float32/bf16 inputs), ties are broken by the lowest
-    expert id, and the k results are returned in ascending expert-id order (the canonical order
-    every backend shares; the layer is invariant to it); scores are cast to the input dtype.
-    A pair can only be in the top-k if its row is in the top-min(k, n) rows and its column in
-    the top-min(k, n) columns (otherwise k pairs sharing its column/row beat it), so a
-    (min(k, n))^2 candidate grid is exact.
+    The order, for any input (NaN and infinities included; both backends implement it):
+    1. every value ranks by its ranking value (``rank_values``: NaN as -inf, +inf as the largest
+       finite value of the value type: float32, or float64 when an input is float64);
+    2. the candidates of each half are its top min(k, n) ranking values, lower index first among
+       equal ones (a stable descending sort);
+    3. of the candidate pairs, the k with the largest float64 sums of ranking values are kept,
+       ties broken by the lowest expert id.
+    The k ids are distinct and in [0, n*n), returned in ascending order (the canonical order
+    every backend shares; the layer is invariant to it). Scores are the sums of the inputs
+    themselves, formed in float64 and cast to the input dtype through float32 (NaN where an
+    input is NaN: a broken router stays visible in the loss).
+
+    Steps 2-3 are the exact top-k of all n*n sums with lowest-id ties whenever the sums are
+    exact (a pair outside the candidate grid has k candidate pairs sharing its row or column
+    that beat it). Where sums of different values are equal (an infinite half, or float64
+    rounding of far-apart values), ties fall to the lowest id within the candidate grid.
     """
     n = rows_Tn.shape[-1]
     if cols_Tn.shape != rows_Tn.shape:
         raise ValueError(f"rows {tuple(rows_Tn.shape)} and cols {tuple(cols_Tn.shape)} differ")
     if not 1 <= k <= n * n:
         raise ValueError(f"k={k} must be in [1, n*n={n * n}]")
+    is64 = torch.float64 in (rows_Tn.dtype, cols_Tn.dtype)
+    value_dtype = torch.float64 if is64 else torch.float32
+    rank_rows_Tn = rank_values(rows_Tn, value_dtype)
+    rank_cols_Tn = rank_values(cols_Tn, value_dtype)
     kc = min(k, n)
     # Stable descending sort keeps lower indices first among equal values.
-    row_idx_Tc = torch.sort(rows_Tn, dim=-1, descending=True, stable=True).indices[:, :kc]
-    col_idx_Tc = torch.sort(cols_Tn, dim=-1, descending=True, stable=True).indices[:, :kc]
+    row_idx_Tc = torch.sort(rank_rows_Tn, dim=-1, descending=True, stable=True).indices[:, :kc]
+    col_idx_Tc = torch.sort(rank_cols_Tn, dim=-1, descending=True, stable=True).indices[:, :kc]
     # Re-sort candidates by index so the flattened grid is in ascending expert-id order; a
     # stable sort of the sums then breaks ties by the lowest expert id.
     row_idx_Tc = row_idx_Tc.sort(dim=-1).values
     col_idx_Tc = col_idx_Tc.sort(dim=-1).values
-    rows64_Tc = rows_Tn.double().gather(-1, row_idx_Tc)
-    cols64_Tc = cols_Tn.double().gather(-1, col_idx_Tc)
+    rows64_Tc = rank_rows_Tn.double().gather(-1, row_idx_Tc)
+    cols64_Tc = rank_cols_Tn.double().gather(-1, col_idx_Tc)
     grid_TC = (rows64_Tc[:, :, None] + cols64_Tc[:, None, :]).flatten(1)
-    order_TK = torch.sort(grid_TC.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    order_TK = torch.sort(grid_TC, dim=-1, descending=True, stable=True).indices[:, :k]
     ids_TC = (row_idx_Tc[:, :, None] * n + col_idx_Tc[:, None, :]).flatten(1)
-    ids_TK, perm_TK = ids_TC.gather(-1, order_TK).sort(dim=-1)
-    scores_TK = grid_TC.gather(-1, order_TK.gather(-1, perm_TK)).float().to(rows_Tn.dtype)
+    ids_TK = ids_TC.gather(-1, order_TK).sort(dim=-1).values
+    sums_TK = rows_Tn.double().gather(-1, ids_TK // n) + cols_Tn.double().gather(-1, ids_TK % n)
+    scores_TK = sums_TK.float().to(rows_Tn.dtype)
     return scores_TK, ids_TK
 
 

@@ -30,6 +30,22 @@ _FLIP64: tl.constexpr = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # order-preserving xor
 _FLIP32: tl.constexpr = tl.constexpr(0x7FFFFFFF)  # the same for float32 bit patterns
 _LOW32: tl.constexpr = tl.constexpr(0xFFFFFFFF)
 _I64_MIN: tl.constexpr = tl.constexpr(-0x8000000000000000)
+_F32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # largest finite float32
+_F64_MAX: tl.constexpr = tl.constexpr(1.7976931348623157e308)  # largest finite float64
+
+
+@triton.jit
+def _rank_value(v, IS64: tl.constexpr):
+    """The value a score ranks by (``reference.rank_values``): NaN as -inf, +inf as the largest
+    finite value of VT, anything else itself. So no pair sum is NaN (inf + -inf cannot occur)
+    and every comparison of the searches is a total order: counts are exact for any input, the
+    compacted candidates fill their slots, and no uninitialised scratch reaches the output."""
+    v = tl.where(v != v, float("-inf"), v)
+    if IS64:
+        v = tl.where(v > _F64_MAX, _F64_MAX, v)
+    else:
+        v = tl.where(v > _F32_MAX, _F32_MAX, v)
+    return v
 
 
 @triton.jit
@@ -100,9 +116,9 @@ def _excl_scan_rowmajor(x_EL):
 def _select_half(
     v_ptr, n, a, idx_ptr, val_ptr, E: tl.constexpr, L: tl.constexpr, IS64: tl.constexpr
 ):
-    """Write the top a of v[0:n] (stable: lower index first among equal values) to
-    idx_ptr/val_ptr[0:a] in ascending index order; v is read as a row-major [E, L] vector
-    (coalesced). The a-th largest value is bisected over
+    """Write the top a of v[0:n] by ranking value (``_rank_value``; stable: lower index first
+    among equal values) to idx_ptr[0:a], and their input values to val_ptr[0:a], in ascending
+    index order; v is read as a row-major [E, L] vector (coalesced). The a-th largest value is bisected over
     keys, stopping once a probe counts exactly a (~log2(range / gap) rounds for continuous
     values, at most 32 for float32)."""
     offs_EL = _rowmajor_offs(E, L)
@@ -111,6 +127,7 @@ def _select_half(
         v_EL = tl.load(v_ptr + offs_EL, mask=ok_EL, other=float("-inf")).to(tl.float64)
     else:
         v_EL = tl.load(v_ptr + offs_EL, mask=ok_EL, other=float("-inf")).to(tl.float32)
+    v_EL = _rank_value(v_EL, IS64)
     # Invariant: count(v >= unkey(lo)) = cnt_lo >= a > count(v >= unkey(hi)). Probes lie above
     # the minimum, so the -inf padding is never counted.
     lo = _key(tl.min(tl.where(ok_EL, v_EL, float("inf"))), IS64)
@@ -134,7 +151,14 @@ def _select_half(
         keep_EL = gt_EL | ((eq_EL > 0) & (_excl_scan_rowmajor(eq_EL) < a - n_gt))
     slot_EL = _excl_scan_rowmajor(keep_EL.to(tl.int32))
     tl.store(idx_ptr + slot_EL, offs_EL, mask=keep_EL)
-    tl.store(val_ptr + slot_EL, v_EL, mask=keep_EL)
+    # The input values themselves (not their ranking values): the emitted scores are the true
+    # sums, so a non-finite router input stays visible in the loss.
+    raw_EL = tl.load(v_ptr + offs_EL, mask=keep_EL, other=0.0)
+    if IS64:
+        raw_EL = raw_EL.to(tl.float64)
+    else:
+        raw_EL = raw_EL.to(tl.float32)
+    tl.store(val_ptr + slot_EL, raw_EL, mask=keep_EL)
 
 
 @triton.jit
@@ -142,19 +166,21 @@ def _rank_columns(
     c_EL, ok_EL, cval_ptr, a, csort_ptr, crank_ptr, A: tl.constexpr, CH: tl.constexpr,
     IS64: tl.constexpr,
 ):  # fmt: skip
-    """Stable descending ranks of the a candidate columns (lane-chunked, index order): writes
-    the sorted values (float64) to csort_ptr[0:a] and each column's rank to crank_ptr[0:a].
+    """Stable descending ranks of the a candidate columns (lane-chunked, index order; c_EL
+    holds their ranking values, cval_ptr their input values): writes the sorted ranking values
+    (float64) to csort_ptr[0:a] and each column's rank to crank_ptr[0:a].
     Float32: one ``tl.sort`` of (key << 32 | A - 1 - slot); float64 keys leave no room for
     the slot, so there the rank is counted, #{j: c_j > c_i or (c_j == c_i and j < i)}, in
     CH-column chunks read back from cval_ptr."""
     offs_A = tl.arange(0, A)
     if IS64:
         ok_A = offs_A < a
-        c_A = tl.load(cval_ptr + offs_A, mask=ok_A, other=0.0).to(tl.float64)
+        c_A = _rank_value(tl.load(cval_ptr + offs_A, mask=ok_A, other=0.0).to(tl.float64), True)
         rank_A = tl.zeros([A], dtype=tl.int32)
         for j0 in range(0, a, CH):
             offs_J = j0 + tl.arange(0, CH)
             c_J = tl.load(cval_ptr + offs_J, mask=offs_J < a, other=0.0).to(tl.float64)
+            c_J = _rank_value(c_J, True)
             before_AJ = (c_J[None, :] > c_A[:, None]) | (
                 (c_J[None, :] == c_A[:, None]) & (offs_J[None, :] < offs_A[:, None])
             )

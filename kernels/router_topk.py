@@ -34,13 +34,19 @@ another row's slots: 1.04 ms against 0.87 ms at T=4096, n=320, K=4096). It is a 
 because it is bound by memory latency: with few registers many warps share an SM, while the
 select kernel's whole-vector registers leave room for few.
 
-Comparisons are float compares (-0.0 == +0.0, as in the reference's sorts). Scores are
-r_i + c_j rounded once to VT (the reference's float64 sum cast to float32), cast to the input
-dtype on the host. Scratch (global, per token; read back by the same program after a barrier,
-or by the emit kernel): int32 (8, A): candidate / live row and column indices, column ranks,
-live-row first slots, gt, ge, take, live-column ranks; VT (2, A): candidate / live values;
-float64 (2A): sorted columns, padded so the lifting loads need no mask; int32 (4): m_r, m_c,
-tie flag.
+Comparisons are float compares (-0.0 == +0.0, as in the reference's sorts) of ranking values:
+every input is read through ``_rank_value`` (NaN ranks as -inf, +inf as the largest finite
+value: ``reference.rank_values``), so no sum is NaN, the order is total and every count is
+exact for any input; hence exactly a candidates fill each half's slots, the live rows and
+columns fill theirs, and every id emitted is a distinct i * n + j in [0, N). The values kept in
+scratch for the emit are the inputs themselves: scores are r_i + c_j of the inputs (NaN where
+an input is NaN), rounded once to VT (the reference's float64 sum cast to float32), cast to the
+input dtype on the host. Scratch (global, per token; read back by the same program after a
+barrier, or by the emit kernel; only slots written before are read, except the sorted-column
+padding, which the lifting loads but never counts): int32 (8, A): candidate / live row and
+column indices, column ranks, live-row first slots, gt, ge, take, live-column ranks; VT (2, A):
+candidate / live values; float64 (2A): sorted columns, padded so the lifting loads need no
+mask; int32 (4): m_r, m_c, tie flag.
 """
 
 from __future__ import annotations
@@ -49,8 +55,15 @@ import torch
 import triton
 import triton.language as tl
 
+from omnimoe_kernels.limits import ROUTER_MAX_TOP_K
 from omnimoe_kernels.router_pairs import _emit_kernel, _row_counts
-from omnimoe_kernels.router_select import _chunk_offs, _excl_scan, _rank_columns, _select_half
+from omnimoe_kernels.router_select import (
+    _chunk_offs,
+    _excl_scan,
+    _rank_columns,
+    _rank_value,
+    _select_half,
+)
 
 # Live rows per step of the emit kernel (registers per lane): 2 measured fastest of 2, 4, 8
 # (0.87 / 1.01 / 0.94 ms at T=4096, n=320, K=4096 on the H100).
@@ -59,13 +72,19 @@ EMIT_ROWS = 2
 
 @triton.jit
 def _load_vals(v_ptr, offs_EL, ok_EL, IS64: tl.constexpr):
-    """Candidate values in VT (float32 / bfloat16 / float16 widen exactly to float32)."""
+    """Candidate input values in VT (float32 / bfloat16 / float16 widen exactly to float32)."""
     v_EL = tl.load(v_ptr + offs_EL, mask=ok_EL, other=0.0)
     if IS64:
         v_EL = v_EL.to(tl.float64)
     else:
         v_EL = v_EL.to(tl.float32)
     return v_EL
+
+
+@triton.jit
+def _load_ranks(v_ptr, offs_EL, ok_EL, IS64: tl.constexpr):
+    """Candidate ranking values in VT (``_rank_value``): what every comparison uses."""
+    return _rank_value(_load_vals(v_ptr, offs_EL, ok_EL, IS64), IS64)
 
 
 # Not specialised on a == K == 1: Triton 3.6's coalescing pass fails on that constant case.
@@ -107,16 +126,14 @@ def _select_kernel(
     else:  # a == n: every index is a candidate, read the inputs directly
         rsrc_ptr = rows_ptr
         csrc_ptr = cols_ptr
-    c_EL = _load_vals(csrc_ptr, offs_EL, ok_EL, IS64)
+    c_EL = _load_ranks(csrc_ptr, offs_EL, ok_EL, IS64)
     _rank_columns(c_EL, ok_EL, csrc_ptr, a, csort_ptr, iscr_ptr + 2 * A, A, CH, IS64)
     c_min = tl.min(tl.where(ok_EL, c_EL, float("inf"))).to(tl.float64)
     c_max = tl.max(tl.where(ok_EL, c_EL, float("-inf"))).to(tl.float64)
     tl.debug_barrier()  # sorted columns and ranks
-    r_EL = _load_vals(rsrc_ptr, offs_EL, ok_EL, IS64).to(tl.float64)
+    r_EL = _load_ranks(rsrc_ptr, offs_EL, ok_EL, IS64).to(tl.float64)
     gt_EL, ge_EL, take_EL = _row_counts(r_EL, ok_EL, c_min, c_max, a, K, csort_ptr)
 
-    # Compact, in index order, the rows that keep a pair and the columns that can (rank <
-    # max ge); areas 0, 1 and the values were last read before the barrier above.
     # Compact, in index order, the rows that keep a pair, then the columns that can (rank <
     # max ge). Values and indices are re-read, not kept live through the search (registers);
     # the barriers order those reads before the areas are overwritten.
@@ -233,6 +250,6 @@ def cartesian_topk_triton(
     if rows_Tn.dim() != 2 or cols_Tn.shape != rows_Tn.shape:
         raise ValueError(f"rows {tuple(rows_Tn.shape)} / cols {tuple(cols_Tn.shape)}: need (T, n)")
     n = rows_Tn.shape[1]
-    if not 1 <= k <= min(n * n, 4096):
-        raise ValueError(f"k={k} must be in [1, min(n*n, 4096)] with n={n}")
+    if not 1 <= k <= min(n * n, ROUTER_MAX_TOP_K):
+        raise ValueError(f"k={k} must be in [1, min(n*n, {ROUTER_MAX_TOP_K})] with n={n}")
     return CartesianTopK.apply(rows_Tn, cols_Tn, k)

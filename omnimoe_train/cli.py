@@ -15,9 +15,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from omnimoe_train import names
 from omnimoe_train.config import RootConfig, register_configs
 from omnimoe_train.exit_codes import EXIT_USAGE
-from omnimoe_train.validation import ConfigError, validate
+from omnimoe_train.validation import (
+    ConfigError,
+    data_facts_before_preparation,
+    validate,
+    validate_against_data,
+)
 
 CONFIG_MODULE = "omnimoe_conf"
 
@@ -43,19 +49,35 @@ def _compose_error(exc: Exception) -> str:
     return f"{full_key}: {first}" if full_key else first
 
 
-def _sweep_combinations(overrides: list[str]) -> list[list[str]]:
-    """Expand ``a=1,2 b=x,y`` into every combination, as Hydra's basic sweeper would."""
+def _sweep_combinations(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
+    """Expand ``a=1,2 b=x,y`` into every combination, as Hydra's basic sweeper would; also
+    return the swept keys."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = []
+    choices, swept = [], []
     for ov in parsed:
         if ov.is_sweep_override():
             key = ov.get_key_element()
+            swept.append(key)
             choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
         else:
             choices.append([ov.input_line])
-    return [list(combo) for combo in itertools.product(*choices)]
+    return [list(combo) for combo in itertools.product(*choices)], swept
+
+
+def _check_hydra_dirs(argv: list[str]) -> None:
+    """Output folders given whole on the command line must fit the file system (the folders
+    Hydra names itself are bounded by ``names``)."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"):
+            part = names.long_component(value)
+            if part is not None:
+                _fail(
+                    f"{key}: a path component has {len(part.encode())} bytes, more than the "
+                    f"file system's {names.COMPONENT_MAX_BYTES} ({part[:40]}...)"
+                )
 
 
 def precheck(argv: list[str]) -> None:
@@ -66,16 +88,22 @@ def precheck(argv: list[str]) -> None:
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --help, --cfg, --info ...: Hydra answers those itself
+    _check_hydra_dirs(argv)
     try:
-        combos = _sweep_combinations(overrides) if multirun else [overrides]
+        combos, swept = _sweep_combinations(overrides) if multirun else ([overrides], [])
     except Exception as exc:  # noqa: BLE001 - a parse error in the overrides themselves
         _fail(_compose_error(exc))
+    names.set_swept_keys(swept)  # a sweep job's folder shows these keys' values
     for combo in combos:
         try:
             with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
                 dcfg = compose(config_name="config", overrides=combo)
             cfg = to_root_config(dcfg)
             validate(cfg)
+            # What the data already tells (a given tokenizer, a prepared data.dir); the rest is
+            # checked right after preparation, before any model work.
+            for facts in data_facts_before_preparation(cfg.data):
+                validate_against_data(cfg, facts)
         except ConfigError as exc:
             _fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
@@ -100,6 +128,7 @@ def main() -> None:
 
     quiet_libraries()
     register_configs()
+    names.register_resolvers()
     precheck(sys.argv[1:])
     _hydra_main()
 

@@ -52,20 +52,29 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "stdlib"
+    name: str = "stdlib"  # prefix of the cache folder
     inputs: list[str] | None = None  # None = the embedded default corpus (stdlib sources)
-    dir: str | None = None  # prepared shards; None = a cache folder keyed by name and shape
+    # A prepared dataset: a folder, a URL prefix (http, gs, ...) or a pattern with {name}
+    # such as "pipe:cat /data/corpus/{name}" (webdataset openers; manifest beside the shards).
+    # With data.inputs: the folder to prepare them into. None = a cache folder keyed by every
+    # option that changes the data.
+    dir: str | None = None
+    dirs: list[str] | None = None  # a mixture of prepared datasets (folders or URLs)
+    weights: list[float] | None = None  # one per data.dirs entry, normalised; None = equal
     tokenizer: str | None = None  # an existing tokenizer.json; None = train one
     vocab_size: int = 4096  # when training a tokenizer
+    tokenizer_sample_bytes: int | None = None  # train it on this much text; None = all
     max_bytes: int | None = 6_000_000  # cap on raw text read for preparation
     val_fraction: float = 0.02
     text_field: str = "text"
     samples_per_shard: int = 1024
+    prepare_workers: int | None = None  # processes preparing the data; None = every core
     seq_len: int = 128
     micro_batch_size: int = 16
     global_batch_size: int = 16
-    num_workers: int = 0
-    seed: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank (0 = in the training process)
+    skip_bad_shards: bool = False  # skip (and count) a missing/corrupt shard instead of failing
+    seed: int = 0  # held-out split and sample order
 
 
 @dataclass

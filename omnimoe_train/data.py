@@ -1,17 +1,35 @@
-"""Glue between the trainer and ``omnimoe_data``: find or prepare the shards, build loaders.
+"""Glue between the trainer and ``omnimoe_data``: find or prepare the datasets, build loaders.
 
-Preparation runs on global rank 0 only; the other ranks wait at a barrier and then read the
-finished dataset (its manifest is written last, so a dataset is either complete or absent).
+Where the data comes from:
+
+* ``data.dirs`` (+ ``data.weights``): a mixture of prepared datasets (folders or URLs);
+* ``data.dir`` without ``data.inputs``: one prepared dataset (folder or URL), used as is;
+* otherwise the inputs (``data.inputs``, default: the stdlib corpus) are prepared into
+  ``data.dir`` or into a cache folder named by the hash of every option that changes the
+  data (``omnimoe_data.request``), so changing any of them prepares a new dataset. A folder
+  that already holds a dataset made differently is refused in one line naming the option.
+
+Every dataset's ``seq_len`` must equal ``data.seq_len``. Preparation runs on global rank 0
+only; the other ranks wait and then read the finished dataset (its manifest is written
+last), or raise the same one-line :class:`DataError` if preparing failed.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 
+from omnimoe_data.corpus import DataError
+from omnimoe_data.loader import TokenShardLoader
+from omnimoe_data.plan import DEFAULT_BLOCK_BYTES
+from omnimoe_data.request import is_prepared, preparation_request, request_key, request_mismatch
+from omnimoe_data.source import DataSource, is_url
 from omnimoe_train.config import DataConfig
+from omnimoe_train.validation import DataFacts
 
 
 def cache_root() -> Path:
@@ -21,37 +39,179 @@ def cache_root() -> Path:
     return Path(base)
 
 
-def dataset_dir(d: DataConfig) -> Path:
+@dataclass
+class TrainingData:
+    """The datasets a run reads (one, or a mixture with normalised weights)."""
+
+    locations: list[str]
+    weights: list[float]
+    seq_len: int
+    vocab_size: int
+    samples: list[dict]  # per dataset: samples per split
+    vocab_sizes: list[int]  # per dataset (a mixture's loader requires them equal)
+
+    @property
+    def description(self) -> str:
+        return self.locations[0] if len(self.locations) == 1 else ", ".join(self.locations)
+
+    def facts(self) -> list[DataFacts]:
+        """Per dataset, what the config rules against the data check (``validation``)."""
+        return [
+            DataFacts(f"dataset {loc}", vocab, self.seq_len, samples)
+            for loc, vocab, samples in zip(self.locations, self.vocab_sizes, self.samples)
+        ]
+
+    def record(self) -> list[dict]:
+        """What config.yaml records about the data: each dataset, its weight and size."""
+        return [
+            {"location": loc, "weight": w, "samples": s}
+            for loc, w, s in zip(self.locations, self.weights, self.samples)
+        ]
+
+
+def _request(d: DataConfig) -> dict:
+    return preparation_request(
+        d.inputs,
+        tokenizer=d.tokenizer,
+        vocab_size=d.vocab_size,
+        seq_len=d.seq_len,
+        samples_per_shard=d.samples_per_shard,
+        val_fraction=d.val_fraction,
+        text_field=d.text_field,
+        seed=d.seed,
+        max_bytes=d.max_bytes,
+        tokenizer_sample_bytes=d.tokenizer_sample_bytes,
+        block_bytes=DEFAULT_BLOCK_BYTES,
+    )
+
+
+def dataset_dir(d: DataConfig, request: dict | None = None) -> Path:
+    """Where ``data.inputs`` are prepared: ``data.dir``, or a cache folder keyed by every
+    option that changes the data."""
     if d.dir is not None:
         return Path(d.dir).expanduser()
-    tok = "tok" if d.tokenizer else f"v{d.vocab_size}"
-    return cache_root() / "data" / f"{d.name}-{tok}-s{d.seq_len}-b{d.max_bytes or 'all'}"
+    key = request_key(request if request is not None else _request(d))
+    return cache_root() / "data" / f"{d.name}-{key}"
 
 
-def ensure_dataset(d: DataConfig, *, rank: int) -> Path:
-    """Prepare the dataset unless a complete one already exists; returns its folder."""
-    from omnimoe_data.prepare import is_prepared, prepare
+def _ensure_prepared(d: DataConfig) -> Path:
+    """Rank 0: the prepared folder for ``data.inputs`` (prepared now if needed)."""
+    from omnimoe_data.prepare import prepare
 
-    out = dataset_dir(d)
-    if rank == 0 and not is_prepared(out, seq_len=d.seq_len):
-        prepare(
-            d.inputs,
-            out,
-            tokenizer=d.tokenizer,
-            vocab_size=d.vocab_size,
-            seq_len=d.seq_len,
-            samples_per_shard=d.samples_per_shard,
-            val_fraction=d.val_fraction,
-            text_field=d.text_field,
-            seed=d.seed,
-            max_bytes=d.max_bytes,
-        )
-    if dist.is_initialized():
-        dist.barrier()
+    request = _request(d)
+    out = dataset_dir(d, request)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        try:
+            recorded = json.loads(manifest_path.read_text()).get("request")
+        except (OSError, ValueError):
+            recorded = None  # unreadable: an interrupted run's leftovers, prepared again
+        else:
+            _refuse_mismatch(out, recorded, request)
+            if is_prepared(out, seq_len=d.seq_len):
+                return out
+    prepare(
+        d.inputs,
+        out,
+        tokenizer=d.tokenizer,
+        vocab_size=d.vocab_size,
+        seq_len=d.seq_len,
+        samples_per_shard=d.samples_per_shard,
+        val_fraction=d.val_fraction,
+        text_field=d.text_field,
+        seed=d.seed,
+        max_bytes=d.max_bytes,
+        tokenizer_sample_bytes=d.tokenizer_sample_bytes,
+        block_bytes=DEFAULT_BLOCK_BYTES,
+        workers=d.prepare_workers,
+    )
     return out
 
 
-def tokenizer_vocab_size(data_dir: Path) -> int:
-    from tokenizers import Tokenizer
+def _refuse_mismatch(out: Path, recorded: dict | None, request: dict) -> None:
+    mismatch = request_mismatch(recorded, request)
+    if mismatch is None:
+        return
+    key, then, now = mismatch
+    if key == "data.inputs":
+        detail = "other input files (or the files changed since)"
+    elif key == "data.tokenizer":
+        detail = "another tokenizer"
+    else:
+        detail = f"{key}={then!r}, not {now!r}"
+    raise DataError(
+        f"{key}: {out} holds a dataset prepared with {detail}; use another data.dir "
+        f"or remove that folder"
+    )
 
-    return Tokenizer.from_file(str(data_dir / "tokenizer.json")).get_vocab_size()
+
+def prepare_data(d: DataConfig, *, rank: int) -> TrainingData:
+    """Collective: the datasets of ``d``, prepared on rank 0 if needed. Raises
+    :class:`DataError` (on every rank) for unusable data or a mismatch with the config."""
+    if d.dirs:
+        locations = [str(x) for x in d.dirs]
+    elif d.dir is not None and d.inputs is None:
+        locations = [d.dir if is_url(d.dir) else str(Path(d.dir).expanduser())]
+    else:
+        error, location = None, None
+        if rank == 0:
+            try:
+                location = str(_ensure_prepared(d))
+            except DataError as err:
+                error = str(err)
+        if dist.is_initialized():
+            shared = [error, location]
+            dist.broadcast_object_list(shared, src=0)
+            error, location = shared
+        if error is not None:
+            raise DataError(error)
+        locations = [location]
+    sources = [DataSource(loc) for loc in locations]
+    for source in sources:
+        seq_len = source.manifest["seq_len"]
+        if seq_len != d.seq_len:
+            raise DataError(
+                f"data.seq_len: {source.location} holds samples of seq_len {seq_len}, "
+                f"not {d.seq_len} (set data.seq_len={seq_len})"
+            )
+    weights = list(d.weights) if d.weights else [1.0] * len(sources)
+    total = sum(weights)
+    return TrainingData(
+        locations=locations,
+        weights=[w / total for w in weights],
+        seq_len=d.seq_len,
+        vocab_size=sources[0].manifest["vocab_size"],
+        samples=[
+            {name: s["samples"] for name, s in src.manifest["splits"].items()} for src in sources
+        ],
+        vocab_sizes=[src.manifest["vocab_size"] for src in sources],
+    )
+
+
+def build_loader(
+    d: DataConfig,
+    data: TrainingData,
+    split: str,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    infinite: bool = True,
+    pin_memory: bool = False,
+) -> TokenShardLoader:
+    """The loader of ``split`` for one data-parallel rank, in the global order that does not
+    depend on ``dp_size`` or the worker count (``omnimoe_data.order``)."""
+    return TokenShardLoader(
+        data.locations,
+        split,
+        d.micro_batch_size,
+        global_batch_size=d.global_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=d.seed,
+        num_workers=d.num_workers if infinite else 0,
+        infinite=infinite,
+        weights=data.weights,
+        skip_bad_shards=d.skip_bad_shards,
+        cache_dir=cache_root() / "shards",
+        pin_memory=pin_memory,
+    )

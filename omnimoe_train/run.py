@@ -37,6 +37,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     from omnimoe_train.distributed import init_runtime, shutdown_runtime
     from omnimoe_train.metrics import MetricsSink
     from omnimoe_train.trainer import Trainer
+    from omnimoe_train.validation import ConfigError
 
     quiet_libraries()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         main = runtime.is_main
         try:
             trainer = Trainer(cfg, runtime, run_dir)
-        except DataError as exc:
+        except (ConfigError, DataError) as exc:  # the data or a rule against it: one line
             _fail(str(exc), EXIT_USAGE, show=main)
         except CheckpointCorrupt as exc:
             _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main)
@@ -59,6 +60,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             "dp": runtime.dp_size,
             "num_microbatches": trainer.num_microbatches,
             "data_dir": str(trainer.data_dir),
+            "data": trainer.data.record(),  # each dataset (a mixture: with its weight), samples
         }
         if runtime.is_main:
             (run_dir / "config.yaml").write_text(
@@ -86,6 +88,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main)
         except CheckpointWriteError as exc:
             _fail(f"checkpoint.dir: {exc}", EXIT_IO_ERROR, show=main)
+        except DataError as exc:  # e.g. a shard found corrupt mid-run
+            _fail(str(exc), EXIT_USAGE, show=main)
         finally:
             sink.close()
         summary["wall_s"] = time.perf_counter() - started
@@ -124,7 +128,7 @@ def quiet_libraries() -> None:
 
 def _report(sink: Any, summary: dict[str, Any]) -> None:
     first, last = summary.get("initial_val_loss"), summary.get("final_val_loss")
-    if first is not None and last is not None:
+    if first and last is not None:  # evaluation on (data.val_fraction > 0), a nonzero start
         drop = 100.0 * (1.0 - last / first)
         sink.console.log(
             f"val_loss {first:.3f} -> {last:.3f} ({drop:.1f}% lower) in {summary['wall_s']:.0f}s"

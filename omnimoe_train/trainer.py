@@ -12,7 +12,6 @@ same verdict and the same stop decision from the same reduced values.
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 import time
@@ -21,22 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from omnimoe_data.loader import TokenShardLoader
 from omnimoe_train.bad_steps import StepGuard, Verdict
 from omnimoe_train.checkpoint.files import read_meta
 from omnimoe_train.checkpoint.session import Checkpointing, TrainState
 from omnimoe_train.checkpoint.signals import StepSync, StopRequest, parse_duration
 from omnimoe_train.config import RootConfig
-from omnimoe_train.data import ensure_dataset, tokenizer_vocab_size
+from omnimoe_train.data import build_loader, prepare_data
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine import build_engine
+from omnimoe_train.engine.megatron import PAD_ID
 from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from omnimoe_train.metrics import MetricsSink
 from omnimoe_train.model.expert_stats import ExpertStats, collect_expert_metrics
 from omnimoe_train.model.gpt import padded_vocab_size
+from omnimoe_train.validation import data_facts_before_preparation, validate_against_data
+
+EVAL_OFF = "off: data.val_fraction=0"
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,19 @@ class StepOutcome:
     stop: bool  # some rank asked to stop (signal or time limit): every rank sees the same
 
 
+def eval_microbatches_per_rank(num_batches: int, dp: int, multiple: int) -> int:
+    """Micro-batches every rank runs to evaluate ``num_batches`` global ones: ceil(num / dp),
+    rounded up to ``multiple`` (the interleaved pipeline schedule runs groups of pp)."""
+    return math.ceil(math.ceil(num_batches / dp) / multiple) * multiple
+
+
 class Trainer:
+    """Data, engine and loaders of one run; :meth:`fit` is the loop.
+
+    Raises ``ConfigError`` (a rule between the config and the data, see
+    ``validation.validate_against_data``) or ``DataError`` before any model work.
+    """
+
     def __init__(self, cfg: RootConfig, runtime: Runtime, run_dir: Path) -> None:
         self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
         self._console: Any = None  # the metrics sink's, once fit() has it
@@ -57,7 +70,13 @@ class Trainer:
         # First, so that a SIGTERM during setup still ends in a clean save after one step.
         self.stop = StopRequest(parse_duration(t.max_time) if t.max_time else None)
         self.stop.install()
-        self.data_dir = ensure_dataset(d, rank=runtime.rank)
+        # Checked before preparation too: a dataset already in data.dir is never re-cut.
+        for facts in data_facts_before_preparation(d):
+            validate_against_data(cfg, facts)
+        self.data = prepare_data(d, rank=runtime.rank)
+        self.data_dir = self.data.description
+        for facts in self.data.facts():  # each dataset read (a mixture: every one)
+            validate_against_data(cfg, facts)
         root = Path(cfg.checkpoint.dir)
         ckpt_root = root if root.is_absolute() else run_dir / root
         self.ckpt = Checkpointing(
@@ -70,20 +89,28 @@ class Trainer:
         self.resume_from = self.ckpt.manager.resolve_resume()
         self.vocab_size = self._vocab_size(self.resume_from)
         self.tokens_per_step = d.global_batch_size * d.seq_len
+        # The loader takes only the DP coordinates: every TP (and PP) rank of a replica reads the
+        # same micro-batches, as megatron's TP layers and pipeline stages require. Its order of
+        # global batches does not depend on the DP size (omnimoe_data.order). Built before the
+        # model, so a split too small for the layout is refused before any model work.
+        self.train_loader = build_loader(
+            d,
+            self.data,
+            "train",
+            dp_rank=runtime.dp_rank,
+            dp_size=runtime.dp_size,
+            pin_memory=runtime.device.type == "cuda",
+        )
+        # Evaluation reads the validation split in file order as one sequence (each rank then
+        # takes its share, see ``evaluate``); there is none with data.val_fraction=0.
+        self.val_loader = None
+        if d.val_fraction > 0:
+            self.val_loader = build_loader(
+                d, self.data, "val", dp_rank=0, dp_size=1, infinite=False
+            )
         self.engine = build_engine(cfg, runtime, self.vocab_size)
         self.ckpt.engine = self.engine
         self.num_microbatches = self.engine.num_microbatches
-        # The loader takes only the DP coordinates: every TP (and PP) rank of a replica reads the
-        # same micro-batches, as megatron's TP layers and pipeline stages require.
-        self.train_loader = TokenShardLoader(
-            self.data_dir,
-            "train",
-            d.micro_batch_size,
-            dp_rank=runtime.dp_rank,
-            dp_size=runtime.dp_size,
-            seed=d.seed,
-            num_workers=d.num_workers,
-        )
         self.state = TrainState()
         self.guard = StepGuard(
             spike_zscore=t.spike_zscore,
@@ -106,7 +133,7 @@ class Trainer:
     def _vocab_size(self, resume_from: Path | None) -> int:
         """The padded vocabulary: the checkpoint's when it divides over this TP size (so a
         checkpoint padded for more TP ranks still loads), else padded for this layout."""
-        vocab = self.cfg.model.vocab_size or tokenizer_vocab_size(self.data_dir)
+        vocab = self.cfg.model.vocab_size or self.data.vocab_size
         if resume_from is not None:
             saved = read_meta(resume_from).get("vocab_size")
             if isinstance(saved, int) and saved >= vocab and saved % self.cfg.parallel.tp == 0:
@@ -134,30 +161,43 @@ class Trainer:
         s.consumed_tokens += self.tokens_per_step
         return StepOutcome(loss, loss_sum, tokens, grad_norm, verdict, stop)
 
+    def eval_samples(self) -> int:
+        """Validation samples of one evaluation: the first ``trainer.eval_iters`` micro-batches
+        of the split in file order (fewer if the split is shorter; the last may be partial)."""
+        assert self.val_loader is not None
+        requested = self.cfg.trainer.eval_iters * self.cfg.data.micro_batch_size
+        return min(requested, self.val_loader.total)
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        d = self.cfg.data
+        """Token-weighted mean loss over :meth:`eval_samples`, the same value for every layout.
+
+        The B global micro-batches are split into contiguous runs of M = ceil(B / dp) per
+        data-parallel rank (M rounded up to a multiple of pp under the interleaved schedule), so
+        every rank and pipeline stage runs M micro-batches of one shape: a partial last one and
+        the runs past B are filled with padding rows (``PAD_ID``) that count neither in the
+        loss nor in the token count. Padding, not dropping: the mean is over exactly the
+        samples one process evaluates. (BatchNorm uses its running statistics in evaluation,
+        so padding rows change no other token's loss.)
+        """
+        d, p = self.cfg.data, self.cfg.parallel
+        loader = self.val_loader
+        assert loader is not None, "evaluation is off (data.val_fraction=0)"
         for chunk in self.engine.model:
             chunk.eval()
-        loader = TokenShardLoader(
-            self.data_dir,
-            "val",
-            d.micro_batch_size,
-            dp_rank=self.rt.dp_rank,
-            dp_size=self.rt.dp_size,
-            seed=d.seed,
-            infinite=False,
-        )
-        batches = list(itertools.islice(iter(loader), self.cfg.trainer.eval_iters))
-        if dist.is_initialized():
-            # Expert dispatch and pipeline stages are collectives: every rank must run the same
-            # number of micro-batches even if its share of the validation split is shorter.
-            count = torch.tensor([len(batches)], device=self.rt.device)
-            dist.all_reduce(count, op=dist.ReduceOp.MIN)
-            batches = batches[: int(count.item())]
-        total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
-        if batches:
-            total = self.engine.run_schedule(iter(batches), len(batches), forward_only=True)
+        mbs = d.micro_batch_size
+        num_batches = math.ceil(self.eval_samples() / mbs)
+        per_rank = eval_microbatches_per_rank(num_batches, self.rt.dp_size, p.pp if p.vpp else 1)
+        first = self.rt.dp_rank * per_rank
+        # Start at this rank's first micro-batch (samples before it are not read).
+        loader.seek(min(first, loader.batches_per_pass))
+        pad = torch.full((mbs, loader.seq_len + 1), PAD_ID, dtype=torch.long)
+        batches = []
+        for index in range(first, first + per_rank):
+            # The loader's last batch of the split is partial; past B only padding is left.
+            batch = next(loader) if index < num_batches else pad[:0]
+            batches.append(torch.cat([batch, pad[batch.shape[0] :]]))
+        total = self.engine.run_schedule(iter(batches), per_rank, forward_only=True)
         return self.engine.mean_loss(total)
 
     def _expert_metrics(self) -> dict[str, float]:
@@ -187,7 +227,14 @@ class Trainer:
             sink.log({"step": s.step, "resumed_from": self.resume_from.name})
         if self.rt.is_main and cfg.model.mlp == "omnimoe":
             sink.console.log(self.engine.sharding_note)
-        if s.step == 0:
+        evaluating = self.val_loader is not None
+        if evaluating:
+            summary["evaluation"] = f"{self.eval_samples()} validation samples per evaluation"
+        else:
+            summary["evaluation"] = EVAL_OFF
+            if self.rt.is_main:
+                sink.console.log(f"evaluation {EVAL_OFF}: no val_loss is logged")
+        if s.step == 0 and evaluating:
             summary["initial_val_loss"] = self.evaluate()
             sink.log({"step": 0, "val_loss": summary["initial_val_loss"]})
         window_start = time.perf_counter()
@@ -207,7 +254,7 @@ class Trainer:
                 self.ckpt.manager.poll()  # publish a finished async save (ranks sync here anyway)
             else:
                 sink.advance(s.step)
-            if s.step % t.eval_interval == 0 or s.step == t.max_steps:
+            if evaluating and (s.step % t.eval_interval == 0 or s.step == t.max_steps):
                 summary["final_val_loss"] = self.evaluate()
                 sink.log({"step": s.step, "val_loss": summary["final_val_loss"]})
             interval = cfg.checkpoint.interval

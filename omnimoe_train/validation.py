@@ -1,20 +1,41 @@
-"""One validation step for the whole configuration.
+"""One validation step for the whole configuration, and the rules that need the data.
 
-Runs before any model, data or process-group work. Each violated rule raises a
+:func:`validate` runs before any model, data or process-group work. Each violated rule raises a
 :class:`ConfigError` whose message is one line naming the key and the rule; the CLI prints it and
-exits with code 2.
+exits with code 2. The limits of the Triton kernels are rules here too (``omnimoe_kernels.limits``
+defines them once, for the kernels and for these rules).
+
+:func:`validate_against_data` holds the rules that compare the config with the data: the
+tokenizer's vocabulary, a prepared dataset's sample length and its validation split. They run as
+early as the facts exist: in the CLI's pre-check when ``data.tokenizer`` or an already prepared
+``data.dir`` is given, and in any case right after data preparation, before any model work.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
+from omnimoe_data.urls import is_url
+from omnimoe_kernels.limits import (
+    EXPERTS_MAX_HIDDEN,
+    EXPERTS_MAX_NUM,
+    EXPERTS_MAX_PAIRS,
+    ROUTER_MAX_TOP_K,
+)
 from omnimoe_train.checkpoint.signals import parse_duration
-from omnimoe_train.config import RootConfig
+from omnimoe_train.config import DataConfig, RootConfig
 from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys
+from omnimoe_train.names import COMPONENT_MAX_BYTES, long_component
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
+
+# The prepared dataset's manifest (``omnimoe_data.shards.MANIFEST_NAME``; not imported, so the
+# pre-check stays free of numpy and torch).
+MANIFEST_NAME = "manifest.json"
 
 MLPS = ("omnimoe", "dense")
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -125,6 +146,8 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
             "model.ffn_hidden_size",
             "must be positive",
         )
+        if m.expert_backend != "torch":
+            _validate_kernel_limits(cfg)
 
     if t.engine == "deepspeed":
         _validate_deepspeed(cfg)
@@ -147,7 +170,7 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
             f"with parallel.vpp the micro-batches per step ({num_microbatches} = global_batch_size "
             f"/ (micro_batch_size * dp={dp})) must be a multiple of parallel.pp={p.pp}",
         )
-    _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    _validate_data(d)
 
     _require(o.lr > 0, "optim.lr", f"must be positive (got {o.lr})")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -166,6 +189,11 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
         f"must be steps >= 0 (got {list(c.keep_steps)})",
     )
     _validate_robustness(cfg)
+    _validate_names(cfg)
+
+
+# W&B refuses a run whose tags are empty or longer than this (wandb.Settings.validate_tags).
+WANDB_TAG_MAX_CHARS = 64
 
 
 def _validate_robustness(cfg: RootConfig) -> None:
@@ -214,6 +242,175 @@ def _validate_deepspeed(cfg: RootConfig) -> None:
     problem = check_deepspeed_keys(cfg.deepspeed)
     if problem is not None:
         raise ConfigError(*problem)
+
+
+def _validate_names(cfg: RootConfig) -> None:
+    """Folders the run creates from paths given whole, and W&B's tag rule: checked here, not
+    at the first write (the checkpoint folder is first made at the end of training)."""
+    for key in ("data.dir", "checkpoint.dir"):
+        path = _get(cfg, key)
+        part = long_component(path) if path is not None else None
+        _require(
+            part is None,
+            key,
+            f"a path component has {len(part.encode()) if part else 0} bytes, more than the "
+            f"file system's {COMPONENT_MAX_BYTES} ({(part or '')[:40]}...)",
+        )
+    w = cfg.logging.wandb
+    if w.mode != "disabled":
+        for tag in w.tags:
+            _require(
+                1 <= len(str(tag)) <= WANDB_TAG_MAX_CHARS,
+                "logging.wandb.tags",
+                f"each tag must have 1 to {WANDB_TAG_MAX_CHARS} characters, W&B's rule "
+                f"(got {len(str(tag))}: {str(tag)[:40]!r})",
+            )
+
+
+def _validate_kernel_limits(cfg: RootConfig) -> None:
+    """What the Triton kernels support (``auto`` takes them on CUDA; the reference has no
+    limits). One expert-kernel call sees the pairs of a whole micro-batch of every rank of the
+    expert-parallel group (the dispatch gathers them), hence the factor ep."""
+    m, d, ep = cfg.model, cfg.data, cfg.parallel.ep
+    torch_only = "; model.expert_backend=torch has no such limit"
+    _require(
+        m.top_k <= ROUTER_MAX_TOP_K,
+        "model.top_k",
+        f"must be <= {ROUTER_MAX_TOP_K}, the Triton router's limit (got {m.top_k}){torch_only}",
+    )
+    _require(
+        m.num_experts <= EXPERTS_MAX_NUM,
+        "model.num_experts",
+        f"must be <= {EXPERTS_MAX_NUM}, the Triton expert kernels' limit "
+        f"(got {m.num_experts}){torch_only}",
+    )
+    # The kernels see hidden_size / ep columns under dim sharding: the full width is the bound.
+    _require(
+        m.hidden_size <= EXPERTS_MAX_HIDDEN,
+        "model.hidden_size",
+        f"must be <= {EXPERTS_MAX_HIDDEN}, the Triton expert kernels' limit "
+        f"(got {m.hidden_size}){torch_only}",
+    )
+    pairs = d.micro_batch_size * d.seq_len * m.top_k * ep
+    _require(
+        pairs <= EXPERTS_MAX_PAIRS,
+        "data.micro_batch_size",
+        f"micro_batch_size * seq_len * model.top_k * parallel.ep = {pairs} token-expert pairs in "
+        f"one expert-kernel call, above the Triton kernels' limit {EXPERTS_MAX_PAIRS}{torch_only}",
+    )
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the data-dependent rules know about a tokenizer or a prepared dataset."""
+
+    where: str  # names the source in messages: "data.dir=..." or "data.tokenizer=..."
+    vocab_size: int | None  # the tokenizer's vocabulary: token ids are below it
+    seq_len: int | None = None  # a prepared dataset's sample length - 1
+    split_samples: dict[str, int] | None = None  # samples per split of a prepared dataset
+
+
+def dataset_facts(data_dir: Path, where: str) -> DataFacts | None:
+    """The facts of the dataset prepared in ``data_dir`` (its manifest), or None if none is."""
+    try:
+        manifest = json.loads((data_dir / MANIFEST_NAME).read_text())
+        splits = {
+            name: sum(int(shard["samples"]) for shard in split["shards"])
+            for name, split in manifest["splits"].items()
+        }
+        return DataFacts(where, int(manifest["vocab_size"]), int(manifest["seq_len"]), splits)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: preparation makes (or refuses) it
+
+
+def tokenizer_facts(path: str) -> DataFacts:
+    """The vocabulary of an existing ``tokenizer.json`` (what preparation would use)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(Path(path).expanduser()))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for bad files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError("data.tokenizer", f"cannot load {path} ({reason})") from None
+    return DataFacts(f"data.tokenizer={path}", tok.get_vocab_size(with_added_tokens=True))
+
+
+def data_facts_before_preparation(d: DataConfig) -> list[DataFacts]:
+    """The facts known before any data work: a given tokenizer, a dataset already in data.dir."""
+    facts = [tokenizer_facts(d.tokenizer)] if d.tokenizer is not None else []
+    if d.dir is not None:
+        found = dataset_facts(Path(d.dir).expanduser(), f"data.dir={d.dir}")
+        facts += [found] if found is not None else []
+    return facts
+
+
+def validate_against_data(cfg: RootConfig, facts: DataFacts) -> None:
+    """Rules between the config and the data; raise :class:`ConfigError` on the first broken."""
+    m, d = cfg.model, cfg.data
+    if m.vocab_size is not None and facts.vocab_size is not None:
+        _require(
+            m.vocab_size >= facts.vocab_size,
+            "model.vocab_size",
+            f"must be >= the tokenizer's vocabulary of {facts.vocab_size} tokens "
+            f"({facts.where}) (got {m.vocab_size}; leave it unset to take the tokenizer's)",
+        )
+    if facts.seq_len is not None:
+        # A prepared dataset is never re-cut: data.dir may hold the user's only copy.
+        _require(
+            facts.seq_len == d.seq_len,
+            "data.seq_len",
+            f"must equal the prepared dataset's seq_len={facts.seq_len} ({facts.where}) "
+            f"(got {d.seq_len})",
+        )
+    if facts.split_samples is not None and d.val_fraction > 0:
+        _require(
+            facts.split_samples.get("val", 0) > 0,
+            "data.val_fraction",
+            f"the validation split is empty ({facts.where}); set data.val_fraction=0 to train "
+            f"without evaluation, or give more data or a larger fraction (got {d.val_fraction})",
+        )
+
+
+def _validate_data(d: DataConfig) -> None:
+    """Where the data comes from must be unambiguous; preparation options must be usable."""
+    _require(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0 (got {d.num_workers})")
+    _require(
+        d.tokenizer is not None or d.vocab_size >= 257,
+        "data.vocab_size",
+        f"must be >= 257 (256 bytes + end-of-document) to train a tokenizer (got {d.vocab_size})",
+    )
+    for key in ("max_bytes", "tokenizer_sample_bytes", "prepare_workers"):
+        value = getattr(d, key)
+        _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
+    if d.dirs is not None:
+        _require(len(d.dirs) >= 1, "data.dirs", "must list at least one prepared dataset")
+        _require(
+            d.dir is None, "data.dirs", "set either data.dir (one dataset) or data.dirs, not both"
+        )
+        _require(
+            d.inputs is None,
+            "data.inputs",
+            "cannot be prepared into a mixture: prepare each dataset, then list them in data.dirs",
+        )
+    if d.weights is not None:
+        _require(d.dirs is not None, "data.weights", "needs data.dirs (one weight per dataset)")
+        _require(
+            len(d.weights) == len(d.dirs),
+            "data.weights",
+            f"needs one weight per data.dirs entry ({len(d.dirs)}), got {len(d.weights)}",
+        )
+        _require(
+            all(math.isfinite(w) and w > 0 for w in d.weights),
+            "data.weights",
+            f"must be positive numbers (got {list(d.weights)})",
+        )
+    if d.dir is not None and d.inputs is not None:
+        _require(
+            not is_url(d.dir),
+            "data.dir",
+            f"data.inputs are prepared into a local folder, not a URL (got {d.dir!r})",
+        )
 
 
 def layout_from_config(cfg: RootConfig, world_size: int) -> ParallelLayout:

@@ -39,7 +39,9 @@ class Engine(Protocol):
     def run_schedule(
         self, data_iterator: Iterator[torch.Tensor], num_microbatches: int, forward_only: bool
     ) -> torch.Tensor:
-        """Forward (and backward unless ``forward_only``) of ``num_microbatches`` micro-batches."""
+        """Forward (and backward unless ``forward_only``) of ``num_microbatches`` micro-batches
+        of equal shape; rows of token id -1 (evaluation's padding) count neither in the loss
+        nor in the token count. Returns ``[loss sum, token count]`` as above."""
         ...
 
     def grad_norm(self) -> float:

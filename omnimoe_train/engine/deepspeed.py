@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from torch import nn
 
 from omnimoe_train.config import RootConfig
@@ -43,16 +44,21 @@ from omnimoe_train.engine.deepspeed_config import (
     offload_device,
     zero_stage,
 )
+from omnimoe_train.engine.megatron import PAD_ID
 from omnimoe_train.engine.optim import param_groups, wsd_scheduler
 from omnimoe_train.model.gpt import build_model, transformer_config
-from omnimoe_train.model.router import GateNormSnapshot
+from omnimoe_train.model.router import GateNorm, GateNormSnapshot, apply_running_stats
 
 
 def _micro_batch(batch_BL: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(tokens, positions, labels, mask): the megatron engine's, padding rows (``PAD_ID``,
+    evaluation's) masked out of the loss and the token count."""
     batch_BL = batch_BL.to(device, non_blocking=True)
+    mask_BS = batch_BL[:, 1:] != PAD_ID
+    batch_BL = batch_BL.clamp_min(0)
     tokens_BS, labels_BS = batch_BL[:, :-1], batch_BL[:, 1:]
     position_ids_BS = torch.arange(tokens_BS.shape[1], device=device).expand_as(tokens_BS)
-    return tokens_BS, position_ids_BS, labels_BS
+    return tokens_BS, position_ids_BS, labels_BS, mask_BS
 
 
 def skippable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -111,7 +117,10 @@ class DeepSpeedEngine:
         self.engine = engine
         self.model: list[nn.Module] = [engine]
         self.scheduler = wsd_scheduler(self.client_optimizer, cfg.optim, cfg.trainer.max_steps)
-        self.gate_norms = GateNormSnapshot([module])
+        self.gate_norms = [m for m in module.modules() if isinstance(m, GateNorm)]
+        for norm in self.gate_norms:
+            norm.pending = []
+        self.stats_snapshot = GateNormSnapshot([module])  # to undo a skipped step
         self.sharding_note = self._describe()
 
     def _describe(self) -> str:
@@ -153,23 +162,28 @@ class DeepSpeedEngine:
         """
         total = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
         for i in range(num_microbatches):
-            tokens_BS, position_ids_BS, labels_BS = _micro_batch(
+            tokens_BS, position_ids_BS, labels_BS, mask_BS = _micro_batch(
                 next(data_iterator), self.rt.device
             )
             with torch.no_grad() if forward_only else contextlib.nullcontext():
                 losses_BS = self.engine(tokens_BS, position_ids_BS, None, labels=labels_BS)
-            loss_sum = losses_BS.float().sum()
+            loss_sum = (losses_BS.float() * mask_BS).sum()
+            num_tokens = mask_BS.sum()
             if not forward_only:
-                self.engine.backward(loss_sum / losses_BS.numel())
+                self.engine.backward(loss_sum / num_tokens)
                 if i < num_microbatches - 1:
                     self.engine.step()
-            total += torch.stack([loss_sum.detach().double(), total.new_tensor(losses_BS.numel())])
+            total += torch.stack([loss_sum.detach().double(), num_tokens.double()])
         return total
 
     def forward_backward_step(self, data_iterator: Any) -> torch.Tensor:
         self.engine.train()
-        self.gate_norms.save()
-        return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+        self.stats_snapshot.save()
+        total = self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+        # The router's BatchNorm statistics, recorded per micro-batch, are applied over the
+        # data-parallel group in global micro-batch order, as under the megatron engine.
+        apply_running_stats(self.gate_norms, parallel_state.get_data_parallel_group())
+        return total
 
     def grad_norm(self) -> float:
         """Global L2 norm of this step's reduced gradients, before the update (collective).
@@ -218,7 +232,7 @@ class DeepSpeedEngine:
             self.engine.step()
         finally:
             self.client_optimizer.skip_next = False
-        self.gate_norms.restore()
+        self.stats_snapshot.restore()
 
     def optimizer_step(self) -> float:
         """``grad_norm`` then ``apply_update``, whatever the norm; returns the norm."""
@@ -230,7 +244,8 @@ class DeepSpeedEngine:
         """(sum, count) of this rank -> mean over all data-parallel ranks (= the world)."""
         if dist.is_initialized():
             dist.all_reduce(total)
-        return (total[0] / total[1].clamp_min(1)).item()
+        loss_sum, count = total.tolist()
+        return loss_sum / count if count > 0 else float("nan")
 
     def dispatch_metrics(self, steps: int) -> dict[str, float]:
         """No expert-parallel dispatch: the tables are whole in every forward."""

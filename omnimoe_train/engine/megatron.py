@@ -29,7 +29,7 @@ from omnimoe_train.config import RootConfig
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine.optim import optimizer_config, wsd_scheduler
 from omnimoe_train.model.gpt import build_model, transformer_config
-from omnimoe_train.model.router import GateNormSnapshot
+from omnimoe_train.model.router import GateNorm, GateNormSnapshot, apply_running_stats
 from omnimoe_train.parallel.expert_parallel import dispatch_metrics
 from omnimoe_train.parallel.setup import apply_parallelism, dispatch_layers, resolve_table_sharding
 
@@ -38,19 +38,29 @@ def _chained(optimizer: Any) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+# Token id of a padding row: evaluation fills its last micro-batches with such rows so every
+# rank and pipeline stage runs the same number of equal-shaped micro-batches; their positions
+# count neither in the loss nor in the token count.
+PAD_ID = -1
+
+
+def _loss_func(
+    mask_BS: torch.Tensor, output_tensor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     # Megatron's 3-tuple contract: the schedule divides by the token count and microbatches.
-    loss_sum = output_tensor.float().sum()
-    num_tokens = torch.tensor(output_tensor.numel(), dtype=torch.int, device=loss_sum.device)
+    loss_sum = (output_tensor.float() * mask_BS).sum()
+    num_tokens = mask_BS.sum().to(torch.int)
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
 def _forward_step(data_iterator, model, *, device: torch.device):  # noqa: ANN001, ANN202
     batch_BL = next(data_iterator).to(device, non_blocking=True)
+    mask_BS = batch_BL[:, 1:] != PAD_ID  # all true in training (no padding there)
+    batch_BL = batch_BL.clamp_min(0)
     tokens_BS, labels_BS = batch_BL[:, :-1], batch_BL[:, 1:]
     position_ids_BS = torch.arange(tokens_BS.shape[1], device=device).expand_as(tokens_BS)
     losses_BS = model(tokens_BS, position_ids_BS, None, labels=labels_BS)
-    return losses_BS, _loss_func
+    return losses_BS, partial(_loss_func, mask_BS)
 
 
 class MegatronEngine:
@@ -82,7 +92,12 @@ class MegatronEngine:
         )
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dispatches = [ep for c in chunks for ep in dispatch_layers(c)]
-        self.gate_norms = GateNormSnapshot(chunks)
+        # Router BatchNorm running statistics are recorded during a step and applied at its end
+        # over the data-parallel group, in global micro-batch order (``apply_running_stats``).
+        self.gate_norms = [m for c in chunks for m in c.modules() if isinstance(m, GateNorm)]
+        for norm in self.gate_norms:
+            norm.pending = []
+        self.stats_snapshot = GateNormSnapshot(chunks)  # to undo a skipped step
         self.forward_backward = get_forward_backward_func()
 
     # -- construction -------------------------------------------------------------------------
@@ -150,13 +165,16 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         # The forward moves the router BatchNorm statistics; keep them to undo a skipped step
         # (a few n-vectors per layer, copied on the device).
-        self.gate_norms.save()
-        return self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+        self.stats_snapshot.save()
+        total = self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+        group = parallel_state.get_data_parallel_group() if dist.is_initialized() else None
+        apply_running_stats(self.gate_norms, group)
+        return total
 
     def skip_update(self) -> None:
         """Leave the model as before this step: the weights and the optimizer were not touched;
         the router BatchNorm statistics the forward moved (possibly to NaN) are put back."""
-        self.gate_norms.restore()
+        self.stats_snapshot.restore()
 
     def grad_norm(self) -> float:
         """Global norm of this step's reduced grads (megatron's own computation, one host sync);
@@ -187,12 +205,14 @@ class MegatronEngine:
         return grad_norm
 
     def mean_loss(self, total: torch.Tensor) -> float:
-        """(sum, count) on the last stage -> mean over all data-parallel ranks, on every rank."""
+        """(sum, count) on the last stage -> token-weighted mean over all data-parallel ranks,
+        on every rank; NaN when no rank counted a token."""
         if dist.is_initialized():
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
             # Non-last pipeline stages hold zeros: summing over the pipeline group broadcasts.
             dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-        return (total[0] / total[1].clamp_min(1)).item()
+        loss_sum, count = total.tolist()
+        return loss_sum / count if count > 0 else float("nan")
 
     def dispatch_metrics(self, steps: int) -> dict[str, float]:
         """Expert-dispatch traffic per layer per step, averaged over ranks and layers (ep > 1)."""

@@ -42,6 +42,13 @@ class GateNorm(nn.Module):
     sequence): the batch mean and variance are summed over that group, differentiably, so they
     are those of the whole micro-batch, exactly as one process computes them. Data-parallel
     ranks still normalise over their own micro-batch (as the reference code does per batch).
+
+    Running statistics: one process applies the EMA once per training micro-batch, in order.
+    With ``pending`` set to a list (the engine does), each training forward records its
+    micro-batch's (mean, unbiased variance) there instead, and :func:`apply_running_stats`
+    applies the records of the whole data-parallel group at the end of the step in global
+    micro-batch order: every replica ends the step with the running statistics one process
+    computes from the same global batch (megatron's DDP syncs parameters, not buffers).
     """
 
     def __init__(self, n: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
@@ -50,6 +57,7 @@ class GateNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("running_var", torch.ones(n, dtype=torch.float32))
         self.stats_group: ProcessGroup | None = None
+        self.pending: list[torch.Tensor] | None = None  # (2, n) records; None = apply at once
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.stats_group is None:
@@ -66,8 +74,11 @@ class GateNorm(nn.Module):
             var_n = self._sum((z_Tn - mean_n).square().sum(0)) / tokens
             with torch.no_grad():
                 unbiased_n = var_n * (tokens / (tokens - 1))
-                self.running_mean.lerp_(mean_n.detach(), self.momentum)
-                self.running_var.lerp_(unbiased_n.detach(), self.momentum)
+                if self.pending is not None:
+                    self.pending.append(torch.stack([mean_n.detach(), unbiased_n.detach()]))
+                else:
+                    self.running_mean.lerp_(mean_n.detach(), self.momentum)
+                    self.running_var.lerp_(unbiased_n.detach(), self.momentum)
         else:
             mean_n, var_n = self.running_mean, self.running_var
         return (z_Tn - mean_n) * torch.rsqrt(var_n + self.eps)
@@ -100,6 +111,44 @@ class GateNormSnapshot:
     def restore(self) -> None:
         for saved, buf in zip(self.saved, self.buffers, strict=True):
             buf.copy_(saved)
+
+
+@torch.no_grad()
+def apply_running_stats(norms: list[GateNorm], group: ProcessGroup | None) -> None:
+    """Apply the step's recorded batch statistics of ``norms`` (this rank's GateNorms, in module
+    order) on every rank of the data-parallel ``group``, as one process would.
+
+    Contract (the data loader's): data-parallel rank r runs global micro-batches r*m .. r*m+m-1
+    of each step (the contiguous r-th slice of the global batch), so the records gathered from
+    the group in rank order are the global micro-batch order. Every rank of the group holds the
+    same gates (same pipeline stage) with the same number m of records; under sequence
+    parallelism the records are already those of the whole micro-batch (summed over TP), so
+    the TP ranks of a replica gather identical records. Cost: one all-gather of 2 * n floats
+    per gate per micro-batch, then one ``_foreach_lerp_`` per global micro-batch and buffer
+    (the arithmetic of the immediate ``lerp_``, in the same order); no host synchronisation.
+    """
+    norms = [g for g in norms if g.pending]
+    if not norms:
+        return
+    local = torch.cat([torch.stack(g.pending).flatten() for g in norms])
+    if group is not None and dist.get_world_size(group) > 1:
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+    else:
+        gathered = [local]
+    per_gate, offset = [], 0  # per gate: (dp * m, 2, n) records in global micro-batch order
+    for g in norms:
+        m, n = len(g.pending), g.running_mean.numel()
+        parts = [buf[offset : offset + m * 2 * n].view(m, 2, n) for buf in gathered]
+        per_gate.append(torch.cat(parts))
+        offset += m * 2 * n
+        g.pending.clear()
+    momentum = norms[0].momentum
+    if any(g.momentum != momentum for g in norms):
+        raise ValueError("apply_running_stats: every GateNorm must have the same momentum")
+    for j in range(per_gate[0].shape[0]):
+        torch._foreach_lerp_([g.running_mean for g in norms], [r[j, 0] for r in per_gate], momentum)
+        torch._foreach_lerp_([g.running_var for g in norms], [r[j, 1] for r in per_gate], momentum)
 
 
 class CartesianRouter(nn.Module):

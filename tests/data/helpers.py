@@ -53,12 +53,20 @@ def split_samples(data_dir: Path, split: str) -> np.ndarray:
     return np.concatenate(rows) if rows else np.empty((0, manifest["sample_len"]), np.uint16)
 
 
-def make_token_dataset(root: Path, shard_sizes: list[int], *, sample_len: int = 5) -> Path:
-    """A synthetic dataset whose sample ``i`` (global index) holds tokens ``i, i+1, ...``,
-    so a batch row names its sample by its first token."""
+def make_token_dataset(
+    root: Path,
+    shard_sizes: list[int],
+    *,
+    sample_len: int = 5,
+    first_token: int = 0,
+    vocab_size: int | None = None,
+) -> Path:
+    """A synthetic dataset whose sample ``i`` (global index, train then val) holds tokens
+    ``first_token + i, +1, ...``, so a batch row names its sample by its first token.
+    ``vocab_size`` defaults to the largest token + 1."""
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
-    start = 0
+    start = first_token
     for split, sizes in (("train", shard_sizes), ("val", shard_sizes[:2])):
         writer = ShardWriter(root, split, samples_per_shard=10**9, dtype=np.dtype("<u2"))
         for size in sizes:
@@ -69,11 +77,13 @@ def make_token_dataset(root: Path, shard_sizes: list[int], *, sample_len: int = 
         splits[split] = {"shards": writer.shards, "samples": sum(sizes)}
     manifest = {
         "format": "omnimoe-tokens",
-        "version": 1,
+        "version": 2,
         "seq_len": sample_len - 1,
         "sample_len": sample_len,
         "dtype": "uint16",
-        "vocab_size": 65535,
+        "vocab_size": vocab_size or start + sample_len - 1,
+        "eod_id": 0,
+        "tokenizer_sha256": "synthetic",
         "splits": splits,
     }
     (root / MANIFEST_NAME).write_text(json.dumps(manifest))

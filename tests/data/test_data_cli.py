@@ -75,3 +75,83 @@ def test_console_entry_point_exit_status(tmp_path: Path) -> None:
 def test_inspect_without_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not found; prepare the data first" in capsys.readouterr().err
+
+
+def test_parts_and_merge_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = write_txt_folder(tmp_path / "c", make_docs(40))
+    tok = tmp_path / "tok.json"
+    common = ["--block-bytes", "2000", "--workers", "1", "--no-progress"]
+    args = ["--vocab-size", "300", "--workers", "1", "--tokenizer-sample-bytes", "4000"]
+    assert main(["train-tokenizer", str(corpus), "--out", str(tok), *args]) == 0
+    for i in range(2):
+        part = ["prepare", str(corpus), "--tokenizer", str(tok), "--part", f"{i}/2"]
+        assert main([*part, "--out", str(tmp_path / f"p{i}"), "--seq-len", "16", *common]) == 0
+    assert (
+        main(["merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "m")])
+        == 0
+    )
+    assert main(["inspect", f"pipe:cat {tmp_path}/m/{{name}}"]) == 0  # a webdataset URL
+    assert "shard checksums match" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        main(["prepare", str(corpus), "--part", "2/2", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "argument --part: --part '2/2': need 0 <= i < n" in capsys.readouterr().err
+    assert main(["prepare", str(corpus), "--part", "0/2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("omnimoe-data: error: --part needs --tokenizer") and err.count("\n") == 1
+
+
+def test_training_on_a_mixture_records_it(tmp_path: Path) -> None:
+    """`omnimoe-train data.dirs=[a,b] data.weights=[3,1]`: trains, and config.yaml records the
+    datasets with normalised weights; a bad weight list is one line, exit 2."""
+    from omnimoe_data.prepare import prepare, train_tokenizer_file
+    from tests.cli_helpers import assert_usage_error, run_train_cli
+
+    docs = make_docs(80)
+    tok = train_tokenizer_file(
+        [write_txt_folder(tmp_path / "all", docs)], tmp_path / "t.json", vocab_size=300, workers=1
+    )
+    dirs = []
+    for name, part in (("a", docs[:40]), ("b", docs[40:])):
+        corpus = write_txt_folder(tmp_path / f"c{name}", part)
+        prepare(
+            [corpus],
+            tmp_path / name,
+            tokenizer=tok,
+            seq_len=16,
+            val_fraction=0.2,
+            progress=False,
+            workers=1,
+        )
+        dirs.append(str(tmp_path / name))
+    args = [
+        f"data.dirs=[{dirs[0]},{dirs[1]}]",
+        "data.weights=[3,1]",
+        "data.seq_len=16",
+        "data.micro_batch_size=2",
+        "data.global_batch_size=4",
+        "model.num_layers=1",
+        "model.hidden_size=32",
+        "model.num_attention_heads=2",
+        "model.ffn_hidden_size=64",
+        "model.num_experts=64",
+        "model.top_k=4",
+        "optim.warmup_steps=1",
+        "trainer.max_steps=2",
+        "trainer.eval_iters=1",
+        "trainer.progress=false",
+        "logging=disabled",
+        "checkpoint.save_final=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = run_train_cli(args, cache=tmp_path / "cache", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"location: {dirs[0]}\n    weight: 0.75" in config
+    assert f"location: {dirs[1]}\n    weight: 0.25" in config
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = run_train_cli([*args[:1], "data.weights=[1]"], cache=empty, timeout=120)
+    assert_usage_error(bad, "omnimoe-train: error: data.weights: needs one weight per", empty)

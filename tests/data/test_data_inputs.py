@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from omnimoe_data.corpus import DataError
-from omnimoe_data.prepare import is_prepared, prepare
+from omnimoe_data.prepare import prepare
+from omnimoe_data.request import is_prepared
 
 from .helpers import TINY, make_docs, write_txt_folder
 
@@ -144,6 +145,17 @@ def test_bad_tokenizer_files(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(DataError, match=r"broken\.json: cannot load tokenizer"):
         run([corpus], tmp_path / "out", tokenizer=tmp_path / "broken.json")
+    with pytest.raises(DataError, match=r"absent\.json: cannot load tokenizer"):
+        run([corpus], tmp_path / "out", tokenizer=tmp_path / "absent.json")
+    # A byte-order mark before the JSON (as some editors save it) is not an error.
+    good = tmp_path / "good"
+    run([corpus], good)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + (good / "tokenizer.json").read_bytes())
+    assert (
+        run([corpus], tmp_path / "out", tokenizer=bom)["splits"]
+        == (json.loads((good / "manifest.json").read_text())["splits"])
+    )
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     no_eod = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
@@ -151,3 +163,86 @@ def test_bad_tokenizer_files(tmp_path: Path) -> None:
     no_eod.save(str(tmp_path / "no_eod.json"))
     with pytest.raises(DataError, match=re.escape("no end-of-document token; add one of <|endof")):
         run([corpus], tmp_path / "out", tokenizer=tmp_path / "no_eod.json")
+
+
+def _decoded_documents(out: Path, split: str = "train") -> list[str]:
+    from .test_data_prepare import decoded_documents
+
+    return decoded_documents(out, split)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_byte_order_mark_is_not_text(tmp_path: Path, suffix: str) -> None:
+    """A UTF-8 BOM starting a file is an encoding mark: the first jsonl record is kept and a
+    .txt document does not begin with U+FEFF."""
+    docs = make_docs(3, words=30)
+    if suffix == ".jsonl":
+        paths = [tmp_path / "bom.jsonl"]
+        bodies = ["".join(json.dumps({"text": d}) + "\n" for d in docs)]
+    else:
+        paths = [tmp_path / f"bom{i}.txt" for i in range(3)]
+        bodies = docs
+    for path, body in zip(paths, bodies):
+        path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    m = run(paths, tmp_path / "out", val_fraction=0.0, seq_len=4)
+    assert m["skipped"]["total"] == 0
+    assert m["splits"]["train"]["documents"] == len(docs)
+    got = _decoded_documents(tmp_path / "out")
+    assert got == docs[: len(got)] and len(got) >= len(docs) - 1
+    assert not got[0].startswith("\ufeff")
+
+
+def test_unpaired_surrogate_is_a_counted_skip(tmp_path: Path) -> None:
+    docs = make_docs(20)
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines.insert(2, '{"text": "half an emoji \\ud83d here"}')  # line 3
+    lines.insert(5, '{"text": "a whole emoji \\ud83d\\ude00 is fine"}')  # line 6
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    m = run([path], tmp_path / "out", val_fraction=0.0)
+    assert m["skipped"]["by_reason"] == {"unpaired_surrogate": 1}
+    assert m["skipped"]["examples"] == [
+        f"{path}:3: text holds an unpaired UTF-16 surrogate (U+D83D at character 14)"
+    ]
+    assert m["splits"]["train"]["documents"] == 21
+    assert "a whole emoji \U0001f600 is fine" in _decoded_documents(tmp_path / "out")
+
+
+def test_invalid_utf8_in_parquet_is_a_counted_skip(tmp_path: Path) -> None:
+    good = make_docs(20)
+    values = [d.encode() for d in good[:5]] + [b"\xff\xfe broken"] + [d.encode() for d in good[5:]]
+    # Arrow does not validate UTF-8 when a string column is made from bytes.
+    column = pa.array(values, type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": column}), tmp_path / "bad.parquet")
+    m = run([tmp_path / "bad.parquet"], tmp_path / "out", val_fraction=0.0)
+    assert m["skipped"]["by_reason"] == {"non_utf8": 1}
+    assert "bad.parquet: row 5: not valid UTF-8 (byte offset 0)" in m["skipped"]["examples"][0]
+    assert m["splits"]["train"]["documents"] == 20
+
+
+def test_pieces_of_large_files_read_every_document_once(tmp_path: Path) -> None:
+    """Byte ranges of a jsonl file and row-group runs of a parquet file, read one by one,
+    give the documents of reading each file whole (BOM, blank lines, bad lines included)."""
+    from omnimoe_data.corpus import SkipLog, read_piece
+    from omnimoe_data.plan import plan_pieces
+
+    docs = make_docs(40, words=12)
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines[7] = "{broken"
+    lines.insert(11, "")
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())
+    parquet = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"text": docs}), parquet, row_group_size=6)
+
+    def read(block_bytes: int) -> tuple[list[str], dict]:
+        skips = SkipLog()
+        pieces = plan_pieces([jsonl, parquet], block_bytes)
+        texts = [t for p in pieces for _, t, _ in read_piece(p, "text", skips)]
+        return texts, dict(skips.counts), len(pieces)
+
+    whole, whole_skips, n_whole = read(10**9)
+    assert n_whole == 2 and whole_skips == {"invalid_json": 1} and len(whole) == 79
+    for block_bytes in (1, 97, 500, 2048):
+        texts, skips, n = read(block_bytes)
+        assert n > 2 and texts == whole and skips == whole_skips, block_bytes

@@ -1,4 +1,5 @@
-"""TokenShardLoader: determinism, data-parallel and worker splits, exact resume."""
+"""TokenShardLoader: one global order for every data-parallel size and worker count,
+exact resume across them, global mixing, finite passes, and too little data."""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from omnimoe_data.corpus import DataError
-from omnimoe_data.loader import TokenShardLoader, _Plan
+from omnimoe_data.loader import TokenShardLoader
 from omnimoe_data.prepare import prepare
 
 from .helpers import TINY, make_token_dataset
@@ -21,6 +20,7 @@ SAMPLE_LEN = 5
 # Uneven shards, including a short last one, as prepare() writes them.
 SHARDS = [10] * 7 + [3]
 N = sum(SHARDS)
+G = 8  # global batch size
 
 
 @pytest.fixture(scope="module")
@@ -42,130 +42,246 @@ def take(loader: TokenShardLoader, n: int) -> list[torch.Tensor]:
     return list(itertools.islice(loader, n))
 
 
-def test_one_epoch_covers_each_sample_once(data_dir: Path) -> None:
-    loader = TokenShardLoader(data_dir, "train", 4, seed=3)
-    assert loader.batches_per_epoch == N // 4
-    seen = ids(take(loader, loader.batches_per_epoch))
-    assert len(seen) == len(set(seen)) == N - N % 4
-    assert set(seen) <= set(range(N))
-    assert seen != sorted(seen)  # shuffled
-    assert loader.state_dict()["epoch"] == 1
-
-
-def test_deterministic_for_a_seed(data_dir: Path) -> None:
-    def run(seed: int) -> list[int]:
-        return ids(take(TokenShardLoader(data_dir, "train", 4, seed=seed), 40))
-
-    assert run(7) == run(7)
-    assert run(7) != run(8)
-    epochs = run(7)
-    per_epoch = N // 4 * 4
-    assert epochs[:per_epoch] != epochs[per_epoch : 2 * per_epoch]  # reshuffled each epoch
-
-
-def test_infinite_batches_are_full_and_finite_pass_is_complete(data_dir: Path) -> None:
-    loader = TokenShardLoader(data_dir, "train", 8, shuffle=False, infinite=False)
-    first = list(loader)
-    assert [len(b) for b in first] == [8] * 9 + [1]
-    assert ids(first) == list(range(N))  # fixed order, every sample
-    assert ids(loader) == ids(first)  # iter() starts a fresh pass
-    infinite = TokenShardLoader(data_dir, "train", 8)
-    assert all(len(b) == 8 for b in take(infinite, 30))
-
-
-def test_val_split_is_in_fixed_order(data_dir: Path) -> None:
-    a = TokenShardLoader(data_dir, "val", 3, seed=1, infinite=False)
-    b = TokenShardLoader(data_dir, "val", 3, seed=2, infinite=False)
-    assert ids(a) == ids(b) == sorted(ids(a))
-    assert len(ids(a)) == 20
-
-
-@pytest.mark.parametrize("dp_size", [2, 3, 4, 16])
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_dp_ranks_are_disjoint_equal_and_covering(data_dir: Path, dp_size: int, shuffle: bool):
-    per_rank = []
-    for rank in range(dp_size):
+def global_batches(
+    data, steps: int, *, dp: int, workers: int = 0, mb: int = 2, state: dict | None = None, **kw
+) -> list[list[int]]:
+    """Runs ``dp`` rank loaders for ``steps`` steps and reassembles each global batch from the
+    ranks' slices, rank by rank (the contract: rank r holds [r*G/dp, (r+1)*G/dp))."""
+    per_step = G // dp // mb
+    ranks = []
+    for rank in range(dp):
         loader = TokenShardLoader(
-            data_dir,
+            data,
             "train",
-            2,
+            mb,
+            global_batch_size=G,
             dp_rank=rank,
-            dp_size=dp_size,
+            dp_size=dp,
             seed=5,
-            infinite=False,
-            shuffle=shuffle,
+            num_workers=workers,
+            **kw,
         )
-        per_rank.append(ids(loader))
-    counts = {len(r) for r in per_rank}
-    assert counts == {N // dp_size}  # every rank gets data, the same amount
-    everything = [i for r in per_rank for i in r]
-    assert len(everything) == len(set(everything)) == N - N % dp_size
-
-
-def test_fewer_shards_than_ranks(tmp_path: Path) -> None:
-    data = make_token_dataset(tmp_path, [6, 5], sample_len=SAMPLE_LEN)
-    per_rank = [
-        ids(take(TokenShardLoader(data, "train", 1, dp_rank=r, dp_size=4), 2)) for r in range(4)
+        if state is not None:
+            loader.load_state_dict(state)
+        ranks.append(ids(take(loader, steps * per_step)))
+    per_rank = G // dp
+    return [
+        [i for r in range(dp) for i in ranks[r][s * per_rank : (s + 1) * per_rank]]
+        for s in range(steps)
     ]
-    flat = [i for r in per_rank for i in r]
-    assert len(flat) == len(set(flat)) == 8
 
 
-def test_worker_split(data_dir: Path) -> None:
-    everything = []
-    for rank in range(2):
+@pytest.mark.parametrize(("dp", "workers"), [(1, 2), (2, 0), (2, 2), (4, 0), (4, 2)])
+def test_global_batches_independent_of_dp_and_workers(data_dir: Path, dp: int, workers: int):
+    reference = global_batches(data_dir, 20, dp=1)  # 160 samples: two epochs and a bit
+    assert global_batches(data_dir, 20, dp=dp, workers=workers) == reference
+
+
+def test_epochs_are_permutations(data_dir: Path) -> None:
+    flat = [i for batch in global_batches(data_dir, 19, dp=1) for i in batch]
+    first, second = flat[:N], flat[N : 2 * N]
+    assert sorted(first) == sorted(second) == list(range(N))  # each sample once per epoch
+    assert first != sorted(first) and first != second  # shuffled, anew each epoch
+    other_seed = TokenShardLoader(data_dir, "train", 8, seed=6)
+    assert ids(take(other_seed, 9))[:N] != first
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ((1, 0, 2), (2, 2, 2)),
+        ((2, 2, 2), (4, 0, 1)),
+        ((4, 0, 2), (1, 2, 4)),
+        ((2, 0, 4), (2, 0, 4)),
+    ],
+)
+@pytest.mark.parametrize("steps_done", [3, 9])  # 9 steps = 72 samples: mid second epoch
+def test_resume_continues_the_sequence_at_another_layout(
+    data_dir: Path, before: tuple, after: tuple, steps_done: int
+) -> None:
+    """(dp, workers, micro-batch) before and after the checkpoint may all differ."""
+    dp, workers, mb = before
+    loader = TokenShardLoader(
+        data_dir,
+        "train",
+        mb,
+        global_batch_size=G,
+        dp_rank=0,
+        dp_size=dp,
+        seed=5,
+        num_workers=workers,
+    )
+    take(loader, steps_done * G // dp // mb)
+    state = json.loads(json.dumps(loader.state_dict()))  # checkpoints store plain data
+    assert state["consumed_samples"] == steps_done * G
+    dp2, workers2, mb2 = after
+    resumed = global_batches(data_dir, 6, dp=dp2, workers=workers2, mb=mb2, state=state)
+    assert resumed == global_batches(data_dir, steps_done + 6, dp=1)[steps_done:]
+
+
+def test_state_is_refused_for_other_data_or_seed(data_dir: Path, tmp_path: Path) -> None:
+    state = TokenShardLoader(data_dir, "train", 4, seed=5).state_dict()
+    with pytest.raises(DataError, match="seed=5 in the checkpoint, 6 now"):
+        TokenShardLoader(data_dir, "train", 4, seed=6).load_state_dict(state)
+    other = make_token_dataset(tmp_path / "other", SHARDS, sample_len=SAMPLE_LEN, first_token=1)
+    with pytest.raises(DataError, match="data_ids=.* in the checkpoint"):
+        TokenShardLoader(other, "train", 4, seed=5).load_state_dict(state)
+    with pytest.raises(DataError, match="older format"):
+        TokenShardLoader(data_dir, "train", 4).load_state_dict({"epoch": 0, "batch": 3})
+    mid_step = TokenShardLoader(data_dir, "train", 2, global_batch_size=8)
+    take(mid_step, 3)
+    with pytest.raises(ValueError, match="mid-step"):
+        mid_step.state_dict()
+
+
+def test_sorted_corpus_gives_mixed_batches(tmp_path: Path) -> None:
+    """20 topics written one after another (as files sorted by source arrive): every global
+    batch holds samples of many topics, not one shard's neighbourhood."""
+    per_topic, batch = 40, 32
+    data = make_token_dataset(tmp_path / "d", [per_topic // 2] * 40, sample_len=SAMPLE_LEN)
+    loader = TokenShardLoader(data, "train", batch, seed=0)
+    for rows in take(loader, 2 * 20 * per_topic // batch):
+        topics = {i // per_topic for i in ids([rows])}
+        assert len(topics) >= 12, sorted(topics)  # 32 draws from 20 topics: ~16 expected
+
+
+def test_mixture_weights_are_honoured(tmp_path: Path) -> None:
+    a = make_token_dataset(tmp_path / "a", [50, 50], sample_len=SAMPLE_LEN, vocab_size=2000)
+    b = make_token_dataset(
+        tmp_path / "b", [30], sample_len=SAMPLE_LEN, first_token=1000, vocab_size=2000
+    )
+    loader = TokenShardLoader([a, b], "train", 16, global_batch_size=32, weights=[7, 3])
+    drawn = [ids([rows]) for rows in take(loader, 200)]
+    flat = [i for rows in drawn for i in rows]
+    share_a = sum(i < 1000 for i in flat) / len(flat)
+    assert abs(share_a - 0.7) <= 1 / len(flat)  # Megatron's rule: within one sample
+    assert all(abs(sum(i < 1000 for i in rows) - 0.7 * 16) <= 1 for rows in drawn)
+    assert {i for i in flat if i < 1000} == set(range(100))  # every sample of a, epochs
+    assert {i for i in flat if i >= 1000} == set(range(1000, 1030))
+    # Resumable at another layout, and the state carries the per-dataset counts.
+    first = TokenShardLoader([a, b], "train", 16, global_batch_size=32, weights=[7, 3])
+    take(first, 14)
+    state = first.state_dict()
+    assert state["consumed_samples"] == 7 * 32 and sum(state["dataset_samples"]) == 7 * 32
+    ranks = []
+    for r in range(4):
         loader = TokenShardLoader(
-            data_dir, "train", 2, dp_rank=rank, dp_size=2, num_workers=2, seed=1, infinite=False
+            [a, b],
+            "train",
+            4,
+            global_batch_size=32,
+            dp_rank=r,
+            dp_size=4,
+            weights=[0.7, 0.3],
+            num_workers=2 if r == 1 else 0,
         )
-        everything.extend(ids(loader))
-    assert len(everything) == len(set(everything)) == N - N % 4
-    # Workers read disjoint shard ranges: with 2 ranks x 2 workers on a 73-sample split each
-    # consumer owns 18 consecutive samples of the epoch's shard order.
-    plain = TokenShardLoader(data_dir, "train", 2, num_workers=2, shuffle=False, infinite=False)
-    got = ids(plain)
-    worker0, worker1 = set(range(0, 36)), set(range(36, 72))
-    assert got[0:2] == [0, 1] and got[2:4] == [36, 37]  # round-robin over the two workers
-    assert set(got[0::4] + got[1::4]) == worker0 and set(got[2::4] + got[3::4]) == worker1
+        loader.load_state_dict(state)
+        ranks.append(ids(take(loader, 2)))
+    assert [i for r in ranks for i in r] == [i for rows in drawn[14:16] for i in rows]
+    with pytest.raises(DataError, match="weights="):
+        TokenShardLoader([a, b], "train", 16, global_batch_size=32).load_state_dict(state)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("consumed", [0, 5, 8, 9, 21])
-def test_exact_resume(data_dir: Path, num_workers: int, consumed: int) -> None:
-    def make() -> TokenShardLoader:
-        return TokenShardLoader(
-            data_dir, "train", 4, dp_rank=1, dp_size=2, seed=11, num_workers=num_workers
+def test_mixture_needs_one_tokenizer(tmp_path: Path) -> None:
+    a = make_token_dataset(tmp_path / "a", [10], sample_len=SAMPLE_LEN)
+    b = make_token_dataset(tmp_path / "b", [10], sample_len=SAMPLE_LEN + 1)
+    with pytest.raises(DataError, match="seq_len=5 but .* has 4; .* share the tokenizer"):
+        TokenShardLoader([a, b], "train", 2)
+
+
+def test_pipe_url_reads_the_same_batches(data_dir: Path, tmp_path: Path) -> None:
+    url = f"pipe:cat {data_dir}/{{name}}"
+    cache = tmp_path / "shard-cache"
+    via_pipe = global_batches(url, 12, dp=2, workers=2, cache_dir=cache)
+    assert via_pipe == global_batches(data_dir, 12, dp=1)
+    assert len(list(cache.glob("*.tar"))) == len(SHARDS)  # each shard fetched once, verified
+    with pytest.raises(DataError, match="must contain {name}"):
+        TokenShardLoader(f"pipe:cat {data_dir}/manifest.json", "train", 2, cache_dir=cache)
+    with pytest.raises(DataError, match=r"nowhere/manifest\.json: cannot read manifest"):
+        TokenShardLoader(f"pipe:cat {tmp_path}/nowhere/{{name}}", "train", 2, cache_dir=cache)
+
+
+def _corrupt(data_dir: Path, shard: int) -> str:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    name = manifest["splits"]["train"]["shards"][shard]["name"]
+    path = data_dir / name
+    raw = bytearray(path.read_bytes())
+    raw[600] ^= 1  # one bit of a sample's tokens
+    path.write_bytes(bytes(raw))
+    return name
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_shard_is_named_or_skipped(tmp_path: Path, workers: int) -> None:
+    data = make_token_dataset(tmp_path / "d", SHARDS, sample_len=SAMPLE_LEN)
+    name = _corrupt(data, 2)  # samples 20..29
+    loader = TokenShardLoader(data, "train", 8, seed=5, num_workers=workers)
+    with pytest.raises(DataError, match=rf"{name}: bad shard \(sha256 does not match"):
+        take(loader, 20)
+    skipping = TokenShardLoader(data, "train", 8, seed=5, skip_bad_shards=True)
+    seen = ids(take(skipping, 20))
+    assert len(seen) == 160 and not set(range(20, 30)) & set(seen)
+    assert skipping.bad_shards == 1
+    # The replacement is a function of the data: the same at another dp size and worker count.
+    ranks = [
+        TokenShardLoader(
+            data,
+            "train",
+            4,
+            global_batch_size=8,
+            dp_rank=r,
+            dp_size=2,
+            seed=5,
+            skip_bad_shards=True,
+            num_workers=workers,
         )
-
-    reference = make()
-    # 9 batches per epoch with one worker, 2 x 4 with two: `consumed` hits epoch boundaries.
-    assert reference.batches_per_epoch == (9 if num_workers == 0 else 8)
-    take(reference, consumed)
-    state = json.loads(json.dumps(reference.state_dict()))  # checkpoints store plain data
-    expected = take(reference, 6)
-    resumed = make()
-    take(resumed, 3)  # a loader mid-way is moved to the checkpoint position
-    resumed.load_state_dict(state)
-    got = take(resumed, 6)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        for r in range(2)
+    ]
+    per_rank = [ids(take(loader, 20)) for loader in ranks]
+    merged = [i for s in range(20) for r in range(2) for i in per_rank[r][4 * s : 4 * s + 4]]
+    assert merged == seen
 
 
-def test_resume_refuses_other_layout(data_dir: Path) -> None:
-    state = TokenShardLoader(data_dir, "train", 4, dp_size=2).state_dict()
-    with pytest.raises(ValueError, match="dp_size=2 in the checkpoint, 4 now"):
-        TokenShardLoader(data_dir, "train", 4, dp_size=4).load_state_dict(state)
+def test_missing_shard_is_named_before_training(tmp_path: Path) -> None:
+    data = make_token_dataset(tmp_path / "d", SHARDS, sample_len=SAMPLE_LEN)
+    (data / "train-000003.tar").unlink()
+    with pytest.raises(DataError, match=r"train-000003\.tar: bad shard \(missing\)"):
+        TokenShardLoader(data, "train", 4)
+    loader = TokenShardLoader(data, "train", 4, skip_bad_shards=True)
+    assert loader.bad_shards == 1 and not set(range(30, 40)) & set(ids(take(loader, 30)))
+
+
+@pytest.mark.parametrize("dp", [1, 2, 3])
+def test_finite_pass_reads_the_split_once_in_order(data_dir: Path, dp: int) -> None:
+    per_rank = []
+    for rank in range(dp):
+        loader = TokenShardLoader(
+            data_dir, "val", 2, global_batch_size=12, dp_rank=rank, dp_size=dp, infinite=False
+        )
+        first = ids(loader)
+        assert ids(loader) == first  # iter() starts a fresh pass
+        assert loader.batches_per_pass == sum(1 for _ in loader)
+        per_rank.append(first)
+    # Reassembled global batches (rank slices in rank order) are the split in order.
+    val = list(range(N, N + 20))
+    assert sorted(i for r in per_rank for i in r) == val
+    single = ids(TokenShardLoader(data_dir, "val", 2, global_batch_size=12, infinite=False))
+    assert single == val
 
 
 def test_too_little_data(data_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="too few for dp_size=8 x workers=1 x micro_batch_size=16"):
-        TokenShardLoader(data_dir, "train", 16, dp_size=8)
     small_eval = TokenShardLoader(data_dir, "val", 16, dp_size=8, infinite=False)
-    assert [len(b) for b in small_eval] == [20 // 8]  # one short batch per rank
-    empty_eval = TokenShardLoader(data_dir, "val", 16, dp_size=32, infinite=False)
-    assert list(empty_eval) == []  # evaluation on too little data yields nothing, on every rank
+    assert [len(b) for b in small_eval] == [2]  # 20 samples over 8 ranks: rank 0 has 2
     with pytest.raises(DataError, match="no split 'test'"):
         TokenShardLoader(data_dir, "test", 1)
     with pytest.raises(DataError, match="not found; prepare the data first"):
         TokenShardLoader(tmp_path, "train", 1)
+    empty = make_token_dataset(tmp_path / "empty", [], sample_len=SAMPLE_LEN)
+    with pytest.raises(DataError, match="split 'train' has no samples to train on"):
+        TokenShardLoader(empty, "train", 1)
+    assert list(TokenShardLoader(empty, "val", 1, infinite=False)) == []
+    with pytest.raises(ValueError, match="must be a multiple of micro_batch_size"):
+        TokenShardLoader(data_dir, "train", 4, global_batch_size=6, dp_size=1)
 
 
 def test_loader_on_prepared_data(txt_corpus: Path, tmp_path: Path) -> None:
@@ -178,37 +294,3 @@ def test_loader_on_prepared_data(txt_corpus: Path, tmp_path: Path) -> None:
     rows = torch.cat(batches)
     assert rows.shape[1] == 17 and int(rows.max()) < m["vocab_size"]
     assert torch.equal(rows[1:, 0], rows[:-1, -1])  # stride seq_len: consecutive samples overlap
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    shard_sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12),
-    consumers=st.integers(1, 24),
-    epoch=st.integers(0, 3),
-)
-def test_epoch_partition_property(shard_sizes: list[int], consumers: int, epoch: int) -> None:
-    """Whatever the shard sizes: consumers get equal, disjoint ranges; the rest is < C."""
-    total = sum(shard_sizes)
-    per = total // consumers
-    plan = _Plan(
-        paths=tuple(Path(f"s{i}") for i in range(len(shard_sizes))),
-        shard_samples=tuple(shard_sizes),
-        dtype="uint16",
-        sample_len=2,
-        micro_batch_size=1,
-        dp_rank=0,
-        dp_size=consumers,
-        workers=1,
-        seed=9,
-        shuffle=True,
-        infinite=True,
-        per_consumer=per,
-        batches_per_worker=max(per, 1),
-    )
-    taken = []
-    for c in range(consumers):
-        segs = plan.segments(epoch, c)
-        assert sum(s.stop - s.start for s in segs) == per
-        assert all(0 <= s.start < s.stop <= shard_sizes[s.shard] for s in segs)
-        taken.extend((s.shard, i) for s in segs for i in range(s.start, s.stop))
-    assert len(taken) == len(set(taken)) == total - total % consumers

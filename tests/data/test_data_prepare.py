@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from omnimoe_data import prepare as prepare_mod
-from omnimoe_data.corpus import DataError
-from omnimoe_data.prepare import default_corpus_files, is_prepared, prepare
+from omnimoe_data.corpus import DataError, default_corpus_files
+from omnimoe_data.encode import is_val
+from omnimoe_data.prepare import prepare
+from omnimoe_data.request import is_prepared
 from omnimoe_data.shards import ShardWriter, read_shard, sha256_file, token_dtype
 
 from .helpers import TINY, make_docs, sorted_txt_docs, split_samples, write_txt_folder
@@ -39,7 +40,7 @@ def decoded_documents(data_dir: Path, split: str) -> list[str]:
 
 def expected_split(docs: list[str], split: str, *, seed: int, val_fraction: float) -> list[str]:
     want_val = split == "val"
-    return [d for d in docs if prepare_mod._is_val(d, seed, val_fraction) == want_val]
+    return [d for d in docs if is_val(d.encode(), seed, val_fraction) == want_val]
 
 
 def test_round_trip_and_manifest(txt_corpus: Path, tmp_path: Path) -> None:
@@ -58,6 +59,7 @@ def test_round_trip_and_manifest(txt_corpus: Path, tmp_path: Path) -> None:
         assert info["documents"] == len(want)
         assert info["samples"] == sum(s["samples"] for s in info["shards"])
         assert info["tokens"] == info["samples"] * (TINY["seq_len"] + 1)
+        assert info["packed_streams"] == 1  # one block: one packed stream per split
         assert (
             info["samples"] * TINY["seq_len"] + 1 + info["dropped_tokens"] == info["stream_tokens"]
         )
@@ -225,3 +227,48 @@ def test_default_corpus_prepare(tmp_path: Path) -> None:
     assert m["sources"]["kind"] == "python-stdlib"
     assert m["vocab_size"] == 512 and m["splits"]["train"]["samples"] > 100
     assert is_prepared(tmp_path / "out", seq_len=64, vocab_size=512)
+
+
+def test_index_shard_checks_every_member(tmp_path: Path) -> None:
+    """Offsets of our writer's layout (checked on all headers at once) and of any other tar
+    layout (tarfile) agree with tarfile; size, sha256, member sizes and count are checked."""
+    import hashlib
+    import io
+    import tarfile
+
+    from omnimoe_data.shards import index_shard
+
+    rows = np.arange(30, dtype=np.uint16).reshape(6, 5)
+    with ShardWriter(tmp_path, "train", samples_per_shard=10, dtype=np.uint16) as w:
+        w.write_rows(rows)
+        ours = w.close()[0]
+
+    def record(data: bytes, samples: int) -> dict:
+        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "samples": samples}
+
+    def tarfile_offsets(data: bytes) -> list[int]:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            return [m.offset_data for m in tar]
+
+    data = (tmp_path / ours["name"]).read_bytes()
+    got = index_shard(data, ours, dtype=np.uint16, sample_len=5)
+    assert got.tolist() == tarfile_offsets(data)
+    # A PAX tar (another tool's layout, long names): the tarfile path gives its offsets.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i, row in enumerate(rows):
+            info = tarfile.TarInfo(f"{'k' * 120}{i}.tokens.u16")
+            info.size, info.mtime = 10, 1.5
+            tar.addfile(info, io.BytesIO(row.tobytes()))
+    pax = buf.getvalue()
+    assert index_shard(pax, record(pax, 6), dtype=np.uint16, sample_len=5).tolist() == (
+        tarfile_offsets(pax)
+    )
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        index_shard(data[:-1] + b"\1", ours, dtype=np.uint16, sample_len=5)
+    with pytest.raises(ValueError, match="has 6 samples, the manifest says 7"):
+        index_shard(data, {**ours, "samples": 7}, dtype=np.uint16, sample_len=5)
+    with pytest.raises(ValueError, match="has 10 bytes, expected 12"):
+        index_shard(data, ours, dtype=np.uint16, sample_len=6)
+    with pytest.raises(ValueError, match="not a .tokens.u32 sample"):
+        index_shard(data, ours, dtype=np.uint32, sample_len=5)

@@ -174,3 +174,42 @@ def testexpert_order_is_a_stable_sort(N: int) -> None:
     ref_e, ref_order = torch.sort(idx.reshape(-1), stable=True)
     assert key_P.dtype == (torch.int16 if N <= 1 << 16 else torch.int32)
     assert torch.equal(key_P.long() + base, ref_e) and torch.equal(order_P, ref_order)
+
+
+@cpu_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nonfinite_token_stays_in_its_outputs_cpu() -> None:
+    """A NaN token row (as a diverging step gives) and an inf routing weight of another token:
+    y and dx are non-finite only for those tokens, and the experts they use get non-finite
+    weight gradients (the contract in ``omnimoe_kernels.atomic_experts``)."""
+    (x, up, down, w), idx, gy = _inputs(40, 16, 64, 4, torch.float32, "cpu", False, 11)
+    with torch.no_grad():
+        x[3] = float("nan")
+        w[7, 1] = float("inf")
+    y = omnimoe_kernels.atomic_experts(x, up, down, w, idx, backend="triton")
+    dx, dup, _, _ = torch.autograd.grad(y, (x, up, down, w), gy)
+    bad_rows = lambda t: set((~torch.isfinite(t)).any(1).nonzero().flatten().tolist())  # noqa: E731
+    assert bad_rows(y) == {3, 7}
+    assert bad_rows(dx) <= {3, 7} and 3 in bad_rows(dx)
+    assert set(idx[3].tolist()) <= bad_rows(dup)
+    healthy = [t for t in range(40) if t not in (3, 7)]
+    y_ref = atomic_experts_reference(x[healthy], up, down, w[healthy], idx[healthy])
+    assert rel_err(y[healthy], y_ref) <= 2e-5
+
+
+def test_atomic_experts_rejects_what_breaks_the_contract(monkeypatch) -> None:
+    """Float ids and the size limits (``omnimoe_kernels.limits``) are refused from the shapes."""
+    (x, up, down, w), idx, _ = _inputs(6, 8, 9, 2, torch.float32, "cpu", False, 0)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        experts_autograd.atomic_experts_triton(x, up, down, w, idx.float())
+    monkeypatch.setattr(experts_autograd, "EXPERTS_MAX_NUM", 8)
+    with pytest.raises(ValueError, match="N=9 experts"):
+        experts_autograd.atomic_experts_triton(x, up, down, w, idx)
+    monkeypatch.setattr(experts_autograd, "EXPERTS_MAX_NUM", 9)
+    monkeypatch.setattr(experts_autograd, "EXPERTS_MAX_HIDDEN", 7)
+    with pytest.raises(ValueError, match="D=8 columns"):
+        experts_autograd.atomic_experts_triton(x, up, down, w, idx)
+    monkeypatch.setattr(experts_autograd, "EXPERTS_MAX_HIDDEN", 8)
+    monkeypatch.setattr(experts_autograd, "EXPERTS_MAX_PAIRS", 11)
+    with pytest.raises(ValueError, match="12 pairs"):
+        experts_autograd.atomic_experts_triton(x, up, down, w, idx)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import cpu_triton, gpu, rel_err
+from kernel_test_utils import (
+    cpu_triton,
+    documented_topk_ids,
+    gpu,
+    nonfinite_router_inputs,
+    rel_err,
+)
 
 import omnimoe_kernels
 from omnimoe_kernels.reference import cartesian_topk_reference
@@ -95,6 +101,60 @@ def test_cartesian_topk_selection_ties_cpu(n: int, k: int) -> None:
 @pytest.mark.parametrize(("n", "k"), [(24, 1), (24, 10), (24, 50), (24, 576), (9, 30)])
 def test_cartesian_topk_special_values_cpu(n: int, k: int, dtype: torch.dtype) -> None:
     _check_special(4, n, k, dtype, "cpu")
+
+
+def _check_nonfinite(n: int, k: int, dtype: torch.dtype, device: str) -> None:
+    """NaN / +-inf inputs: ids distinct and in [0, N), equal to the reference and to the
+    documented order pair by pair; scores the true sums (NaN where an input is NaN)."""
+    rows, cols = nonfinite_router_inputs(n, dtype, seed=n * 100 + k)
+    scores, ids = omnimoe_kernels.cartesian_topk(
+        rows.to(device), cols.to(device), k, backend="triton"
+    )
+    ids = ids.cpu()
+    assert ids.shape == (8, k) and ((ids >= 0) & (ids < n * n)).all(), ids
+    assert all(len(set(row.tolist())) == k for row in ids), "repeated ids"
+    ref_scores, ref_ids = cartesian_topk_reference(rows, cols, k)
+    assert torch.equal(ids, ref_ids)
+    assert torch.equal(ref_ids, documented_topk_ids(rows, cols, k))
+    torch.testing.assert_close(scores.cpu(), ref_scores, rtol=0, atol=0, equal_nan=True)
+
+
+NONFINITE_CASES = [  # n, K, dtype
+    (8, 4, torch.float32),  # the issue's case: K < n, selection path
+    (8, 64, torch.float32),  # K = n^2: every pair
+    (8, 12, torch.float32),  # K > n: every index a candidate
+    (76, 64, torch.float32),  # the issue's H200 case (repeated ids there)
+    (76, 1, torch.float32),
+    (37, 100, torch.float64),  # float64 keys, K > n
+    (12, 7, torch.bfloat16),
+]
+
+
+# +inf + -inf = NaN in the interpreter's score sums is the point of these inputs.
+NAN_SCORES = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+@cpu_triton
+@NAN_SCORES
+@pytest.mark.parametrize(("n", "k", "dtype"), NONFINITE_CASES)
+def test_cartesian_topk_nonfinite_cpu(n: int, k: int, dtype: torch.dtype) -> None:
+    _check_nonfinite(n, k, dtype, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "dtype"),
+    [
+        *NONFINITE_CASES,
+        (1024, 4096, torch.float32),
+        (320, 512, torch.bfloat16),
+        (96, 1000, torch.float64),
+    ],
+)
+@NAN_SCORES
+@gpu[0]
+@gpu[1]
+def test_cartesian_topk_nonfinite_gpu(n: int, k: int, dtype: torch.dtype) -> None:
+    _check_nonfinite(n, k, dtype, "cuda")
 
 
 def test_cartesian_topk_rejects_bad_k() -> None:

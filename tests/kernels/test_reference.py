@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_test_utils import documented_topk_ids, nonfinite_router_inputs
 
-from omnimoe_kernels.reference import atomic_experts_reference, cartesian_topk_reference
+from omnimoe_kernels.reference import (
+    atomic_experts_reference,
+    cartesian_topk_reference,
+    rank_values,
+)
 
 
 def _naive_atomic_experts(x_TD, up_ND, down_ND, w_TK, idx_TK):  # noqa: ANN001, ANN202
@@ -74,3 +79,26 @@ def test_cartesian_topk_reference_is_brute_force_with_lowest_index_ties(n: int, 
     expected = key.topk(k, dim=-1).indices.sort(-1).values
     assert torch.equal(idx.sort(-1).values, expected)
     torch.testing.assert_close(scores, full.gather(-1, idx))
+
+
+@pytest.mark.parametrize(("n", "k"), [(8, 4), (8, 64), (76, 64), (9, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cartesian_topk_reference_nonfinite_follows_the_documented_order(
+    n: int, k: int, dtype: torch.dtype
+) -> None:
+    """NaN / +-inf: distinct ids in [0, N) in the documented order; scores the input sums."""
+    rows, cols = nonfinite_router_inputs(n, dtype, seed=n + k)
+    scores, ids = cartesian_topk_reference(rows, cols, k)
+    assert ((ids >= 0) & (ids < n * n)).all()
+    assert all(len(set(row.tolist())) == k for row in ids)
+    assert torch.equal(ids, documented_topk_ids(rows, cols, k))
+    sums = rows.double().gather(1, ids // n) + cols.double().gather(1, ids % n)
+    torch.testing.assert_close(scores, sums.float().to(dtype), rtol=0, atol=0, equal_nan=True)
+    assert scores[0].isnan().all()  # token 0's whole rows half is NaN
+
+
+def test_rank_values() -> None:
+    x = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 1.5])
+    big = torch.finfo(torch.float32).max
+    expected = torch.tensor([float("-inf"), big, float("-inf"), -0.0, 1.5])
+    assert torch.equal(rank_values(x, torch.float32), expected)

@@ -117,14 +117,16 @@ def check_skip_and_norm(runs: list[tuple[str, str]]) -> None:
         engine = DeepSpeedEngine(cfg, rt, VOCAB)
         train(engine, cfg, 1)
         batches = rank_microbatches(1, cfg, rt.dp_rank, rt.dp_size)
-        norms_before = [b.clone() for b in engine.gate_norms.buffers]
+        norms_before = [b.clone() for b in engine.stats_snapshot.buffers]
         engine.forward_backward_step(iter(batches))
-        assert any(not torch.equal(a, b) for a, b in zip(norms_before, engine.gate_norms.buffers))
+        assert any(
+            not torch.equal(a, b) for a, b in zip(norms_before, engine.stats_snapshot.buffers)
+        )
         before, lr = full_params(engine), engine.current_lr()
         norm = engine.grad_norm()
         engine.skip_update()
         after = full_params(engine)
-        for saved, buf in zip(norms_before, engine.gate_norms.buffers, strict=True):
+        for saved, buf in zip(norms_before, engine.stats_snapshot.buffers, strict=True):
             assert torch.equal(saved, buf), f"{preset}: skipped step moved router statistics"
         for name, value in before.items():
             assert torch.equal(value, after[name]), f"{preset}: skipped step changed {name}"

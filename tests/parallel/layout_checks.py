@@ -60,11 +60,14 @@ def global_batch(step: int, cfg: Any) -> torch.Tensor:
 
 
 def rank_microbatches(step: int, cfg: Any, dp_rank: int, dp_size: int) -> list[torch.Tensor]:
-    """Micro-batch i of the global batch goes to DP rank i % dp: one process sees all, in order."""
+    """The data contract: DP rank r takes the contiguous r-th slice of the global batch, cut
+    into micro-batches, so it runs global micro-batches r*m .. r*m+m-1 (one process runs all,
+    in order)."""
     m = cfg.data.micro_batch_size
     batch = global_batch(step, cfg)
-    count = batch.shape[0] // m
-    return [batch[i * m : (i + 1) * m] for i in range(dp_rank, count, dp_size)]
+    share = batch.shape[0] // dp_size
+    mine = batch[dp_rank * share : (dp_rank + 1) * share]
+    return list(mine.split(m))
 
 
 def _local_params(engine: MegatronEngine) -> list[tuple[str, torch.nn.Parameter, torch.nn.Module]]:

@@ -45,7 +45,9 @@ def test_metrics_record_dispatch_bytes_per_layer(tmp_path: Path) -> None:
     # A complete dataset names its tokenizer; the model's vocab_size is set, so it is never read.
     manifest = json.loads((data_dir / "manifest.json").read_text())
     (data_dir / "tokenizer.json").write_text("{}")
-    (data_dir / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "tokenizer.json"}))
+    # Its token ids are below 2048 (the model's vocab_size): the manifest says so.
+    manifest.update(tokenizer="tokenizer.json", vocab_size=2048)
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
     run_distributed(fit_and_log, 2, data_dir, tmp_path / "run", timeout_s=300)
     records = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

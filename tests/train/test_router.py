@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnimoe_train.model.router import CartesianRouter, GateNorm
+from omnimoe_train.model.router import CartesianRouter, GateNorm, apply_running_stats
 
 
 @pytest.mark.parametrize(("n", "k"), [(4, 1), (8, 5), (8, 8), (8, 20), (16, 64), (6, 36)])
@@ -64,3 +64,21 @@ def test_gate_norm_matches_batchnorm_without_affine() -> None:
     torch.testing.assert_close(ours(z), ref(z))
     ours.train()
     assert ours(torch.randn(0, 5)).shape == (0, 5)  # an empty batch is a no-op
+
+
+def test_deferred_running_stats_equal_immediate_ones() -> None:
+    """Recording micro-batch statistics and applying them at the end of the step (one process,
+    no group) gives the running statistics of the immediate per-micro-batch update, bitwise."""
+    torch.manual_seed(3)
+    immediate, deferred = GateNorm(6), GateNorm(6)
+    deferred.pending = []
+    for _ in range(3):  # steps
+        for _ in range(4):  # micro-batches
+            z = torch.randn(10, 6) * 3 + 1
+            immediate(z)
+            deferred(z)
+        assert not torch.equal(deferred.running_mean, immediate.running_mean)
+        apply_running_stats([deferred], None)
+        assert deferred.pending == []
+        assert torch.equal(deferred.running_mean, immediate.running_mean)
+        assert torch.equal(deferred.running_var, immediate.running_var)

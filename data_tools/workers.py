@@ -1,0 +1,88 @@
+"""Worker processes for ``prepare``: an ordered, bounded parallel map, and progress.
+
+Why not ``multiprocessing.Pool.imap``: it submits every task at once and queues results
+without bound, so a slow writer lets a fast pool fill memory with a corpus' worth of
+tokens. :func:`ordered_map` keeps at most ``2 x workers`` tasks in flight and yields
+results in task order, which is what makes the output independent of the worker count.
+Workers are started with ``spawn``: the parent may already run ``tokenizers``' Rayon
+threads (training), which ``fork`` would copy in a broken state.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .corpus import DataError
+from .encode import init_worker
+
+
+def resolve_workers(workers: int | None) -> int:
+    """``None`` -> every core this process may use."""
+    if workers is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if workers < 1:
+        raise DataError(f"workers={workers}: must be at least 1")
+    return workers
+
+
+def ordered_map(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> Iterator[Any]:
+    """``fn(*task)`` for each task, in order; inline when one worker (or task) suffices."""
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield fn(*task)
+        return
+    context = multiprocessing.get_context("spawn")
+    count = min(workers, len(tasks))
+    with ProcessPoolExecutor(count, mp_context=context, initializer=init_worker) as pool:
+        pending: deque[Future] = deque()
+        queue = iter(tasks)
+        try:
+            for task in queue:
+                pending.append(pool.submit(fn, *task))
+                if len(pending) >= 2 * count:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                task = next(queue, None)
+                if task is not None:
+                    pending.append(pool.submit(fn, *task))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class _Bar:
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def track(self, items: Iterable[Any], description: str, total: int) -> Iterator[Any]:
+        """Yields ``items``, advancing the bar by one per item (a block)."""
+        task = self.progress.add_task(description, total=total)
+        for item in items:
+            yield item
+            self.progress.advance(task)
+        self.progress.update(task, completed=total)
+
+
+@contextmanager
+def progress_bar(console: Console, *, enabled: bool) -> Iterator[_Bar]:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not enabled,
+        transient=True,
+    ) as progress:
+        yield _Bar(progress)

@@ -1,0 +1,194 @@
+"""Rules checked before any work: the Triton kernels' limits, bounded folder names, and the
+rules between the config and the data (``validation.validate_against_data``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import omnimoe_kernels
+from omnimoe_kernels import limits
+from omnimoe_train import names, validation
+from omnimoe_train.checkpoint import list_checkpoints, step_dir_name
+from omnimoe_train.trainer import eval_microbatches_per_rank
+from omnimoe_train.validation import (
+    ConfigError,
+    DataFacts,
+    dataset_facts,
+    tokenizer_facts,
+    validate,
+    validate_against_data,
+)
+from tests.data.helpers import make_token_dataset
+from tests.train.conftest import compose_config
+
+
+def _key_of(*overrides: str, world_size: int = 1) -> str | None:
+    try:
+        validate(compose_config(*overrides), world_size=world_size)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        return exc.key
+    return None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (("model.num_experts=9216", "model.top_k=5000"), "model.top_k"),  # the issue's case
+        (("model.num_experts=9216", "model.top_k=4096"), None),
+        (("model.num_experts=9216", "model.top_k=5000", "model.expert_backend=torch"), None),
+        (("model.num_experts=2147488281", "model.top_k=8"), "model.num_experts"),  # 46341^2
+        (
+            (
+                "data.micro_batch_size=16384",
+                "data.global_batch_size=16384",
+                "data.seq_len=16384",
+                "model.top_k=8",
+            ),
+            "data.micro_batch_size",
+        ),  # 2^31 pairs  # fmt: skip
+        (
+            (
+                "model.hidden_size=8388608",
+                "model.num_attention_heads=1",
+                "model.num_experts=4",
+                "model.top_k=1",
+            ),
+            "model.hidden_size",
+        ),  # fmt: skip
+        (("model.mlp=dense", "model.top_k=5000"), None),  # no router, no limit
+    ],
+)
+def test_kernel_limits_are_rules(overrides: tuple[str, ...], key: str | None) -> None:
+    assert _key_of(*overrides) == key
+
+
+def test_kernel_limits_are_defined_once() -> None:
+    """The rules use the very constants the kernels enforce."""
+    from omnimoe_kernels import experts_autograd, router_topk
+
+    assert validation.ROUTER_MAX_TOP_K is limits.ROUTER_MAX_TOP_K is router_topk.ROUTER_MAX_TOP_K
+    assert experts_autograd.EXPERTS_MAX_NUM is limits.EXPERTS_MAX_NUM
+    assert validation.EXPERTS_MAX_PAIRS is experts_autograd.EXPERTS_MAX_PAIRS
+    assert omnimoe_kernels.ROUTER_MAX_TOP_K == 4096
+    from omnimoe_kernels import experts_grad
+
+    assert validation.EXPERTS_MAX_HIDDEN == 65535 * experts_grad.GRAD_BD
+
+
+def test_router_refuses_top_k_above_its_limit() -> None:
+    import torch
+
+    from omnimoe_kernels.router_topk import cartesian_topk_triton
+
+    rows = torch.zeros(1, 65)  # n^2 = 4225 > the limit
+    with pytest.raises(ValueError, match="4096"):
+        cartesian_topk_triton(rows, rows, limits.ROUTER_MAX_TOP_K + 1)
+
+
+# --- names built from user input ---------------------------------------------------------------
+
+
+def test_path_component_is_bounded_readable_and_distinct() -> None:
+    assert names.path_component("tiny-omnimoe") == "tiny-omnimoe"
+    assert names.path_component("a/b\\c\nd") == "a_b_c_d"
+    assert names.path_component("..") == "__"
+    long_a = "data.inputs=[" + "é" * 300 + "a]"
+    long_b = "data.inputs=[" + "é" * 300 + "b]"
+    a, b = names.path_component(long_a), names.path_component(long_b)
+    assert len(a.encode()) <= names.NAME_MAX_BYTES and a != b
+    assert a.startswith("data.inputs=[é") and "/" not in a
+    assert a.encode().decode() == a  # cut at a character boundary
+
+
+def test_job_dirname_shows_the_swept_keys_only() -> None:
+    overrides = [f"model.k{i}={'x' * 30}" for i in range(20)] + ["model.top_k=2"]
+    try:
+        names.set_swept_keys(["model.top_k"])
+        assert names.job_dirname(0, overrides) == "0_model.top_k=2"
+        names.set_swept_keys([])
+        unswept = names.job_dirname(3, overrides)
+        assert unswept.startswith("3_model.k0=") and len(unswept.encode()) <= 120
+    finally:
+        names.set_swept_keys([])
+
+
+@pytest.mark.parametrize("key", ["checkpoint.dir", "data.dir"])
+def test_path_components_over_the_file_system_limit_are_refused(key: str) -> None:
+    assert _key_of(f"{key}=/tmp/{'d' * 256}/x") == key
+    assert _key_of(f"{key}=/tmp/{'d' * 255}/x") is None
+
+
+def test_wandb_tags_follow_wandb_rule() -> None:
+    assert _key_of(f"logging.wandb.tags=[{'t' * 65}]") == "logging.wandb.tags"
+    assert _key_of(f"logging.wandb.tags=[{'t' * 64}]") is None
+    assert _key_of("logging=disabled", f"logging.wandb.tags=[{'t' * 65}]") is None
+
+
+def test_checkpoints_past_step_99999999_are_listed(tmp_path: Path) -> None:
+    for step in (99_999_999, 100_000_000, 5):
+        (tmp_path / step_dir_name(step)).mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)][-1] == "step_100000000"
+
+
+# --- rules between the config and the data ------------------------------------------------------
+
+
+def _facts(**kw: object) -> DataFacts:
+    return DataFacts(**{"where": "data.dir=d", "vocab_size": 300, **kw})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "facts", "key"),
+    [
+        (("model.vocab_size=100",), _facts(), "model.vocab_size"),  # the issue's case
+        (("model.vocab_size=300",), _facts(), None),
+        ((), _facts(), None),  # unset: taken from the tokenizer
+        (("data.seq_len=32",), _facts(seq_len=16), "data.seq_len"),
+        (("data.seq_len=16",), _facts(seq_len=16), None),
+        (("data.val_fraction=0.02",), _facts(split_samples={"train": 9, "val": 0}), "data.val_fraction"),
+        (("data.val_fraction=0.02",), _facts(split_samples={"train": 9}), "data.val_fraction"),
+        (("data.val_fraction=0",), _facts(split_samples={"train": 9, "val": 0}), None),
+        (("data.val_fraction=0.02",), _facts(split_samples={"train": 9, "val": 1}), None),
+    ],
+)  # fmt: skip
+def test_rules_against_the_data(
+    overrides: tuple[str, ...], facts: DataFacts, key: str | None
+) -> None:
+    try:
+        validate_against_data(compose_config("data.seq_len=16", *overrides), facts)
+    except ConfigError as exc:
+        assert exc.key == key and "\n" not in str(exc)
+        return
+    assert key is None
+
+
+def test_tokenizer_facts(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{i}": i for i in range(299)} | {"<|endoftext|>": 299}
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(path))
+    assert tokenizer_facts(str(path)).vocab_size == 300
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer: cannot load"):
+        tokenizer_facts(str(tmp_path / "bad.json"))
+
+
+def test_dataset_facts(tmp_path: Path) -> None:
+    assert dataset_facts(tmp_path, "x") is None
+    data_dir = make_token_dataset(tmp_path / "d", [4, 3, 2], sample_len=9)
+    facts = dataset_facts(data_dir, "x")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    assert facts == DataFacts("x", manifest["vocab_size"], 8, {"train": 9, "val": 7})
+
+
+@pytest.mark.parametrize(
+    ("batches", "dp", "multiple", "expected"),
+    [(3, 1, 2, 4), (5, 2, 1, 3), (5, 1, 1, 5), (1, 4, 1, 1), (6, 2, 2, 4)],
+)
+def test_eval_microbatches_per_rank(batches: int, dp: int, multiple: int, expected: int) -> None:
+    assert eval_microbatches_per_rank(batches, dp, multiple) == expected
