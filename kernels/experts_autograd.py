@@ -1,6 +1,9 @@
 """Atomic-expert layer in Triton: ``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]``.
 
 Legend: T tokens, D hidden, N experts, K experts per token, P = T * K (token, expert) pairs.
+An expert id equal to N means "no expert": the pair is skipped and contributes 0 to y and to
+every gradient (``experts_pairs``); the expert-parallel ``rows`` layout uses it for the pairs of
+experts owned by another rank.
 
 Schedule (no host synchronisation anywhere: every size comes from input shapes, so forward and
 backward can be captured in a CUDA graph):
@@ -32,10 +35,11 @@ from omnimoe_kernels.limits import EXPERTS_MAX_HIDDEN, EXPERTS_MAX_NUM, EXPERTS_
 def expert_order(indices_TK: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(key_P sorted expert keys, order_P int64 flat positions in that order, base): expert
     id = key + base. Keys are 16-bit (ids shifted by base = -2^15 into int16's range: half the
-    radix passes) when N <= 2^16, else int32 with base 0; left in that form for the forward,
-    which only needs them inside ``pair_scores`` (each conversion is another kernel launch)."""
+    radix passes) when N < 2^16 (ids 0..N, N included: the "no expert" id), else int32 with
+    base 0; left in that form for the forward, which only needs them inside ``pair_scores``
+    (each conversion is another kernel launch)."""
     e_P = indices_TK.reshape(-1)
-    if N <= 1 << 16:
+    if N < 1 << 16:
         key_P, order_P = torch.sort((e_P - (1 << 15)).to(torch.int16), stable=True)
         return key_P, order_P, 1 << 15
     key_P, order_P = torch.sort(e_P.to(torch.int32), stable=True)
@@ -112,8 +116,9 @@ def atomic_experts_triton(
 ) -> torch.Tensor:
     """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype).
 
-    Contract (``omnimoe_kernels.atomic_experts``): ``indices_TK`` int32/int64 ids in [0, N),
-    repeats allowed. Shapes, dtypes and the size limits of ``limits`` are checked here (no
+    Contract (``omnimoe_kernels.atomic_experts``): ``indices_TK`` int32/int64 ids in [0, N],
+    repeats allowed; the id N means "no expert" (the pair is skipped: it adds nothing and its
+    gradients are 0). Shapes, dtypes and the size limits of ``limits`` are checked here (no
     host sync); the id range is not (that would be one), and an id outside it reads outside
     the tables: ``cartesian_topk`` emits only valid ids, for every input.
 

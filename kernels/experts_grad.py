@@ -26,6 +26,9 @@ split into a bf16 high part and a bf16 residual, so each product keeps ~16 manti
 dy are exact in bf16). Other dtypes use a float32 (IEEE) product.
 
 ``_zero_rows_kernel`` writes the zero gradient rows of experts no pair routes to.
+
+Pairs with id N ("no expert", see ``experts_pairs``) sort after every real expert; the programs
+stop at ``off[N]``, the number of real pairs, read on the device (no host sync).
 """
 
 from __future__ import annotations
@@ -88,10 +91,11 @@ def _pair_block_grad_kernel(
     h_ptr,  # (P,) float32, flat order
     w_ptr,  # (P,) routing weights, flat order
     g_ptr,  # (P,) float32 dL/dh, flat order
-    off_ptr,  # (N + 1,) int64 run starts
+    off_ptr,  # (N + 1,) int64 run starts; off[N] = number of real pairs
     dup_ptr,  # (N, D) out, param dtype
     ddown_ptr,  # (N, D) out, param dtype
     P,
+    N,
     D,
     K,
     stride_x,
@@ -105,13 +109,17 @@ def _pair_block_grad_kernel(
     offs_D = tl.program_id(1) * BD + tl.arange(0, BD)
     ok_D = offs_D < D
     # Pairs [start, end): skip the tail of a run that began in an earlier block, and run past the
-    # block end to finish the last run that begins in this one.
+    # block end to finish the last run that begins in this one. Only the first off[N] sorted
+    # pairs are real (id N, "no expert", sorts last); ids are clamped below N so that a block
+    # with no real pair reads no offset out of range (its start >= b1 then, so it does nothing).
+    real = tl.load(off_ptr + N)
     b0 = b * BLOCK
-    b1 = tl.minimum(b0 + BLOCK, P)
-    e_first = tl.load(e_ptr + b0)
-    prev = tl.load(e_ptr + tl.maximum(b0 - 1, 0))
+    b1 = tl.minimum(b0 + BLOCK, real)
+    e_first = tl.minimum(tl.load(e_ptr + tl.minimum(b0, P - 1)), N - 1)
+    prev = tl.minimum(tl.load(e_ptr + tl.maximum(tl.minimum(b0, P) - 1, 0)), N - 1)
     start = tl.where((b0 > 0) & (prev == e_first), tl.load(off_ptr + e_first + 1), b0)
-    end = tl.load(off_ptr + tl.load(e_ptr + b1 - 1) + 1)
+    e_last = tl.minimum(tl.load(e_ptr + tl.maximum(b1 - 1, 0)), N - 1)
+    end = tl.load(off_ptr + e_last + 1)
     end = tl.where(start < b1, end, start)
 
     rows_S = tl.arange(0, BP)
@@ -203,6 +211,7 @@ def expert_grads(
 ) -> None:
     """Fill dup_ND and ddown_ND (every row) from the expert-sorted pairs; no host sync.
 
+    ``e_P`` may end with pairs of id N ("no expert"): they are skipped.
     ``deterministic`` is accepted for the API: this schedule is always fixed-order (see above).
     """
     del deterministic
@@ -225,6 +234,6 @@ def expert_grads(
     split = x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and dy_TD.dtype == torch.bfloat16
     _pair_block_grad_kernel[(triton.cdiv(P, block), triton.cdiv(D, BD))](
         x_TD, dy_TD, e_P, order_P, h_P, w_P, g_P, off_N1, dup_ND, ddown_ND,
-        P, D, K, x_TD.stride(0), dy_TD.stride(0), block,
+        P, N, D, K, x_TD.stride(0), dy_TD.stride(0), block,
         BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split, num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
     )  # fmt: skip

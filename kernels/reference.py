@@ -87,6 +87,7 @@ def atomic_experts_reference(
 
     The (token, expert) pairs are sorted by expert id, so pairs of one expert are contiguous
     (the expert-centric schedule of the paper); results are scattered back with index_add.
+    An id equal to N means "no expert": that pair adds nothing and gets zero gradients.
     Computes in fp32 for bf16/fp16/fp32 inputs and in fp64 for fp64 inputs (test references).
     """
     T, D = x_TD.shape
@@ -99,10 +100,13 @@ def atomic_experts_reference(
     order_P = torch.argsort(e_P * P + torch.arange(P, device=e_P.device))
     e_sorted_P = e_P.index_select(0, order_P)
     tok_P = order_P // K
+    # "No expert" pairs (id N) read row N - 1 and are zeroed by their mask: no host sync.
+    real_P = (e_sorted_P < up_ND.shape[0]).to(acc)
+    e_sorted_P = e_sorted_P.clamp(max=max(up_ND.shape[0] - 1, 0))
     # index_select (not fancy indexing): its backward is an index_add, not a slow index_put.
     x_PD = x_TD.to(acc).index_select(0, tok_P)
     h_P = (x_PD * up_ND.to(acc).index_select(0, e_sorted_P)).sum(-1)
-    a_P = F.silu(h_P) * weights_TK.to(acc).reshape(-1).index_select(0, order_P)
+    a_P = F.silu(h_P) * weights_TK.to(acc).reshape(-1).index_select(0, order_P) * real_P
     y_TD = torch.zeros(T, D, dtype=acc, device=x_TD.device)
     y_TD = y_TD.index_add(0, tok_P, a_P[:, None] * down_ND.to(acc).index_select(0, e_sorted_P))
     return y_TD.to(out_dtype)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +107,13 @@ WANDB_ID_FILE = "wandb_run_id"
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """The W&B run id of this run directory, created on first use."""
-    import wandb
-
+    """The W&B run id of this run directory, created on first use (8 characters of [a-z0-9],
+    the form W&B generates)."""
     path = run_dir / WANDB_ID_FILE
     if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
-    run_id = wandb.util.generate_id()
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
     path.write_text(run_id + "\n")
     return run_id
 

@@ -15,11 +15,24 @@ from omegaconf import OmegaConf
 from omnimoe_train.config import RootConfig
 from omnimoe_train.exit_codes import EXIT_IO_ERROR, EXIT_OK, EXIT_REQUEUE, EXIT_USAGE
 
+EXIT_STATUS = "exit_status.json"
 
-def _fail(message: str, code: int, *, show: bool) -> None:
+
+def _write_exit_status(run_dir: Path, code: int, message: str) -> None:
+    """``<run_dir>/exit_status.json``: how this process ended, for launchers that cannot see
+    the exit code (torchrun exits 1 whenever a worker exits non-zero). Removed at the start of
+    every run, so its absence after a run means a crash."""
+    from omnimoe_train.checkpoint.files import write_json_atomic
+
+    write_json_atomic(run_dir / EXIT_STATUS, {"exit_code": code, "message": message})
+
+
+def _fail(message: str, code: int, *, show: bool, run_dir: Path | None = None) -> None:
     if show:
         kind = "stopped" if code == EXIT_REQUEUE else "error"
         print(f"omnimoe-train: {kind}: {message}", file=sys.stderr, flush=True)
+        if run_dir is not None:
+            _write_exit_status(run_dir, code, message)
     raise SystemExit(code)
 
 
@@ -45,12 +58,14 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     runtime = init_runtime(cfg)
     try:
         main = runtime.is_main
+        if main:
+            (run_dir / EXIT_STATUS).unlink(missing_ok=True)
         try:
             trainer = Trainer(cfg, runtime, run_dir)
         except (ConfigError, DataError) as exc:  # the data or a rule against it: one line
-            _fail(str(exc), EXIT_USAGE, show=main)
+            _fail(str(exc), EXIT_USAGE, show=main, run_dir=run_dir)
         except CheckpointCorrupt as exc:
-            _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main)
+            _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main, run_dir=run_dir)
         resolved = OmegaConf.structured(cfg)
         resolved.model.vocab_size = trainer.vocab_size
         derived = {
@@ -84,12 +99,12 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             )
         try:
             summary = trainer.fit(sink)
+        except DataError as exc:  # e.g. a shard found corrupt mid-run, or a resume onto other data
+            _fail(str(exc), EXIT_USAGE, show=main, run_dir=run_dir)
         except CheckpointLoadError as exc:
-            _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main)
+            _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main, run_dir=run_dir)
         except CheckpointWriteError as exc:
-            _fail(f"checkpoint.dir: {exc}", EXIT_IO_ERROR, show=main)
-        except DataError as exc:  # e.g. a shard found corrupt mid-run
-            _fail(str(exc), EXIT_USAGE, show=main)
+            _fail(f"checkpoint.dir: {exc}", EXIT_IO_ERROR, show=main, run_dir=run_dir)
         finally:
             sink.close()
         summary["wall_s"] = time.perf_counter() - started
@@ -97,7 +112,9 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             _report(sink, summary)
         if summary["exit_code"] != EXIT_OK:
-            _fail(summary["message"], summary["exit_code"], show=main)
+            _fail(summary["message"], summary["exit_code"], show=main, run_dir=run_dir)
+        if main:
+            _write_exit_status(run_dir, EXIT_OK, "finished")
         return summary
     finally:
         shutdown_runtime()
@@ -116,14 +133,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module=r"megatron\.")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
     warnings.filterwarnings("ignore", category=SyntaxWarning)
+    # torch.distributed.checkpoint under megatron's dist_checkpointing, on every load.
+    warnings.filterwarnings("ignore", message=".*(DTensor instead|argument order of load)")
     # DeepSpeed: its INFO config dumps, the compiler probes of its op builders (logged through
     # the root logger Hydra configures), and torch's deprecation notices for the collectives it
     # calls.
     for noisy in ("DeepSpeed", "compilers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    # torch.distributed.checkpoint under megatron's dist_checkpointing, on every load.
-    warnings.filterwarnings("ignore", message=".*(DTensor instead|argument order of load)")
 
 
 def _report(sink: Any, summary: dict[str, Any]) -> None:

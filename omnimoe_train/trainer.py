@@ -57,15 +57,15 @@ def eval_microbatches_per_rank(num_batches: int, dp: int, multiple: int) -> int:
 
 
 class Trainer:
-    """Data, engine and loaders of one run; :meth:`fit` is the loop.
+    """Data, engine, loaders and checkpoints of one run; :meth:`fit` is the loop.
 
     Raises ``ConfigError`` (a rule between the config and the data, see
-    ``validation.validate_against_data``) or ``DataError`` before any model work.
+    ``validation.validate_against_data``) or ``DataError`` before any model work, and
+    ``CheckpointCorrupt`` when checkpoints exist but none can be resumed from.
     """
 
     def __init__(self, cfg: RootConfig, runtime: Runtime, run_dir: Path) -> None:
         self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
-        self._console: Any = None  # the metrics sink's, once fit() has it
         t, d = cfg.trainer, cfg.data
         # First, so that a SIGTERM during setup still ends in a clean save after one step.
         self.stop = StopRequest(parse_duration(t.max_time) if t.max_time else None)
@@ -77,17 +77,6 @@ class Trainer:
         self.data_dir = self.data.description
         for facts in self.data.facts():  # each dataset read (a mixture: every one)
             validate_against_data(cfg, facts)
-        root = Path(cfg.checkpoint.dir)
-        ckpt_root = root if root.is_absolute() else run_dir / root
-        self.ckpt = Checkpointing(
-            cfg.checkpoint,
-            ckpt_root,
-            None,
-            run_config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-            warn=self._warn,
-        )
-        self.resume_from = self.ckpt.manager.resolve_resume()
-        self.vocab_size = self._vocab_size(self.resume_from)
         self.tokens_per_step = d.global_batch_size * d.seq_len
         # The loader takes only the DP coordinates: every TP (and PP) rank of a replica reads the
         # same micro-batches, as megatron's TP layers and pipeline stages require. Its order of
@@ -108,6 +97,17 @@ class Trainer:
             self.val_loader = build_loader(
                 d, self.data, "val", dp_rank=0, dp_size=1, infinite=False
             )
+        root = Path(cfg.checkpoint.dir)
+        ckpt_root = root if root.is_absolute() else run_dir / root
+        self.ckpt = Checkpointing(
+            cfg.checkpoint,
+            ckpt_root,
+            None,
+            run_config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+            warn=self._warn,
+        )
+        self.resume_from = self.ckpt.manager.resolve_resume()
+        self.vocab_size = self._vocab_size(self.resume_from)
         self.engine = build_engine(cfg, runtime, self.vocab_size)
         self.ckpt.engine = self.engine
         self.num_microbatches = self.engine.num_microbatches
@@ -124,11 +124,9 @@ class Trainer:
         ]
 
     def _warn(self, line: str) -> None:
+        # A plain line (not the rich console's, which wraps it): launchers and people grep these.
         if self.rt.is_main:
-            if self._console is not None:
-                self._console.log(line)
-            else:
-                print(line, file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     def _vocab_size(self, resume_from: Path | None) -> int:
         """The padded vocabulary: the checkpoint's when it divides over this TP size (so a
@@ -211,7 +209,6 @@ class Trainer:
     # -- loop ---------------------------------------------------------------------------------
     def fit(self, sink: MetricsSink) -> dict[str, Any]:
         """Train to ``trainer.max_steps`` or an early stop; ``summary["exit_code"]`` says which."""
-        self._console = sink.console
         try:
             return self._fit(sink)
         finally:

@@ -192,10 +192,6 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     _validate_names(cfg)
 
 
-# W&B refuses a run whose tags are empty or longer than this (wandb.Settings.validate_tags).
-WANDB_TAG_MAX_CHARS = 64
-
-
 def _validate_robustness(cfg: RootConfig) -> None:
     """Time limit and bad-step rules."""
     t = cfg.trainer
@@ -216,32 +212,8 @@ def _validate_robustness(cfg: RootConfig) -> None:
     )
 
 
-def _validate_deepspeed(cfg: RootConfig) -> None:
-    """``trainer.engine=deepspeed``: data parallel only, DeepSpeed installed, its keys sane."""
-    p = cfg.parallel
-    model_parallel = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.ep": p.ep}
-    bad = {key: value for key, value in model_parallel.items() if value != 1}
-    _require(
-        not bad and p.vpp is None,
-        "trainer.engine",
-        "deepspeed is data parallel only: parallel.tp, parallel.pp and parallel.ep must be 1 and "
-        f"parallel.vpp null (got {', '.join(f'{k}={v}' for k, v in bad.items()) or f'vpp={p.vpp}'}"
-        "); use trainer.engine=megatron for tensor, pipeline or expert parallelism",
-    )
-    _require(
-        not p.sequence_parallel and not p.distributed_optimizer,
-        "trainer.engine",
-        "deepspeed shards the optimizer with ZeRO (deepspeed=zero1|zero2|zero3...): "
-        "parallel.sequence_parallel and parallel.distributed_optimizer must be false",
-    )
-    _require(
-        importlib.util.find_spec("deepspeed") is not None,
-        "trainer.engine",
-        "deepspeed is not installed (pip install -e '.[deepspeed]')",
-    )
-    problem = check_deepspeed_keys(cfg.deepspeed)
-    if problem is not None:
-        raise ConfigError(*problem)
+# W&B refuses a run whose tags are empty or longer than this (wandb.Settings.validate_tags).
+WANDB_TAG_MAX_CHARS = 64
 
 
 def _validate_names(cfg: RootConfig) -> None:
@@ -411,6 +383,34 @@ def _validate_data(d: DataConfig) -> None:
             "data.dir",
             f"data.inputs are prepared into a local folder, not a URL (got {d.dir!r})",
         )
+
+
+def _validate_deepspeed(cfg: RootConfig) -> None:
+    """``trainer.engine=deepspeed``: data parallel only, DeepSpeed installed, its keys sane."""
+    p = cfg.parallel
+    model_parallel = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.ep": p.ep}
+    bad = {key: value for key, value in model_parallel.items() if value != 1}
+    _require(
+        not bad and p.vpp is None,
+        "trainer.engine",
+        "deepspeed is data parallel only: parallel.tp, parallel.pp and parallel.ep must be 1 and "
+        f"parallel.vpp null (got {', '.join(f'{k}={v}' for k, v in bad.items()) or f'vpp={p.vpp}'}"
+        "); use trainer.engine=megatron for tensor, pipeline or expert parallelism",
+    )
+    _require(
+        not p.sequence_parallel and not p.distributed_optimizer,
+        "trainer.engine",
+        "deepspeed shards the optimizer with ZeRO (deepspeed=zero1|zero2|zero3...): "
+        "parallel.sequence_parallel and parallel.distributed_optimizer must be false",
+    )
+    _require(
+        importlib.util.find_spec("deepspeed") is not None,
+        "trainer.engine",
+        "deepspeed is not installed (pip install -e '.[deepspeed]')",
+    )
+    problem = check_deepspeed_keys(cfg.deepspeed)
+    if problem is not None:
+        raise ConfigError(*problem)
 
 
 def layout_from_config(cfg: RootConfig, world_size: int) -> ParallelLayout:

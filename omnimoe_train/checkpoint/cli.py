@@ -100,7 +100,7 @@ def _summary_line(report: dict[str, Any]) -> str:
     lines = [
         f"{name}: valid ({report['files']} files, {report['bytes'] / 2**20:.2f} MiB, "
         "sizes and SHA-256 verified)",
-        f"  step {report['step']}, {report['consumed_tokens']:,} tokens, engine "
+        f"  step {report['step']}, {report['consumed_tokens'] or 0:,} tokens, engine "
         f"{report['engine']}, written by world {layout.get('world_size')} ({shape})",
     ]
     if "model_parameters" in report:
@@ -136,6 +136,8 @@ def consolidate(path: Path, out: Path) -> None:
     if problem is not None:
         _fail(f"{path}: {problem}")
     meta = read_meta(path)
+    if "config" not in meta:
+        _fail(f"{path}: meta.json has no run config to build the model from")
     if meta.get("engine") not in ("megatron", "deepspeed"):
         _fail(f"{path}: written by engine {meta.get('engine')!r}; not megatron or deepspeed")
     import torch

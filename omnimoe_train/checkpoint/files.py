@@ -24,7 +24,7 @@ import torch.distributed as dist
 FORMAT = "omnimoe-checkpoint/1"
 META = "meta.json"
 # At least 8 digits: a run past step 99,999,999 writes step_100000000, which must still be found
-# by resume=auto and pruned by keep (the rule main gave the old checkpoint module).
+# by resume=auto and pruned by keep.
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _CHUNK = 8 << 20
 

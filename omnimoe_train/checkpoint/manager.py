@@ -179,7 +179,8 @@ class CheckpointManager:
         error: BaseException | None = None
         if self.rank == 0:
             try:
-                write_json_atomic(tmp / "meta.json", {"format": FORMAT, **meta, "files": files})
+                payload = {"format": FORMAT, "step": step, **meta, "files": files}
+                write_json_atomic(tmp / "meta.json", payload)
                 if final.exists():  # an older timeline's checkpoint of the same step
                     shutil.rmtree(final)
                 tmp.rename(final)

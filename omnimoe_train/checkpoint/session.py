@@ -38,15 +38,6 @@ class TrainState:
         self.window = [0.0, 0.0, 0.0]
 
 
-def _loader_state_for_this_rank(state: dict[str, Any], dp_rank: int) -> dict[str, Any]:
-    # The loader's state is saved once (rank 0's). Until its position becomes independent of
-    # the data-parallel rank, it still names that rank; every rank is at the same batch count
-    # (each consumes one micro-batch per micro-step), so only the rank differs.
-    if "dp_rank" in state:
-        return {**state, "dp_rank": dp_rank}
-    return state
-
-
 class Checkpointing:
     """Save and resume one run: a :class:`CheckpointManager` plus the loop's own state."""
 
@@ -100,20 +91,8 @@ class Checkpointing:
         lines = [f"resumed from {path} at step {state.step} ({state.consumed_tokens:,} tokens)"]
         if not client.get("_rank_local_restored", True):
             saved = read_meta(path).get("layout")
-            lines.append(
-                f"layout changed (checkpoint {saved}): RNG states and per-rank router "
-                "statistics start fresh"
-            )
-        try:
-            loader.load_state_dict(_loader_state_for_this_rank(client["data"], loader_rank(loader)))
-        except ValueError as exc:
-            lines.append(
-                f"the data position cannot carry over ({exc}); the training data restarts "
-                "from the beginning of the split"
-            )
+            lines.append(f"layout changed (checkpoint {saved}): the RNG states start fresh")
+        # Global samples consumed: the same on every rank and for any data-parallel size. Other
+        # data (seed, datasets, weights) is refused by the loader with a DataError (exit 2).
+        loader.load_state_dict(client["data"])
         return lines
-
-
-def loader_rank(loader: Any) -> int:
-    """This rank's data-parallel rank as the loader knows it."""
-    return int(loader.state_dict().get("dp_rank", 0))

@@ -16,9 +16,9 @@ What is saved, and how it reshards:
 * ``scheduler`` and ``client`` (the loop's state: step, tokens, data position, bad-step
   window...): plain objects, written once by rank 0.
 * ``rank_local``: one ``ShardedObject`` per rank with its RNG states (torch, CUDA, megatron's
-  tracker) and its own router BatchNorm statistics (data-parallel ranks see different tokens).
-  They are restored only on the same layout; elsewhere a fresh seed and the replicated
-  statistics are used (one warning line).
+  tracker), restored only on the same layout; elsewhere the run keeps its fresh seed (one
+  warning line). (The router BatchNorm statistics are equal on every replica, see
+  ``model.router.apply_running_stats``, so the replicated copy in ``model`` is every rank's.)
 
 On load the optimizer's tensors come from the checkpoint and its plain state (param groups,
 hyper-parameters) from the current config, so a checkpoint loads whatever the optimizer's split
@@ -54,7 +54,6 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 )
 
 from omnimoe_train.checkpoint.files import read_meta
-from omnimoe_train.model.router import GateNorm
 
 # Reshardable over TP, PP, EP, DP; tensor keys independent of megatron's optimizer chaining.
 SHARDING_METADATA = {
@@ -168,34 +167,19 @@ def _complete_state_copies(optimizer: Any) -> None:
         opt._set_main_param_and_optimizer_states = complete
 
 
-def _gate_norms(chunks: list[torch.nn.Module]) -> list[GateNorm]:
-    return [m for c in chunks for m in c.modules() if isinstance(m, GateNorm)]
-
-
-def rank_local_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+def rank_local_state() -> dict[str, Any]:
     return {
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "rng_tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-        "gate_norms": [
-            (m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone())
-            for m in _gate_norms(chunks)
-        ],
     }
 
 
-def restore_rank_local(chunks: list[torch.nn.Module], state: dict[str, Any]) -> None:
+def restore_rank_local(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["rng_torch"])
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng_cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker"])
-    norms = _gate_norms(chunks)
-    if len(norms) != len(state["gate_norms"]):
-        raise ValueError("router BatchNorm count differs from the checkpoint")
-    with torch.no_grad():
-        for module, (mean, var) in zip(norms, state["gate_norms"], strict=True):
-            module.running_mean.copy_(mean)
-            module.running_var.copy_(var)
 
 
 def _rank_local_object(data: Any) -> ShardedObject:
@@ -239,7 +223,7 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any], *, async_sa
         "scheduler": engine.scheduler.state_dict(),
         "engine": {"optimizer_updates": optimizer_updates(engine.optimizer)},
         "client": client_state,
-        "rank_local": _rank_local_object(rank_local_state(engine.model)),
+        "rank_local": _rank_local_object(rank_local_state()),
     }
     # megatron's writer reports results through a multiprocessing manager queue, by default
     # started with "spawn" (a fresh interpreter importing __main__: seconds per process).
@@ -305,8 +289,8 @@ def _drop_missing_main_params(request: dict[str, Any], stored: set[str]) -> bool
 def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
     """Load a checkpoint of any layout into the engine; returns the saved ``client`` state.
 
-    Restores the RNG states and per-rank router statistics only when the checkpoint's layout
-    equals the engine's (``engine.layout()``); returns ``client["_rank_local_restored"]``.
+    Restores the RNG states only when the checkpoint's layout equals the engine's
+    (``engine.layout()``); says so in ``client["_rank_local_restored"]``.
     """
     meta = read_meta(directory)
     same_layout = meta.get("layout") == engine.layout()
@@ -349,7 +333,7 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
     set_optimizer_updates(engine.optimizer, updates)
     engine.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
-        restore_rank_local(engine.model, loaded["rank_local"])
+        restore_rank_local(loaded["rank_local"])
     client["_rank_local_restored"] = same_layout
     return client
 

@@ -10,10 +10,10 @@ and :func:`load` on a folder):
   ZeRO-3 also one parameter partition per rank.
 * ``zero_to_fp32.py``: DeepSpeed's recovery script (it copies it; :func:`consolidate` calls the
   same code in-process).
-* ``rank_XXXXX.pt``: each rank's RNG states and router BatchNorm statistics (data-parallel
-  ranks normalise different tokens; DeepSpeed saves rank 0's buffers only), the same record
-  the megatron engine keeps (``checkpoint.sharded.rank_local_state``). Restored when the
-  layout (data-parallel size, ZeRO stage) is unchanged.
+* ``rank_XXXXX.pt``: each rank's RNG states, the record the megatron engine keeps too
+  (``checkpoint.sharded.rank_local_state``; DeepSpeed saves rank 0's module state only, which
+  holds the router BatchNorm statistics, the same on every rank). Restored when the layout
+  (data-parallel size, ZeRO stage) is unchanged.
 
 Another data-parallel size (or ZeRO stage) on resume: the checkpoint is converted with
 DeepSpeed's ``ds_to_universal`` into a universal checkpoint (one fp32 file per parameter and
@@ -99,7 +99,7 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any]) -> None:
     }
     engine.engine.save_checkpoint(str(directory), tag=TAG, client_state=state, save_latest=False)
     # The megatron engine's per-rank state (checkpoint.sharded), in a file of its own here.
-    torch.save(rank_local_state([engine.engine.module]), directory / f"rank_{rank:05d}.pt")
+    torch.save(rank_local_state(), directory / f"rank_{rank:05d}.pt")
     _barrier()
 
 
@@ -175,7 +175,7 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
         engine.scheduler.load_state_dict(state["scheduler"])
         if same_layout:
             local = torch.load(directory / f"rank_{rank:05d}.pt", weights_only=False)
-            restore_rank_local([ds.module], local)
+            restore_rank_local(local)
     client["_rank_local_restored"] = same_layout and not model_only
     return client
 

@@ -116,6 +116,7 @@ class MegatronEngine:
                     ignore_virtual=False, vp_stage=vp_stage
                 ),
                 vp_stage=vp_stage if self.cfg.parallel.vpp else None,
+                table_sharding=self.table_sharding,
             )
             apply_parallelism(model, self.cfg, self.table_sharding)  # before DDP reads the attrs
             model = model.to(self.rt.device)
@@ -163,7 +164,7 @@ class MegatronEngine:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        # The forward moves the router BatchNorm statistics; keep them to undo a skipped step
+        # The step moves the router BatchNorm statistics; keep them to undo a skipped step
         # (a few n-vectors per layer, copied on the device).
         self.stats_snapshot.save()
         total = self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
@@ -173,7 +174,7 @@ class MegatronEngine:
 
     def skip_update(self) -> None:
         """Leave the model as before this step: the weights and the optimizer were not touched;
-        the router BatchNorm statistics the forward moved (possibly to NaN) are put back."""
+        the router BatchNorm statistics the step moved (possibly to NaN) are put back."""
         self.stats_snapshot.restore()
 
     def grad_norm(self) -> float:

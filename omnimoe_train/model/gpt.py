@@ -23,10 +23,11 @@ from torch import nn
 
 from omnimoe_train.config import ModelConfig, RootConfig
 from omnimoe_train.model.attention import SDPAttention
+from omnimoe_train.model.init import SeededTransformerLayer
 from omnimoe_train.model.omnimoe_layer import OmniMoEMLP, OmniMoESettings
 
 
-def omnimoe_settings(m: ModelConfig) -> OmniMoESettings:
+def omnimoe_settings(m: ModelConfig, table_sharding: str = "none") -> OmniMoESettings:
     return OmniMoESettings(
         num_experts=m.num_experts,
         top_k=m.top_k,
@@ -35,6 +36,7 @@ def omnimoe_settings(m: ModelConfig) -> OmniMoESettings:
         router_weights=m.router_weights,
         backend=m.expert_backend,
         deterministic=m.deterministic,
+        table_sharding=table_sharding,
     )
 
 
@@ -92,7 +94,7 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def layer_spec(cfg: RootConfig) -> ModuleSpec:
+def layer_spec(cfg: RootConfig, table_sharding: str = "none") -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     submodules = dataclasses.replace(
         spec.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
@@ -101,9 +103,14 @@ def layer_spec(cfg: RootConfig) -> ModuleSpec:
     attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
     if cfg.model.mlp == "omnimoe":
         submodules = dataclasses.replace(
-            submodules, mlp=OmniMoEMLP.spec(omnimoe_settings(cfg.model))
+            submodules, mlp=OmniMoEMLP.spec(omnimoe_settings(cfg.model, table_sharding))
         )
-    return ModuleSpec(module=spec.module, submodules=submodules)
+    # Each layer draws its weights from (seed, global layer number): the same in every layout.
+    return ModuleSpec(
+        module=SeededTransformerLayer,
+        params={"init_seed": cfg.trainer.seed},
+        submodules=submodules,
+    )
 
 
 def build_model(
@@ -114,11 +121,14 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    table_sharding: str = "none",
 ) -> GPTModel:
+    """This stage's (or virtual chunk's) part of the GPT; ``table_sharding`` (none, rows, dim)
+    says which expert-parallel shard of the atomic-expert tables each layer holds."""
     # A block spec (not a layer spec) so the final norm is ours too; this stage's layers only.
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     block = TransformerBlockSubmodules(
-        layer_specs=[layer_spec(cfg)] * num_layers, layer_norm=RMSNorm
+        layer_specs=[layer_spec(cfg, table_sharding)] * num_layers, layer_norm=RMSNorm
     )
     return GPTModel(
         config=tconfig,

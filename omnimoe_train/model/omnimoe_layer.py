@@ -4,9 +4,11 @@
 
 Shape suffixes: S sequence, B batch, T = S*B tokens, D hidden, N experts, K top-k.
 The shared branch is megatron's tensor-parallel MLP; the router and the expert tables are plain
-parameters. With ep > 1, ``parallel.setup.apply_parallelism`` replaces U and V by this rank's
-shard (rows or columns; the ``_ND`` names are kept so checkpoint keys do not depend on the layout)
-and attaches an ``ExpertParallel`` dispatch that the forward calls instead of the local kernel.
+parameters. With ep > 1 (``settings.table_sharding`` rows or dim) the layer holds only this
+rank's shard of U and V (the ``_ND`` names are kept so checkpoint keys do not depend on the
+layout), drawn as the matching slice of the full tables (``model.init.init_table_shard``), and
+``parallel.setup.apply_parallelism`` attaches an ``ExpertParallel`` dispatch that the forward
+calls instead of the local kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 import omnimoe_kernels
 from omnimoe_train.model.expert_stats import ExpertStats
+from omnimoe_train.model.init import draw_seed, init_table_shard
 from omnimoe_train.model.router import CartesianRouter
 
 
@@ -39,10 +42,29 @@ class OmniMoESettings:
     router_weights: str = "softmax"
     backend: str = "auto"
     deterministic: bool = False
+    table_sharding: str = "none"  # none | rows | dim: which EP shard of U, V this rank holds
 
 
 def shared_mlp_submodules() -> MLPSubmodules:
     return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def table_shard(mode: str, num_experts: int, hidden: int) -> tuple[tuple[int, int], ...]:
+    """(rows, cols) ranges of the (N, D) tables this rank holds: all of them for ``none``, its
+    expert-id block for ``rows``, its column block for ``dim`` (expert-parallel rank and size
+    from megatron's parallel state)."""
+    rows, cols = (0, num_experts), (0, hidden)
+    if mode == "none":
+        return rows, cols
+    if mode not in ("rows", "dim"):
+        raise ValueError(f"table_sharding={mode!r} must be none, rows or dim")
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_expert_model_parallel_rank()
+    size = parallel_state.get_expert_model_parallel_world_size()
+    if mode == "rows":
+        return (rank * num_experts // size, (rank + 1) * num_experts // size), cols
+    return rows, (rank * hidden // size, (rank + 1) * hidden // size)
 
 
 class OmniMoEMLP(MegatronModule):
@@ -77,10 +99,15 @@ class OmniMoEMLP(MegatronModule):
         )
         # U reads the token (like an fc1 row); V writes the residual stream (like an fc2 column),
         # so V takes the depth-scaled output init.
-        self.up_ND = nn.Parameter(torch.empty(N, D, dtype=config.params_dtype))
-        self.down_ND = nn.Parameter(torch.empty(N, D, dtype=config.params_dtype))
-        config.init_method(self.up_ND)
-        config.output_layer_init_method(self.down_ND)
+        rows, cols = table_shard(settings.table_sharding, N, D)
+        shape = (rows[1] - rows[0], cols[1] - cols[0])
+        self.up_ND = nn.Parameter(torch.empty(shape, dtype=config.params_dtype))
+        self.down_ND = nn.Parameter(torch.empty(shape, dtype=config.params_dtype))
+        up_seed, down_seed = draw_seed(), draw_seed()
+        init_table_shard(self.up_ND, (N, D), config.init_method, up_seed, rows, cols)
+        init_table_shard(
+            self.down_ND, (N, D), config.output_layer_init_method, down_seed, rows, cols
+        )
         self.stats = ExpertStats(N)
         # Set by parallel.setup when the tables are sharded over the expert-parallel group.
         self.expert_parallel: Callable[..., torch.Tensor] | None = None
@@ -117,9 +144,10 @@ class OmniMoEMLP(MegatronModule):
         (same r) differ in ``replica_id``. So a checkpoint loads under either mode and any ep.
         """
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if self.expert_parallel is None:
+        mode = self.settings.table_sharding  # the shard held: see table_shard
+        if mode == "none":
             return state
-        axis = len(sharded_offsets) + (0 if self.expert_parallel.mode == "rows" else 1)
+        axis = len(sharded_offsets) + (0 if mode == "rows" else 1)
         shard = (
             axis,
             parallel_state.get_expert_model_parallel_rank(),

@@ -1,13 +1,17 @@
-"""Differentiable variable-split all-to-all and the byte accounting shared by both sharding modes.
+"""Row collectives of the expert-parallel group, their autograd, and the byte accounting.
 
 Shape legend used across ``omnimoe_train.parallel``: T tokens on this rank, D hidden size,
 N experts, n = sqrt(N) router half, K top-k, P ranks of the expert-parallel group, E = N/P experts
-owned by one rank (rows mode), Dp = D/P columns held by one rank (dim mode), R rows received,
-S (token, destination-rank) rows, Q (token, expert) pairs, G tokens of the whole group.
+owned by one rank (rows mode), Dp = D/P columns held by one rank (dim mode), G tokens of the
+whole group (sum of T over its ranks), in rank order.
 
-Every collective here is an ``all_to_all_single`` with explicit split sizes: it is the only
-variable-size primitive that gloo (CPU tests) and NCCL both support, and its backward is the same
-collective with the splits swapped, so one autograd.Function serves every exchange.
+Every exchange has sizes known on the host before it starts: ``GroupComm.tokens`` lists T of
+every rank. In training all ranks of an EP group hold equal micro-batches, so the caller passes
+``[T] * P`` and no exchange ever waits on the host; only when the counts are unknown (tests with
+uneven ranks) does ``GroupComm.create`` exchange them once (one host sync). Equal counts use
+NCCL's native ``all_gather_into_tensor`` / ``reduce_scatter_tensor``; uneven ones the same
+exchange as one ``all_to_all_single`` with split sizes (what gloo and NCCL both support), moving
+the same bytes.
 """
 
 from __future__ import annotations
@@ -19,124 +23,215 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 
-def _all_to_all(
-    input_: torch.Tensor,
-    output_splits: list[int],
-    input_splits: list[int],
-    group: ProcessGroup | None,
-) -> torch.Tensor:
-    """All-to-all over dim 0; ``input_splits[p]`` rows go to rank p, ``output_splits[p]`` come back."""
-    input_ = input_.contiguous()
-    output = input_.new_empty((sum(output_splits), *input_.shape[1:]))
-    dist.all_to_all_single(
-        output,
-        input_,
-        output_split_sizes=output_splits,
-        input_split_sizes=input_splits,
-        group=group,
-    )
-    return output
+@dataclass(frozen=True)
+class GroupComm:
+    """The EP ``group`` and every rank's token count (host ints: no exchange waits on them)."""
 
+    group: ProcessGroup | None
+    rank: int
+    tokens: tuple[int, ...]
 
-class _AllToAllSingle(torch.autograd.Function):
-    """``all_to_all_single`` of several tensors; the backward is the reverse exchanges.
+    @classmethod
+    def create(
+        cls, group: ProcessGroup | None, num_tokens: int, tokens: list[int] | None = None
+    ) -> GroupComm:
+        """``tokens`` None: learn every rank's count with one exchange (the one host sync)."""
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if tokens is None:
+            device = _comm_device(group)
+            mine = torch.tensor([num_tokens], dtype=torch.int64, device=device)
+            every = torch.empty(size, dtype=torch.int64, device=device)
+            dist.all_gather_into_tensor(every, mine, group=group)
+            tokens = every.tolist()
+        if len(tokens) != size or tokens[rank] != num_tokens:
+            raise ValueError(f"tokens per rank {tokens} do not match rank {rank}'s {num_tokens}")
+        return cls(group, rank, tuple(tokens))
 
-    Tensors exchanged together share one autograd node, so the backward issues their reversed
-    collectives in one fixed order on every rank. Separate nodes could become ready in a
-    rank-dependent order (it depends on how each rank's local compute graph consumes them) and
-    the ranks would then pair up mismatched collectives.
-    """
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
 
-    @staticmethod
-    def forward(
-        ctx, group: ProcessGroup | None, splits: list[tuple[list[int], list[int]]], *inputs
-    ):
-        ctx.group, ctx.splits = group, splits
-        return tuple(
-            _all_to_all(t, out_splits, in_splits, group)
-            for t, (out_splits, in_splits) in zip(inputs, splits)
-        )
+    @property
+    def mine(self) -> int:
+        return self.tokens[self.rank]
 
-    @staticmethod
-    def backward(ctx, *grad_outputs: torch.Tensor):
-        grad_inputs = [
-            _all_to_all(grad, in_splits, out_splits, ctx.group) if needed else None
-            for grad, (out_splits, in_splits), needed in zip(
-                grad_outputs, ctx.splits, ctx.needs_input_grad[2:]
+    @property
+    def equal(self) -> bool:
+        return len(set(self.tokens)) == 1
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(T, ...) of every rank -> (G, ...) in rank order."""
+        t = t.contiguous()
+        out = t.new_empty((sum(self.tokens), *t.shape[1:]))
+        if self.equal:
+            dist.all_gather_into_tensor(out, t, group=self.group)
+        else:
+            send = t.repeat(self.size, *([1] * (t.dim() - 1)))
+            dist.all_to_all_single(
+                out, send, list(self.tokens), [self.mine] * self.size, group=self.group
             )
-        ]
-        return None, None, *grad_inputs
+        return out
+
+    def scatter_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """(G, ...) on every rank -> (T, ...): the sum over ranks of the rows of my tokens."""
+        t = t.contiguous()
+        if self.equal:
+            out = t.new_empty((self.mine, *t.shape[1:]))
+            dist.reduce_scatter_tensor(out, t, group=self.group)
+            return out
+        parts = t.new_empty((self.mine * self.size, *t.shape[1:]))
+        dist.all_to_all_single(
+            parts, t, [self.mine] * self.size, list(self.tokens), group=self.group
+        )
+        return parts.view(self.size, self.mine, *t.shape[1:]).sum(0)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """(G, ...) partial sums on every rank -> their sum, in place, on every rank."""
+        t = t.contiguous()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def exchange(
+        self, t: torch.Tensor, *, to_owners: bool, async_op: bool = False
+    ) -> tuple[torch.Tensor, dist.Work | None]:
+        """All-to-all of per-rank blocks. ``to_owners``: ``t`` is (P*T, ...), block q (my T
+        rows) goes to rank q, and (G, ...) comes back; else ``t`` is (G, ...), the block of
+        rank q's tokens goes back to q, and (P*T, ...) comes back."""
+        t = t.contiguous()
+        mine = [self.mine] * self.size
+        out_splits, in_splits = (
+            (list(self.tokens), mine) if to_owners else (mine, list(self.tokens))
+        )
+        out = t.new_empty((sum(out_splits), *t.shape[1:]))
+        work = dist.all_to_all_single(
+            out, t, out_splits, in_splits, group=self.group, async_op=async_op
+        )
+        return out, work
+
+    # -- bytes this rank puts on the wire (chunks to itself never leave the device) -----------
+    def gather_bytes(self, bytes_per_row: int) -> int:
+        return (self.size - 1) * self.mine * bytes_per_row
+
+    def scatter_bytes(self, bytes_per_row: int) -> int:
+        return (sum(self.tokens) - self.mine) * bytes_per_row
+
+    def all_reduce_bytes(self, bytes_per_row: int) -> float:
+        """A ring all-reduce of (G, row): each rank sends 2 (P-1)/P of it (NCCL's ring; the sum
+        over ranks, 2 (P-1) G row, is what the tests compare)."""
+        return 2 * (self.size - 1) * sum(self.tokens) * bytes_per_row / self.size
+
+    def count_bytes(self, exchanged: bool) -> int:
+        """The token-count exchange of ``create`` (8 bytes to each peer), if it ran."""
+        return 8 * (self.size - 1) if exchanged else 0
 
 
-def all_to_all_many(
-    exchanges: list[tuple[torch.Tensor, list[int], list[int]]], group: ProcessGroup | None
+def _comm_device(group: ProcessGroup | None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def pack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """(T, ...) tensors of any dtypes -> one (T, bytes) uint8 tensor: one collective, not many."""
+    num_tokens = parts[0].shape[0]
+    if num_tokens == 0:  # dtype views need a unit last stride, which empty tensors may lack
+        width = sum(_row_numel(p) * p.element_size() for p in parts)
+        return torch.empty(0, width, dtype=torch.uint8, device=parts[0].device)
+    flat = [p.contiguous().view(num_tokens, _row_numel(p)).view(torch.uint8) for p in parts]
+    return torch.cat(flat, dim=1)
+
+
+def _row_numel(t: torch.Tensor) -> int:
+    numel = 1
+    for size in t.shape[1:]:
+        numel *= size
+    return numel
+
+
+def unpack_rows(
+    packed: torch.Tensor, like: list[tuple[torch.dtype, tuple[int, ...]]]
 ) -> list[torch.Tensor]:
-    """Several variable-split all-to-alls over dim 0, differentiable, with one backward node.
-
-    Each exchange is ``(input, output_splits, input_splits)``: ``input_splits[p]`` rows go to
-    rank p and ``output_splits[p]`` rows come from it.
-    """
-    inputs = [t for t, _, _ in exchanges]
-    splits = [(out_splits, in_splits) for _, out_splits, in_splits in exchanges]
-    if any(t.requires_grad for t in inputs):
-        return list(_AllToAllSingle.apply(group, splits, *inputs))
-    return [_all_to_all(t, o, i, group) for t, (o, i) in zip(inputs, splits)]
-
-
-def all_to_all(
-    input_: torch.Tensor,
-    output_splits: list[int],
-    input_splits: list[int],
-    group: ProcessGroup | None,
-) -> torch.Tensor:
-    """One variable-split all-to-all over dim 0, differentiable when ``input_`` requires grad."""
-    return all_to_all_many([(input_, output_splits, input_splits)], group)[0]
-
-
-def exchange_counts(counts_PC: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """Send row p of ``counts_PC`` (C int64 counters) to rank p; returns what each rank sent us.
-
-    This is the single host synchronisation of a layer call: the caller moves the result (and
-    its own counts) to the host once, because ``all_to_all_single`` needs Python split lists.
-    """
-    num_ranks = counts_PC.shape[0]
-    return _all_to_all(counts_PC, [1] * num_ranks, [1] * num_ranks, group)
-
-
-def remote_bytes(splits: list[int], my_rank: int, bytes_per_row: int) -> int:
-    """Bytes an all-to-all puts on the wire from this rank: every chunk but the one to itself."""
-    return (sum(splits) - splits[my_rank]) * bytes_per_row
+    """Inverse of ``pack_rows``: ``like`` lists (dtype, per-row shape) of each part."""
+    out, start = [], 0
+    rows = packed.shape[0]
+    for dtype, shape in like:
+        numel = 1
+        for size in shape:
+            numel *= size
+        width = numel * torch.empty((), dtype=dtype).element_size()
+        if rows == 0:
+            out.append(torch.empty(0, *shape, dtype=dtype, device=packed.device))
+        else:
+            chunk = packed[:, start : start + width].contiguous()
+            out.append(chunk.view(dtype).view(rows, *shape))
+        start += width
+    return out
 
 
 def row_bytes(t: torch.Tensor) -> int:
-    """Bytes of one dim-0 row of ``t`` (the unit the split sizes count)."""
+    """Bytes of one dim-0 row of ``t``."""
     per_row = t.element_size()
     for size in t.shape[1:]:
         per_row *= size
     return per_row
 
 
+class GatherRows(torch.autograd.Function):
+    """Every rank's rows of several tensors, gathered in one collective (packed as bytes).
+
+    Backward: the gradient rows of my tokens, summed over ranks (``scatter_sum``), for every
+    floating input that needs a gradient, in a fixed order (one autograd node: the ranks issue
+    the same collectives in the same order).
+    """
+
+    @staticmethod
+    def forward(ctx, comm: GroupComm, *parts: torch.Tensor):
+        ctx.comm = comm
+        ctx.set_materialize_grads(False)
+        like = [(p.dtype, tuple(p.shape[1:])) for p in parts]
+        gathered = unpack_rows(comm.gather(pack_rows(list(parts))), like)
+        for part, out in zip(parts, gathered):
+            if not part.is_floating_point():
+                ctx.mark_non_differentiable(out)
+        return tuple(gathered)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        needs = ctx.needs_input_grad[1:]
+        return None, *(
+            ctx.comm.scatter_sum(g) if need and g is not None else None
+            for g, need in zip(grads, needs)
+        )
+
+
+class ScatterSumRows(torch.autograd.Function):
+    """``GroupComm.scatter_sum`` with autograd: the backward gathers the gradient rows."""
+
+    @staticmethod
+    def forward(ctx, comm: GroupComm, t: torch.Tensor) -> torch.Tensor:
+        ctx.comm = comm
+        return comm.scatter_sum(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, ctx.comm.gather(grad)
+
+
 @dataclass
 class ShardingStats:
-    """Communication of one sharded atomic-experts call, as seen from this rank.
+    """Communication and work of one sharded atomic-experts call, as seen from this rank.
 
-    Bytes count only chunks sent to other ranks (the self chunk never leaves the device).
-    ``backward_bytes`` is known at forward time (the backward replays the same splits reversed),
-    so it is a prediction that is exact as long as backward runs. All values are host numbers
-    derived from split sizes that were on the host anyway: reading them costs no sync.
+    Bytes count only chunks sent to other ranks. ``backward_bytes`` is known at forward time
+    (the backward's exchanges have fixed sizes), so it is exact as long as backward runs. Byte
+    values are host ints derived from shapes; ``local_pairs`` (pairs this rank computed) and
+    ``owner_ranks`` (sum over tokens of the ranks owning at least one of the token's experts)
+    are device tensors, summed without a host sync and read when metrics are logged.
     """
 
     mode: str
-    forward_bytes: int
-    backward_bytes: int
-    avg_dest_ranks_per_token: float
+    forward_bytes: float
+    backward_bytes: float
     tokens: int
+    local_pairs: torch.Tensor
+    owner_ranks: torch.Tensor
     forward_bytes_by_exchange: dict[str, int] = field(default_factory=dict)
-
-    def as_metrics(self, prefix: str = "expert_dispatch") -> dict[str, float]:
-        """Flat dict for a metrics.jsonl row."""
-        return {
-            f"{prefix}/forward_bytes": float(self.forward_bytes),
-            f"{prefix}/backward_bytes": float(self.backward_bytes),
-            f"{prefix}/avg_dest_ranks_per_token": self.avg_dest_ranks_per_token,
-        }

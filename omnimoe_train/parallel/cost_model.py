@@ -1,34 +1,37 @@
-"""Bytes each rank sends per OmniMoE layer for the two table-sharding modes, and ``auto``.
+"""Bytes each rank sends per OmniMoE layer for the table-sharding modes, and ``auto``.
 
-Counts only bytes that leave a rank (the self chunk of an all-to-all stays on the device), per
-layer, per rank, for one forward and one backward, with ``tokens`` tokens on the rank. The
-formulas mirror, exchange by exchange, what ``rows_dispatch`` and ``dim_sharding`` send; the
-test-suite checks them against the byte counts of real runs.
+Counts only bytes that leave a rank (the self chunk of a collective stays on the device), per
+layer, per rank, for one forward and one backward of ``tokens`` tokens on the rank, with equal
+token counts on the ranks (training; the token counts are then known, so no count exchange).
+The formulas mirror, exchange by exchange, what ``rows_dispatch`` and ``dim_sharding`` send; the
+test-suite checks them against the bytes real calls report.
 
-rows (b = dtype_bytes, w = weight_bytes, R = remote destination rows, Q = remote pairs):
-    forward  = 2*R*D*b + Q*(8 + w) + 24*(P-1)      x out, y back, (id, slot) + weight per pair
-    backward = 2*R*D*b + Q*w                       dy out, dx back, dweights back
-    R = T * E[remote destination ranks per token], Q = T*K*(P-1)/P under uniform routing.
-dim (s = score bytes, 4 = int32 expert id):
-    forward  = 2*T*(P-1)*D/P*b + T*K*(P-1)*(4 + 2*s) + 8*(P-1)
-    backward = 2*T*(P-1)*D/P*b + 2*T*K*(P-1)*s
+rows (b = dtype_bytes, w = weight_bytes, 4 = int32 expert id; implemented):
+    forward  = (P-1)*T*(D*b + K*(4 + w))  +  (P-1)*T*D*b     gather x, ids, w; scatter-sum y
+    backward = (P-1)*T*D*b  +  (P-1)*T*(D*b + K*w)            gather dy; scatter-sum dx, dw
+dim (s = 4 score bytes; ring all-reduce; implemented):
+    forward  = 2*(P-1)*T*(D/P)*b + (P-1)*T*K*(4 + w + 2*s)    x slices + ids + w, h, y slices
+    backward = 2*(P-1)*T*(D/P)*b + 2*(P-1)*T*K*s              dy slices, da, dx slices
 
-gather (NOT implemented; the reference point for ZeRO-3-style table sharding: all-gather the U/V
-shards before the layer, reduce-scatter their gradients after):
-    forward = backward = 2*N*D*b*(P-1)/P           independent of T and K
+Reference points, NOT implemented:
+rows_a2a (the variable-split all-to-all the rows mode replaced; R = remote (token, rank) rows,
+Q = remote pairs; a host sync per call for the split sizes):
+    forward  = 2*R*D*b + Q*(8 + w) + 24*(P-1),  backward = 2*R*D*b + Q*w
+    R = T * E[ranks owning a token's experts] * (P-1)/P, Q = T*K*(P-1)/P under uniform routing.
+gather (ZeRO-3 style: all-gather the U/V shards before the layer, reduce-scatter their grads):
+    forward = backward = 2*N*D*b*(P-1)/P                       independent of T and K
 
-Uniform routing is the pessimistic case for rows: the Cartesian router picks top rows x top
-columns, and blocks of whole router rows per rank make a token's K experts cluster on few ranks,
-so real destination counts are lower. The realised value is logged by the dispatch.
+``auto`` picks the implemented mode with fewer bytes. Both do the same arithmetic per rank when
+routing is balanced (rows: the pairs of the group's tokens that a rank owns; dim: all pairs of
+the group on D/P columns), so bytes decide; rows also pays for load imbalance (logged as
+``dispatch_load_imbalance``) which dim never has.
 """
 
 from __future__ import annotations
 
 SHARDING_MODES = ("rows", "dim")  # implemented, chosen between by ``auto``
-PREDICTED_MODES = (*SHARDING_MODES, "gather")
-_COUNTS_BYTES_PER_PEER = {"rows": 3 * 8, "dim": 8}
-_META_BYTES_PER_PAIR = 8
-_INDEX_BYTES = 4
+PREDICTED_MODES = (*SHARDING_MODES, "rows_a2a", "gather")
+_ID_BYTES = 4
 
 
 def expected_dest_ranks(*, num_experts: int, top_k: int, ranks: int) -> float:
@@ -45,7 +48,22 @@ def expected_dest_ranks(*, num_experts: int, top_k: int, ranks: int) -> float:
     return ranks * (1.0 - p_missed)
 
 
+def _totals(forward: float, backward: float) -> dict[str, float]:
+    return {"forward": forward, "backward": backward, "total": forward + backward}
+
+
 def rows_bytes(
+    *, tokens: float, d: int, k: int, ranks: int, dtype_bytes: int, weight_bytes: int = 4
+) -> dict[str, float]:
+    """Bytes of the rows (gather / scatter-sum) dispatch for ``tokens`` tokens on each rank."""
+    peers_rows = (ranks - 1) * tokens
+    forward = peers_rows * (d * dtype_bytes + k * (_ID_BYTES + weight_bytes))
+    forward += peers_rows * d * dtype_bytes
+    backward = peers_rows * d * dtype_bytes + peers_rows * (d * dtype_bytes + k * weight_bytes)
+    return _totals(forward, backward)
+
+
+def rows_a2a_bytes(
     *,
     d: int,
     remote_rows: float,
@@ -54,30 +72,28 @@ def rows_bytes(
     dtype_bytes: int,
     weight_bytes: int = 4,
 ) -> dict[str, float]:
-    """Bytes of the rows dispatch for given remote (token, rank) rows and (token, expert) pairs."""
+    """Bytes of a variable-split all-to-all rows dispatch (reference, not implemented)."""
     activations = 2 * remote_rows * d * dtype_bytes
-    forward = (
-        activations
-        + remote_pairs * (_META_BYTES_PER_PAIR + weight_bytes)
-        + _COUNTS_BYTES_PER_PEER["rows"] * (ranks - 1)
-    )
-    backward = activations + remote_pairs * weight_bytes
-    return {"forward": forward, "backward": backward, "total": forward + backward}
+    forward = activations + remote_pairs * (8 + weight_bytes) + 24 * (ranks - 1)
+    return _totals(forward, activations + remote_pairs * weight_bytes)
 
 
 def dim_bytes(
-    *, tokens: float, d: int, k: int, ranks: int, dtype_bytes: int, score_bytes: int = 4
+    *,
+    tokens: float,
+    d: int,
+    k: int,
+    ranks: int,
+    dtype_bytes: int,
+    weight_bytes: int = 4,
+    score_bytes: int = 4,
 ) -> dict[str, float]:
     """Bytes of the dim-sharded layer for ``tokens`` tokens on each rank."""
     peers = ranks - 1
     activations = 2 * tokens * peers * (d / ranks) * dtype_bytes
-    forward = (
-        activations
-        + tokens * k * peers * (_INDEX_BYTES + 2 * score_bytes)
-        + _COUNTS_BYTES_PER_PEER["dim"] * peers
-    )
+    forward = activations + tokens * k * peers * (_ID_BYTES + weight_bytes + 2 * score_bytes)
     backward = activations + 2 * tokens * k * peers * score_bytes
-    return {"forward": forward, "backward": backward, "total": forward + backward}
+    return _totals(forward, backward)
 
 
 def table_gather_bytes(
@@ -85,7 +101,7 @@ def table_gather_bytes(
 ) -> dict[str, float]:
     """Bytes of all-gathering U and V shards (forward) and reduce-scattering dU, dV (backward)."""
     per_direction = 2 * num_experts * d * dtype_bytes * (ranks - 1) / ranks
-    return {"forward": per_direction, "backward": per_direction, "total": 2 * per_direction}
+    return _totals(per_direction, per_direction)
 
 
 def predict_bytes(
@@ -101,19 +117,23 @@ def predict_bytes(
     score_bytes: int = 4,
     dest_ranks_per_token: float | None = None,
 ) -> dict[str, float]:
-    """Predicted bytes one rank sends per layer: ``forward``, ``backward``, ``total`` (+ detail).
-
-    ``dest_ranks_per_token`` replaces the uniform-routing expectation for ``rows`` (e.g. by the
-    average the dispatch logged), since the Cartesian router clusters a token's experts.
-    """
+    """Predicted bytes one rank sends per layer: ``forward``, ``backward``, ``total``, and
+    ``dest_ranks_per_token`` (ranks a token's rows reach). Raises ``ValueError`` for an unknown
+    mode. ``dest_ranks_per_token`` replaces the uniform-routing expectation for ``rows_a2a``
+    (e.g. by the measured ``dispatch_dest_ranks``)."""
     if mode == "rows":
+        predicted = rows_bytes(
+            tokens=tokens, d=d, k=k, ranks=ranks, dtype_bytes=dtype_bytes,
+            weight_bytes=weight_bytes,
+        )  # fmt: skip
+        return {**predicted, "dest_ranks_per_token": float(ranks)}
+    if mode == "rows_a2a":
         dest = dest_ranks_per_token
         if dest is None:
             dest = expected_dest_ranks(num_experts=num_experts, top_k=k, ranks=ranks)
-        remote_dest = dest * (ranks - 1) / ranks  # by symmetry every rank is equally likely
-        predicted = rows_bytes(
+        predicted = rows_a2a_bytes(
             d=d,
-            remote_rows=tokens * remote_dest,
+            remote_rows=tokens * dest * (ranks - 1) / ranks,  # every rank equally likely
             remote_pairs=tokens * k * (ranks - 1) / ranks,
             ranks=ranks,
             dtype_bytes=dtype_bytes,
@@ -122,8 +142,9 @@ def predict_bytes(
         return {**predicted, "dest_ranks_per_token": dest}
     if mode == "dim":
         predicted = dim_bytes(
-            tokens=tokens, d=d, k=k, ranks=ranks, dtype_bytes=dtype_bytes, score_bytes=score_bytes
-        )
+            tokens=tokens, d=d, k=k, ranks=ranks, dtype_bytes=dtype_bytes,
+            weight_bytes=weight_bytes, score_bytes=score_bytes,
+        )  # fmt: skip
         return {**predicted, "dest_ranks_per_token": float(ranks)}
     if mode == "gather":
         predicted = table_gather_bytes(
@@ -146,6 +167,7 @@ def choose_sharding(
     """``auto``: the allowed mode with the fewest forward+backward bytes (ties go to rows).
 
     Returns the choice and the predictions of every allowed mode, for the start-up log line.
+    Raises ``ValueError`` when ``allowed`` is empty or names an unknown mode.
     """
     if not allowed or set(allowed) - set(SHARDING_MODES):
         raise ValueError(f"allowed={allowed!r} must be a non-empty subset of {SHARDING_MODES}")

@@ -1,89 +1,112 @@
 """``dim`` sharding: every rank holds all N expert rows, but only D/P columns of U and V.
 
 The memory-layer / UltraMem dimension partition, adapted to OmniMoE's nonlinearity: silu needs
-the FULL score up[e] . x, so the partial scores of the D/P slices must be summed before the
-activation. Per call on rank r (T_r own tokens, G = sum of T over the group, Dp = D/P; shape
-legend in ``collectives``):
+the FULL score up[e] . x, so the partial scores of the D/P slices are summed before the
+activation. One call on rank r (T own tokens, G of the group, Dp = D/P; legend in
+``collectives``; every size is known on the host, so nothing waits on it):
 
-    counts   one int64 per rank: every rank learns T_q of every q           (the one host sync)
-    x        all-to-all: rank r sends x[:, slice q] of its tokens to rank q -> (G, Dp) on my slice
-    indices  all-gather (as all-to-all): (G, K) int32 expert ids of the whole group
-    h        partial scores U[e, slice] . x[slice] for all G*K pairs, all-to-all'd back to each
-             token's source rank and summed there over P slices   (a reduce-scatter of G*K)
-    a        source: a = w * silu(h); all-gathered back as (G, K)
-    y        y[:, slice] = sum_k a * V[e, slice] for all G tokens; all-to-all'd to the sources,
-             which assemble their full-D rows from the P slices
+    x, ids, w  all-to-all, one packed exchange: x[:, slice q], the (T, K) int32 expert ids and
+               the routing weights of my tokens to every rank q -> (G, Dp) x of my slice and
+               the (G, K) ids and weights of the group
+    h          partial scores on my slice (``experts_parts.pair_dots``), fp32 (G, K),
+               all-reduced: every rank has the full h of the group's pairs
+    y          y[:, slice] = sum_k w * silu(h) * V[e, slice] (``experts_parts.combine``, the
+               gated Triton combine) for all G tokens; all-to-all back, each source assembles
+               its (T, D) rows from the P slices
 
-Scores and activations travel in fp32 (cancellation-prone sums of D/P products). Reducing the
-scores on the source and all-gathering a = w * silu(h) instead of all-reducing h is the cheapest
-correct scheme: same bytes as one all-reduce of h, minus the all-gather of the routing weights,
-and silu runs once per pair. Forward bytes sent by a rank (b activation bytes, s = 4 score bytes):
-    2 * T*(P-1)*D/P*b  +  T*K*(P-1)*(4 + 2*s)  + 8*(P-1)
-Backward (reverse exchanges, indices excluded): 2 * T*(P-1)*D/P*b + 2 * T*K*(P-1)*s.
-Nothing depends on N: only T, D, K and P.
+Backward (one autograd node, collectives in a fixed order): dy slices out (all-to-all), partial
+da = dy . V[e, slice] all-reduced, g = dL/dh and dw from (da, h, w) in one kernel, dx slices =
+sum_k g * U[e, slice] sent back (all-to-all, overlapped with the table gradients dU, dV of the
+slice, which never leave the rank); dw of my tokens is my rows of the group's dw.
+
+Three collectives each way. Every rank computes all G*K pairs on D/P columns: the same work as
+one GPU on its own T*K pairs with all D columns, whatever the routing (no load imbalance).
+Scores travel in fp32 (cancellation-prone sums of D/P products). Bytes a rank sends (b
+activation bytes, w weight bytes, s = 4 score bytes, equal T, ring all-reduce):
+forward 2*(P-1)*T*(D/P)*b + (P-1)*T*K*(4 + w + 2*s); backward 2*(P-1)*T*(D/P)*b + 2*(P-1)*T*K*s.
+Nothing depends on N.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from omnimoe_train.parallel.collectives import (
-    ShardingStats,
-    all_to_all,
-    exchange_counts,
-    remote_bytes,
-    row_bytes,
-)
-
-# Gathered (pair, Dp) rows materialised at once by the score kernel: bounds its working memory.
-_PAIR_ELEMENTS_PER_CHUNK = 1 << 22
+from omnimoe_kernels import experts_parts
+from omnimoe_train.parallel.collectives import GroupComm, ShardingStats, unpack_rows
 
 
-def _token_chunks(num_tokens: int, top_k: int, width: int) -> list[tuple[int, int]]:
-    step = max(1, _PAIR_ELEMENTS_PER_CHUNK // max(1, top_k * width))
-    return [(start, min(start + step, num_tokens)) for start in range(0, num_tokens, step)]
+def _to_owners(comm: GroupComm, t_TD: torch.Tensor, width: int) -> torch.Tensor:
+    """(T, P*width) -> (P*T, width): block q holds column slice q of my tokens."""
+    num_tokens = t_TD.shape[0]
+    return t_TD.reshape(num_tokens, comm.size, width).transpose(0, 1).reshape(-1, width)
 
 
-class _PartialScores(torch.autograd.Function):
-    """``h[g, k] = up[idx[g, k]] . x[g]`` on one column slice, without saving gathered rows.
+def _from_owners(comm: GroupComm, t_PTw: torch.Tensor) -> torch.Tensor:
+    """(P*T, width) slices back from every rank -> (T, P*width) rows."""
+    width = t_PTw.shape[1]
+    return (
+        t_PTw.view(comm.size, comm.mine, width)
+        .transpose(0, 1)
+        .reshape(comm.mine, comm.size * width)
+    )
 
-    Backward: dx = sum_k dh * up[idx] (an embedding_bag) and dup[idx] += dh * x (chunked
-    index_add), both in the compute dtype.
-    """
+
+class _DimExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, up_NDp, down_NDp, weights_TK, ids_TK, comm: GroupComm, backend: str):
+        num_tokens, top_k = ids_TK.shape
+        width = up_NDp.shape[1]
+        acc = torch.promote_types(x_TD.dtype, torch.float32)
+        # One exchange: block q = (x[:, slice q], my ids, my weights), as bytes.
+        x_bytes, w_bytes = width * x_TD.element_size(), top_k * weights_TK.element_size()
+        send = torch.empty(
+            comm.size, num_tokens, x_bytes + 4 * top_k + w_bytes,
+            dtype=torch.uint8, device=x_TD.device,
+        )  # fmt: skip
+        if num_tokens:
+            x_slices = x_TD.contiguous().view(num_tokens, comm.size, width).view(torch.uint8)
+            send[:, :, :x_bytes] = x_slices.transpose(0, 1)
+            send[:, :, x_bytes : x_bytes + 4 * top_k] = ids_TK.to(torch.int32).view(torch.uint8)
+            send[:, :, x_bytes + 4 * top_k :] = weights_TK.contiguous().view(torch.uint8)
+        recv, _ = comm.exchange(send.view(comm.size * num_tokens, send.shape[2]), to_owners=True)
+        x_GDp, ids_GK, w_GK = unpack_rows(
+            recv, [(x_TD.dtype, (width,)), (torch.int32, (top_k,)), (weights_TK.dtype, (top_k,))]
+        )
+
+        h_GK = comm.all_reduce(
+            experts_parts.pair_dots(x_GDp, up_NDp, ids_GK, backend=backend).to(acc)
+        )
+        y_GDp = experts_parts.combine(
+            down_NDp, ids_GK, h_GK, gate_TK=w_GK, out_dtype=x_TD.dtype, backend=backend
+        )
+        y_back, _ = comm.exchange(y_GDp, to_owners=False)
+
+        ctx.save_for_backward(x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp)
+        ctx.comm, ctx.backend, ctx.x_dtype = comm, backend, x_TD.dtype
+        return _from_owners(comm, y_back)
 
     @staticmethod
-    def forward(ctx, x_GDp, up_NDp, idx_GK, compute_dtype: torch.dtype):
-        ctx.save_for_backward(x_GDp, up_NDp, idx_GK)
-        ctx.compute_dtype = compute_dtype
-        num_tokens, top_k = idx_GK.shape
-        h_GK = x_GDp.new_empty((num_tokens, top_k), dtype=compute_dtype)
-        for start, end in _token_chunks(num_tokens, top_k, up_NDp.shape[1]):
-            rows_CKDp = up_NDp[idx_GK[start:end]].to(compute_dtype)
-            x_CDp = x_GDp[start:end].to(compute_dtype)
-            h_GK[start:end] = torch.einsum("ckd,cd->ck", rows_CKDp, x_CDp)
-        return h_GK
-
-    @staticmethod
-    def backward(ctx, dh_GK):
-        x_GDp, up_NDp, idx_GK = ctx.saved_tensors
-        dx_GDp = dup_NDp = None
-        if ctx.needs_input_grad[0]:
-            up_c_NDp = up_NDp.to(ctx.compute_dtype)
-            dx_GDp = F.embedding_bag(idx_GK, up_c_NDp, per_sample_weights=dh_GK, mode="sum")
-            dx_GDp = dx_GDp.to(x_GDp.dtype)
-        if ctx.needs_input_grad[1]:
-            dup_NDp = torch.zeros_like(up_NDp, dtype=ctx.compute_dtype)
-            num_tokens, top_k = idx_GK.shape
-            for start, end in _token_chunks(num_tokens, top_k, up_NDp.shape[1]):
-                outer_CKDp = dh_GK[start:end, :, None] * x_GDp[start:end, None, :]
-                dup_NDp.index_add_(
-                    0, idx_GK[start:end].flatten(), outer_CKDp.flatten(0, 1).to(dup_NDp.dtype)
-                )
-            dup_NDp = dup_NDp.to(up_NDp.dtype)
-        return dx_GDp, dup_NDp, None, None
+    def backward(ctx, dy_TD):
+        x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp = ctx.saved_tensors
+        comm, backend = ctx.comm, ctx.backend
+        width = up_NDp.shape[1]
+        dy_GDp, _ = comm.exchange(_to_owners(comm, dy_TD.to(ctx.x_dtype), width), to_owners=True)
+        da_GK = comm.all_reduce(
+            experts_parts.pair_dots(dy_GDp, down_NDp, ids_GK, backend=backend).to(h_GK.dtype)
+        )
+        g_GK, dw_GK = experts_parts.silu_grads(da_GK, h_GK, w_GK, backend=backend)
+        dx_GDp = experts_parts.combine(up_NDp, ids_GK, g_GK, out_dtype=ctx.x_dtype, backend=backend)
+        # dx travels while the table gradients are computed.
+        dx_back, work = comm.exchange(dx_GDp, to_owners=False, async_op=True)
+        dup_NDp, ddown_NDp = experts_parts.table_grads(
+            x_GDp, dy_GDp, ids_GK, g_GK, h_GK, w_GK, up_NDp.shape[0],
+            dtype=up_NDp.dtype, backend=backend,
+        )  # fmt: skip
+        work.wait()
+        first = sum(comm.tokens[: comm.rank])
+        dweights_TK = dw_GK[first : first + comm.mine]
+        return _from_owners(comm, dx_back), dup_NDp, ddown_NDp, dweights_TK, None, None, None
 
 
 def sharded_atomic_experts_dim(
@@ -94,68 +117,68 @@ def sharded_atomic_experts_dim(
     indices_TK: torch.Tensor,
     *,
     group: ProcessGroup | None,
+    group_tokens: list[int] | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, ShardingStats]:
     """Atomic experts with U and V sharded by hidden columns over ``group``.
 
     Rank r holds columns [r*D/P, (r+1)*D/P) of both tables (all N rows), passes its own tokens
-    and gets back exactly ``atomic_experts`` with the full tables for them. All ranks of the group
-    must call this together with the same ``requires_grad`` pattern.
+    and gets back exactly ``atomic_experts`` with the full tables for them. ``group_tokens``: T
+    of every rank, if known (else one count exchange). All ranks of the group must call this
+    together. Raises ``ValueError`` for shards or routing of the wrong shape.
     """
-    num_ranks, my_rank = dist.get_world_size(group), dist.get_rank(group)
     num_tokens, hidden = x_TD.shape
-    num_experts, slice_width = up_local_NDp.shape
-    if slice_width * num_ranks != hidden or down_local_NDp.shape != up_local_NDp.shape:
+    comm = GroupComm.create(group, num_tokens, group_tokens)
+    num_experts, width = up_local_NDp.shape
+    if width * comm.size != hidden or down_local_NDp.shape != up_local_NDp.shape:
         raise ValueError(
             f"table shards {tuple(up_local_NDp.shape)}, {tuple(down_local_NDp.shape)} must be "
-            f"(N, D/P) with D={hidden}, P={num_ranks}"
+            f"(N, D/P) with D={hidden}, P={comm.size}"
         )
     if weights_TK.shape != indices_TK.shape or indices_TK.shape[0] != num_tokens:
         raise ValueError(f"weights {tuple(weights_TK.shape)} / indices {tuple(indices_TK.shape)}")
-    top_k = indices_TK.shape[1]
-    compute_dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    y_TD = _DimExperts.apply(
+        x_TD, up_local_NDp, down_local_NDp, weights_TK, indices_TK, comm, backend
+    )
+    # The backward is one node: it runs all its exchanges iff anything needs a gradient.
+    backward = y_TD.requires_grad
+    return y_TD, _dim_stats(comm, x_TD, weights_TK, width, group_tokens is None, backward)
 
-    my_count_P1 = torch.full((num_ranks, 1), num_tokens, dtype=torch.int64, device=x_TD.device)
-    group_tokens = exchange_counts(my_count_P1, group).flatten().tolist()  # T_q of every rank q
-    mine = [num_tokens] * num_ranks  # every exchange sends all my tokens to each rank
 
-    # Column slice q of my tokens goes to rank q; I receive my slice of every rank's tokens.
-    x_PTDp = x_TD.view(num_tokens, num_ranks, slice_width).transpose(0, 1)
-    x_slice_GDp = all_to_all(x_PTDp.reshape(-1, slice_width), group_tokens, mine, group)
-    idx_send = indices_TK.to(torch.int32).repeat(num_ranks, 1)
-    idx_GK = all_to_all(idx_send, group_tokens, mine, group).long()
-
-    h_part_GK = _PartialScores.apply(x_slice_GDp, up_local_NDp, idx_GK, compute_dtype)
-    h_parts_PTK = all_to_all(h_part_GK, mine, group_tokens, group)
-    h_TK = h_parts_PTK.view(num_ranks, num_tokens, top_k).sum(0)
-    a_TK = F.silu(h_TK) * weights_TK.to(compute_dtype)
-    a_GK = all_to_all(a_TK.repeat(num_ranks, 1), group_tokens, mine, group)
-
-    down_c_NDp = down_local_NDp.to(compute_dtype)
-    y_slice_GDp = F.embedding_bag(idx_GK, down_c_NDp, per_sample_weights=a_GK, mode="sum")
-    y_slice_GDp = y_slice_GDp.to(x_TD.dtype)
-    y_PTDp = all_to_all(y_slice_GDp, mine, group_tokens, group)
-    y_TD = y_PTDp.view(num_ranks, num_tokens, slice_width).transpose(0, 1).reshape(-1, hidden)
-
-    # name -> (tensor whose rows are sent, bytes per row, its input splits, its output splits)
-    sends = {
-        "x": (x_TD, slice_width * x_TD.element_size(), mine, group_tokens),
-        "indices": (idx_send, row_bytes(idx_send), mine, group_tokens),
-        "scores": (h_part_GK, row_bytes(h_part_GK), group_tokens, mine),
-        "activations": (a_TK, row_bytes(a_TK), mine, group_tokens),
-        "y": (y_slice_GDp, row_bytes(y_slice_GDp), group_tokens, mine),
+def _dim_stats(
+    comm: GroupComm,
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    width: int,
+    counted: bool,
+    has_backward: bool,
+) -> ShardingStats:
+    top_k = weights_TK.shape[1]
+    score = 4 if x_TD.dtype != torch.float64 else 8  # fp32 (fp64 for fp64 inputs)
+    slice_row = width * x_TD.element_size()
+    forward = {
+        "counts": comm.count_bytes(counted),
+        "x_ids_weights": comm.gather_bytes(slice_row + top_k * (4 + weights_TK.element_size())),
+        "scores": comm.all_reduce_bytes(score * top_k),
+        "y": comm.scatter_bytes(slice_row),
     }
-    forward = {"counts": 8 * (num_ranks - 1)}
-    backward = 0
-    for name, (sent, per_row, in_splits, out_splits) in sends.items():
-        forward[name] = remote_bytes(in_splits, my_rank, per_row)
-        if sent.requires_grad:  # the reverse exchange returns the gradient of the received rows
-            backward += remote_bytes(out_splits, my_rank, per_row)
-    stats = ShardingStats(
+    backward = 0.0
+    if has_backward:
+        backward = comm.gather_bytes(slice_row) + comm.all_reduce_bytes(score * top_k)
+        backward += comm.scatter_bytes(slice_row)
+    pairs = sum(comm.tokens) * top_k  # every rank computes every pair of the group
+    device = x_TD.device
+    return ShardingStats(
         mode="dim",
         forward_bytes=sum(forward.values()),
         backward_bytes=backward,
-        avg_dest_ranks_per_token=float(num_ranks),
-        tokens=num_tokens,
+        tokens=x_TD.shape[0],
+        local_pairs=_const(pairs, device),
+        owner_ranks=_const(comm.size * x_TD.shape[0], device),
         forward_bytes_by_exchange=forward,
     )
-    return y_TD, stats
+
+
+def _const(value: int, device: torch.device) -> torch.Tensor:
+    # A host int as a device scalar without a blocking copy (``full`` is a fill kernel).
+    return torch.full((), value, dtype=torch.int64, device=device)

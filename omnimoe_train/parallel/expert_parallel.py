@@ -2,8 +2,9 @@
 
 ``ExpertParallel`` is attached to a layer by ``parallel.setup.apply_parallelism``; the layer
 itself only knows "call the dispatch instead of the local kernel". It picks the ``rows`` or
-``dim`` op and accumulates the bytes each call reports, so the trainer can log them per layer
-per step without any host synchronisation of its own (the counts are host ints already).
+``dim`` op and accumulates what each call reports: bytes (host ints, from shapes) and the pairs
+this rank computed and the ranks owning each token's experts (device tensors, summed without a
+host sync). ``dispatch_metrics`` reads them once per logging step.
 """
 
 from __future__ import annotations
@@ -21,28 +22,39 @@ from omnimoe_train.parallel.rows_dispatch import sharded_atomic_experts_rows
 
 @dataclass
 class DispatchCounters:
-    """Host-side sums over the training calls of one layer since the last ``reset``."""
+    """Sums over the training calls of one layer since the last ``reset``."""
 
     forward_bytes: int = 0
     backward_bytes: int = 0
-    dest_rank_tokens: float = 0.0  # sum over tokens of the ranks each token was sent to
     tokens: int = 0
     calls: int = 0
+    local_pairs: torch.Tensor | None = None  # device scalar
+    owner_ranks: torch.Tensor | None = None  # device scalar: sum over tokens
 
     def add(self, stats: ShardingStats) -> None:
         self.forward_bytes += stats.forward_bytes
         self.backward_bytes += stats.backward_bytes
-        self.dest_rank_tokens += stats.avg_dest_ranks_per_token * stats.tokens
         self.tokens += stats.tokens
         self.calls += 1
+        if self.local_pairs is None:
+            self.local_pairs = stats.local_pairs.clone()
+            self.owner_ranks = stats.owner_ranks.clone()
+        else:
+            self.local_pairs += stats.local_pairs
+            self.owner_ranks += stats.owner_ranks
 
     def reset(self) -> None:
         self.forward_bytes = self.backward_bytes = self.tokens = self.calls = 0
-        self.dest_rank_tokens = 0.0
+        self.local_pairs = self.owner_ranks = None
 
 
 class ExpertParallel:
-    """Runs one layer's atomic experts on its table shard of the expert-parallel ``group``."""
+    """Runs one layer's atomic experts on its table shard of the expert-parallel ``group``.
+
+    Every rank of an EP group holds a micro-batch of the same shape (same micro-batch size and
+    sequence length; sequence parallelism splits evenly), so the token counts of the group are
+    known without an exchange: no call waits on the host.
+    """
 
     def __init__(
         self, mode: str, group: ProcessGroup, *, num_experts: int, backend: str = "auto"
@@ -51,6 +63,7 @@ class ExpertParallel:
             raise ValueError(f"mode={mode!r} must be rows or dim")
         self.mode, self.group = mode, group
         self.num_experts, self.backend = num_experts, backend
+        self.size = dist.get_world_size(group)
         self.counters = DispatchCounters()
 
     def __call__(
@@ -63,21 +76,17 @@ class ExpertParallel:
         *,
         record: bool,
     ) -> torch.Tensor:
+        tokens = [x_TD.shape[0]] * self.size
         if self.mode == "rows":
             y_TD, stats = sharded_atomic_experts_rows(
-                x_TD,
-                up_local,
-                down_local,
-                weights_TK,
-                indices_TK,
-                group=self.group,
-                num_experts=self.num_experts,
-                backend=self.backend,
-            )
+                x_TD, up_local, down_local, weights_TK, indices_TK, group=self.group,
+                num_experts=self.num_experts, group_tokens=tokens, backend=self.backend,
+            )  # fmt: skip
         else:
             y_TD, stats = sharded_atomic_experts_dim(
-                x_TD, up_local, down_local, weights_TK, indices_TK, group=self.group
-            )
+                x_TD, up_local, down_local, weights_TK, indices_TK, group=self.group,
+                group_tokens=tokens, backend=self.backend,
+            )  # fmt: skip
         if record:  # evaluation traffic stays out of the per-step training numbers
             self.counters.add(stats)
         return y_TD
@@ -86,26 +95,47 @@ class ExpertParallel:
 def dispatch_metrics(
     dispatches: list[ExpertParallel], steps: int, device: torch.device
 ) -> dict[str, float]:
-    """Dispatch traffic per layer per optimizer step, averaged over ranks and layers; resets.
+    """Dispatch traffic and load per layer per optimizer step, averaged over ranks and layers;
+    resets the counters. Collective over the whole world (every pipeline stage's layers count,
+    and every rank must call it, with or without layers).
 
-    Collective over the whole world (every pipeline stage's layers count): call on every rank.
+    ``dispatch_load_imbalance``: max over the ranks of an EP group of the (token, expert) pairs a
+    rank computed, over their mean (1 = balanced; ``dim`` is 1 by construction), averaged over
+    layers; ``dispatch_load_imbalance_max``: the worst layer.
     """
-    totals = torch.zeros(5, dtype=torch.float64)
-    for ep in dispatches:
+    ep_group = dispatches[0].group if dispatches else None
+    ep_size = dispatches[0].size if dispatches else 1
+    rank_in_ep = dist.get_rank(ep_group) if dist.is_initialized() and dispatches else 0
+    # Pairs of every layer on every rank of this EP group: (layers, P), summed over the group.
+    pairs_LP = torch.zeros(len(dispatches), ep_size, dtype=torch.float64, device=device)
+    host = torch.zeros(4, dtype=torch.float64)
+    owner_ranks = torch.zeros((), dtype=torch.float64, device=device)
+    for layer, ep in enumerate(dispatches):
         c = ep.counters
-        totals += torch.tensor(
-            [c.forward_bytes, c.backward_bytes, c.dest_rank_tokens, c.tokens, 1.0],
-            dtype=torch.float64,
+        host += torch.tensor(
+            [c.forward_bytes, c.backward_bytes, c.tokens, 1.0], dtype=torch.float64
         )
+        if c.local_pairs is not None:
+            pairs_LP[layer, rank_in_ep] = c.local_pairs.to(pairs_LP)
+            owner_ranks += c.owner_ranks.to(owner_ranks)
         c.reset()
+    if dist.is_initialized() and dispatches:
+        dist.all_reduce(pairs_LP, group=ep_group)
+    mean_L = pairs_LP.mean(1)
+    balanced = mean_L > 0
+    ratio_L = torch.where(balanced, pairs_LP.amax(1) / mean_L.clamp_min(1e-30), 1.0)
+    # Summed over the world: bytes, tokens, layer-ranks, owner ranks, imbalance sum and max.
+    totals = torch.cat([host.to(device), owner_ranks[None], ratio_L.sum()[None]])
+    worst = ratio_L.amax()[None] if len(dispatches) else torch.ones(1, device=device).double()
     if dist.is_initialized():
-        totals = totals.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(totals)
-        totals = totals.cpu()
-    fwd, bwd, dest_tokens, tokens, layer_ranks = totals.tolist()
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    fwd, bwd, tokens, layer_ranks, owners, ratio_sum = totals.tolist()
     per = max(layer_ranks, 1.0) * max(steps, 1)
     return {
         "dispatch_fwd_bytes_per_layer": fwd / per,
         "dispatch_bwd_bytes_per_layer": bwd / per,
-        "dispatch_dest_ranks": dest_tokens / max(tokens, 1.0),
+        "dispatch_dest_ranks": owners / max(tokens, 1.0),
+        "dispatch_load_imbalance": ratio_sum / max(layer_ranks, 1.0),
+        "dispatch_load_imbalance_max": worst.item(),
     }

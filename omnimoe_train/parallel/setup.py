@@ -4,11 +4,11 @@
 from the process groups). What megatron does not know about -- the OmniMoE router and expert
 tables -- is wired here, before the model is wrapped in megatron's DDP:
 
-* ep > 1: each layer keeps only its shard of U and V (``rows``: expert ids r*N/P..(r+1)*N/P;
-  ``dim``: columns r*D/P..(r+1)*D/P), sliced from the full-table init that every rank computed
-  with the same seed, so a run starts from the single-process weights. The shards are marked
-  ``allreduce = False``: megatron's DDP then reduces them over the expert-data-parallel group only
-  and its optimizer counts each shard once in the grad norm.
+* ep > 1: each layer was built holding only its shard of U and V (``rows``: expert ids
+  r*N/P..(r+1)*N/P; ``dim``: columns r*D/P..(r+1)*D/P), drawn as the slice of the full tables a
+  single process draws (``model.init``). The shards are marked ``allreduce = False``: megatron's
+  DDP then reduces them over the expert-data-parallel group only and its optimizer counts each
+  shard once in the grad norm.
 * sequence parallel: every TP rank routes different tokens, so the router gates (and the tables
   when ep = 1) are marked ``sequence_parallel = True`` -- megatron's ``finalize_model_grads``
   all-reduces those grads over TP -- and the router's BatchNorm statistics are summed over the TP
@@ -63,26 +63,16 @@ def resolve_table_sharding(cfg: RootConfig, *, world_size: int, bf16: bool) -> t
     )
 
 
-def _shard_table(table_ND: nn.Parameter, mode: str, rank: int, size: int) -> nn.Parameter:
-    if mode == "rows":
-        block = table_ND.shape[0] // size
-        local = table_ND.detach()[rank * block : (rank + 1) * block]
-    else:
-        block = table_ND.shape[1] // size
-        local = table_ND.detach()[:, rank * block : (rank + 1) * block]
-    shard = nn.Parameter(local.clone(), requires_grad=table_ND.requires_grad)
-    # megatron's expert parameters: reduced over the expert-data-parallel group by DDP.
-    shard.allreduce = False
-    return shard
-
-
 def shard_expert_tables(layer: OmniMoEMLP, mode: str) -> None:
-    """Replace the layer's full U, V by this rank's EP shard and route through the dispatch."""
+    """Mark the layer's U, V shards as expert parameters and route through the dispatch."""
+    if layer.settings.table_sharding != mode:
+        raise ValueError(
+            f"layer built with table_sharding={layer.settings.table_sharding!r}, layout says {mode!r}"
+        )
     group = parallel_state.get_expert_model_parallel_group()
-    rank = parallel_state.get_expert_model_parallel_rank()
-    size = parallel_state.get_expert_model_parallel_world_size()
-    layer.up_ND = _shard_table(layer.up_ND, mode, rank, size)
-    layer.down_ND = _shard_table(layer.down_ND, mode, rank, size)
+    for table in (layer.up_ND, layer.down_ND):
+        # megatron's expert parameters: reduced over the expert-data-parallel group by DDP.
+        table.allreduce = False
     layer.expert_parallel = ExpertParallel(
         mode, group, num_experts=layer.settings.num_experts, backend=layer.settings.backend
     )

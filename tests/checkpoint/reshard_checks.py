@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state
+from omegaconf import OmegaConf
 
 from omnimoe_train.checkpoint.manager import CheckpointManager
 from omnimoe_train.distributed import init_runtime
@@ -69,17 +70,24 @@ def _engine(layout: str) -> tuple[MegatronEngine, Any]:
     return MegatronEngine(cfg, init_runtime(cfg), VOCAB), cfg
 
 
-def save_and_continue(layout: str, root: Path) -> None:
-    """Train SAVE_AT steps under ``layout``, checkpoint, record the next AFTER losses."""
+def save_and_continue(layout: str, root: Path, async_save: bool = False) -> None:
+    """Train SAVE_AT steps under ``layout``, checkpoint, record the next AFTER losses.
+
+    With ``async_save`` those steps run while the checkpoint is being written: the loading
+    side then checks that the write kept the state of step SAVE_AT.
+    """
     engine, cfg = _engine(layout)
     _steps(engine, cfg, 0, SAVE_AT)
     manager = CheckpointManager(root, cfg.checkpoint)
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     manager.save(
         SAVE_AT,
-        lambda d: engine.save_checkpoint(d, {"step": SAVE_AT}, async_save=False),
-        engine.checkpoint_meta(),
+        lambda d: engine.save_checkpoint(d, {"step": SAVE_AT}, async_save=async_save),
+        {**engine.checkpoint_meta(), "config": config},
     )
     after = _steps(engine, cfg, SAVE_AT, AFTER)
+    manager.wait()
+    assert (root / f"step_{SAVE_AT:08d}" / "meta.json").is_file()
     if engine.rt.rank == 0:
         (root / "reference.json").write_text(json.dumps({"layout": layout, "losses": after}))
     parallel_state.destroy_model_parallel()
@@ -108,7 +116,7 @@ def load_and_compare(layouts: list[str], root: Path) -> None:
         torch.distributed.barrier()
 
 
-def stage(loads: list[tuple[list[str], Path]], save: tuple[str, Path] | None = None) -> None:
+def stage(loads: list[tuple[list[str], Path]], save: tuple[Any, ...] | None = None) -> None:
     """One spawned world: each (layouts, root) of ``loads`` in turn, then an optional save."""
     for layouts, root in loads:
         load_and_compare(layouts, root)

@@ -52,13 +52,9 @@ def train_losses(data_dir: Path, run_dir: Path, out: Path, num_workers: int) -> 
     trainer = Trainer(cfg, rt, run_dir)
     losses = []
     for _ in range(STEPS):
-        loss_sum, _ = trainer.train_step()
-        losses.append(trainer.engine.mean_loss(loss_sum))
+        losses.append(trainer.train_step().loss)  # the global mean loss of the step
     if rt.rank == 0:
-        torch.save(
-            {"losses": losses, "data": trainer.state.train_loader.state_dict()},
-            out,
-        )
+        torch.save({"losses": losses, "data": trainer.train_loader.state_dict()}, out)
     parallel_state.destroy_model_parallel()
 
 

@@ -90,6 +90,48 @@ def test_runs_across_chunks_and_blocks_cpu(monkeypatch, T, N, K, dtype, determin
     _check(T, 16, N, K, dtype, "cpu", hot=True, deterministic=deterministic)
 
 
+def _check_no_expert(T, D, N, K, skip_fraction, device, *, seed=0) -> None:
+    """Pairs with id N ("no expert") equal pairs of weight 0 in y, dx, dup and ddown, and get
+    dw = 0 (a weight-0 pair would get silu(h) there)."""
+    (x, up, down, w), idx, gy = _inputs(T, D, N, K, torch.float32, device, False, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    skip = (torch.rand(T, K, generator=gen) < skip_fraction).to(device)
+    y = omnimoe_kernels.atomic_experts(x, up, down, w, idx.masked_fill(skip, N), backend="triton")
+    grads = torch.autograd.grad(y, (x, up, down, w), gy.to(device))
+    leaves64 = [v.detach().cpu().double().requires_grad_() for v in (x, up, down, w)]
+    w0 = leaves64[3] * (~skip.cpu())
+    y64 = atomic_experts_reference(*leaves64[:3], w0, idx.cpu())
+    grads64 = list(torch.autograd.grad(y64, leaves64, gy.double()))
+    grads64[3] = grads64[3] * (~skip.cpu())
+    assert rel_err(y, y64) <= 2e-5
+    for name, g, g64 in zip(("dx", "dup", "ddown", "dw"), grads, grads64):
+        assert rel_err(g, g64) <= 2e-5, name
+    assert torch.all(grads[3][skip] == 0)
+    # The reference marks the same pairs the same way.
+    ref = atomic_experts_reference(*leaves64[:4], idx.cpu().masked_fill(skip.cpu(), N))
+    assert rel_err(ref, y64) <= 1e-12
+
+
+@cpu_triton
+@pytest.mark.parametrize("sorted_forward", [False, True], ids=["token_order", "expert_order"])
+@pytest.mark.parametrize(
+    ("T", "N", "K", "skip_fraction"),
+    [(11, 12, 5, 0.5), (9, 6, 4, 1.0), (23, 5, 3, 0.3)],
+)
+def test_no_expert_pairs_cpu(monkeypatch, sorted_forward, T, N, K, skip_fraction) -> None:
+    if sorted_forward:
+        monkeypatch.setattr(experts_autograd, "L2_TABLE_BYTES", 0)
+    monkeypatch.setattr(experts_grad, "BLOCK_PAIRS", 16)  # blocks past the last real pair
+    _check_no_expert(T, 16, N, K, skip_fraction, "cpu")
+
+
+@gpu[0]
+@gpu[1]
+@pytest.mark.parametrize(("T", "N", "K"), [(4096, 2888, 64), (1000, 70000, 16)])
+def test_no_expert_pairs_gpu(T, N, K) -> None:
+    _check_no_expert(T, 256, N, K, 0.5, "cuda")
+
+
 @pytest.mark.parametrize(
     ("T", "D", "N", "K", "dtype", "hot"),
     [
@@ -163,16 +205,16 @@ def test_cuda_graph_capture_gpu() -> None:
     assert any(rel_err(a, b) > 1e-3 for a, b in zip(captured, eager))
 
 
-@pytest.mark.parametrize("N", [65536, 65537, 300])
+@pytest.mark.parametrize("N", [65535, 65536, 65537, 300])
 def testexpert_order_is_a_stable_sort(N: int) -> None:
-    """16-bit sort keys (N <= 2^16, shifted into int16's range) and 32-bit ones agree with a
+    """16-bit sort keys (N < 2^16, shifted into int16's range) and 32-bit ones agree with a
     stable int64 sort, at both ends of the id range."""
     gen = torch.Generator().manual_seed(N)
     idx = torch.randint(0, N, (50, 7), generator=gen)
     idx[0, :3] = torch.tensor([0, N - 1, N - 1])
     key_P, order_P, base = experts_autograd.expert_order(idx, N)
     ref_e, ref_order = torch.sort(idx.reshape(-1), stable=True)
-    assert key_P.dtype == (torch.int16 if N <= 1 << 16 else torch.int32)
+    assert key_P.dtype == (torch.int16 if N < 1 << 16 else torch.int32)
     assert torch.equal(key_P.long() + base, ref_e) and torch.equal(order_P, ref_order)
 
 

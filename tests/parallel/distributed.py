@@ -2,6 +2,7 @@
 
 ``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes, initialises a gloo
 process group on a free localhost port in each, calls ``fn(*args)`` and tears the group down.
+``backend="nccl"`` runs rank r on GPU r instead (``LOCAL_RANK`` set, as torchrun does).
 A failure on any rank fails the caller with that rank's traceback (torch.multiprocessing.spawn
 re-raises it), and a hung collective fails after ``timeout_s`` instead of blocking the suite.
 ``fn`` must be a module-level function so that the spawned interpreters can import it.
@@ -34,21 +35,27 @@ def _worker(
     timeout_s: float,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
+    backend: str,
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
-        LOCAL_RANK=str(rank),  # one host, as torchrun sets it (DeepSpeed requires it)
         WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
     )
     # Two cores are shared by all ranks: one intra-op thread each avoids oversubscription.
     torch.set_num_threads(1)
+    device = None
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
     dist.init_process_group(
-        "gloo",
+        backend,
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device,
     )
     try:
         fn(*args)
@@ -57,12 +64,17 @@ def _worker(
 
 
 def run_distributed(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    backend: str = "gloo",
 ) -> None:
-    """Run ``fn(*args)`` on ``world_size`` gloo ranks; raise if any rank raises."""
+    """Run ``fn(*args)`` on ``world_size`` ranks (gloo on CPU, or nccl one GPU per rank);
+    raise if any rank raises."""
     mp.spawn(
         _worker,
-        args=(world_size, find_free_port(), timeout_s, fn, args),
+        args=(world_size, find_free_port(), timeout_s, fn, args, backend),
         nprocs=world_size,
         join=True,
     )

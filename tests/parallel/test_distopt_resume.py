@@ -1,4 +1,5 @@
-"""The distributed optimizer's sharded Adam state survives a checkpoint: exact resume on 2 ranks."""
+"""The distributed optimizer's sharded Adam state survives a checkpoint: exact resume on 2 ranks
+(torchrun, a fresh run directory resuming from an explicit checkpoint path)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from omnimoe_train.checkpoint.files import find_problem
 
 ARGS = [
     "parallel=dp2_distopt",
@@ -56,11 +59,8 @@ def test_distributed_optimizer_resumes_exactly(tmp_path: Path) -> None:
     cache, run_a, run_b = tmp_path / "cache", tmp_path / "a", tmp_path / "b"
     _torchrun(run_a, cache)
     step4 = run_a / "checkpoints" / "step_00000004"
-    assert sorted(p.name for p in step4.iterdir()) == [
-        "meta.json",
-        "rank_00000.pt",
-        "rank_00001.pt",
-    ]
+    assert find_problem(step4) is None
+    assert json.loads((step4 / "meta.json").read_text())["layout"]["distributed_optimizer"]
     _torchrun(run_b, cache, f"checkpoint.resume={step4}")
     full = _losses(run_a)
     assert _losses(run_b) == {step: loss for step, loss in full.items() if step > 4}

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from .distributed import run_distributed
-from .layout_checks import check_layouts, make_reference
+from .layout_checks import check_distopt_bitwise, check_layouts, make_reference
 
-WORLD_2 = ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "dp2_distopt", "ep2_rows", "ep2_dim"]
+WORLD_2 = ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "dp2_distopt", "ep2_rows", "ep2_dim", "tp2_sp_ep2"]
 WORLD_4 = ["tp2_ep2", "pp2_dp2", "mixed4"]
 
 
@@ -34,6 +34,10 @@ def test_two_rank_layouts_match_single_process(reference: Path) -> None:
 
 def test_four_rank_layouts_match_single_process(reference: Path) -> None:
     run_distributed(check_layouts, 4, reference, WORLD_4, timeout_s=300)
+
+
+def test_distributed_optimizer_equals_plain_dp_without_clipping() -> None:
+    run_distributed(check_distopt_bitwise, 2, 8, timeout_s=300)
 
 
 def test_metrics_record_dispatch_bytes_per_layer(tmp_path: Path) -> None:
@@ -58,3 +62,6 @@ def test_metrics_record_dispatch_bytes_per_layer(tmp_path: Path) -> None:
         assert record["dispatch_fwd_bytes_per_layer"] > 0
         assert record["dispatch_bwd_bytes_per_layer"] > 0
         assert 1.0 <= record["dispatch_dest_ranks"] <= 2.0
+        # max / mean pairs over the 2 ranks: at least 1, at most 2 (all on one rank)
+        assert 1.0 <= record["dispatch_load_imbalance"] <= record["dispatch_load_imbalance_max"]
+        assert record["dispatch_load_imbalance_max"] <= 2.0

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .distributed import run_distributed
-from .sharding_checks import Case, check_cases, check_dim_bytes_per_rank
+from .sharding_checks import Case, check_bytes_per_rank, check_cases, check_cases_triton
 
 MODES = ("rows", "dim")
 
@@ -44,8 +44,18 @@ def test_edge_routings_two_ranks() -> None:
     run_distributed(check_cases, 2, cases, MODES)
 
 
-def test_dim_bytes_match_prediction_on_every_rank() -> None:
-    run_distributed(check_dim_bytes_per_rank, 2, Case((4, 4), 8, 16, 3, seed=4))
+def test_triton_kernels_two_ranks() -> None:
+    """The sharded ops on the Triton kernels: rows skips other ranks' pairs (id E), dim runs
+    the partial-score, combine and table-gradient kernels on column slices."""
+    cases = [
+        Case((5, 3), 8, 16, 5, seed=5),
+        Case((3, 2), 4, 16, 3, indices=((9, 12, 15), (0, 3, 7), (1, 8, 14), (8, 9, 10), (2, 5, 6))),
+    ]
+    run_distributed(check_cases_triton, 2, cases, MODES)
+
+
+def test_bytes_match_prediction_on_every_rank() -> None:
+    run_distributed(check_bytes_per_rank, 2, Case((4, 4), 8, 16, 3, seed=4))
 
 
 @st.composite

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from omnimoe_train.checkpoint.files import find_problem
 from tests.cli_helpers import assert_usage_error, run_train_cli
 
 SMALL = [
@@ -98,8 +99,9 @@ def test_short_run_trains_logs_checkpoints_and_resumes_exactly(tmp_path: Path) -
     assert (run_a / "config.yaml").read_text().count("vocab_size: 512") >= 1
     ckpts = sorted(p.name for p in (run_a / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_00000010", "step_00000020"]
-    assert (run_a / "checkpoints" / "step_00000020" / "rank_00000.pt").is_file()
+    assert find_problem(run_a / "checkpoints" / "step_00000020") is None  # meta.json, checksums
     assert list((run_a / "wandb").glob("offline-run-*")), "no offline W&B run"
+    assert (run_a / "wandb_run_id").read_text().strip()  # a rerun here continues this W&B run
 
     # Resume from step 10 in a fresh run directory: steps 15 and 20 must match run A exactly.
     resume = run_a / "checkpoints" / "step_00000010"

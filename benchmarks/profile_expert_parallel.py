@@ -1,0 +1,226 @@
+"""Per-op profile of one OmniMoE layer's experts under expert parallelism (2+ GPUs, NCCL).
+
+Each rank routes its own T tokens with the Cartesian router, runs the atomic experts (``local``:
+the full tables on one GPU, what data parallelism runs; ``rows`` / ``dim``: the sharded ops) and
+the shared SwiGLU, then the backward. Reported per mode: median ms per layer step (synchronised
+wall time, and the CPU time until the step's last launch returned: equal means launch-bound),
+tokens/s of the group, the (token, expert) pairs per rank (max / mean), and the CUDA time per
+category from ``torch.profiler`` (routing, NCCL exchanges, expert kernels, sorts, copies, rest).
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/profile_expert_parallel.py \\
+        --modes local,rows,dim --json ep_profile.json
+
+Defaults are a80m's layer at the benchmark batch (16 x 1024 tokens per GPU, d = 768,
+N = 76^2, K = 64, bf16). ``--skew`` (with ``--router-norm none``) biases every token's router
+input the same way, so routing concentrates on a few router rows (uneven load for rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import omnimoe_kernels
+from omnimoe_train.model.router import CartesianRouter
+from omnimoe_train.parallel.dim_sharding import sharded_atomic_experts_dim
+from omnimoe_train.parallel.rows_dispatch import sharded_atomic_experts_rows
+
+# mode -> (table shard of the full (N, D) tables, op(x, up, down, w, idx) -> y)
+Shard = Callable[[torch.Tensor, int, int], torch.Tensor]
+MODES: dict[str, tuple[Shard, Callable[..., torch.Tensor]]] = {}
+
+
+def register(name: str, shard: Shard, op: Callable[..., torch.Tensor]) -> None:
+    MODES[name] = (shard, op)
+
+
+def _rows_shard(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    return t.chunk(size, 0)[rank]
+
+
+def _dim_shard(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    return t.chunk(size, 1)[rank]
+
+
+def _local(x, up, down, w, idx):  # noqa: ANN001, ANN202
+    return omnimoe_kernels.atomic_experts(x, up, down, w, idx)
+
+
+def _rows(x, up, down, w, idx):  # noqa: ANN001, ANN202
+    size = dist.get_world_size()
+    n = up.shape[0] * size
+    tokens = [x.shape[0]] * size
+    return sharded_atomic_experts_rows(
+        x, up, down, w, idx, group=None, num_experts=n, group_tokens=tokens
+    )[0]
+
+
+def _dim(x, up, down, w, idx):  # noqa: ANN001, ANN202
+    tokens = [x.shape[0]] * dist.get_world_size()
+    return sharded_atomic_experts_dim(x, up, down, w, idx, group=None, group_tokens=tokens)[0]
+
+
+register("local", lambda t, r, s: t, _local)
+register("rows", _rows_shard, _rows)
+register("dim", _dim_shard, _dim)
+
+CATEGORIES = (  # first match wins; names of CUDA kernels as the profiler lists them
+    ("nccl", ("nccl",)),
+    ("routing", ("_select", "_emit", "softmax", "batch_norm", "log_softmax")),
+    ("expert kernels", ("_pair_scores", "_combine_rows", "_pair_block_grad", "_zero_rows")),
+    ("sort/search", ("sort", "radix", "searchsorted", "Sort")),
+    ("gemm (gates, SwiGLU)", ("gemm", "Gemm", "cutlass", "sm90", "nvjet", "cublas")),
+    ("copies/fills", ("copy", "Copy", "fill", "cat", "memcpy", "Memcpy", "memset")),
+)
+
+
+def categorize(name: str) -> str:
+    for category, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return category
+    return "other elementwise"
+
+
+def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
+    rank, size = dist.get_rank(), dist.get_world_size()
+    T, D, N, K, F_ = args.tokens, args.hidden, args.experts, args.top_k, args.ffn
+    gen = torch.Generator(device=device).manual_seed(0)  # same tables on every rank
+    up = (torch.randn(N, D, generator=gen, device=device) * 0.02).bfloat16()
+    down = (torch.randn(N, D, generator=gen, device=device) * 0.02).bfloat16()
+    shard, op = MODES[mode]
+    up = shard(up, rank, size).clone().requires_grad_()
+    down = shard(down, rank, size).clone().requires_grad_()
+    torch.manual_seed(1)
+    router = CartesianRouter(D, N, K, norm=args.router_norm).to(device)
+    fc1 = (torch.randn(2 * F_, D, device=device) * 0.02).bfloat16().requires_grad_()
+    fc2 = (torch.randn(D, F_, device=device) * 0.02).bfloat16().requires_grad_()
+    torch.manual_seed(100 + rank)  # each rank its own tokens
+    bias = torch.randn(D, generator=torch.Generator().manual_seed(7)).to(device) * args.skew
+    x = (torch.randn(T, D, device=device) + bias).bfloat16().requires_grad_()
+    gy = torch.randn(T, D, device=device).bfloat16()
+    pairs = []
+
+    def step() -> None:
+        with torch.profiler.record_function("routing"):
+            routing = router(x)
+        with torch.profiler.record_function("experts"):
+            y = op(x, up, down, routing.weights_TK, routing.indices_TK)
+        with torch.profiler.record_function("shared_swiglu"):
+            gate, lin = (x @ fc1.t()).chunk(2, dim=-1)
+            y = y + (F.silu(gate) * lin) @ fc2.t()
+        with torch.profiler.record_function("backward"):
+            y.backward(gy)
+        if len(pairs) < 1:
+            with torch.no_grad():
+                idx = routing.indices_TK
+                if mode == "rows":
+                    per_rank = torch.bincount(idx.flatten() // (N // size), minlength=size)
+                    every = [torch.zeros_like(per_rank) for _ in range(size)]
+                    dist.all_gather(every, per_rank)
+                    total = torch.stack(every).sum(0).double()
+                    pairs.append((total.max() / total.mean()).item())
+                else:
+                    pairs.append(1.0)
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times, cpu_times = [], []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        cpu_times.append((time.perf_counter() - start) * 1e3)  # until the last launch returned
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    dist.barrier()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.profile_iters):
+            step()
+        sync()
+    by_category: dict[str, float] = {}
+    kernels = []
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and cuda_us > 0:
+            ms = cuda_us / 1e3 / args.profile_iters
+            by_category[categorize(evt.key)] = by_category.get(categorize(evt.key), 0.0) + ms
+            kernels.append((ms, evt.key[:90]))
+    kernels.sort(reverse=True)
+    median = statistics.median(times)
+    result = {
+        "mode": mode,
+        "skew": args.skew,
+        "ms_per_layer_step": median,
+        "cpu_ms_per_layer_step": statistics.median(cpu_times),
+        "group_tokens_per_s": T * size / median * 1e3,
+        "pair_imbalance_max_over_mean": pairs[0],
+        "cuda_ms_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms": kernels[:15],
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+    }
+    if args.trace_dir and rank == 0:
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(args.trace_dir) / f"{mode}_skew{args.skew}.json"))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="local,rows,dim")
+    parser.add_argument("--tokens", type=int, default=16 * 1024)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--experts", type=int, default=76 * 76)
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--ffn", type=int, default=2048)
+    parser.add_argument("--router-norm", default="batchnorm")
+    parser.add_argument("--skew", type=float, default=0.0)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--profile-iters", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--trace-dir", default=None)
+    args = parser.parse_args()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:  # smoke runs of this script on CPU (gloo, PyTorch reference kernels)
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    results = []
+    for mode in args.modes.split(","):
+        result = run_mode(mode, args, device)
+        results.append(result)
+        if dist.get_rank() == 0:
+            cats = ", ".join(f"{k} {v:.2f}" for k, v in result["cuda_ms_by_category"].items())
+            print(
+                f"{mode:>9} skew={args.skew}: {result['ms_per_layer_step']:.2f} ms/layer step "
+                f"(CPU {result['cpu_ms_per_layer_step']:.2f}), "
+                f"{result['group_tokens_per_s'] / 1e3:.0f}k tok/s (group), pairs max/mean "
+                f"{result['pair_imbalance_max_over_mean']:.3f}; CUDA ms: {cats}",
+                flush=True,
+            )
+            for ms, name in result["top_kernels_ms"][:8]:
+                print(f"           {ms:7.3f} ms  {name}", flush=True)
+    if args.json and dist.get_rank() == 0:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""``omnimoe-ckpt inspect`` and ``consolidate`` (subprocesses, as a user runs them).
+
+The multi-rank case (consolidating a ``tp2_ep2`` checkpoint with row-sharded expert tables) is
+part of ``test_resharding.py``, which has that checkpoint at hand. ``reshard_checks`` (which
+imports the model, hence the kernels) is imported inside the tests: the kernel tests turn on
+Triton's CPU interpreter when they are collected, after this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from omnimoe_train.checkpoint.cli import main
+from tests.parallel.distributed import run_distributed
+
+
+def omnimoe_ckpt(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    return subprocess.run(
+        [sys.executable, "-m", "omnimoe_train.checkpoint.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def consolidate_and_check(folder: Path, out: Path) -> dict[str, torch.Tensor]:
+    """Consolidate ``folder``; its tables and embedding equal the checkpoint's global tensors."""
+    result = omnimoe_ckpt("consolidate", folder, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = torch.load(out)
+    assert payload["step"] == json.loads((folder / "meta.json").read_text())["step"]
+    weights = payload["model"]
+    flat = out.with_suffix(".global.pt")
+    dcp_to_torch_save(folder, flat)
+    stored = torch.load(flat)
+    layers = sum(1 for k in weights if k.endswith(".mlp.up_ND"))
+    assert layers == 2
+    for i in range(layers):
+        for table in ("up_ND", "down_ND"):
+            full = weights[f"decoder.layers.{i}.mlp.{table}"]
+            assert full.shape == (64, 32)  # all N experts, all D columns, whatever the layout
+            assert torch.equal(full, stored[f"decoder.layers.mlp.{table}"][i])
+    embedding = weights["embedding.word_embeddings.weight"]
+    assert torch.equal(embedding, stored["embedding.word_embeddings.weight"])
+    return weights
+
+
+def _in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``omnimoe-ckpt`` commands that need no process group, run in this process."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, args)])
+        sys.exit(0)
+    out = capsys.readouterr()
+    return int(exit_info.value.code or 0), out.out, out.err
+
+
+def test_inspect_and_consolidate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from .reshard_checks import MODEL, stage
+
+    root = tmp_path / "ckpts"
+    run_distributed(stage, 1, [], ("single", root))
+    folder = root / "step_00000002"
+
+    code, out, _ = _in_process(capsys, "inspect", root)
+    assert code == 0
+    assert "step_00000002: valid" in out and "SHA-256 verified" in out
+    code, out, _ = _in_process(capsys, "inspect", folder, "--json")
+    report = json.loads(out)
+    assert report["valid"] and report["step"] == 2 and report["layout"]["world_size"] == 1
+    assert report["model_parameters"] > 0 and report["optimizer_tensors"] > 0
+    assert report["vocab_size"] == int(next(m for m in MODEL if "vocab" in m).split("=")[1])
+
+    weights = consolidate_and_check(folder, tmp_path / "model.pt")  # a subprocess: gloo world
+    assert not any(k.endswith("_extra_state") for k in weights)
+
+    data = next(p for p in folder.iterdir() if p.suffix == ".distcp")
+    data.write_bytes(data.read_bytes()[:-10])
+    code, _, err = _in_process(capsys, "inspect", folder)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"omnimoe-ckpt: error: {folder}: {data.name} is truncated "
+        f"({data.stat().st_size} of {data.stat().st_size + 10} bytes)"
+    ]
+    code, _, err = _in_process(capsys, "consolidate", folder, tmp_path / "never.pt")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never.pt").exists()
