@@ -98,7 +98,7 @@ def atomic_experts(
 
 def __getattr__(name: str) -> Any:
     """The reference functions, imported (with torch) on first access."""
-    if name in ("atomic_experts_reference", "cartesian_topk_reference"):
+    if name in ("atomic_experts_gather", "atomic_experts_reference", "cartesian_topk_reference"):
         from omnimoe_kernels import reference
 
         return getattr(reference, name)
@@ -112,6 +112,7 @@ __all__ = [
     "EXPERTS_MAX_PAIRS",
     "ROUTER_MAX_TOP_K",
     "atomic_experts",
+    "atomic_experts_gather",
     "atomic_experts_reference",
     "cartesian_topk",
     "cartesian_topk_reference",

@@ -110,3 +110,28 @@ def atomic_experts_reference(
     y_TD = torch.zeros(T, D, dtype=acc, device=x_TD.device)
     y_TD = y_TD.index_add(0, tok_P, a_P[:, None] * down_ND.to(acc).index_select(0, e_sorted_P))
     return y_TD.to(out_dtype)
+
+
+def atomic_experts_gather(
+    x_TD: torch.Tensor,
+    up_ND: torch.Tensor,
+    down_ND: torch.Tensor,
+    weights_TK: torch.Tensor,
+    indices_TK: torch.Tensor,
+) -> torch.Tensor:
+    """Token-centric execution of the same sum: each token gathers its own K expert rows.
+
+    ``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]``, computed as PEER's reference code
+    does: the gathered rows ``up[e]``, ``down[e]`` are materialised as ``[T, K, D]`` tensors, so an
+    expert chosen by many tokens is read once per token (the paper's Table 3 "token-centric"
+    ablation; also the PyTorch baseline of ``benchmarks/bench_kernels.py``). Same precision rules
+    as :func:`atomic_experts_reference`. Memory: 2 * T * K * D values kept for the backward.
+    """
+    out_dtype = x_TD.dtype
+    acc = torch.promote_types(out_dtype, torch.float32)
+    # F.embedding's backward is a dense index_add into the table (no [T, K, N] intermediate).
+    up_TKD = F.embedding(indices_TK, up_ND).to(acc)
+    down_TKD = F.embedding(indices_TK, down_ND).to(acc)
+    h_TK = torch.einsum("td,tkd->tk", x_TD.to(acc), up_TKD)
+    a_TK = F.silu(h_TK) * weights_TK.to(acc)
+    return torch.einsum("tk,tkd->td", a_TK, down_TKD).to(out_dtype)

@@ -50,20 +50,32 @@ def _compose_error(exc: Exception) -> str:
 
 
 def _sweep_combinations(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
-    """Expand ``a=1,2 b=x,y`` into every combination, as Hydra's basic sweeper would; also
-    return the swept keys."""
+    """Expand ``a=1,2 b=x,y`` into every combination, as Hydra's basic sweeper would (a later
+    override of the same key replaces an earlier one); also return the swept keys."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    choices, swept = [], []
+    choices: dict[str, list[str]] = {}
+    swept: dict[str, bool] = {}
     for ov in parsed:
-        if ov.is_sweep_override():
-            key = ov.get_key_element()
-            swept.append(key)
-            choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+        key = ov.get_key_element()
+        swept[key] = ov.is_sweep_override()
+        if swept[key]:
+            choices[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
         else:
-            choices.append([ov.input_line])
-    return [list(combo) for combo in itertools.product(*choices)], swept
+            choices[key] = [ov.input_line]
+    combos = [list(combo) for combo in itertools.product(*choices.values())]
+    return combos, [key for key, is_sweep in swept.items() if is_sweep]
+
+
+def _sweeper_params(overrides: list[str]) -> list[str]:
+    """The ``hydra.sweeper.params`` a config (e.g. ``+experiment=...``) declares, as overrides."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    params = dcfg.hydra.sweeper.get("params") or {}
+    return [f"{key}={value}" for key, value in params.items()]
 
 
 def _check_hydra_dirs(argv: list[str]) -> None:
@@ -81,7 +93,11 @@ def _check_hydra_dirs(argv: list[str]) -> None:
 
 
 def precheck(argv: list[str]) -> None:
-    """Compose and validate the config(s) that ``argv`` asks for; exit 2 on the first error."""
+    """Compose and validate the config(s) that ``argv`` asks for; exit 2 on the first error.
+
+    For ``-m`` sweeps this is every combination of the command-line sweeps and of the
+    ``hydra.sweeper.params`` the composed config declares (the ready-made experiments).
+    """
     from hydra import compose, initialize_config_module
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
@@ -90,8 +106,11 @@ def precheck(argv: list[str]) -> None:
         return  # --help, --cfg, --info ...: Hydra answers those itself
     _check_hydra_dirs(argv)
     try:
-        combos, swept = _sweep_combinations(overrides) if multirun else ([overrides], [])
-    except Exception as exc:  # noqa: BLE001 - a parse error in the overrides themselves
+        combos, swept = [overrides], []
+        if multirun:
+            first = _sweep_combinations(overrides)[0][0]
+            combos, swept = _sweep_combinations(_sweeper_params(first) + overrides)
+    except Exception as exc:  # noqa: BLE001 - a parse or composition error in the overrides
         _fail(_compose_error(exc))
     names.set_swept_keys(swept)  # a sweep job's folder shows these keys' values
     for combo in combos:

@@ -18,23 +18,36 @@ SCHEMA_NAME = "omnimoe_schema"
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    mlp: str = "omnimoe"  # omnimoe | dense
+    mlp: str = "omnimoe"  # omnimoe | dense | gshard | deepseekmoe | pkm | peer
     num_layers: int = 4
     hidden_size: int = 128
     num_attention_heads: int = 4
     num_query_groups: int | None = None  # GQA groups; None = one per head
-    ffn_hidden_size: int = 256  # shared SwiGLU width (dense: the MLP width)
+    ffn_hidden_size: int = 256  # shared SwiGLU width (omnimoe, pkm, peer); dense: the MLP width
     vocab_size: int | None = None  # None = taken from the tokenizer, padded for TP
     tie_embeddings: bool = True
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # OmniMoE layer
-    num_experts: int = 1024  # N = n^2 atomic experts
-    top_k: int = 8  # K experts per token
+    # OmniMoE layer; PEER and PKM use the same N, K and shared branch (see README "Variants")
+    num_experts: int = 1024  # N = n^2 atomic experts (pkm: memory slots)
+    top_k: int = 8  # K experts per token (pkm/peer: over all heads, top_k / heads per head)
     shared_expert: bool = True  # False = ablation without the shared SwiGLU branch
+    router: str = "cartesian"  # cartesian | dense (ablation: one gate over all N, exact top-K)
+    execution: str = "expert"  # expert (expert-centric kernels) | token (per-token gather)
     router_norm: str = "batchnorm"  # batchnorm | none (BatchNorm1d without affine, per gate)
     router_weights: str = "softmax"  # softmax over the K scores (paper Eq. 2) | exp (ref. code)
+    # Product-key baselines: query heads and query width (split into two half-keys)
+    pkm_heads: int = 4
+    pkm_key_dim: int = 256
+    peer_heads: int = 8
+    peer_key_dim: int = 128
+    # megatron-core MoE baselines (gshard, deepseekmoe): its router, alltoall dispatcher, experts
+    moe_num_experts: int = 8  # routed experts E
+    moe_top_k: int = 2  # routed experts per token
+    moe_ffn_hidden_size: int | None = None  # width of one routed expert; None = ffn_hidden_size
+    moe_shared_ffn_hidden_size: int | None = None  # deepseekmoe: total width of shared experts
+    moe_aux_loss_coeff: float = 1e-2  # load-balancing loss weight (0 disables it)
     expert_backend: str = "auto"  # auto (Triton on CUDA, PyTorch on CPU) | torch | triton
     deterministic: bool = False  # fixed-order reductions in the expert kernels
 

@@ -3,8 +3,8 @@
 megatron-core assumes CUDA in a handful of places: it asks ``torch.cuda.current_device()`` for
 the device of new tensors, keeps its RNG-tracker states through ``torch.cuda`` RNG calls, builds
 the causal mask and its optimizer's scalars with a literal ``device="cuda"``, moves tensors with
-``.cuda()``, creates CUDA streams/events, and compares ``tensor.type()`` with
-``"torch.cuda.FloatTensor"``. Everything else (its layers, DDP, optimizers, schedules) is
+``.cuda()``, creates CUDA streams/events, compares ``tensor.type()`` with
+``"torch.cuda.FloatTensor"``, and its MoE token dispatcher makes host lists only of CUDA tensors. Everything else (its layers, DDP, optimizers, schedules) is
 device-agnostic once those answer for the CPU.
 
 :func:`apply_cpu_patches` redirects exactly those calls to the CPU: a few ``torch.cuda`` functions
@@ -83,6 +83,28 @@ class _NullStream(_NullEvent):
         return _NullEvent()
 
 
+def _patch_moe_dispatcher() -> None:
+    """MoE alltoall dispatcher (GShard / DeepSeekMoE baselines under expert parallelism).
+
+    It turns its per-rank split sizes into host sequences with ``maybe_move_tensor_to_cpu(t,
+    as_numpy=True)``, which converts only CUDA tensors; on the CPU the tensors would reach
+    ``all_to_all_single``, which takes sequences. Here CPU tensors become numpy arrays too.
+    """
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def _to_host(
+        tensor: Any, as_numpy: bool = False, record_stream: bool = False
+    ) -> Any:  # the same signature as megatron's
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = _to_host
+    token_dispatcher.maybe_move_tensor_to_cpu = _to_host
+
+
 def apply_cpu_patches() -> bool:
     """Make megatron-core usable on the CPU. Returns True if patches are (now) active."""
     global _applied
@@ -114,6 +136,7 @@ def apply_cpu_patches() -> bool:
     def _set_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
         torch.set_rng_state(new_state)
 
+    _patch_moe_dispatcher()
     # The tracker warns when the CPU stream moves inside a fork; here that is the forked stream.
     logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
     mrandom._get_cuda_rng_state = _get_state

@@ -33,9 +33,16 @@ from omnimoe_train.engine import build_engine
 from omnimoe_train.engine.megatron import PAD_ID
 from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from omnimoe_train.metrics import MetricsSink
-from omnimoe_train.model.expert_stats import ExpertStats, collect_expert_metrics
+from omnimoe_train.mfu import throughput_metrics
+from omnimoe_train.model.accounting import model_accounting
+from omnimoe_train.model.expert_stats import ExpertStats, collect_aux_loss, collect_expert_metrics
 from omnimoe_train.model.gpt import padded_vocab_size
-from omnimoe_train.validation import data_facts_before_preparation, validate_against_data
+from omnimoe_train.validation import (
+    ATOMIC_EXPERT_MLPS,
+    MEGATRON_MOE_MLPS,
+    data_facts_before_preparation,
+    validate_against_data,
+)
 
 EVAL_OFF = "off: data.val_fraction=0"
 
@@ -122,6 +129,10 @@ class Trainer:
         self.expert_stats = [
             m for c in self.engine.model for m in c.modules() if isinstance(m, ExpertStats)
         ]
+        # The same count omnimoe-params prints (the whole model, whatever this rank holds).
+        self.flops_per_token = model_accounting(
+            cfg.model, seq_len=d.seq_len, vocab_size=self.vocab_size
+        ).flops_per_token
 
     def _warn(self, line: str) -> None:
         # A plain line (not the rich console's, which wraps it): launchers and people grep these.
@@ -198,10 +209,16 @@ class Trainer:
         total = self.engine.run_schedule(iter(batches), per_rank, forward_only=True)
         return self.engine.mean_loss(total)
 
-    def _expert_metrics(self) -> dict[str, float]:
-        return collect_expert_metrics(
+    def _expert_metrics(self, steps: int) -> dict[str, float]:
+        metrics = collect_expert_metrics(
             self.expert_stats, sequence_parallel=self.cfg.parallel.sequence_parallel
         )
+        m = self.cfg.model
+        if m.mlp in MEGATRON_MOE_MLPS and m.moe_aux_loss_coeff > 0:
+            metrics |= collect_aux_loss(
+                num_layers=m.num_layers, microbatches=steps * self.num_microbatches
+            )
+        return metrics
 
     def save(self) -> None:
         self.ckpt.save(self.state, self.train_loader, self.guard)
@@ -222,7 +239,7 @@ class Trainer:
             for line in self.ckpt.load(self.resume_from, s, self.train_loader, self.guard):
                 self._warn(line)
             sink.log({"step": s.step, "resumed_from": self.resume_from.name})
-        if self.rt.is_main and cfg.model.mlp == "omnimoe":
+        if self.rt.is_main and cfg.model.mlp in ATOMIC_EXPERT_MLPS:
             sink.console.log(self.engine.sharding_note)
         evaluating = self.val_loader is not None
         if evaluating:
@@ -306,15 +323,22 @@ class Trainer:
         loss_sum, tokens, steps = s.window
         elapsed = time.perf_counter() - started
         loss = loss_sum / tokens if tokens > 0 else float("nan")
+        tokens_per_s = steps * self.tokens_per_step / elapsed
         record = {
             "step": s.step,
             "loss": loss,
             "lr": self.engine.current_lr(),
             "grad_norm": out.grad_norm,
-            "tokens_per_s": steps * self.tokens_per_step / elapsed,
+            "tokens_per_s": tokens_per_s,
+            **throughput_metrics(
+                self.flops_per_token,
+                tokens_per_s,
+                world_size=self.rt.world_size,
+                device=self.rt.device,
+            ),
             "consumed_tokens": s.consumed_tokens,
             "skipped_steps": self.guard.skipped_steps,
-            **self._expert_metrics(),
+            **self._expert_metrics(int(steps)),
             **self.engine.dispatch_metrics(int(steps)),
         }
         if self.rt.device.type == "cuda":

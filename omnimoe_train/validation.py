@@ -28,7 +28,7 @@ from omnimoe_kernels.limits import (
     ROUTER_MAX_TOP_K,
 )
 from omnimoe_train.checkpoint.signals import parse_duration
-from omnimoe_train.config import DataConfig, RootConfig
+from omnimoe_train.config import DataConfig, ModelConfig, ParallelConfig, RootConfig
 from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys
 from omnimoe_train.names import COMPONENT_MAX_BYTES, long_component
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
@@ -37,9 +37,14 @@ from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_
 # pre-check stays free of numpy and torch).
 MANIFEST_NAME = "manifest.json"
 
-MLPS = ("omnimoe", "dense")
+MLPS = ("omnimoe", "dense", "gshard", "deepseekmoe", "pkm", "peer")
+ATOMIC_EXPERT_MLPS = ("omnimoe", "peer")  # tables U, V: expert-parallel table sharding applies
+PRODUCT_KEY_MLPS = ("omnimoe", "pkm", "peer")  # N = n*n experts / slots, top_k of them
+MEGATRON_MOE_MLPS = ("gshard", "deepseekmoe")
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.mlp": MLPS,
+    "model.router": ("cartesian", "dense"),
+    "model.execution": ("expert", "token"),
     "model.router_norm": ("batchnorm", "none"),
     "model.router_weights": ("softmax", "exp"),
     "model.expert_backend": ("auto", "torch", "triton"),
@@ -129,25 +134,9 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     if m.vocab_size is not None:
         _require(m.vocab_size >= 2, "model.vocab_size", f"must be >= 2 (got {m.vocab_size})")
 
-    if m.mlp == "omnimoe":
-        n = math.isqrt(m.num_experts) if m.num_experts > 0 else 0
-        _require(
-            m.num_experts > 0 and n * n == m.num_experts,
-            "model.num_experts",
-            f"must be a perfect square n*n for the Cartesian router (got {m.num_experts})",
-        )
-        _require(
-            1 <= m.top_k <= m.num_experts,
-            "model.top_k",
-            f"must be in [1, model.num_experts={m.num_experts}] (got {m.top_k})",
-        )
-        _require(
-            m.shared_expert or m.ffn_hidden_size >= 1,
-            "model.ffn_hidden_size",
-            "must be positive",
-        )
-        if m.expert_backend != "torch":
-            _validate_kernel_limits(cfg)
+    _validate_mlp(m, p)
+    if m.mlp in PRODUCT_KEY_MLPS and m.expert_backend != "torch":
+        _validate_kernel_limits(cfg)
 
     if t.engine == "deepspeed":
         _validate_deepspeed(cfg)
@@ -245,11 +234,17 @@ def _validate_kernel_limits(cfg: RootConfig) -> None:
     expert-parallel group (the dispatch gathers them), hence the factor ep."""
     m, d, ep = cfg.model, cfg.data, cfg.parallel.ep
     torch_only = "; model.expert_backend=torch has no such limit"
-    _require(
-        m.top_k <= ROUTER_MAX_TOP_K,
-        "model.top_k",
-        f"must be <= {ROUTER_MAX_TOP_K}, the Triton router's limit (got {m.top_k}){torch_only}",
-    )
+    # PKM and PEER search top_k / heads per head; the dense-router ablation uses torch.topk.
+    heads = {"pkm": m.pkm_heads, "peer": m.peer_heads}.get(m.mlp, 1)
+    if m.router == "cartesian":
+        _require(
+            m.top_k // heads <= ROUTER_MAX_TOP_K,
+            "model.top_k",
+            f"per head must be <= {ROUTER_MAX_TOP_K}, the Triton router's limit "
+            f"(got {m.top_k // heads}){torch_only}",
+        )
+    if m.mlp not in ATOMIC_EXPERT_MLPS:
+        return  # PKM reads its values with embedding_bag, not the expert kernels
     _require(
         m.num_experts <= EXPERTS_MAX_NUM,
         "model.num_experts",
@@ -341,6 +336,106 @@ def validate_against_data(cfg: RootConfig, facts: DataFacts) -> None:
             f"the validation split is empty ({facts.where}); set data.val_fraction=0 to train "
             f"without evaluation, or give more data or a larger fraction (got {d.val_fraction})",
         )
+
+
+def _validate_mlp(m: ModelConfig, p: ParallelConfig) -> None:
+    """Rules of the chosen ``model.mlp`` and its ablation switches."""
+    _require(
+        m.router == "cartesian" or m.mlp == "omnimoe",
+        "model.router",
+        f"router=dense is an ablation of model.mlp=omnimoe (got model.mlp={m.mlp})",
+    )
+    _require(
+        m.execution == "expert" or m.mlp in ATOMIC_EXPERT_MLPS,
+        "model.execution",
+        f"execution=token needs atomic experts (model.mlp=omnimoe or peer; got {m.mlp})",
+    )
+    _require(
+        m.execution == "expert" or p.ep == 1,
+        "model.execution",
+        f"execution=token gathers from whole local tables: needs parallel.ep=1 (got {p.ep})",
+    )
+    if m.mlp in PRODUCT_KEY_MLPS:
+        n = math.isqrt(m.num_experts) if m.num_experts > 0 else 0
+        _require(
+            m.num_experts > 0 and n * n == m.num_experts,
+            "model.num_experts",
+            f"must be a perfect square n*n for the "
+            f"{'Cartesian' if m.mlp == 'omnimoe' else 'product-key'} router (got {m.num_experts})",
+        )
+        _require(
+            1 <= m.top_k <= m.num_experts,
+            "model.top_k",
+            f"must be in [1, model.num_experts={m.num_experts}] (got {m.top_k})",
+        )
+    for heads_key, dim_key, mlp in (
+        ("model.pkm_heads", "model.pkm_key_dim", "pkm"),
+        ("model.peer_heads", "model.peer_key_dim", "peer"),
+    ):
+        if m.mlp != mlp:
+            continue
+        heads, key_dim = _get_model(m, heads_key), _get_model(m, dim_key)
+        _require(heads >= 1, heads_key, f"must be a positive integer (got {heads})")
+        _require(
+            m.top_k % heads == 0,
+            "model.top_k",
+            f"must be a multiple of {heads_key}={heads} (top_k counts all heads; got {m.top_k})",
+        )
+        _require(
+            key_dim >= 2 and key_dim % 2 == 0,
+            dim_key,
+            f"must be a positive even integer (two half-keys; got {key_dim})",
+        )
+    if m.mlp in MEGATRON_MOE_MLPS:
+        _validate_megatron_moe(m, p)
+
+
+def _get_model(m: ModelConfig, dotted: str) -> int:
+    return getattr(m, dotted.split(".", 1)[1])
+
+
+def _validate_megatron_moe(m: ModelConfig, p: ParallelConfig) -> None:
+    E = m.moe_num_experts
+    _require(E >= 1, "model.moe_num_experts", f"must be a positive integer (got {E})")
+    _require(
+        1 <= m.moe_top_k <= E,
+        "model.moe_top_k",
+        f"must be in [1, model.moe_num_experts={E}] (got {m.moe_top_k})",
+    )
+    _require(
+        E % p.ep == 0,
+        "model.moe_num_experts",
+        f"must be divisible by parallel.ep={p.ep} (megatron places E / ep experts per rank)",
+    )
+    width = m.moe_ffn_hidden_size
+    _require(
+        width is None or width >= 1,
+        "model.moe_ffn_hidden_size",
+        f"must be a positive integer or null (= model.ffn_hidden_size; got {width})",
+    )
+    shared = m.moe_shared_ffn_hidden_size
+    if m.mlp == "deepseekmoe":
+        _require(
+            shared is not None and shared >= 1,
+            "model.moe_shared_ffn_hidden_size",
+            f"deepseekmoe needs shared experts: a positive width (got {shared})",
+        )
+    else:
+        _require(
+            shared is None,
+            "model.moe_shared_ffn_hidden_size",
+            f"gshard has no shared experts: must be null (got {shared}; use deepseekmoe)",
+        )
+    _require(
+        m.moe_aux_loss_coeff >= 0,
+        "model.moe_aux_loss_coeff",
+        f"must be >= 0 (got {m.moe_aux_loss_coeff})",
+    )
+    _require(
+        p.tp == 1 or p.sequence_parallel,
+        "parallel.sequence_parallel",
+        f"megatron's MoE layer with tp={p.tp} > 1 needs sequence_parallel=true in training",
+    )
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -435,8 +530,11 @@ def _validate_layout(cfg: RootConfig, world_size: int, groups: int) -> None:
             num_layers=m.num_layers,
             num_heads=m.num_attention_heads,
             num_query_groups=groups,
-            # The dense baseline has no tables: any square count >= ep passes the expert rules.
-            num_experts=m.num_experts if m.mlp == "omnimoe" else max(cfg.parallel.ep, 1) ** 2,
+            # Only atomic-expert tables are sharded by these rules; the other variants have none
+            # (megatron's MoE checks its own): any square count >= ep passes the expert rules.
+            num_experts=m.num_experts
+            if m.mlp in ATOMIC_EXPERT_MLPS
+            else max(cfg.parallel.ep, 1) ** 2,
             hidden_size=m.hidden_size,
         )
     except LayoutError as exc:

@@ -13,6 +13,10 @@ def run_train_cli(
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMNIMOE_CACHE": str(cache), "WANDB_SILENT": "true"}
     env.pop("WORLD_SIZE", None)
+    # An in-process test's init_runtime leaves its rendezvous port in os.environ (its store may
+    # still hold it): the subprocess picks its own.
+    env.pop("MASTER_PORT", None)
+    env.pop("MASTER_ADDR", None)
     if world_size is not None:
         env["WORLD_SIZE"] = str(world_size)
     return subprocess.run(

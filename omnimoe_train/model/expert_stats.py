@@ -1,11 +1,19 @@
-"""Expert-usage statistics, accumulated on the device without host synchronisation.
+"""Routing statistics of every routed MLP, accumulated on the device without host synchronisation.
 
-Each OmniMoE layer adds its selections into an N-vector of counts every forward pass; the trainer
-reads and resets them once per logging window. Definitions (per layer, then averaged over layers):
+Each routed layer (OmniMoE and its ablations, PEER, PKM, and the GShard / DeepSeekMoE router)
+owns an :class:`ExpertStats` and adds its selections into an N-vector of counts every training
+forward pass; the trainer reads and resets them once per logging window. Definitions (per layer
+over the window, then averaged over layers; N = experts, or memory slots for PKM):
 
 - ``expert_usage``: fraction of the N experts selected at least once in the window.
 - ``unevenness``: KL(p || uniform) = log N - H(p), p the selection frequencies (PKM / PEER).
-- ``router_entropy``: mean over tokens of the entropy (nats) of the full n*n routing distribution.
+- ``load_imbalance``: max over experts of the tokens routed to one expert / their mean
+  (1 = perfectly balanced; the max/mean load of the busiest expert).
+- ``router_entropy``: mean over tokens of the entropy (nats) of the full routing distribution
+  (over all N experts; for multi-head product keys, the mean over heads).
+
+``aux_loss`` (GShard / DeepSeekMoE only) is megatron's load-balancing loss without its coefficient,
+as its router records it per layer (``collect_aux_loss``), averaged over layers and micro-batches.
 """
 
 from __future__ import annotations
@@ -29,8 +37,18 @@ class ExpertStats(nn.Module):
 
     @torch.no_grad()
     def update(self, indices_TK: torch.Tensor, entropy_T: torch.Tensor) -> None:
+        """Add the selections ``indices_TK`` (expert ids) of T tokens and their entropies."""
         flat = indices_TK.reshape(-1)
         self.counts_N.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        self._add_entropy(entropy_T)
+
+    @torch.no_grad()
+    def update_counts(self, counts_N: torch.Tensor, entropy_T: torch.Tensor) -> None:
+        """Add per-expert selection counts (e.g. a routing map summed over tokens)."""
+        self.counts_N.add_(counts_N.to(torch.float64))
+        self._add_entropy(entropy_T)
+
+    def _add_entropy(self, entropy_T: torch.Tensor) -> None:
         self.entropy_sum.add_(entropy_T.double().sum())
         self.tokens.add_(entropy_T.numel())
 
@@ -49,21 +67,25 @@ class ExpertStats(nn.Module):
         self.tokens.zero_()
 
 
-METRIC_NAMES = ("expert_usage", "unevenness", "router_entropy")
+METRIC_NAMES = ("expert_usage", "unevenness", "load_imbalance", "router_entropy")
 
 
 def layer_metrics(
     counts_LN: torch.Tensor, entropy_sum_L: torch.Tensor, tokens_L: torch.Tensor
 ) -> torch.Tensor:
-    """Per-layer window metrics [L, 3] (columns: METRIC_NAMES) from the reduced accumulators."""
+    """Per-layer window metrics [L, 4] (columns: METRIC_NAMES) from the reduced accumulators.
+
+    Layers are stacked per width: all layers of one model route over the same N.
+    """
     num_experts = counts_LN.shape[-1]
     total_L = counts_LN.sum(-1).clamp_min(1.0)
     p_LN = counts_LN / total_L[:, None]
     usage_L = (counts_LN > 0).double().mean(-1)
     plogp = torch.where(p_LN > 0, p_LN * p_LN.clamp_min(1e-300).log(), torch.zeros_like(p_LN))
     uneven_L = math.log(num_experts) + plogp.sum(-1)
+    imbalance_L = counts_LN.max(-1).values * num_experts / total_L
     entropy_L = entropy_sum_L / tokens_L.clamp_min(1.0)
-    return torch.stack([usage_L, uneven_L, entropy_L], dim=-1)
+    return torch.stack([usage_L, uneven_L, imbalance_L, entropy_L], dim=-1)
 
 
 def summarize(counts_LN: torch.Tensor, entropy_sum_L: torch.Tensor, tokens_L: torch.Tensor) -> dict:
@@ -75,7 +97,7 @@ def summarize(counts_LN: torch.Tensor, entropy_sum_L: torch.Tensor, tokens_L: to
 def collect_expert_metrics(
     stats: list[ExpertStats], *, sequence_parallel: bool
 ) -> dict[str, float]:
-    """Window metrics over every OmniMoE layer of the model, on every rank; resets ``stats``.
+    """Window metrics over every routed layer of the model, on every rank; resets ``stats``.
 
     Collective when a process group exists: data-parallel ranks route different tokens, and so
     do TP ranks under sequence parallelism (without it they route the same tokens, which must not
@@ -105,3 +127,30 @@ def collect_expert_metrics(
     dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     means = totals[:-1] / totals[-1]
     return {name: means[i].item() for i, name in enumerate(METRIC_NAMES)}
+
+
+AUX_LOSS_NAME = "load_balancing_loss"  # the name megatron's TopKRouter records it under
+
+
+def collect_aux_loss(*, num_layers: int, microbatches: int) -> dict[str, float]:
+    """megatron's recorded load-balancing loss, mean per layer and micro-batch; resets it.
+
+    ``microbatches``: micro-batches run since the last call (steps x micro-batches per step).
+    Collective on every rank of an initialised process group (megatron's tracker reduces over
+    the pipeline group, sums over the TP group under sequence parallelism, averages over
+    data-parallel ranks): every rank must call it, also one whose layers recorded nothing yet.
+    """
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    # megatron returns metrics whose names end in "loss" through total_loss_dict, not the log.
+    losses: dict[str, torch.Tensor] = {}
+    tracker.report(
+        loss_scale=1.0 / max(microbatches, 1),
+        iteration=0,
+        force_initialize=True,
+        track_names=[AUX_LOSS_NAME],
+        num_layers=num_layers,
+        total_loss_dict=losses,
+    )
+    return {"aux_loss": float(losses[AUX_LOSS_NAME])}

@@ -1,5 +1,7 @@
 """Build the GPT decoder on megatron-core: RMSNorm, RoPE, causal attention, and the MLP chosen
-by ``model.mlp`` (``omnimoe`` or the ``dense`` SwiGLU baseline), plugged in via the layer spec.
+by ``model.mlp``, plugged in via the layer spec: ``omnimoe`` (``omnimoe_layer``), the ``dense``
+SwiGLU baseline (megatron's MLP), ``gshard`` / ``deepseekmoe`` (megatron's MoE layer,
+``moe_megatron``), ``pkm`` (``pkm``) and ``peer`` (``peer``).
 
 Only *what* the model is lives here; how it is parallelised (process groups, DDP, pipeline
 stages) is applied by ``distributed.py`` and the trainer.
@@ -24,7 +26,14 @@ from torch import nn
 from omnimoe_train.config import ModelConfig, RootConfig
 from omnimoe_train.model.attention import SDPAttention
 from omnimoe_train.model.init import SeededTransformerLayer
+from omnimoe_train.model.moe_megatron import (
+    MEGATRON_MOE_MLPS,
+    moe_layer_spec,
+    transformer_config_fields,
+)
 from omnimoe_train.model.omnimoe_layer import OmniMoEMLP, OmniMoESettings
+from omnimoe_train.model.peer import PEERMLP, PEERSettings
+from omnimoe_train.model.pkm import PKMMLP, PKMSettings
 
 
 def omnimoe_settings(m: ModelConfig, table_sharding: str = "none") -> OmniMoESettings:
@@ -32,12 +41,38 @@ def omnimoe_settings(m: ModelConfig, table_sharding: str = "none") -> OmniMoESet
         num_experts=m.num_experts,
         top_k=m.top_k,
         shared_expert=m.shared_expert,
+        router=m.router,
+        execution=m.execution,
         router_norm=m.router_norm,
         router_weights=m.router_weights,
         backend=m.expert_backend,
         deterministic=m.deterministic,
         table_sharding=table_sharding,
     )
+
+
+def mlp_builder(m: ModelConfig, table_sharding: str = "none"):  # noqa: ANN201
+    """The ``mlp`` submodule builder of ``model.mlp`` (None keeps megatron's dense SwiGLU MLP);
+    ``table_sharding`` (none, rows, dim): the expert-parallel shard of atomic-expert tables."""
+    if m.mlp == "omnimoe":
+        return OmniMoEMLP.spec(omnimoe_settings(m, table_sharding))
+    if m.mlp == "peer":
+        fields = dataclasses.asdict(omnimoe_settings(m, table_sharding))
+        return PEERMLP.spec(PEERSettings(**fields, heads=m.peer_heads, key_dim=m.peer_key_dim))
+    if m.mlp == "pkm":
+        return PKMMLP.spec(
+            PKMSettings(
+                num_slots=m.num_experts,
+                top_k=m.top_k,
+                heads=m.pkm_heads,
+                key_dim=m.pkm_key_dim,
+                shared_expert=m.shared_expert,
+                backend=m.expert_backend,
+            )
+        )
+    if m.mlp in MEGATRON_MOE_MLPS:
+        return moe_layer_spec(m.moe_num_experts)
+    return None
 
 
 def transformer_config(cfg: RootConfig, *, bf16: bool) -> TransformerConfig:
@@ -72,6 +107,7 @@ def transformer_config(cfg: RootConfig, *, bf16: bool) -> TransformerConfig:
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **transformer_config_fields(m, p),  # megatron's MoE settings (gshard, deepseekmoe)
     )
 
 
@@ -101,10 +137,9 @@ def layer_spec(cfg: RootConfig, table_sharding: str = "none") -> ModuleSpec:
     )
     attention = submodules.self_attention
     attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
-    if cfg.model.mlp == "omnimoe":
-        submodules = dataclasses.replace(
-            submodules, mlp=OmniMoEMLP.spec(omnimoe_settings(cfg.model, table_sharding))
-        )
+    mlp = mlp_builder(cfg.model, table_sharding)
+    if mlp is not None:
+        submodules = dataclasses.replace(submodules, mlp=mlp)
     # Each layer draws its weights from (seed, global layer number): the same in every layout.
     return ModuleSpec(
         module=SeededTransformerLayer,

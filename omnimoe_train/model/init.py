@@ -60,7 +60,9 @@ class SeededTransformerLayer(TransformerLayer):
 
 def draw_seed() -> int:
     """A seed drawn from the global generator (so it follows the layer's seeded stream)."""
-    return int(torch.randint(0, _SEED_MODULUS, (1,), dtype=torch.int64).item())
+    # device="cpu" names the generator it draws from, also under a meta-device build (the
+    # parameter count of model.accounting), where a tensor without a device would be meta.
+    return int(torch.randint(0, _SEED_MODULUS, (1,), dtype=torch.int64, device="cpu").item())
 
 
 def init_table_shard(

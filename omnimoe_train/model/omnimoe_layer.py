@@ -2,6 +2,11 @@
 
     y = SwiGLU_shared(x) + sum_k w_k * silu(U[e_k] . x) * V[e_k]
 
+The paper's Table 3 ablations are settings of the same module: ``shared_expert=False``,
+``router="dense"`` (one gate over all N, ``router.DenseRouter``) and ``execution="token"`` (each
+token gathers its K rows, ``omnimoe_kernels.atomic_experts_gather``, instead of the
+expert-centric kernels). PEER (``peer.py``) is this module with a multi-head product-key router.
+
 Shape suffixes: S sequence, B batch, T = S*B tokens, D hidden, N experts, K top-k.
 The shared branch is megatron's tensor-parallel MLP; the router and the expert tables are plain
 parameters. With ep > 1 (``settings.table_sharding`` rows or dim) the layer holds only this
@@ -30,7 +35,7 @@ from torch import nn
 import omnimoe_kernels
 from omnimoe_train.model.expert_stats import ExpertStats
 from omnimoe_train.model.init import draw_seed, init_table_shard
-from omnimoe_train.model.router import CartesianRouter
+from omnimoe_train.model.router import CartesianRouter, DenseRouter
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class OmniMoESettings:
     num_experts: int
     top_k: int
     shared_expert: bool = True
+    router: str = "cartesian"  # cartesian | dense (Table 3 ablation)
+    execution: str = "expert"  # expert | token (Table 3 ablation: per-token gather)
     router_norm: str = "batchnorm"
     router_weights: str = "softmax"
     backend: str = "auto"
@@ -88,15 +95,7 @@ class OmniMoEMLP(MegatronModule):
             if settings.shared_expert
             else None
         )
-        self.router = CartesianRouter(
-            D,
-            N,
-            settings.top_k,
-            norm=settings.router_norm,
-            weights=settings.router_weights,
-            backend=settings.backend,
-            init_std=config.init_method_std,
-        )
+        self.router = self.build_router(D, config.init_method_std)
         # U reads the token (like an fc1 row); V writes the residual stream (like an fc2 column),
         # so V takes the depth-scaled output init.
         rows, cols = table_shard(settings.table_sharding, N, D)
@@ -111,6 +110,44 @@ class OmniMoEMLP(MegatronModule):
         self.stats = ExpertStats(N)
         # Set by parallel.setup when the tables are sharded over the expert-parallel group.
         self.expert_parallel: Callable[..., torch.Tensor] | None = None
+
+    def build_router(self, hidden_size: int, init_std: float) -> nn.Module:
+        """The module that maps ``x_TD`` to a ``Routing`` (subclasses bring their own)."""
+        s = self.settings
+        if s.router == "dense":
+            return DenseRouter(
+                hidden_size,
+                s.num_experts,
+                s.top_k,
+                norm=s.router_norm,
+                weights=s.router_weights,
+                init_std=init_std,
+            )
+        return CartesianRouter(
+            hidden_size,
+            s.num_experts,
+            s.top_k,
+            norm=s.router_norm,
+            weights=s.router_weights,
+            backend=s.backend,
+            init_std=init_std,
+        )
+
+    def parameter_roles(self) -> dict[str, tuple[str, float, float]]:
+        """Local parameter name -> (component, fraction a token reads, reads per token).
+
+        Used by ``model.accounting``: a token reads K of the N rows of U and V; the router gates
+        and the shared branch are read whole, once.
+        """
+        sparse = self.settings.top_k / self.settings.num_experts
+        roles = {name: ("router", 1.0, 1.0) for name, _ in self.router.named_parameters("router")}
+        roles |= {"up_ND": ("atomic experts", sparse, 1.0)}
+        roles |= {"down_ND": ("atomic experts", sparse, 1.0)}
+        if self.shared is not None:
+            roles |= {
+                n: ("shared MLP", 1.0, 1.0) for n, _ in self.shared.named_parameters("shared")
+            }
+        return roles
 
     @classmethod
     def as_mlp_submodule(
@@ -175,7 +212,11 @@ class OmniMoEMLP(MegatronModule):
         routing = self.router(x_TD)
         if self.training:  # evaluation batches stay out of the usage statistics
             self.stats.update(routing.indices_TK, routing.entropy_T)
-        if self.expert_parallel is None:
+        if self.expert_parallel is None and self.settings.execution == "token":
+            y_TD = omnimoe_kernels.atomic_experts_gather(
+                x_TD, self.up_ND, self.down_ND, routing.weights_TK, routing.indices_TK
+            )
+        elif self.expert_parallel is None:
             y_TD = omnimoe_kernels.atomic_experts(
                 x_TD,
                 self.up_ND,

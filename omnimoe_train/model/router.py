@@ -1,4 +1,5 @@
-"""Cartesian product router: O(sqrt(N)) scoring of N = n*n atomic experts.
+"""Routers of the atomic-expert layer: the Cartesian product router (O(sqrt(N)) scoring of
+N = n*n atomic experts) and the dense-router ablation of the paper's Table 3.
 
 Shape suffixes: T tokens, D hidden, n router half (sqrt(N)), N experts, K top-k.
 
@@ -196,4 +197,46 @@ class CartesianRouter(nn.Module):
         with torch.no_grad():
             # H(p_row x p_col) = H(p_row) + H(p_col) for the product distribution.
             entropy_T = -(rows_Tn.exp() * rows_Tn).sum(-1) - (cols_Tn.exp() * cols_Tn).sum(-1)
+        return Routing(weights_TK, indices_TK, entropy_T)
+
+
+class DenseRouter(nn.Module):
+    """Ablation (paper Table 3, "dense router"): one gate scores all N experts, exact top-K.
+
+    ``logp_TN = log_softmax(norm(x @ gate^T))``; the K largest are selected by ``torch.topk`` over
+    the materialised [T, N] scores (O(N) per token, the cost the Cartesian factorisation avoids).
+    Weights and entropy follow :class:`CartesianRouter` (softmax over the K scores, or exp), so
+    with ``gate[i*n + j] = row_gate[i] + col_gate[j]`` and no norm it routes exactly as the
+    Cartesian router does. Indices are returned in ascending expert-id order, like the kernel.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        norm: str = "batchnorm",
+        weights: str = "softmax",
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.top_k, self.weights = top_k, weights
+        # fp32 for the same reason as the Cartesian gates.
+        self.gate_ND = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        nn.init.normal_(self.gate_ND, std=init_std)
+        self.norm = GateNorm(num_experts) if norm == "batchnorm" else nn.Identity()
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        x_TD = x_TD.to(self.gate_ND.dtype)
+        logp_TN = F.log_softmax(self.norm(x_TD @ self.gate_ND.t()), dim=-1)
+        scores_TK, indices_TK = torch.topk(logp_TN, self.top_k, dim=-1)
+        indices_TK, order_TK = indices_TK.sort(dim=-1)
+        scores_TK = scores_TK.gather(-1, order_TK)
+        if self.weights == "softmax":
+            weights_TK = torch.softmax(scores_TK, dim=-1)
+        else:
+            weights_TK = scores_TK.exp()
+        with torch.no_grad():
+            entropy_T = -(logp_TN.exp() * logp_TN).sum(-1)
         return Routing(weights_TK, indices_TK, entropy_T)
