@@ -27,10 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from runs import accounting, run_trainer, steady_state  # the script's folder is on sys.path
 
 METHODS = ("dense", "gshard", "deepseekmoe", "pkm", "peer", "omnimoe")
 
@@ -61,46 +62,11 @@ def model_option(scale: str, method: str) -> str:
 
 
 def counts(scale: str, method: str, overrides: list[str]) -> dict:
-    """Total / active parameters and FLOPs per token of the run's model (``omnimoe-params``)."""
-    from omnimoe_train.config import register_configs
-    from omnimoe_train.model.accounting import model_accounting
-    from omnimoe_train.model.gpt import padded_vocab_size
-    from omnimoe_train.params_cli import compose
-
-    register_configs()
-    # The runs size the embedding to the tokenizer; count the paper's vocabulary as the tables do.
-    cfg = compose([f"model={model_option(scale, method)}", *overrides, "model.vocab_size=128256"])
-    vocab = padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tp)
-    return model_accounting(cfg.model, seq_len=cfg.data.seq_len, vocab_size=vocab).summary()
-
-
-def read_run(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r]
-    steady = train[1:] or train  # the first window includes compilation and warm-up
-
-    def mean(key: str) -> float:
-        values = [r[key] for r in steady if r.get(key) is not None]
-        return sum(values) / max(1, len(values))
-
-    last = train[-1]
-    result = {
-        "steps": last["step"],
-        "tokens": last["consumed_tokens"],
-        "val_loss": evals[-1]["val_loss"],
-        "initial_val_loss": evals[0]["val_loss"],
-        "train_loss": last["loss"],
-        "tokens_per_s": mean("tokens_per_s"),
-        "tflops": mean("tflops"),
-        "peak_memory_gib": max((r.get("peak_memory_gib") or 0.0) for r in train),
-    }
-    if any("mfu" in r for r in steady):
-        result["mfu"] = mean("mfu")
-    for key in ("expert_usage", "unevenness", "load_imbalance", "router_entropy", "aux_loss"):
-        if key in last:
-            result[key] = last[key]
-    return result
+    """Total / active parameters and FLOPs per token (``omnimoe-params``), counted with the
+    paper's vocabulary as the scale tables are (the runs size the embedding to the tokenizer)."""
+    return accounting(
+        [f"model={model_option(scale, method)}", *overrides, "model.vocab_size=128256"]
+    )
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -119,7 +85,7 @@ def markdown(rows: list[dict], command: str) -> str:
             continue
         lines.append(
             f"| {r['method']} | {r['total_params'] / 1e6:.1f}M | {r['active_params'] / 1e6:.1f}M "
-            f"| {r['tokens'] / 1e6:.2f}M | {r['val_loss']:.4f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} "
+            f"| {r['consumed_tokens'] / 1e6:.2f}M | {r['val_loss']:.4f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} "
             f"| {fmt(r.get('mfu'), '.1%')} | {r['peak_memory_gib']:.1f} "
             f"| {fmt(r.get('expert_usage'), '.3f')} | {fmt(r.get('unevenness'), '.3f')} "
             f"| {fmt(r.get('load_imbalance'), '.2f')} |"
@@ -151,32 +117,19 @@ def main() -> None:
     started = time.perf_counter()
     for method in args.methods.split(","):
         run_dir = out / "runs" / method
-        cmd = [
-            sys.executable,
-            "-m",
-            "omnimoe_train.cli",
-            f"model={model_option(args.scale, method)}",
-            *shared,
-            f"hydra.run.dir={run_dir}",
-        ]
-        print(" ".join(cmd[2:]), flush=True)
+        overrides = [f"model={model_option(args.scale, method)}", *shared]
+        print(" ".join(overrides), flush=True)
         if args.dry_run:
             continue
-        t0 = time.perf_counter()
         row = {"method": method, **counts(args.scale, method, shared)}
-        with (out / f"{method}.log").open("w") as log:
-            try:
-                proc = subprocess.run(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.run_timeout_s
-                )
-                ok = proc.returncode == 0
-                row["error"] = None if ok else f"exit {proc.returncode} (see {method}.log)"
-            except subprocess.TimeoutExpired:
-                row["error"] = f"over {args.run_timeout_s} s"
-        if row["error"] is None:
-            del row["error"]
-            row.update(read_run(run_dir))
-        row["wall_s"] = time.perf_counter() - t0
+        result = run_trainer(
+            overrides, run_dir, timeout_s=args.run_timeout_s, log_path=out / f"{method}.log"
+        )
+        if result.status == "ok":
+            row.update(steady_state(result))
+        else:
+            row["error"] = f"{result.status.split(':')[0]} (see {method}.log)"
+        row["wall_s"] = result.wall_s
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.dry_run:

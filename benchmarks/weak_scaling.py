@@ -14,26 +14,23 @@ stdout and everything to ``--json``.
     python benchmarks/weak_scaling.py --model wide8b --gpus 2 --layouts ep_rows \\
         --extra parallel.distributed_optimizer=true                  # the table-sharding model
 
-MFU counts 6 x active parameters per token (the dense weights, the router gates, the K used
-rows of U and V, the output projection) plus 12 x layers x d x sequence length for attention
-scores and values (PaLM's convention, no causal discount), over ``--peak-tflops`` per GPU
-(dense bf16 of an H100/H200 SXM: 989). This count is this script's own.
+MFU is what the trainer logs: active-parameter training FLOPs per token (the count of
+``omnimoe-params``, ``omnimoe_train.model.accounting``) over the device's bf16 peak. The embedding
+is sized to the tokenizer (``model.vocab_size=null``) as in the earlier measurements.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from runs import device_name, run_trainer, steady_state  # the script's folder is on sys.path
+
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
 
-REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = ("dp", "ep_rows", "ep_dim", "tp_sp", "pp")
 
 
@@ -90,44 +87,6 @@ def layout_overrides(kind: str, gpus: int, m) -> tuple[list[str], str] | None:  
     return None
 
 
-def active_flops_per_token(m, seq_len: int, vocab: int) -> float:  # noqa: ANN001
-    """Training FLOPs per token (forward + backward) of the active weights and attention."""
-    d, heads = m.hidden_size, m.num_attention_heads
-    groups = m.num_query_groups or heads
-    head_dim = d // heads
-    attention = d * heads * head_dim * 2 + 2 * d * groups * head_dim
-    if m.mlp == "omnimoe":
-        n = math.isqrt(m.num_experts)
-        mlp = 3 * d * m.ffn_hidden_size * bool(m.shared_expert) + 2 * n * d + 2 * m.top_k * d
-    else:
-        mlp = 3 * d * m.ffn_hidden_size
-    active = m.num_layers * (attention + mlp) + vocab * d
-    return 6 * active + 12 * m.num_layers * d * seq_len
-
-
-def run_one(
-    gpus: int, args: list[str], common: list[str], run_dir: Path, timeout: float
-) -> tuple[list[dict], float, str]:
-    env = {**os.environ, "OMNIMOE_RUN_DIR": str(run_dir)}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={gpus}", "-m", "omnimoe_train.cli", *common, *args,
-    ]  # fmt: skip
-    start = time.time()
-    try:
-        proc = subprocess.run(
-            cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
-        )
-        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr[-400:]}"
-    except subprocess.TimeoutExpired:
-        status = f"timeout after {timeout:.0f} s"
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-    return [r for r in records if "tokens_per_s" in r], time.time() - start, status
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=None)
@@ -139,7 +98,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--log-interval", type=int, default=5)
     parser.add_argument("--max-bytes", type=int, default=3_000_000, help="corpus text prepared")
-    parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     parser.add_argument("--extra", nargs="*", default=[], help="more trainer overrides")
     parser.add_argument("--runs-dir", default="outputs/weak_scaling")
@@ -151,17 +109,16 @@ def main() -> None:
     gpu_counts = args.gpus or sorted({1, max(1, torch.cuda.device_count())})
     shape = model_shape(args.model, [f"data.seq_len={args.seq_len}", *args.extra])
     m = shape["model"]
-    vocab = m.vocab_size or shape["data"].vocab_size
-    flops_per_token = active_flops_per_token(m, args.seq_len, vocab)
     common = [
-        f"model={args.model}", f"data.seq_len={args.seq_len}",
+        f"model={args.model}", "model.vocab_size=null", f"data.seq_len={args.seq_len}",
         f"data.micro_batch_size={args.micro_batch}", f"data.max_bytes={args.max_bytes}",
         f"trainer.max_steps={args.steps}", f"trainer.log_interval={args.log_interval}",
         f"trainer.eval_interval={10 * args.steps}", "trainer.eval_iters=1",
+        f"optim.warmup_steps={min(5, args.steps - 1)}",
         "trainer.progress=false", "logging=disabled", "checkpoint.save_final=false",
-        *args.extra,
+        "checkpoint.resume=null", *args.extra,
     ]  # fmt: skip
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    device = device_name()
     rows, baseline = [], None
     for gpus in gpu_counts:
         for kind in args.layouts:
@@ -174,45 +131,46 @@ def main() -> None:
             layout_args, name = found
             run_dir = Path(args.runs_dir) / f"{gpus}gpu_{name}_{int(time.time())}"
             batch = [f"data.global_batch_size={args.per_gpu_batch * gpus}"]
-            records, wall, status = run_one(
-                gpus, layout_args + batch, common, run_dir, args.timeout
+            result = run_trainer(
+                common + layout_args + batch, run_dir, gpus=gpus, timeout_s=args.timeout
             )
-            row = {"gpus": gpus, "layout": name, "status": status, "wall_s": wall}
-            if records:
-                windows = [r["tokens_per_s"] / gpus for r in records]
+            row = {"gpus": gpus, "layout": name, "status": result.status, "wall_s": result.wall_s}
+            if result.train:
+                steady = steady_state(result)
+                windows = [r["tokens_per_s"] / gpus for r in result.train]
                 early = windows[1] if len(windows) > 1 else windows[0]
                 late = windows[-1]
                 row.update(
                     tokens_per_s_per_gpu_early=early,
                     tokens_per_s_per_gpu_late=late,
+                    tokens_per_s_per_gpu=steady["tokens_per_s"] / gpus,
                     windows_per_gpu=windows,
-                    mfu_late=late * flops_per_token / (args.peak_tflops * 1e12),
-                    peak_memory_gib=max(r.get("peak_memory_gib", 0.0) for r in records),
-                    load_imbalance=records[-1].get("dispatch_load_imbalance"),
-                    loss_late=records[-1].get("loss"),
+                    mfu=steady.get("mfu"),
+                    peak_memory_gib=steady["peak_memory_gib"],
+                    load_imbalance=steady.get("dispatch_load_imbalance"),
+                    loss_late=steady["loss"],
                 )
                 if gpus == 1 and kind == "dp":
-                    baseline = late
+                    baseline = row["tokens_per_s_per_gpu"]
                 if baseline:
-                    row["efficiency_vs_1gpu"] = late / baseline
+                    row["efficiency_vs_1gpu"] = row["tokens_per_s_per_gpu"] / baseline
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "windows_per_gpu"}), flush=True)
 
-    header = (
-        "| GPUs | layout | tok/s/GPU early | tok/s/GPU late | vs 1 GPU | MFU | peak GiB | status |"
-    )
-    lines = [header, "|" + "---|" * 8]
+    header = "| GPUs | layout | tok/s/GPU | early | late | vs 1 GPU | MFU | peak GiB | status |"
+    lines = [header, "|" + "---|" * 9]
     for r in rows:
         lines.append(
-            f"| {r['gpus']} | {r['layout']} | {r.get('tokens_per_s_per_gpu_early', 0):,.0f} "
+            f"| {r['gpus']} | {r['layout']} | {r.get('tokens_per_s_per_gpu', 0):,.0f} "
+            f"| {r.get('tokens_per_s_per_gpu_early', 0):,.0f} "
             f"| {r.get('tokens_per_s_per_gpu_late', 0):,.0f} | {r.get('efficiency_vs_1gpu', 0):.2f} "
-            f"| {100 * r.get('mfu_late', 0):.1f}% | {r.get('peak_memory_gib', 0):.1f} | {r['status'][:40]} |"
+            f"| {100 * (r.get('mfu') or 0):.1f}% | {r.get('peak_memory_gib', 0):.1f} | {r['status'][:40]} |"
         )
     print("\n".join(lines))
     if args.json:
         meta = {
             "device": device, "date": time.strftime("%Y-%m-%d"), "command": sys.argv,
-            "flops_per_token": flops_per_token, "peak_tflops": args.peak_tflops, "common": common,
+            "common": common,
         }  # fmt: skip
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

@@ -192,3 +192,22 @@ def test_dataset_facts(tmp_path: Path) -> None:
 )
 def test_eval_microbatches_per_rank(batches: int, dp: int, multiple: int, expected: int) -> None:
     assert eval_microbatches_per_rank(batches, dp, multiple) == expected
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("trainer.max_time=soon", "trainer.max_time"),
+        ("trainer.max_time=0s", "trainer.max_time"),
+        ("trainer.max_time=23h30m", None),
+        ("trainer.max_time=23:30:00", None),
+        ("trainer.spike_zscore=-1", "trainer.spike_zscore"),
+        ("trainer.spike_window=1", "trainer.spike_window"),
+        ("trainer.max_bad_steps=0", "trainer.max_bad_steps"),
+        ("trainer.nan_loss_steps=[0]", "trainer.nan_loss_steps"),
+        ("checkpoint.keep_steps=[-5]", "checkpoint.keep_steps"),
+        ("checkpoint.keep_steps=[100,200]", None),
+    ],
+)
+def test_fault_tolerance_keys(override: str, key: str | None) -> None:
+    assert _key_of(override) == key
