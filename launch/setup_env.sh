@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create ./.venv with a Python >= 3.12 interpreter (megatron-core 0.19 needs it) and install the
-# project with its test extras. Idempotent; used by the README's quick start and by CI.
+# project with its test and DeepSpeed extras. Idempotent; used by the README's quick start and CI.
 #   bash launch/setup_env.sh            # or: PYTHON=/path/to/python3.12 bash launch/setup_env.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +33,5 @@ if [ ! -x .venv/bin/python ] || ! is_py312 .venv/bin/python; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,deepspeed]"
 echo "ready: .venv/bin/omnimoe-train, .venv/bin/omnimoe-data, .venv/bin/python -m pytest"

@@ -8,6 +8,7 @@ value of the wrong type is rejected by composition; the rules between fields liv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -111,6 +112,7 @@ class TrainerConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     seed: int = 1234
+    engine: str = "megatron"  # megatron (TP/PP/EP/DP) | deepspeed (data parallel with ZeRO)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     progress: bool = True
@@ -166,6 +168,10 @@ class RootConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # DeepSpeed config keys (its JSON schema, free-form) for trainer.engine=deepspeed, merged over
+    # the keys derived from the sections above (engine/deepspeed_config.py); conf/deepspeed/ holds
+    # the ZeRO presets. Read only by the DeepSpeed engine.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:

@@ -135,6 +135,12 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=SyntaxWarning)
     # torch.distributed.checkpoint under megatron's dist_checkpointing, on every load.
     warnings.filterwarnings("ignore", message=".*(DTensor instead|argument order of load)")
+    # DeepSpeed: its INFO config dumps, the compiler probes of its op builders (logged through
+    # the root logger Hydra configures), and torch's deprecation notices for the collectives it
+    # calls.
+    for noisy in ("DeepSpeed", "compilers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def _report(sink: Any, summary: dict[str, Any]) -> None:

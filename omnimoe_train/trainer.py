@@ -29,7 +29,8 @@ from omnimoe_train.checkpoint.signals import StepSync, StopRequest, parse_durati
 from omnimoe_train.config import RootConfig
 from omnimoe_train.data import build_loader, prepare_data
 from omnimoe_train.distributed import Runtime
-from omnimoe_train.engine.megatron import PAD_ID, MegatronEngine
+from omnimoe_train.engine import build_engine
+from omnimoe_train.engine.megatron import PAD_ID
 from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from omnimoe_train.metrics import MetricsSink
 from omnimoe_train.mfu import throughput_metrics
@@ -114,7 +115,7 @@ class Trainer:
         )
         self.resume_from = self.ckpt.manager.resolve_resume()
         self.vocab_size = self._vocab_size(self.resume_from)
-        self.engine = MegatronEngine(cfg, runtime, self.vocab_size)
+        self.engine = build_engine(cfg, runtime, self.vocab_size)
         self.ckpt.engine = self.engine
         self.num_microbatches = self.engine.num_microbatches
         self.state = TrainState()
@@ -149,7 +150,7 @@ class Trainer:
         return padded_vocab_size(vocab, self.cfg.parallel.tp)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for c in self.engine.model for p in c.parameters())
+        return self.engine.num_parameters()
 
     def train_step(self) -> StepOutcome:
         s = self.state

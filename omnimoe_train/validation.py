@@ -13,6 +13,7 @@ early as the facts exist: in the CLI's pre-check when ``data.tokenizer`` or an a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from omnimoe_kernels.limits import (
 )
 from omnimoe_train.checkpoint.signals import parse_duration
 from omnimoe_train.config import DataConfig, ModelConfig, ParallelConfig, RootConfig
+from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys
 from omnimoe_train.names import COMPONENT_MAX_BYTES, long_component
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
 
@@ -49,6 +51,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.expert_table_sharding": ("rows", "dim", "auto"),
     "optim.name": ("adamw",),
     "optim.decay_style": ("linear", "cosine", "sqrt"),
+    "trainer.engine": ("megatron", "deepspeed"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "fp32", "bf16"),
     "logging.wandb.mode": ("offline", "online", "disabled"),
@@ -135,6 +138,8 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     if m.mlp in PRODUCT_KEY_MLPS and m.expert_backend != "torch":
         _validate_kernel_limits(cfg)
 
+    if t.engine == "deepspeed":
+        _validate_deepspeed(cfg)
     # Parallel layout: rules that can be checked from the config and the launcher's world size,
     # before any process group exists (parallel.layout holds them; here they get config keys).
     _validate_layout(cfg, world_size, groups)
@@ -473,6 +478,34 @@ def _validate_data(d: DataConfig) -> None:
             "data.dir",
             f"data.inputs are prepared into a local folder, not a URL (got {d.dir!r})",
         )
+
+
+def _validate_deepspeed(cfg: RootConfig) -> None:
+    """``trainer.engine=deepspeed``: data parallel only, DeepSpeed installed, its keys sane."""
+    p = cfg.parallel
+    model_parallel = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.ep": p.ep}
+    bad = {key: value for key, value in model_parallel.items() if value != 1}
+    _require(
+        not bad and p.vpp is None,
+        "trainer.engine",
+        "deepspeed is data parallel only: parallel.tp, parallel.pp and parallel.ep must be 1 and "
+        f"parallel.vpp null (got {', '.join(f'{k}={v}' for k, v in bad.items()) or f'vpp={p.vpp}'}"
+        "); use trainer.engine=megatron for tensor, pipeline or expert parallelism",
+    )
+    _require(
+        not p.sequence_parallel and not p.distributed_optimizer,
+        "trainer.engine",
+        "deepspeed shards the optimizer with ZeRO (deepspeed=zero1|zero2|zero3...): "
+        "parallel.sequence_parallel and parallel.distributed_optimizer must be false",
+    )
+    _require(
+        importlib.util.find_spec("deepspeed") is not None,
+        "trainer.engine",
+        "deepspeed is not installed (pip install -e '.[deepspeed]')",
+    )
+    problem = check_deepspeed_keys(cfg.deepspeed)
+    if problem is not None:
+        raise ConfigError(*problem)
 
 
 def layout_from_config(cfg: RootConfig, world_size: int) -> ParallelLayout:

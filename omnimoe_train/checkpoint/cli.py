@@ -12,6 +12,8 @@ checkpoint into it through the same resharding load as a resumed run, then write
 ``{"model": state_dict, "step", "vocab_size", "config"}`` with ``torch.save`` (under a
 temporary name, renamed when complete). The keys are those of a single-process ``GPTModel``
 built from the same config (``model.gpt.build_model``), so ``load_state_dict`` takes them as is.
+A DeepSpeed engine's checkpoint is merged by DeepSpeed's own ``zero_to_fp32`` from its ZeRO
+partitions instead (``engine.deepspeed_checkpoint.consolidate``; the same keys, fp32).
 """
 
 from __future__ import annotations
@@ -136,33 +138,18 @@ def consolidate(path: Path, out: Path) -> None:
     meta = read_meta(path)
     if "config" not in meta:
         _fail(f"{path}: meta.json has no run config to build the model from")
-    if meta.get("engine") != "megatron":
-        _fail(f"{path}: written by engine {meta.get('engine')!r}; only megatron is supported")
+    if meta.get("engine") not in ("megatron", "deepspeed"):
+        _fail(f"{path}: written by engine {meta.get('engine')!r}; not megatron or deepspeed")
     import torch
     from omegaconf import OmegaConf
 
     from omnimoe_train.config import RootConfig
-    from omnimoe_train.distributed import init_runtime, shutdown_runtime
-    from omnimoe_train.engine.megatron import MegatronEngine
 
     saved = OmegaConf.merge(OmegaConf.structured(RootConfig), meta["config"])
-    single = {"tp": 1, "pp": 1, "vpp": None, "ep": 1, "sequence_parallel": False}
-    saved.parallel = OmegaConf.merge(saved.parallel, {**single, "distributed_optimizer": False})
-    saved.trainer.device, saved.trainer.precision = "cpu", "fp32"
-    cfg: RootConfig = OmegaConf.to_object(saved)  # type: ignore[assignment]
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ[key] = "0" if key != "WORLD_SIZE" else "1"
-    runtime = init_runtime(cfg)
-    try:
-        engine = MegatronEngine(cfg, runtime, meta["vocab_size"])
-        engine.load_checkpoint(path, model_only=True)
-        state = {
-            k: v.detach().clone()
-            for k, v in engine.model[0].module.state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
-        }
-    finally:
-        shutdown_runtime()
+    if meta["engine"] == "deepspeed":
+        state = _consolidate_deepspeed(path)
+    else:
+        state = _consolidate_megatron(path, saved, meta)
     payload = {
         "format": CONSOLIDATED_FORMAT,
         "step": meta["step"],
@@ -176,6 +163,43 @@ def consolidate(path: Path, out: Path) -> None:
     tmp.replace(out)
     numel = sum(t.numel() for t in state.values())
     print(f"{out}: {len(state)} tensors, {numel:,} values, step {meta['step']}")
+
+
+def _consolidate_megatron(path: Path, saved: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Build the model on one process (CPU, fp32) and load the sharded checkpoint into it."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from omnimoe_train.config import RootConfig
+    from omnimoe_train.distributed import init_runtime, shutdown_runtime
+    from omnimoe_train.engine.megatron import MegatronEngine
+
+    single = {"tp": 1, "pp": 1, "vpp": None, "ep": 1, "sequence_parallel": False}
+    saved.parallel = OmegaConf.merge(saved.parallel, {**single, "distributed_optimizer": False})
+    saved.trainer.device, saved.trainer.precision = "cpu", "fp32"
+    saved.trainer.engine = "megatron"
+    cfg: RootConfig = OmegaConf.to_object(saved)  # type: ignore[assignment]
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ[key] = "0" if key != "WORLD_SIZE" else "1"
+    runtime = init_runtime(cfg)
+    try:
+        engine = MegatronEngine(cfg, runtime, meta["vocab_size"])
+        engine.load_checkpoint(path, model_only=True)
+        return {
+            k: v.detach().clone()
+            for k, v in engine.model[0].module.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+        }
+    finally:
+        shutdown_runtime()
+
+
+def _consolidate_deepspeed(path: Path) -> dict[str, Any]:
+    """DeepSpeed's ``zero_to_fp32`` on the ZeRO partitions (no model is built)."""
+    from omnimoe_train.engine.deepspeed_checkpoint import consolidate as deepspeed_weights
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return deepspeed_weights(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,7 +102,7 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
     }
 
 
-def _rank_local_state() -> dict[str, Any]:
+def rank_local_state() -> dict[str, Any]:
     return {
         "rng_torch": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -110,7 +110,7 @@ def _rank_local_state() -> dict[str, Any]:
     }
 
 
-def _restore_rank_local(state: dict[str, Any]) -> None:
+def restore_rank_local(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["rng_torch"])
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng_cuda"])
@@ -156,7 +156,7 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any], *, async_sa
         "scheduler": engine.scheduler.state_dict(),
         "engine": {"optimizer_updates": optimizer_updates(engine.optimizer)},
         "client": client_state,
-        "rank_local": _rank_local_object(_rank_local_state()),
+        "rank_local": _rank_local_object(rank_local_state()),
     }
     # megatron's writer reports results through a multiprocessing manager queue, by default
     # started with "spawn" (a fresh interpreter importing __main__: seconds per process).
@@ -239,6 +239,6 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
     set_optimizer_updates(engine.optimizer, updates)
     engine.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
-        _restore_rank_local(loaded["rank_local"])
+        restore_rank_local(loaded["rank_local"])
     client["_rank_local_restored"] = same_layout
     return client

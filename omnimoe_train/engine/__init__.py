@@ -1,5 +1,25 @@
 """Engines: how one optimizer step runs (see ``base.Engine``); ``trainer.py`` holds the loop."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from omnimoe_train.engine.base import Engine
 
-__all__ = ["Engine"]
+if TYPE_CHECKING:
+    from omnimoe_train.config import RootConfig
+    from omnimoe_train.distributed import Runtime
+
+
+def build_engine(cfg: RootConfig, runtime: Runtime, vocab_size: int) -> Engine:
+    """The one place that maps ``trainer.engine`` to an engine (validated before this)."""
+    if cfg.trainer.engine == "deepspeed":
+        from omnimoe_train.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, runtime, vocab_size)
+    from omnimoe_train.engine.megatron import MegatronEngine
+
+    return MegatronEngine(cfg, runtime, vocab_size)
+
+
+__all__ = ["Engine", "build_engine"]

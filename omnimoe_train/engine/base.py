@@ -26,6 +26,8 @@ class Engine(Protocol):
     model: list[nn.Module]
     #: Micro-batches this rank runs per optimizer step (gradient accumulation steps).
     num_microbatches: int
+    #: One console line: how the expert tables and optimizer state are laid out over ranks.
+    sharding_note: str
 
     def forward_backward_step(self, data_iterator: Iterator[torch.Tensor]) -> torch.Tensor:
         """Forward and backward of one step's micro-batches; grads reduced, not yet applied.
@@ -63,6 +65,14 @@ class Engine(Protocol):
 
     def mean_loss(self, total: torch.Tensor) -> float:
         """``[sum, count]`` of this rank -> mean over every rank that holds losses (collective)."""
+        ...
+
+    def dispatch_metrics(self, steps: int) -> dict[str, float]:
+        """Expert-dispatch traffic per layer per step over the last ``steps`` (collective)."""
+        ...
+
+    def num_parameters(self) -> int:
+        """Parameters of this rank's model chunks, at full size even where ZeRO partitions them."""
         ...
 
     def current_lr(self) -> float:

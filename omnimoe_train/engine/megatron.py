@@ -20,20 +20,18 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from omnimoe_train.checkpoint import sharded
 from omnimoe_train.config import RootConfig
 from omnimoe_train.distributed import Runtime
+from omnimoe_train.engine.optim import optimizer_config, wsd_scheduler
 from omnimoe_train.model.gpt import build_model, transformer_config
-from omnimoe_train.model.router import GateNorm, apply_running_stats
+from omnimoe_train.model.router import GateNorm, GateNormSnapshot, apply_running_stats
 from omnimoe_train.parallel.expert_parallel import dispatch_metrics
 from omnimoe_train.parallel.setup import apply_parallelism, dispatch_layers, resolve_table_sharding
-
-WSD_STYLES = {"linear": "linear", "cosine": "cosine", "sqrt": "minus_sqrt"}
 
 
 def _chained(optimizer: Any) -> list[Any]:
@@ -79,27 +77,13 @@ class MegatronEngine:
         self.tconfig = transformer_config(cfg, bf16=runtime.bf16)
         chunks = self._build_model_chunks()
         self.model = chunks
-        optimizer = get_megatron_optimizer(self._optimizer_config(), chunks)
-        o, t = cfg.optim, cfg.trainer
-        scheduler = OptimizerParamScheduler(
-            optimizer,
-            init_lr=0.0,
-            max_lr=o.lr,
-            min_lr=o.lr * o.min_lr_ratio,
-            lr_warmup_steps=o.warmup_steps,
-            lr_decay_steps=t.max_steps,
-            lr_decay_style="WSD",
-            start_wd=o.weight_decay,
-            end_wd=o.weight_decay,
-            wd_incr_steps=t.max_steps,
-            wd_incr_style="constant",
-            wsd_decay_steps=max(1, int(o.decay_fraction * t.max_steps)),
-            lr_wsd_decay_style=WSD_STYLES[o.decay_style],
-            # On resume the schedule's shape comes from the current config (a longer
-            # trainer.max_steps extends the run) and only its position from the checkpoint.
-            override_opt_param_scheduler=True,
-            use_checkpoint_opt_param_scheduler=False,
+        optimizer = get_megatron_optimizer(
+            optimizer_config(
+                cfg.optim, bf16=runtime.bf16, distributed=cfg.parallel.distributed_optimizer
+            ),
+            chunks,
         )
+        scheduler = wsd_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
         # Megatron's schedule calls these hooks: grad sync, loss scaling, no-sync for accumulation.
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.tconfig.grad_scale_func = optimizer.scale_loss
@@ -113,10 +97,7 @@ class MegatronEngine:
         self.gate_norms = [m for c in chunks for m in c.modules() if isinstance(m, GateNorm)]
         for norm in self.gate_norms:
             norm.pending = []
-        # Their values before the step, to put back when the step is skipped (skip_update).
-        self._norm_saved = [
-            buf.detach().clone() for m in self.gate_norms for buf in (m.running_mean, m.running_var)
-        ]
+        self.stats_snapshot = GateNormSnapshot(chunks)  # to undo a skipped step
         self.forward_backward = get_forward_backward_func()
 
     # -- construction -------------------------------------------------------------------------
@@ -150,22 +131,6 @@ class MegatronEngine:
                 )
             )
         return chunks
-
-    def _optimizer_config(self) -> OptimizerConfig:
-        o = self.cfg.optim
-        return OptimizerConfig(
-            optimizer="adam",
-            lr=o.lr,
-            min_lr=o.lr * o.min_lr_ratio,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.beta1,
-            adam_beta2=o.beta2,
-            adam_eps=o.eps,
-            clip_grad=o.clip_grad,
-            bf16=self.rt.bf16,
-            params_dtype=torch.bfloat16 if self.rt.bf16 else torch.float32,
-            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
-        )
 
     # -- steps --------------------------------------------------------------------------------
     def run_schedule(
@@ -201,22 +166,16 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         # The step moves the router BatchNorm statistics; keep them to undo a skipped step
         # (a few n-vectors per layer, copied on the device).
-        for saved, buf in zip(self._norm_saved, self._norm_buffers(), strict=True):
-            saved.copy_(buf)
+        self.stats_snapshot.save()
         total = self.run_schedule(data_iterator, self.num_microbatches, forward_only=False)
         group = parallel_state.get_data_parallel_group() if dist.is_initialized() else None
         apply_running_stats(self.gate_norms, group)
         return total
 
-    def _norm_buffers(self) -> list[torch.Tensor]:
-        return [buf for m in self.gate_norms for buf in (m.running_mean, m.running_var)]
-
     def skip_update(self) -> None:
         """Leave the model as before this step: the weights and the optimizer were not touched;
         the router BatchNorm statistics the step moved (possibly to NaN) are put back."""
-        with torch.no_grad():
-            for saved, buf in zip(self._norm_saved, self._norm_buffers(), strict=True):
-                buf.copy_(saved)
+        self.stats_snapshot.restore()
 
     def grad_norm(self) -> float:
         """Global norm of this step's reduced grads (megatron's own computation, one host sync);
@@ -261,6 +220,9 @@ class MegatronEngine:
         if self.cfg.parallel.ep == 1:
             return {}
         return dispatch_metrics(self.dispatches, steps, self.rt.device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for chunk in self.model for p in chunk.parameters())
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -13,7 +13,7 @@ all n*n sums are found exactly by ``omnimoe_kernels.cartesian_topk``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -25,8 +25,9 @@ from torch.distributed import ProcessGroup
 import omnimoe_kernels
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):
+    # A named tuple (not a dataclass) so that hooks which walk a module's outputs -- ZeRO-3's
+    # re-gather of the router's gates before its backward -- find the tensors.
     weights_TK: torch.Tensor  # fp32 routing weights of the K selected experts
     indices_TK: torch.Tensor  # int64 expert ids i*n + j
     entropy_T: torch.Tensor  # entropy (nats) of each token's full n*n routing distribution
@@ -82,6 +83,35 @@ class GateNorm(nn.Module):
         else:
             mean_n, var_n = self.running_mean, self.running_var
         return (z_Tn - mean_n) * torch.rsqrt(var_n + self.eps)
+
+
+class GateNormSnapshot:
+    """A copy of every router BatchNorm statistic in some modules, to undo a step's forward.
+
+    A skipped (bad) step must leave the model as it was, and its forward has already moved the
+    running statistics (possibly to NaN). ``save`` before the forward, ``restore`` to undo it:
+    a few n-vectors per layer, copied on the device. Used by every engine.
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.buffers = [
+            buf
+            for module in modules
+            for m in module.modules()
+            if isinstance(m, GateNorm)
+            for buf in (m.running_mean, m.running_var)
+        ]
+        self.saved = [buf.detach().clone() for buf in self.buffers]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        for saved, buf in zip(self.saved, self.buffers, strict=True):
+            saved.copy_(buf)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for saved, buf in zip(self.saved, self.buffers, strict=True):
+            buf.copy_(saved)
 
 
 @torch.no_grad()
@@ -151,9 +181,12 @@ class CartesianRouter(nn.Module):
         self.row_norm, self.col_norm = make_norm(), make_norm()
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        x_TD = x_TD.to(self.row_gate_nD.dtype)  # fp32 (or fp64 in tests) whatever the model dtype
-        rows_Tn = F.log_softmax(self.row_norm(x_TD @ self.row_gate_nD.t()), dim=-1)
-        cols_Tn = F.log_softmax(self.col_norm(x_TD @ self.col_gate_nD.t()), dim=-1)
+        # fp32 (or fp64 in tests) whatever the model dtype; the gates too, since DeepSpeed's bf16
+        # mode stores every parameter (these included) in bf16 and keeps fp32 master copies.
+        dtype = torch.promote_types(self.row_gate_nD.dtype, torch.float32)
+        x_TD = x_TD.to(dtype)
+        rows_Tn = F.log_softmax(self.row_norm(x_TD @ self.row_gate_nD.to(dtype).t()), dim=-1)
+        cols_Tn = F.log_softmax(self.col_norm(x_TD @ self.col_gate_nD.to(dtype).t()), dim=-1)
         scores_TK, indices_TK = omnimoe_kernels.cartesian_topk(
             rows_Tn, cols_Tn, self.top_k, backend=self.backend
         )

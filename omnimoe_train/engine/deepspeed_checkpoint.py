@@ -1,0 +1,199 @@
+"""The DeepSpeed engine's checkpoint: DeepSpeed's own files, plus what DeepSpeed does not keep.
+
+Inside one checkpoint folder (the engine-independent rules -- atomic publish, checksums,
+retention, resume and fallback -- belong to the checkpoint manager, which calls :func:`save`
+and :func:`load` on a folder):
+
+* ``deepspeed/``: ``engine.save_checkpoint(folder, tag="deepspeed")`` -- the module state
+  (``mp_rank_00_model_states.pt``, with the loop's ``client`` state and our WSD scheduler in
+  it) and one ZeRO optimizer partition per data-parallel rank (``zero_pp_rank_*``); under
+  ZeRO-3 also one parameter partition per rank.
+* ``zero_to_fp32.py``: DeepSpeed's recovery script (it copies it; :func:`consolidate` calls the
+  same code in-process).
+* ``rank_XXXXX.pt``: each rank's RNG states, the record the megatron engine keeps too
+  (``checkpoint.sharded.rank_local_state``; DeepSpeed saves rank 0's module state only, which
+  holds the router BatchNorm statistics, the same on every rank). Restored when the layout
+  (data-parallel size, ZeRO stage) is unchanged.
+
+Another data-parallel size (or ZeRO stage) on resume: the checkpoint is converted with
+DeepSpeed's ``ds_to_universal`` into a universal checkpoint (one fp32 file per parameter and
+optimizer moment) in a scratch folder next to it, loaded with ``load_universal``, and removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from omnimoe_train.checkpoint.sharded import rank_local_state, restore_rank_local
+
+TAG = "deepspeed"
+EXTRA_STATE = "_extra_state"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def drop_empty_extra_state(model: nn.Module) -> None:
+    """Leave megatron's empty ``_extra_state`` entries out of the module state dict.
+
+    megatron's linear layers report an ``_extra_state`` (None without TransformerEngine) for
+    TransformerEngine checkpoint compatibility; DeepSpeed's universal-checkpoint converter
+    takes every entry of the module state for a tensor. The entries are dropped when the state
+    is saved and put back (None) when it is loaded, so strict loading still holds.
+    """
+
+    def drop(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
+        if state.get(prefix + EXTRA_STATE, 0) is None:
+            del state[prefix + EXTRA_STATE]
+
+    def restore(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        state.setdefault(prefix + EXTRA_STATE, None)
+
+    for module in model.modules():
+        if type(module).get_extra_state is not nn.Module.get_extra_state:
+            module.register_state_dict_post_hook(drop)
+            module.register_load_state_dict_pre_hook(restore)
+
+
+def universal_info() -> dict[str, Any]:
+    """The client state DeepSpeed's universal-checkpoint converter requires (no TP patterns:
+    every parameter is whole in every rank's model)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {
+        UNIVERSAL_CHECKPOINT_INFO: {
+            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE
+        }
+    }
+
+
+def save(engine: Any, directory: Path, client_state: dict[str, Any]) -> None:
+    """Collective: DeepSpeed's files, the scheduler, ``client_state`` and this rank's state."""
+    rank, _ = _rank_world()
+    state = {
+        "client": client_state,
+        "scheduler": engine.scheduler.state_dict(),
+        "layout": engine.layout(),
+        **universal_info(),
+    }
+    engine.engine.save_checkpoint(str(directory), tag=TAG, client_state=state, save_latest=False)
+    # The megatron engine's per-rank state (checkpoint.sharded), in a file of its own here.
+    torch.save(rank_local_state(), directory / f"rank_{rank:05d}.pt")
+    _barrier()
+
+
+def _rank0_model_states(directory: Path) -> Path:
+    """Rank 0's DeepSpeed module-state file (ZeRO-3 writes one per rank, under another name)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (directory / TAG / name).is_file():
+            return directory / TAG / name
+    raise FileNotFoundError(f"{directory}: no DeepSpeed module state in {TAG}/")
+
+
+def saved_layout(directory: Path) -> dict[str, Any]:
+    """The engine layout a checkpoint was written with (from rank 0's DeepSpeed file)."""
+    state = torch.load(_rank0_model_states(directory), map_location="cpu", weights_only=False)
+    return state["layout"]
+
+
+def _to_universal(directory: Path, scratch: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` in this process (rank 0), quietly."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(directory / TAG),
+        output_folder=str(scratch / TAG),
+        num_extract_workers=1,  # in-process: no worker pool on a training rank
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal(args)
+
+
+def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
+    """Collective: restore the engine from ``directory``; returns the saved client state.
+
+    Same layout (data-parallel size and ZeRO stage): DeepSpeed's files load as they are, and
+    every rank's RNG and router statistics are restored. Otherwise through a universal
+    checkpoint (see the module docstring); the rank-local state then starts fresh, which
+    ``client["_rank_local_restored"] = False`` reports.
+    """
+    rank, _ = _rank_world()
+    same_layout = saved_layout(directory) == engine.layout()
+    source, scratch = directory, None
+    if not same_layout and not model_only:
+        scratch = directory.with_name(f".{directory.name}.universal")
+        if rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+            _to_universal(directory, scratch)
+        _barrier()
+        source = scratch
+    ds = engine.engine
+    # DeepSpeed reads ``checkpoint.load_universal`` at load time, from its parsed config.
+    ds._config.load_universal_checkpoint = scratch is not None
+    try:
+        _, state = ds.load_checkpoint(
+            str(source),
+            tag=TAG,
+            load_optimizer_states=not model_only,
+            load_lr_scheduler_states=False,
+            load_module_only=model_only,
+        )
+    finally:
+        ds._config.load_universal_checkpoint = False
+        _barrier()
+        if scratch is not None and rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if state is None:
+        raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint in {TAG}/")
+    client = dict(state["client"])
+    if not model_only:
+        engine.scheduler.load_state_dict(state["scheduler"])
+        if same_layout:
+            local = torch.load(directory / f"rank_{rank:05d}.pt", weights_only=False)
+            restore_rank_local(local)
+    client["_rank_local_restored"] = same_layout and not model_only
+    return client
+
+
+def consolidate(directory: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights (and buffers) of a DeepSpeed checkpoint folder, on the CPU.
+
+    ZeRO 1-3: DeepSpeed's ``zero_to_fp32`` merges the optimizer's fp32 partitions. ZeRO-0 has
+    no partitions: its module state holds every weight.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any((directory / TAG).glob("*optim_states.pt")) and saved_layout(directory)["zero_stage"]:
+        quiet = io.StringIO()  # its progress bar and summary lines
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+    else:
+        states = torch.load(_rank0_model_states(directory), map_location="cpu", weights_only=False)
+        module = states["module"]
+        state = {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}

@@ -1,0 +1,116 @@
+"""The DeepSpeed config (its JSON schema, as a dict) for ``trainer.engine=deepspeed``.
+
+Keys that our config already defines are derived from it -- batch sizes from ``data.*``, clipping
+from ``optim.clip_grad``, bf16 from ``trainer.precision`` -- and may not be set again under
+``deepspeed.*`` (one source of truth; :func:`check_deepspeed_keys` names the key to set instead).
+Everything else comes from the ``deepspeed`` section (a ZeRO preset from ``conf/deepspeed/`` plus
+command-line overrides) and is passed through unchanged, so any DeepSpeed key can be set.
+
+The optimizer and the LR schedule are not DeepSpeed's: the engine hands DeepSpeed a client
+optimizer and steps our WSD schedule itself (DeepSpeed would step a client scheduler with
+``train_batch_size`` as its increment when it does not take keyword arguments).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from omnimoe_train.config import RootConfig
+
+#: DeepSpeed keys owned by our config -> the key to set instead.
+RESERVED: dict[str, str] = {
+    "train_batch_size": "data.global_batch_size",
+    "train_micro_batch_size_per_gpu": "data.micro_batch_size",
+    "gradient_accumulation_steps": "data.global_batch_size / (data.micro_batch_size * dp)",
+    "gradient_clipping": "optim.clip_grad",
+    "bf16": "trainer.precision",
+    "fp16": "trainer.precision (fp32 or bf16; fp16 loss scaling is not supported)",
+    "optimizer": "optim.* (the engine builds AdamW itself)",
+    "scheduler": "optim.* (the engine steps the WSD schedule itself)",
+}
+OFFLOAD_DEVICES = ("cpu", "nvme", "none")
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offload_device(ds: dict[str, Any], what: str) -> str:
+    """``offload_optimizer`` / ``offload_param`` device, ``none`` when not offloaded."""
+    section = ds.get("zero_optimization", {}).get(what) or {}
+    return str(section.get("device", "none"))
+
+
+def check_deepspeed_keys(ds: dict[str, Any]) -> tuple[str, str] | None:
+    """First violated rule of the ``deepspeed`` section as (key, rule), or None.
+
+    Called by ``validation.validate`` (which turns it into a ``ConfigError``) before any process
+    group exists.
+    """
+    for key, instead in RESERVED.items():
+        if key in ds:
+            return f"deepspeed.{key}", f"is derived from our config; set {instead} instead"
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return "deepspeed.zero_optimization", "must be a mapping of DeepSpeed ZeRO keys"
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        return "deepspeed.zero_optimization.stage", f"must be one of 0, 1, 2, 3 (got {stage!r})"
+    for what in ("offload_optimizer", "offload_param"):
+        device = offload_device(ds, what)
+        if device not in OFFLOAD_DEVICES:
+            return (
+                f"deepspeed.zero_optimization.{what}.device",
+                f"must be one of {', '.join(OFFLOAD_DEVICES)} (got {device!r})",
+            )
+    if offload_device(ds, "offload_optimizer") != "none" and stage == 0:
+        return (
+            "deepspeed.zero_optimization.offload_optimizer",
+            "needs ZeRO stage 1, 2 or 3 (deepspeed.zero_optimization.stage is 0)",
+        )
+    if offload_device(ds, "offload_param") != "none" and stage != 3:
+        return (
+            "deepspeed.zero_optimization.offload_param",
+            f"needs ZeRO stage 3 (deepspeed.zero_optimization.stage is {stage})",
+        )
+    return None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_deepspeed_config(cfg: RootConfig, *, dp_size: int, bf16: bool) -> dict[str, Any]:
+    """The dict for ``deepspeed.initialize(config=...)``: derived keys, then ``cfg.deepspeed``.
+
+    Gradient accumulation steps = our micro-batches per step, so DeepSpeed's reduction and
+    update boundaries are our optimizer steps.
+    """
+    d = cfg.data
+    derived: dict[str, Any] = {
+        "train_batch_size": d.global_batch_size,
+        "train_micro_batch_size_per_gpu": d.micro_batch_size,
+        "gradient_accumulation_steps": d.global_batch_size // (d.micro_batch_size * dp_size),
+        "gradient_clipping": cfg.optim.clip_grad,
+        "bf16": {"enabled": bf16},
+        # Gradients accumulate and reduce in fp32 under bf16, as megatron's grad buffer does
+        # (DeepSpeed's default is the model dtype). Without ZeRO DeepSpeed has no fp32
+        # accumulation for a bf16 model, so ZeRO-0 keeps bf16 gradients.
+        **(
+            {"data_types": {"grad_accum_dtype": "fp32"}}
+            if bf16 and zero_stage(cfg.deepspeed)
+            else {}
+        ),
+        "zero_optimization": {"stage": 0},
+        # Our loop logs one line per logged step; DeepSpeed's own progress lines stay off.
+        "steps_per_print": None,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(derived, dict(cfg.deepspeed))

@@ -1,0 +1,104 @@
+"""``trainer.engine=deepspeed``: ZeRO 0-3 train like the megatron engine; bad configs exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnimoe_train.validation import ConfigError, validate
+from tests.cli_helpers import assert_usage_error, run_train_cli
+from tests.train.conftest import compose_config
+
+from .deepspeed_checks import (
+    check_skip_and_norm,
+    check_zero_stages,
+    resume_and_continue,
+    save_and_continue,
+)
+from .distributed import run_distributed
+
+
+def test_zero_stages_match_megatron_engine_at_dp2() -> None:
+    run_distributed(check_zero_stages, 2, ["zero0", "zero1", "zero2", "zero3"], timeout_s=600)
+
+
+def test_cpu_offload_matches_megatron_engine_at_dp2() -> None:
+    run_distributed(check_zero_stages, 2, ["zero2_offload", "zero3_offload"], timeout_s=600)
+
+
+def test_grad_norm_before_the_step_and_skipped_steps() -> None:
+    runs = [("zero0", "fp32"), ("zero2", "fp32"), ("zero3_offload", "fp32")]
+    runs += [("zero0", "bf16"), ("zero1", "bf16"), ("zero3", "bf16")]
+    run_distributed(check_skip_and_norm, 2, runs, timeout_s=600)
+
+
+@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, preset: str) -> None:
+    """Saved at dp 2; loaded at dp 2 (DeepSpeed's files as they are) and at dp 1 (through a
+    universal checkpoint); the consolidated weights equal the live ones."""
+    from omnimoe_train.engine.deepspeed_checkpoint import consolidate
+
+    run_distributed(save_and_continue, 2, preset, tmp_path, timeout_s=600)
+    run_distributed(resume_and_continue, 2, preset, tmp_path, timeout_s=600)
+    run_distributed(resume_and_continue, 1, preset, tmp_path, timeout_s=600)
+    live = torch.load(tmp_path / "reference.pt", weights_only=False)["live"]
+    weights = consolidate(tmp_path / "step_00000002")
+    assert set(live) <= set(weights)  # plus the router's BatchNorm statistics (buffers)
+    for name, value in live.items():
+        assert torch.equal(weights[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "key", "rule"),
+    [
+        (["parallel=tp2"], 2, "trainer.engine", "data parallel only"),
+        (["parallel=pp2"], 2, "trainer.engine", "parallel.pp=2"),
+        (["parallel=ep2_rows"], 2, "trainer.engine", "parallel.ep=2"),
+        (["parallel=pp2_vpp2"], 2, "trainer.engine", "parallel.pp=2"),
+        (["parallel=dp2_distopt"], 2, "trainer.engine", "shards the optimizer with ZeRO"),
+        (["deepspeed.zero_optimization.stage=4"], 1, "deepspeed.zero_optimization.stage", "0, 1"),
+        (
+            ["deepspeed=zero3_offload", "deepspeed.zero_optimization.stage=2"],
+            1,
+            "deepspeed.zero_optimization.offload_param",
+            "needs ZeRO stage 3",
+        ),
+        (
+            ["deepspeed=zero0", "+deepspeed.zero_optimization.offload_optimizer.device=cpu"],
+            1,
+            "deepspeed.zero_optimization.offload_optimizer",
+            "stage 1, 2 or 3",
+        ),
+        (
+            ["deepspeed=zero2_offload", "deepspeed.zero_optimization.offload_optimizer.device=gpu"],
+            1,
+            "deepspeed.zero_optimization.offload_optimizer.device",
+            "cpu, nvme, none",
+        ),
+        (["+deepspeed.train_batch_size=64"], 1, "deepspeed.train_batch_size", "data.global_batch"),
+        (["+deepspeed.gradient_clipping=2.0"], 1, "deepspeed.gradient_clipping", "optim.clip_grad"),
+        (["+deepspeed.fp16.enabled=true"], 1, "deepspeed.fp16", "trainer.precision"),
+        (["+deepspeed.scheduler.type=WarmupLR"], 1, "deepspeed.scheduler", "WSD"),
+    ],
+)
+def test_deepspeed_config_rules(overrides: list[str], world_size: int, key: str, rule: str) -> None:
+    cfg = compose_config("trainer.engine=deepspeed", *overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size)
+    assert info.value.key == key and rule in info.value.rule, str(info.value)
+
+
+def test_presets_and_megatron_layouts_stay_valid() -> None:
+    for preset in ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"):
+        validate(compose_config("trainer.engine=deepspeed", f"deepspeed={preset}"), 1)
+    # The deepspeed section is the DeepSpeed engine's only: megatron runs ignore it.
+    validate(compose_config("parallel=tp2", "+deepspeed.train_batch_size=64"), 2)
+
+
+def test_model_parallel_layout_exits_2_before_any_work(tmp_path: Path) -> None:
+    result = run_train_cli(
+        ["trainer.engine=deepspeed", "parallel=tp2"], cache=tmp_path, world_size=2, timeout=120
+    )
+    assert_usage_error(result, "omnimoe-train: error: trainer.engine: deepspeed is", tmp_path)
