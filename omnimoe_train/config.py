@@ -116,6 +116,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     progress: bool = True
+    # Expert usage / unevenness / entropy / load-imbalance counters of routed MLPs (metrics.jsonl);
+    # false skips their per-forward updates (benchmarks/bench_training.py measures the cost).
+    expert_stats: bool = True
     # Wall-clock budget of this process, e.g. "23h30m", "90m", "1d2h", "3600s"; when it is used
     # up every rank finishes its step, saves and exits with code 75 (rerun to continue).
     max_time: str | None = None

@@ -129,6 +129,8 @@ class Trainer:
         self.expert_stats = [
             m for c in self.engine.model for m in c.modules() if isinstance(m, ExpertStats)
         ]
+        for stats in self.expert_stats:
+            stats.enabled = t.expert_stats
         # The same count omnimoe-params prints (the whole model, whatever this rank holds).
         self.flops_per_token = model_accounting(
             cfg.model, seq_len=d.seq_len, vocab_size=self.vocab_size
@@ -210,9 +212,11 @@ class Trainer:
         return self.engine.mean_loss(total)
 
     def _expert_metrics(self, steps: int) -> dict[str, float]:
-        metrics = collect_expert_metrics(
-            self.expert_stats, sequence_parallel=self.cfg.parallel.sequence_parallel
-        )
+        metrics = {}
+        if self.cfg.trainer.expert_stats:
+            metrics = collect_expert_metrics(
+                self.expert_stats, sequence_parallel=self.cfg.parallel.sequence_parallel
+            )
         m = self.cfg.model
         if m.mlp in MEGATRON_MOE_MLPS and m.moe_aux_loss_coeff > 0:
             metrics |= collect_aux_loss(

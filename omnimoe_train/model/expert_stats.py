@@ -34,10 +34,13 @@ class ExpertStats(nn.Module):
         )
         self.register_buffer("entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.enabled = True  # trainer.expert_stats: false makes the updates no-ops
 
     @torch.no_grad()
     def update(self, indices_TK: torch.Tensor, entropy_T: torch.Tensor) -> None:
         """Add the selections ``indices_TK`` (expert ids) of T tokens and their entropies."""
+        if not self.enabled:
+            return
         flat = indices_TK.reshape(-1)
         self.counts_N.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
         self._add_entropy(entropy_T)
@@ -45,6 +48,8 @@ class ExpertStats(nn.Module):
     @torch.no_grad()
     def update_counts(self, counts_N: torch.Tensor, entropy_T: torch.Tensor) -> None:
         """Add per-expert selection counts (e.g. a routing map summed over tokens)."""
+        if not self.enabled:
+            return
         self.counts_N.add_(counts_N.to(torch.float64))
         self._add_entropy(entropy_T)
 
