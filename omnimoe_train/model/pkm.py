@@ -125,12 +125,15 @@ class PKMMLP(MegatronModule):
         routing = self.router(x_TD)
         if self.training:  # evaluation batches stay out of the usage statistics
             self.stats.update(routing.indices_TK, routing.entropy_T)
+        # fp32 lookup: the K-term sum accumulates in fp32, and CUDA's embedding_bag has no bf16
+        # backward for per-sample weights (the cast costs one pass over the [N, D] table).
+        values_ND = self.values_ND.to(torch.promote_types(self.values_ND.dtype, torch.float32))
         y_TD = F.embedding_bag(
             routing.indices_TK,
-            self.values_ND,
-            per_sample_weights=routing.weights_TK.to(self.values_ND.dtype),
+            values_ND,
+            per_sample_weights=routing.weights_TK.to(values_ND.dtype),
             mode="sum",
-        )
+        ).to(x_TD.dtype)
         y_SBD = y_TD.view(S, B, D)
         if self.shared is not None:
             shared_SBD, _ = self.shared(hidden_SBD)
