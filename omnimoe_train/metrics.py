@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import string
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from omnimoe_train.config import WandbConfig
+
+
+def _format(key: str, value: Any) -> str:
+    """Compact console form of a metric: rates as integers, small values in scientific form."""
+    if not isinstance(value, float):
+        return str(value)
+    if key.endswith("tokens_per_s"):
+        return f"{value:,.0f}"
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.2e}"
+    return f"{value:.4g}"
 
 
 def _clean(value: Any) -> Any:
@@ -43,7 +55,8 @@ class MetricsSink:
         progress: bool,
     ) -> None:
         self.enabled = enabled
-        self.console = Console(stderr=True)
+        # No source-file column on log lines: they are for people reading a run, not for us.
+        self.console = Console(stderr=True, log_path=False)
         self._wandb_run = None
         self._progress: Progress | None = None
         if not enabled:
@@ -88,10 +101,12 @@ class MetricsSink:
             self._wandb_run.log(
                 {k: v for k, v in record.items() if k != "step"}, step=record["step"]
             )
-        shown = "  ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+        # One physical line per record whatever the terminal width (soft wrap, no log table),
+        # so a log file or a launcher's per-rank output keeps one line per logged step.
+        shown = "  ".join(f"{k} {_format(k, v)}" for k, v in record.items())
+        self.console.print(
+            f"[dim]\\[{time.strftime('%H:%M:%S')}][/dim] {shown}", soft_wrap=True, highlight=False
         )
-        self.console.log(shown)
 
     def close(self) -> None:
         if not self.enabled:
