@@ -33,6 +33,24 @@ class Routing(NamedTuple):
     entropy_T: torch.Tensor  # entropy (nats) of each token's full n*n routing distribution
 
 
+def square_side(count: int, name: str) -> int:
+    """``n`` with ``n * n == count``: the side of a Cartesian grid of ``count`` experts or slots.
+    Raises ``ValueError`` naming ``name`` when ``count`` is not a perfect square."""
+    n = math.isqrt(count)
+    if n * n != count:
+        raise ValueError(f"{name}={count} is not a perfect square")
+    return n
+
+
+def selected_weights(scores_TK: torch.Tensor, mode: str) -> torch.Tensor:
+    """Routing weights ``weights_TK`` of the K selected experts from their log-probability
+    scores: ``softmax`` renormalises over the K (paper Eq. 2), ``exp`` keeps the probability
+    itself (the reference code)."""
+    if mode == "softmax":
+        return torch.softmax(scores_TK, dim=-1)
+    return scores_TK.exp()
+
+
 class GateNorm(nn.Module):
     """BatchNorm1d(affine=False) over tokens, always computed in fp32.
 
@@ -167,9 +185,7 @@ class CartesianRouter(nn.Module):
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
-        n = math.isqrt(num_experts)
-        if n * n != num_experts:
-            raise ValueError(f"num_experts={num_experts} is not a perfect square")
+        n = square_side(num_experts, "num_experts")
         self.n, self.top_k, self.weights, self.backend = n, top_k, weights, backend
         # Router parameters stay fp32 even in a bf16 model: top-k over near-equal bf16 sums
         # would be decided by rounding.
@@ -190,10 +206,7 @@ class CartesianRouter(nn.Module):
         scores_TK, indices_TK = omnimoe_kernels.cartesian_topk(
             rows_Tn, cols_Tn, self.top_k, backend=self.backend
         )
-        if self.weights == "softmax":  # paper Eq. 2: renormalise over the K selected
-            weights_TK = torch.softmax(scores_TK, dim=-1)
-        else:  # reference code: the product probability itself
-            weights_TK = scores_TK.exp()
+        weights_TK = selected_weights(scores_TK, self.weights)
         with torch.no_grad():
             # H(p_row x p_col) = H(p_row) + H(p_col) for the product distribution.
             entropy_T = -(rows_Tn.exp() * rows_Tn).sum(-1) - (cols_Tn.exp() * cols_Tn).sum(-1)
@@ -232,11 +245,7 @@ class DenseRouter(nn.Module):
         logp_TN = F.log_softmax(self.norm(x_TD @ self.gate_ND.t()), dim=-1)
         scores_TK, indices_TK = torch.topk(logp_TN, self.top_k, dim=-1)
         indices_TK, order_TK = indices_TK.sort(dim=-1)
-        scores_TK = scores_TK.gather(-1, order_TK)
-        if self.weights == "softmax":
-            weights_TK = torch.softmax(scores_TK, dim=-1)
-        else:
-            weights_TK = scores_TK.exp()
+        weights_TK = selected_weights(scores_TK.gather(-1, order_TK), self.weights)
         with torch.no_grad():
             entropy_T = -(logp_TN.exp() * logp_TN).sum(-1)
         return Routing(weights_TK, indices_TK, entropy_T)
