@@ -9,11 +9,11 @@ expert-centric kernels). PEER (``peer.py``) is this module with a multi-head pro
 
 Shape suffixes: S sequence, B batch, T = S*B tokens, D hidden, N experts, K top-k.
 The shared branch and the forward frame are ``routed_mlp.RoutedMLP``'s; the router and the
-expert tables are plain parameters. With ep > 1 (``settings.table_sharding`` rows or dim) the layer holds only this
-rank's shard of U and V (the ``_ND`` names are kept so checkpoint keys do not depend on the
-layout), drawn as the matching slice of the full tables (``model.init.init_table_shard``), and
-``parallel.setup.apply_parallelism`` attaches an ``ExpertParallel`` dispatch that the forward
-calls instead of the local kernel.
+expert tables are plain parameters. With ep > 1 (``settings.table_sharding`` rows or dim) the
+layer holds only this rank's shard of U and V (the ``_ND`` names are kept so checkpoint keys do
+not depend on the layout), drawn as the matching slice of the full tables
+(``model.init.init_table_shard``), and ``parallel.setup.apply_parallelism`` attaches an
+``ExpertParallel`` dispatch that the forward calls instead of the local kernel.
 """
 
 from __future__ import annotations
