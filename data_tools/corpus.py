@@ -178,7 +178,7 @@ def read_piece(piece: Piece, text_field: str, skips: SkipLog) -> Iterator[tuple[
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError as err:
-            # Only a JSON \uXXXX escape can produce a lone surrogate: decoded bytes cannot.
+            # Only a JSON \u escape (four hex digits) can produce a lone surrogate: decoded bytes cannot.
             skips.skip(
                 "unpaired_surrogate",
                 f"{where}: text holds an unpaired UTF-16 surrogate "

@@ -115,7 +115,7 @@ def inspect(path: Path, as_json: bool) -> int:
     folders = [path] if step_of(path) is not None or (path / "meta.json").exists() else []
     folders = folders or list_checkpoints(path)
     if not folders:
-        _fail(f"{path}: not a checkpoint folder and holds no step_XXXXXXXX folders")
+        _fail(f"{path}: not a checkpoint folder and holds no step_<8 digits> folders")
     reports = [describe(folder) for folder in folders]
     if as_json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))

@@ -5,9 +5,9 @@ An engine only has to write "this step's state into this folder" (a callable pas
 :class:`PendingWrite` when it continues in the background) and to load from a folder. The
 manager owns everything else:
 
-* **Atomic publish.** The engine writes into ``step_XXXXXXXX.tmp/``. Once every rank has
+* **Atomic publish.** The engine writes into ``step_<8 digits>.tmp/``. Once every rank has
   finished, the files are checksummed (spread over the ranks), ``meta.json`` is written last,
-  and the folder is renamed to ``step_XXXXXXXX``; only then is it the newest checkpoint, and
+  and the folder is renamed to ``step_<8 digits>``; only then is it the newest checkpoint, and
   ``latest`` (a convenience for people and launchers) names it. A crash at any point leaves a
   ``.tmp`` folder, which is never loaded and is removed by the next save.
 * **Retention.** The newest ``checkpoint.keep`` published checkpoints plus those whose step is in
@@ -212,7 +212,7 @@ class CheckpointManager:
             return path
         candidates = list(reversed(list_checkpoints(path)))
         if not auto and not candidates:
-            raise CheckpointCorrupt(f"{path}: no checkpoint folders (step_XXXXXXXX) in it")
+            raise CheckpointCorrupt(f"{path}: no checkpoint folders (step_<8 digits>) in it")
         for i, candidate in enumerate(candidates):
             problem = find_problem(candidate)
             if problem is None:

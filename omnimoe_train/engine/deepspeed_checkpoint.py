@@ -10,7 +10,7 @@ and :func:`load` on a folder):
   ZeRO-3 also one parameter partition per rank.
 * ``zero_to_fp32.py``: DeepSpeed's recovery script (it copies it; :func:`consolidate` calls the
   same code in-process).
-* ``rank_XXXXX.pt``: each rank's RNG states, the record the megatron engine keeps too
+* ``rank_<5 digits>.pt``: each rank's RNG states, the record the megatron engine keeps too
   (``checkpoint.sharded.rank_local_state``; DeepSpeed saves rank 0's module state only, which
   holds the router BatchNorm statistics, the same on every rank). Restored when the layout
   (data-parallel size, ZeRO stage) is unchanged.

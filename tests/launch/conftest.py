@@ -82,7 +82,7 @@ def slurm() -> Iterator[SlurmCluster]:
     if reason is not None:
         if os.environ.get("OMNIMOE_REQUIRE_SLURM") == "1":
             pytest.fail(f"OMNIMOE_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+        pytest.skip(reason)  # no root or no SLURM packages on this machine
     cluster = start_cluster()
     try:
         yield cluster
