@@ -104,6 +104,19 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _input_options(args: argparse.Namespace) -> dict:
+    """The options :func:`_add_input_options` adds (besides the inputs), as keyword arguments
+    of ``prepare`` and ``train_tokenizer_file``."""
+    return {
+        "vocab_size": args.vocab_size,
+        "text_field": args.text_field,
+        "max_bytes": args.max_bytes,
+        "tokenizer_sample_bytes": args.tokenizer_sample_bytes,
+        "block_bytes": args.block_bytes,
+        "workers": args.workers,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
@@ -111,16 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             _prepare(args, console)
         elif args.command == "train-tokenizer":
-            path = train_tokenizer_file(
-                args.inputs or None,
-                args.out,
-                vocab_size=args.vocab_size,
-                text_field=args.text_field,
-                max_bytes=args.max_bytes,
-                tokenizer_sample_bytes=args.tokenizer_sample_bytes,
-                block_bytes=args.block_bytes,
-                workers=args.workers,
-            )
+            path = train_tokenizer_file(args.inputs or None, args.out, **_input_options(args))
             console.print(f"wrote {path}")
         elif args.command == "merge":
             result = merge(args.parts, args.out)
@@ -142,18 +146,13 @@ def _prepare(args: argparse.Namespace, console: Console) -> None:
         args.inputs or None,
         args.out,
         tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
         seq_len=args.seq_len,
         samples_per_shard=args.samples_per_shard,
         val_fraction=args.val_fraction,
-        text_field=args.text_field,
         seed=args.seed,
-        max_bytes=args.max_bytes,
-        tokenizer_sample_bytes=args.tokenizer_sample_bytes,
-        block_bytes=args.block_bytes,
-        workers=args.workers,
         part=args.part,
         progress=not args.no_progress,
+        **_input_options(args),
     )
     _print_summary(result.manifest, console)
     console.print(f"wrote {result.manifest_path}")

@@ -12,14 +12,13 @@ and writes the manifest last.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 from .corpus import DataError, SkipLog
-from .prepare import SPLITS, PrepareResult, _remove_previous_dataset
-from .shards import MANIFEST_NAME, TOKENIZER_NAME, load_manifest, replace_atomically, shard_name
+from .prepare import SPLITS, PrepareResult, _remove_previous_dataset, write_manifest
+from .shards import TOKENIZER_NAME, load_manifest, shard_name
 
 # Fields every part must share with the others.
 _SHARED = (
@@ -88,18 +87,7 @@ def merge(parts: list[str | Path], out_dir: str | Path) -> PrepareResult:
         skips.merge(SkipLog.from_dict(manifest["skipped"]))
     if splits["train"]["samples"] == 0:
         raise DataError("merge: the training split of the parts has no samples")
-    result = {
-        **first,
-        "part": None,
-        "merged_parts": count,
-        "samples": sum(s["samples"] for s in splits.values()),
-        "tokens": sum(s["tokens"] for s in splits.values()),
-        "splits": splits,
-        "skipped": skips.to_dict(),
-    }
-    manifest_path = out / MANIFEST_NAME
-    replace_atomically(manifest_path, (json.dumps(result, indent=2) + "\n").encode())
-    return PrepareResult(manifest_path=manifest_path, manifest=result)
+    return write_manifest(out, {**first, "part": None, "merged_parts": count}, splits, skips)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -152,7 +152,7 @@ def prepare(
             f"input too small: the training split has {splits['train']['stream_tokens']} "
             f"tokens, fewer than one sample of seq_len+1={seq_len + 1}"
         )
-    manifest = {
+    fields = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "seq_len": seq_len,
@@ -174,6 +174,19 @@ def prepare(
         "request": request,
         "plan": {"blocks": len(blocks), "block_bytes": block_bytes, "id": fingerprint(blocks)},
         "part": None if part is None else {"index": part[0], "count": part[1], "blocks": [lo, hi]},
+    }
+    result = write_manifest(out, fields, splits, skips)
+    if progress:
+        report(console, out, splits, skips)
+    return result
+
+
+def write_manifest(out: Path, fields: dict, splits: dict, skips: SkipLog) -> PrepareResult:
+    """Write ``out/manifest.json`` (atomically, and last: its presence marks the dataset
+    complete) holding ``fields``, the sample and token totals of ``splits``, the splits and the
+    skip log. Used by ``prepare`` and ``merge``."""
+    manifest = {
+        **fields,
         "samples": sum(s["samples"] for s in splits.values()),
         "tokens": sum(s["tokens"] for s in splits.values()),
         "splits": splits,
@@ -181,8 +194,6 @@ def prepare(
     }
     manifest_path = out / MANIFEST_NAME
     replace_atomically(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
-    if progress:
-        report(console, out, splits, skips)
     return PrepareResult(manifest_path=manifest_path, manifest=manifest)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from omnimoe_train import names, sweep_jobs
 from omnimoe_train.config import RootConfig, register_configs
-from omnimoe_train.exit_codes import EXIT_USAGE
+from omnimoe_train.exit_codes import exit_usage
 from omnimoe_train.validation import (
     ConfigError,
     data_facts_before_preparation,
@@ -28,9 +29,8 @@ from omnimoe_train.validation import (
 CONFIG_MODULE = "omnimoe_conf"
 
 
-def _fail(message: str) -> None:
-    print(f"omnimoe-train: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+def _fail(message: str) -> NoReturn:
+    exit_usage("omnimoe-train", message)
 
 
 def to_root_config(dcfg: DictConfig) -> RootConfig:

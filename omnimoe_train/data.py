@@ -69,20 +69,25 @@ class TrainingData:
         ]
 
 
+def _data_options(d: DataConfig) -> dict:
+    """The ``prepare`` options ``data.*`` sets: each changes the prepared data, so the same
+    dict is the preparation request (the cache key) and what ``prepare`` is called with."""
+    return {
+        "tokenizer": d.tokenizer,
+        "vocab_size": d.vocab_size,
+        "seq_len": d.seq_len,
+        "samples_per_shard": d.samples_per_shard,
+        "val_fraction": d.val_fraction,
+        "text_field": d.text_field,
+        "seed": d.seed,
+        "max_bytes": d.max_bytes,
+        "tokenizer_sample_bytes": d.tokenizer_sample_bytes,
+        "block_bytes": DEFAULT_BLOCK_BYTES,
+    }
+
+
 def _request(d: DataConfig) -> dict:
-    return preparation_request(
-        d.inputs,
-        tokenizer=d.tokenizer,
-        vocab_size=d.vocab_size,
-        seq_len=d.seq_len,
-        samples_per_shard=d.samples_per_shard,
-        val_fraction=d.val_fraction,
-        text_field=d.text_field,
-        seed=d.seed,
-        max_bytes=d.max_bytes,
-        tokenizer_sample_bytes=d.tokenizer_sample_bytes,
-        block_bytes=DEFAULT_BLOCK_BYTES,
-    )
+    return preparation_request(d.inputs, **_data_options(d))
 
 
 def dataset_dir(d: DataConfig, request: dict | None = None) -> Path:
@@ -110,21 +115,7 @@ def _ensure_prepared(d: DataConfig) -> Path:
             _refuse_mismatch(out, recorded, request)
             if is_prepared(out, seq_len=d.seq_len):
                 return out
-    prepare(
-        d.inputs,
-        out,
-        tokenizer=d.tokenizer,
-        vocab_size=d.vocab_size,
-        seq_len=d.seq_len,
-        samples_per_shard=d.samples_per_shard,
-        val_fraction=d.val_fraction,
-        text_field=d.text_field,
-        seed=d.seed,
-        max_bytes=d.max_bytes,
-        tokenizer_sample_bytes=d.tokenizer_sample_bytes,
-        block_bytes=DEFAULT_BLOCK_BYTES,
-        workers=d.prepare_workers,
-    )
+    prepare(d.inputs, out, **_data_options(d), workers=d.prepare_workers)
     return out
 
 

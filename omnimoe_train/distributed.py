@@ -32,6 +32,20 @@ class Runtime:
         return self.rank == 0
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when there is none (a
+    single-process tool such as ``omnimoe-ckpt``)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """``dist.barrier()`` over the default group; nothing when there is none."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("trainer.device=cuda but no CUDA device is visible")

@@ -6,6 +6,9 @@ again to continue" (requeue); the others need a person.
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 EXIT_OK = 0
 #: An unexpected error (a traceback was printed).
 EXIT_CRASH = 1
@@ -20,3 +23,10 @@ EXIT_IO_ERROR = 74
 #: EX_TEMPFAIL: stopped early on SIGTERM/SIGUSR1 or ``trainer.max_time``, checkpoint saved;
 #: rerun the same command to continue.
 EXIT_REQUEUE = 75
+
+
+def exit_usage(prog: str, message: str) -> NoReturn:
+    """Print ``<prog>: error: <message>`` on stderr (argparse's form: one line, no traceback)
+    and exit with :data:`EXIT_USAGE`."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)

@@ -14,18 +14,17 @@ from __future__ import annotations
 import json
 import math
 import sys
+from typing import NoReturn
 
 from rich.console import Console
 from rich.table import Table
 
 from omnimoe_train.config import RootConfig, register_configs
+from omnimoe_train.exit_codes import exit_usage
 
-EXIT_USAGE = 2
 
-
-def _fail(message: str) -> None:
-    print(f"omnimoe-params: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+def _fail(message: str) -> NoReturn:
+    exit_usage("omnimoe-params", message)
 
 
 def compose(overrides: list[str]) -> RootConfig:

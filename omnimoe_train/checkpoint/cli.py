@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omnimoe_train.checkpoint.files import (
     CheckpointCorrupt,
@@ -32,14 +32,13 @@ from omnimoe_train.checkpoint.files import (
     read_meta,
     step_of,
 )
-from omnimoe_train.exit_codes import EXIT_USAGE
+from omnimoe_train.exit_codes import EXIT_USAGE, exit_usage
 
 CONSOLIDATED_FORMAT = "omnimoe-consolidated/1"
 
 
-def _fail(message: str) -> None:
-    print(f"omnimoe-ckpt: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+def _fail(message: str) -> NoReturn:
+    exit_usage("omnimoe-ckpt", message)
 
 
 def tensor_sizes(folder: Path) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from omnimoe_train.distributed import rank_and_world
+
 FORMAT = "omnimoe-checkpoint/1"
 META = "meta.json"
 # At least 8 digits: a run past step 99,999,999 writes step_100000000, which must still be found
@@ -50,14 +52,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: step_of(p) or 0)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather(obj: Any) -> list[Any]:
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return [obj]
     out: list[Any] = [None] * world
@@ -85,7 +81,7 @@ def data_files(folder: Path) -> list[str]:
 
 def checksum_files(folder: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"bytes", "sha256"}}`` for every file; collective when distributed."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     names = data_files(folder) if rank == 0 else None
     names = _broadcast(names)
     mine = {
@@ -99,7 +95,7 @@ def checksum_files(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def _broadcast(obj: Any) -> Any:
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return obj
     box = [obj]
@@ -147,7 +143,7 @@ def find_problem(folder: Path) -> str | None:
     Collective when distributed: every rank gets the same answer. Sizes are checked first
     (a truncated file costs no hashing), then the checksums, spread over the ranks.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     problem: str | None = None
     files: dict[str, dict[str, Any]] = {}
     if rank == 0:

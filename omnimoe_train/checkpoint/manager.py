@@ -45,6 +45,7 @@ from omnimoe_train.checkpoint.files import (
     write_json_atomic,
 )
 from omnimoe_train.config import CheckpointConfig
+from omnimoe_train.distributed import barrier, rank_and_world
 
 
 class CheckpointWriteError(OSError):
@@ -61,17 +62,6 @@ class PendingWrite(Protocol):
 
 
 WriteFn = Callable[[Path], PendingWrite | None]
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _any_rank(flag: bool) -> bool:
@@ -105,7 +95,7 @@ class CheckpointManager:
         self, root: Path, cfg: CheckpointConfig, *, warn: Callable[[str], None] | None = None
     ) -> None:
         self.root, self.cfg = root, cfg
-        self.rank, self.world = _rank_world()
+        self.rank, self.world = rank_and_world()
         self._warn = warn or (lambda line: None)
         self._pending: tuple[int, Path, dict[str, Any], PendingWrite] | None = None
         self.last_saved_step: int | None = None
@@ -122,7 +112,7 @@ class CheckpointManager:
             for stale in self.root.glob("step_*.tmp"):  # left by a killed run
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
-        _barrier()
+        barrier()
         pending: PendingWrite | None = None
         error: BaseException | None = None
         try:
@@ -169,7 +159,7 @@ class CheckpointManager:
             return
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
+        barrier()
         reason = _first_line(error) if error is not None else "failed on another rank"
         raise CheckpointWriteError(f"could not write checkpoint {step_dir_name(step)}: {reason}")
 
@@ -251,7 +241,7 @@ class CheckpointManager:
                 n += 1
             os.replace(folder, target)
         target_name = _broadcast_name(target.name)
-        _barrier()
+        barrier()
         return target_name
 
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,12 +42,17 @@ def chained(optimizer: Any) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def optimizer_updates(optimizer: Any) -> int:
-    """Adam's step count: the number of updates applied (skipped steps excluded)."""
+def _torch_optimizers(optimizer: Any) -> Iterator[torch.optim.Optimizer]:
+    """The torch optimizer inside each of megatron's chained optimizers that has one."""
     for opt in chained(optimizer):
         inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
+        if inner is not None:
+            yield inner
+
+
+def optimizer_updates(optimizer: Any) -> int:
+    """Adam's step count: the number of updates applied (skipped steps excluded)."""
+    for inner in _torch_optimizers(optimizer):
         for group in inner.param_groups:
             if "step" in group:
                 return int(group["step"])
@@ -58,10 +64,7 @@ def optimizer_updates(optimizer: Any) -> int:
 
 def set_optimizer_updates(optimizer: Any, updates: int) -> None:
     """Give every parameter its own step tensor (torch Adam) and every group the count."""
-    for opt in chained(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None:
-            continue
+    for inner in _torch_optimizers(optimizer):
         for group in inner.param_groups:
             if "step" in group:
                 group["step"] = updates

@@ -30,24 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from omnimoe_train.checkpoint.sharded import rank_local_state, restore_rank_local
+from omnimoe_train.distributed import barrier, rank_and_world
 
 TAG = "deepspeed"
 EXTRA_STATE = "_extra_state"
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def drop_empty_extra_state(model: nn.Module) -> None:
@@ -90,7 +79,7 @@ def universal_info() -> dict[str, Any]:
 
 def save(engine: Any, directory: Path, client_state: dict[str, Any]) -> None:
     """Collective: DeepSpeed's files, the scheduler, ``client_state`` and this rank's state."""
-    rank, _ = _rank_world()
+    rank, _ = rank_and_world()
     state = {
         "client": client_state,
         "scheduler": engine.scheduler.state_dict(),
@@ -100,7 +89,7 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any]) -> None:
     engine.engine.save_checkpoint(str(directory), tag=TAG, client_state=state, save_latest=False)
     # The megatron engine's per-rank state (checkpoint.sharded), in a file of its own here.
     torch.save(rank_local_state(), directory / f"rank_{rank:05d}.pt")
-    _barrier()
+    barrier()
 
 
 def _rank0_model_states(directory: Path) -> Path:
@@ -142,7 +131,7 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
     checkpoint (see the module docstring); the rank-local state then starts fresh, which
     ``client["_rank_local_restored"] = False`` reports.
     """
-    rank, _ = _rank_world()
+    rank, _ = rank_and_world()
     same_layout = saved_layout(directory) == engine.layout()
     source, scratch = directory, None
     if not same_layout and not model_only:
@@ -150,7 +139,7 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
         if rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
             _to_universal(directory, scratch)
-        _barrier()
+        barrier()
         source = scratch
     ds = engine.engine
     # DeepSpeed reads ``checkpoint.load_universal`` at load time, from its parsed config.
@@ -165,7 +154,7 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
         )
     finally:
         ds._config.load_universal_checkpoint = False
-        _barrier()
+        barrier()
         if scratch is not None and rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
     if state is None:

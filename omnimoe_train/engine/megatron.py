@@ -25,6 +25,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from omnimoe_train.checkpoint import sharded
+from omnimoe_train.checkpoint.optimizer_state import chained
 from omnimoe_train.config import RootConfig
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine.optim import optimizer_config, wsd_scheduler
@@ -32,11 +33,6 @@ from omnimoe_train.model.gpt import build_model, transformer_config
 from omnimoe_train.model.router import GateNorm, GateNormSnapshot, apply_running_stats
 from omnimoe_train.parallel.expert_parallel import dispatch_metrics
 from omnimoe_train.parallel.setup import apply_parallelism, dispatch_layers, resolve_table_sharding
-
-
-def _chained(optimizer: Any) -> list[Any]:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
 
 # Token id of a padding row: evaluation fills its last micro-batches with such rows so every
 # rank and pipeline stage runs the same number of equal-shaped micro-batches; their positions
@@ -192,7 +188,7 @@ class MegatronEngine:
         """
         clip = self.cfg.optim.clip_grad
         if clip > 0:
-            for opt in _chained(self.optimizer):
+            for opt in chained(self.optimizer):
                 params = opt.get_parameters()
                 if params:
                     clip_grad_by_total_norm_fp32(params, max_norm=clip, total_norm=grad_norm)

@@ -8,17 +8,16 @@ token gathers its K rows, ``omnimoe_kernels.atomic_experts_gather``, instead of 
 expert-centric kernels). PEER (``peer.py``) is this module with a multi-head product-key router.
 
 Shape suffixes: S sequence, B batch, T = S*B tokens, D hidden, N experts, K top-k.
-The shared branch is megatron's tensor-parallel MLP; the router and the expert tables are plain
-parameters. With ep > 1 (``settings.table_sharding`` rows or dim) the layer holds only this
-rank's shard of U and V (the ``_ND`` names are kept so checkpoint keys do not depend on the
-layout), drawn as the matching slice of the full tables (``model.init.init_table_shard``), and
-``parallel.setup.apply_parallelism`` attaches an ``ExpertParallel`` dispatch that the forward
-calls instead of the local kernel.
+The shared branch and the forward frame are ``routed_mlp.RoutedMLP``'s; the router and the
+expert tables are plain parameters. With ep > 1 (``settings.table_sharding`` rows or dim) the
+layer holds only this rank's shard of U and V (the ``_ND`` names are kept so checkpoint keys do
+not depend on the layout), drawn as the matching slice of the full tables
+(``model.init.init_table_shard``), and ``parallel.setup.apply_parallelism`` attaches an
+``ExpertParallel`` dispatch that the forward calls instead of the local kernel.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,16 +25,14 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 import omnimoe_kernels
 from omnimoe_train.model.expert_stats import ExpertStats
 from omnimoe_train.model.init import draw_seed, init_table_shard
-from omnimoe_train.model.router import CartesianRouter, DenseRouter
+from omnimoe_train.model.routed_mlp import RoutedMLP
+from omnimoe_train.model.router import CartesianRouter, DenseRouter, Routing
 
 
 @dataclass(frozen=True)
@@ -50,10 +47,6 @@ class OmniMoESettings:
     backend: str = "auto"
     deterministic: bool = False
     table_sharding: str = "none"  # none | rows | dim: which EP shard of U, V this rank holds
-
-
-def shared_mlp_submodules() -> MLPSubmodules:
-    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 
 
 def table_shard(mode: str, num_experts: int, hidden: int) -> tuple[tuple[int, int], ...]:
@@ -74,8 +67,10 @@ def table_shard(mode: str, num_experts: int, hidden: int) -> tuple[tuple[int, in
     return rows, (rank * hidden // size, (rank + 1) * hidden // size)
 
 
-class OmniMoEMLP(MegatronModule):
+class OmniMoEMLP(RoutedMLP):
     """Shared SwiGLU branch + N atomic experts chosen by a Cartesian product router."""
+
+    settings: OmniMoESettings
 
     def __init__(
         self,
@@ -83,18 +78,8 @@ class OmniMoEMLP(MegatronModule):
         settings: OmniMoESettings,
         pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
-        super().__init__(config=config)
-        self.settings = settings
+        super().__init__(config, settings, pg_collection)
         D, N = config.hidden_size, settings.num_experts
-        self.shared = (
-            MLP(
-                config,
-                shared_mlp_submodules(),
-                tp_group=pg_collection.tp if pg_collection is not None else None,
-            )
-            if settings.shared_expert
-            else None
-        )
         self.router = self.build_router(D, config.init_method_std)
         # U reads the token (like an fc1 row); V writes the residual stream (like an fc2 column),
         # so V takes the depth-scaled output init.
@@ -114,24 +99,10 @@ class OmniMoEMLP(MegatronModule):
     def build_router(self, hidden_size: int, init_std: float) -> nn.Module:
         """The module that maps ``x_TD`` to a ``Routing`` (subclasses bring their own)."""
         s = self.settings
+        options = {"norm": s.router_norm, "weights": s.router_weights, "init_std": init_std}
         if s.router == "dense":
-            return DenseRouter(
-                hidden_size,
-                s.num_experts,
-                s.top_k,
-                norm=s.router_norm,
-                weights=s.router_weights,
-                init_std=init_std,
-            )
-        return CartesianRouter(
-            hidden_size,
-            s.num_experts,
-            s.top_k,
-            norm=s.router_norm,
-            weights=s.router_weights,
-            backend=s.backend,
-            init_std=init_std,
-        )
+            return DenseRouter(hidden_size, s.num_experts, s.top_k, **options)
+        return CartesianRouter(hidden_size, s.num_experts, s.top_k, backend=s.backend, **options)
 
     def parameter_roles(self) -> dict[str, tuple[str, float, float]]:
         """Local parameter name -> (component, fraction a token reads, reads per token).
@@ -143,28 +114,7 @@ class OmniMoEMLP(MegatronModule):
         roles = {name: ("router", 1.0, 1.0) for name, _ in self.router.named_parameters("router")}
         roles |= {"up_ND": ("atomic experts", sparse, 1.0)}
         roles |= {"down_ND": ("atomic experts", sparse, 1.0)}
-        if self.shared is not None:
-            roles |= {
-                n: ("shared MLP", 1.0, 1.0) for n, _ in self.shared.named_parameters("shared")
-            }
-        return roles
-
-    @classmethod
-    def as_mlp_submodule(
-        cls,
-        settings: OmniMoESettings,
-        config: TransformerConfig,
-        pg_collection: ProcessGroupCollection | None = None,
-        is_mtp_layer: bool = False,
-        name: str | None = None,
-    ) -> OmniMoEMLP:
-        """Builder with the signature TransformerLayer calls for its ``mlp`` submodule."""
-        del is_mtp_layer, name
-        return cls(config, settings, pg_collection)
-
-    @classmethod
-    def spec(cls, settings: OmniMoESettings) -> functools.partial:
-        return functools.partial(cls.as_mlp_submodule, settings)
+        return roles | self.shared_roles()
 
     def sharded_state_dict(
         self,
@@ -204,20 +154,15 @@ class OmniMoEMLP(MegatronModule):
                 )
         return state
 
-    def forward(
-        self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, None]:
-        S, B, D = hidden_SBD.shape
-        x_TD = hidden_SBD.reshape(S * B, D)
-        routing = self.router(x_TD)
-        if self.training:  # evaluation batches stay out of the usage statistics
-            self.stats.update(routing.indices_TK, routing.entropy_T)
+    def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The atomic experts' sum: the local kernel (expert- or token-centric), or the
+        expert-parallel dispatch when the tables are sharded."""
         if self.expert_parallel is None and self.settings.execution == "token":
-            y_TD = omnimoe_kernels.atomic_experts_gather(
+            return omnimoe_kernels.atomic_experts_gather(
                 x_TD, self.up_ND, self.down_ND, routing.weights_TK, routing.indices_TK
             )
-        elif self.expert_parallel is None:
-            y_TD = omnimoe_kernels.atomic_experts(
+        if self.expert_parallel is None:
+            return omnimoe_kernels.atomic_experts(
                 x_TD,
                 self.up_ND,
                 self.down_ND,
@@ -226,17 +171,11 @@ class OmniMoEMLP(MegatronModule):
                 backend=self.settings.backend,
                 deterministic=self.settings.deterministic,
             )
-        else:
-            y_TD = self.expert_parallel(
-                x_TD,
-                self.up_ND,
-                self.down_ND,
-                routing.weights_TK,
-                routing.indices_TK,
-                record=self.training,
-            )
-        y_SBD = y_TD.view(S, B, D)
-        if self.shared is not None:
-            shared_SBD, _ = self.shared(hidden_SBD)
-            y_SBD = y_SBD + shared_SBD
-        return y_SBD, None
+        return self.expert_parallel(
+            x_TD,
+            self.up_ND,
+            self.down_ND,
+            routing.weights_TK,
+            routing.indices_TK,
+            record=self.training,
+        )

@@ -20,21 +20,18 @@ its own router) and the query BatchNorm statistics are summed over the TP group.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.mlp import MLP
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from omnimoe_train.model.expert_stats import ExpertStats
-from omnimoe_train.model.omnimoe_layer import shared_mlp_submodules
 from omnimoe_train.model.product_keys import ProductKeyRouter
-from omnimoe_train.model.router import GateNorm
+from omnimoe_train.model.routed_mlp import RoutedMLP, tp_group_of
+from omnimoe_train.model.router import GateNorm, Routing
 
 
 @dataclass(frozen=True)
@@ -47,8 +44,10 @@ class PKMSettings:
     backend: str = "auto"
 
 
-class PKMMLP(MegatronModule):
+class PKMMLP(RoutedMLP):
     """Shared SwiGLU + a product-key memory of N value rows."""
+
+    settings: PKMSettings
 
     def __init__(
         self,
@@ -56,14 +55,7 @@ class PKMMLP(MegatronModule):
         settings: PKMSettings,
         pg_collection: ProcessGroupCollection | None = None,
     ) -> None:
-        super().__init__(config=config)
-        self.settings = settings
-        tp_group = pg_collection.tp if pg_collection is not None else None
-        self.shared = (
-            MLP(config, shared_mlp_submodules(), tp_group=tp_group)
-            if settings.shared_expert
-            else None
-        )
+        super().__init__(config, settings, pg_collection)
         self.router = ProductKeyRouter(
             config.hidden_size,
             settings.num_slots,
@@ -85,24 +77,7 @@ class PKMMLP(MegatronModule):
                 param.sequence_parallel = True
             for module in self.router.modules():
                 if isinstance(module, GateNorm):
-                    module.stats_group = tp_group
-
-    @classmethod
-    def as_mlp_submodule(
-        cls,
-        settings: PKMSettings,
-        config: TransformerConfig,
-        pg_collection: ProcessGroupCollection | None = None,
-        is_mtp_layer: bool = False,
-        name: str | None = None,
-    ) -> PKMMLP:
-        """Builder with the signature TransformerLayer calls for its ``mlp`` submodule."""
-        del is_mtp_layer, name
-        return cls(config, settings, pg_collection)
-
-    @classmethod
-    def spec(cls, settings: PKMSettings) -> functools.partial:
-        return functools.partial(cls.as_mlp_submodule, settings)
+                    module.stats_group = tp_group_of(pg_collection)
 
     def parameter_roles(self) -> dict[str, tuple[str, float, float]]:
         """Local parameter name -> (component, fraction a token reads, reads per token)."""
@@ -111,31 +86,16 @@ class PKMMLP(MegatronModule):
             f"router.{n}": ("router", 1.0, reads[n]) for n, _ in self.router.named_parameters()
         }
         roles["values_ND"] = ("memory values", self.settings.top_k / self.settings.num_slots, 1.0)
-        if self.shared is not None:
-            roles |= {
-                n: ("shared MLP", 1.0, 1.0) for n, _ in self.shared.named_parameters("shared")
-            }
-        return roles
+        return roles | self.shared_roles()
 
-    def forward(
-        self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, None]:
-        S, B, D = hidden_SBD.shape
-        x_TD = hidden_SBD.reshape(S * B, D)
-        routing = self.router(x_TD)
-        if self.training:  # evaluation batches stay out of the usage statistics
-            self.stats.update(routing.indices_TK, routing.entropy_T)
+    def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The weighted sum of each token's K value rows."""
         # fp32 lookup: the K-term sum accumulates in fp32, and CUDA's embedding_bag has no bf16
         # backward for per-sample weights (the cast costs one pass over the [N, D] table).
         values_ND = self.values_ND.to(torch.promote_types(self.values_ND.dtype, torch.float32))
-        y_TD = F.embedding_bag(
+        return F.embedding_bag(
             routing.indices_TK,
             values_ND,
             per_sample_weights=routing.weights_TK.to(values_ND.dtype),
             mode="sum",
         ).to(x_TD.dtype)
-        y_SBD = y_TD.view(S, B, D)
-        if self.shared is not None:
-            shared_SBD, _ = self.shared(hidden_SBD)
-            y_SBD = y_SBD + shared_SBD
-        return y_SBD, None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import omnimoe_kernels
-from omnimoe_train.model.router import GateNorm, Routing
+from omnimoe_train.model.router import GateNorm, Routing, square_side
 
 
 class ProductKeyRouter(nn.Module):
@@ -42,9 +42,7 @@ class ProductKeyRouter(nn.Module):
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
-        n = math.isqrt(num_slots)
-        if n * n != num_slots:
-            raise ValueError(f"num_slots={num_slots} is not a perfect square")
+        n = square_side(num_slots, "num_slots")
         if key_dim % 2:
             raise ValueError(f"key_dim={key_dim} must be even (two half-keys)")
         self.n, self.k, self.heads, self.backend = n, top_k_per_head, heads, backend

@@ -34,6 +34,24 @@ class Routing(NamedTuple):
     entropy_T: torch.Tensor  # entropy (nats) of each token's full n*n routing distribution
 
 
+def square_side(count: int, name: str) -> int:
+    """``n`` with ``n * n == count``: the side of a Cartesian grid of ``count`` experts or slots.
+    Raises ``ValueError`` naming ``name`` when ``count`` is not a perfect square."""
+    n = math.isqrt(count)
+    if n * n != count:
+        raise ValueError(f"{name}={count} is not a perfect square")
+    return n
+
+
+def selected_weights(scores_TK: torch.Tensor, mode: str) -> torch.Tensor:
+    """Routing weights ``weights_TK`` of the K selected experts from their log-probability
+    scores: ``softmax`` renormalises over the K (paper Eq. 2), ``exp`` keeps the probability
+    itself (the reference code)."""
+    if mode == "softmax":
+        return torch.softmax(scores_TK, dim=-1)
+    return scores_TK.exp()
+
+
 class GateNorm(nn.Module):
     """BatchNorm1d(affine=False) over tokens, always computed in fp32.
 
@@ -176,9 +194,7 @@ class CartesianRouter(nn.Module):
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
-        n = math.isqrt(num_experts)
-        if n * n != num_experts:
-            raise ValueError(f"num_experts={num_experts} is not a perfect square")
+        n = square_side(num_experts, "num_experts")
         self.n, self.top_k, self.weights, self.backend = n, top_k, weights, backend
         # Router parameters stay fp32 even in a bf16 model: top-k over near-equal bf16 sums
         # would be decided by rounding.
@@ -198,13 +214,6 @@ class CartesianRouter(nn.Module):
             rows_Tn, cols_Tn, self.top_k, backend=self.backend
         )
         return Routing(selected_weights(scores_TK, self.weights), indices_TK, entropy_T)
-
-
-def selected_weights(scores_TK: torch.Tensor, mode: str) -> torch.Tensor:
-    """Routing weights of the K selected experts from their log-probabilities ``scores_TK``."""
-    if mode == "softmax":  # paper Eq. 2: renormalise over the K selected
-        return torch.softmax(scores_TK, dim=-1)
-    return scores_TK.exp()  # reference code: the product probability itself
 
 
 def gate_log_probs(

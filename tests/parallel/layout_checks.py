@@ -10,10 +10,15 @@ of every local shard against the matching slice of the reference grads (so all r
 cover the gathered gradient), the grad norm, and the 5-step losses. Every layout, pipeline
 stages included, also checks that its own seeded initialisation already equals the reference
 slices bit for bit (``model.init``).
+
+Also the metrics runs (``fit_with_metrics``; ``two_rank_fit_records`` is their test-process side)
+shared with ``variant_checks``.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -238,13 +243,10 @@ def check_layouts(
         parallel_state.destroy_model_parallel()
 
 
-def fit_and_log(data_dir: Path, run_dir: Path) -> None:
-    """The real ``Trainer.fit`` on ep2_rows: metrics.jsonl gets the dispatch bytes per layer."""
-    from omnimoe_train.metrics import MetricsSink
-    from omnimoe_train.trainer import Trainer
-
-    cfg = layout_config(
-        "ep2_rows",
+def fit_overrides(data_dir: Path) -> tuple[str, ...]:
+    """A 4-step ``Trainer.fit`` on the synthetic dataset in ``data_dir``, logging at steps 2
+    and 4 and evaluating once."""
+    return (
         f"data.dir={data_dir}",
         "model.vocab_size=2048",  # the synthetic dataset's token ids grow with the sample index
         "trainer.max_steps=4",
@@ -254,17 +256,53 @@ def fit_and_log(data_dir: Path, run_dir: Path) -> None:
         "trainer.progress=false",
         "logging.wandb.mode=disabled",
     )
+
+
+def fit_with_metrics(cfg: Any, run_dir: Path) -> None:
+    """The real ``Trainer.fit`` of ``cfg`` on this rank, writing ``run_dir/metrics.jsonl``."""
+    from omnimoe_train.metrics import MetricsSink
+    from omnimoe_train.trainer import Trainer
+
     run_dir.mkdir(parents=True, exist_ok=True)
     rt = init_runtime(cfg)
     trainer = Trainer(cfg, rt, run_dir)
     sink = MetricsSink(
-        run_dir, cfg.logging.wandb, {}, enabled=rt.is_main, max_steps=4, progress=False
+        run_dir,
+        cfg.logging.wandb,
+        {},
+        enabled=rt.is_main,
+        max_steps=cfg.trainer.max_steps,
+        progress=False,
     )
     try:
         trainer.fit(sink)
     finally:
         sink.close()
     parallel_state.destroy_model_parallel()
+
+
+def two_rank_fit_records(fit: Callable[[Path, Path], None], tmp_path: Path) -> list[dict]:
+    """Test-process side: run ``fit(data_dir, run_dir)`` on 2 spawned ranks over a synthetic
+    dataset (two 64-sample splits of 17 tokens) and return the training records of its
+    metrics.jsonl."""
+    from tests.data.helpers import make_token_dataset
+    from tests.parallel.distributed import run_distributed
+
+    data_dir = make_token_dataset(tmp_path / "data", [64, 64], sample_len=17)
+    # A complete dataset names its tokenizer; the model's vocab_size is set, so it is never read.
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    (data_dir / "tokenizer.json").write_text("{}")
+    # Its token ids are below 2048 (the model's vocab_size): the manifest says so.
+    manifest.update(tokenizer="tokenizer.json", vocab_size=2048)
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    run_distributed(fit, 2, data_dir, tmp_path / "run", timeout_s=300)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def fit_and_log(data_dir: Path, run_dir: Path) -> None:
+    """The real ``Trainer.fit`` on ep2_rows: metrics.jsonl gets the dispatch bytes per layer."""
+    fit_with_metrics(layout_config("ep2_rows", *fit_overrides(data_dir)), run_dir)
 
 
 def check_distopt_bitwise(steps: int, device: str = "cpu") -> None:

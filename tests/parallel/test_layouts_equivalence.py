@@ -9,13 +9,18 @@ normalises a micro-batch the single process also normalises as one batch.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from .distributed import run_distributed
-from .layout_checks import check_distopt_bitwise, check_layouts, make_reference
+from .layout_checks import (
+    check_distopt_bitwise,
+    check_layouts,
+    fit_and_log,
+    make_reference,
+    two_rank_fit_records,
+)
 
 WORLD_2 = ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "dp2_distopt", "ep2_rows", "ep2_dim", "tp2_sp_ep2"]
 WORLD_4 = ["tp2_ep2", "pp2_dp2", "mixed4"]
@@ -41,22 +46,7 @@ def test_distributed_optimizer_equals_plain_dp_without_clipping() -> None:
 
 
 def test_metrics_record_dispatch_bytes_per_layer(tmp_path: Path) -> None:
-    from tests.data.helpers import make_token_dataset
-
-    from .layout_checks import fit_and_log
-
-    data_dir = make_token_dataset(tmp_path / "data", [64, 64], sample_len=17)
-    # A complete dataset names its tokenizer; the model's vocab_size is set, so it is never read.
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    (data_dir / "tokenizer.json").write_text("{}")
-    # Its token ids are below 2048 (the model's vocab_size): the manifest says so.
-    manifest.update(tokenizer="tokenizer.json", vocab_size=2048)
-    (data_dir / "manifest.json").write_text(json.dumps(manifest))
-    run_distributed(fit_and_log, 2, data_dir, tmp_path / "run", timeout_s=300)
-    records = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
-    train = [r for r in records if "loss" in r]
+    train = two_rank_fit_records(fit_and_log, tmp_path)
     assert [r["step"] for r in train] == [2, 4]
     for record in train:
         assert record["dispatch_fwd_bytes_per_layer"] > 0

@@ -8,12 +8,12 @@ MoE metrics of a GShard run with expert parallelism.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from .distributed import run_distributed
+from .layout_checks import two_rank_fit_records
 from .variant_checks import LAYOUTS, check_variants, fit_gshard_and_log, make_references
 
 
@@ -30,19 +30,7 @@ def test_variants_under_tp_and_ep_match_single_process(references: Path) -> None
 
 
 def test_trainer_logs_moe_metrics_under_expert_parallelism(tmp_path: Path) -> None:
-    from tests.data.helpers import make_token_dataset
-
-    data_dir = make_token_dataset(tmp_path / "data", [64, 64], sample_len=17)
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    (data_dir / "tokenizer.json").write_text("{}")
-    # Its token ids are below 2048 (the model's vocab_size): the manifest says so.
-    manifest.update(tokenizer="tokenizer.json", vocab_size=2048)
-    (data_dir / "manifest.json").write_text(json.dumps(manifest))
-    run_distributed(fit_gshard_and_log, 2, data_dir, tmp_path / "run", timeout_s=300)
-    records = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
-    train = [r for r in records if "loss" in r]
+    train = two_rank_fit_records(fit_gshard_and_log, tmp_path)
     assert [r["step"] for r in train] == [2, 4]
     for r in train:
         assert r["aux_loss"] >= 0.99  # megatron's switch loss: 1 when balanced

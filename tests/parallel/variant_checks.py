@@ -25,6 +25,8 @@ from tests.parallel.layout_checks import (
     _full_name,
     _local_slice,
     _train,
+    fit_overrides,
+    fit_with_metrics,
     layout_config,
 )
 
@@ -120,29 +122,4 @@ def check_variants(ref_dir: Path, mlps: list[str]) -> None:
 def fit_gshard_and_log(data_dir: Path, run_dir: Path) -> None:
     """The real ``Trainer.fit`` of GShard with expert parallelism: metrics.jsonl gets the MoE
     metrics (aux loss from megatron's tracker, routing statistics) and tflops."""
-    from omnimoe_train.metrics import MetricsSink
-    from omnimoe_train.trainer import Trainer
-
-    cfg = variant_config(
-        "gshard",
-        "ep2_rows",
-        f"data.dir={data_dir}",
-        "model.vocab_size=2048",  # the synthetic dataset's token ids grow with the sample index
-        "trainer.max_steps=4",
-        "trainer.log_interval=2",
-        "trainer.eval_interval=4",
-        "trainer.eval_iters=1",
-        "trainer.progress=false",
-        "logging.wandb.mode=disabled",
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rt = init_runtime(cfg)
-    trainer = Trainer(cfg, rt, run_dir)
-    sink = MetricsSink(
-        run_dir, cfg.logging.wandb, {}, enabled=rt.is_main, max_steps=4, progress=False
-    )
-    try:
-        trainer.fit(sink)
-    finally:
-        sink.close()
-    parallel_state.destroy_model_parallel()
+    fit_with_metrics(variant_config("gshard", "ep2_rows", *fit_overrides(data_dir)), run_dir)

@@ -1,0 +1,103 @@
+"""The frame of every routed MLP here (OmniMoE, PEER, PKM) as a megatron-core module:
+
+    y = SwiGLU_shared(x) + routed(x)
+
+Shape suffixes: S sequence, B batch, T = S*B tokens, D hidden, K top-k.
+The optional shared branch is megatron's tensor-parallel SwiGLU ``MLP`` (``shared_expert``
+setting); the routed part is the subclass's: it builds ``router`` (``x_TD`` -> ``Routing``) and
+``stats`` (``ExpertStats``) and implements :meth:`RoutedMLP.routed`. The layer-spec builder, the
+forward frame (route, count usage while training, add the shared branch) and the shared branch's
+accounting roles are written once here, so the variants cannot drift apart in them.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from typing import Any, Self
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from omnimoe_train.model.expert_stats import ExpertStats
+from omnimoe_train.model.router import Routing
+
+
+def shared_mlp_submodules() -> MLPSubmodules:
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def tp_group_of(pg_collection: ProcessGroupCollection | None) -> Any:
+    """The tensor-parallel group of ``pg_collection`` (None: megatron's global one)."""
+    return pg_collection.tp if pg_collection is not None else None
+
+
+class RoutedMLP(MegatronModule, ABC):
+    """Shared SwiGLU branch (if ``settings.shared_expert``) + the subclass's routed part.
+
+    ``settings`` is the subclass's frozen settings dataclass; it needs a ``shared_expert`` field.
+    """
+
+    router: nn.Module
+    stats: ExpertStats
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        settings: Any,
+        pg_collection: ProcessGroupCollection | None = None,
+    ) -> None:
+        super().__init__(config=config)
+        self.settings = settings
+        # Built before the subclass's router and tables: the RNG stream draws in this order.
+        self.shared = (
+            MLP(config, shared_mlp_submodules(), tp_group=tp_group_of(pg_collection))
+            if settings.shared_expert
+            else None
+        )
+
+    @classmethod
+    def as_mlp_submodule(
+        cls,
+        settings: Any,
+        config: TransformerConfig,
+        pg_collection: ProcessGroupCollection | None = None,
+        is_mtp_layer: bool = False,
+        name: str | None = None,
+    ) -> Self:
+        """Builder with the signature TransformerLayer calls for its ``mlp`` submodule."""
+        del is_mtp_layer, name
+        return cls(config, settings, pg_collection)
+
+    @classmethod
+    def spec(cls, settings: Any) -> functools.partial:
+        return functools.partial(cls.as_mlp_submodule, settings)
+
+    def shared_roles(self) -> dict[str, tuple[str, float, float]]:
+        """``parameter_roles`` entries of the shared branch: read whole, once per token."""
+        if self.shared is None:
+            return {}
+        return {n: ("shared MLP", 1.0, 1.0) for n, _ in self.shared.named_parameters("shared")}
+
+    @abstractmethod
+    def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The routed part's output ``y_TD`` for tokens ``x_TD`` and their ``routing``."""
+
+    def forward(
+        self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
+        S, B, D = hidden_SBD.shape
+        x_TD = hidden_SBD.reshape(S * B, D)
+        routing = self.router(x_TD)
+        if self.training:  # evaluation batches stay out of the usage statistics
+            self.stats.update(routing.indices_TK, routing.entropy_T)
+        y_SBD = self.routed(x_TD, routing).view(S, B, D)
+        if self.shared is not None:
+            shared_SBD, _ = self.shared(hidden_SBD)
+            y_SBD = y_SBD + shared_SBD
+        return y_SBD, None
