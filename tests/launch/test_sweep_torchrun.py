@@ -57,6 +57,31 @@ def test_sweep_jobs_run_as_torchrun_jobs(
     assert "#SBATCH --ntasks-per-node=1" in script and "#SBATCH --cpus-per-task=2" in script
 
 
+def test_torchrun_sweep_job_over_two_nodes(
+    slurm: SlurmCluster, tiny_cache: Path, tmp_path: Path
+) -> None:
+    """``hydra.launcher.nodes=2``: one agent per node, the rendezvous on the first node joins
+    them into one world (2 nodes x 1 worker), which trains the sweep point."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "omnimoe_train.cli", "-m", "hydra/launcher=slurm_torchrun",
+            *TINY, "trainer.max_steps=3", "trainer.seed=3", f"hydra.sweep.dir={sweep}",
+            "hydra.launcher.timeout_min=10", "hydra.launcher.nodes=2",
+            "hydra.launcher.nproc_per_node=1", "hydra.launcher.cpus_per_task=1",
+        ],
+        cwd=tmp_path, env=slurm.env(**job_env(tiny_cache)), capture_output=True, text=True,
+        timeout=JOB_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (p for p in sweep.iterdir() if p.name[0].isdigit())
+    assert sorted(train_losses(run_dir)) == [1, 2, 3]
+    assert derived(run_dir)["world_size"] == 2 and derived(run_dir)["dp"] == 2
+    # One agent per node, each with its worker's log.
+    nodes = {p.name for p in (run_dir / "logs").glob("*/*/node*")}
+    assert nodes == {"node0", "node1"}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CHECKPOINT_SIGNALS, reason=AWAITS_CHECKPOINTS)
 def test_sweep_jobs_as_torchrun_jobs_one_requeued_after_usr1(
