@@ -4,8 +4,11 @@ Each rank routes its own T tokens with the Cartesian router, runs the atomic exp
 the full tables on one GPU, what data parallelism runs; ``rows`` / ``dim``: the sharded ops) and
 the shared SwiGLU, then the backward. Reported per mode: median ms per layer step (synchronised
 wall time, and the CPU time until the step's last launch returned: equal means launch-bound),
-tokens/s of the group, the (token, expert) pairs per rank (max / mean), and the CUDA time per
-category from ``torch.profiler`` (routing, NCCL exchanges, expert kernels, sorts, copies, rest).
+tokens/s of the group, the (token, expert) pairs per rank (max / mean), the CUDA time per
+category from ``torch.profiler`` (routing, NCCL exchanges, expert kernels, sorts, copies, rest),
+and the bytes the rank sent in one layer step -- counted from the tensors handed to
+``torch.distributed`` (ring algorithms: an all-reduce sends 2(P-1)/P of its buffer) -- next to
+``parallel.cost_model.predict_bytes`` for the mode and what ``auto`` would choose.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/profile_expert_parallel.py \\
         --modes local,rows,dim --json ep_profile.json
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 
 import omnimoe_kernels
 from omnimoe_train.model.router import CartesianRouter
+from omnimoe_train.parallel.cost_model import choose_sharding, predict_bytes
 from omnimoe_train.parallel.dim_sharding import sharded_atomic_experts_dim
 from omnimoe_train.parallel.rows_dispatch import sharded_atomic_experts_rows
 
@@ -81,6 +85,56 @@ CATEGORIES = (  # first match wins; names of CUDA kernels as the profiler lists 
     ("gemm (gates, SwiGLU)", ("gemm", "Gemm", "cutlass", "sm90", "nvjet", "cublas")),
     ("copies/fills", ("copy", "Copy", "fill", "cat", "memcpy", "Memcpy", "memset")),
 )
+
+
+class WireBytes:
+    """Bytes this rank sends through ``torch.distributed`` collectives while active: measured
+    from the tensors of each call (the self chunk of a collective stays on the device), not
+    from the cost model's formulas, which this checks."""
+
+    def __init__(self) -> None:
+        self.sent = 0.0
+        self._saved: dict[str, Callable] = {}
+
+    def _wrap(self, name: str, count: Callable[..., float]) -> None:
+        original = getattr(dist, name)
+        self._saved[name] = original
+
+        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.sent += count(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    def __enter__(self) -> WireBytes:
+        def size(group) -> int:  # noqa: ANN001
+            return dist.get_world_size(group)
+
+        def a2a(out, inp, output_split_sizes=None, input_split_sizes=None, group=None, **_):  # noqa: ANN001, ANN202
+            row = inp[0].numel() * inp.element_size() if inp.dim() else 0
+            if input_split_sizes is None:
+                return inp.numel() * inp.element_size() * (size(group) - 1) / size(group)
+            mine = input_split_sizes[dist.get_rank(group)]
+            return (sum(input_split_sizes) - mine) * row
+
+        def gather(out, inp, group=None, **_):  # noqa: ANN001, ANN202
+            return inp.numel() * inp.element_size() * (size(group) - 1)
+
+        def scatter(out, inp, group=None, **_):  # noqa: ANN001, ANN202
+            return inp.numel() * inp.element_size() * (size(group) - 1) / size(group)
+
+        def reduce(t, op=None, group=None, **_):  # noqa: ANN001, ANN202
+            return 2 * t.numel() * t.element_size() * (size(group) - 1) / size(group)
+
+        self._wrap("all_to_all_single", a2a)
+        self._wrap("all_gather_into_tensor", gather)
+        self._wrap("reduce_scatter_tensor", scatter)
+        self._wrap("all_reduce", reduce)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
 
 
 def categorize(name: str) -> str:
@@ -143,6 +197,10 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
         cpu_times.append((time.perf_counter() - start) * 1e3)  # until the last launch returned
         sync()
         times.append((time.perf_counter() - start) * 1e3)
+    sync()
+    with WireBytes() as wire:  # one more step, its collectives counted
+        step()
+        sync()
     dist.barrier()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
@@ -171,7 +229,16 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
         "cuda_ms_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
         "top_kernels_ms": kernels[:15],
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "sent_mb_measured": wire.sent / 1e6,
     }
+    if mode in ("rows", "dim"):
+        predicted = predict_bytes(
+            mode, tokens=T, d=D, k=K, num_experts=N, ranks=size, dtype_bytes=x.element_size()
+        )
+        result["sent_mb_predicted"] = predicted["total"] / 1e6
+        result["auto_choice"] = choose_sharding(
+            tokens=T, d=D, k=K, num_experts=N, ranks=size, dtype_bytes=x.element_size()
+        )[0]
     if args.trace_dir and rank == 0:
         Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(args.trace_dir) / f"{mode}_skew{args.skew}.json"))
@@ -214,6 +281,13 @@ def main() -> None:
                 f"{result['pair_imbalance_max_over_mean']:.3f}; CUDA ms: {cats}",
                 flush=True,
             )
+            if "sent_mb_predicted" in result:
+                measured, predicted = result["sent_mb_measured"], result["sent_mb_predicted"]
+                print(
+                    f"           sent per rank: {measured:.2f} MB measured, {predicted:.2f} MB "
+                    f"predicted ({measured / predicted:.3f}x); auto -> {result['auto_choice']}",
+                    flush=True,
+                )
             for ms, name in result["top_kernels_ms"][:8]:
                 print(f"           {ms:7.3f} ms  {name}", flush=True)
     if args.json and dist.get_rank() == 0:

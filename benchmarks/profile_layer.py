@@ -7,7 +7,8 @@ weight-gradient kernels and the rest with ``torch.profiler`` (CUDA time by kerne
 rows time the whole layer as the trainer runs it, so the sum of the stages shows what is left
 over (launch gaps, allocator). Stages:
 
-    router gates   x @ gates (fp32), BatchNorm (batch statistics), log-softmax, both halves
+    router gates   x @ gates (fp32), BatchNorm (batch statistics), log-softmax, both halves:
+                   the fused node (``model/router_gates.py``); also timed as PyTorch ops
     top-K          omnimoe_kernels.cartesian_topk (exact top-K of row_i + col_j)
     weights        softmax over the K selected scores (paper Eq. 2)
     expert fwd     omnimoe_kernels.atomic_experts forward (sort, pair scores, combine)
@@ -30,7 +31,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from runs import compose, device_name, markdown_table  # the script's folder is on sys.path
 from triton.testing import do_bench
 
@@ -88,6 +88,7 @@ def main() -> None:
     from omnimoe_train.distributed import init_runtime
     from omnimoe_train.model.gpt import omnimoe_settings, transformer_config
     from omnimoe_train.model.omnimoe_layer import OmniMoEMLP
+    from omnimoe_train.model.router import gate_log_probs
 
     init_runtime(cfg)
     tconfig = transformer_config(cfg, bf16=True)
@@ -98,11 +99,9 @@ def main() -> None:
     x = hidden.detach().reshape(S * B, D).requires_grad_()
     r = layer.router
 
-    def gates() -> tuple[torch.Tensor, torch.Tensor]:
-        xf = x.float()
-        rows = F.log_softmax(r.row_norm(xf @ r.row_gate_nD.t()), dim=-1)
-        cols = F.log_softmax(r.col_norm(xf @ r.col_gate_nD.t()), dim=-1)
-        return rows, cols
+    def gates(fused: bool = True) -> list[torch.Tensor]:
+        halves = [r.row_gate_nD, r.col_gate_nD]
+        return gate_log_probs(x, halves, [r.row_norm, r.col_norm], fused)[0]
 
     rows, cols = gates()
     scores, idx = omnimoe_kernels.cartesian_topk(rows, cols, K)
@@ -126,8 +125,13 @@ def main() -> None:
     weight_grads, expert_total = kernel_split(fwd_bwd, WEIGHT_GRAD_KERNELS)
     expert_fwd = ms(experts)
     expert_bwd = backward_ms(experts, tables)
+
+    def gates_ms(fused: bool) -> tuple[float, float]:
+        fwd = ms(lambda: gates(fused))
+        return fwd, backward_ms(lambda: sum(t.sum() for t in gates(fused)), [x])
+
     stages = {
-        "router gates": (ms(gates), backward_ms(lambda: sum(t.sum() for t in gates()), [x])),
+        "router gates": gates_ms(fused=True),
         "top-K": (
             ms(lambda: omnimoe_kernels.cartesian_topk(rows, cols, K)),
             backward_ms(
@@ -151,6 +155,8 @@ def main() -> None:
         ),
         "statistics": (ms(stats), 0.0),
     }
+    # Not part of the sum: the gates as separate PyTorch ops (the path before the fused node).
+    unfused_gates = gates_ms(fused=False)
     layer_params = [hidden, *layer.parameters()]
     whole_fwd = ms(lambda: layer(hidden))
     whole_bwd = backward_ms(lambda: layer(hidden)[0], layer_params)
@@ -163,6 +169,8 @@ def main() -> None:
     rows_md.append(
         ["whole layer", f"{whole_fwd:.3f}", f"{whole_bwd:.3f}", f"{whole_fwd + whole_bwd:.3f}"]
     )
+    f, b = unfused_gates
+    rows_md.append(["(router gates as PyTorch ops)", f"{f:.3f}", f"{b:.3f}", f"{f + b:.3f}"])
     table = markdown_table(["stage", "fwd ms", "bwd ms", "total ms"], rows_md)
     print(f"{device_name()}, T={S * B}, D={D}, N={cfg.model.num_experts}, K={K}, bf16")
     print(table)
@@ -177,6 +185,7 @@ def main() -> None:
                     "shape": {"T": S * B, "D": D, "N": cfg.model.num_experts, "K": K},
                     "stages_ms": {k: {"fwd": f, "bwd": b} for k, (f, b) in stages.items()},
                     "whole_layer_ms": {"fwd": whole_fwd, "bwd": whole_bwd},
+                    "router_gates_pytorch_ops_ms": dict(zip(("fwd", "bwd"), unfused_gates)),
                 },
                 indent=2,
             )

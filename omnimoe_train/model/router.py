@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 import omnimoe_kernels
+from omnimoe_train.model import router_gates
 
 
 class Routing(NamedTuple):
@@ -66,20 +67,28 @@ class GateNorm(nn.Module):
         # Backward all-reduces too: each rank's loss depends on every rank's tokens via the stats.
         return dist_nn.all_reduce(t, group=self.stats_group)
 
-    def forward(self, z_Tn: torch.Tensor) -> torch.Tensor:
+    def uses_batch_stats(self, num_tokens: int) -> bool:
+        """Whether a forward of ``num_tokens`` local tokens normalises with batch statistics."""
         # Every rank of the group holds the same number of tokens (an equal slice of the sequence).
         group_size = 1 if self.stats_group is None else dist.get_world_size(self.stats_group)
+        return self.training and num_tokens * group_size > 1
+
+    @torch.no_grad()
+    def record(self, stats_2n: torch.Tensor) -> None:
+        """Feed one training micro-batch's (mean, unbiased variance) to the running averages."""
+        if self.pending is not None:
+            self.pending.append(stats_2n)
+        else:
+            self.running_mean.lerp_(stats_2n[0], self.momentum)
+            self.running_var.lerp_(stats_2n[1], self.momentum)
+
+    def forward(self, z_Tn: torch.Tensor) -> torch.Tensor:
+        group_size = 1 if self.stats_group is None else dist.get_world_size(self.stats_group)
         tokens = z_Tn.shape[0] * group_size
-        if self.training and tokens > 1:
+        if self.uses_batch_stats(z_Tn.shape[0]):
             mean_n = self._sum(z_Tn.sum(0)) / tokens
             var_n = self._sum((z_Tn - mean_n).square().sum(0)) / tokens
-            with torch.no_grad():
-                unbiased_n = var_n * (tokens / (tokens - 1))
-                if self.pending is not None:
-                    self.pending.append(torch.stack([mean_n.detach(), unbiased_n.detach()]))
-                else:
-                    self.running_mean.lerp_(mean_n.detach(), self.momentum)
-                    self.running_var.lerp_(unbiased_n.detach(), self.momentum)
+            self.record(torch.stack([mean_n.detach(), var_n.detach() * (tokens / (tokens - 1))]))
         else:
             mean_n, var_n = self.running_mean, self.running_var
         return (z_Tn - mean_n) * torch.rsqrt(var_n + self.eps)
@@ -179,25 +188,67 @@ class CartesianRouter(nn.Module):
         nn.init.normal_(self.col_gate_nD, std=init_std)
         make_norm = (lambda: GateNorm(n)) if norm == "batchnorm" else nn.Identity
         self.row_norm, self.col_norm = make_norm(), make_norm()
+        self.fused = True  # one autograd node for the gates (``router_gates``); False: PyTorch ops
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        # fp32 (or fp64 in tests) whatever the model dtype; the gates too, since DeepSpeed's bf16
-        # mode stores every parameter (these included) in bf16 and keeps fp32 master copies.
-        dtype = torch.promote_types(self.row_gate_nD.dtype, torch.float32)
-        x_TD = x_TD.to(dtype)
-        rows_Tn = F.log_softmax(self.row_norm(x_TD @ self.row_gate_nD.to(dtype).t()), dim=-1)
-        cols_Tn = F.log_softmax(self.col_norm(x_TD @ self.col_gate_nD.to(dtype).t()), dim=-1)
+        (rows_Tn, cols_Tn), entropy_T = gate_log_probs(
+            x_TD, [self.row_gate_nD, self.col_gate_nD], [self.row_norm, self.col_norm], self.fused
+        )
         scores_TK, indices_TK = omnimoe_kernels.cartesian_topk(
             rows_Tn, cols_Tn, self.top_k, backend=self.backend
         )
-        if self.weights == "softmax":  # paper Eq. 2: renormalise over the K selected
-            weights_TK = torch.softmax(scores_TK, dim=-1)
-        else:  # reference code: the product probability itself
-            weights_TK = scores_TK.exp()
-        with torch.no_grad():
-            # H(p_row x p_col) = H(p_row) + H(p_col) for the product distribution.
-            entropy_T = -(rows_Tn.exp() * rows_Tn).sum(-1) - (cols_Tn.exp() * cols_Tn).sum(-1)
-        return Routing(weights_TK, indices_TK, entropy_T)
+        return Routing(selected_weights(scores_TK, self.weights), indices_TK, entropy_T)
+
+
+def selected_weights(scores_TK: torch.Tensor, mode: str) -> torch.Tensor:
+    """Routing weights of the K selected experts from their log-probabilities ``scores_TK``."""
+    if mode == "softmax":  # paper Eq. 2: renormalise over the K selected
+        return torch.softmax(scores_TK, dim=-1)
+    return scores_TK.exp()  # reference code: the product probability itself
+
+
+def gate_log_probs(
+    x_TD: torch.Tensor, gates: list[torch.Tensor], norms: list[nn.Module], fused: bool = True
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``log_softmax(norm_g(x @ gate_g^T))`` for each gate g, and the entropy.
+
+    Returns ``[logp_Tn]`` (one (T, n) tensor per gate) and ``entropy_T`` (nats, no gradient) of
+    the product distribution: H(p_1 x ... x p_G) = sum_g H(p_g). fp32 (or fp64 in tests)
+    whatever the model dtype; the gates too, since DeepSpeed's bf16 mode stores every parameter
+    (these included) in bf16 and keeps fp32 master copies. ``fused`` (the default) runs
+    :func:`omnimoe_train.model.router_gates.gate_log_probs`, one autograd node; ``False`` runs
+    the same arithmetic as separate PyTorch ops (the reference the tests compare against).
+    """
+    gate_norms = [m for m in norms if isinstance(m, GateNorm)]
+    if fused and (not gate_norms or len(gate_norms) == len(norms)):
+        stats: str | tuple[torch.Tensor, torch.Tensor] | None = None
+        group, eps = None, 1e-5
+        if gate_norms:
+            first = gate_norms[0]
+            group, eps = first.stats_group, first.eps
+            if first.uses_batch_stats(x_TD.shape[0]):
+                stats = "batch"
+            else:
+                stats = (
+                    torch.cat([m.running_mean for m in gate_norms]),
+                    torch.cat([m.running_var for m in gate_norms]),
+                )
+        logp, entropy_T, stats_2H = router_gates.gate_log_probs(
+            x_TD, gates, stats=stats, eps=eps, group=group
+        )
+        if stats_2H is not None:
+            for m, part in zip(gate_norms, stats_2H.chunk(len(gate_norms), dim=1), strict=True):
+                m.record(part.contiguous())
+        return logp, entropy_T
+    dtype = torch.promote_types(gates[0].dtype, torch.float32)
+    x_TD = x_TD.to(dtype)
+    logp = [
+        F.log_softmax(norm(x_TD @ gate.to(dtype).t()), dim=-1)
+        for gate, norm in zip(gates, norms, strict=True)
+    ]
+    with torch.no_grad():
+        entropy_T = sum(-(lp.exp() * lp).sum(-1) for lp in logp)
+    return logp, entropy_T
 
 
 class DenseRouter(nn.Module):
@@ -226,17 +277,11 @@ class DenseRouter(nn.Module):
         self.gate_ND = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         nn.init.normal_(self.gate_ND, std=init_std)
         self.norm = GateNorm(num_experts) if norm == "batchnorm" else nn.Identity()
+        self.fused = True
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        x_TD = x_TD.to(self.gate_ND.dtype)
-        logp_TN = F.log_softmax(self.norm(x_TD @ self.gate_ND.t()), dim=-1)
+        (logp_TN,), entropy_T = gate_log_probs(x_TD, [self.gate_ND], [self.norm], self.fused)
         scores_TK, indices_TK = torch.topk(logp_TN, self.top_k, dim=-1)
         indices_TK, order_TK = indices_TK.sort(dim=-1)
         scores_TK = scores_TK.gather(-1, order_TK)
-        if self.weights == "softmax":
-            weights_TK = torch.softmax(scores_TK, dim=-1)
-        else:
-            weights_TK = scores_TK.exp()
-        with torch.no_grad():
-            entropy_T = -(logp_TN.exp() * logp_TN).sum(-1)
-        return Routing(weights_TK, indices_TK, entropy_T)
+        return Routing(selected_weights(scores_TK, self.weights), indices_TK, entropy_T)
