@@ -92,6 +92,27 @@ def _check_hydra_dirs(argv: list[str]) -> None:
                 )
 
 
+def _check_launcher(hydra_overrides: list[str], job_overrides: list[str]) -> None:
+    """The launcher's rule (``sweep_jobs.job_layout``: one rank per GPU) when it is ours
+    (``hydra/launcher=slurm``, ``slurm_torchrun``), before the sweep submits anything."""
+    from hydra import compose, initialize_config_module
+
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            dcfg = compose(
+                config_name="config",
+                overrides=hydra_overrides + job_overrides,
+                return_hydra_config=True,
+            )
+        launcher = dcfg.hydra.launcher
+        if "torchrun" in launcher:  # ours; other launchers keep their own rules
+            sweep_jobs.job_layout(launcher)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
+        _fail(_compose_error(exc))
+
+
 def precheck(argv: list[str]) -> None:
     """Compose and validate the config(s) that ``argv`` asks for; exit 2 on the first error.
 
@@ -112,6 +133,8 @@ def precheck(argv: list[str]) -> None:
             combos, swept = _sweep_combinations(_sweeper_params(first) + overrides)
     except Exception as exc:  # noqa: BLE001 - a parse or composition error in the overrides
         _fail(_compose_error(exc))
+    if multirun:
+        _check_launcher([a for a in argv if a.startswith("hydra")], combos[0])
     names.set_swept_keys(swept)  # a sweep job's folder shows these keys' values
     sweep_jobs.pass_swept_keys(swept)  # and on SLURM, where the job names its own folder
     for combo in combos:
@@ -143,9 +166,14 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     if not sweep_jobs.in_slurm_sweep_job():
         return run(cfg, out_dir).get("final_val_loss")
-    # A job of a `-m hydra/launcher=slurm` sweep: one srun task per GPU of every node.
-    sweep_jobs.export_distributed_env()
-    with sweep_jobs.requeue_on_early_stop(int(hydra_cfg.launcher.get("max_num_timeout", 0))):
+    # A job of a `-m hydra/launcher=slurm` sweep.
+    launcher = hydra_cfg.launcher
+    with sweep_jobs.requeue_on_early_stop(int(launcher.get("max_num_timeout", 0))):
+        if launcher.get("torchrun", False):  # one task per node: torchrun's agent
+            from omnimoe_train.sweep_torchrun import run_job
+
+            return run_job(cfg, out_dir, sweep_jobs.job_layout(launcher).nproc_per_node)
+        sweep_jobs.export_distributed_env()  # one task per GPU, each a rank
         return run(cfg, out_dir).get("final_val_loss")
 
 
@@ -155,6 +183,7 @@ def main() -> None:
     quiet_libraries()
     sweep_jobs.use_usr1_for_preemption()
     sweep_jobs.register_repo_resolver()
+    sweep_jobs.register_launcher_plugin()
     register_configs()
     names.register_resolvers()
     precheck(sys.argv[1:])

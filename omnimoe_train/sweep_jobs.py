@@ -1,9 +1,14 @@
 """Sweep jobs on SLURM: what ``omnimoe-train -m hydra/launcher=slurm ...`` needs in each job.
 
-hydra-submitit-launcher submits one SLURM job per sweep point; in it, srun starts
-``hydra.launcher.tasks_per_node`` tasks per node (one per GPU) and each runs the Hydra job
-in-process (``cli._hydra_main``). Here:
+hydra-submitit-launcher submits one SLURM job per sweep point, through our launcher plugin
+(``hydra_plugins.omnimoe_slurm_launcher``). A job runs in one of two layouts
+(``job_layout``): srun starts one task per GPU of every node and each runs the Hydra job
+in-process (``cli._hydra_main``) as one training rank; or, with ``hydra.launcher.torchrun=true``,
+one task per node, in which torch's elastic agent starts the workers
+(``omnimoe_train.sweep_torchrun``). Here:
 
+- ``job_layout``: the srun tasks and training processes per node from the launcher keys, with
+  the rule that they match the GPUs.
 - ``export_distributed_env``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from
   SLURM's task variables (submitit's ``TorchDistributedEnvironment``: the first node, a port drawn
   from the job id), so that ``distributed.init_runtime`` builds one world over all the job's
@@ -14,7 +19,8 @@ in-process (``cli._hydra_main``). Here:
   (``scontrol requeue``), which reruns the same sweep point in the same folder and resumes from
   its checkpoint, at most ``hydra.launcher.max_num_timeout`` times; after that the job ends
   with an error that the sweep reports. submitit's own USR1 handler would requeue without the
-  save: the trainer's handler replaces it while training runs.
+  save: the trainer's handler replaces it while training runs (in a torchrun job, the agent's
+  handler, which passes the signal to the workers).
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
+
+from omnimoe_train.validation import ConfigError
 
 EXIT_REQUEUE = 75
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
@@ -58,6 +68,92 @@ def register_repo_resolver() -> None:
         OmegaConf.register_new_resolver(
             REPO_RESOLVER, lambda: str(Path(__file__).resolve().parents[1])
         )
+
+
+def register_launcher_plugin() -> None:
+    """Make ``hydra_plugins.omnimoe_slurm_launcher`` known to Hydra (its config schema and class).
+
+    Hydra finds plugins by listing the ``hydra_plugins`` namespace package; an editable install
+    by setuptools >= 64 is reached through an import hook that such listing does not see (Hydra
+    issue 2359), so the launcher is imported and registered here (``Plugins.register``, Hydra's
+    way to add a plugin by hand). In an environment installed before the plugin existed, the
+    module is missing: then ``hydra/launcher=slurm`` fails to compose, which ``cli.precheck``
+    reports in one line, and nothing else changes.
+    """
+    from hydra.core.plugins import Plugins
+
+    # The scan first: where it does list the module (run from the repository root, or a regular
+    # install) it executes it again, redefining the class that must be registered (and pickled
+    # into the jobs).
+    plugins = Plugins.instance()
+    try:
+        from hydra_plugins.omnimoe_slurm_launcher import SlurmLauncher
+    except ModuleNotFoundError as exc:
+        if exc.name != "hydra_plugins.omnimoe_slurm_launcher":
+            raise
+        return
+    plugins.register(SlurmLauncher)
+
+
+@dataclass(frozen=True)
+class JobLayout:
+    """The processes of one sweep job on each of its nodes."""
+
+    tasks_per_node: int  # srun tasks
+    nproc_per_node: int  # training processes (ranks)
+    torchrun: bool  # True: one task per node, whose elastic agent starts nproc_per_node workers
+
+
+def _count(launcher: Mapping[str, Any], key: str, minimum: int) -> int | None:
+    value = launcher.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"hydra.launcher.{key}", f"must be an integer, got {value!r}")
+    if value is not None and value < minimum:
+        raise ConfigError(f"hydra.launcher.{key}", f"must be >= {minimum}, got {value}")
+    return value
+
+
+def job_layout(launcher: Mapping[str, Any]) -> JobLayout:
+    """The srun tasks and training processes per node that ``hydra.launcher`` asks for.
+
+    One task per GPU (default): ``tasks_per_node`` unset = ``gpus_per_node`` (1 without GPUs,
+    where CPU ranks may be more). torchrun (``torchrun: true``): one task per node and
+    ``nproc_per_node`` workers, unset = ``gpus_per_node`` (1 without GPUs).
+
+    Raises:
+        ConfigError: a hand-set ``tasks_per_node``/``nproc_per_node`` that does not give one
+            rank per GPU, a torchrun job with more than one task per node, or
+            ``nproc_per_node`` without torchrun.
+    """
+    gpus = _count(launcher, "gpus_per_node", 0) or 0
+    tasks = _count(launcher, "tasks_per_node", 1)
+    nproc = _count(launcher, "nproc_per_node", 1)
+    if launcher.get("torchrun", False):
+        if tasks not in (None, 1):
+            raise ConfigError(
+                "hydra.launcher.tasks_per_node",
+                f"is {tasks}, but a torchrun job runs one task per node (its agent starts "
+                "nproc_per_node workers): leave it unset",
+            )
+        if gpus and nproc not in (None, gpus):
+            raise ConfigError(
+                "hydra.launcher.nproc_per_node",
+                f"is {nproc}, but gpus_per_node is {gpus}: one worker per GPU; leave it unset",
+            )
+        return JobLayout(tasks_per_node=1, nproc_per_node=nproc or max(gpus, 1), torchrun=True)
+    if nproc is not None:
+        raise ConfigError(
+            "hydra.launcher.nproc_per_node",
+            "is for torchrun jobs: use hydra/launcher=slurm_torchrun (or "
+            "hydra.launcher.torchrun=true), or tasks_per_node for one task per rank",
+        )
+    if gpus and tasks not in (None, gpus):
+        raise ConfigError(
+            "hydra.launcher.tasks_per_node",
+            f"is {tasks}, but gpus_per_node is {gpus}: one task per GPU; leave it unset (derived)",
+        )
+    tasks = tasks or max(gpus, 1)
+    return JobLayout(tasks_per_node=tasks, nproc_per_node=tasks, torchrun=False)
 
 
 def pass_swept_keys(keys: list[str]) -> None:

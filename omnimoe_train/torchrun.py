@@ -1,6 +1,7 @@
 """``python -m omnimoe_train.torchrun``: torchrun with the signals and exit status that a
-preemptible job needs. Takes torchrun's arguments unchanged (``launch/torchrun.sh`` and
-``launch/slurm_node.sh`` call it).
+preemptible job needs. Takes torchrun's arguments unchanged (``launch/torchrun.sh`` calls it), or
+``--slurm-node MODULE [ARGS...]``: the arguments of one node of a SLURM job (``slurm_node_args``;
+``launch/slurm_node.sh`` and the torchrun sweep jobs of ``omnimoe_train.sweep_torchrun``).
 
 torchrun's agent (``torch.distributed.run``) leaves SIGUSR1 at its default action, so the signal
 SLURM sends before the time limit (``--signal=USR1@<s>``; slurmstepd signals every process of the
@@ -23,9 +24,11 @@ signal shuts its workers down and exits 1 without their exit codes, which is the
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from types import FrameType
 
 import psutil
@@ -36,6 +39,7 @@ EXIT_REQUEUE = 75  # the trainer's "stopped early with a checkpoint saved; rerun
 # After its workers failed, the node hosting the rendezvous store keeps it up this long, so the
 # other nodes' agents close the rendezvous cleanly instead of printing a C++ stack trace.
 HOST_LINGER_S = 3.0
+SLURM_NODE = "--slurm-node"  # first argument: build torchrun's arguments from the environment
 
 
 def _forward_to_workers(signum: int, _frame: FrameType | None) -> None:
@@ -63,6 +67,35 @@ def exit_status(worker_exit_codes: list[int]) -> int:
     return EXIT_CRASH
 
 
+def slurm_node_args(module: str, args: list[str], env: Mapping[str, str]) -> list[str]:
+    """torchrun's arguments for this node of a SLURM job: every node of the job, a c10d
+    rendezvous on the node that hosts the store, ``python -m module *args`` workers, per-rank logs
+    under ``$OMNIMOE_LOG_DIR/<module>/node<N>/`` (rank 0's output also on the console).
+
+    Reads SLURM's ``SLURM_JOB_NUM_NODES``, ``SLURM_JOB_ID``, ``SLURM_NODEID`` (0 hosts the
+    store) and the launcher's ``OMNIMOE_RDZV_HOST``, ``OMNIMOE_RDZV_PORT`` (the first node of the
+    allocation, a port from the job id), ``OMNIMOE_NPROC_PER_NODE``, ``OMNIMOE_LOG_DIR``.
+
+    Raises:
+        KeyError: one of these variables (but ``SLURM_NODEID``) is not set; the name.
+    """
+    node = env.get("SLURM_NODEID", "0")
+    return [
+        "--nnodes", env["SLURM_JOB_NUM_NODES"],
+        "--nproc-per-node", env["OMNIMOE_NPROC_PER_NODE"],
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"{env['OMNIMOE_RDZV_HOST']}:{env['OMNIMOE_RDZV_PORT']}",
+        "--rdzv-id", env["SLURM_JOB_ID"],
+        # Which node hosts the store, said explicitly: the nodes' names may all resolve to one
+        # address, and torch would otherwise guess from the host name.
+        "--rdzv-conf", f"is_host={int(node == '0')}",
+        "--max-restarts", "0",
+        "--log-dir", f"{env['OMNIMOE_LOG_DIR']}/{module}/node{node}",
+        "--redirects", "3", "--tee", "3", "--local-ranks-filter", "0",
+        "-m", module, *args,
+    ]  # fmt: skip
+
+
 def _hosts_multinode_rendezvous(args) -> bool:  # noqa: ANN001 - torchrun's argparse namespace
     return str(args.nnodes) not in ("1", "1:1") and "is_host=1" in (args.rdzv_conf or "")
 
@@ -72,7 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [SLURM_NODE]:
+        if len(argv) < 2:
+            print(f"usage: omnimoe_train.torchrun {SLURM_NODE} MODULE [ARGS...]", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            argv = slurm_node_args(argv[1], argv[2:], os.environ)
+        except KeyError as exc:
+            print(
+                f"omnimoe torchrun: {SLURM_NODE}: {exc.args[0]} is not set (run it in a SLURM job "
+                "step, from launch/slurm.sbatch or with its OMNIMOE_* variables)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    args = parse_args(argv)
     signal.signal(signal.SIGUSR1, _forward_to_workers)
     try:
         run(args)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from omnimoe_train.torchrun import exit_status
+from omnimoe_train.torchrun import exit_status, slurm_node_args
 from tests.launch.conftest import REPO, TINY, job_env
 
 
@@ -33,6 +33,36 @@ from tests.launch.conftest import REPO, TINY, job_env
 )
 def test_exit_status(codes: list[int], expected: int) -> None:
     assert exit_status(codes) == expected
+
+
+def test_slurm_node_args_put_the_store_on_the_first_node() -> None:
+    env = {
+        "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "41", "SLURM_NODEID": "1",
+        "OMNIMOE_RDZV_HOST": "node-a", "OMNIMOE_RDZV_PORT": "20082",
+        "OMNIMOE_NPROC_PER_NODE": "8", "OMNIMOE_LOG_DIR": "runs/x/logs/41.0",
+    }  # fmt: skip
+    args = slurm_node_args("omnimoe_train.cli", ["model=a80m"], env)
+    pairs = dict(zip(args[:-3:2], args[1:-3:2]))
+    assert pairs["--nnodes"] == "2" and pairs["--nproc-per-node"] == "8"
+    assert pairs["--rdzv-endpoint"] == "node-a:20082" and pairs["--rdzv-id"] == "41"
+    assert pairs["--rdzv-conf"] == "is_host=0"  # node 1 joins; node 0 hosts
+    assert pairs["--log-dir"] == "runs/x/logs/41.0/omnimoe_train.cli/node1"
+    assert args[-3:] == ["-m", "omnimoe_train.cli", "model=a80m"]
+    first = slurm_node_args("m", [], {**env, "SLURM_NODEID": "0"})
+    assert first[first.index("--rdzv-conf") + 1] == "is_host=1"
+
+
+def test_slurm_node_outside_a_job_is_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in job_env(tmp_path).items() if not k.startswith(("SLURM", "OMNIMOE_R"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "omnimoe_train.torchrun", "--slurm-node", "omnimoe_train.cli"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "omnimoe torchrun: --slurm-node: SLURM_JOB_NUM_NODES is not set (run it in a SLURM job "
+        "step, from launch/slurm.sbatch or with its OMNIMOE_* variables)"
+    ]
 
 
 def test_usr1_to_the_agent_reaches_the_workers_and_75_comes_back(tmp_path: Path) -> None:
