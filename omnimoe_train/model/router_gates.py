@@ -21,13 +21,45 @@ arithmetic as the module path in :class:`omnimoe_train.model.router.GateNorm`:
 With a statistics group (sequence parallelism) the T-means run over the whole group: the sums
 are all-reduced forward and backward, as ``GateNorm`` does with a differentiable all-reduce.
 The entropy of each token's product distribution is computed in the same pass.
+
+Precision: the arithmetic is fp32 (fp64 for fp64 gates). When the activations are 16-bit on a
+GPU, the three GEMMs run as TF32 on tensor cores (fp32 accumulation): a bf16 ``x`` is exact in
+TF32, so only the gates and ``dz`` are rounded to 10 mantissa bits (relative 5e-4), while the
+fp32 SIMT GEMMs of these thin shapes (T x D x 2n, and the T-long reduction of dW) took most of
+the node's time on an H200. BatchNorm, log-softmax and every sum stay fp32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+
+@contextmanager
+def _tf32_matmul(enabled: bool) -> Iterator[None]:
+    """fp32 GEMMs as TF32 inside the block (the process-wide cuBLAS setting, restored after)."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        saved = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = saved
+    else:
+        saved = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = saved
 
 
 def _group_sum(t: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -43,7 +75,9 @@ class _GateLogProbs(torch.autograd.Function):
         dtype = torch.promote_types(gates_nD[0].dtype, torch.float32)
         x32_TD = x_TD.to(dtype)
         w_HD = torch.cat([g.to(dtype) for g in gates_nD])  # H = G * n
-        z_TH = x32_TD @ w_HD.t()
+        tf32 = x_TD.is_cuda and x_TD.element_size() == 2 and dtype == torch.float32
+        with _tf32_matmul(tf32):
+            z_TH = x32_TD @ w_HD.t()
         num_gates, tokens = len(gates_nD), x_TD.shape[0] * group_size
         batch_stats = None
         if stats == "batch":
@@ -61,7 +95,7 @@ class _GateLogProbs(torch.autograd.Function):
         y_TGn = torch.log_softmax(z_TH.view(x_TD.shape[0], num_gates, -1), dim=-1)
         entropy_T = -(y_TGn.exp() * y_TGn).sum((1, 2))
         ctx.save_for_backward(x_TD, w_HD, z_TH, y_TGn, rstd_H)
-        ctx.batch, ctx.group, ctx.tokens = stats == "batch", group, tokens
+        ctx.batch, ctx.group, ctx.tokens, ctx.tf32 = stats == "batch", group, tokens, tf32
         ctx.gate_shapes = [(g.shape, g.dtype) for g in gates_nD]
         ctx.mark_non_differentiable(entropy_T)
         # One contiguous (T, n) tensor per gate: what the top-K kernel reads without a copy.
@@ -87,9 +121,10 @@ class _GateLogProbs(torch.autograd.Function):
         elif rstd_H is not None:
             dz_TH = dz_TH * rstd_H
         dx_TD = None
-        if ctx.needs_input_grad[0]:
-            dx_TD = (dz_TH @ w_HD).to(x_TD.dtype)
-        dw_HD = dz_TH.t() @ x_TD.to(dz_TH.dtype)
+        with _tf32_matmul(ctx.tf32):
+            if ctx.needs_input_grad[0]:
+                dx_TD = (dz_TH @ w_HD).to(x_TD.dtype)
+            dw_HD = dz_TH.t() @ x_TD.to(dz_TH.dtype)
         sizes = [shape[0] for shape, _ in ctx.gate_shapes]
         dgates = [
             dw.to(dtype).view(shape)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,7 @@ def test_torchrun_launcher_two_gpus(tmp_path: Path) -> None:
         **os.environ,
         "OMNIMOE_RUN_DIR": str(tmp_path / "run"),
         "OMNIMOE_CACHE": os.environ.get("OMNIMOE_CACHE", str(tmp_path / "cache")),
+        "OMNIMOE_PYTHON": sys.executable,  # the interpreter running the tests, venv or not
     }
     args = [
         "parallel=ep2_dim",
