@@ -77,8 +77,9 @@ def register_launcher_plugin() -> None:
     by setuptools >= 64 is reached through an import hook that such listing does not see (Hydra
     issue 2359), so the launcher is imported and registered here (``Plugins.register``, Hydra's
     way to add a plugin by hand). In an environment installed before the plugin existed, the
-    module is missing: then ``hydra/launcher=slurm`` fails to compose, which ``cli.precheck``
-    reports in one line, and nothing else changes.
+    module is missing (or hydra-submitit-launcher is not installed): then
+    ``hydra/launcher=slurm`` fails to compose, which ``cli.precheck`` reports in one line, and
+    nothing else changes.
     """
     from hydra.core.plugins import Plugins
 
@@ -89,7 +90,11 @@ def register_launcher_plugin() -> None:
     try:
         from hydra_plugins.omnimoe_slurm_launcher import SlurmLauncher
     except ModuleNotFoundError as exc:
-        if exc.name != "hydra_plugins.omnimoe_slurm_launcher":
+        # Missing plugin, or missing submitit launcher it extends (a machine that only trains,
+        # e.g. inside a job): training does not need it, and asking for the launcher then
+        # fails to compose with Hydra's own one-line message.
+        optional = ("hydra_plugins.omnimoe_slurm_launcher", "hydra_plugins.hydra_submitit_launcher")
+        if exc.name not in (*optional, "submitit"):
             raise
         return
     plugins.register(SlurmLauncher)

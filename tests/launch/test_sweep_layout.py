@@ -106,3 +106,13 @@ def test_worker_reads_back_the_jobs_config(overrides: list[str], tmp_path: Path)
     path = tmp_path / "job.yaml"
     path.write_text(config_yaml(cfg))
     assert load_config(path) == cfg
+
+
+def test_training_does_not_need_the_submitit_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without hydra-submitit-launcher (e.g. a GPU node given only the training
+    wheels) still starts training: registering the SLURM launcher is skipped."""
+    for name in list(sys.modules):
+        if name.startswith(("hydra_plugins.omnimoe_slurm_launcher", "hydra_plugins.hydra_sub")):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "hydra_plugins.hydra_submitit_launcher", None)
+    sweep_jobs.register_launcher_plugin()  # no ModuleNotFoundError
