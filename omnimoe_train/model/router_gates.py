@@ -5,11 +5,14 @@ n scores per gate.
 
 Why our own backward: written as PyTorch ops (fp32 cast, two GEMMs, BatchNorm's batch mean and
 variance, log-softmax) the router gates are ~25 kernels forward and ~50 autograd nodes backward
-per layer, on tensors of only T x 2n floats. At a80m (T = 16,384, n = 76) that took 2.1 ms of a
-6.2 ms layer step on an H200 (0.5 forward, 1.6 backward), nearly all of it launch overhead
-(``benchmarks/profile_layer.py``). Here the G gates share one GEMM each way and BatchNorm and
-log-softmax are differentiated in closed form (about 10 kernels each way), with the same
-arithmetic as the module path in :class:`omnimoe_train.model.router.GateNorm`:
+per layer, on tensors of only T x 2n floats, and on the GPU machines we measure on each launch
+costs tens of microseconds of host time. Here the G gates share one GEMM each way and BatchNorm
+and log-softmax are differentiated in closed form (about 20 kernels forward, 15 backward),
+with the same arithmetic as the module path in :class:`omnimoe_train.model.router.GateNorm`.
+Measured at a80m (T = 16,384, d = 768, n = 76, one H200, ``benchmarks/profile_layer.py``):
+2.17 ms forward + backward against 2.41 ms as PyTorch ops -- a small gain; TF32 GEMMs were
+tried and bought nothing (2.15 ms), so the remaining time is neither the GEMMs nor launches
+alone (see docs/benchmarks.md).
 
     z = x W^T,  mu = mean_T z,  var = mean_T (z - mu)^2,  zh = (z - mu) / sqrt(var + eps),
     y = log_softmax_n(zh)
@@ -21,45 +24,13 @@ arithmetic as the module path in :class:`omnimoe_train.model.router.GateNorm`:
 With a statistics group (sequence parallelism) the T-means run over the whole group: the sums
 are all-reduced forward and backward, as ``GateNorm`` does with a differentiable all-reduce.
 The entropy of each token's product distribution is computed in the same pass.
-
-Precision: the arithmetic is fp32 (fp64 for fp64 gates). When the activations are 16-bit on a
-GPU, the three GEMMs run as TF32 on tensor cores (fp32 accumulation): a bf16 ``x`` is exact in
-TF32, so only the gates and ``dz`` are rounded to 10 mantissa bits (relative 5e-4), while the
-fp32 SIMT GEMMs of these thin shapes (T x D x 2n, and the T-long reduction of dW) took most of
-the node's time on an H200. BatchNorm, log-softmax and every sum stay fp32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
-
-
-@contextmanager
-def _tf32_matmul(enabled: bool) -> Iterator[None]:
-    """fp32 GEMMs as TF32 inside the block (the process-wide cuBLAS setting, restored after)."""
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        saved = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = saved
-    else:
-        saved = matmul.allow_tf32
-        matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = saved
 
 
 def _group_sum(t: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -75,9 +46,7 @@ class _GateLogProbs(torch.autograd.Function):
         dtype = torch.promote_types(gates_nD[0].dtype, torch.float32)
         x32_TD = x_TD.to(dtype)
         w_HD = torch.cat([g.to(dtype) for g in gates_nD])  # H = G * n
-        tf32 = x_TD.is_cuda and x_TD.element_size() == 2 and dtype == torch.float32
-        with _tf32_matmul(tf32):
-            z_TH = x32_TD @ w_HD.t()
+        z_TH = x32_TD @ w_HD.t()
         num_gates, tokens = len(gates_nD), x_TD.shape[0] * group_size
         batch_stats = None
         if stats == "batch":
@@ -95,7 +64,7 @@ class _GateLogProbs(torch.autograd.Function):
         y_TGn = torch.log_softmax(z_TH.view(x_TD.shape[0], num_gates, -1), dim=-1)
         entropy_T = -(y_TGn.exp() * y_TGn).sum((1, 2))
         ctx.save_for_backward(x_TD, w_HD, z_TH, y_TGn, rstd_H)
-        ctx.batch, ctx.group, ctx.tokens, ctx.tf32 = stats == "batch", group, tokens, tf32
+        ctx.batch, ctx.group, ctx.tokens = stats == "batch", group, tokens
         ctx.gate_shapes = [(g.shape, g.dtype) for g in gates_nD]
         ctx.mark_non_differentiable(entropy_T)
         # One contiguous (T, n) tensor per gate: what the top-K kernel reads without a copy.
@@ -121,10 +90,9 @@ class _GateLogProbs(torch.autograd.Function):
         elif rstd_H is not None:
             dz_TH = dz_TH * rstd_H
         dx_TD = None
-        with _tf32_matmul(ctx.tf32):
-            if ctx.needs_input_grad[0]:
-                dx_TD = (dz_TH @ w_HD).to(x_TD.dtype)
-            dw_HD = dz_TH.t() @ x_TD.to(dz_TH.dtype)
+        if ctx.needs_input_grad[0]:
+            dx_TD = (dz_TH @ w_HD).to(x_TD.dtype)
+        dw_HD = dz_TH.t() @ x_TD.to(dz_TH.dtype)
         sizes = [shape[0] for shape, _ in ctx.gate_shapes]
         dgates = [
             dw.to(dtype).view(shape)

@@ -77,6 +77,7 @@ def test_torchrun_launcher_two_gpus(tmp_path: Path) -> None:
     args = [
         "parallel=ep2_dim",
         "trainer.max_steps=6",
+        "optim.warmup_steps=1",
         "trainer.log_interval=3",
         "trainer.eval_interval=6",
         "trainer.eval_iters=2",
