@@ -51,6 +51,39 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
+def sweep_with_usr1_to_first_job(
+    slurm: SlurmCluster, tiny_cache: Path, tmp_path: Path, overrides: list[str]
+) -> tuple[int, str, str, Path]:
+    """Run ``omnimoe-train -m`` (TINY + ``overrides``) into ``tmp_path/sweep``; once the first
+    job's run dir logged 3 steps, send that job USR1 and wait for the sweep to end.
+    Returns (exit code, output, the signalled job id, its run dir)."""
+    sweep = tmp_path / "sweep"
+    sweeping = subprocess.Popen(
+        [
+            sys.executable, "-m", "omnimoe_train.cli", "-m", *TINY, *overrides,
+            "trainer.eval_interval=50", f"hydra.sweep.dir={sweep}",
+            "hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=2",
+        ],
+        cwd=tmp_path, env=slurm.env(**job_env(tiny_cache)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        run_dir = sweep / "none yet"
+        while len(train_losses(run_dir)) < 3 and time.monotonic() < deadline:
+            run_dir = next(sweep.glob("0_*"), run_dir)
+            assert sweeping.poll() is None, sweeping.communicate()[0][-3000:]
+            time.sleep(0.1)
+        jobs = slurm.run("squeue", "-h", "-o", "%i").stdout.split()
+        # An array job's tasks are <id>_<index>; a single job has a plain id.
+        job = next((j for j in jobs if j.endswith("_0")), jobs[0])
+        slurm.run("scancel", "--signal=USR1", job)
+        out, _ = sweeping.communicate(timeout=2 * JOB_TIMEOUT)
+    finally:
+        sweeping.kill()
+    return sweeping.returncode, out, job, run_dir
+
+
 def wait_until(predicate, what: str, cluster: SlurmCluster, job: str, timeout: float) -> float:  # noqa: ANN001
     """Poll ``predicate`` every 0.1 s; return the time it became true."""
     deadline = time.monotonic() + timeout
@@ -170,29 +203,10 @@ def test_sweep_job_requeues_itself_after_usr1(
     saves, requeues itself through ``sweep_jobs.requeue_on_early_stop`` and completes."""
     steps = 200
     sweep = tmp_path / "sweep"
-    sweeping = subprocess.Popen(
-        [
-            sys.executable, "-m", "omnimoe_train.cli", "-m", "hydra/launcher=slurm", *TINY,
-            f"trainer.max_steps={steps}", "trainer.eval_interval=50", "trainer.seed=1",
-            f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10",
-            "hydra.launcher.max_num_timeout=2",
-        ],
-        cwd=tmp_path, env=slurm.env(**job_env(tiny_cache)), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + JOB_TIMEOUT
-        run_dir = sweep / "none yet"
-        while len(train_losses(run_dir)) < 3 and time.monotonic() < deadline:
-            run_dir = next(sweep.glob("0_*"), run_dir)
-            assert sweeping.poll() is None, sweeping.communicate()[0][-3000:]
-            time.sleep(0.1)
-        job = slurm.run("squeue", "-h", "-o", "%i").stdout.split()[0]
-        slurm.run("scancel", "--signal=USR1", job)
-        out, _ = sweeping.communicate(timeout=JOB_TIMEOUT)
-    finally:
-        sweeping.kill()
-    assert sweeping.returncode == 0, out[-3000:]
+    returncode, out, job, run_dir = sweep_with_usr1_to_first_job(
+        slurm, tiny_cache, tmp_path, ["hydra/launcher=slurm", f"trainer.max_steps={steps}"]
+    )
+    assert returncode == 0, out[-3000:]
     assert int(slurm.job_info(job).get("Restarts", "0")) == 1
     assert sorted(train_losses(run_dir)) == list(range(1, steps + 1))
     log = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.err"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from tests.launch.test_slurm import (
     AWAITS_CHECKPOINTS,
     CHECKPOINT_SIGNALS,
     JOB_TIMEOUT,
+    sweep_with_usr1_to_first_job,
     train_losses,
 )
 
@@ -93,32 +93,14 @@ def test_sweep_jobs_as_torchrun_jobs_one_requeued_after_usr1(
     the same losses as the uninterrupted second job."""
     steps = 150
     sweep = tmp_path / "sweep"
-    sweeping = subprocess.Popen(
+    returncode, out, job, _ = sweep_with_usr1_to_first_job(
+        slurm, tiny_cache, tmp_path,
         [
-            sys.executable, "-m", "omnimoe_train.cli", "-m", "hydra/launcher=slurm_torchrun",
-            *TINY, f"trainer.max_steps={steps}", "trainer.eval_interval=50", "trainer.seed=1,1",
-            f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10",
+            "hydra/launcher=slurm_torchrun", f"trainer.max_steps={steps}", "trainer.seed=1,1",
             "hydra.launcher.nproc_per_node=2", "hydra.launcher.cpus_per_task=2",
-            "hydra.launcher.max_num_timeout=2",
         ],
-        cwd=tmp_path, env=slurm.env(**job_env(tiny_cache)), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + JOB_TIMEOUT
-        run_dir = sweep / "none yet"
-        while len(train_losses(run_dir)) < 3 and time.monotonic() < deadline:
-            run_dir = next(sweep.glob("0_*"), run_dir)
-            assert sweeping.poll() is None, sweeping.communicate()[0][-3000:]
-            time.sleep(0.1)
-        job = next(
-            j for j in slurm.run("squeue", "-h", "-o", "%i").stdout.split() if j[-2:] == "_0"
-        )
-        slurm.run("scancel", "--signal=USR1", job)
-        out, _ = sweeping.communicate(timeout=2 * JOB_TIMEOUT)
-    finally:
-        sweeping.kill()
-    assert sweeping.returncode == 0, out[-3000:]
+    assert returncode == 0, out[-3000:]
     other = job[:-1] + "1"
     assert int(slurm.job_info(job).get("Restarts", "0")) == 1
     assert int(slurm.job_info(other).get("Restarts", "0")) == 0
