@@ -23,6 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from omnimoe_train.config import WandbConfig
 
+METRICS_FILE = "metrics.jsonl"
+
 
 def _format(key: str, value: Any) -> str:
     """Compact console form of a metric: rates as integers, small values in scientific form."""
@@ -39,6 +41,24 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf; null marks the bad value
     return value
+
+
+def logged_initial_val_loss(path: Path) -> float | None:
+    """The step-0 ``val_loss`` of the newest fresh start logged in ``path`` (a
+    ``metrics.jsonl``), or None. For resumes from checkpoints that do not record it."""
+    found = None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a killed run's half-written line
+            continue
+        if isinstance(record, dict) and record.get("step") == 0 and "val_loss" in record:
+            found = record["val_loss"]
+    return found if isinstance(found, float) else None
 
 
 class MetricsSink:
@@ -61,7 +81,7 @@ class MetricsSink:
         self._progress: Progress | None = None
         if not enabled:
             return
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self._file = self.path.open("a", buffering=1)
         if self._file.tell() > 0 and not self.path.read_bytes().endswith(b"\n"):
             self._file.write("\n")  # a killed run's half-written line stays on a line of its own

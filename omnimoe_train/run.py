@@ -44,6 +44,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     saved; divergence exits 65 with a checkpoint of the last good weights.
     """
     from omnimoe_data.prepare import DataError
+    from omnimoe_train.checkpoint.compat import RunAlreadyComplete
     from omnimoe_train.checkpoint.files import CheckpointCorrupt
     from omnimoe_train.checkpoint.manager import CheckpointWriteError
     from omnimoe_train.checkpoint.session import CheckpointLoadError
@@ -61,11 +62,17 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         if main:
             (run_dir / EXIT_STATUS).unlink(missing_ok=True)
         try:
-            trainer = Trainer(cfg, runtime, run_dir)
+            trainer = Trainer(cfg, runtime, run_dir, started=started)
         except (ConfigError, DataError) as exc:  # the data or a rule against it: one line
             _fail(str(exc), EXIT_USAGE, show=main, run_dir=run_dir)
-        except CheckpointCorrupt as exc:
+        except (CheckpointCorrupt, CheckpointLoadError) as exc:
             _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main, run_dir=run_dir)
+        except RunAlreadyComplete as exc:
+            # Nothing to train: the run's summary, metrics and config stay as they are.
+            if main:
+                print(f"omnimoe-train: {exc}", file=sys.stderr, flush=True)
+                _write_exit_status(run_dir, EXIT_OK, str(exc))
+            return _previous_summary(run_dir)
         resolved = OmegaConf.structured(cfg)
         resolved.model.vocab_size = trainer.vocab_size
         derived = {
@@ -107,7 +114,12 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             _fail(f"checkpoint.dir: {exc}", EXIT_IO_ERROR, show=main, run_dir=run_dir)
         finally:
             sink.close()
-        summary["wall_s"] = time.perf_counter() - started
+        # The whole run's wall time (earlier processes up to the checkpoint each next one
+        # resumed from, plus this one) and this process's alone.
+        summary["wall_s"] = trainer.state.total_wall_s()
+        summary["segment_wall_s"] = trainer.state.segment_wall_s()
+        if trainer.resume_from is not None:
+            summary["resumed_from"] = trainer.resume_from.name
         if main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             _report(sink, summary)
@@ -143,13 +155,25 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
+def _previous_summary(run_dir: Path) -> dict[str, Any]:
+    """The ``summary.json`` an earlier process of this run wrote ({} if none or unreadable)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def _report(sink: Any, summary: dict[str, Any]) -> None:
     first, last = summary.get("initial_val_loss"), summary.get("final_val_loss")
     if first and last is not None:  # evaluation on (data.val_fraction > 0), a nonzero start
         drop = 100.0 * (1.0 - last / first)
-        sink.console.log(
-            f"val_loss {first:.3f} -> {last:.3f} ({drop:.1f}% lower) in {summary['wall_s']:.0f}s"
-        )
+        took = f"in {summary['wall_s']:.0f}s"
+        if "resumed_from" in summary:
+            took += (
+                f" ({summary['segment_wall_s']:.0f}s since resuming from {summary['resumed_from']})"
+            )
+        sink.console.log(f"val_loss {first:.3f} -> {last:.3f} ({drop:.1f}% lower) {took}")
 
 
 __all__ = ["run"]

@@ -23,8 +23,9 @@ import torch
 from omegaconf import OmegaConf
 
 from omnimoe_train.bad_steps import StepGuard, Verdict
+from omnimoe_train.checkpoint.compat import RunAlreadyComplete, check_resumable
 from omnimoe_train.checkpoint.files import read_meta
-from omnimoe_train.checkpoint.session import Checkpointing, TrainState
+from omnimoe_train.checkpoint.session import Checkpointing, CheckpointLoadError, TrainState
 from omnimoe_train.checkpoint.signals import StepSync, StopRequest, parse_duration
 from omnimoe_train.config import RootConfig
 from omnimoe_train.data import build_loader, prepare_data
@@ -32,7 +33,7 @@ from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine import build_engine
 from omnimoe_train.engine.megatron import PAD_ID
 from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
-from omnimoe_train.metrics import MetricsSink
+from omnimoe_train.metrics import METRICS_FILE, MetricsSink, logged_initial_val_loss
 from omnimoe_train.mfu import throughput_metrics
 from omnimoe_train.model.accounting import model_accounting
 from omnimoe_train.model.expert_stats import ExpertStats, collect_aux_loss, collect_expert_metrics
@@ -68,10 +69,15 @@ class Trainer:
 
     Raises ``ConfigError`` (a rule between the config and the data, see
     ``validation.validate_against_data``) or ``DataError`` before any model work, and
-    ``CheckpointCorrupt`` when checkpoints exist but none can be resumed from.
+    ``CheckpointCorrupt`` when checkpoints exist but none can be resumed from,
+    ``CheckpointLoadError`` when the one to resume from was written by another engine or for
+    another model shape, and ``RunAlreadyComplete`` when it is at or past ``trainer.max_steps``
+    (all before the data is prepared or the model built).
     """
 
-    def __init__(self, cfg: RootConfig, runtime: Runtime, run_dir: Path) -> None:
+    def __init__(
+        self, cfg: RootConfig, runtime: Runtime, run_dir: Path, *, started: float | None = None
+    ) -> None:
         self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
         t, d = cfg.trainer, cfg.data
         # First, so that a SIGTERM during setup still ends in a clean save after one step.
@@ -80,6 +86,30 @@ class Trainer:
         # Checked before preparation too: a dataset already in data.dir is never re-cut.
         for facts in data_facts_before_preparation(d):
             validate_against_data(cfg, facts)
+        # The checkpoint to resume from is chosen and checked against this run (engine, model
+        # shape, anything left to train) before the data, the model or the engine is built.
+        root = Path(cfg.checkpoint.dir)
+        ckpt_root = root if root.is_absolute() else run_dir / root
+        self.ckpt = Checkpointing(
+            cfg.checkpoint,
+            ckpt_root,
+            None,
+            run_config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+            warn=self._warn,
+        )
+        self.resume_from = self.ckpt.manager.resolve_resume()
+        if self.resume_from is not None:
+            try:
+                check_resumable(
+                    self.resume_from,
+                    read_meta(self.resume_from),
+                    engine=t.engine,
+                    model=cfg.model,
+                    max_steps=t.max_steps,
+                )
+            except (CheckpointLoadError, RunAlreadyComplete):
+                self.stop.restore()
+                raise
         self.data = prepare_data(d, rank=runtime.rank)
         self.data_dir = self.data.description
         for facts in self.data.facts():  # each dataset read (a mixture: every one)
@@ -104,21 +134,12 @@ class Trainer:
             self.val_loader = build_loader(
                 d, self.data, "val", dp_rank=0, dp_size=1, infinite=False
             )
-        root = Path(cfg.checkpoint.dir)
-        ckpt_root = root if root.is_absolute() else run_dir / root
-        self.ckpt = Checkpointing(
-            cfg.checkpoint,
-            ckpt_root,
-            None,
-            run_config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-            warn=self._warn,
-        )
-        self.resume_from = self.ckpt.manager.resolve_resume()
         self.vocab_size = self._vocab_size(self.resume_from)
         self.engine = build_engine(cfg, runtime, self.vocab_size)
         self.ckpt.engine = self.engine
         self.num_microbatches = self.engine.num_microbatches
-        self.state = TrainState()
+        # ``started``: when this process started (``time.perf_counter()``), for the wall time.
+        self.state = TrainState() if started is None else TrainState(started=started)
         self.guard = StepGuard(
             spike_zscore=t.spike_zscore,
             spike_window=t.spike_window,
@@ -253,8 +274,12 @@ class Trainer:
             if self.rt.is_main:
                 sink.console.log(f"evaluation {EVAL_OFF}: no val_loss is logged")
         if s.step == 0 and evaluating:
-            summary["initial_val_loss"] = self.evaluate()
-            sink.log({"step": 0, "val_loss": summary["initial_val_loss"]})
+            s.initial_val_loss = self.evaluate()
+            sink.log({"step": 0, "val_loss": s.initial_val_loss})
+        elif s.initial_val_loss is None:  # a checkpoint from before it was recorded
+            s.initial_val_loss = logged_initial_val_loss(self.run_dir / METRICS_FILE)
+        if s.initial_val_loss is not None:
+            summary["initial_val_loss"] = s.initial_val_loss
         window_start = time.perf_counter()
         if self.rt.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -10,6 +10,7 @@ The rules of when a checkpoint is complete, kept or loaded are the manager's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +34,23 @@ class TrainState:
     consumed_tokens: int = 0
     # The current logging window: sum of global loss sums, token counts, steps in it.
     window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    # The validation loss before step 1 (None: not evaluated, or a checkpoint without it).
+    initial_val_loss: float | None = None
+    # Wall time (s) of the earlier processes of this run, each up to the checkpoint the next
+    # one resumed from, and the ``time.perf_counter()`` at which this process started.
+    earlier_wall_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
 
     def reset_window(self) -> None:
         self.window = [0.0, 0.0, 0.0]
+
+    def segment_wall_s(self) -> float:
+        """Seconds since this process started."""
+        return time.perf_counter() - self.started
+
+    def total_wall_s(self) -> float:
+        """Seconds of this run's trajectory: earlier processes (up to each resume) + this one."""
+        return self.earlier_wall_s + self.segment_wall_s()
 
 
 class Checkpointing:
@@ -63,6 +78,8 @@ class Checkpointing:
             "window": list(state.window),
             "data": loader.state_dict(),
             "guard": guard.state_dict(),
+            "initial_val_loss": state.initial_val_loss,
+            "wall_s": state.total_wall_s(),
         }
         meta = {
             "step": state.step,
@@ -87,6 +104,9 @@ class Checkpointing:
             raise CheckpointLoadError(f"{path} does not fit this run: {first}") from exc
         state.step, state.consumed_tokens = client["step"], client["consumed_tokens"]
         state.window = list(client["window"])
+        # Absent from checkpoints written before they were recorded (the caller falls back).
+        state.initial_val_loss = client.get("initial_val_loss")
+        state.earlier_wall_s = float(client.get("wall_s", 0.0))
         guard.load_state_dict(client["guard"])
         lines = [f"resumed from {path} at step {state.step} ({state.consumed_tokens:,} tokens)"]
         if not client.get("_rank_local_restored", True):

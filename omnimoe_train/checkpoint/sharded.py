@@ -31,8 +31,14 @@ not have) are in ``optimizer_state``.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
 import re
+import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +98,44 @@ _writer_errors = _WriterErrors()
 _writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
 _writer_log.addHandler(_writer_errors)
 _writer_log.propagate = False
+
+
+# -- helper processes die with the training process ---------------------------------------------
+# megatron's "mcore" writer (the one in megatron-core; its alternative needs
+# nvidia-resiliency-ext) forks two kinds of helpers: the multiprocessing manager that serves its
+# write-results queue (one per process, alive until the process exits) and, for async saves, one
+# worker per save. Neither watches its parent: after a kill -9 of the trainer the manager lived on
+# as an orphan holding the trainer's memory, and it ignores SIGTERM because it inherits our stop
+# handler (``signals.StopRequest``; it must, or a SLURM SIGTERM to every process would kill the
+# helper the final save needs). So every child forked while we start a helper asks the kernel to
+# SIGKILL it when its parent dies (prctl PR_SET_PDEATHSIG, Linux; elsewhere nothing is done).
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Resolved in the parent: the child only calls it (no dynamic loading after a fork).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_arming_pid: int | None = None  # set while this process forks a helper
+
+
+def _bind_to_parent_in_child() -> None:
+    parent = _arming_pid
+    if parent is None or _prctl is None:
+        return
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
+os.register_at_fork(after_in_child=_bind_to_parent_in_child)
+
+
+@contextlib.contextmanager
+def helpers_die_with_this_process() -> Iterator[None]:
+    """Children forked inside this block are SIGKILLed when this process dies (Linux)."""
+    global _arming_pid
+    _arming_pid = os.getpid()
+    try:
+        yield
+    finally:
+        _arming_pid = None
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
@@ -161,7 +205,8 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any], *, async_sa
     # megatron's writer reports results through a multiprocessing manager queue, by default
     # started with "spawn" (a fresh interpreter importing __main__: seconds per process).
     # Creating it once with "fork" first is its own public knob; the server touches no torch.
-    get_write_results_queue("fork")
+    with helpers_die_with_this_process():
+        get_write_results_queue("fork")
     # Each data-parallel replica writes a share of the replicated tensors (megatron's wrapper).
     strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
     _writer_errors.messages.clear()
@@ -181,7 +226,8 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any], *, async_sa
     if request is None:
         return None
     queue = AsyncCallsQueue(persistent=False)
-    queue.schedule_async_request(request)
+    with helpers_die_with_this_process():  # forks the worker that writes the files
+        queue.schedule_async_request(request)
     return _AsyncWrite(queue)
 
 

@@ -1,0 +1,107 @@
+"""Whether a verified checkpoint fits the run about to resume from it, decided from its
+``meta.json`` alone -- before the model is built, so a mismatch costs one line, not a megatron
+traceback from deep inside the loader.
+
+Three questions, in this order (a run that asks for another model is more likely a mistake than
+a finished run, so it is named first):
+
+1. the engine (``trainer.engine``): each engine reads only its own files;
+2. the model's shape: the keys that decide which parameters exist and their shapes, per
+   ``model.mlp`` (the parallel layout, data-parallel size, optimizer, schedule, logging and
+   ``trainer.max_steps`` may all change on resume and are not compared);
+3. whether there is anything left to do: a checkpoint at or past ``trainer.max_steps``.
+
+Checkpoints whose ``meta.json`` lacks ``engine`` or ``config`` (older ones) are not refused for
+that: the check is skipped and the loader decides, as before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omnimoe_train.checkpoint.session import CheckpointLoadError
+from omnimoe_train.config import ModelConfig
+
+# Parameters every model has.
+_COMMON = (
+    "mlp",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "tie_embeddings",
+)
+_ATOMIC = ("num_experts", "shared_expert", "router", "router_norm")
+# The keys that shape each MLP's parameters (model/gpt.py: ``mlp_spec``).
+_PER_MLP: dict[str, tuple[str, ...]] = {
+    "omnimoe": _ATOMIC,
+    "peer": (*_ATOMIC, "peer_heads", "peer_key_dim"),
+    "pkm": ("num_experts", "shared_expert", "pkm_heads", "pkm_key_dim"),
+    "gshard": ("moe_num_experts", "moe_ffn_hidden_size"),
+    "deepseekmoe": ("moe_num_experts", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size"),
+    "dense": (),
+}
+_ALL = tuple(dict.fromkeys(_COMMON + sum(_PER_MLP.values(), ())))
+
+
+class RunAlreadyComplete(Exception):
+    """The checkpoint to resume from is at or past ``trainer.max_steps``: nothing to train."""
+
+    def __init__(self, step: int, max_steps: int) -> None:
+        super().__init__(
+            f"run already complete at step {step} >= trainer.max_steps={max_steps}; nothing to do"
+        )
+        self.step, self.max_steps = step, max_steps
+
+
+def _shape(model: dict[str, Any]) -> dict[str, Any]:
+    """The shape-deciding keys of a model config (a dict as ``meta.json`` stores it)."""
+    keys = _COMMON + _PER_MLP.get(str(model.get("mlp")), ())
+    shape = {k: model.get(k) for k in keys}
+    if "moe_ffn_hidden_size" in shape and shape["moe_ffn_hidden_size"] is None:
+        shape["moe_ffn_hidden_size"] = model.get("ffn_hidden_size")  # None means this width
+    return shape
+
+
+def model_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Shape keys whose values differ, in config order (only ``mlp`` if the MLP differs)."""
+    if saved.get("mlp") != wanted.get("mlp"):
+        return ["mlp"]
+    old, new = _shape(saved), _shape(wanted)
+    return [k for k in new if old.get(k) != new[k]]
+
+
+def check_resumable(
+    path: Path, meta: dict[str, Any], *, engine: str, model: ModelConfig, max_steps: int
+) -> None:
+    """Raise unless this run can continue from checkpoint ``path`` (see the module docstring).
+
+    Raises :class:`CheckpointLoadError` (one line naming the key and both values) for another
+    engine or model shape, :class:`RunAlreadyComplete` when ``meta["step"] >= max_steps``.
+    """
+    saved_engine = meta.get("engine")
+    if saved_engine is not None and saved_engine != engine:
+        raise CheckpointLoadError(
+            f"checkpoint {path} was written by trainer.engine={saved_engine}; "
+            f"set trainer.engine={saved_engine} (or start a new run dir)"
+        )
+    saved_model = (meta.get("config") or {}).get("model")
+    if isinstance(saved_model, dict):
+        wanted = {k: getattr(model, k, None) for k in _ALL}
+        keys = model_differences(saved_model, wanted)
+        if keys:
+            was = ", ".join(f"model.{k}={saved_model.get(k)}" for k in keys)
+            now = (
+                str(wanted[keys[0]])
+                if len(keys) == 1
+                else ", ".join(f"model.{k}={wanted[k]}" for k in keys)
+            )
+            raise CheckpointLoadError(
+                f"checkpoint {path} was written with {was}, this run asks {now} "
+                "(start a new run dir or match the model)"
+            )
+    step = meta.get("step")
+    if isinstance(step, int) and step >= max_steps:
+        raise RunAlreadyComplete(step, max_steps)

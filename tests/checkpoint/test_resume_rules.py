@@ -1,0 +1,204 @@
+"""Rerunning a run directory whose checkpoint does not call for training as is.
+
+- A finished run (or one asked for fewer steps than its checkpoint has) prints one line and
+  exits 0, leaving ``summary.json``, ``metrics.jsonl`` and ``config.yaml`` as they were.
+- A checkpoint of another model shape or another engine: exit 2 with one line naming the key,
+  before the model is built; layout and other non-shape keys may change.
+- A resumed run's summary keeps the run's initial val_loss and its total wall time.
+- A helper process forked by the checkpoint writer dies with a kill -9 of the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from omnimoe_train.checkpoint.compat import RunAlreadyComplete, check_resumable
+from omnimoe_train.checkpoint.session import CheckpointLoadError
+from omnimoe_train.config import ModelConfig
+from omnimoe_train.metrics import logged_initial_val_loss
+from tests.checkpoint.test_fault_tolerance import TINY, _cmd, _env, _wait_for, records
+from tests.cli_helpers import run_train_cli
+
+CKPT = Path("run/checkpoints/step_00000090")
+
+
+def _meta(step: int = 90, engine: str | None = "megatron", **model: object) -> dict:
+    saved = {**vars(ModelConfig(num_experts=64)), **model}
+    return {"step": step, "engine": engine, "config": {"model": saved}}
+
+
+def _check(meta: dict, *, engine: str = "megatron", max_steps: int = 100, **model: object) -> None:
+    cfg = ModelConfig(**{"num_experts": 64, **model})
+    check_resumable(CKPT, meta, engine=engine, model=cfg, max_steps=max_steps)
+
+
+def test_model_shape_mismatch_names_the_key_and_both_values() -> None:
+    with pytest.raises(CheckpointLoadError) as exc:
+        _check(_meta(), num_experts=256)
+    assert str(exc.value) == (
+        f"checkpoint {CKPT} was written with model.num_experts=64, this run asks 256 "
+        "(start a new run dir or match the model)"
+    )
+    with pytest.raises(CheckpointLoadError, match=r"model\.mlp=omnimoe, this run asks dense"):
+        _check(_meta(), mlp="dense")
+    with pytest.raises(
+        CheckpointLoadError,
+        match=r"model\.num_layers=4, model\.hidden_size=128, this run asks "
+        r"model\.num_layers=2, model\.hidden_size=64",
+    ):
+        _check(_meta(), num_layers=2, hidden_size=64)
+
+
+def test_non_shape_keys_and_other_mlps_keys_may_change() -> None:
+    # top_k, the kernels, init and the keys of MLPs this model does not use shape nothing here.
+    _check(_meta(), top_k=2, execution="token", init_std=0.1, pkm_heads=2, moe_num_experts=4)
+    # moe_ffn_hidden_size None means ffn_hidden_size: the same width.
+    _check(_meta(mlp="gshard", moe_ffn_hidden_size=None), mlp="gshard", moe_ffn_hidden_size=256)
+    with pytest.raises(CheckpointLoadError, match=r"model\.moe_num_experts=8, this run asks 4"):
+        _check(_meta(mlp="gshard"), mlp="gshard", moe_num_experts=4)
+
+
+def test_other_engine_is_named() -> None:
+    with pytest.raises(CheckpointLoadError) as exc:
+        _check(_meta(engine="deepspeed"))
+    assert str(exc.value) == (
+        f"checkpoint {CKPT} was written by trainer.engine=deepspeed; "
+        "set trainer.engine=deepspeed (or start a new run dir)"
+    )
+
+
+def test_old_meta_without_engine_or_config_is_not_refused() -> None:
+    _check({"step": 10})
+    _check({"step": 10, "engine": None, "config": {}}, num_experts=256)
+
+
+@pytest.mark.parametrize(("step", "max_steps"), [(90, 90), (90, 60)])
+def test_checkpoint_at_or_past_max_steps_is_complete(step: int, max_steps: int) -> None:
+    with pytest.raises(RunAlreadyComplete) as exc:
+        _check(_meta(step=step), max_steps=max_steps)
+    assert str(exc.value) == (
+        f"run already complete at step {step} >= trainer.max_steps={max_steps}; nothing to do"
+    )
+    _check(_meta(step=step), max_steps=step + 1)
+
+
+def test_logged_initial_val_loss_takes_the_newest_fresh_start(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    assert logged_initial_val_loss(path) is None
+    path.write_text(
+        '{"step": 0, "val_loss": 7.5}\n{"step": 4, "loss": 7.0}\n{"step": 0, "val_loss": 6.25}\n'
+        '{"step": 8, "val_lo'  # a killed run's half-written last line
+    )
+    assert logged_initial_val_loss(path) == 6.25
+
+
+def _one_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, bytes]]:
+    """A run of 8 steps (checkpoints at 4 and 8): its cache, its folder and its files."""
+    cache, run = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("finished")
+    first = run_train_cli([*_args(run), "trainer.max_steps=8"], cache=cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = {n: (run / n).read_bytes() for n in ("summary.json", "metrics.jsonl", "config.yaml")}
+    return cache, run, kept
+
+
+def _args(run: Path) -> list[str]:
+    return [*TINY, "checkpoint.interval=4", f"hydra.run.dir={run}"]
+
+
+def _files(run: Path, kept: dict[str, bytes]) -> dict[str, bytes]:
+    return {n: (run / n).read_bytes() for n in kept}
+
+
+@pytest.mark.parametrize("max_steps", [8, 4])
+def test_rerun_of_a_finished_run_does_nothing(finished, max_steps: int) -> None:  # noqa: ANN001
+    cache, run, kept = finished
+    again = run_train_cli([*_args(run), f"trainer.max_steps={max_steps}"], cache=cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _one_line(again) == (
+        f"omnimoe-train: run already complete at step 8 >= trainer.max_steps={max_steps}; "
+        "nothing to do"
+    )
+    assert _files(run, kept) == kept  # summary, metrics and config untouched
+
+
+@pytest.mark.parametrize(
+    ("override", "phrase"),
+    [
+        ("model.num_experts=256", "model.num_experts=64, this run asks 256"),
+        ("trainer.engine=deepspeed", "trainer.engine=megatron; set trainer.engine=megatron"),
+    ],
+)
+def test_resume_with_another_model_or_engine_is_one_line(finished, override, phrase) -> None:  # noqa: ANN001
+    cache, run, kept = finished
+    refused = run_train_cli([*_args(run), "trainer.max_steps=12", override], cache=cache)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = _one_line(refused)
+    ckpt = run / "checkpoints" / "step_00000008"
+    assert line.startswith(f"omnimoe-train: error: checkpoint.resume: checkpoint {ckpt} ")
+    assert phrase in line
+    assert _files(run, kept) == kept
+
+
+def test_continued_run_summary_covers_the_whole_run(finished, tmp_path: Path) -> None:  # noqa: ANN001
+    cache, done, kept = finished
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    summary = json.loads(kept["summary.json"])
+    # Another logging interval (not a shape key) is allowed.
+    more = run_train_cli(
+        [*_args(run), "trainer.max_steps=12", "trainer.log_interval=2"], cache=cache
+    )
+    assert more.returncode == 0, more.stderr[-3000:]
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["initial_val_loss"] == summary["initial_val_loss"]
+    assert resumed["resumed_from"] == "step_00000008"
+    assert resumed["last_train"]["step"] == 12 and "final_val_loss" in resumed
+    # The first process's time up to its step-8 checkpoint is counted too.
+    assert resumed["wall_s"] > resumed["segment_wall_s"] > 0
+    first_loss, last_loss = summary["initial_val_loss"], resumed["final_val_loss"]
+    assert f"val_loss {first_loss:.3f} -> {last_loss:.3f}" in more.stderr
+    assert [r["resumed_from"] for r in records(run) if "resumed_from" in r] == ["step_00000008"]
+
+
+def test_kill_9_leaves_no_checkpoint_helper_behind(tmp_path: Path) -> None:
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=100000", "checkpoint.interval=1", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(_cmd(*args), env=_env(cache), stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(run / "checkpoints" / "step_00000001", proc)
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        assert helpers, "the checkpoint writer started no helper process (nothing to test)"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    alive = helpers
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.1)
+    survivors = [p.pid for p in alive]
+    for p in alive:  # do not leave them to the next test either
+        p.kill()
+    assert not survivors, f"helper processes outlived the trainer: {survivors}"
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
