@@ -74,7 +74,7 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The root cause in one line: torch's ``CheckpointException`` wraps each rank's error
     (``failures``: rank -> (exception, traceback)), megatron wraps a writer's in a RuntimeError."""
     failures = getattr(exc, "failures", None)
@@ -160,7 +160,7 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        reason = _first_line(error) if error is not None else "failed on another rank"
+        reason = first_line(error) if error is not None else "failed on another rank"
         raise CheckpointWriteError(f"could not write checkpoint {step_dir_name(step)}: {reason}")
 
     def _publish(self, step: int, tmp: Path, meta: dict[str, Any]) -> None:

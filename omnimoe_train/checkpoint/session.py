@@ -18,7 +18,7 @@ from typing import Any
 
 from omnimoe_train.bad_steps import StepGuard
 from omnimoe_train.checkpoint.files import read_meta
-from omnimoe_train.checkpoint.manager import CheckpointManager
+from omnimoe_train.checkpoint.manager import CheckpointManager, first_line
 from omnimoe_train.config import CheckpointConfig
 
 
@@ -99,9 +99,12 @@ class Checkpointing:
         """Restore the engine and the loop from ``path``; returns the lines worth logging."""
         try:
             client = self.engine.load_checkpoint(path)
-        except Exception as exc:  # noqa: BLE001 - one line for the user, whatever went wrong
-            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-            raise CheckpointLoadError(f"{path} does not fit this run: {first}") from exc
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # torch's CheckpointException is not an Exception
+            # One line for the user, whatever went wrong (a shape the model-config check in
+            # ``compat`` cannot see, e.g. in a checkpoint that does not record its config).
+            raise CheckpointLoadError(f"{path} does not fit this run: {first_line(exc)}") from exc
         state.step, state.consumed_tokens = client["step"], client["consumed_tokens"]
         state.window = list(client["window"])
         # Absent from checkpoints written before they were recorded (the caller falls back).

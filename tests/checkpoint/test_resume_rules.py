@@ -3,7 +3,8 @@
 - A finished run (or one asked for fewer steps than its checkpoint has) prints one line and
   exits 0, leaving ``summary.json``, ``metrics.jsonl`` and ``config.yaml`` as they were.
 - A checkpoint of another model shape or another engine: exit 2 with one line naming the key,
-  before the model is built; layout and other non-shape keys may change.
+  before the model is built; layout and other non-shape keys may change. A checkpoint that does
+  not record its config fails in the loader, also with one line.
 - A resumed run's summary keeps the run's initial val_loss and its total wall time.
 - A helper process forked by the checkpoint writer dies with a kill -9 of the trainer.
 """
@@ -152,6 +153,27 @@ def test_resume_with_another_model_or_engine_is_one_line(finished, override, phr
     assert line.startswith(f"omnimoe-train: error: checkpoint.resume: checkpoint {ckpt} ")
     assert phrase in line
     assert _files(run, kept) == kept
+
+
+def test_a_checkpoint_without_its_config_still_fails_in_one_line(finished, tmp_path: Path) -> None:  # noqa: ANN001
+    """An older ``meta.json`` (no ``config``) skips the shape check; the loader's error (torch's
+    CheckpointException, not an ``Exception``) still becomes one line and exit 2."""
+    cache, done, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    meta_path = run / "checkpoints" / "step_00000008" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]
+    meta_path.write_text(json.dumps(meta))
+    refused = run_train_cli(
+        [*_args(run), "trainer.max_steps=12", "model.num_experts=256"], cache=cache
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    errors = [line for line in refused.stderr.splitlines() if "omnimoe-train: error:" in line]
+    assert len(errors) == 1, refused.stderr[-3000:]
+    assert "step_00000008 does not fit this run: Global shape mismatch" in errors[0]
+    assert "decoder.layers.mlp.up_ND" in errors[0]
 
 
 def test_continued_run_summary_covers_the_whole_run(finished, tmp_path: Path) -> None:  # noqa: ANN001
