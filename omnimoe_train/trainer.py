@@ -276,7 +276,8 @@ class Trainer:
         if s.step == 0 and evaluating:
             s.initial_val_loss = self.evaluate()
             sink.log({"step": 0, "val_loss": s.initial_val_loss})
-        elif s.initial_val_loss is None:  # a checkpoint from before it was recorded
+        elif evaluating and self.resume_from is not None and s.initial_val_loss is None:
+            # Resumed from a checkpoint written before it was recorded: the run dir's log.
             s.initial_val_loss = logged_initial_val_loss(self.run_dir / METRICS_FILE)
         if s.initial_val_loss is not None:
             summary["initial_val_loss"] = s.initial_val_loss
