@@ -29,7 +29,7 @@ from omnimoe_kernels.limits import (
 )
 from omnimoe_train.checkpoint.signals import parse_duration
 from omnimoe_train.config import DataConfig, ModelConfig, ParallelConfig, RootConfig
-from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys
+from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys, check_deepspeed_schema
 from omnimoe_train.names import COMPONENT_MAX_BYTES, long_component
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
 
@@ -503,7 +503,7 @@ def _validate_deepspeed(cfg: RootConfig) -> None:
         "trainer.engine",
         "deepspeed is not installed (pip install -e '.[deepspeed]')",
     )
-    problem = check_deepspeed_keys(cfg.deepspeed)
+    problem = check_deepspeed_keys(cfg.deepspeed) or check_deepspeed_schema(cfg.deepspeed)
     if problem is not None:
         raise ConfigError(*problem)
 

@@ -111,6 +111,18 @@ def test_refused_before_any_work(tmp_path: Path, case: str, key: str) -> None:
     assert after == before  # a given dataset or tokenizer is left as it was
 
 
+def test_misspelt_deepspeed_key_is_one_line_before_deepspeed_starts(tmp_path: Path) -> None:
+    """The tester's case: used to be exit 1 and a 40-line pydantic error after the op build."""
+    args = ["trainer.engine=deepspeed", "+deepspeed.zero_optimization.stagee=2"]
+    result = run_train_cli([*TINY, *args], cache=tmp_path, timeout=120)
+    assert_usage_error(
+        result,
+        f"{ERROR}deepspeed.zero_optimization.stagee: unknown key (not in DeepSpeed's "
+        "DeepSpeedZeroConfig)",
+        tmp_path,
+    )
+
+
 def test_vocab_below_the_prepared_tokenizer_is_refused_before_model_work(
     tmp_path: Path, cache: Path
 ) -> None:
