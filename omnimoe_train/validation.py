@@ -179,6 +179,22 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     )
     _validate_robustness(cfg)
     _validate_names(cfg)
+    _validate_device(t.device)
+
+
+def _validate_device(device: str) -> None:
+    """``trainer.device=cuda`` needs a visible GPU (checked as ``distributed.resolve_device``
+    does, with ``torch.cuda.is_available``, which does not create a CUDA context)."""
+    if device != "cuda":
+        return
+    import torch
+
+    _require(
+        torch.cuda.is_available(),
+        "trainer.device",
+        "cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use trainer.device=cpu or auto",
+    )
 
 
 def _validate_robustness(cfg: RootConfig) -> None:

@@ -123,6 +123,18 @@ def test_misspelt_deepspeed_key_is_one_line_before_deepspeed_starts(tmp_path: Pa
     )
 
 
+def test_cuda_device_without_a_gpu_is_one_line_before_any_work(tmp_path: Path) -> None:
+    """Used to be exit 1 with a RuntimeError traceback from the process-group setup."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: trainer.device=cuda is valid here")
+    result = run_train_cli([*TINY, "trainer.device=cuda"], cache=tmp_path, timeout=120)
+    assert_usage_error(
+        result, f"{ERROR}trainer.device: cuda but no CUDA device is visible", tmp_path
+    )
+
+
 def test_vocab_below_the_prepared_tokenizer_is_refused_before_model_work(
     tmp_path: Path, cache: Path
 ) -> None:
