@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from omnimoe_train import names, sweep_jobs
-from omnimoe_train.config import RootConfig, register_configs
+from omnimoe_train.config import RootConfig, register_configs, unknown_keys
 from omnimoe_train.exit_codes import exit_usage
 from omnimoe_train.validation import (
     ConfigError,
@@ -34,6 +34,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def to_root_config(dcfg: DictConfig) -> RootConfig:
+    """The typed config; raises ``ConfigError`` for a key the schema does not declare."""
+    unknown = unknown_keys(dcfg)
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key (not in the config schema)")
     return OmegaConf.to_object(dcfg)  # type: ignore[return-value]
 
 

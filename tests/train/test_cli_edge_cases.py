@@ -135,6 +135,21 @@ def test_cuda_device_without_a_gpu_is_one_line_before_any_work(tmp_path: Path) -
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["+model.mlpp=dense", "+trainer.maxsteps=3", "trainer.max_steps=2"], "model.mlpp"),
+        (["+trainer.maxsteps=3"], "trainer.maxsteps"),
+        (["+logging.wandb.projet=x"], "logging.wandb.projet"),
+        (["+seed=1"], "seed"),
+    ],
+)
+def test_added_key_not_in_the_schema_is_refused(tmp_path: Path, args: list[str], key: str) -> None:
+    """``+key=value`` lifts the schema's struct flag: a typo used to be ignored (exit 0)."""
+    result = run_train_cli([*TINY, *args], cache=tmp_path, timeout=120)
+    assert_usage_error(result, f"{ERROR}{key}: unknown key (not in the config schema)", tmp_path)
+
+
 def test_vocab_below_the_prepared_tokenizer_is_refused_before_model_work(
     tmp_path: Path, cache: Path
 ) -> None:
