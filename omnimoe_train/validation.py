@@ -148,7 +148,8 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
         d.global_batch_size % (d.micro_batch_size * dp) == 0,
         "data.global_batch_size",
         f"must be a multiple of data.micro_batch_size * data-parallel size "
-        f"({d.micro_batch_size} * {dp}) (got {d.global_batch_size})",
+        f"({d.micro_batch_size} * {dp}) (got {d.global_batch_size}); "
+        + _batch_fix(d.global_batch_size, d.micro_batch_size, dp),
     )
     if p.vpp is not None:
         # megatron's interleaved schedule runs micro-batches in groups of pp per model chunk.
@@ -195,6 +196,17 @@ def _validate_device(device: str) -> None:
         "cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use trainer.device=cpu or auto",
     )
+
+
+def _batch_fix(global_batch: int, micro_batch: int, dp: int) -> str:
+    """The overrides that satisfy global = micro * dp * accumulation: the next larger global
+    batch, or the largest smaller micro-batch that divides it."""
+    step = micro_batch * dp
+    fixes = [f"data.global_batch_size={-(-global_batch // step) * step}"]
+    if global_batch % dp == 0:
+        micro = max(m for m in range(1, micro_batch + 1) if (global_batch // dp) % m == 0)
+        fixes.append(f"data.micro_batch_size={micro}")
+    return "set " + " or ".join(fixes)
 
 
 def _validate_robustness(cfg: RootConfig) -> None:
