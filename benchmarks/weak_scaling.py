@@ -157,13 +157,29 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "windows_per_gpu"}), flush=True)
 
-    header = "| GPUs | layout | tok/s/GPU | early | late | vs 1 GPU | MFU | peak GiB | status |"
-    lines = [header, "|" + "---|" * 9]
+    # Expert parallelism's target is relative to plain data parallelism on as many GPUs.
+    dp_tokens = {
+        r["gpus"]: r["tokens_per_s_per_gpu"]
+        for r in rows
+        if r["layout"].startswith("dp") and "tokens_per_s_per_gpu" in r
+    }
+    for r in rows:
+        if "tokens_per_s_per_gpu" in r and r["gpus"] in dp_tokens:
+            r["ratio_vs_dp"] = r["tokens_per_s_per_gpu"] / dp_tokens[r["gpus"]]
+
+    def ratio(r: dict, key: str) -> str:
+        return f"{r[key]:.2f}" if key in r else "–"
+
+    header = (
+        "| GPUs | layout | tok/s/GPU | early | late | vs 1 GPU | vs DP | MFU | peak GiB | status |"
+    )
+    lines = [header, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['gpus']} | {r['layout']} | {r.get('tokens_per_s_per_gpu', 0):,.0f} "
             f"| {r.get('tokens_per_s_per_gpu_early', 0):,.0f} "
-            f"| {r.get('tokens_per_s_per_gpu_late', 0):,.0f} | {r.get('efficiency_vs_1gpu', 0):.2f} "
+            f"| {r.get('tokens_per_s_per_gpu_late', 0):,.0f} | {ratio(r, 'efficiency_vs_1gpu')} "
+            f"| {ratio(r, 'ratio_vs_dp')} "
             f"| {100 * (r.get('mfu') or 0):.1f}% | {r.get('peak_memory_gib', 0):.1f} | {r['status'][:40]} |"
         )
     print("\n".join(lines))
