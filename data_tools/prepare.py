@@ -145,7 +145,10 @@ def prepare(
             skips=skips,
         )
 
-    if sum(s["documents"] for s in splits.values()) == 0:
+    # A part may get no block at all (fewer blocks than parts: the corpus is smaller than
+    # --part's count times --block-bytes); it is an empty part, which merge accepts.
+    empty_part = part is not None and lo == hi
+    if sum(s["documents"] for s in splits.values()) == 0 and not empty_part:
         raise DataError(f"no usable documents in the input ({skips.summary()})")
     if splits["train"]["samples"] == 0 and part is None:
         raise DataError(

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from omnimoe_train import names, sweep_jobs
-from omnimoe_train.config import RootConfig, register_configs
+from omnimoe_train.config import RootConfig, register_configs, unknown_keys
 from omnimoe_train.exit_codes import exit_usage
 from omnimoe_train.validation import (
     ConfigError,
@@ -34,6 +34,10 @@ def _fail(message: str) -> NoReturn:
 
 
 def to_root_config(dcfg: DictConfig) -> RootConfig:
+    """The typed config; raises ``ConfigError`` for a key the schema does not declare."""
+    unknown = unknown_keys(dcfg)
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key (not in the config schema)")
     return OmegaConf.to_object(dcfg)  # type: ignore[return-value]
 
 
@@ -113,11 +117,12 @@ def _check_launcher(hydra_overrides: list[str], job_overrides: list[str]) -> Non
         _fail(_compose_error(exc))
 
 
-def precheck(argv: list[str]) -> None:
+def precheck(argv: list[str], world_size: int | None = None) -> None:
     """Compose and validate the config(s) that ``argv`` asks for; exit 2 on the first error.
 
     For ``-m`` sweeps this is every combination of the command-line sweeps and of the
     ``hydra.sweeper.params`` the composed config declares (the ready-made experiments).
+    ``world_size``: the number of ranks the run will have (default: ``$WORLD_SIZE``, 1).
     """
     from hydra import compose, initialize_config_module
 
@@ -142,7 +147,7 @@ def precheck(argv: list[str]) -> None:
             with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
                 dcfg = compose(config_name="config", overrides=combo)
             cfg = to_root_config(dcfg)
-            validate(cfg)
+            validate(cfg, world_size)
             # What the data already tells (a given tokenizer, a prepared data.dir); the rest is
             # checked right after preparation, before any model work.
             for facts in data_facts_before_preparation(cfg.data):
@@ -177,15 +182,27 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
         return run(cfg, out_dir).get("final_val_loss")
 
 
+def _register() -> None:
+    sweep_jobs.register_repo_resolver()
+    sweep_jobs.register_launcher_plugin()
+    register_configs()
+    names.register_resolvers()
+
+
+def check_before_launch(argv: list[str], world_size: int) -> None:
+    """``precheck`` for a launcher about to start ``world_size`` ranks of ``omnimoe-train
+    *argv`` (``omnimoe_train.torchrun``): a bad config is refused once, in one line on the
+    console, instead of by every rank into its own log. Exits 2 on the first error."""
+    _register()
+    precheck(argv, world_size)
+
+
 def main() -> None:
     from omnimoe_train.run import quiet_libraries
 
     quiet_libraries()
     sweep_jobs.use_usr1_for_preemption()
-    sweep_jobs.register_repo_resolver()
-    sweep_jobs.register_launcher_plugin()
-    register_configs()
-    names.register_resolvers()
+    _register()
     precheck(sys.argv[1:])
     _hydra_main()
 

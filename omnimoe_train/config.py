@@ -177,6 +177,29 @@ class RootConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a composed config (an OmegaConf ``DictConfig``) that its schema does not
+    declare. Composition rejects them, except those added with ``+key=value``: Hydra lifts the
+    schema's struct flag for an addition and ``OmegaConf.to_object`` then sets them as extra
+    attributes, so a typo such as ``+trainer.maxsteps=3`` would be ignored. Free-form fields
+    (``deepspeed``, typed ``dict``) accept any key."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    if not isinstance(node, DictConfig) or not dataclasses.is_dataclass(schema):
+        return []
+    declared = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key in node:
+        if key not in declared:
+            found.append(f"{prefix}{key}")
+        else:
+            found += unknown_keys(node._get_node(key), f"{prefix}{key}.")
+    return found
+
+
 def register_configs() -> None:
     """Register the schema that ``conf/config.yaml`` lists first in its defaults."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)

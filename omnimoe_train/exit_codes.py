@@ -7,6 +7,7 @@ again to continue" (requeue); the others need a person.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 EXIT_OK = 0
@@ -30,3 +31,19 @@ def exit_usage(prog: str, message: str) -> NoReturn:
     and exit with :data:`EXIT_USAGE`."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How to continue a run that stopped with :data:`EXIT_REQUEUE` in ``run_dir``: the same
+    command with the run (or, in a ``-m`` sweep, the sweep) directory fixed by the variable that
+    ``conf/config.yaml`` reads. Said explicitly because the default directories carry the start
+    time: rerunning the bare command would start a new run from step 0 (a launcher that set the
+    variable itself, like ``launch/torchrun.sh``, would too).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    var, directory = "OMNIMOE_RUN_DIR", run_dir.resolve()
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        var, directory = "OMNIMOE_SWEEP_DIR", Path(HydraConfig.get().sweep.dir).resolve()
+    return f"to continue, run the same command with {var}={directory}"

@@ -28,11 +28,14 @@ def _write_exit_status(run_dir: Path, code: int, message: str) -> None:
 
 
 def _fail(message: str, code: int, *, show: bool, run_dir: Path | None = None) -> None:
-    if show:
-        kind = "stopped" if code == EXIT_REQUEUE else "error"
-        print(f"omnimoe-train: {kind}: {message}", file=sys.stderr, flush=True)
-        if run_dir is not None:
-            _write_exit_status(run_dir, code, message)
+    """Print the one line and exit with ``code``. Every rank prints it into its own output
+    (under torchrun, its log file; the console shows rank 0, and the launcher repeats the line
+    of a failed rank the console did not show); ``show`` (rank 0) also records it in
+    ``exit_status.json``."""
+    kind = "stopped" if code == EXIT_REQUEUE else "error"
+    print(f"omnimoe-train: {kind}: {message}", file=sys.stderr, flush=True)
+    if show and run_dir is not None:
+        _write_exit_status(run_dir, code, message)
     raise SystemExit(code)
 
 

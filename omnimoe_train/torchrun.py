@@ -10,13 +10,16 @@ And the agent exits with 1 whenever a worker fails, whatever the worker's exit c
 
 - SIGUSR1 reaching the agent is passed on to its workers (the trainer finishes its step, saves
   and exits with ``EXIT_REQUEUE`` = 75). Under SLURM the workers also get it from slurmstepd;
-  the trainer's handler only sets a flag, so twice is the same as once.
+  the trainer's handler only sets a flag, so twice is the same as once. The first SIGTERM is
+  passed on the same way (torch's agent would SIGTERM the workers itself and exit 143, losing
+  their 75); a second SIGTERM stops the workers at once, as torchrun does.
 - When every failed worker exited with the same code (leaving out those the agent's own SIGTERM
   ended, see ``exit_status``), the agent exits with it: 75 (one line, no
   traceback) tells the batch script that the run stopped early with a checkpoint, so it
-  requeues; 2 is a usage error the workers have already printed in one line. Other failures
-  print torchrun's usual summary and exit 1; a signal that stopped the agent (SIGTERM on
-  ``scancel``) exits 128 + its number.
+  requeues, and the line says the command that continues the run (``resume_command``); 2 is a
+  usage error the workers have already printed in one line. Other failures print torchrun's
+  usual summary and exit 1; a signal that stopped the agent (a second SIGTERM, SIGINT) exits
+  128 + its number.
 
 Why our own wrapper: torchrun has ``--signals-to-handle`` (add SIGUSR1), but an agent handling a
 signal shuts its workers down and exits 1 without their exit codes, which is the part we need.
@@ -25,10 +28,12 @@ signal shuts its workers down and exits 1 without their exit codes, which is the
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from types import FrameType
 
 import psutil
@@ -42,13 +47,54 @@ HOST_LINGER_S = 3.0
 SLURM_NODE = "--slurm-node"  # first argument: build torchrun's arguments from the environment
 
 
-def _forward_to_workers(signum: int, _frame: FrameType | None) -> None:
-    """Send ``signum`` to the agent's direct children: the worker processes it started."""
+def _forward_to_workers(signum: int, _frame: FrameType | None) -> int:
+    """Send ``signum`` to the agent's direct children: the worker processes it started.
+    Returns how many were signalled."""
+    sent = 0
     for child in psutil.Process().children(recursive=False):
         try:
             child.send_signal(signum)
+            sent += 1
         except psutil.NoSuchProcess:
             continue
+    return sent
+
+
+_terms_received: list[int] = []
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """The first SIGTERM is a stop request passed to the workers, as SIGUSR1 is (they save and
+    exit 75, which the agent then returns); a second one, or one before any worker runs, is
+    torch's own: the agent stops its workers at once (SIGTERM, SIGKILL after its shutdown
+    timeout) and exits 143."""
+    from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
+
+    _terms_received.append(signum)
+    if len(_terms_received) > 1 or _forward_to_workers(signum, frame) == 0:
+        _terminate_process_handler(signum, frame)
+
+
+def _without_sigterm(signals: str) -> str:
+    """torchrun's ``--signals-to-handle`` list less SIGTERM (``_on_sigterm`` handles it)."""
+    return ",".join(s for s in signals.split(",") if s.strip() and s.strip() != "SIGTERM")
+
+
+def resume_command(script_args: list[str], env: Mapping[str, str]) -> str:
+    """What continues a run whose workers stopped with 75: ``launch/torchrun.sh``'s command
+    line (it exports ``OMNIMOE_LAUNCHER``) with the run directory (``OMNIMOE_SWEEP_DIR`` for a
+    ``-m`` sweep) it used, which otherwise is a new time-stamped one on every start."""
+    var = (
+        "OMNIMOE_SWEEP_DIR"
+        if any(a in ("-m", "--multirun") for a in script_args)
+        else ("OMNIMOE_RUN_DIR")
+    )
+    directory, launcher = env.get(var), env.get("OMNIMOE_LAUNCHER")
+    if directory is None:
+        return "rerun the same command to continue"
+    if launcher is None:
+        return f"to continue, run the same command with {var}={shlex.quote(directory)}"
+    return f"to continue: {var}={shlex.quote(directory)} {launcher} {shlex.join(script_args)}"
 
 
 def exit_status(worker_exit_codes: list[int]) -> int:
@@ -96,6 +142,46 @@ def slurm_node_args(module: str, args: list[str], env: Mapping[str, str]) -> lis
     ]  # fmt: skip
 
 
+TRAIN_MODULE = "omnimoe_train.cli"
+ERROR_MARK = ": error: "  # the one-line usage errors: "omnimoe-train: error: <key>: <rule>"
+
+
+def _check_config(args) -> None:  # noqa: ANN001 - torchrun's argparse namespace
+    """Validate the training config once, here, before any rank starts (exits 2 with one line).
+    Otherwise every rank fails on its own, and the console (rank 0 only) may show nothing but
+    torchrun's lines when another rank's failure got rank 0 SIGTERMed before it printed."""
+    from torch.distributed.run import determine_local_world_size, parse_min_max_nnodes
+
+    if not (args.module and args.training_script == TRAIN_MODULE):
+        return
+    min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
+    if min_nodes != max_nodes:  # elastic: the world size is not known yet
+        return
+    from omnimoe_train import cli
+
+    world_size = max_nodes * determine_local_world_size(args.nproc_per_node)
+    cli.check_before_launch(list(args.training_script_args), world_size)
+
+
+def failed_rank_errors(log_dir: str | None, first_local_rank: int) -> list[str]:
+    """The usage-error lines of the first failed worker that the console has not shown (it shows
+    local rank 0's output): those in its ``stderr.log`` but not in rank 0's, newest attempt."""
+
+    def lines(rank: int) -> list[str]:
+        logs = sorted(Path(log_dir).glob(f"*/attempt_*/{rank}/stderr.log"), key=_mtime)
+        text = logs[-1].read_text(errors="replace") if logs else ""
+        return [line.strip() for line in text.splitlines() if ERROR_MARK in line]
+
+    if log_dir is None or first_local_rank == 0:
+        return []
+    shown = set(lines(0))
+    return [line for line in lines(first_local_rank) if line not in shown]
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
+
+
 def _hosts_multinode_rendezvous(args) -> bool:  # noqa: ANN001 - torchrun's argparse namespace
     return str(args.nnodes) not in ("1", "1:1") and "is_host=1" in (args.rdzv_conf or "")
 
@@ -120,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             return EXIT_USAGE
     args = parse_args(argv)
+    _check_config(args)
     signal.signal(signal.SIGUSR1, _forward_to_workers)
+    args.signals_to_handle = _without_sigterm(args.signals_to_handle)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         run(args)
     except ChildFailedError as exc:
@@ -131,10 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         if status == EXIT_REQUEUE:
             print(
                 "omnimoe torchrun: the workers saved a checkpoint and stopped early (exit 75); "
-                "rerun the same command to continue",
+                + resume_command(args.training_script_args, os.environ),
                 file=sys.stderr,
             )
-        elif status != EXIT_USAGE:
+        elif status == EXIT_USAGE:
+            first = exc.get_first_failure()[1]
+            for line in failed_rank_errors(args.log_dir, first.local_rank):
+                print(f"[rank {first.local_rank}] {line}", file=sys.stderr)
+        else:
             print(exc.format_msg(), file=sys.stderr)
             if args.log_dir:
                 print(f"omnimoe torchrun: per-rank logs under {args.log_dir}", file=sys.stderr)

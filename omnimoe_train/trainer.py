@@ -32,7 +32,7 @@ from omnimoe_train.data import build_loader, prepare_data
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine import build_engine
 from omnimoe_train.engine.megatron import PAD_ID
-from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
+from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE, resume_hint
 from omnimoe_train.metrics import METRICS_FILE, MetricsSink, logged_initial_val_loss
 from omnimoe_train.mfu import throughput_metrics
 from omnimoe_train.model.accounting import model_accounting
@@ -322,7 +322,7 @@ class Trainer:
         if code == EXIT_REQUEUE:
             summary["message"] = (
                 f"{why}: stopped after step {self.state.step}, checkpoint {where}; exit code "
-                f"{code} (rerun the same command to continue)"
+                f"{code} ({resume_hint(self.run_dir)})"
             )
         else:
             summary["message"] = f"{why}; the last good weights are in {where}"

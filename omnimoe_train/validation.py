@@ -29,7 +29,7 @@ from omnimoe_kernels.limits import (
 )
 from omnimoe_train.checkpoint.signals import parse_duration
 from omnimoe_train.config import DataConfig, ModelConfig, ParallelConfig, RootConfig
-from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys
+from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys, check_deepspeed_schema
 from omnimoe_train.names import COMPONENT_MAX_BYTES, long_component
 from omnimoe_train.parallel.layout import LayoutError, ParallelLayout, validate_layout
 
@@ -148,7 +148,8 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
         d.global_batch_size % (d.micro_batch_size * dp) == 0,
         "data.global_batch_size",
         f"must be a multiple of data.micro_batch_size * data-parallel size "
-        f"({d.micro_batch_size} * {dp}) (got {d.global_batch_size})",
+        f"({d.micro_batch_size} * {dp}) (got {d.global_batch_size}); "
+        + _batch_fix(d.global_batch_size, d.micro_batch_size, dp),
     )
     if p.vpp is not None:
         # megatron's interleaved schedule runs micro-batches in groups of pp per model chunk.
@@ -179,6 +180,33 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     )
     _validate_robustness(cfg)
     _validate_names(cfg)
+    _validate_device(t.device)
+
+
+def _validate_device(device: str) -> None:
+    """``trainer.device=cuda`` needs a visible GPU (checked as ``distributed.resolve_device``
+    does, with ``torch.cuda.is_available``, which does not create a CUDA context)."""
+    if device != "cuda":
+        return
+    import torch
+
+    _require(
+        torch.cuda.is_available(),
+        "trainer.device",
+        "cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use trainer.device=cpu or auto",
+    )
+
+
+def _batch_fix(global_batch: int, micro_batch: int, dp: int) -> str:
+    """The overrides that satisfy global = micro * dp * accumulation: the next larger global
+    batch, or the largest smaller micro-batch that divides it."""
+    step = micro_batch * dp
+    fixes = [f"data.global_batch_size={-(-global_batch // step) * step}"]
+    if global_batch % dp == 0:
+        micro = max(m for m in range(1, micro_batch + 1) if (global_batch // dp) % m == 0)
+        fixes.append(f"data.micro_batch_size={micro}")
+    return "set " + " or ".join(fixes)
 
 
 def _validate_robustness(cfg: RootConfig) -> None:
@@ -503,7 +531,7 @@ def _validate_deepspeed(cfg: RootConfig) -> None:
         "trainer.engine",
         "deepspeed is not installed (pip install -e '.[deepspeed]')",
     )
-    problem = check_deepspeed_keys(cfg.deepspeed)
+    problem = check_deepspeed_keys(cfg.deepspeed) or check_deepspeed_schema(cfg.deepspeed)
     if problem is not None:
         raise ConfigError(*problem)
 

@@ -77,6 +77,56 @@ def check_deepspeed_keys(ds: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+#: Sections of the DeepSpeed config that DeepSpeed reads through a pydantic model of its own
+#: (extra keys forbidden): section -> (module, class). The rest of its config is read with
+#: ``dict.get`` and has no schema to check against.
+SECTION_MODELS: dict[str, tuple[str, str]] = {
+    "zero_optimization": ("deepspeed.runtime.zero.config", "DeepSpeedZeroConfig"),
+    "comms_logger": ("deepspeed.comm.config", "CommsLoggerConfig"),
+    "tensorboard": ("deepspeed.monitor.config", "TensorBoardConfig"),
+    "wandb": ("deepspeed.monitor.config", "WandbConfig"),
+    "csv_monitor": ("deepspeed.monitor.config", "CSVConfig"),
+}
+
+
+def check_deepspeed_schema(ds: dict[str, Any]) -> tuple[str, str] | None:
+    """The first key of ``ds`` that DeepSpeed's own config models reject, as (key, rule), or
+    None: a misspelt key (``zero_optimization.stagee``) or a bad value, found before DeepSpeed
+    builds its ops rather than as a multi-line ``pydantic.ValidationError`` inside
+    ``deepspeed.initialize``. Needs DeepSpeed installed."""
+    import importlib
+    import logging
+
+    import pydantic
+
+    # Importing DeepSpeed logs which accelerator it picked; this check must print nothing. A
+    # filter, not a level: DeepSpeed sets its logger's level when it creates it, in the import.
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.addFilter(_errors_only)
+    try:
+        for section, (module, name) in SECTION_MODELS.items():
+            if section not in ds:
+                continue
+            if not isinstance(ds[section], dict):
+                return f"deepspeed.{section}", "must be a mapping of DeepSpeed keys"
+            model = getattr(importlib.import_module(module), name)
+            try:
+                model(**ds[section])
+            except pydantic.ValidationError as exc:
+                error = exc.errors()[0]
+                key = ".".join(["deepspeed", section, *map(str, error["loc"])])
+                if error["type"] == "extra_forbidden":
+                    return key, f"unknown key (not in DeepSpeed's {name})"
+                return key, f"{error['msg']} (got {error.get('input')!r}; DeepSpeed's {name})"
+    finally:
+        ds_logger.removeFilter(_errors_only)
+    return None
+
+
+def _errors_only(record: Any) -> bool:  # a logging.LogRecord
+    return record.levelno >= 40  # logging.ERROR
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in over.items():

@@ -101,6 +101,21 @@ def test_merge_refuses_parts_that_do_not_fit(tmp_path: Path) -> None:
         prepare([corpus], tmp_path / "x", part=(0, 2), **{**options, "tokenizer": None})
 
 
+def test_parts_beyond_the_number_of_blocks_are_empty_and_merge(tmp_path: Path) -> None:
+    """A corpus of fewer blocks than parts (the tester's 0.8 MB corpus at the default 8 MiB
+    block, --part i/3): the parts without a block are empty, not 'no usable documents'."""
+    corpus = _jsonl_corpus(tmp_path / "c", n=40)
+    tok = train_tokenizer_file([corpus], tmp_path / "tok.json", vocab_size=300, workers=1)
+    options = {**TINY, "tokenizer": tok, "val_fraction": 0.2, "progress": False, "workers": 1}
+    parts = [tmp_path / f"part{i}" for i in range(3)]
+    manifests = [prepare([corpus], p, part=(i, 3), **options).manifest for i, p in enumerate(parts)]
+    assert manifests[0]["plan"]["blocks"] == 1  # default block size: the whole corpus is one
+    assert [m["samples"] for m in manifests[:2]] == [0, 0] and manifests[2]["samples"] > 0
+    whole = tmp_path / "whole"
+    prepare([corpus], whole, **options)
+    _same_data(whole, merge(parts, tmp_path / "merged").manifest_path.parent)
+
+
 def test_tokenizer_sample_spreads_over_the_corpus(tmp_path: Path) -> None:
     """A corpus sorted by topic: a 10% sample still sees the last topic's words."""
     first = [f"alpha{i} " + "apricotmarmalade " * 20 for i in range(40)]

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from omnimoe_train.torchrun import exit_status, slurm_node_args
+from omnimoe_train.torchrun import (
+    exit_status,
+    failed_rank_errors,
+    resume_command,
+    slurm_node_args,
+)
 from tests.launch.conftest import REPO, TINY, job_env
 
 
@@ -86,6 +91,128 @@ def test_usr1_to_the_agent_reaches_the_workers_and_75_comes_back(tmp_path: Path)
     assert agent.returncode == 75, err
     assert "saved a checkpoint and stopped early (exit 75)" in err
     assert "Traceback" not in err
+
+
+def test_sigterm_to_the_agent_reaches_the_workers_and_75_comes_back(tmp_path: Path) -> None:
+    """torchrun's own agent SIGTERMs its workers and exits 143, losing their 75; ours passes the
+    first SIGTERM on like SIGUSR1, returns 75 and says how to continue."""
+    env = job_env(tmp_path, OMNIMOE_LAUNCHER="launch/torchrun.sh 2", OMNIMOE_RUN_DIR="runs/a b")
+    agent = subprocess.Popen(
+        [
+            sys.executable, "-m", "omnimoe_train.torchrun", "--standalone",
+            "--nproc-per-node", "2", "-m", "tests.launch.usr1_worker", str(tmp_path),
+        ],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("ready_*"))) < 2 and time.monotonic() < deadline:
+            assert agent.poll() is None, agent.communicate()
+            time.sleep(0.1)
+        os.kill(agent.pid, signal.SIGTERM)
+        _, err = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+    assert agent.returncode == 75, err
+    assert (
+        f"to continue: OMNIMOE_RUN_DIR='runs/a b' launch/torchrun.sh 2 {tmp_path}"
+        in err.splitlines()[-1]
+    ), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["a=1"], {"OMNIMOE_RUN_DIR": "o/r", "OMNIMOE_LAUNCHER": "l 2"},
+         "to continue: OMNIMOE_RUN_DIR=o/r l 2 a=1"),
+        (["-m", "a=1,2"], {"OMNIMOE_SWEEP_DIR": "m/s", "OMNIMOE_LAUNCHER": "l 2"},
+         "to continue: OMNIMOE_SWEEP_DIR=m/s l 2 -m a=1,2"),
+        (["a=1"], {"OMNIMOE_RUN_DIR": "o/r"}, "to continue, run the same command with OMNIMOE_RUN_DIR=o/r"),
+        (["a=1"], {}, "rerun the same command to continue"),
+    ],
+)  # fmt: skip
+def test_resume_command(args: list[str], env: dict[str, str], expected: str) -> None:
+    assert resume_command(args, env) == expected
+
+
+def test_sigterm_stop_under_torchrun_sh_says_the_command_that_resumes(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
+    """The tester's case: launch/torchrun.sh without OMNIMOE_RUN_DIR, SIGTERM, exit 75; the
+    printed command (run as printed) resumes in the same run directory, not at step 0."""
+    command = ["bash", str(REPO / "launch" / "torchrun.sh"), "2", *TINY, "trainer.max_steps=30"]
+    env = job_env(tiny_cache)
+    env.pop("OMNIMOE_RUN_DIR", None)
+    launcher = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert launcher.poll() is None, launcher.communicate()
+            metrics = list(tmp_path.glob("outputs/torchrun/*/metrics.jsonl"))
+            if metrics and '"step": 2,' in metrics[0].read_text():
+                break
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 75, err[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "torchrun").iterdir()
+    stopped = json.loads((run_dir / "summary.json").read_text())["last_train"]["step"]
+    assert stopped < 30
+    hint = err.strip().splitlines()[-1]
+    assert f"OMNIMOE_RUN_DIR=outputs/torchrun/{run_dir.name} " in hint, hint
+    resumed = subprocess.run(
+        ["bash", "-c", hint.split("to continue: ", 1)[1]],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "outputs" / "torchrun").iterdir()] == [run_dir.name]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumes = [r for r in records if "resumed_from" in r]
+    assert resumes == [{"step": stopped, "resumed_from": f"step_{stopped:08d}"}], resumes
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 31)), steps
+
+
+def test_config_error_is_refused_once_before_any_rank_starts(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
+    """The layout rule broken here used to reach the console only when rank 0 printed it before
+    torchrun SIGTERMed it; now the launcher checks the config for all ranks first."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            "bash", str(REPO / "launch" / "torchrun.sh"), "2", *TINY,
+            "parallel=ep2_rows", "model.execution=token",
+        ],
+        cwd=tmp_path, env=job_env(tiny_cache, OMNIMOE_RUN_DIR=str(run_dir)),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("output dir: ")
+    assert lines[1:] == [
+        "omnimoe-train: error: model.execution: execution=token gathers from whole local tables: "
+        "needs parallel.ep=1 (got 2)"
+    ]
+    assert not run_dir.exists()  # no rank started (their logs would be in run/logs)
+
+
+def test_failed_rank_errors_repeats_the_line_the_console_did_not_show(tmp_path: Path) -> None:
+    error = "omnimoe-train: error: data.dir: no shards"
+    for rank, text in ((0, "step 1\n"), (1, f"loading\n{error}\n")):
+        log = tmp_path / "run_x" / "attempt_0" / str(rank) / "stderr.log"
+        log.parent.mkdir(parents=True)
+        log.write_text(text)
+    assert failed_rank_errors(str(tmp_path), 1) == [error]
+    assert failed_rank_errors(str(tmp_path), 0) == []  # rank 0's output is on the console
+    (tmp_path / "run_x" / "attempt_0" / "0" / "stderr.log").write_text(error + "\n")
+    assert failed_rank_errors(str(tmp_path), 1) == []  # shown already
+    assert failed_rank_errors(None, 1) == []
 
 
 def test_sweep_under_torchrun_runs_every_job_in_one_sweep_dir(

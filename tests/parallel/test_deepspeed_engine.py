@@ -81,6 +81,29 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, prese
         (["+deepspeed.gradient_clipping=2.0"], 1, "deepspeed.gradient_clipping", "optim.clip_grad"),
         (["+deepspeed.fp16.enabled=true"], 1, "deepspeed.fp16", "trainer.precision"),
         (["+deepspeed.scheduler.type=WarmupLR"], 1, "deepspeed.scheduler", "WSD"),
+        # Checked with DeepSpeed's own config models: a misspelt key, a bad value, a section.
+        (
+            ["+deepspeed.zero_optimization.stagee=2"],
+            1,
+            "deepspeed.zero_optimization.stagee",
+            "unknown key (not in DeepSpeed's DeepSpeedZeroConfig)",
+        ),
+        (
+            [
+                "deepspeed=zero2_offload",
+                "+deepspeed.zero_optimization.offload_optimizer.pin_memry=1",
+            ],
+            1,
+            "deepspeed.zero_optimization.offload_optimizer.pin_memry",
+            "unknown key",
+        ),
+        (
+            ["+deepspeed.zero_optimization.overlap_comm=sometimes"],
+            1,
+            "deepspeed.zero_optimization.overlap_comm",
+            "valid boolean",
+        ),
+        (["+deepspeed.tensorboard.enabledd=true"], 1, "deepspeed.tensorboard.enabledd", "unknown"),
     ],
 )
 def test_deepspeed_config_rules(overrides: list[str], world_size: int, key: str, rule: str) -> None:

@@ -111,6 +111,45 @@ def test_refused_before_any_work(tmp_path: Path, case: str, key: str) -> None:
     assert after == before  # a given dataset or tokenizer is left as it was
 
 
+def test_misspelt_deepspeed_key_is_one_line_before_deepspeed_starts(tmp_path: Path) -> None:
+    """The tester's case: used to be exit 1 and a 40-line pydantic error after the op build."""
+    args = ["trainer.engine=deepspeed", "+deepspeed.zero_optimization.stagee=2"]
+    result = run_train_cli([*TINY, *args], cache=tmp_path, timeout=120)
+    assert_usage_error(
+        result,
+        f"{ERROR}deepspeed.zero_optimization.stagee: unknown key (not in DeepSpeed's "
+        "DeepSpeedZeroConfig)",
+        tmp_path,
+    )
+
+
+def test_cuda_device_without_a_gpu_is_one_line_before_any_work(tmp_path: Path) -> None:
+    """Used to be exit 1 with a RuntimeError traceback from the process-group setup."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: trainer.device=cuda is valid here")
+    result = run_train_cli([*TINY, "trainer.device=cuda"], cache=tmp_path, timeout=120)
+    assert_usage_error(
+        result, f"{ERROR}trainer.device: cuda but no CUDA device is visible", tmp_path
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["+model.mlpp=dense", "+trainer.maxsteps=3", "trainer.max_steps=2"], "model.mlpp"),
+        (["+trainer.maxsteps=3"], "trainer.maxsteps"),
+        (["+logging.wandb.projet=x"], "logging.wandb.projet"),
+        (["+seed=1"], "seed"),
+    ],
+)
+def test_added_key_not_in_the_schema_is_refused(tmp_path: Path, args: list[str], key: str) -> None:
+    """``+key=value`` lifts the schema's struct flag: a typo used to be ignored (exit 0)."""
+    result = run_train_cli([*TINY, *args], cache=tmp_path, timeout=120)
+    assert_usage_error(result, f"{ERROR}{key}: unknown key (not in the config schema)", tmp_path)
+
+
 def test_vocab_below_the_prepared_tokenizer_is_refused_before_model_work(
     tmp_path: Path, cache: Path
 ) -> None:

@@ -211,3 +211,30 @@ def test_eval_microbatches_per_rank(batches: int, dp: int, multiple: int, expect
 )
 def test_fault_tolerance_keys(override: str, key: str | None) -> None:
     assert _key_of(override) == key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "fix"),
+    [
+        # The default tiny batches (global 16 = micro 16) under launch/torchrun.sh 2 at dp 2.
+        ((), 2, "set data.global_batch_size=32 or data.micro_batch_size=8"),
+        (
+            ("data.global_batch_size=24", "data.micro_batch_size=16"),
+            4,
+            "=64 or data.micro_batch_size=6",
+        ),
+        (
+            ("data.global_batch_size=15", "data.micro_batch_size=4"),
+            2,
+            "set data.global_batch_size=16",
+        ),
+    ],
+)
+def test_batch_rule_says_which_override_fixes_it(
+    overrides: tuple[str, ...], world_size: int, fix: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(*overrides), world_size=world_size)
+    assert info.value.key == "data.global_batch_size" and info.value.rule.endswith(fix)
+    for suggestion in info.value.rule.split("; set ")[1].split(" or "):
+        validate(compose_config(*overrides, suggestion), world_size=world_size)
