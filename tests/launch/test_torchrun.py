@@ -70,32 +70,12 @@ def test_slurm_node_outside_a_job_is_one_line(tmp_path: Path) -> None:
     ]
 
 
-def test_usr1_to_the_agent_reaches_the_workers_and_75_comes_back(tmp_path: Path) -> None:
-    """torchrun's own agent would die of SIGUSR1 and exit 1; ours passes it on and exits 75."""
-    agent = subprocess.Popen(
-        [
-            sys.executable, "-m", "omnimoe_train.torchrun", "--standalone",
-            "--nproc-per-node", "2", "-m", "tests.launch.usr1_worker", str(tmp_path),
-        ],
-        cwd=REPO, env=job_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("ready_*"))) < 2 and time.monotonic() < deadline:
-            assert agent.poll() is None, agent.communicate()
-            time.sleep(0.1)
-        os.kill(agent.pid, signal.SIGUSR1)
-        _, err = agent.communicate(timeout=60)
-    finally:
-        agent.kill()
-    assert agent.returncode == 75, err
-    assert "saved a checkpoint and stopped early (exit 75)" in err
-    assert "Traceback" not in err
-
-
-def test_sigterm_to_the_agent_reaches_the_workers_and_75_comes_back(tmp_path: Path) -> None:
-    """torchrun's own agent SIGTERMs its workers and exits 143, losing their 75; ours passes the
-    first SIGTERM on like SIGUSR1, returns 75 and says how to continue."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["usr1", "term"])
+def test_signal_to_the_agent_reaches_the_workers_and_75_comes_back(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    """torchrun's own agent would die of SIGUSR1 (exit 1), and SIGTERMs its workers and exits
+    143 on SIGTERM, losing their 75; ours passes either on, returns 75 and says how to continue."""
     env = job_env(tmp_path, OMNIMOE_LAUNCHER="launch/torchrun.sh 2", OMNIMOE_RUN_DIR="runs/a b")
     agent = subprocess.Popen(
         [
@@ -109,11 +89,12 @@ def test_sigterm_to_the_agent_reaches_the_workers_and_75_comes_back(tmp_path: Pa
         while len(list(tmp_path.glob("ready_*"))) < 2 and time.monotonic() < deadline:
             assert agent.poll() is None, agent.communicate()
             time.sleep(0.1)
-        os.kill(agent.pid, signal.SIGTERM)
+        os.kill(agent.pid, sig)
         _, err = agent.communicate(timeout=60)
     finally:
         agent.kill()
     assert agent.returncode == 75, err
+    assert "saved a checkpoint and stopped early (exit 75)" in err
     assert (
         f"to continue: OMNIMOE_RUN_DIR='runs/a b' launch/torchrun.sh 2 {tmp_path}"
         in err.splitlines()[-1]
