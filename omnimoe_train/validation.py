@@ -357,6 +357,14 @@ def validate_against_data(cfg: RootConfig, facts: DataFacts) -> None:
             f"must equal the prepared dataset's seq_len={facts.seq_len} ({facts.where}) "
             f"(got {d.seq_len})",
         )
+    train = (facts.split_samples or {}).get("train")
+    if train is not None and not d.dirs:  # in a mixture, a small source repeats by design
+        _require(
+            d.global_batch_size <= train,
+            "data.global_batch_size",
+            f"must not exceed the training split's {train} samples ({facts.where}): every step "
+            f"would repeat samples (got {d.global_batch_size}; give more data or a smaller batch)",
+        )
     if facts.split_samples is not None and d.val_fraction > 0:
         _require(
             facts.split_samples.get("val", 0) > 0,

@@ -73,6 +73,7 @@ def _dataset(folder: Path, *, val: bool) -> Path:
         ("vocab_below_given_tokenizer", "model.vocab_size"),
         ("seq_len_differs_from_data_dir", "data.seq_len"),
         ("empty_val_split_in_data_dir", "data.val_fraction"),
+        ("global_batch_above_train_split", "data.global_batch_size"),
         ("run_dir_component_too_long", "hydra.run.dir"),
         ("checkpoint_dir_component_too_long", "checkpoint.dir"),
         ("wandb_tag_too_long", "logging.wandb.tags"),
@@ -97,6 +98,10 @@ def test_refused_before_any_work(tmp_path: Path, case: str, key: str) -> None:
         "empty_val_split_in_data_dir": [
             f"data.dir={_dataset(inputs, val=False) if case.startswith('empty') else ''}",
             "data.seq_len=16",
+        ],
+        "global_batch_above_train_split": [  # 30 training samples
+            f"data.dir={_dataset(inputs, val=True) if case.startswith('global') else ''}",
+            "data.seq_len=16", "data.micro_batch_size=4", "data.global_batch_size=32",
         ],
         "run_dir_component_too_long": [f"hydra.run.dir={tmp_path}/{'r' * 256}"],
         "checkpoint_dir_component_too_long": [f"checkpoint.dir={'c' * 256}"],
