@@ -149,10 +149,12 @@ def _facts(**kw: object) -> DataFacts:
         ((), _facts(), None),  # unset: taken from the tokenizer
         (("data.seq_len=32",), _facts(seq_len=16), "data.seq_len"),
         (("data.seq_len=16",), _facts(seq_len=16), None),
-        (("data.val_fraction=0.02",), _facts(split_samples={"train": 9, "val": 0}), "data.val_fraction"),
-        (("data.val_fraction=0.02",), _facts(split_samples={"train": 9}), "data.val_fraction"),
-        (("data.val_fraction=0",), _facts(split_samples={"train": 9, "val": 0}), None),
-        (("data.val_fraction=0.02",), _facts(split_samples={"train": 9, "val": 1}), None),
+        (("data.val_fraction=0.02",), _facts(split_samples={"train": 900, "val": 0}), "data.val_fraction"),
+        (("data.val_fraction=0.02",), _facts(split_samples={"train": 900}), "data.val_fraction"),
+        (("data.val_fraction=0",), _facts(split_samples={"train": 900, "val": 0}), None),
+        (("data.val_fraction=0.02",), _facts(split_samples={"train": 900, "val": 1}), None),
+        (("data.global_batch_size=16",), _facts(split_samples={"train": 9, "val": 1}), "data.global_batch_size"),
+        (("data.global_batch_size=16",), _facts(split_samples={"train": 16, "val": 1}), None),
     ],
 )  # fmt: skip
 def test_rules_against_the_data(
