@@ -25,6 +25,11 @@ from torch import nn
 
 from omnimoe_train.config import ModelConfig, RootConfig
 from omnimoe_train.model.attention import SDPAttention
+from omnimoe_train.model.fusions import (
+    LigerLossGPTModel,
+    compile_layers,
+    transformer_config_fusions,
+)
 from omnimoe_train.model.init import SeededTransformerLayer
 from omnimoe_train.model.moe_megatron import (
     MEGATRON_MOE_MLPS,
@@ -100,13 +105,14 @@ def transformer_config(cfg: RootConfig, *, bf16: bool) -> TransformerConfig:
         sequence_parallel=p.sequence_parallel,
         use_cpu_initialization=True,
         perform_initialization=True,
-        # The fused paths need apex / TransformerEngine; the plain ones run everywhere.
-        bias_activation_fusion=False,
+        # These fused paths need apex / TransformerEngine (model/fusions.py says why each);
+        # the ones that do not are the model.fused_* keys.
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **transformer_config_fusions(m),
         **transformer_config_fields(m, p),  # megatron's MoE settings (gshard, deepseekmoe)
     )
 
@@ -165,7 +171,8 @@ def build_model(
     block = TransformerBlockSubmodules(
         layer_specs=[layer_spec(cfg, table_sharding)] * num_layers, layer_norm=RMSNorm
     )
-    return GPTModel(
+    gpt_class = LigerLossGPTModel if cfg.model.fused_cross_entropy == "liger" else GPTModel
+    model = gpt_class(
         config=tconfig,
         transformer_layer_spec=block,
         vocab_size=vocab_size,
@@ -177,6 +184,9 @@ def build_model(
         rotary_base=int(cfg.model.rope_base),
         vp_stage=vp_stage,
     )
+    if cfg.trainer.compile == "layers":
+        compile_layers(model)
+    return model
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:

@@ -88,15 +88,24 @@ class RoutedMLP(MegatronModule, ABC):
     def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The routed part's output ``y_TD`` for tokens ``x_TD`` and their ``routing``."""
 
-    def forward(
-        self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, None]:
+    # Under ``trainer.compile`` the routed part runs eagerly (a graph break): its Triton kernels,
+    # sorts and statistics have data-dependent shapes that dynamo would recompile or break on
+    # anyway, while the shared SwiGLU around it is plain dense work that compiles well.
+    @torch.compiler.disable
+    def routed_part(self, hidden_SBD: torch.Tensor) -> torch.Tensor:
+        """Route ``hidden_SBD`` [S, B, D], count usage while training, return the routed
+        part's output [S, B, D]."""
         S, B, D = hidden_SBD.shape
         x_TD = hidden_SBD.reshape(S * B, D)
         routing = self.router(x_TD)
         if self.training:  # evaluation batches stay out of the usage statistics
             self.stats.update(routing.indices_TK, routing.entropy_T)
-        y_SBD = self.routed(x_TD, routing).view(S, B, D)
+        return self.routed(x_TD, routing).view(S, B, D)
+
+    def forward(
+        self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
+        y_SBD = self.routed_part(hidden_SBD)
         if self.shared is not None:
             shared_SBD, _ = self.shared(hidden_SBD)
             y_SBD = y_SBD + shared_SBD
