@@ -17,8 +17,9 @@ Exactness (the contract of ``experts_grad``): for bf16 rows the coefficient is s
 high part and a bf16 residual, stacked along T, ``[G_hi; G_lo]^T @ [x; x]``, so ONE GEMM
 accumulates both halves in float32 (``torch.mm(..., out_dtype=float32)`` on CUDA; a float32 GEMM
 of the same bf16 values on CPU) and the result is rounded once to the table dtype: ~16
-mantissa bits of the coefficient, as in the pair kernel. Other dtypes: one GEMM in float32
-(IEEE: TF32 is switched off around it) or float64.
+mantissa bits of the coefficient, as in the pair kernel. Other dtypes (float32, float16,
+float64: tests and references, never chosen by "auto" on CUDA): one float64 GEMM, so no TF32
+or reduced-precision setting of the process can touch it (no global flag is switched).
 
 Building G: a token's ids are sorted (stable) and repeats of one id (the public contract allows
 them; the routers never emit them) are summed by a segmented scan in log2(K) fixed-order steps;
@@ -29,8 +30,8 @@ device in both modes (cuBLAS GEMMs are run-to-run reproducible for a fixed shape
 see its documentation; set ``CUBLAS_WORKSPACE_CONFIG`` as torch's reproducibility notes say
 when several streams are used). No host synchronisation: capturable in a CUDA graph.
 
-Memory: the G buffer is (2T, C) bf16 (a80m: 2 * 16384 * 5784 * 2 B = 379 MB; (T, C) in
-float32/float64 for other dtypes), plus the stacked (2T, D) rows. ``DENSE_MAX_BYTES`` caps the
+Memory: the G buffer is (2T, C) bf16 (a80m: 2 * 16384 * 5784 * 2 B = 379 MB; (T, C) float64
+for other dtypes), plus the stacked (2T, D) rows and a (C, D) float32 product. ``DENSE_MAX_BYTES`` caps the
 buffer: above it the experts are processed in chunks of C columns (each chunk is one GEMM per
 table; G is cleared by scattering zeros back at the written positions, not by a memset).
 """
@@ -131,19 +132,12 @@ def merged_columns(
 
 
 def _gemm_t(buf_RC: torch.Tensor, rows_RD: torch.Tensor, split: bool) -> torch.Tensor:
-    """buf^T @ rows -> (C, D) float32 (float64 for float64 rows), fp32 accumulation."""
+    """buf^T @ rows -> (C, D): float32 with fp32 accumulation for the bf16 split, else in the
+    float64 of the operands."""
     if split and buf_RC.is_cuda:
         return torch.mm(buf_RC.t(), rows_RD, out_dtype=torch.float32)
     if split:  # CPU: the same bf16 values in a float32 GEMM (products exact, fp32 sums)
         return torch.mm(buf_RC.t().float(), rows_RD.float())
-    if buf_RC.is_cuda and buf_RC.dtype == torch.float32:
-        # TF32 would keep 10 mantissa bits; cuBLAS reads the flag per call, restored at once.
-        saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            return torch.mm(buf_RC.t(), rows_RD)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = saved
     return torch.mm(buf_RC.t(), rows_RD)
 
 
@@ -198,9 +192,9 @@ def dense_table_grads(
             hi_TK = coef_TK.to(torch.bfloat16)
             parts = (hi_TK, (coef_TK - hi_TK.to(acc)).to(torch.bfloat16))
             stacked = torch.cat([rows_TD, rows_TD])
-        else:
+        else:  # float64 GEMM: immune to TF32 / reduced-precision settings, exact products
             parts = (coef_TK,)
-            stacked = rows_TD.to(torch.promote_types(rows_TD.dtype, acc))
+            stacked = rows_TD.to(torch.float64)
         rows = len(parts) * num_tokens
         chunk = _chunk_columns(rows, num_experts, stacked.element_size(), cap)
         shape = (rows, (chunk + 1 + 7) // 8 * 8)
