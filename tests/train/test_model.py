@@ -109,7 +109,7 @@ def test_expert_grad_path_reaches_the_kernels(single_rank: None) -> None:
 
     for path, forced in (("dense", "dense"), ("pairs", "pairs"), ("auto", None)):
         _model(f"model.expert_grad_path={path}")
-        assert experts_dense_grad.FORCE_GRAD_PATH == forced
+        assert forced == experts_dense_grad.FORCE_GRAD_PATH
         assert experts_dense_grad.choose_grad_path(
             "auto", 4, 8, 4, 2, torch.float32, torch.device("cpu")
         ) == (forced or "pairs")
