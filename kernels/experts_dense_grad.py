@@ -53,8 +53,12 @@ DENSE_MAX_BYTES = 512 << 20
 # The dense path costs 8*T*N*D flops at DENSE_FLOPS (two tables, hi and lo halves) plus
 # ~12*T*N bytes of G traffic (scatter, two GEMM reads of the 2T x N bf16 buffer, one memset)
 # at HBM_BYTES_PER_S, plus a fixed DENSE_OVERHEAD_S for the build's small launches.
+# Refit on an H200 (2026-11-30, bench_grad_paths.py): pairs 3.0-3.4e-12 s per pair-column;
+# dense 250-670 TFLOP/s effective with the build included (326 at a80m's d = 768), so 450e12
+# (the a priori 600e12 predicted a80m at 1.31 ms against 1.78 measured). Every shape of the
+# table kept the faster path under both constants.
 PAIR_COLUMN_S = 3.2e-12
-DENSE_FLOPS = 600e12
+DENSE_FLOPS = 450e12
 HBM_BYTES_PER_S = 4.0e12
 DENSE_OVERHEAD_S = 60e-6
 
