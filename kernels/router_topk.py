@@ -13,7 +13,10 @@ shuffle and every barrier is cheap):
    compare and add per element; the early stop at a probe counting exactly a ends it after
    ~log2(range / gap) rounds (~10 for 1024 log-probs, at most 32). Values above it are kept,
    and of the values equal to it the lowest indices: the stable-sort top a of the reference.
-   They are compacted in ascending index order by a prefix sum with 4 rows packed per word;
+   They are compacted in ascending index order by a prefix sum with 4 rows packed per word,
+   re-reading the half in chunks of SELECT_CHUNK_ROWS rows so that only the bisection holds
+   the whole vector in registers (168 -> 80 registers per thread at n = 1024: more resident
+   warps for this latency-bound kernel);
 2. ranks the a candidate columns stably, descending (one ``tl.sort`` of key << 32 | slot): the
    sorted values (float64) go to scratch for the searches, each column's rank for the emit;
 3. searches the K-th largest pair sum tau by bisection over float64 keys (a sum of two float32
