@@ -47,6 +47,9 @@ def liger_installed() -> bool:
 # liger-kernel is installed, megatron's fused one otherwise.
 LEVERS: dict[str, list[str]] = {
     "baseline": [],
+    # The expert weight gradients on the segmented pair kernel instead of auto's choice (dense
+    # GEMMs at a80m): what the cost model's choice buys.
+    "grads_pairs": ["model.expert_grad_path=pairs"],
     "fused_swiglu": ["model.fused_swiglu=true"],
     "ce_megatron": ["model.fused_cross_entropy=megatron"],
     "ce_liger": ["model.fused_cross_entropy=liger"],

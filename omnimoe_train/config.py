@@ -50,6 +50,9 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 1e-2  # load-balancing loss weight (0 disables it)
     expert_backend: str = "auto"  # auto (Triton on CUDA, PyTorch on CPU) | torch | triton
     deterministic: bool = False  # fixed-order reductions in the expert kernels
+    # Expert weight gradients: auto (per call, kernels/experts_dense_grad.py's cost model) |
+    # dense (two GEMMs over a dense coefficient matrix) | pairs (the segmented pair kernel)
+    expert_grad_path: str = "auto"
     # Throughput levers without TransformerEngine / apex (model/fusions.py, docs/throughput.md):
     # megatron's SwiGLU with its own backward (torch.compile'd; megatron bias_activation_fusion)
     fused_swiglu: bool = False

@@ -48,6 +48,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.router_norm": ("batchnorm", "none"),
     "model.router_weights": ("softmax", "exp"),
     "model.expert_backend": ("auto", "torch", "triton"),
+    "model.expert_grad_path": ("auto", "dense", "pairs"),
     "model.fused_cross_entropy": ("none", "megatron", "liger"),
     "parallel.expert_table_sharding": ("rows", "dim", "auto"),
     "optim.name": ("adamw",),

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
+from omnimoe_kernels import experts_dense_grad
 from omnimoe_train.config import ModelConfig, RootConfig
 from omnimoe_train.model.attention import SDPAttention
 from omnimoe_train.model.fusions import (
@@ -166,6 +167,12 @@ def build_model(
 ) -> GPTModel:
     """This stage's (or virtual chunk's) part of the GPT; ``table_sharding`` (none, rows, dim)
     says which expert-parallel shard of the atomic-expert tables each layer holds."""
+    # The weight-gradient path is chosen inside the kernels (also under expert parallelism):
+    # a forced choice is process-wide, set here for every model built (a sweep's next job
+    # resets it).
+    experts_dense_grad.FORCE_GRAD_PATH = (
+        None if cfg.model.expert_grad_path == "auto" else cfg.model.expert_grad_path
+    )
     # A block spec (not a layer spec) so the final norm is ours too; this stage's layers only.
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     block = TransformerBlockSubmodules(
