@@ -7,7 +7,9 @@ copy bandwidth, with U = experts actually touched (counted on the host, outside 
   forward:  up + down rows of U experts read, x read, y written, indices (int64) and weights read
   backward: the same rows and indices again, dy and x read, dx written, dup + ddown rows of the
             U experts written, dw written; forward+backward floor = forward + backward bytes.
-Run: ``python benchmarks/bench_kernels.py --json out.json`` (prints a table, writes JSON).
+Run: ``python benchmarks/bench_kernels.py --json out.json`` (prints a table, writes JSON);
+``--sweep-router --only router:16384-1024-64,router:4096-320-4096`` first times the router's
+select-kernel variants (the earlier kernel among them) at those configs, outputs compared.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tile_sweep import sweep_tiles  # the script's folder is on sys.path
+from tile_sweep import sweep_router, sweep_tiles  # the script's folder is on sys.path
 from triton.testing import do_bench
 
 import omnimoe_kernels
 import omnimoe_kernels.experts_grad as experts_grad
 import omnimoe_kernels.experts_pairs as experts_pairs
+import omnimoe_kernels.router_topk as router_topk
 
 EXPERT_CONFIGS = [  # T, d, N, K
     (4096, 1024, 4096, 16),
@@ -250,6 +253,12 @@ def main() -> None:
         help="time the tile alternatives of these kernels first (default: all three)",
     )
     ap.add_argument(
+        "--sweep-router",
+        action="store_true",
+        help="first time the select-kernel variants (tile_sweep.ROUTER_VARIANTS, the earlier "
+        "kernel first) at the router configs that --only keeps",
+    )
+    ap.add_argument(
         "--only",
         default="",
         help="comma-separated subset, e.g. 'router,layer:512,experts:16384-1024-65536-16'",
@@ -271,11 +280,16 @@ def main() -> None:
     }
     if args.sweep_tiles:
         out["tile_sweep"] = sweep_tiles(set(args.sweep_tiles.split(",")))
+    if args.sweep_router:
+        out["router_sweep"] = sweep_router(_pick(want, "router", ROUTER_CONFIGS), graph_time)
+        _dump(out, args.json)
     out["tiles"] = {
         "pair": experts_pairs.PAIR_TILE,
         "combine": experts_pairs.COMBINE_TILE or experts_pairs.COMBINE_TILES,
         "grad": [experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS,
                  experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES],
+        "router_select": [router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS,
+                          router_topk.SELECT_MAXNREG],
     }  # fmt: skip
     print("tiles used:", out["tiles"], flush=True)
     configs = EXPERT_CONFIGS[:3] if args.quick else EXPERT_CONFIGS

@@ -1,4 +1,5 @@
-"""Tile sweep of the expert kernels: each kernel alone, every tile alternative, on a few configs.
+"""Tile sweep of the expert kernels: each kernel alone, every tile alternative, on a few configs;
+and the router's select-kernel launches (``sweep_router``, ``bench_kernels.py --sweep-router``).
 
 Run through ``bench_kernels.py --sweep-tiles [pair,combine,grad]``; the results (ms per tile and
 config, and the fastest tile in total) go to the benchmark's JSON. The modules' defaults were set
@@ -10,9 +11,11 @@ from __future__ import annotations
 import torch
 from triton.testing import do_bench
 
+import omnimoe_kernels
 import omnimoe_kernels.experts_autograd as experts_autograd
 import omnimoe_kernels.experts_grad as experts_grad
 import omnimoe_kernels.experts_pairs as experts_pairs
+import omnimoe_kernels.router_topk as router_topk
 
 PAIR_TILES = [(16, 128, 4), (8, 128, 4), (16, 256, 4), (16, 128, 2), (32, 128, 4)]
 COMBINE_TILES = [(32, 8, 128, 8), (32, 4, 64, 4), (64, 8, 128, 8), (32, 16, 128, 8)]
@@ -118,3 +121,40 @@ def sweep_tiles(only: set) -> dict:
     experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = saved[2:5]
     experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES = saved[5:]
     return {"configs": SWEEP_CONFIGS, "ms": per_cfg, "best": best}
+
+
+# Select-kernel launches of the router (``router_topk``): (rows per compaction chunk, warps per
+# token, register cap). The first is the earlier kernel (one chunk = the whole vector, 168
+# registers per thread at n = 1024 by ptxas for sm_90); the second is the default (80).
+# They apply to the selection path (K < n) only: at n = 320, K >= 512 they time one kernel.
+ROUTER_VARIANTS = [(0, None, None), (4, None, None), (4, None, 64), (8, None, 64)]
+ROUTER_VARIANTS += [(4, 2, None), (4, 2, 48)]
+
+
+def sweep_router(configs: list, timer, device: str = "cuda") -> dict:
+    """ms of ``cartesian_topk`` per (T, n, K) config and select-kernel variant, timed by
+    ``timer(fn, 1)`` (the benchmark's CUDA-graph replay); None where ids or scores differ
+    bitwise from the first (earlier) variant's. The module's defaults are restored after."""
+    saved = (router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS, router_topk.SELECT_MAXNREG)
+    res = {}
+    for T, n, K in configs:
+        gen = torch.Generator(device=device).manual_seed(T + n + K)
+        rows = torch.randn(T, n, device=device, generator=gen).log_softmax(-1)
+        cols = torch.randn(T, n, device=device, generator=gen).log_softmax(-1)
+        ref, ms = None, []
+        for variant in ROUTER_VARIANTS:
+            chunk, warps, cap = variant
+            router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS = chunk, warps
+            router_topk.SELECT_MAXNREG = cap
+            out = omnimoe_kernels.cartesian_topk(rows, cols, K)
+            ref = out if ref is None else ref
+            same = all(torch.equal(a, b) for a, b in zip(out, ref))
+            run = lambda i, r=rows, c=cols, k=K: omnimoe_kernels.cartesian_topk(r, c, k)  # noqa: E731
+            ms.append(timer(run, 1))
+            ms[-1] = ms[-1] if same else None
+            print("router sweep", (T, n, K), variant, "ms", ms[-1], "equal", same, flush=True)
+        res["-".join(map(str, (T, n, K)))] = ms
+        timed = [(v, m) for v, m in zip(ROUTER_VARIANTS, ms) if m is not None]
+        print("router sweep", (T, n, K), "best", min(timed, key=lambda vm: vm[1]), flush=True)
+    router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS, router_topk.SELECT_MAXNREG = saved
+    return {"variants": ROUTER_VARIANTS, "ms": res}

@@ -113,21 +113,34 @@ def _excl_scan_rowmajor(x_EL):
 
 
 @triton.jit
+def _load_rank(v_ptr, offs_EL, ok_EL, IS64: tl.constexpr):
+    """(input values, ranking values) in VT of v[offs], -inf where not ok."""
+    if IS64:
+        raw_EL = tl.load(v_ptr + offs_EL, mask=ok_EL, other=float("-inf")).to(tl.float64)
+    else:
+        raw_EL = tl.load(v_ptr + offs_EL, mask=ok_EL, other=float("-inf")).to(tl.float32)
+    return raw_EL, _rank_value(raw_EL, IS64)
+
+
+@triton.jit
 def _select_half(
-    v_ptr, n, a, idx_ptr, val_ptr, E: tl.constexpr, L: tl.constexpr, IS64: tl.constexpr
-):
+    v_ptr, n, a, idx_ptr, val_ptr, E: tl.constexpr, L: tl.constexpr, IS64: tl.constexpr,
+    CE: tl.constexpr,
+):  # fmt: skip
     """Write the top a of v[0:n] by ranking value (``_rank_value``; stable: lower index first
     among equal values) to idx_ptr[0:a], and their input values to val_ptr[0:a], in ascending
-    index order; v is read as a row-major [E, L] vector (coalesced). The a-th largest value is bisected over
-    keys, stopping once a probe counts exactly a (~log2(range / gap) rounds for continuous
-    values, at most 32 for float32)."""
+    index order; v is read as a row-major [E, L] vector (coalesced). The a-th largest value is
+    bisected over keys, stopping once a probe counts exactly a (~log2(range / gap) rounds for
+    continuous values, at most 32 for float32).
+
+    Only the bisection holds the whole vector in registers (E values per lane). The compaction
+    re-reads v in [CE, L] chunks (L1 / L2 hits) with a running slot and tie count: keeping the
+    whole vector, its slots, flags and store addresses live at once took 168 registers per
+    thread at n = 1024 (ptxas, sm_90), 12% occupancy for this one-warp program; CE = E is that
+    single-chunk variant (``router_topk.SELECT_CHUNK_ROWS``)."""
     offs_EL = _rowmajor_offs(E, L)
     ok_EL = offs_EL < n
-    if IS64:
-        v_EL = tl.load(v_ptr + offs_EL, mask=ok_EL, other=float("-inf")).to(tl.float64)
-    else:
-        v_EL = tl.load(v_ptr + offs_EL, mask=ok_EL, other=float("-inf")).to(tl.float32)
-    v_EL = _rank_value(v_EL, IS64)
+    v_EL = _load_rank(v_ptr, offs_EL, ok_EL, IS64)[1]
     # Invariant: count(v >= unkey(lo)) = cnt_lo >= a > count(v >= unkey(hi)). Probes lie above
     # the minimum, so the -inf padding is never counted.
     lo = _key(tl.min(tl.where(ok_EL, v_EL, float("inf"))), IS64)
@@ -143,22 +156,32 @@ def _select_half(
         hi = tl.where(big, hi, mid)
         active = (lo < hi - 1) & (cnt_lo != a)
     tau = _unkey(lo, IS64)
-    keep_EL = ok_EL & (v_EL >= tau)
-    if cnt_lo > a:  # values equal to tau straddle the a-th place: the lowest indices win
-        gt_EL = ok_EL & (v_EL > tau)
-        eq_EL = (keep_EL & ~gt_EL).to(tl.int32)
-        n_gt = tl.sum(gt_EL.to(tl.int32))
-        keep_EL = gt_EL | ((eq_EL > 0) & (_excl_scan_rowmajor(eq_EL) < a - n_gt))
-    slot_EL = _excl_scan_rowmajor(keep_EL.to(tl.int32))
-    tl.store(idx_ptr + slot_EL, offs_EL, mask=keep_EL)
-    # The input values themselves (not their ranking values): the emitted scores are the true
-    # sums, so a non-finite router input stays visible in the loss.
-    raw_EL = tl.load(v_ptr + offs_EL, mask=keep_EL, other=0.0)
-    if IS64:
-        raw_EL = raw_EL.to(tl.float64)
-    else:
-        raw_EL = raw_EL.to(tl.float32)
-    tl.store(val_ptr + slot_EL, raw_EL, mask=keep_EL)
+    # Values equal to tau straddle the a-th place when cnt_lo > a: the lowest indices of them
+    # win, a - n_gt in all; otherwise every value >= tau is kept.
+    tied = cnt_lo > a
+    n_eq = a
+    if tied:
+        n_eq -= tl.sum((v_EL > tau).to(tl.int32))
+    slot0 = n * 0
+    eq0 = n * 0
+    for e0 in range(0, E, CE):
+        offs_CL = e0 * L + _rowmajor_offs(CE, L)
+        ok_CL = offs_CL < n
+        raw_CL, r_CL = _load_rank(v_ptr, offs_CL, ok_CL, IS64)
+        keep_CL = ok_CL & (r_CL >= tau)
+        if tied:
+            eq_CL = (keep_CL & (r_CL == tau)).to(tl.int32)
+            keep_CL = (keep_CL & (eq_CL == 0)) | (
+                (eq_CL > 0) & (eq0 + _excl_scan_rowmajor(eq_CL) < n_eq)
+            )
+            eq0 += tl.sum(eq_CL)
+        keep_i_CL = keep_CL.to(tl.int32)
+        slot_CL = slot0 + _excl_scan_rowmajor(keep_i_CL)
+        tl.store(idx_ptr + slot_CL, offs_CL, mask=keep_CL)
+        # The input values themselves (not their ranking values): the emitted scores are the
+        # true sums, so a non-finite router input stays visible in the loss.
+        tl.store(val_ptr + slot_CL, raw_CL, mask=keep_CL)
+        slot0 += tl.sum(keep_i_CL)
 
 
 @triton.jit

@@ -13,7 +13,10 @@ shuffle and every barrier is cheap):
    compare and add per element; the early stop at a probe counting exactly a ends it after
    ~log2(range / gap) rounds (~10 for 1024 log-probs, at most 32). Values above it are kept,
    and of the values equal to it the lowest indices: the stable-sort top a of the reference.
-   They are compacted in ascending index order by a prefix sum with 4 rows packed per word;
+   They are compacted in ascending index order by a prefix sum with 4 rows packed per word,
+   re-reading the half in chunks of SELECT_CHUNK_ROWS rows so that only the bisection holds
+   the whole vector in registers (168 -> 80 registers per thread at n = 1024: more resident
+   warps for this latency-bound kernel);
 2. ranks the a candidate columns stably, descending (one ``tl.sort`` of key << 32 | slot): the
    sorted values (float64) go to scratch for the searches, each column's rank for the emit;
 3. searches the K-th largest pair sum tau by bisection over float64 keys (a sum of two float32
@@ -68,6 +71,15 @@ from omnimoe_kernels.router_select import (
 # Live rows per step of the emit kernel (registers per lane): 2 measured fastest of 2, 4, 8
 # (0.87 / 1.01 / 0.94 ms at T=4096, n=320, K=4096 on the H100).
 EMIT_ROWS = 2
+# The select kernel's launch (``bench_kernels.py --sweep-router`` times alternatives):
+# SELECT_CHUNK_ROWS rows of the [E, L] selection vector per compaction chunk of
+# ``_select_half`` (0: the whole vector in one chunk, the earlier kernel's register peak, kept
+# for the A/B); SELECT_WARPS per token (None: one warp up to n = 1024); SELECT_MAXNREG a ptxas
+# register cap (None: none). ptxas for sm_90 at (n, K) = (1024, 64): 168 registers per thread
+# with one chunk, 80 with chunks of 4 rows, 64 under a cap of 64 without spills.
+SELECT_CHUNK_ROWS = 4
+SELECT_WARPS: int | None = None
+SELECT_MAXNREG: int | None = None
 
 
 @triton.jit
@@ -106,6 +118,7 @@ def _select_kernel(
     CH: tl.constexpr,
     IS64: tl.constexpr,
     SELECT: tl.constexpr,  # a < n
+    CE: tl.constexpr,  # rows per compaction chunk of the selection (divides EN)
 ):
     """Steps 1-3 for one token; leaves the live rows and columns in scratch for the emit."""
     A: tl.constexpr = EA * LA
@@ -118,8 +131,8 @@ def _select_kernel(
     offs_EL = _chunk_offs(EA, LA)
     ok_EL = offs_EL < a
     if SELECT:
-        _select_half(rows_ptr, n, a, iscr_ptr, vscr_ptr, EN, LN, IS64)
-        _select_half(cols_ptr, n, a, iscr_ptr + A, vscr_ptr + A, EN, LN, IS64)
+        _select_half(rows_ptr, n, a, iscr_ptr, vscr_ptr, EN, LN, IS64, CE)
+        _select_half(cols_ptr, n, a, iscr_ptr + A, vscr_ptr + A, EN, LN, IS64, CE)
         tl.debug_barrier()  # the compacted candidates are read back by other threads
         rsrc_ptr = vscr_ptr
         csrc_ptr = vscr_ptr + A
@@ -184,7 +197,8 @@ def cartesian_topk_ids(
     maxnreg: int | None = None,
 ) -> tuple:
     """Launch the kernels: (scores_TK in the input dtype, ids_TK int64), ids ascending.
-    ``num_warps`` (1, 2 or 4) and ``maxnreg`` tune the select kernel (benchmarks)."""
+    ``num_warps`` (1, 2 or 4) and ``maxnreg`` tune the select kernel (default: the module's
+    SELECT_WARPS / SELECT_MAXNREG when a < n)."""
     T, n = rows_Tn.shape
     rows_Tn, cols_Tn = rows_Tn.contiguous(), cols_Tn.contiguous()
     dev = rows_Tn.device
@@ -196,7 +210,10 @@ def cartesian_topk_ids(
         return scores_TK.to(rows_Tn.dtype), ids_TK
     a = min(k, n)
     # One warp per token up to n = 1024: reductions are warp shuffles, barriers are cheap. At
-    # most 4 (L <= 128 lanes: the packed prefix sum has 8-bit fields).
+    # most 4 (L <= 128 lanes: the packed prefix sum has 8-bit fields). The module's knobs tune
+    # the selection path (a < n) only: with a == n the kernel is the pair search alone.
+    if a < n:
+        num_warps, maxnreg = num_warps or SELECT_WARPS, maxnreg or SELECT_MAXNREG
     num_warps = min(4, num_warps or max(1, triton.next_power_of_2(n) // 1024))
     EN, LN = _lanes(n, 32 * num_warps)
     EA, LA = _lanes(a, 32 * num_warps)
@@ -205,9 +222,10 @@ def cartesian_topk_ids(
     vscr = torch.empty(T, 2, A, dtype=acc, device=dev)
     csort = torch.empty(T, 2 * A, dtype=torch.float64, device=dev)
     meta = torch.empty(T, 4, dtype=torch.int32, device=dev)
+    ce = EN if SELECT_CHUNK_ROWS <= 0 else min(SELECT_CHUNK_ROWS, EN)
     _select_kernel[(T,)](
         rows_Tn, cols_Tn, iscr, vscr, csort, meta, n, a, k, EN=EN, LN=LN, EA=EA, LA=LA,
-        CH=max(1, min(64, 4096 // A)), IS64=is64, SELECT=a < n, num_warps=num_warps,
+        CH=max(1, min(64, 4096 // A)), IS64=is64, SELECT=a < n, CE=ce, num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip
     # One warp: 32 live columns on the lanes, EMIT_ROWS rows per step; up to 8 programs per

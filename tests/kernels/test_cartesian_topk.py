@@ -13,6 +13,7 @@ from kernel_test_utils import (
 )
 
 import omnimoe_kernels
+import omnimoe_kernels.router_topk as router_topk
 from omnimoe_kernels.reference import cartesian_topk_reference
 
 
@@ -74,6 +75,7 @@ CPU_CASES = [  # T, n, K, dtype
     (3, 37, 9, torch.float64),  # float64 keys: up to 64 selection rounds
     (2, 1024, 64, torch.float32),  # the benchmark's n: 32 values per lane in the selection
     (3, 1000, 130, torch.bfloat16),  # n not a power of two, a > 64 candidates
+    (2, 1024, 64, torch.float64),  # chunked compaction of int64-keyed selections
 ]
 
 
@@ -190,3 +192,47 @@ def test_cartesian_topk_gpu(T: int, n: int, k: int, dtype: torch.dtype, ties: bo
 @gpu[1]
 def test_cartesian_topk_special_values_gpu(n: int, k: int, dtype: torch.dtype) -> None:
     _check_special(33, n, k, dtype, "cuda")
+
+
+# Launches of the selection path (a < n): (rows per compaction chunk, warps per token, register
+# cap); chunk 0 = the whole vector at once (the earlier kernel), the cap is ignored on the CPU.
+SELECT_VARIANTS = [(4, None, None), (0, None, None), (1, None, None), (8, 1, 64), (4, 2, 48)]
+
+
+def _check_variant(monkeypatch, variant: tuple, n: int, k: int, kind: str, device: str) -> None:
+    chunk, warps, cap = variant
+    monkeypatch.setattr(router_topk, "SELECT_CHUNK_ROWS", chunk)
+    monkeypatch.setattr(router_topk, "SELECT_WARPS", warps)
+    monkeypatch.setattr(router_topk, "SELECT_MAXNREG", cap if device == "cuda" else None)
+    if kind == "special":
+        _check_special(3, n, k, torch.float32, device)
+    elif kind == "nonfinite":
+        _check_nonfinite(n, k, torch.float32, device)
+    else:
+        _check(3, n, k, torch.float32, device, ties=kind == "ties")
+
+
+@cpu_triton
+@NAN_SCORES
+@pytest.mark.parametrize("variant", SELECT_VARIANTS)
+@pytest.mark.parametrize(
+    ("n", "k", "kind"),
+    [
+        (1024, 64, "ties"),  # equal values straddle the 64th place: the tie count crosses chunks
+        (1024, 64, "special"),  # -inf, signed zeros
+        (1024, 64, "nonfinite"),  # NaN / +-inf rows and columns
+        (200, 37, "randn"),  # n not a power of two: a partial last chunk
+    ],
+)
+def test_cartesian_topk_select_variants_cpu(monkeypatch, variant, n, k, kind) -> None:
+    """Every launch of the selection path gives the reference's ids (and the same scores)."""
+    _check_variant(monkeypatch, variant, n, k, kind, "cpu")
+
+
+@NAN_SCORES
+@pytest.mark.parametrize("variant", SELECT_VARIANTS)
+@pytest.mark.parametrize("kind", ["randn", "ties", "special", "nonfinite"])
+@gpu[0]
+@gpu[1]
+def test_cartesian_topk_select_variants_gpu(monkeypatch, variant, kind) -> None:
+    _check_variant(monkeypatch, variant, 1024, 64, kind, "cuda")
