@@ -26,6 +26,7 @@ from torch import nn
 
 from omnimoe_train.model.expert_stats import ExpertStats
 from omnimoe_train.model.router import Routing
+from omnimoe_train.parallel.overlap import PendingExchange
 
 
 def shared_mlp_submodules() -> MLPSubmodules:
@@ -85,19 +86,35 @@ class RoutedMLP(MegatronModule, ABC):
         return {n: ("shared MLP", 1.0, 1.0) for n, _ in self.shared.named_parameters("shared")}
 
     @abstractmethod
-    def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The routed part's output ``y_TD`` for tokens ``x_TD`` and their ``routing``."""
+    def routed(
+        self, x_TD: torch.Tensor, routing: Routing, early: Any = None
+    ) -> torch.Tensor | PendingExchange:
+        """The routed part's output ``y_TD`` for tokens ``x_TD`` and their ``routing``, or that
+        output still in flight (``PendingExchange``: the forward computes the shared branch
+        before finishing it). ``early``: what ``start_routed`` returned."""
+
+    def start_routed(self, x_TD: torch.Tensor) -> Any:
+        """Called before routing: work of the routed part that does not need the routing
+        (expert parallelism's token exchange); its result goes to ``routed``. None here."""
+        del x_TD
+        return None
 
     def forward(
         self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, None]:
         S, B, D = hidden_SBD.shape
         x_TD = hidden_SBD.reshape(S * B, D)
+        early = self.start_routed(x_TD)
         routing = self.router(x_TD)
         if self.training:  # evaluation batches stay out of the usage statistics
             self.stats.update(routing.indices_TK, routing.entropy_T)
-        y_SBD = self.routed(x_TD, routing).view(S, B, D)
-        if self.shared is not None:
-            shared_SBD, _ = self.shared(hidden_SBD)
+        routed = self.routed(x_TD, routing, early)
+        # Between routed() and finish() the routed output may still travel between ranks: the
+        # shared branch is computed meanwhile (and its backward while the gradient travels).
+        shared_SBD = self.shared(hidden_SBD)[0] if self.shared is not None else None
+        if isinstance(routed, PendingExchange):
+            routed = routed.finish()
+        y_SBD = routed.view(S, B, D)
+        if shared_SBD is not None:
             y_SBD = y_SBD + shared_SBD
         return y_SBD, None
