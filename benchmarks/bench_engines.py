@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -114,7 +115,10 @@ class PeakRss:
 
 def run_one(name: str, overrides: list[str], work: Path, timeout_s: int) -> dict:
     run_dir = work / "runs" / f"{name}-{time.time_ns()}"
+    # faulthandler: a run killed at the time limit first gets SIGABRT, which prints every
+    # thread's Python stack into the log (where a slow exit or a hang sits).
     env = {**os.environ, "OMNIMOE_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
+    env["PYTHONFAULTHANDLER"] = "1"
     cmd = [sys.executable, "-m", "omnimoe_train.cli", *overrides]
     started = time.perf_counter()
     with open(work / "last_run.log", "w") as log:
@@ -123,9 +127,14 @@ def run_one(name: str, overrides: list[str], work: Path, timeout_s: int) -> dict
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
+            proc.send_signal(signal.SIGABRT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             code = "timeout"
+        exited = time.time()
         peak_rss = rss.stop()
     lines = (work / "last_run.log").read_text(errors="replace").strip().splitlines()
     errors = [ln for ln in lines if "Error" in ln or "error:" in ln]
@@ -149,6 +158,11 @@ def run_one(name: str, overrides: list[str], work: Path, timeout_s: int) -> dict
     summary = run_dir / "summary.json"
     if summary.is_file():
         record["parameters"] = json.loads(summary.read_text()).get("num_parameters")
+        # Seconds from the run's summary (training and final validation done) to the process
+        # exit: teardown (process group, offload buffers, interpreter shutdown).
+        record["exit_after_summary_s"] = round(exited - summary.stat().st_mtime, 1)
+    if code:
+        record["log_tail"] = lines[-40:]
     return record
 
 
@@ -182,15 +196,15 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], int | None]]:
 
 def table(records: list[dict]) -> str:
     rows = [
-        "| engine | N | parameters | exit | tokens/s | GPU peak GiB | host peak GiB | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | N | parameters | exit | tokens/s | GPU peak GiB | host peak GiB | wall s | exit after summary s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         n = r.get("parameters")
         params = "-" if not n else (f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M")
         rows.append(
             f"| {r['engine']} | {r.get('num_experts') or '-'} | {params} | {r['exit']} | {r.get('tokens_per_s', '-')} | "
-            f"{r.get('gpu_peak_gib', '-')} | {r['host_peak_gib']} | {r['wall_s']} |"
+            f"{r.get('gpu_peak_gib', '-')} | {r['host_peak_gib']} | {r['wall_s']} | {r.get('exit_after_summary_s', '-')} |"
         )
     return "\n".join(rows)
 

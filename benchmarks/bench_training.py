@@ -12,6 +12,13 @@ breakdown of one layer.
     python benchmarks/bench_training.py --json training.json
     python benchmarks/bench_training.py --scales a80m --steps 40
 
+``--variants`` measures the throughput levers instead (model/fusions.py, docs/throughput.md):
+each of ``--models`` (omnimoe, dense) with the baseline, each lever alone and all of them
+together, with each run's speed-up over its model's baseline:
+
+    python benchmarks/bench_training.py --scales a80m --steps 20 --variants
+    python benchmarks/bench_training.py --scales a80m --models dense --variants baseline compile
+
 The embedding is sized to the tokenizer (``model.vocab_size=null``, 4096 entries on the embedded
 corpus) as in the earlier measurements in docs/benchmarks.md, not to the paper's 128,256.
 """
@@ -30,18 +37,66 @@ from runs import compose, device_name, markdown_table, run_trainer, steady_state
 MICRO_BATCH = {"a80m": 16, "a200m": 8}
 
 
+def liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+# Throughput levers (model/fusions.py) by variant name; "all" takes liger's cross-entropy when
+# liger-kernel is installed, megatron's fused one otherwise.
+LEVERS: dict[str, list[str]] = {
+    "baseline": [],
+    # The expert weight gradients on the segmented pair kernel instead of auto's choice (dense
+    # GEMMs at a80m): what the cost model's choice buys.
+    "grads_pairs": ["model.expert_grad_path=pairs"],
+    "fused_swiglu": ["model.fused_swiglu=true"],
+    "ce_megatron": ["model.fused_cross_entropy=megatron"],
+    "ce_liger": ["model.fused_cross_entropy=liger"],
+    "compile": ["trainer.compile=layers"],
+    "all": ["model.fused_swiglu=true", "model.fused_cross_entropy=liger", "trainer.compile=layers"],
+}
+
+
+def lever_overrides(variant: str) -> list[str]:
+    if variant == "all" and not liger_installed():
+        return [o.replace("=liger", "=megatron") for o in LEVERS["all"]]
+    return LEVERS[variant]
+
+
 def dense_width(shared: int, top_k: int) -> int:
     """Dense MLP width with the OmniMoE layer's active weights: shared + 2K/3, rounded to 64."""
     return int(round((shared + 2 * top_k / 3) / 64)) * 64
 
 
-def cases(scale: str) -> list[tuple[str, list[str]]]:
+def cases(
+    scale: str, variants: list[str] | None = None, models: tuple[str, ...] = ("omnimoe", "dense")
+) -> list[tuple[str, str, str, list[str]]]:
+    """(model, variant, display name, overrides) of each run at ``scale``: OmniMoE, OmniMoE
+    without statistics and the matched dense model; or, with ``variants``, each of ``models``
+    under each variant of :data:`LEVERS`."""
     m = compose([f"model={scale}"]).model
-    dense = ["model.mlp=dense", f"model.ffn_hidden_size={dense_width(m.ffn_hidden_size, m.top_k)}"]
+    width = dense_width(m.ffn_hidden_size, m.top_k)
+    model_overrides = {
+        "omnimoe": [],
+        "dense": ["model.mlp=dense", f"model.ffn_hidden_size={width}"],
+    }
+    label = {"omnimoe": "omnimoe", "dense": f"dense (ffn {width})"}
+    if variants is None:
+        return [
+            ("omnimoe", "baseline", "omnimoe", []),
+            (
+                "omnimoe",
+                "statistics off",
+                "omnimoe, statistics off",
+                ["trainer.expert_stats=false"],
+            ),
+            ("dense", "baseline", label["dense"], model_overrides["dense"]),
+        ]
     return [
-        ("omnimoe", []),
-        ("omnimoe, statistics off", ["trainer.expert_stats=false"]),
-        (f"dense (ffn {dense_width(m.ffn_hidden_size, m.top_k)})", dense),
+        (model, v, f"{label[model]}, {v}", model_overrides[model] + lever_overrides(v))
+        for model in models
+        for v in variants
     ]
 
 
@@ -56,7 +111,20 @@ def main() -> None:
     ap.add_argument("--runs-dir", default="outputs/bench_training")
     ap.add_argument("--override", action="append", default=[], help="extra key=value, every run")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--variants", nargs="*", default=None, choices=list(LEVERS),
+        help="measure the throughput levers (none named: all of them) instead of the default cases",
+    )  # fmt: skip
+    ap.add_argument(
+        "--models", nargs="+", default=["omnimoe", "dense"], choices=["omnimoe", "dense"]
+    )
     args = ap.parse_args()
+    variants = args.variants
+    if variants is not None:
+        variants = variants or list(LEVERS)
+        if not liger_installed() and "ce_liger" in variants:
+            print("liger-kernel is not installed: skipping ce_liger; 'all' uses megatron's CE")
+            variants.remove("ce_liger")
 
     results = []
     for scale in args.scales:
@@ -69,34 +137,41 @@ def main() -> None:
             "optim.warmup_steps=5", "trainer.progress=false", "logging=disabled",
             "checkpoint.save_final=false", "checkpoint.resume=null", *args.override,
         ]  # fmt: skip
-        for name, extra in cases(scale):
-            run_dir = Path(args.runs_dir) / f"{scale}-{name.split()[0]}-{len(results)}"
+        for model, variant, name, extra in cases(scale, variants, tuple(args.models)):
+            run_dir = Path(args.runs_dir) / f"{scale}-{model}-{variant.split()[0]}-{len(results)}"
             result = run_trainer(common + extra, run_dir, timeout_s=args.timeout)
-            row = {"scale": scale, "case": name, "status": result.status, **steady_state(result)}
+            row = {"scale": scale, "model": model, "variant": variant, "case": name,
+                   "overrides": extra, "status": result.status, **steady_state(result)}  # fmt: skip
             results.append(row)
             print(json.dumps(row), flush=True)
 
+    def find(row: dict, **match: str) -> dict | None:
+        keys = {"scale": row["scale"], "variant": row["variant"], "model": row["model"], **match}
+        return next((r for r in results if all(r[k] == v for k, v in keys.items())), None)
+
+    def ratio(row: dict, ref: dict | None, key: str, inverse: bool = False) -> str:
+        if not (ref and ref.get(key) and row.get(key)):
+            return ""
+        return f"{(ref[key] / row[key]) if inverse else (row[key] / ref[key]):.2f}x"
+
     table_rows = []
     for row in results:
-        ref = next(
-            (r for r in results if r["scale"] == row["scale"] and r["case"].startswith("dense")),
-            None,
-        )
-        ratio = mem = ""
-        if ref and ref.get("step_ms") and row.get("step_ms"):
-            ratio = f"{row['step_ms'] / ref['step_ms']:.2f}x"
-            mem = f"{row['peak_memory_gib'] / ref['peak_memory_gib']:.2f}x"
+        dense_ref = find(row, model="dense", variant=row["variant"])
+        if row["variant"] == "statistics off":
+            dense_ref = find(row, model="dense", variant="baseline")
+        speedup = ratio(row, find(row, variant="baseline"), "step_ms", inverse=True)
         mfu = row.get("mfu")
         table_rows.append(
             [
                 row["scale"], row["case"], f"{row.get('tokens_per_s') or 0:,.0f}",
-                f"{row.get('step_ms') or 0:.0f}", ratio,
-                f"{row.get('peak_memory_gib') or 0:.1f}", mem, f"{row.get('tflops') or 0:.0f}",
+                f"{row.get('step_ms') or 0:.0f}", ratio(row, dense_ref, "step_ms"),
+                speedup, f"{row.get('peak_memory_gib') or 0:.1f}",
+                ratio(row, dense_ref, "peak_memory_gib"), f"{row.get('tflops') or 0:.0f}",
                 f"{100 * mfu:.1f}%" if mfu is not None else "", row["status"][:30],
             ]
         )  # fmt: skip
-    header = ["scale", "model", "tokens/s", "step ms", "step vs dense", "peak GiB",
-              "memory vs dense", "TFLOP/s", "MFU", "status"]  # fmt: skip
+    header = ["scale", "model", "tokens/s", "step ms", "step vs dense", "speed-up vs baseline",
+              "peak GiB", "memory vs dense", "TFLOP/s", "MFU", "status"]  # fmt: skip
     print(f"{device_name()}, {time.strftime('%Y-%m-%d')}: python {' '.join(sys.argv)}")
     print(markdown_table(header, table_rows))
     if args.json:

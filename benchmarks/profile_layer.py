@@ -13,12 +13,15 @@ over (launch gaps, allocator). Stages:
     weights        softmax over the K selected scores (paper Eq. 2)
     expert fwd     omnimoe_kernels.atomic_experts forward (sort, pair scores, combine)
     expert bwd     its backward without the weight gradients (da, dw, g, dx)
-    weight grads   dU, dV (the segmented-reduction kernel and the zero rows)
+    weight grads   dU, dV (the segmented-reduction kernel and the zero rows; or, where the
+                   layer takes the dense path, ``experts_dense_grad.dense_table_grads`` timed
+                   on its own: its sort, scatter and GEMM kernels share names with others)
     shared SwiGLU  megatron's MLP (fc1, SwiGLU, fc2)
     statistics     entropy of the routing distribution + ExpertStats.update (usage counts)
 
     python benchmarks/profile_layer.py --json layer.json                    # a80m's layer
     python benchmarks/profile_layer.py model=a200m data.micro_batch_size=8  # any overrides
+    python benchmarks/profile_layer.py --grad-path pairs                    # force one path
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from runs import compose, device_name, markdown_table  # the script's folder is 
 from triton.testing import do_bench
 
 import omnimoe_kernels
+from omnimoe_kernels import experts_dense_grad
 
 WEIGHT_GRAD_KERNELS = ("_pair_block_grad", "_zero_rows")
 
@@ -81,7 +85,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides (default model=a80m)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--grad-path", choices=("auto", "dense", "pairs"), default="auto")
     args = ap.parse_args()
+    experts_dense_grad.FORCE_GRAD_PATH = None if args.grad_path == "auto" else args.grad_path
     overrides = ["model=a80m", "model.vocab_size=null", "trainer.device=cuda", *args.overrides]
     cfg = compose(overrides)
 
@@ -123,6 +129,16 @@ def main() -> None:
     y_g = torch.randn(S * B, D, device="cuda", dtype=torch.bfloat16)
     fwd_bwd = lambda: torch.autograd.grad(experts(), tables, y_g)  # noqa: E731
     weight_grads, expert_total = kernel_split(fwd_bwd, WEIGHT_GRAD_KERNELS)
+    N = cfg.model.num_experts
+    path = experts_dense_grad.choose_grad_path("auto", S * B, N, D, K, x.dtype, x.device)
+    if path == "dense":  # its kernels are in expert_total: time it alone, move it over
+        g_h = torch.randn(2, S * B, K, device="cuda")
+        weight_grads = ms(
+            lambda: experts_dense_grad.dense_table_grads(
+                x.detach(), y_g, idx, g_h[0], g_h[1], w_d.detach(), N, dtype=layer.up_ND.dtype
+            )
+        )
+        expert_total -= weight_grads
     expert_fwd = ms(experts)
     expert_bwd = backward_ms(experts, tables)
 
@@ -172,7 +188,7 @@ def main() -> None:
     f, b = unfused_gates
     rows_md.append(["(router gates as PyTorch ops)", f"{f:.3f}", f"{b:.3f}", f"{f + b:.3f}"])
     table = markdown_table(["stage", "fwd ms", "bwd ms", "total ms"], rows_md)
-    print(f"{device_name()}, T={S * B}, D={D}, N={cfg.model.num_experts}, K={K}, bf16")
+    print(f"{device_name()}, T={S * B}, D={D}, N={N}, K={K}, bf16, weight grads: {path}")
     print(table)
     print(f"(expert fwd+bwd kernels by profiler: {expert_total + weight_grads:.3f} ms)")
     if args.json:
@@ -182,7 +198,8 @@ def main() -> None:
                     "device": device_name(),
                     "date": time.strftime("%Y-%m-%d"),
                     "command": " ".join(sys.argv),
-                    "shape": {"T": S * B, "D": D, "N": cfg.model.num_experts, "K": K},
+                    "shape": {"T": S * B, "D": D, "N": N, "K": K},
+                    "grad_path": path,
                     "stages_ms": {k: {"fwd": f, "bwd": b} for k, (f, b) in stages.items()},
                     "whole_layer_ms": {"fwd": whole_fwd, "bwd": whole_bwd},
                     "router_gates_pytorch_ops_ms": dict(zip(("fwd", "bwd"), unfused_gates)),

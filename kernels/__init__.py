@@ -70,6 +70,7 @@ def atomic_experts(
     *,
     backend: str = "auto",
     deterministic: bool = False,
+    grad_path: str = "auto",
 ) -> torch.Tensor:
     """``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]`` with autograd.
 
@@ -84,13 +85,24 @@ def atomic_experts(
     of the other experts reduced in its 16-pair chunk (0 * inf in the one-hot product), where
     the reference keeps it to that token's experts: a step with non-finite activations is
     lost either way.
+
+    ``grad_path`` (Triton backend; the reference ignores it): how the backward forms the table
+    gradients, "pairs" (the segmented pair kernel), "dense" (two GEMMs over a scattered (T, N)
+    coefficient matrix, bounded memory) or "auto" (a cost model per call from T, N, D, K, dtype
+    and device: ``experts_dense_grad.choose_grad_path``). Both are exact to the same ~16-bit
+    coefficient class and bitwise repeatable. Raises ValueError for an unknown ``grad_path``.
     """
+    from omnimoe_kernels.experts_dense_grad import GRAD_PATHS
+
+    if grad_path not in GRAD_PATHS:
+        raise ValueError(f"grad_path={grad_path!r} must be one of {GRAD_PATHS}")
     if resolve_backend(backend, x_TD.device) == "triton":
         from omnimoe_kernels.triton_ops import atomic_experts_triton
 
         return atomic_experts_triton(
-            x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic=deterministic
-        )
+            x_TD, up_ND, down_ND, weights_TK, indices_TK,
+            deterministic=deterministic, grad_path=grad_path,
+        )  # fmt: skip
     from omnimoe_kernels.reference import atomic_experts_reference
 
     return atomic_experts_reference(x_TD, up_ND, down_ND, weights_TK, indices_TK)

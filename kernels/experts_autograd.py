@@ -18,15 +18,19 @@ backward
     0. the expert order, if the forward did not sort;
     1. ``pair_scores`` (backward): da = down_e . dy_t in expert order, then dw and g = dL/dh;
     2. ``combine_rows``: dx_t = sum_k g_tk * up_e;
-    3. ``expert_grads``: dup_e = sum g x_t, ddown_e = sum a dy_t, segmented over the expert runs
-       with fp32 accumulation, in a fixed order without atomics in both modes (bitwise
-       repeatable), so ``deterministic`` costs nothing.
+    3. the weight gradients dup_e = sum g x_t, ddown_e = sum a dy_t, by one of two paths
+       (``experts_dense_grad.choose_grad_path``, per call from the shapes, or forced by
+       ``grad_path``): ``expert_grads`` (pairs: segmented over the expert runs) or
+       ``dense_table_grads`` (dense: two GEMMs with a scattered (T, N) coefficient matrix,
+       cheaper at small N). Both accumulate in fp32 in a fixed order without float atomics
+       (bitwise repeatable), so ``deterministic`` costs nothing.
 """
 
 from __future__ import annotations
 
 import torch
 
+from omnimoe_kernels.experts_dense_grad import choose_grad_path, dense_table_grads
 from omnimoe_kernels.experts_grad import expert_grads
 from omnimoe_kernels.experts_pairs import combine_rows, pair_scores
 from omnimoe_kernels.limits import EXPERTS_MAX_HIDDEN, EXPERTS_MAX_NUM, EXPERTS_MAX_PAIRS
@@ -61,6 +65,7 @@ class AtomicExperts(torch.autograd.Function):
         weights_TK: torch.Tensor,
         indices_TK: torch.Tensor,
         deterministic: bool,
+        grad_path: str,  # "dense" | "pairs", resolved by the caller
     ) -> torch.Tensor:
         x_TD, up_ND, down_ND = x_TD.contiguous(), up_ND.contiguous(), down_ND.contiguous()
         weights_TK, indices_TK = weights_TK.contiguous(), indices_TK.contiguous()
@@ -78,12 +83,13 @@ class AtomicExperts(torch.autograd.Function):
         y_TD = torch.empty_like(x_TD)
         combine_rows(down_ND, indices_TK, h_TK, y_TD, w_TK=weights_TK)
         ctx.save_for_backward(x_TD, up_ND, down_ND, weights_TK, indices_TK, h_TK, *order)
-        ctx.deterministic = deterministic
+        ctx.deterministic, ctx.grad_path = deterministic, grad_path
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD: torch.Tensor):
         x_TD, up_ND, down_ND, w_TK, idx_TK, h_TK, *order = ctx.saved_tensors
+        dense = ctx.grad_path == "dense"
         if not order:  # the forward walked token order
             key_P, order_P, ctx.base = expert_order(idx_TK, up_ND.shape[0])
         else:
@@ -96,13 +102,18 @@ class AtomicExperts(torch.autograd.Function):
         pair_scores(dy_TD, down_ND, e_P, order_P, K, h_TK, w_P=w_TK, dw_P=dw_TK, g_P=g_TK)
         dx_TD = torch.empty_like(x_TD)
         combine_rows(up_ND, idx_TK, g_TK, dx_TD)
-        dup_ND = torch.empty_like(up_ND)
-        ddown_ND = torch.empty_like(down_ND)
-        expert_grads(
-            x_TD, dy_TD, order_P, e_P, h_TK, w_TK, g_TK, dup_ND, ddown_ND, K,
-            deterministic=ctx.deterministic,
-        )  # fmt: skip
-        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), None, None
+        if dense:
+            dup_ND, ddown_ND = dense_table_grads(
+                x_TD, dy_TD, idx_TK, g_TK, h_TK, w_TK, up_ND.shape[0], dtype=up_ND.dtype
+            )
+        else:
+            dup_ND = torch.empty_like(up_ND)
+            ddown_ND = torch.empty_like(down_ND)
+            expert_grads(
+                x_TD, dy_TD, order_P, e_P, h_TK, w_TK, g_TK, dup_ND, ddown_ND, K,
+                deterministic=ctx.deterministic,
+            )  # fmt: skip
+        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), None, None, None
 
 
 def atomic_experts_triton(
@@ -113,8 +124,12 @@ def atomic_experts_triton(
     indices_TK: torch.Tensor,
     *,
     deterministic: bool = False,
+    grad_path: str = "auto",
 ) -> torch.Tensor:
     """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype).
+
+    ``grad_path``: "auto" | "dense" | "pairs", the weight-gradient path
+    (``experts_dense_grad.choose_grad_path``; resolved in the forward, from the shapes).
 
     Contract (``omnimoe_kernels.atomic_experts``): ``indices_TK`` int32/int64 ids in [0, N],
     repeats allowed; the id N means "no expert" (the pair is skipped: it adds nothing and its
@@ -124,7 +139,8 @@ def atomic_experts_triton(
 
     Raises:
         ValueError: shapes that do not match, non-integer ids, N above ``EXPERTS_MAX_NUM``, D
-            above ``EXPERTS_MAX_HIDDEN`` or T * K above ``EXPERTS_MAX_PAIRS``.
+            above ``EXPERTS_MAX_HIDDEN``, T * K above ``EXPERTS_MAX_PAIRS``, an unknown
+            ``grad_path``.
     """
     if x_TD.dim() != 2 or up_ND.shape != down_ND.shape or up_ND.shape[1] != x_TD.shape[1]:
         raise ValueError(
@@ -140,4 +156,8 @@ def atomic_experts_triton(
         raise ValueError(f"D={up_ND.shape[1]} columns: at most {EXPERTS_MAX_HIDDEN}")
     if indices_TK.numel() > EXPERTS_MAX_PAIRS:
         raise ValueError(f"T * K = {indices_TK.numel()} pairs: at most {EXPERTS_MAX_PAIRS}")
-    return AtomicExperts.apply(x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic)
+    T, D = x_TD.shape
+    path = choose_grad_path(
+        grad_path, T, up_ND.shape[0], D, indices_TK.shape[1], x_TD.dtype, x_TD.device
+    )
+    return AtomicExperts.apply(x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic, path)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from omnimoe_kernels import resolve_backend
+from omnimoe_kernels.experts_dense_grad import choose_grad_path, dense_table_grads
 
 # PyTorch path: gathered (pair, D) rows materialised at once (bounds its working memory).
 _PAIR_ELEMENTS_PER_CHUNK = 1 << 22
@@ -130,17 +131,26 @@ def table_grads(
     *,
     dtype: torch.dtype,
     backend: str = "auto",
+    grad_path: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dup[e] = sum_{(t,k): idx=e} g x_t``, ``ddown[e] = sum a dy_t`` with ``a = w silu(h)``
-    -> two (N, D) in ``dtype`` (every row written; experts with no pair get 0). Expert-sorted,
-    fixed order (``experts_grad``)."""
+    -> two (N, D) in ``dtype`` (every row written; experts with no pair get 0). Triton backend:
+    ``grad_path`` "pairs" (expert-sorted segmented kernel, ``experts_grad``), "dense" (GEMMs,
+    ``experts_dense_grad``) or "auto" (``choose_grad_path`` from the shapes); both fixed-order.
+    Raises ValueError for shapes that do not match or an unknown ``grad_path``."""
     shapes = {tuple(t.shape) for t in (g_TK, h_TK, w_TK, idx_TK)}
     if dy_TD.shape != x_TD.shape or len(shapes) != 1:
         raise ValueError(
             f"x {tuple(x_TD.shape)}, dy {tuple(dy_TD.shape)}, g/h/w/indices {sorted(shapes)}"
         )
-    width = x_TD.shape[1]
-    if resolve_backend(backend, x_TD.device) == "triton":
+    num_tokens, width = x_TD.shape
+    path = choose_grad_path(
+        grad_path, num_tokens, num_experts, width, idx_TK.shape[1], x_TD.dtype, x_TD.device
+    )
+    triton_backend = resolve_backend(backend, x_TD.device) == "triton"
+    if triton_backend and path == "dense":
+        return dense_table_grads(x_TD, dy_TD, idx_TK, g_TK, h_TK, w_TK, num_experts, dtype=dtype)
+    if triton_backend:
         from omnimoe_kernels.experts_autograd import expert_order
         from omnimoe_kernels.experts_grad import expert_grads
 

@@ -33,5 +33,5 @@ if [ ! -x .venv/bin/python ] || ! is_py312 .venv/bin/python; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,deepspeed]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,deepspeed,liger]"
 echo "ready: .venv/bin/omnimoe-train, .venv/bin/omnimoe-data, .venv/bin/python -m pytest"

@@ -50,6 +50,16 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 1e-2  # load-balancing loss weight (0 disables it)
     expert_backend: str = "auto"  # auto (Triton on CUDA, PyTorch on CPU) | torch | triton
     deterministic: bool = False  # fixed-order reductions in the expert kernels
+    # Expert weight gradients: auto (per call, kernels/experts_dense_grad.py's cost model) |
+    # dense (two GEMMs over a dense coefficient matrix) | pairs (the segmented pair kernel)
+    expert_grad_path: str = "auto"
+    # Throughput levers without TransformerEngine / apex (model/fusions.py, docs/throughput.md):
+    # megatron's SwiGLU with its own backward (torch.compile'd; megatron bias_activation_fusion)
+    fused_swiglu: bool = False
+    # none (megatron's vocab-parallel cross-entropy) | megatron (its fused native one,
+    # torch.compile'd) | liger (Liger-Kernel's fused output layer + cross-entropy: no logits
+    # tensor; needs the liger extra, parallel.tp=1, CUDA)
+    fused_cross_entropy: str = "none"
 
 
 @dataclass
@@ -122,6 +132,9 @@ class TrainerConfig:
     # Expert usage / unevenness / entropy / load-imbalance counters of routed MLPs (metrics.jsonl);
     # false skips their per-forward updates (benchmarks/bench_training.py measures the cost).
     expert_stats: bool = True
+    # none | layers: torch.compile each transformer layer (norms, attention, RoPE, SwiGLU,
+    # residuals; a routed MLP's router and expert kernels stay eager). CUDA, megatron engine, tp=1.
+    compile: str = "none"
     # Wall-clock budget of this process, e.g. "23h30m", "90m", "1d2h", "3600s"; when it is used
     # up every rank finishes its step, saves and exits with code 75 (rerun to continue).
     max_time: str | None = None

@@ -48,12 +48,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.router_norm": ("batchnorm", "none"),
     "model.router_weights": ("softmax", "exp"),
     "model.expert_backend": ("auto", "torch", "triton"),
+    "model.expert_grad_path": ("auto", "dense", "pairs"),
+    "model.fused_cross_entropy": ("none", "megatron", "liger"),
     "parallel.expert_table_sharding": ("rows", "dim", "auto"),
     "optim.name": ("adamw",),
     "optim.decay_style": ("linear", "cosine", "sqrt"),
     "trainer.engine": ("megatron", "deepspeed"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "fp32", "bf16"),
+    "trainer.compile": ("none", "layers"),
     "logging.wandb.mode": ("offline", "online", "disabled"),
 }
 
@@ -187,6 +190,7 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     _validate_robustness(cfg)
     _validate_names(cfg)
     _validate_device(t.device)
+    _validate_throughput_levers(cfg)
 
 
 def _validate_device(device: str) -> None:
@@ -202,6 +206,57 @@ def _validate_device(device: str) -> None:
         "cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use trainer.device=cpu or auto",
     )
+
+
+def _runs_on_cuda(device: str) -> bool:
+    """Whether ``trainer.device`` resolves to CUDA (as ``distributed.resolve_device`` does)."""
+    import torch
+
+    return device != "cpu" and torch.cuda.is_available()
+
+
+def _validate_throughput_levers(cfg: RootConfig) -> None:
+    """``model.fused_cross_entropy=liger`` and ``trainer.compile`` (model/fusions.py)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.trainer
+    if m.fused_cross_entropy == "liger":
+        key = "model.fused_cross_entropy"
+        _require(
+            p.tp == 1,
+            key,
+            f"liger's fused linear cross-entropy is not vocab-parallel: needs parallel.tp=1 "
+            f"(got {p.tp}); model.fused_cross_entropy=megatron works at any tp",
+        )
+        _require(
+            importlib.util.find_spec("liger_kernel") is not None,
+            key,
+            "liger needs the liger-kernel package: pip install -e '.[liger]'",
+        )
+        _require(
+            _runs_on_cuda(t.device) or os.environ.get("TRITON_INTERPRET") == "1",
+            key,
+            "liger runs Triton kernels: needs a CUDA device (or TRITON_INTERPRET=1)",
+        )
+    if t.compile != "none":
+        key = "trainer.compile"
+        _require(
+            _runs_on_cuda(t.device),
+            key,
+            f"{t.compile} compiles for CUDA only (trainer.device={t.device}, "
+            "no CUDA device in use); use trainer.compile=none",
+        )
+        _require(t.engine == "megatron", key, f"needs trainer.engine=megatron (got {t.engine})")
+        _require(
+            p.tp == 1,
+            key,
+            f"needs parallel.tp=1 (got {p.tp}): megatron's tensor-parallel communication "
+            "inside a layer is not traced",
+        )
+        _require(
+            m.mlp not in MEGATRON_MOE_MLPS,
+            key,
+            f"megatron's MoE layer (model.mlp={m.mlp}) has data-dependent token dispatch; "
+            "use it with trainer.compile=none",
+        )
 
 
 def _batch_fix(global_batch: int, micro_batch: int, dp: int) -> str:

@@ -7,6 +7,37 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Issue 9's tiny model (2 layers, d = 32, 64 atomic experts) on a 200 kB slice of the default
+# corpus: the base of every subprocess run of ``omnimoe-train`` in the tests.
+TINY_BASE = {
+    "model.num_layers": 2,
+    "model.hidden_size": 32,
+    "model.num_attention_heads": 2,
+    "model.ffn_hidden_size": 64,
+    "model.num_experts": 64,
+    "model.top_k": 4,
+    "data.vocab_size": 300,
+    "data.max_bytes": 200000,
+    "data.seq_len": 32,
+    "data.micro_batch_size": 4,
+    "data.global_batch_size": 4,
+    "data.val_fraction": 0.2,
+    "optim.warmup_steps": 1,
+    "trainer.log_interval": 1,
+    "trainer.eval_interval": 5,
+    "trainer.eval_iters": 2,
+    "trainer.progress": "false",
+    "logging": "disabled",
+}
+
+
+def tiny(**changes: object) -> list[str]:
+    """``TINY_BASE`` as Hydra overrides, with ``changes`` (keys with ``__`` for ``.``:
+    ``data__global_batch_size=8``) replacing or adding values; None drops a key (its default
+    applies)."""
+    values = {**TINY_BASE, **{k.replace("__", "."): v for k, v in changes.items()}}
+    return [f"{key}={value}" for key, value in values.items() if value is not None]
+
 
 def run_train_cli(
     args: list[str], *, cache: Path, world_size: int | None = None, timeout: int = 300

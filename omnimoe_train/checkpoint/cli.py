@@ -41,13 +41,18 @@ def _fail(message: str) -> NoReturn:
     exit_usage("omnimoe-ckpt", message)
 
 
+# Model-state tensors that are not parameters: the router's BatchNorm running statistics.
+BUFFER_SUFFIXES = ("running_mean", "running_var")
+
+
 def tensor_sizes(folder: Path) -> dict[str, Any]:
-    """Counts and sizes of the stored tensors, from the metadata alone."""
+    """Counts and sizes of the stored tensors, from the metadata alone: parameters, buffers
+    (``BUFFER_SUFFIXES``) and optimizer state."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = FileSystemReader(str(folder)).read_metadata()
-    model = optimizer = 0
+    model = optimizer = buffers = 0
     model_tensors = optimizer_tensors = 0
     for key, entry in metadata.state_dict_metadata.items():
         if not isinstance(entry, TensorStorageMetadata):
@@ -57,11 +62,14 @@ def tensor_sizes(folder: Path) -> dict[str, Any]:
             numel *= dim
         if key.startswith("optimizer."):
             optimizer, optimizer_tensors = optimizer + numel, optimizer_tensors + 1
+        elif key.endswith(BUFFER_SUFFIXES):
+            buffers += numel
         else:
             model, model_tensors = model + numel, model_tensors + 1
     return {
         "model_parameters": model,
         "model_tensors": model_tensors,
+        "model_buffer_values": buffers,
         "optimizer_elements": optimizer,
         "optimizer_tensors": optimizer_tensors,
     }
@@ -105,7 +113,7 @@ def _summary_line(report: dict[str, Any]) -> str:
     if "model_parameters" in report:
         lines.append(
             f"  model: {report['model_parameters']:,} parameters in {report['model_tensors']} "
-            f"tensors; optimizer: {report['optimizer_elements']:,} values in "
+            f"tensors (+ {report['model_buffer_values']:,} BatchNorm statistics); optimizer: {report['optimizer_elements']:,} values in "
             f"{report['optimizer_tensors']} tensors; vocab {report['vocab_size']}"
         )
     return "\n".join(lines)

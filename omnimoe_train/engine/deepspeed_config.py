@@ -89,11 +89,67 @@ SECTION_MODELS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Modules whose lower-case string constants name DeepSpeed's top-level config keys (DeepSpeed
+#: reads most of them with ``dict.get``, so a misspelt one is silently ignored), and keys that
+#: no such constant names.
+KEY_CONSTANT_MODULES = (
+    "deepspeed.runtime.constants",
+    "deepspeed.runtime.activation_checkpointing.config",
+    "deepspeed.profiling.constants",
+    "deepspeed.elasticity.constants",
+    "deepspeed.autotuning.constants",
+    "deepspeed.runtime.data_pipeline.constants",
+    "deepspeed.compression.constants",
+    "deepspeed.runtime.swap_tensor.constants",
+    "deepspeed.comm.constants",
+    "deepspeed.monitor.constants",
+    "deepspeed.runtime.zero.constants",
+)
+EXTRA_TOP_LEVEL_KEYS = (
+    "elasticity", "compression_training", "nebula", "weight_quantization", "graph_harvesting",
+)  # fmt: skip
+
+
+def known_top_level_keys() -> set[str]:
+    """Top-level keys DeepSpeed reads (from its own constants), ours reserved included."""
+    import importlib
+
+    keys = set(EXTRA_TOP_LEVEL_KEYS) | set(RESERVED) | set(SECTION_MODELS)
+    for module in KEY_CONSTANT_MODULES:
+        try:
+            names = vars(importlib.import_module(module))
+        except ImportError:  # a module moved in another DeepSpeed version: fewer known keys
+            continue
+        keys |= {
+            value
+            for name, value in names.items()
+            if name.isupper() and isinstance(value, str) and value.islower() and " " not in value
+        }
+    return keys
+
+
+def misspelt_top_level_key(ds: dict[str, Any]) -> tuple[str, str] | None:
+    """A top-level key DeepSpeed does not know that is a near miss of one it does, as (key,
+    rule). Only near misses are refused: DeepSpeed has no schema for its top level, and a key
+    of a newer DeepSpeed that we do not list must still pass."""
+    import difflib
+
+    known = known_top_level_keys()
+    for key in ds:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+        if close:
+            return f"deepspeed.{key}", f"unknown key; did you mean deepspeed.{close[0]}?"
+    return None
+
+
 def check_deepspeed_schema(ds: dict[str, Any]) -> tuple[str, str] | None:
     """The first key of ``ds`` that DeepSpeed's own config models reject, as (key, rule), or
-    None: a misspelt key (``zero_optimization.stagee``) or a bad value, found before DeepSpeed
-    builds its ops rather than as a multi-line ``pydantic.ValidationError`` inside
-    ``deepspeed.initialize``. Needs DeepSpeed installed."""
+    None: a misspelt key (``zero_optimization.stagee``; at the top level, a near miss of a key
+    DeepSpeed reads: ``wall_clock_breakdwn``) or a bad value, found before DeepSpeed builds its
+    ops rather than as a multi-line ``pydantic.ValidationError`` inside
+    ``deepspeed.initialize`` (or not at all). Needs DeepSpeed installed."""
     import importlib
     import logging
 
@@ -104,6 +160,9 @@ def check_deepspeed_schema(ds: dict[str, Any]) -> tuple[str, str] | None:
     ds_logger = logging.getLogger("DeepSpeed")
     ds_logger.addFilter(_errors_only)
     try:
+        misspelt = misspelt_top_level_key(ds)
+        if misspelt:
+            return misspelt
         for section, (module, name) in SECTION_MODELS.items():
             if section not in ds:
                 continue

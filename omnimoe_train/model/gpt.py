@@ -23,8 +23,14 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
+from omnimoe_kernels import experts_dense_grad
 from omnimoe_train.config import ModelConfig, RootConfig
 from omnimoe_train.model.attention import SDPAttention
+from omnimoe_train.model.fusions import (
+    LigerLossGPTModel,
+    compile_layers,
+    transformer_config_fusions,
+)
 from omnimoe_train.model.init import SeededTransformerLayer
 from omnimoe_train.model.moe_megatron import (
     MEGATRON_MOE_MLPS,
@@ -100,13 +106,14 @@ def transformer_config(cfg: RootConfig, *, bf16: bool) -> TransformerConfig:
         sequence_parallel=p.sequence_parallel,
         use_cpu_initialization=True,
         perform_initialization=True,
-        # The fused paths need apex / TransformerEngine; the plain ones run everywhere.
-        bias_activation_fusion=False,
+        # These fused paths need apex / TransformerEngine (model/fusions.py says why each);
+        # the ones that do not are the model.fused_* keys.
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **transformer_config_fusions(m),
         **transformer_config_fields(m, p),  # megatron's MoE settings (gshard, deepseekmoe)
     )
 
@@ -160,12 +167,19 @@ def build_model(
 ) -> GPTModel:
     """This stage's (or virtual chunk's) part of the GPT; ``table_sharding`` (none, rows, dim)
     says which expert-parallel shard of the atomic-expert tables each layer holds."""
+    # The weight-gradient path is chosen inside the kernels (also under expert parallelism):
+    # a forced choice is process-wide, set here for every model built (a sweep's next job
+    # resets it).
+    experts_dense_grad.FORCE_GRAD_PATH = (
+        None if cfg.model.expert_grad_path == "auto" else cfg.model.expert_grad_path
+    )
     # A block spec (not a layer spec) so the final norm is ours too; this stage's layers only.
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     block = TransformerBlockSubmodules(
         layer_specs=[layer_spec(cfg, table_sharding)] * num_layers, layer_norm=RMSNorm
     )
-    return GPTModel(
+    gpt_class = LigerLossGPTModel if cfg.model.fused_cross_entropy == "liger" else GPTModel
+    model = gpt_class(
         config=tconfig,
         transformer_layer_spec=block,
         vocab_size=vocab_size,
@@ -177,6 +191,9 @@ def build_model(
         rotary_base=int(cfg.model.rope_base),
         vp_stage=vp_stage,
     )
+    if cfg.trainer.compile == "layers":
+        compile_layers(model)
+    return model
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:

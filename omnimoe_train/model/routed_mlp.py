@@ -99,9 +99,14 @@ class RoutedMLP(MegatronModule, ABC):
         del x_TD
         return None
 
-    def forward(
-        self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, None]:
+    # Under ``trainer.compile`` the routed part runs eagerly (a graph break): its Triton kernels,
+    # sorts and statistics have data-dependent shapes that dynamo would recompile or break on
+    # anyway, while the shared SwiGLU around it is plain dense work that compiles well.
+    @torch.compiler.disable
+    def routed_part(self, hidden_SBD: torch.Tensor) -> torch.Tensor | PendingExchange:
+        """Route ``hidden_SBD`` [S, B, D], count usage while training, return the routed
+        part's output [S, B, D], or [T, D] still in flight between expert-parallel ranks
+        (``parallel.ep_overlap``: ``finish_routed`` after the shared branch)."""
         S, B, D = hidden_SBD.shape
         x_TD = hidden_SBD.reshape(S * B, D)
         early = self.start_routed(x_TD)
@@ -109,12 +114,24 @@ class RoutedMLP(MegatronModule, ABC):
         if self.training:  # evaluation batches stay out of the usage statistics
             self.stats.update(routing.indices_TK, routing.entropy_T)
         routed = self.routed(x_TD, routing, early)
-        # Between routed() and finish() the routed output may still travel between ranks: the
-        # shared branch is computed meanwhile (and its backward while the gradient travels).
+        return routed if isinstance(routed, PendingExchange) else routed.view(S, B, D)
+
+    @torch.compiler.disable
+    def finish_routed(self, routed: PendingExchange, shape: torch.Size) -> torch.Tensor:
+        """Wait for the routed output in flight; [S, B, D]."""
+        return routed.finish().view(shape)
+
+    def forward(
+        self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
+        routed = self.routed_part(hidden_SBD)
+        # While the routed output may still travel between ranks, the shared branch is computed
+        # (and, in the backward, its backward runs while the gradient travels: parallel.overlap).
         shared_SBD = self.shared(hidden_SBD)[0] if self.shared is not None else None
-        if isinstance(routed, PendingExchange):
-            routed = routed.finish()
-        y_SBD = routed.view(S, B, D)
+        if isinstance(routed, torch.Tensor):
+            y_SBD = routed
+        else:
+            y_SBD = self.finish_routed(routed, hidden_SBD.shape)
         if shared_SBD is not None:
             y_SBD = y_SBD + shared_SBD
         return y_SBD, None

@@ -8,7 +8,9 @@ router rows when n % P == 0). One call, per rank (shape legend in ``collectives`
     local ids     id - r*E where this rank owns the expert, else E ("no expert": the kernels
                   skip the pair, no padding, no compaction, no sync)
     experts       y_part (G, D) = atomic_experts(x, U_r, V_r, w, local ids): the Triton kernels
-                  on the group's whole pair list, each rank doing the pairs it owns
+                  on the group's whole pair list, each rank doing the pairs it owns (the
+                  weight gradients by the pair kernel or, at small E, dense GEMMs whose "no
+                  expert" pairs are dropped: ``experts_dense_grad``)
     scatter-sum   y (T, D) = sum over ranks of their y_part rows of my tokens (reduce-scatter)
 
 Backward (autograd through the same pieces, one chain, so every rank issues the same
@@ -39,6 +41,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 import omnimoe_kernels
+from omnimoe_kernels.experts_dense_grad import choose_grad_path
 from omnimoe_train.parallel.collectives import (
     GatherRows,
     GroupComm,
@@ -166,9 +169,16 @@ def _local_experts(
     local_GK = ids_GK - comm.rank * experts_per_rank
     mine_GK = (local_GK >= 0) & (local_GK < experts_per_rank)
     local_GK = torch.where(mine_GK, local_GK, experts_per_rank)  # E = "no expert"
+    # The weight-gradient path from the pairs this rank owns (about 1/P of the group's, with
+    # uniform routing), not all G*K: the pair kernel skips the others, the dense GEMMs do not.
+    grad_path = choose_grad_path(
+        "auto", x_GD.shape[0], experts_per_rank, x_GD.shape[1], ids_GK.shape[1], x_GD.dtype,
+        x_GD.device, pairs=ids_GK.numel() // comm.size,
+    )  # fmt: skip
     y_part_GD = omnimoe_kernels.atomic_experts(
-        x_GD, up_local_ED, down_local_ED, weights_GK, local_GK, backend=backend
-    )
+        x_GD, up_local_ED, down_local_ED, weights_GK, local_GK, backend=backend,
+        grad_path=grad_path,
+    )  # fmt: skip
     return y_part_GD, mine_GK.sum()
 
 

@@ -77,7 +77,16 @@ def test_inspect_and_consolidate(tmp_path: Path, capsys: pytest.CaptureFixture) 
     code, out, _ = _in_process(capsys, "inspect", folder, "--json")
     report = json.loads(out)
     assert report["valid"] and report["step"] == 2 and report["layout"]["world_size"] == 1
-    assert report["model_parameters"] > 0 and report["optimizer_tensors"] > 0
+    assert report["optimizer_tensors"] > 0
+    # The parameter count equals the one omnimoe-params derives from the config (meta-device
+    # model); the router's BatchNorm statistics (2 gates x 2 statistics x sqrt(N) per layer)
+    # are counted apart.
+    params = subprocess.run(
+        [sys.executable, "-m", "omnimoe_train.params_cli", *MODEL],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert report["model_parameters"] == json.loads(params.stdout.splitlines()[-1])["total_params"]
+    assert report["model_buffer_values"] == 2 * 2 * 2 * 8
     assert report["vocab_size"] == int(next(m for m in MODEL if "vocab" in m).split("=")[1])
 
     weights = consolidate_and_check(folder, tmp_path / "model.pt")  # a subprocess: gloo world

@@ -26,28 +26,19 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_IO_ERROR, EXIT_REQUEUE
-from tests.cli_helpers import run_train_cli
+from tests.cli_helpers import run_train_cli, tiny
 from tests.parallel.distributed import find_free_port
 
-TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_attention_heads=4",
-    "model.ffn_hidden_size=64",
-    "model.num_experts=64",
-    "model.top_k=4",
-    "data.vocab_size=512",
-    "data.max_bytes=300000",
-    "data.seq_len=32",
-    "data.micro_batch_size=4",
-    "data.global_batch_size=8",
-    "optim.warmup_steps=2",
-    "trainer.log_interval=4",
-    "trainer.eval_interval=24",
-    "trainer.eval_iters=2",
-    "trainer.progress=false",
-    "logging=disabled",
-]
+TINY = tiny(
+    model__num_attention_heads=4,
+    data__vocab_size=512,
+    data__max_bytes=300000,
+    data__global_batch_size=8,
+    data__val_fraction=None,
+    optim__warmup_steps=2,
+    trainer__log_interval=4,
+    trainer__eval_interval=24,
+)
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,13 @@ def _inputs(T: int, D: int, N: int, K: int, dtype: torch.dtype, device: str, hot
     return leaves, idx.to(device), torch.randn(T, D, generator=gen)
 
 
-def _check(T, D, N, K, dtype, device, *, hot=False, deterministic=False, seed=0) -> None:
+def _check(
+    T, D, N, K, dtype, device, *, hot=False, deterministic=False, seed=0, grad_path="auto"
+) -> None:
     (x, up, down, w), idx, gy = _inputs(T, D, N, K, dtype, device, hot, seed)
     # Poison-free by construction: every output is allocated by the op; NaN fails rel_err.
     y = omnimoe_kernels.atomic_experts(
-        x, up, down, w, idx, backend="triton", deterministic=deterministic
+        x, up, down, w, idx, backend="triton", deterministic=deterministic, grad_path=grad_path
     )
     grads = torch.autograd.grad(y, (x, up, down, w), gy.to(device, dtype))
     leaves64 = [v.detach().cpu().double().requires_grad_() for v in (x, up, down, w)]
@@ -63,6 +65,13 @@ def test_atomic_experts_cpu(T, D, N, K, dtype, hot, deterministic) -> None:
 
 
 @cpu_triton
+@pytest.mark.parametrize(("T", "D", "N", "K", "dtype", "hot"), CPU_CASES)
+def test_dense_grad_path_cpu(T, D, N, K, dtype, hot) -> None:
+    """The weight gradients by dense GEMMs (``experts_dense_grad``): the same contract."""
+    _check(T, D, N, K, dtype, "cpu", hot=hot, grad_path="dense")
+
+
+@cpu_triton
 @pytest.mark.parametrize(  # 16-bit and 32-bit sort keys
     ("T", "K", "hot", "N"), [(13, 6, True, 40), (9, 20, False, 40), (5, 7, True, 70000)]
 )
@@ -90,13 +99,15 @@ def test_runs_across_chunks_and_blocks_cpu(monkeypatch, T, N, K, dtype, determin
     _check(T, 16, N, K, dtype, "cpu", hot=True, deterministic=deterministic)
 
 
-def _check_no_expert(T, D, N, K, skip_fraction, device, *, seed=0) -> None:
+def _check_no_expert(T, D, N, K, skip_fraction, device, *, seed=0, grad_path="auto") -> None:
     """Pairs with id N ("no expert") equal pairs of weight 0 in y, dx, dup and ddown, and get
     dw = 0 (a weight-0 pair would get silu(h) there)."""
     (x, up, down, w), idx, gy = _inputs(T, D, N, K, torch.float32, device, False, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     skip = (torch.rand(T, K, generator=gen) < skip_fraction).to(device)
-    y = omnimoe_kernels.atomic_experts(x, up, down, w, idx.masked_fill(skip, N), backend="triton")
+    y = omnimoe_kernels.atomic_experts(
+        x, up, down, w, idx.masked_fill(skip, N), backend="triton", grad_path=grad_path
+    )
     grads = torch.autograd.grad(y, (x, up, down, w), gy.to(device))
     leaves64 = [v.detach().cpu().double().requires_grad_() for v in (x, up, down, w)]
     w0 = leaves64[3] * (~skip.cpu())
@@ -125,11 +136,18 @@ def test_no_expert_pairs_cpu(monkeypatch, sorted_forward, T, N, K, skip_fraction
     _check_no_expert(T, 16, N, K, skip_fraction, "cpu")
 
 
+@cpu_triton
+@pytest.mark.parametrize(("T", "N", "K", "skip_fraction"), [(11, 12, 5, 0.5), (9, 6, 4, 1.0)])
+def test_no_expert_pairs_dense_cpu(T, N, K, skip_fraction) -> None:
+    _check_no_expert(T, 16, N, K, skip_fraction, "cpu", grad_path="dense")
+
+
 @gpu[0]
 @gpu[1]
+@pytest.mark.parametrize("grad_path", ["pairs", "dense"])
 @pytest.mark.parametrize(("T", "N", "K"), [(4096, 2888, 64), (1000, 70000, 16)])
-def test_no_expert_pairs_gpu(T, N, K) -> None:
-    _check_no_expert(T, 256, N, K, 0.5, "cuda")
+def test_no_expert_pairs_gpu(T, N, K, grad_path) -> None:
+    _check_no_expert(T, 256, N, K, 0.5, "cuda", grad_path=grad_path)
 
 
 @pytest.mark.parametrize(

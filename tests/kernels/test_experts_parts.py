@@ -32,7 +32,7 @@ def _inputs(T, D, N, K, device, seed=0):
     return [t.to(device) for t in (x, dy, up, down, idx, g, w)]
 
 
-def _run(tensors, backend):
+def _run(tensors, backend, grad_path="auto"):
     x, dy, up, down, idx, g, w = tensors
     dtype = x.dtype
     h = g.flip(0)
@@ -41,15 +41,15 @@ def _run(tensors, backend):
         "out": experts_parts.combine(down, idx, g, out_dtype=dtype, backend=backend),
         "gated": experts_parts.combine(down, idx, h, gate_TK=w, out_dtype=dtype, backend=backend),
         "grads": experts_parts.table_grads(
-            x, dy, idx, g, h, w, down.shape[0], dtype=dtype, backend=backend
+            x, dy, idx, g, h, w, down.shape[0], dtype=dtype, backend=backend, grad_path=grad_path
         ),
         "silu": experts_parts.silu_grads(g, h, w, backend=backend),
     }
 
 
-def _check(T, D, N, K, device) -> None:
+def _check(T, D, N, K, device, grad_path="auto") -> None:
     tensors = _inputs(T, D, N, K, device)
-    got = _run(tensors, "triton")
+    got = _run(tensors, "triton", grad_path)
     ref = _run([t.cpu().double() if t.is_floating_point() else t.cpu() for t in tensors], "torch")
     assert got["h"].dtype == torch.float32 and got["h"].shape == (T, K)
     assert got["out"].shape == (T, D) and got["grads"][0].shape == (N, D)
@@ -114,8 +114,16 @@ def test_parts_cpu(monkeypatch, sorted_walk, T, D, N, K) -> None:
     _check(T, D, N, K, "cpu")
 
 
+@cpu_triton
+@pytest.mark.parametrize(("T", "D", "N", "K"), SHAPES)
+def test_parts_dense_table_grads_cpu(T, D, N, K) -> None:
+    """``table_grads`` by the dense GEMMs (the ``dim`` layout's path at small N)."""
+    _check(T, D, N, K, "cpu", grad_path="dense")
+
+
 @gpu[0]
 @gpu[1]
+@pytest.mark.parametrize("grad_path", ["pairs", "dense"])
 @pytest.mark.parametrize(("T", "D", "N", "K"), [(8192, 384, 5776, 64), (4096, 512, 262144, 16)])
-def test_parts_gpu(T, D, N, K) -> None:
-    _check(T, D, N, K, "cuda")
+def test_parts_gpu(T, D, N, K, grad_path) -> None:
+    _check(T, D, N, K, "cuda", grad_path)

@@ -14,32 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_helpers import tiny
 from tests.launch.slurm_cluster import SlurmCluster, start_cluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]
 
 # Issue 9's TINY model, on CPU, with a global batch of 8 for two data-parallel ranks.
-TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_attention_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.num_experts=64",
-    "model.top_k=4",
-    "data.vocab_size=300",
-    "data.max_bytes=200000",
-    "data.seq_len=32",
-    "data.micro_batch_size=4",
-    "data.global_batch_size=8",
-    "data.val_fraction=0.2",
-    "optim.warmup_steps=1",
-    "trainer.log_interval=1",
-    "trainer.eval_interval=5",
-    "trainer.eval_iters=2",
-    "trainer.progress=false",
-    "trainer.device=cpu",
-    "logging=disabled",
-]
+TINY = tiny(data__global_batch_size=8, trainer__device="cpu")
 
 
 @pytest.fixture(scope="session")

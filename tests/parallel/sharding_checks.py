@@ -173,10 +173,16 @@ def check_cases(cases: list[Case], modes: tuple[str, ...], dtype: torch.dtype = 
             check_case(case, mode, dtype, known_tokens=True)
 
 
-def check_cases_triton(cases: list[Case], modes: tuple[str, ...], device: str = "cpu") -> None:
-    """The same checks with the Triton kernels (through Triton's interpreter on CPU)."""
+def check_cases_triton(
+    cases: list[Case], modes: tuple[str, ...], device: str = "cpu", grad_path: str | None = None
+) -> None:
+    """The same checks with the Triton kernels (through Triton's interpreter on CPU);
+    ``grad_path`` forces the weight-gradient path of every call ("dense" / "pairs")."""
     import os
 
+    from omnimoe_kernels import experts_dense_grad
+
+    experts_dense_grad.FORCE_GRAD_PATH = grad_path
     if device == "cpu":
         # Read when the kernel modules are first imported, which has not happened in this
         # freshly spawned process (``omnimoe_kernels`` imports them lazily).

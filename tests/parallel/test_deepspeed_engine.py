@@ -82,6 +82,19 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, prese
         (["+deepspeed.fp16.enabled=true"], 1, "deepspeed.fp16", "trainer.precision"),
         (["+deepspeed.scheduler.type=WarmupLR"], 1, "deepspeed.scheduler", "WSD"),
         # Checked with DeepSpeed's own config models: a misspelt key, a bad value, a section.
+        # At the top level (no DeepSpeed schema): a near miss of a key DeepSpeed reads.
+        (
+            ["+deepspeed.wall_clock_breakdwn=true"],
+            1,
+            "deepspeed.wall_clock_breakdwn",
+            "did you mean deepspeed.wall_clock_breakdown?",
+        ),
+        (
+            ["+deepspeed.activation_checkpointng.partition_activations=true"],
+            1,
+            "deepspeed.activation_checkpointng",
+            "did you mean deepspeed.activation_checkpointing?",
+        ),
         (
             ["+deepspeed.zero_optimization.stagee=2"],
             1,

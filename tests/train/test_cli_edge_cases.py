@@ -13,29 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli_helpers import assert_usage_error, run_train_cli
+from tests.cli_helpers import assert_usage_error, run_train_cli, tiny
 from tests.data.helpers import make_token_dataset
 
-TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=32",
-    "model.num_attention_heads=2",
-    "model.ffn_hidden_size=64",
-    "model.num_experts=64",
-    "model.top_k=4",
-    "data.vocab_size=300",
-    "data.max_bytes=200000",
-    "data.seq_len=32",
-    "data.micro_batch_size=4",
-    "data.global_batch_size=4",
-    "data.val_fraction=0.2",
-    "optim.warmup_steps=1",
-    "trainer.log_interval=1",
-    "trainer.eval_interval=5",
-    "trainer.eval_iters=2",
-    "trainer.progress=false",
-    "logging=disabled",
-]
+TINY = tiny()
 ERROR = "omnimoe-train: error: "
 
 

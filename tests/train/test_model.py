@@ -99,3 +99,17 @@ def test_expert_stats_accumulate_in_training_only(single_rank: None) -> None:
     layer.eval()
     layer(torch.randn(8, 2, 64))
     assert layer.stats.counts_N.sum().item() == 8 * 2 * 8
+
+
+def test_expert_grad_path_reaches_the_kernels(single_rank: None) -> None:
+    """``model.expert_grad_path`` forces the weight-gradient path of every call the kernels make
+    (local and expert-parallel); ``auto`` (the default) leaves the choice to the cost model, also
+    after a model built with a forced path (a sweep's next job)."""
+    from omnimoe_kernels import experts_dense_grad
+
+    for path, forced in (("dense", "dense"), ("pairs", "pairs"), ("auto", None)):
+        _model(f"model.expert_grad_path={path}")
+        assert forced == experts_dense_grad.FORCE_GRAD_PATH
+        assert experts_dense_grad.choose_grad_path(
+            "auto", 4, 8, 4, 2, torch.float32, torch.device("cpu")
+        ) == (forced or "pairs")

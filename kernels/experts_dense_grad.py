@@ -1,0 +1,215 @@
+"""Expert weight gradients as dense GEMMs, and the choice between them and the pair kernel.
+
+Legend: T tokens, D hidden (columns), N experts, K experts per token, P = T * K pairs, C columns
+of one expert chunk (plus one "no expert" column, rounded up to a multiple of 8). The segmented
+reductions of ``experts_grad``
+
+    dup_e   = sum_{pairs p of e} g_p * x_{t_p}       (g = dL/dh)
+    ddown_e = sum_{pairs p of e} a_p * dy_{t_p}      (a = w * silu(h))
+
+are GEMMs with a sparse left operand: ``dup_ND = G_TN^T @ x_TD`` with
+``G[t, e] = sum_k g[t, k] * [ids[t, k] == e]`` (likewise ``ddown_ND = A_TN^T @ dy_TD``). At small
+N that dense product on the tensor cores (cuBLAS through ``torch.mm``) costs less than the
+latency-bound pair kernel: at ``a80m`` (T=16384, D=768, N=5776, K=64) 8*T*N*D = 0.58 TFLOP
+against ~2.6 ms for ``_pair_block_grad_kernel`` on an H200. ``choose_grad_path`` decides per call.
+
+Exactness (the contract of ``experts_grad``): for bf16 rows the coefficient is split into a bf16
+high part and a bf16 residual, stacked along T, ``[G_hi; G_lo]^T @ [x; x]``, so ONE GEMM
+accumulates both halves in float32 (``torch.mm(..., out_dtype=float32)`` on CUDA; a float32 GEMM
+of the same bf16 values on CPU) and the result is rounded once to the table dtype: ~16
+mantissa bits of the coefficient, as in the pair kernel. Other dtypes (float32, float16,
+float64: tests and references, never chosen by "auto" on CUDA): one float64 GEMM, so no TF32
+or reduced-precision setting of the process can touch it (no global flag is switched).
+
+Building G: a token's ids are sorted (stable) and repeats of one id (the public contract allows
+them; the routers never emit them) are summed by a segmented scan in log2(K) fixed-order steps;
+the last pair of each run writes the sum with a plain ``scatter_`` (no two writes meet: no
+float atomics), every other pair and every "no expert" pair (id N, see ``experts_pairs``)
+writes into a dummy column that is never read. So the result is bitwise repeatable on one
+device in both modes (cuBLAS GEMMs are run-to-run reproducible for a fixed shape and stream,
+see its documentation; set ``CUBLAS_WORKSPACE_CONFIG`` as torch's reproducibility notes say
+when several streams are used). No host synchronisation: capturable in a CUDA graph.
+
+Memory: the G buffer is (2T, C) bf16 (a80m: 2 * 16384 * 5784 * 2 B = 379 MB; (T, C) float64
+for other dtypes), plus the stacked (2T, D) rows and a (C, D) float32 product. ``DENSE_MAX_BYTES`` caps the
+buffer: above it the experts are processed in chunks of C columns (each chunk is one GEMM per
+table; G is cleared by scattering zeros back at the written positions, not by a memset).
+"""
+
+from __future__ import annotations
+
+import torch
+
+GRAD_PATHS = ("auto", "dense", "pairs")
+#: Forces every call that asks for "auto" onto one path ("dense" or "pairs"); None = decide.
+#: For benchmarks and experiments; the argument of a call, when not "auto", wins over it.
+FORCE_GRAD_PATH: str | None = None
+#: Cap on the G buffer of one chunk (bytes); bigger problems run in column chunks.
+DENSE_MAX_BYTES = 512 << 20
+
+# Cost model constants (seconds), H200 bf16; ``benchmarks/bench_grad_paths.py`` measures both
+# paths on a shape table so these can be refit. The pair kernel costs about PAIR_COLUMN_S per
+# (real pair, column) for both tables together (a80m: 2.6 ms / (1,048,576 pairs * 768 columns)).
+# The dense path costs 8*T*N*D flops at DENSE_FLOPS (two tables, hi and lo halves) plus
+# ~12*T*N bytes of G traffic (scatter, two GEMM reads of the 2T x N bf16 buffer, one memset)
+# at HBM_BYTES_PER_S, plus a fixed DENSE_OVERHEAD_S for the build's small launches.
+PAIR_COLUMN_S = 3.2e-12
+DENSE_FLOPS = 600e12
+HBM_BYTES_PER_S = 4.0e12
+DENSE_OVERHEAD_S = 60e-6
+
+
+def dense_cost_s(T: int, N: int, D: int) -> float:
+    """Modelled seconds of the dense bf16 path (both tables)."""
+    return 8 * T * N * D / DENSE_FLOPS + 12 * T * N / HBM_BYTES_PER_S + DENSE_OVERHEAD_S
+
+
+def pairs_cost_s(pairs: int, D: int) -> float:
+    """Modelled seconds of ``experts_grad.expert_grads`` for ``pairs`` real pairs."""
+    return pairs * D * PAIR_COLUMN_S
+
+
+def choose_grad_path(
+    grad_path: str,
+    T: int,
+    N: int,
+    D: int,
+    K: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    pairs: int | None = None,
+) -> str:
+    """Resolve ``grad_path`` ("auto" | "dense" | "pairs") to "dense" or "pairs".
+
+    "auto" (unless ``FORCE_GRAD_PATH`` is set) picks "dense" only for bf16 rows on CUDA where
+    ``dense_cost_s(T, N, D) < pairs_cost_s(pairs, D)``; ``pairs`` = the real (token, expert)
+    pairs, T * K by default (the expert-parallel ``rows`` layout passes its expected share).
+    CPU tensors (the tests, the Triton interpreter) and other dtypes take "pairs": the float32
+    GEMM has no tensor-core advantage and the interpreter tests keep exercising the kernel.
+    Raises ValueError for an unknown ``grad_path``.
+    """
+    if grad_path not in GRAD_PATHS:
+        raise ValueError(f"grad_path={grad_path!r} must be one of {GRAD_PATHS}")
+    if grad_path == "auto" and FORCE_GRAD_PATH is not None:
+        grad_path = FORCE_GRAD_PATH
+        if grad_path not in GRAD_PATHS[1:]:
+            raise ValueError(f"FORCE_GRAD_PATH={grad_path!r} must be 'dense', 'pairs' or None")
+    if grad_path != "auto":
+        return grad_path
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return "pairs"
+    real = T * K if pairs is None else pairs
+    return "dense" if dense_cost_s(T, N, D) < pairs_cost_s(real, D) else "pairs"
+
+
+def merged_columns(
+    idx_TK: torch.Tensor, coefs: list[torch.Tensor], num_experts: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(col_TK, summed coefficients): the G column each pair writes and the value it writes.
+
+    A token's pairs are sorted by id (stable); each run of one id gets the run's sum on its
+    last pair (Hillis-Steele segmented scan: step s adds the value s places back when it has
+    the same id, a fixed order), which writes column = id. Every other pair, and every pair
+    with id >= ``num_experts`` ("no expert"), gets column ``num_experts`` (the dummy). So the
+    columns < num_experts of one token are distinct: a plain scatter writes them exactly.
+    """
+    ids_TK, perm_TK = torch.sort(idx_TK.long(), dim=1, stable=True)
+    vals = [c.gather(1, perm_TK) for c in coefs]
+    top_k = ids_TK.shape[1]
+    step = 1
+    while step < top_k:
+        same = ids_TK[:, step:] == ids_TK[:, :-step]
+        vals = [
+            torch.cat([v[:, :step], v[:, step:] + torch.where(same, v[:, :-step], 0)], dim=1)
+            for v in vals
+        ]
+        step *= 2
+    last_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+    last_TK[:, :-1] = ids_TK[:, 1:] != ids_TK[:, :-1]
+    dummy = torch.full_like(ids_TK, num_experts)
+    return torch.where(last_TK & (ids_TK < num_experts), ids_TK, dummy), vals
+
+
+def _gemm_t(buf_RC: torch.Tensor, rows_RD: torch.Tensor, split: bool) -> torch.Tensor:
+    """buf^T @ rows -> (C, D): float32 with fp32 accumulation for the bf16 split, else in the
+    float64 of the operands."""
+    if split and buf_RC.is_cuda:
+        return torch.mm(buf_RC.t(), rows_RD, out_dtype=torch.float32)
+    if split:  # CPU: the same bf16 values in a float32 GEMM (products exact, fp32 sums)
+        return torch.mm(buf_RC.t().float(), rows_RD.float())
+    return torch.mm(buf_RC.t(), rows_RD)
+
+
+def _chunk_columns(T: int, N: int, elem_bytes: int, max_bytes: int) -> int:
+    """Experts per chunk: all N when the (rows, N + 1 padded) buffer fits ``max_bytes``."""
+    fit = max(8, (max_bytes // max(1, T * elem_bytes)) // 8 * 8)
+    return min(N, fit - 1)
+
+
+def dense_table_grads(
+    x_TD: torch.Tensor,
+    dy_TD: torch.Tensor,
+    idx_TK: torch.Tensor,
+    g_TK: torch.Tensor,
+    h_TK: torch.Tensor,
+    w_TK: torch.Tensor,
+    num_experts: int,
+    *,
+    dtype: torch.dtype,
+    max_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dup[e] = sum_{(t,k): idx=e} g x_t``, ``ddown[e] = sum a dy_t`` (``a = w silu(h)``) as
+    dense GEMMs -> two (N, D) tensors in ``dtype`` (rows of unused experts are 0).
+
+    ``idx_TK`` int ids in [0, N]; N = "no expert" (dropped); repeats are summed. ``g_TK``,
+    ``h_TK`` float32 (float64 with float64 rows), ``w_TK`` any float. bf16 rows take the hi/lo
+    split (see the module docstring); the G buffer is at most ``max_bytes`` (default
+    ``DENSE_MAX_BYTES``; one chunk of 8 experts is the minimum). No host synchronisation.
+    Raises ValueError for shapes that do not match.
+    """
+    num_tokens, width = x_TD.shape
+    if dy_TD.shape != x_TD.shape or {g_TK.shape, h_TK.shape, w_TK.shape} != {idx_TK.shape}:
+        raise ValueError(
+            f"x {tuple(x_TD.shape)}, dy {tuple(dy_TD.shape)}, g/h/w/indices "
+            f"{[tuple(t.shape) for t in (g_TK, h_TK, w_TK, idx_TK)]}"
+        )
+    if idx_TK.shape[0] != num_tokens:
+        raise ValueError(f"indices {tuple(idx_TK.shape)} for {num_tokens} tokens")
+    device = x_TD.device
+    dup_ND = torch.empty(num_experts, width, dtype=dtype, device=device)
+    ddown_ND = torch.empty_like(dup_ND)
+    if num_tokens == 0 or idx_TK.shape[1] == 0 or num_experts == 0:
+        return dup_ND.zero_(), ddown_ND.zero_()
+    acc = torch.promote_types(g_TK.dtype, torch.float32)
+    a_TK = w_TK.to(acc) * torch.nn.functional.silu(h_TK.to(acc))
+    col_TK, (g_TK, a_TK) = merged_columns(idx_TK, [g_TK.to(acc), a_TK], num_experts)
+    cap = DENSE_MAX_BYTES if max_bytes is None else max_bytes
+    buf_RC = None  # one buffer for both tables when they share a layout; kept all-zero
+    for rows_TD, coef_TK, out_ND in ((x_TD, g_TK, dup_ND), (dy_TD, a_TK, ddown_ND)):
+        split = rows_TD.dtype == torch.bfloat16
+        if split:  # [hi; lo] of the coefficient against [rows; rows]: one GEMM, fp32 sums
+            hi_TK = coef_TK.to(torch.bfloat16)
+            parts = (hi_TK, (coef_TK - hi_TK.to(acc)).to(torch.bfloat16))
+            stacked = torch.cat([rows_TD, rows_TD])
+        else:  # float64 GEMM: immune to TF32 / reduced-precision settings, exact products
+            parts = (coef_TK,)
+            stacked = rows_TD.to(torch.float64)
+        rows = len(parts) * num_tokens
+        chunk = _chunk_columns(rows, num_experts, stacked.element_size(), cap)
+        shape = (rows, (chunk + 1 + 7) // 8 * 8)
+        if buf_RC is None or buf_RC.shape != shape or buf_RC.dtype != stacked.dtype:
+            buf_RC = None  # free the old one before the new one is allocated
+            buf_RC = torch.zeros(shape, dtype=stacked.dtype, device=device)
+        for first in range(0, num_experts, chunk):
+            last = min(first + chunk, num_experts)
+            local_TK = col_TK - first
+            local_TK = torch.where((local_TK >= 0) & (local_TK < last - first), local_TK, chunk)
+            for i, part_TK in enumerate(parts):
+                buf_RC[i * num_tokens : (i + 1) * num_tokens].scatter_(
+                    1, local_TK, part_TK.to(buf_RC.dtype)
+                )
+            out_ND[first:last] = _gemm_t(buf_RC, stacked, split)[: last - first]
+            for i in range(len(parts)):  # clear the written positions for the next GEMM
+                buf_RC[i * num_tokens : (i + 1) * num_tokens].scatter_(1, local_TK, 0.0)
+    return dup_ND, ddown_ND

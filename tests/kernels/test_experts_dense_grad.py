@@ -1,0 +1,212 @@
+"""Dense-GEMM weight gradients (``experts_dense_grad``) against the float64 reference, and the
+choice between them and the pair kernel (``choose_grad_path``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_test_utils import gpu, rel_err
+
+import omnimoe_kernels
+from omnimoe_kernels import experts_dense_grad as dense
+from omnimoe_kernels.reference import atomic_experts_reference
+
+CUDA = torch.device("cuda")  # only named: choose_grad_path reads the device type
+CPU = torch.device("cpu")
+
+
+def _inputs(T, D, N, K, dtype, device="cpu", *, skip=0.0, seed=0):
+    """x, dy in ``dtype``; ids with repeats (uniform draws) and a ``skip`` share of id N;
+    g, h float32 (float64 for float64), w float32."""
+    gen = torch.Generator().manual_seed(seed)
+    x, dy = torch.randn(T, D, generator=gen), torch.randn(T, D, generator=gen)
+    idx = torch.randint(0, N, (T, K), generator=gen)
+    idx = idx.masked_fill(torch.rand(T, K, generator=gen) < skip, N)
+    g, h = torch.randn(T, K, generator=gen), torch.randn(T, K, generator=gen)
+    w = torch.rand(T, K, generator=gen) + 0.1
+    coef = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = [t.to(device, dtype) for t in (x, dy)]
+    return (*rows, idx.to(device), *(t.to(device, coef) for t in (g, h)), w.to(device))
+
+
+def _reference(x, dy, idx, g, h, w, N):
+    """float64 ``sum_{(t,k): idx=e}`` by index_add; pairs with id N dropped."""
+    real = idx < N
+    ids = idx.clamp(max=N - 1).flatten().cpu()
+    g64 = (g.double() * real).cpu()
+    a64 = (w.double() * F.silu(h.double()) * real).cpu()
+    x64, dy64 = x.double().cpu(), dy.double().cpu()
+    dup = torch.zeros(N, x.shape[1], dtype=torch.float64).index_add_(
+        0, ids, (g64[:, :, None] * x64[:, None]).flatten(0, 1)
+    )
+    ddown = torch.zeros_like(dup).index_add_(
+        0, ids, (a64[:, :, None] * dy64[:, None]).flatten(0, 1)
+    )
+    return dup, ddown
+
+
+SHAPES = [  # T, D, N, K, dtype, skip share
+    (7, 16, 12, 3, torch.float32, 0.0),
+    (13, 40, 5, 6, torch.float32, 0.3),  # K > N: repeats in every token; off-tile T, D
+    (9, 32, 16, 20, torch.bfloat16, 0.0),  # bf16, K > N
+    (33, 24, 64, 1, torch.bfloat16, 0.5),  # K = 1, most experts unused
+    (50, 8, 3, 7, torch.float64, 0.2),
+    (0, 16, 8, 4, torch.float32, 0.0),  # no tokens
+    (6, 8, 4, 3, torch.bfloat16, 1.0),  # every pair "no expert"
+]
+# Accuracy classes, with the result kept in float32 (float64): the bf16 path's coefficient
+# keeps ~16 bits (hi + lo halves; the hi half alone gives ~2^-9 = 2e-3), float32 is IEEE.
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-5, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("max_bytes", [None, 64], ids=["one_chunk", "chunks"])
+@pytest.mark.parametrize(("T", "D", "N", "K", "dtype", "skip"), SHAPES)
+def test_dense_matches_reference(T, D, N, K, dtype, skip, max_bytes) -> None:
+    x, dy, idx, g, h, w = _inputs(T, D, N, K, dtype, skip=skip)
+    out = torch.float64 if dtype == torch.float64 else torch.float32
+    got = dense.dense_table_grads(x, dy, idx, g, h, w, N, dtype=out, max_bytes=max_bytes)
+    ref = _reference(x, dy, idx, g, h, w, N)
+    for name, a, b in zip(("dup", "ddown"), got, ref):
+        assert a.shape == (N, D) and a.dtype == out, name
+        if b.abs().sum() == 0:
+            assert a.abs().sum() == 0, name  # nothing routed: exact zeros
+        else:
+            assert rel_err(a, b) <= TOL[dtype], name
+    # In the table dtype: one rounding of that result.
+    low = dense.dense_table_grads(x, dy, idx, g, h, w, N, dtype=dtype, max_bytes=max_bytes)
+    for a, b in zip(low, got):
+        assert torch.equal(a, b.to(dtype))
+
+
+def test_merged_columns_invariant() -> None:
+    """Per token: each real id owns exactly one column (value = the sum of its pairs), every
+    other pair goes to the dummy column N, so a plain scatter never writes a cell twice."""
+    T, N, K = 40, 6, 9
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, N + 1, (T, K), generator=gen)  # repeats and "no expert" pairs
+    c = torch.randn(T, K, generator=gen, dtype=torch.float64)
+    col, (val,) = dense.merged_columns(idx, [c], N)
+    for t in range(T):
+        real = col[t][col[t] < N]
+        assert real.unique().numel() == real.numel()
+        assert set(real.tolist()) == set(idx[t][idx[t] < N].tolist())
+        for e in real.tolist():
+            got = val[t][col[t] == e].item()
+            assert got == pytest.approx(c[t][idx[t] == e].sum().item(), rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_bitwise_repeatable(dtype) -> None:
+    x, dy, idx, g, h, w = _inputs(64, 24, 10, 12, dtype, skip=0.2, seed=4)
+    runs = [
+        dense.dense_table_grads(x, dy, idx, g, h, w, 10, dtype=dtype, max_bytes=mb)
+        for mb in (None, None, 300, 300)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[2], runs[3]))
+
+
+def test_dense_rejects_mismatched_shapes() -> None:
+    x, dy, idx, g, h, w = _inputs(5, 8, 4, 3, torch.float32)
+    with pytest.raises(ValueError, match="dy"):
+        dense.dense_table_grads(x, dy[:4], idx, g, h, w, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="indices"):
+        dense.dense_table_grads(x, dy, idx, g[:, :2], h, w, 4, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("T", "D", "N", "K", "want"),
+    [
+        (16384, 768, 5776, 64, "dense"),  # a80m
+        (16384, 1024, 65536, 16, "pairs"),
+        (4096, 1024, 102400, 512, "pairs"),  # the paper's setting
+        (4096, 1024, 1024, 64, "dense"),
+        (16384, 2048, 1048576, 64, "pairs"),
+    ],
+)
+def test_auto_follows_the_cost_model(T, D, N, K, want) -> None:
+    """auto = the cheaper modelled path for bf16 on CUDA; "pairs" on CPU and for float32.
+    (A refit of the cost constants must keep a80m dense and the two large-N shapes pairs.)"""
+    cheaper = dense.dense_cost_s(T, N, D) < dense.pairs_cost_s(T * K, D)
+    assert want == ("dense" if cheaper else "pairs")
+    assert dense.choose_grad_path("auto", T, N, D, K, torch.bfloat16, CUDA) == want
+    assert dense.choose_grad_path("auto", T, N, D, K, torch.bfloat16, CPU) == "pairs"
+    assert dense.choose_grad_path("auto", T, N, D, K, torch.float32, CUDA) == "pairs"
+    for forced in ("dense", "pairs"):
+        assert dense.choose_grad_path(forced, T, N, D, K, torch.float32, CPU) == forced
+
+
+def test_auto_counts_the_real_pairs() -> None:
+    """``pairs`` (the rows layout's owned share) enters the pair kernel's cost only: at a80m's
+    shape all pairs real favour dense, one in eight real favours the pair kernel."""
+    T, D, N, K = 16384, 768, 5776, 64
+    few = T * K // 8
+    assert dense.choose_grad_path("auto", T, N, D, K, torch.bfloat16, CUDA) == "dense"
+    assert dense.choose_grad_path("auto", T, N, D, K, torch.bfloat16, CUDA, pairs=few) == "pairs"
+    assert dense.pairs_cost_s(few, D) <= dense.dense_cost_s(T, N, D)
+
+
+def test_force_and_unknown_paths(monkeypatch) -> None:
+    args = (16384, 5776, 768, 64, torch.bfloat16, CUDA)
+    monkeypatch.setattr(dense, "FORCE_GRAD_PATH", "pairs")
+    assert dense.choose_grad_path("auto", *args) == "pairs"
+    assert dense.choose_grad_path("dense", *args) == "dense"  # an explicit argument wins
+    monkeypatch.setattr(dense, "FORCE_GRAD_PATH", "fast")
+    with pytest.raises(ValueError, match="FORCE_GRAD_PATH"):
+        dense.choose_grad_path("auto", *args)
+    with pytest.raises(ValueError, match="grad_path='gemm'"):
+        dense.choose_grad_path("gemm", *args)
+    x = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="grad_path"):
+        omnimoe_kernels.atomic_experts(
+            x, x, x, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), grad_path="gemm"
+        )
+
+
+def _layer_grads(T, D, N, K, dtype, grad_path, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=gen)
+    up = torch.randn(N, D, generator=gen) / D**0.5
+    down = torch.randn(N, D, generator=gen)
+    w = torch.rand(T, K, generator=gen) + 0.1
+    idx = torch.randint(0, N, (T, K), generator=gen).cuda()
+    gy = torch.randn(T, D, generator=gen).cuda().to(dtype)
+    leaves = [t.cuda().to(dtype).requires_grad_() for t in (x, up, down, w)]
+    y = omnimoe_kernels.atomic_experts(*leaves, idx, grad_path=grad_path)
+    grads = torch.autograd.grad(y, leaves, gy)
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    y64 = atomic_experts_reference(*leaves64, idx.cpu())
+    return grads, torch.autograd.grad(y64, leaves64, gy.cpu().double())
+
+
+@gpu[0]
+@gpu[1]
+@pytest.mark.parametrize(
+    ("T", "D", "N", "K", "dtype"),
+    [(4096, 768, 5776, 64, torch.bfloat16), (2048, 256, 1000, 16, torch.float32)],
+)
+def test_dense_and_pairs_agree_gpu(T, D, N, K, dtype) -> None:
+    """Both weight-gradient paths on CUDA against the float64 reference, and dense bitwise
+    repeatable."""
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    runs = {p: _layer_grads(T, D, N, K, dtype, p) for p in ("dense", "pairs")}
+    for path, (grads, grads64) in runs.items():
+        for name, g, g64 in zip(("dx", "dup", "ddown", "dw"), grads, grads64):
+            assert rel_err(g, g64) <= tol, (path, name)
+    again, _ = _layer_grads(T, D, N, K, dtype, "dense")
+    assert all(torch.equal(a, b) for a, b in zip(runs["dense"][0], again))
+
+
+@gpu[0]
+@gpu[1]
+def test_dense_accuracy_class_gpu(monkeypatch) -> None:
+    """cuBLAS keeps the contract: bf16 rows, float32 result within ~2^-16 (the hi/lo split
+    accumulated in fp32), and float32 rows stay exact with TF32 switched on for the process."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    for dtype, tol in ((torch.bfloat16, 2e-5), (torch.float32, 2e-6)):
+        x, dy, idx, g, h, w = _inputs(8192, 256, 3000, 32, dtype, "cuda", skip=0.2, seed=2)
+        got = dense.dense_table_grads(x, dy, idx, g, h, w, 3000, dtype=torch.float32)
+        for a, b in zip(got, _reference(x, dy, idx, g, h, w, 3000)):
+            assert rel_err(a, b) <= tol, dtype
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # left as the process set it
