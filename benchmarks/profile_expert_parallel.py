@@ -11,7 +11,11 @@ and the bytes the rank sent in one layer step -- counted from the tensors handed
 ``parallel.cost_model.predict_bytes`` for the mode and what ``auto`` would choose.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/profile_expert_parallel.py \\
-        --modes local,rows,dim --json ep_profile.json
+        --modes local,rows,rows_overlap,dim,dim_overlap --json ep_profile.json
+
+``rows_overlap`` / ``dim_overlap`` run the sharded ops as the layer does with
+``parallel.ep_overlap=true`` (token exchange issued before routing, y finished after the shared
+SwiGLU); ``rows`` / ``dim`` as with ``parallel.ep_overlap=false``.
 
 Defaults are a80m's layer at the benchmark batch (16 x 1024 tokens per GPU, d = 768,
 N = 76^2, K = 64, bf16). ``--skew`` (with ``--router-norm none``) biases every token's router
@@ -35,8 +39,16 @@ import torch.nn.functional as F
 import omnimoe_kernels
 from omnimoe_train.model.router import CartesianRouter
 from omnimoe_train.parallel.cost_model import choose_sharding, predict_bytes
-from omnimoe_train.parallel.dim_sharding import sharded_atomic_experts_dim
-from omnimoe_train.parallel.rows_dispatch import sharded_atomic_experts_rows
+from omnimoe_train.parallel.dim_sharding import (
+    dim_experts_overlapped,
+    sharded_atomic_experts_dim,
+    start_dim_tokens,
+)
+from omnimoe_train.parallel.rows_dispatch import (
+    rows_experts_overlapped,
+    sharded_atomic_experts_rows,
+    start_rows_tokens,
+)
 
 # mode -> (table shard of the full (N, D) tables, op(x, up, down, w, idx) -> y)
 Shard = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -76,6 +88,31 @@ def _dim(x, up, down, w, idx):  # noqa: ANN001, ANN202
 register("local", lambda t, r, s: t, _local)
 register("rows", _rows_shard, _rows)
 register("dim", _dim_shard, _dim)
+
+
+def _start_rows(x):  # noqa: ANN001, ANN202
+    return start_rows_tokens(x, group=None, group_tokens=[x.shape[0]] * dist.get_world_size())
+
+
+def _start_dim(x):  # noqa: ANN001, ANN202
+    return start_dim_tokens(x, group=None, group_tokens=[x.shape[0]] * dist.get_world_size())
+
+
+def _rows_overlapped(early, up, down, w, idx):  # noqa: ANN001, ANN202
+    n = up.shape[0] * dist.get_world_size()
+    return rows_experts_overlapped(early, up, down, w, idx, num_experts=n)[0]
+
+
+def _dim_overlapped(early, up, down, w, idx):  # noqa: ANN001, ANN202
+    return dim_experts_overlapped(early, up, down, w, idx)[0]
+
+
+# ``parallel.ep_overlap``: mode -> (sharding mode, start(x) before routing, op(early, ...) ->
+# y in flight, finished after the shared SwiGLU), as the layer runs them.
+OVERLAPPED: dict[str, tuple[str, Callable, Callable]] = {
+    "rows_overlap": ("rows", _start_rows, _rows_overlapped),
+    "dim_overlap": ("dim", _start_dim, _dim_overlapped),
+}
 
 CATEGORIES = (  # first match wins; names of CUDA kernels as the profiler lists them
     ("nccl", ("nccl",)),
@@ -150,7 +187,11 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)  # same tables on every rank
     up = (torch.randn(N, D, generator=gen, device=device) * 0.02).bfloat16()
     down = (torch.randn(N, D, generator=gen, device=device) * 0.02).bfloat16()
-    shard, op = MODES[mode]
+    sharding = OVERLAPPED[mode][0] if mode in OVERLAPPED else mode
+    shard, op = MODES[sharding]
+    start_tokens = OVERLAPPED[mode][1] if mode in OVERLAPPED else None
+    if start_tokens is not None:
+        op = OVERLAPPED[mode][2]
     up = shard(up, rank, size).clone().requires_grad_()
     down = shard(down, rank, size).clone().requires_grad_()
     torch.manual_seed(1)
@@ -164,19 +205,22 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     pairs = []
 
     def step() -> None:
+        # The token exchange, before routing (overlapped modes).
+        early = start_tokens(x) if start_tokens is not None else None
         with torch.profiler.record_function("routing"):
             routing = router(x)
         with torch.profiler.record_function("experts"):
-            y = op(x, up, down, routing.weights_TK, routing.indices_TK)
+            y = op(x if early is None else early, up, down, routing.weights_TK, routing.indices_TK)
         with torch.profiler.record_function("shared_swiglu"):
             gate, lin = (x @ fc1.t()).chunk(2, dim=-1)
-            y = y + (F.silu(gate) * lin) @ fc2.t()
+            shared = (F.silu(gate) * lin) @ fc2.t()
+        y = (y if early is None else y.finish()) + shared
         with torch.profiler.record_function("backward"):
             y.backward(gy)
         if len(pairs) < 1:
             with torch.no_grad():
                 idx = routing.indices_TK
-                if mode == "rows":
+                if sharding == "rows":
                     per_rank = torch.bincount(idx.flatten() // (N // size), minlength=size)
                     every = [torch.zeros_like(per_rank) for _ in range(size)]
                     dist.all_gather(every, per_rank)
@@ -231,9 +275,9 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "sent_mb_measured": wire.sent / 1e6,
     }
-    if mode in ("rows", "dim"):
+    if sharding in ("rows", "dim"):
         predicted = predict_bytes(
-            mode, tokens=T, d=D, k=K, num_experts=N, ranks=size, dtype_bytes=x.element_size()
+            sharding, tokens=T, d=D, k=K, num_experts=N, ranks=size, dtype_bytes=x.element_size()
         )
         result["sent_mb_predicted"] = predicted["total"] / 1e6
         result["auto_choice"] = choose_sharding(

@@ -70,6 +70,9 @@ class ParallelConfig:
     ep: int = 1
     sequence_parallel: bool = False
     expert_table_sharding: str = "auto"  # rows | dim | auto
+    # ep > 1: issue the token exchange before routing and overlap the exchanges with the router
+    # and the shared SwiGLU (forward and backward); same values, one more collective launch.
+    ep_overlap: bool = True
     distributed_optimizer: bool = False
 
 

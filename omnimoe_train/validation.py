@@ -137,6 +137,12 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     if m.vocab_size is not None:
         _require(m.vocab_size >= 2, "model.vocab_size", f"must be >= 2 (got {m.vocab_size})")
 
+    # A typed schema rejects other values on the command line; configs built in code are not.
+    _require(
+        isinstance(p.ep_overlap, bool),
+        "parallel.ep_overlap",
+        f"must be true or false (got {p.ep_overlap!r})",
+    )
     _validate_mlp(m, p)
     if m.mlp in PRODUCT_KEY_MLPS and m.expert_backend != "torch":
         _validate_kernel_limits(cfg)

@@ -18,8 +18,8 @@ not depend on the layout), drawn as the matching slice of the full tables
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from megatron.core import parallel_state
@@ -33,6 +33,10 @@ from omnimoe_train.model.expert_stats import ExpertStats
 from omnimoe_train.model.init import draw_seed, init_table_shard
 from omnimoe_train.model.routed_mlp import RoutedMLP
 from omnimoe_train.model.router import CartesianRouter, DenseRouter, Routing
+
+if TYPE_CHECKING:  # the model does not import the dispatch; parallel.setup attaches it
+    from omnimoe_train.parallel.expert_parallel import ExpertParallel
+    from omnimoe_train.parallel.overlap import PendingExchange, TokensInFlight
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class OmniMoEMLP(RoutedMLP):
         )
         self.stats = ExpertStats(N)
         # Set by parallel.setup when the tables are sharded over the expert-parallel group.
-        self.expert_parallel: Callable[..., torch.Tensor] | None = None
+        self.expert_parallel: ExpertParallel | None = None
 
     def build_router(self, hidden_size: int, init_std: float) -> nn.Module:
         """The module that maps ``x_TD`` to a ``Routing`` (subclasses bring their own)."""
@@ -154,9 +158,17 @@ class OmniMoEMLP(RoutedMLP):
                 )
         return state
 
-    def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def start_routed(self, x_TD: torch.Tensor) -> TokensInFlight | None:
+        """With sharded tables and ``parallel.ep_overlap``: the token exchange, issued before
+        routing (the tokens do not depend on it)."""
+        return self.expert_parallel.start(x_TD) if self.expert_parallel is not None else None
+
+    def routed(
+        self, x_TD: torch.Tensor, routing: Routing, early: TokensInFlight | None = None
+    ) -> torch.Tensor | PendingExchange:
         """The atomic experts' sum: the local kernel (expert- or token-centric), or the
-        expert-parallel dispatch when the tables are sharded."""
+        expert-parallel dispatch when the tables are sharded (with ``early``, the overlapped
+        one: the output comes back in flight)."""
         if self.expert_parallel is None and self.settings.execution == "token":
             return omnimoe_kernels.atomic_experts_gather(
                 x_TD, self.up_ND, self.down_ND, routing.weights_TK, routing.indices_TK
@@ -178,4 +190,5 @@ class OmniMoEMLP(RoutedMLP):
             routing.weights_TK,
             routing.indices_TK,
             record=self.training,
+            early=early,
         )

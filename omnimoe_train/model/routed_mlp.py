@@ -26,6 +26,7 @@ from torch import nn
 
 from omnimoe_train.model.expert_stats import ExpertStats
 from omnimoe_train.model.router import Routing
+from omnimoe_train.parallel.overlap import PendingExchange
 
 
 def shared_mlp_submodules() -> MLPSubmodules:
@@ -85,28 +86,52 @@ class RoutedMLP(MegatronModule, ABC):
         return {n: ("shared MLP", 1.0, 1.0) for n, _ in self.shared.named_parameters("shared")}
 
     @abstractmethod
-    def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The routed part's output ``y_TD`` for tokens ``x_TD`` and their ``routing``."""
+    def routed(
+        self, x_TD: torch.Tensor, routing: Routing, early: Any = None
+    ) -> torch.Tensor | PendingExchange:
+        """The routed part's output ``y_TD`` for tokens ``x_TD`` and their ``routing``, or that
+        output still in flight (``PendingExchange``: the forward computes the shared branch
+        before finishing it). ``early``: what ``start_routed`` returned."""
+
+    def start_routed(self, x_TD: torch.Tensor) -> Any:
+        """Called before routing: work of the routed part that does not need the routing
+        (expert parallelism's token exchange); its result goes to ``routed``. None here."""
+        del x_TD
+        return None
 
     # Under ``trainer.compile`` the routed part runs eagerly (a graph break): its Triton kernels,
     # sorts and statistics have data-dependent shapes that dynamo would recompile or break on
     # anyway, while the shared SwiGLU around it is plain dense work that compiles well.
     @torch.compiler.disable
-    def routed_part(self, hidden_SBD: torch.Tensor) -> torch.Tensor:
+    def routed_part(self, hidden_SBD: torch.Tensor) -> torch.Tensor | PendingExchange:
         """Route ``hidden_SBD`` [S, B, D], count usage while training, return the routed
-        part's output [S, B, D]."""
+        part's output [S, B, D], or [T, D] still in flight between expert-parallel ranks
+        (``parallel.ep_overlap``: ``finish_routed`` after the shared branch)."""
         S, B, D = hidden_SBD.shape
         x_TD = hidden_SBD.reshape(S * B, D)
+        early = self.start_routed(x_TD)
         routing = self.router(x_TD)
         if self.training:  # evaluation batches stay out of the usage statistics
             self.stats.update(routing.indices_TK, routing.entropy_T)
-        return self.routed(x_TD, routing).view(S, B, D)
+        routed = self.routed(x_TD, routing, early)
+        return routed if isinstance(routed, PendingExchange) else routed.view(S, B, D)
+
+    @torch.compiler.disable
+    def finish_routed(self, routed: PendingExchange, shape: torch.Size) -> torch.Tensor:
+        """Wait for the routed output in flight; [S, B, D]."""
+        return routed.finish().view(shape)
 
     def forward(
         self, hidden_SBD: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, None]:
-        y_SBD = self.routed_part(hidden_SBD)
-        if self.shared is not None:
-            shared_SBD, _ = self.shared(hidden_SBD)
+        routed = self.routed_part(hidden_SBD)
+        # While the routed output may still travel between ranks, the shared branch is computed
+        # (and, in the backward, its backward runs while the gradient travels: parallel.overlap).
+        shared_SBD = self.shared(hidden_SBD)[0] if self.shared is not None else None
+        if isinstance(routed, torch.Tensor):
+            y_SBD = routed
+        else:
+            y_SBD = self.finish_routed(routed, hidden_SBD.shape)
+        if shared_SBD is not None:
             y_SBD = y_SBD + shared_SBD
         return y_SBD, None

@@ -16,11 +16,44 @@ the same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+
+class InFlight:
+    """A collective's output, possibly still being written: ``wait()`` returns it (once).
+
+    Issued with ``async_op=True`` on NCCL the collective runs on NCCL's stream and ``wait()``
+    makes the current stream wait for it (no host sync), so work launched in between overlaps
+    it; on gloo ``wait()`` blocks until the background thread is done. ``keep`` holds the
+    tensors the collective reads until then (nothing may free or reuse them earlier);
+    ``then`` finishes the result after the wait (the sum of an uneven scatter-sum).
+    With ``async_op=False`` the work handle is None and ``wait()`` only applies ``then``.
+    """
+
+    def __init__(
+        self,
+        out: torch.Tensor,
+        work: dist.Work | None,
+        *,
+        keep: tuple[torch.Tensor, ...] = (),
+        then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.out: torch.Tensor | None = out
+        self.work, self.keep, self.then = work, keep, then
+
+    def wait(self) -> torch.Tensor:
+        if self.out is None:
+            raise RuntimeError("InFlight.wait() called twice")
+        if self.work is not None:
+            self.work.wait()
+        out, then = self.out, self.then
+        self.out, self.work, self.keep, self.then = None, None, (), None
+        return out if then is None else then(out)
 
 
 @dataclass(frozen=True)
@@ -61,29 +94,48 @@ class GroupComm:
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """(T, ...) of every rank -> (G, ...) in rank order."""
+        return self._gather(t, async_op=False).wait()
+
+    def gather_async(self, t: torch.Tensor) -> InFlight:
+        """``gather`` issued with ``async_op=True``: ``wait()`` on the result returns it."""
+        return self._gather(t, async_op=True)
+
+    def _gather(self, t: torch.Tensor, *, async_op: bool) -> InFlight:
         t = t.contiguous()
         out = t.new_empty((sum(self.tokens), *t.shape[1:]))
         if self.equal:
-            dist.all_gather_into_tensor(out, t, group=self.group)
-        else:
-            send = t.repeat(self.size, *([1] * (t.dim() - 1)))
-            dist.all_to_all_single(
-                out, send, list(self.tokens), [self.mine] * self.size, group=self.group
-            )
-        return out
+            work = dist.all_gather_into_tensor(out, t, group=self.group, async_op=async_op)
+            return InFlight(out, work, keep=(t,))
+        send = t.repeat(self.size, *([1] * (t.dim() - 1)))
+        work = dist.all_to_all_single(
+            out, send, list(self.tokens), [self.mine] * self.size, group=self.group,
+            async_op=async_op,
+        )  # fmt: skip
+        return InFlight(out, work, keep=(send,))
 
     def scatter_sum(self, t: torch.Tensor) -> torch.Tensor:
         """(G, ...) on every rank -> (T, ...): the sum over ranks of the rows of my tokens."""
+        return self._scatter_sum(t, async_op=False).wait()
+
+    def scatter_sum_async(self, t: torch.Tensor) -> InFlight:
+        """``scatter_sum`` issued with ``async_op=True``: ``wait()`` on the result returns it."""
+        return self._scatter_sum(t, async_op=True)
+
+    def _scatter_sum(self, t: torch.Tensor, *, async_op: bool) -> InFlight:
         t = t.contiguous()
         if self.equal:
             out = t.new_empty((self.mine, *t.shape[1:]))
-            dist.reduce_scatter_tensor(out, t, group=self.group)
-            return out
+            work = dist.reduce_scatter_tensor(out, t, group=self.group, async_op=async_op)
+            return InFlight(out, work, keep=(t,))
         parts = t.new_empty((self.mine * self.size, *t.shape[1:]))
-        dist.all_to_all_single(
-            parts, t, [self.mine] * self.size, list(self.tokens), group=self.group
+        work = dist.all_to_all_single(
+            parts, t, [self.mine] * self.size, list(self.tokens), group=self.group,
+            async_op=async_op,
+        )  # fmt: skip
+        size, mine = self.size, self.mine
+        return InFlight(
+            parts, work, keep=(t,), then=lambda p: p.view(size, mine, *p.shape[1:]).sum(0)
         )
-        return parts.view(self.size, self.mine, *t.shape[1:]).sum(0)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """(G, ...) partial sums on every rank -> their sum, in place, on every rank."""
@@ -91,12 +143,17 @@ class GroupComm:
         dist.all_reduce(t, group=self.group)
         return t
 
-    def exchange(
-        self, t: torch.Tensor, *, to_owners: bool, async_op: bool = False
-    ) -> tuple[torch.Tensor, dist.Work | None]:
+    def exchange(self, t: torch.Tensor, *, to_owners: bool) -> torch.Tensor:
         """All-to-all of per-rank blocks. ``to_owners``: ``t`` is (P*T, ...), block q (my T
         rows) goes to rank q, and (G, ...) comes back; else ``t`` is (G, ...), the block of
         rank q's tokens goes back to q, and (P*T, ...) comes back."""
+        return self._exchange(t, to_owners=to_owners, async_op=False).wait()
+
+    def exchange_async(self, t: torch.Tensor, *, to_owners: bool) -> InFlight:
+        """``exchange`` issued with ``async_op=True``: ``wait()`` on the result returns it."""
+        return self._exchange(t, to_owners=to_owners, async_op=True)
+
+    def _exchange(self, t: torch.Tensor, *, to_owners: bool, async_op: bool) -> InFlight:
         t = t.contiguous()
         mine = [self.mine] * self.size
         out_splits, in_splits = (
@@ -106,7 +163,7 @@ class GroupComm:
         work = dist.all_to_all_single(
             out, t, out_splits, in_splits, group=self.group, async_op=async_op
         )
-        return out, work
+        return InFlight(out, work, keep=(t,))
 
     # -- bytes this rank puts on the wire (chunks to itself never leave the device) -----------
     def gather_bytes(self, bytes_per_row: int) -> int:

@@ -19,6 +19,12 @@ da = dy . V[e, slice] all-reduced, g = dL/dh and dw from (da, h, w) in one kerne
 sum_k g * U[e, slice] sent back (all-to-all, overlapped with the table gradients dU, dV of the
 slice, which never leave the rank); dw of my tokens is my rows of the group's dw.
 
+Overlapped variant (``parallel.ep_overlap``, ``start_dim_tokens`` + ``dim_experts_overlapped``,
+``overlap``): the x slices are sent before the router runs and travel while it does (ids and
+weights follow in a small all-gather), and y's slices travel back while the caller computes the
+shared SwiGLU; backward: dy's slices overlap the shared branch's backward, dx's the router's.
+Same values and bytes, one more collective launch forward.
+
 Three collectives each way. Every rank computes all G*K pairs on D/P columns: the same work as
 one GPU on its own T*K pairs with all D columns, whatever the routing (no load imbalance).
 Scores travel in fp32 (cancellation-prone sums of D/P products). Bytes a rank sends (b
@@ -29,11 +35,14 @@ Nothing depends on N.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.distributed import ProcessGroup
 
 from omnimoe_kernels import experts_parts
-from omnimoe_train.parallel.collectives import GroupComm, ShardingStats, unpack_rows
+from omnimoe_train.parallel.collectives import GroupComm, ShardingStats, pack_rows, unpack_rows
+from omnimoe_train.parallel.overlap import PendingExchange, TokensInFlight, start_exchange
 
 
 def _to_owners(comm: GroupComm, t_TD: torch.Tensor, width: int) -> torch.Tensor:
@@ -52,12 +61,50 @@ def _from_owners(comm: GroupComm, t_PTw: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _scores_and_combine(
+    comm: GroupComm,
+    x_GDp: torch.Tensor,
+    up_NDp: torch.Tensor,
+    down_NDp: torch.Tensor,
+    ids_GK: torch.Tensor,
+    w_GK: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_GK all-reduced, y_GDp my column slice of every token's output)."""
+    acc = torch.promote_types(x_GDp.dtype, torch.float32)
+    h_GK = comm.all_reduce(experts_parts.pair_dots(x_GDp, up_NDp, ids_GK, backend=backend).to(acc))
+    y_GDp = experts_parts.combine(
+        down_NDp, ids_GK, h_GK, gate_TK=w_GK, out_dtype=x_GDp.dtype, backend=backend
+    )
+    return h_GK, y_GDp
+
+
+def _score_grads(
+    comm: GroupComm,
+    dy_GDp: torch.Tensor,
+    down_NDp: torch.Tensor,
+    ids_GK: torch.Tensor,
+    h_GK: torch.Tensor,
+    w_GK: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g = dL/dh, dw) of the group's pairs: partial da all-reduced, then one kernel."""
+    da_GK = comm.all_reduce(
+        experts_parts.pair_dots(dy_GDp, down_NDp, ids_GK, backend=backend).to(h_GK.dtype)
+    )
+    return experts_parts.silu_grads(da_GK, h_GK, w_GK, backend=backend)
+
+
+def _my_rows(comm: GroupComm, t_GK: torch.Tensor) -> torch.Tensor:
+    first = sum(comm.tokens[: comm.rank])
+    return t_GK[first : first + comm.mine]
+
+
 class _DimExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, up_NDp, down_NDp, weights_TK, ids_TK, comm: GroupComm, backend: str):
         num_tokens, top_k = ids_TK.shape
         width = up_NDp.shape[1]
-        acc = torch.promote_types(x_TD.dtype, torch.float32)
         # One exchange: block q = (x[:, slice q], my ids, my weights), as bytes.
         x_bytes, w_bytes = width * x_TD.element_size(), top_k * weights_TK.element_size()
         send = torch.empty(
@@ -69,18 +116,12 @@ class _DimExperts(torch.autograd.Function):
             send[:, :, :x_bytes] = x_slices.transpose(0, 1)
             send[:, :, x_bytes : x_bytes + 4 * top_k] = ids_TK.to(torch.int32).view(torch.uint8)
             send[:, :, x_bytes + 4 * top_k :] = weights_TK.contiguous().view(torch.uint8)
-        recv, _ = comm.exchange(send.view(comm.size * num_tokens, send.shape[2]), to_owners=True)
+        recv = comm.exchange(send.view(comm.size * num_tokens, send.shape[2]), to_owners=True)
         x_GDp, ids_GK, w_GK = unpack_rows(
             recv, [(x_TD.dtype, (width,)), (torch.int32, (top_k,)), (weights_TK.dtype, (top_k,))]
         )
-
-        h_GK = comm.all_reduce(
-            experts_parts.pair_dots(x_GDp, up_NDp, ids_GK, backend=backend).to(acc)
-        )
-        y_GDp = experts_parts.combine(
-            down_NDp, ids_GK, h_GK, gate_TK=w_GK, out_dtype=x_TD.dtype, backend=backend
-        )
-        y_back, _ = comm.exchange(y_GDp, to_owners=False)
+        h_GK, y_GDp = _scores_and_combine(comm, x_GDp, up_NDp, down_NDp, ids_GK, w_GK, backend)
+        y_back = comm.exchange(y_GDp, to_owners=False)
 
         ctx.save_for_backward(x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp)
         ctx.comm, ctx.backend, ctx.x_dtype = comm, backend, x_TD.dtype
@@ -91,22 +132,51 @@ class _DimExperts(torch.autograd.Function):
         x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp = ctx.saved_tensors
         comm, backend = ctx.comm, ctx.backend
         width = up_NDp.shape[1]
-        dy_GDp, _ = comm.exchange(_to_owners(comm, dy_TD.to(ctx.x_dtype), width), to_owners=True)
-        da_GK = comm.all_reduce(
-            experts_parts.pair_dots(dy_GDp, down_NDp, ids_GK, backend=backend).to(h_GK.dtype)
-        )
-        g_GK, dw_GK = experts_parts.silu_grads(da_GK, h_GK, w_GK, backend=backend)
+        dy_GDp = comm.exchange(_to_owners(comm, dy_TD.to(ctx.x_dtype), width), to_owners=True)
+        g_GK, dw_GK = _score_grads(comm, dy_GDp, down_NDp, ids_GK, h_GK, w_GK, backend)
         dx_GDp = experts_parts.combine(up_NDp, ids_GK, g_GK, out_dtype=ctx.x_dtype, backend=backend)
         # dx travels while the table gradients are computed.
-        dx_back, work = comm.exchange(dx_GDp, to_owners=False, async_op=True)
+        dx_back = comm.exchange_async(dx_GDp, to_owners=False)
         dup_NDp, ddown_NDp = experts_parts.table_grads(
             x_GDp, dy_GDp, ids_GK, g_GK, h_GK, w_GK, up_NDp.shape[0],
             dtype=up_NDp.dtype, backend=backend,
         )  # fmt: skip
-        work.wait()
-        first = sum(comm.tokens[: comm.rank])
-        dweights_TK = dw_GK[first : first + comm.mine]
-        return _from_owners(comm, dx_back), dup_NDp, ddown_NDp, dweights_TK, None, None, None
+        dx_TD = _from_owners(comm, dx_back.wait())
+        return dx_TD, dup_NDp, ddown_NDp, _my_rows(comm, dw_GK), None, None, None
+
+
+class _DimGroupExperts(torch.autograd.Function):
+    """The overlapped variant's middle: x slices already exchanged (``x_GDp``), y slices
+    returned unsent (``y_GDp``); only ids and weights (one all-gather) and the scores (and
+    their gradients: all-reduces) travel inside. Backward: dx_GDp is returned unsent too."""
+
+    @staticmethod
+    def forward(ctx, x_GDp, up_NDp, down_NDp, weights_TK, ids_TK, comm: GroupComm, backend: str):
+        top_k = ids_TK.shape[1]
+        routing = pack_rows([ids_TK.to(torch.int32), weights_TK])
+        ids_GK, w_GK = unpack_rows(
+            comm.gather(routing), [(torch.int32, (top_k,)), (weights_TK.dtype, (top_k,))]
+        )
+        h_GK, y_GDp = _scores_and_combine(comm, x_GDp, up_NDp, down_NDp, ids_GK, w_GK, backend)
+        ctx.save_for_backward(x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp)
+        ctx.comm, ctx.backend = comm, backend
+        return y_GDp
+
+    @staticmethod
+    def backward(ctx, dy_GDp):
+        x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp = ctx.saved_tensors
+        comm, backend = ctx.comm, ctx.backend
+        g_GK, dw_GK = _score_grads(comm, dy_GDp, down_NDp, ids_GK, h_GK, w_GK, backend)
+        dx_GDp = None
+        if ctx.needs_input_grad[0]:
+            dx_GDp = experts_parts.combine(
+                up_NDp, ids_GK, g_GK, out_dtype=x_GDp.dtype, backend=backend
+            )
+        dup_NDp, ddown_NDp = experts_parts.table_grads(
+            x_GDp, dy_GDp, ids_GK, g_GK, h_GK, w_GK, up_NDp.shape[0],
+            dtype=up_NDp.dtype, backend=backend,
+        )  # fmt: skip
+        return dx_GDp, dup_NDp, ddown_NDp, _my_rows(comm, dw_GK), None, None, None
 
 
 def sharded_atomic_experts_dim(
@@ -127,9 +197,85 @@ def sharded_atomic_experts_dim(
     of every rank, if known (else one count exchange). All ranks of the group must call this
     together. Raises ``ValueError`` for shards or routing of the wrong shape.
     """
+    comm = GroupComm.create(group, x_TD.shape[0], group_tokens)
+    _check_dim_shapes(comm, x_TD, up_local_NDp, down_local_NDp, weights_TK, indices_TK)
+    width = up_local_NDp.shape[1]
+    y_TD = _DimExperts.apply(
+        x_TD, up_local_NDp, down_local_NDp, weights_TK, indices_TK, comm, backend
+    )
+    # The backward is one node: it runs all its exchanges iff anything needs a gradient.
+    backward = y_TD.requires_grad
+    stats = _dim_stats(
+        comm, x_TD, weights_TK, width, group_tokens is None, backward, backward, split=False
+    )
+    return y_TD, stats
+
+
+def start_dim_tokens(
+    x_TD: torch.Tensor, *, group: ProcessGroup | None, group_tokens: list[int] | None = None
+) -> TokensInFlight:
+    """Start the all-to-all of the tokens' column slices (they do not depend on the routing):
+    the overlapped variant's first half (``parallel.ep_overlap``); ``dim_experts_overlapped``
+    finishes it. The backward sends dx slices back when it reaches this exchange, and the
+    router's backward runs while they travel. Raises ``ValueError`` when P does not divide D."""
     num_tokens, hidden = x_TD.shape
     comm = GroupComm.create(group, num_tokens, group_tokens)
-    num_experts, width = up_local_NDp.shape
+    if hidden % comm.size != 0:
+        raise ValueError(f"hidden size {hidden} is not divisible by the EP size {comm.size}")
+    tokens = start_exchange(
+        _to_owners(comm, x_TD, hidden // comm.size),
+        functools.partial(comm.exchange_async, to_owners=True),
+        functools.partial(comm.exchange_async, to_owners=False),
+    )
+    return TokensInFlight("dim", comm, x_TD, tokens, counted=group_tokens is None)
+
+
+def dim_experts_overlapped(
+    early: TokensInFlight,
+    up_local_NDp: torch.Tensor,
+    down_local_NDp: torch.Tensor,
+    weights_TK: torch.Tensor,
+    indices_TK: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> tuple[PendingExchange, ShardingStats]:
+    """``sharded_atomic_experts_dim`` in two halves, the exchanges overlapped: the x slices
+    were sent by ``start_dim_tokens``; this all-gathers ids and weights, computes the scores
+    (all-reduced) and my slice of every output, and starts sending the slices back, whose
+    ``finish()`` gives y_TD. Work issued before ``finish()`` (the shared SwiGLU) overlaps it,
+    and its backward overlaps dy's slices. Same values as the one-call op; same bytes (the
+    packed first exchange is split in two). Raises ``ValueError`` like it."""
+    comm, x_TD = early.comm, early.x_TD
+    _check_dim_shapes(comm, x_TD, up_local_NDp, down_local_NDp, weights_TK, indices_TK)
+    y_GDp = _DimGroupExperts.apply(
+        early.tokens.finish(), up_local_NDp, down_local_NDp, weights_TK, indices_TK, comm,
+        backend,
+    )  # fmt: skip
+    y_TD = start_exchange(
+        y_GDp,
+        functools.partial(comm.exchange_async, to_owners=False),
+        functools.partial(comm.exchange_async, to_owners=True),
+    )
+    y_TD.post = functools.partial(_from_owners, comm)
+    width = up_local_NDp.shape[1]
+    backward = y_GDp.requires_grad
+    stats = _dim_stats(
+        comm, x_TD, weights_TK, width, early.counted, backward, backward and x_TD.requires_grad,
+        split=True,
+    )  # fmt: skip
+    return y_TD, stats
+
+
+def _check_dim_shapes(
+    comm: GroupComm,
+    x_TD: torch.Tensor,
+    up_local_NDp: torch.Tensor,
+    down_local_NDp: torch.Tensor,
+    weights_TK: torch.Tensor,
+    indices_TK: torch.Tensor,
+) -> None:
+    num_tokens, hidden = x_TD.shape
+    width = up_local_NDp.shape[1]
     if width * comm.size != hidden or down_local_NDp.shape != up_local_NDp.shape:
         raise ValueError(
             f"table shards {tuple(up_local_NDp.shape)}, {tuple(down_local_NDp.shape)} must be "
@@ -137,12 +283,6 @@ def sharded_atomic_experts_dim(
         )
     if weights_TK.shape != indices_TK.shape or indices_TK.shape[0] != num_tokens:
         raise ValueError(f"weights {tuple(weights_TK.shape)} / indices {tuple(indices_TK.shape)}")
-    y_TD = _DimExperts.apply(
-        x_TD, up_local_NDp, down_local_NDp, weights_TK, indices_TK, comm, backend
-    )
-    # The backward is one node: it runs all its exchanges iff anything needs a gradient.
-    backward = y_TD.requires_grad
-    return y_TD, _dim_stats(comm, x_TD, weights_TK, width, group_tokens is None, backward)
 
 
 def _dim_stats(
@@ -152,19 +292,28 @@ def _dim_stats(
     width: int,
     counted: bool,
     has_backward: bool,
+    sends_dx: bool,
+    *,
+    split: bool,
 ) -> ShardingStats:
+    """``split``: x slices sent apart from ids and weights (the overlapped variant, same
+    bytes); ``sends_dx``: the backward sends dx slices back (the one-node op always does)."""
     top_k = weights_TK.shape[1]
     score = 4 if x_TD.dtype != torch.float64 else 8  # fp32 (fp64 for fp64 inputs)
     slice_row = width * x_TD.element_size()
-    forward = {
-        "counts": comm.count_bytes(counted),
-        "x_ids_weights": comm.gather_bytes(slice_row + top_k * (4 + weights_TK.element_size())),
-        "scores": comm.all_reduce_bytes(score * top_k),
-        "y": comm.scatter_bytes(slice_row),
-    }
+    routing_row = top_k * (4 + weights_TK.element_size())
+    forward = {"counts": comm.count_bytes(counted)}
+    if split:
+        forward["x"] = comm.gather_bytes(slice_row)
+        forward["ids_weights"] = comm.gather_bytes(routing_row)
+    else:
+        forward["x_ids_weights"] = comm.gather_bytes(slice_row + routing_row)
+    forward["scores"] = comm.all_reduce_bytes(score * top_k)
+    forward["y"] = comm.scatter_bytes(slice_row)
     backward = 0.0
     if has_backward:
         backward = comm.gather_bytes(slice_row) + comm.all_reduce_bytes(score * top_k)
+    if sends_dx:
         backward += comm.scatter_bytes(slice_row)
     pairs = sum(comm.tokens) * top_k  # every rank computes every pair of the group
     device = x_TD.device

@@ -16,8 +16,17 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from omnimoe_train.parallel.collectives import ShardingStats
-from omnimoe_train.parallel.dim_sharding import sharded_atomic_experts_dim
-from omnimoe_train.parallel.rows_dispatch import sharded_atomic_experts_rows
+from omnimoe_train.parallel.dim_sharding import (
+    dim_experts_overlapped,
+    sharded_atomic_experts_dim,
+    start_dim_tokens,
+)
+from omnimoe_train.parallel.overlap import PendingExchange, TokensInFlight
+from omnimoe_train.parallel.rows_dispatch import (
+    rows_experts_overlapped,
+    sharded_atomic_experts_rows,
+    start_rows_tokens,
+)
 
 
 @dataclass
@@ -54,17 +63,37 @@ class ExpertParallel:
     Every rank of an EP group holds a micro-batch of the same shape (same micro-batch size and
     sequence length; sequence parallelism splits evenly), so the token counts of the group are
     known without an exchange: no call waits on the host.
+
+    ``overlap`` (``parallel.ep_overlap``): ``start`` issues the token exchange before the layer
+    routes, and the call returns the output still in flight (``PendingExchange``) so the layer
+    computes its shared branch before ``finish()`` (``parallel.overlap``). Off: ``start``
+    returns None and the call returns y_TD, each exchange waited for at once.
     """
 
     def __init__(
-        self, mode: str, group: ProcessGroup, *, num_experts: int, backend: str = "auto"
+        self,
+        mode: str,
+        group: ProcessGroup,
+        *,
+        num_experts: int,
+        backend: str = "auto",
+        overlap: bool = False,
     ) -> None:
         if mode not in ("rows", "dim"):
             raise ValueError(f"mode={mode!r} must be rows or dim")
-        self.mode, self.group = mode, group
+        self.mode, self.group, self.overlap = mode, group, overlap
         self.num_experts, self.backend = num_experts, backend
         self.size = dist.get_world_size(group)
         self.counters = DispatchCounters()
+
+    def start(self, x_TD: torch.Tensor) -> TokensInFlight | None:
+        """Issue the token exchange of this call (overlap on; None when off). Every rank of
+        the group must then make the matching call, in the same order."""
+        if not self.overlap:
+            return None
+        tokens = [x_TD.shape[0]] * self.size
+        start = start_rows_tokens if self.mode == "rows" else start_dim_tokens
+        return start(x_TD, group=self.group, group_tokens=tokens)
 
     def __call__(
         self,
@@ -75,9 +104,25 @@ class ExpertParallel:
         indices_TK: torch.Tensor,
         *,
         record: bool,
-    ) -> torch.Tensor:
+        early: TokensInFlight | None = None,
+    ) -> torch.Tensor | PendingExchange:
+        """y_TD, or (``early`` from ``start``) y_TD still in flight: ``finish()`` it."""
         tokens = [x_TD.shape[0]] * self.size
-        if self.mode == "rows":
+        if early is not None and (early.x_TD is not x_TD or early.mode != self.mode):
+            raise ValueError(
+                f"early ({early.mode}) was not started by this {self.mode} call's start(x_TD)"
+            )
+        y_TD: torch.Tensor | PendingExchange
+        if early is not None and self.mode == "rows":
+            y_TD, stats = rows_experts_overlapped(
+                early, up_local, down_local, weights_TK, indices_TK,
+                num_experts=self.num_experts, backend=self.backend,
+            )  # fmt: skip
+        elif early is not None:
+            y_TD, stats = dim_experts_overlapped(
+                early, up_local, down_local, weights_TK, indices_TK, backend=self.backend
+            )
+        elif self.mode == "rows":
             y_TD, stats = sharded_atomic_experts_rows(
                 x_TD, up_local, down_local, weights_TK, indices_TK, group=self.group,
                 num_experts=self.num_experts, group_tokens=tokens, backend=self.backend,

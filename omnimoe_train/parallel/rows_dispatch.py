@@ -17,6 +17,12 @@ Backward (autograd through the same pieces, one chain, so every rank issues the 
 collectives in the same order): all-gather dy -> the kernel backward (dU_r, dV_r stay on r) ->
 reduce-scatter of dx and dweights.
 
+Overlapped variant (``parallel.ep_overlap``, ``start_rows_tokens`` + ``rows_experts_overlapped``,
+``overlap``): the x all-gather is issued before the router runs and travels while it does (ids
+and weights follow in a second, small all-gather), and the reduce-scatter of y travels while the
+caller computes the shared SwiGLU; backward: dy's all-gather overlaps the shared branch's
+backward, dx's reduce-scatter the router's. Same values and bytes, one more collective launch.
+
 Why gather everything instead of a variable all-to-all: with K experts out of N a token's
 experts span ~K / n router rows, so at small P (K = 64 of 76 x 76 at a80m) nearly every token
 has experts on every rank (measured ``dispatch_dest_ranks``), and the all-to-all moves the same
@@ -43,6 +49,7 @@ from omnimoe_train.parallel.collectives import (
     ShardingStats,
     row_bytes,
 )
+from omnimoe_train.parallel.overlap import PendingExchange, TokensInFlight, start_exchange
 
 
 def sharded_atomic_experts_rows(
@@ -65,8 +72,76 @@ def sharded_atomic_experts_rows(
     ranks of the group must call this together with the same ``requires_grad`` pattern.
     Raises ``ValueError`` for shards or routing of the wrong shape.
     """
-    num_tokens, hidden = x_TD.shape
+    num_tokens = x_TD.shape[0]
     comm = GroupComm.create(group, num_tokens, group_tokens)
+    experts_per_rank = _check_rows_shapes(
+        comm, x_TD, up_local_ED, down_local_ED, weights_TK, indices_TK, num_experts
+    )
+    ids_TK = indices_TK.to(torch.int32)
+    x_GD, weights_GK, ids_GK = GatherRows.apply(comm, x_TD, weights_TK, ids_TK)
+    y_part_GD, local_pairs = _local_experts(
+        comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend
+    )
+    y_TD = ScatterSumRows.apply(comm, y_part_GD)
+    stats = _rows_stats(comm, x_TD, weights_TK, y_part_GD, group_tokens is None, split=False)
+    _count_owners(stats, comm, indices_TK, experts_per_rank, local_pairs)
+    return y_TD, stats
+
+
+def start_rows_tokens(
+    x_TD: torch.Tensor, *, group: ProcessGroup | None, group_tokens: list[int] | None = None
+) -> TokensInFlight:
+    """Start the all-gather of the tokens (they do not depend on the routing): the overlapped
+    variant's first half (``parallel.ep_overlap``); ``rows_experts_overlapped`` finishes it.
+    The backward reduce-scatters dx when it reaches this exchange, and the router's backward
+    runs while it travels."""
+    comm = GroupComm.create(group, x_TD.shape[0], group_tokens)
+    tokens = start_exchange(x_TD, comm.gather_async, comm.scatter_sum_async)
+    return TokensInFlight("rows", comm, x_TD, tokens, counted=group_tokens is None)
+
+
+def rows_experts_overlapped(
+    early: TokensInFlight,
+    up_local_ED: torch.Tensor,
+    down_local_ED: torch.Tensor,
+    weights_TK: torch.Tensor,
+    indices_TK: torch.Tensor,
+    *,
+    num_experts: int,
+    backend: str = "auto",
+) -> tuple[PendingExchange, ShardingStats]:
+    """``sharded_atomic_experts_rows`` in two halves, the exchanges overlapped: the tokens'
+    all-gather was started by ``start_rows_tokens``; this gathers ids and weights (one small
+    all-gather), runs the local experts and starts the reduce-scatter of y, whose
+    ``finish()`` gives y_TD. Work issued before ``finish()`` (the shared SwiGLU) overlaps it,
+    and its backward overlaps the all-gather of dy. Same values as the one-call op; same bytes
+    (the gather is split in two). Raises ``ValueError`` like it."""
+    comm, x_TD = early.comm, early.x_TD
+    experts_per_rank = _check_rows_shapes(
+        comm, x_TD, up_local_ED, down_local_ED, weights_TK, indices_TK, num_experts
+    )
+    x_GD = early.tokens.finish()
+    weights_GK, ids_GK = GatherRows.apply(comm, weights_TK, indices_TK.to(torch.int32))
+    y_part_GD, local_pairs = _local_experts(
+        comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend
+    )
+    y_TD = start_exchange(y_part_GD, comm.scatter_sum_async, comm.gather_async)
+    stats = _rows_stats(comm, x_TD, weights_TK, y_part_GD, early.counted, split=True)
+    _count_owners(stats, comm, indices_TK, experts_per_rank, local_pairs)
+    return y_TD, stats
+
+
+def _check_rows_shapes(
+    comm: GroupComm,
+    x_TD: torch.Tensor,
+    up_local_ED: torch.Tensor,
+    down_local_ED: torch.Tensor,
+    weights_TK: torch.Tensor,
+    indices_TK: torch.Tensor,
+    num_experts: int,
+) -> int:
+    """E = N/P, or ``ValueError`` for shards or routing of the wrong shape."""
+    num_tokens, hidden = x_TD.shape
     if num_experts % comm.size != 0:
         raise ValueError(f"num_experts={num_experts} is not divisible by the EP size {comm.size}")
     experts_per_rank = num_experts // comm.size
@@ -77,31 +152,50 @@ def sharded_atomic_experts_rows(
         )
     if weights_TK.shape != indices_TK.shape or indices_TK.shape[0] != num_tokens:
         raise ValueError(f"weights {tuple(weights_TK.shape)} / indices {tuple(indices_TK.shape)}")
+    return experts_per_rank
 
-    ids_TK = indices_TK.to(torch.int32)
-    x_GD, weights_GK, ids_GK = GatherRows.apply(comm, x_TD, weights_TK, ids_TK)
+
+def _local_experts(
+    comm: GroupComm,
+    x_GD: torch.Tensor,
+    up_local_ED: torch.Tensor,
+    down_local_ED: torch.Tensor,
+    weights_GK: torch.Tensor,
+    ids_GK: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_part_GD of the pairs this rank owns, their count as a device scalar)."""
+    experts_per_rank = up_local_ED.shape[0]
     local_GK = ids_GK - comm.rank * experts_per_rank
     mine_GK = (local_GK >= 0) & (local_GK < experts_per_rank)
     local_GK = torch.where(mine_GK, local_GK, experts_per_rank)  # E = "no expert"
     # The weight-gradient path from the pairs this rank owns (about 1/P of the group's, with
     # uniform routing), not all G*K: the pair kernel skips the others, the dense GEMMs do not.
     grad_path = choose_grad_path(
-        "auto", x_GD.shape[0], experts_per_rank, hidden, ids_GK.shape[1], x_GD.dtype,
+        "auto", x_GD.shape[0], experts_per_rank, x_GD.shape[1], ids_GK.shape[1], x_GD.dtype,
         x_GD.device, pairs=ids_GK.numel() // comm.size,
     )  # fmt: skip
     y_part_GD = omnimoe_kernels.atomic_experts(
         x_GD, up_local_ED, down_local_ED, weights_GK, local_GK, backend=backend,
         grad_path=grad_path,
     )  # fmt: skip
-    y_TD = ScatterSumRows.apply(comm, y_part_GD)
+    return y_part_GD, mine_GK.sum()
 
+
+def _count_owners(
+    stats: ShardingStats,
+    comm: GroupComm,
+    indices_TK: torch.Tensor,
+    experts_per_rank: int,
+    local_pairs: torch.Tensor,
+) -> None:
     with torch.no_grad():  # device-side counters: no host sync
-        owners_TP = torch.zeros(num_tokens, comm.size, dtype=torch.bool, device=x_TD.device)
+        owners_TP = torch.zeros(
+            indices_TK.shape[0], comm.size, dtype=torch.bool, device=indices_TK.device
+        )
         owners_TP.scatter_(1, (indices_TK // experts_per_rank).long(), True)
-        stats = _rows_stats(comm, x_TD, weights_TK, y_part_GD, group_tokens is None)
-        stats.local_pairs = mine_GK.sum()
+        stats.local_pairs = local_pairs
         stats.owner_ranks = owners_TP.sum()
-    return y_TD, stats
 
 
 def _rows_stats(
@@ -110,15 +204,20 @@ def _rows_stats(
     weights_TK: torch.Tensor,
     y_part_GD: torch.Tensor,
     counted: bool,
+    *,
+    split: bool,
 ) -> ShardingStats:
-    """Bytes this rank sends (forward, and the backward it will run) from the shapes."""
+    """Bytes this rank sends (forward, and the backward it will run) from the shapes.
+    ``split``: x gathered apart from ids and weights (the overlapped variant; same bytes)."""
     top_k = weights_TK.shape[1]
     x_row, w_row = row_bytes(x_TD), row_bytes(weights_TK)
-    forward = {
-        "counts": comm.count_bytes(counted),
-        "gather": comm.gather_bytes(x_row + w_row + 4 * top_k),
-        "y": comm.scatter_bytes(row_bytes(y_part_GD)),
-    }
+    forward = {"counts": comm.count_bytes(counted)}
+    if split:
+        forward["x"] = comm.gather_bytes(x_row)
+        forward["ids_weights"] = comm.gather_bytes(w_row + 4 * top_k)
+    else:
+        forward["gather"] = comm.gather_bytes(x_row + w_row + 4 * top_k)
+    forward["y"] = comm.scatter_bytes(row_bytes(y_part_GD))
     backward = 0
     if y_part_GD.requires_grad:
         backward += comm.gather_bytes(row_bytes(y_part_GD))  # dy to every rank

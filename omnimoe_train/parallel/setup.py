@@ -63,8 +63,9 @@ def resolve_table_sharding(cfg: RootConfig, *, world_size: int, bf16: bool) -> t
     )
 
 
-def shard_expert_tables(layer: OmniMoEMLP, mode: str) -> None:
-    """Mark the layer's U, V shards as expert parameters and route through the dispatch."""
+def shard_expert_tables(layer: OmniMoEMLP, mode: str, *, overlap: bool = True) -> None:
+    """Mark the layer's U, V shards as expert parameters and route through the dispatch
+    (``overlap``: its exchanges overlapped with the router and the shared branch)."""
     if layer.settings.table_sharding != mode:
         raise ValueError(
             f"layer built with table_sharding={layer.settings.table_sharding!r}, layout says {mode!r}"
@@ -74,7 +75,11 @@ def shard_expert_tables(layer: OmniMoEMLP, mode: str) -> None:
         # megatron's expert parameters: reduced over the expert-data-parallel group by DDP.
         table.allreduce = False
     layer.expert_parallel = ExpertParallel(
-        mode, group, num_experts=layer.settings.num_experts, backend=layer.settings.backend
+        mode,
+        group,
+        num_experts=layer.settings.num_experts,
+        backend=layer.settings.backend,
+        overlap=overlap,
     )
 
 
@@ -96,7 +101,7 @@ def apply_parallelism(model: nn.Module, cfg: RootConfig, table_sharding: str) ->
     sequence_parallel = cfg.parallel.sequence_parallel and cfg.parallel.tp > 1
     for layer in [m for m in model.modules() if isinstance(m, OmniMoEMLP)]:
         if table_sharding != "none":
-            shard_expert_tables(layer, table_sharding)
+            shard_expert_tables(layer, table_sharding, overlap=cfg.parallel.ep_overlap)
         if sequence_parallel:
             mark_sequence_parallel(layer, tables_replicated=table_sharding == "none")
 

@@ -29,6 +29,7 @@ from megatron.core import parallel_state
 
 from omnimoe_train.distributed import init_runtime
 from omnimoe_train.engine.megatron import MegatronEngine
+from omnimoe_train.parallel.setup import dispatch_layers
 from tests.train.conftest import compose_config
 
 RTOL_STEP = 1e-5  # loss, grads, grad norm of step 1: relative to the largest reference entry
@@ -324,3 +325,40 @@ def check_distopt_bitwise(steps: int, device: str = "cpu") -> None:
     assert plain_losses == dist_losses, (plain_losses, dist_losses)
     for name, value in plain.items():
         assert torch.equal(value, sharded[name]), name
+
+
+def check_ep_overlap_bitwise(layouts: list[str], steps: int, device: str = "cpu") -> None:
+    """``parallel.ep_overlap`` moves only when the host waits for an exchange: with it on and
+    off, the same layout gives the same step-1 gradients, losses and weights, bit for bit."""
+    for layout in layouts:
+        runs = {}
+        for overlap in (False, True):
+            cfg = layout_config(
+                layout, f"parallel.ep_overlap={str(overlap).lower()}", device=device
+            )
+            rt = init_runtime(cfg)
+            engine = MegatronEngine(cfg, rt, VOCAB)
+            dispatches = [d for chunk in engine.model for d in dispatch_layers(chunk)]
+            assert dispatches and all(d.overlap == overlap for d in dispatches), layout
+            params = _local_params(engine)
+            grads: dict[str, torch.Tensor] = {}
+
+            def keep_grads(params: list = params, grads: dict = grads) -> None:
+                grads.update({n: p.main_grad.detach().cpu().clone() for n, p, _ in params})
+
+            losses = _train(engine, cfg, steps, keep_grads)
+            metrics = engine.dispatch_metrics(steps)
+            weights = {n: p.detach().cpu().clone() for n, p, _ in params}
+            runs[overlap] = (losses, grads, weights, metrics)
+            parallel_state.destroy_model_parallel()
+        (off_losses, off_grads, off_weights, off_m), (on_losses, on_grads, on_weights, on_m) = (
+            runs[False],
+            runs[True],
+        )
+        assert on_losses == off_losses, (layout, on_losses, off_losses)
+        for name, value in off_grads.items():
+            assert torch.equal(value, on_grads[name]), f"{layout} step-1 grad {name}"
+        for name, value in off_weights.items():
+            assert torch.equal(value, on_weights[name]), f"{layout} weight {name}"
+        for key in ("dispatch_fwd_bytes_per_layer", "dispatch_bwd_bytes_per_layer"):
+            assert on_m[key] == off_m[key] > 0, (layout, key, on_m[key], off_m[key])
