@@ -14,6 +14,7 @@ optimizer and steps our WSD schedule itself (DeepSpeed would step a client sched
 from __future__ import annotations
 
 import copy
+import difflib
 from typing import Any
 
 from omnimoe_train.config import RootConfig
@@ -88,6 +89,53 @@ SECTION_MODELS: dict[str, tuple[str, str]] = {
     "csv_monitor": ("deepspeed.monitor.config", "CSVConfig"),
 }
 
+#: Sections DeepSpeed reads with ``get_scalar_param`` from a fixed set of keys, each named by a
+#: constant of its module (section -> (module, constant-name prefix)); with no pydantic model,
+#: DeepSpeed would silently ignore a misspelt key (``flops_profiler.enabeld``).
+SECTION_KEY_CONSTANTS: dict[str, tuple[str, str]] = {
+    "flops_profiler": ("deepspeed.profiling.constants", "FLOPS_PROFILER_"),
+    "activation_checkpointing": ("deepspeed.runtime.activation_checkpointing.config", "ACT_CHKPT_"),
+}
+
+
+def section_keys(module: str, prefix: str) -> set[str]:
+    """The keys a ``SECTION_KEY_CONSTANTS`` section may hold: its module's string constants
+    named ``<prefix>...`` (not the ``..._DEFAULT`` values, nor ``..._FORMAT``'s help text)."""
+    import importlib
+
+    names = vars(importlib.import_module(module))
+    return {
+        value
+        for name, value in names.items()
+        if name.startswith(prefix)
+        and not name.endswith("_DEFAULT")
+        and isinstance(value, str)
+        and value.isidentifier()
+    }
+
+
+def unknown_section_key(ds: dict[str, Any]) -> tuple[str, str] | None:
+    """The first key of a ``SECTION_KEY_CONSTANTS`` section that DeepSpeed does not read, as
+    (key, rule), or None."""
+    for section, (module, prefix) in SECTION_KEY_CONSTANTS.items():
+        if section not in ds:
+            continue
+        if not isinstance(ds[section], dict):
+            return f"deepspeed.{section}", "must be a mapping of DeepSpeed keys"
+        try:
+            known = section_keys(module, prefix)
+        except ImportError:  # moved in another DeepSpeed version: nothing to check against
+            continue
+        for key in ds[section]:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f"; did you mean deepspeed.{section}.{close[0]}?" if close else ""
+                return (
+                    f"deepspeed.{section}.{key}",
+                    f"unknown key (DeepSpeed reads {', '.join(sorted(known))}){hint}",
+                )
+    return None
+
 
 #: Modules whose lower-case string constants name DeepSpeed's top-level config keys (DeepSpeed
 #: reads most of them with ``dict.get``, so a misspelt one is silently ignored), and keys that
@@ -132,8 +180,6 @@ def misspelt_top_level_key(ds: dict[str, Any]) -> tuple[str, str] | None:
     """A top-level key DeepSpeed does not know that is a near miss of one it does, as (key,
     rule). Only near misses are refused: DeepSpeed has no schema for its top level, and a key
     of a newer DeepSpeed that we do not list must still pass."""
-    import difflib
-
     known = known_top_level_keys()
     for key in ds:
         if key in known:
@@ -146,7 +192,7 @@ def misspelt_top_level_key(ds: dict[str, Any]) -> tuple[str, str] | None:
 
 def check_deepspeed_schema(ds: dict[str, Any]) -> tuple[str, str] | None:
     """The first key of ``ds`` that DeepSpeed's own config models reject, as (key, rule), or
-    None: a misspelt key (``zero_optimization.stagee``; at the top level, a near miss of a key
+    None: a misspelt key (``zero_optimization.stagee``, ``flops_profiler.enabeld``; at the top level, a near miss of a key
     DeepSpeed reads: ``wall_clock_breakdwn``) or a bad value, found before DeepSpeed builds its
     ops rather than as a multi-line ``pydantic.ValidationError`` inside
     ``deepspeed.initialize`` (or not at all). Needs DeepSpeed installed."""
@@ -160,7 +206,7 @@ def check_deepspeed_schema(ds: dict[str, Any]) -> tuple[str, str] | None:
     ds_logger = logging.getLogger("DeepSpeed")
     ds_logger.addFilter(_errors_only)
     try:
-        misspelt = misspelt_top_level_key(ds)
+        misspelt = misspelt_top_level_key(ds) or unknown_section_key(ds)
         if misspelt:
             return misspelt
         for section, (module, name) in SECTION_MODELS.items():

@@ -117,6 +117,20 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, prese
             "valid boolean",
         ),
         (["+deepspeed.tensorboard.enabledd=true"], 1, "deepspeed.tensorboard.enabledd", "unknown"),
+        # Sections DeepSpeed reads key by key (no pydantic model): checked against its constants.
+        (
+            ["+deepspeed.flops_profiler.enabeld=false"],
+            1,
+            "deepspeed.flops_profiler.enabeld",
+            "did you mean deepspeed.flops_profiler.enabled?",
+        ),
+        (
+            ["+deepspeed.activation_checkpointing.partition_activatons=true"],
+            1,
+            "deepspeed.activation_checkpointing.partition_activatons",
+            "unknown key",
+        ),
+        (["+deepspeed.flops_profiler=true"], 1, "deepspeed.flops_profiler", "mapping"),
     ],
 )
 def test_deepspeed_config_rules(overrides: list[str], world_size: int, key: str, rule: str) -> None:
@@ -129,6 +143,18 @@ def test_deepspeed_config_rules(overrides: list[str], world_size: int, key: str,
 def test_presets_and_megatron_layouts_stay_valid() -> None:
     for preset in ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"):
         validate(compose_config("trainer.engine=deepspeed", f"deepspeed={preset}"), 1)
+    # Valid keys DeepSpeed reads that no preset sets, at the top level and in a section.
+    validate(
+        compose_config(
+            "trainer.engine=deepspeed",
+            "+deepspeed.steps_per_print=10",
+            "+deepspeed.wall_clock_breakdown=true",
+            "+deepspeed.flops_profiler.enabled=false",
+            "+deepspeed.flops_profiler.profile_step=2",
+            "+deepspeed.activation_checkpointing.partition_activations=false",
+        ),
+        1,
+    )
     # The deepspeed section is the DeepSpeed engine's only: megatron runs ignore it.
     validate(compose_config("parallel=tp2", "+deepspeed.train_batch_size=64"), 2)
 
