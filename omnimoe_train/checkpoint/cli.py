@@ -5,7 +5,8 @@
 
 ``inspect`` verifies every file's size and SHA-256 against ``meta.json`` and reports step,
 tokens, the layout that wrote it and tensor sizes (read from the ``dist_checkpointing``
-metadata, no tensor data loaded). Exit 0 if valid, 2 (one line naming the bad file) if not.
+metadata, no tensor data loaded; a DeepSpeed checkpoint's from rank 0's module-state file,
+memory-mapped, ``engine.deepspeed_checkpoint.tensor_sizes``). Exit 0 if valid, 2 (one line naming the bad file) if not.
 
 ``consolidate`` builds the model on one process (CPU, fp32, no parallelism) and loads the
 checkpoint into it through the same resharding load as a resumed run, then writes
@@ -95,6 +96,10 @@ def describe(folder: Path) -> dict[str, Any]:
     )
     if problem is None and meta.get("engine") == "megatron":
         report.update(tensor_sizes(folder))
+    elif problem is None and meta.get("engine") == "deepspeed":
+        from omnimoe_train.engine import deepspeed_checkpoint
+
+        report.update(deepspeed_checkpoint.tensor_sizes(folder, BUFFER_SUFFIXES))
     return report
 
 
@@ -111,10 +116,17 @@ def _summary_line(report: dict[str, Any]) -> str:
         f"{report['engine']}, written by world {layout.get('world_size')} ({shape})",
     ]
     if "model_parameters" in report:
+        # A DeepSpeed checkpoint's optimizer state (its own files, ZeRO partitions) is not counted.
+        optimizer = (
+            f"optimizer: {report['optimizer_elements']:,} values in "
+            f"{report['optimizer_tensors']} tensors"
+            if "optimizer_elements" in report
+            else "optimizer: not counted (DeepSpeed's files)"
+        )
         lines.append(
             f"  model: {report['model_parameters']:,} parameters in {report['model_tensors']} "
-            f"tensors (+ {report['model_buffer_values']:,} BatchNorm statistics); optimizer: {report['optimizer_elements']:,} values in "
-            f"{report['optimizer_tensors']} tensors; vocab {report['vocab_size']}"
+            f"tensors (+ {report['model_buffer_values']:,} BatchNorm statistics); {optimizer}; "
+            f"vocab {report['vocab_size']}"
         )
     return "\n".join(lines)
 

@@ -106,6 +106,37 @@ def saved_layout(directory: Path) -> dict[str, Any]:
     return state["layout"]
 
 
+def tensor_sizes(directory: Path, buffer_suffixes: tuple[str, ...]) -> dict[str, int]:
+    """Model parameters and buffer values of a DeepSpeed checkpoint, as ``omnimoe-ckpt
+    inspect`` reports them (``checkpoint.cli.tensor_sizes`` for the megatron engine).
+
+    From rank 0's module-state file, memory-mapped: under ZeRO 1-3 DeepSpeed records every
+    parameter's full shape in ``param_shapes`` (ZeRO-3's module state holds empty placeholders);
+    under ZeRO-0 the module state holds the whole parameters. Buffers (``buffer_names``) whose
+    names end with ``buffer_suffixes`` are counted apart. The ZeRO optimizer partitions are not
+    read. Raises ``FileNotFoundError`` when the folder holds no DeepSpeed module state."""
+    state = torch.load(
+        _rank0_model_states(directory), map_location="cpu", weights_only=False, mmap=True
+    )
+    module: dict[str, Any] = state["module"]
+    buffers = set(state.get("buffer_names") or ())
+    if state.get("param_shapes"):
+        shapes = [shape for group in state["param_shapes"] for shape in group.values()]
+        shapes += list((state.get("frozen_param_shapes") or {}).values())
+    else:
+        shapes = [
+            value.shape
+            for name, value in module.items()
+            if name not in buffers and torch.is_tensor(value) and not name.endswith(EXTRA_STATE)
+        ]
+    buffer_values = sum(module[name].numel() for name in buffers if name.endswith(buffer_suffixes))
+    return {
+        "model_parameters": sum(torch.Size(shape).numel() for shape in shapes),
+        "model_tensors": len(shapes),
+        "model_buffer_values": buffer_values,
+    }
+
+
 def _to_universal(directory: Path, scratch: Path) -> None:
     """DeepSpeed's ``ds_to_universal`` in this process (rank 0), quietly."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal

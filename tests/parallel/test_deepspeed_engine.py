@@ -38,7 +38,8 @@ def test_grad_norm_before_the_step_and_skipped_steps() -> None:
 def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, preset: str) -> None:
     """Saved at dp 2; loaded at dp 2 (DeepSpeed's files as they are) and at dp 1 (through a
     universal checkpoint); the consolidated weights equal the live ones."""
-    from omnimoe_train.engine.deepspeed_checkpoint import consolidate
+    from omnimoe_train.checkpoint.cli import BUFFER_SUFFIXES
+    from omnimoe_train.engine.deepspeed_checkpoint import consolidate, tensor_sizes
 
     run_distributed(save_and_continue, 2, preset, tmp_path, timeout_s=600)
     run_distributed(resume_and_continue, 2, preset, tmp_path, timeout_s=600)
@@ -48,6 +49,12 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, prese
     assert set(live) <= set(weights)  # plus the router's BatchNorm statistics (buffers)
     for name, value in live.items():
         assert torch.equal(weights[name], value), name
+    # omnimoe-ckpt inspect's counts (ZeRO-3: from the recorded shapes, not the placeholders).
+    sizes = tensor_sizes(tmp_path / "step_00000002", BUFFER_SUFFIXES)
+    assert sizes["model_parameters"] == sum(v.numel() for v in live.values())
+    assert sizes["model_tensors"] == len(live)
+    statistics = [v for k, v in weights.items() if k.endswith(BUFFER_SUFFIXES)]
+    assert statistics and sizes["model_buffer_values"] == sum(v.numel() for v in statistics)
 
 
 @pytest.mark.parametrize(
