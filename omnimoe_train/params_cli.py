@@ -43,7 +43,8 @@ def compose(overrides: list[str]) -> RootConfig:
         p = cfg.parallel
         # Without a launcher, check the layout rules against the smallest world that fits it.
         minimal_world = p.pp * math.lcm(p.tp, p.ep)
-        validate(cfg, world_size=max(world_size_from_env(), minimal_world))
+        # The config may be meant for another machine: its GPU and packages are not checked.
+        validate(cfg, world_size=max(world_size_from_env(), minimal_world), this_machine=False)
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors

@@ -90,8 +90,12 @@ def data_parallel_size(cfg: RootConfig, world_size: int) -> int:
     return world_size // (cfg.parallel.tp * cfg.parallel.pp)
 
 
-def validate(cfg: RootConfig, world_size: int | None = None) -> None:
-    """Check every cross-field rule; raise :class:`ConfigError` on the first violation."""
+def validate(cfg: RootConfig, world_size: int | None = None, *, this_machine: bool = True) -> None:
+    """Check every cross-field rule; raise :class:`ConfigError` on the first violation.
+
+    ``this_machine=False`` leaves out the rules about the machine the check runs on (a visible
+    CUDA device, an installed package): ``omnimoe-params`` describes a config meant for another
+    machine."""
     world_size = world_size_from_env() if world_size is None else world_size
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
@@ -189,8 +193,9 @@ def validate(cfg: RootConfig, world_size: int | None = None) -> None:
     )
     _validate_robustness(cfg)
     _validate_names(cfg)
-    _validate_device(t.device)
-    _validate_throughput_levers(cfg)
+    if this_machine:
+        _validate_device(t.device)
+    _validate_throughput_levers(cfg, this_machine)
 
 
 def _validate_device(device: str) -> None:
@@ -215,8 +220,9 @@ def _runs_on_cuda(device: str) -> bool:
     return device != "cpu" and torch.cuda.is_available()
 
 
-def _validate_throughput_levers(cfg: RootConfig) -> None:
-    """``model.fused_cross_entropy=liger`` and ``trainer.compile`` (model/fusions.py)."""
+def _validate_throughput_levers(cfg: RootConfig, this_machine: bool) -> None:
+    """``model.fused_cross_entropy=liger`` and ``trainer.compile`` (model/fusions.py); the
+    package and CUDA rules only when ``this_machine``."""
     m, p, t = cfg.model, cfg.parallel, cfg.trainer
     if m.fused_cross_entropy == "liger":
         key = "model.fused_cross_entropy"
@@ -226,6 +232,8 @@ def _validate_throughput_levers(cfg: RootConfig) -> None:
             f"liger's fused linear cross-entropy is not vocab-parallel: needs parallel.tp=1 "
             f"(got {p.tp}); model.fused_cross_entropy=megatron works at any tp",
         )
+    if m.fused_cross_entropy == "liger" and this_machine:
+        key = "model.fused_cross_entropy"
         _require(
             importlib.util.find_spec("liger_kernel") is not None,
             key,
@@ -239,7 +247,7 @@ def _validate_throughput_levers(cfg: RootConfig) -> None:
     if t.compile != "none":
         key = "trainer.compile"
         _require(
-            _runs_on_cuda(t.device),
+            _runs_on_cuda(t.device) or (not this_machine and t.device != "cpu"),
             key,
             f"{t.compile} compiles for CUDA only (trainer.device={t.device}, "
             "no CUDA device in use); use trainer.compile=none",

@@ -139,6 +139,30 @@ def test_omnimoe_params_prints_a_table_then_one_json_line(capsys: pytest.Capture
     ]
 
 
+def test_omnimoe_params_counts_a_gpu_config_on_a_machine_without_one(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rules about the machine the check runs on (a visible GPU, Liger's Triton kernels) are
+    omnimoe-train's, not the counter's; rules about the config itself still hold."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    params_main(["model=a80m"])
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    gpu_only = ["trainer.compile=layers", "model.fused_cross_entropy=liger", "trainer.device=cuda"]
+    for override in [*gpu_only, " ".join(gpu_only)]:
+        params_main(["model=a80m", *override.split()])
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == expected, override
+    for override, rule in (
+        ("trainer.device=cpu", "trainer.compile: layers compiles for CUDA only"),
+        ("parallel.tp=2", "trainer.compile: needs parallel.tp=1"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            params_main(["model=a80m", "trainer.compile=layers", override])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"omnimoe-params: error: {rule}"), err
+
+
 def test_device_peaks_and_mfu_fields() -> None:
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
