@@ -6,11 +6,7 @@ set -uo pipefail
 out=${OUT:-ep-round}
 mkdir -p "$out"
 export OMNIMOE_CACHE=${OMNIMOE_CACHE:-/tmp/omnimoe-cache}
-python3 - <<'PY' >"$out/prepare.log" 2>&1
-from omnimoe_train.config import DataConfig
-from omnimoe_train.data import prepare_data
-print(prepare_data(DataConfig(seq_len=1024, max_bytes=3_000_000), rank=0).description)
-PY
+prepare_bench_data "$out/prepare.log"
 for mb in 16 32; do
   timeout 60 torchrun --standalone --nproc-per-node 2 benchmarks/profile_expert_parallel.py \
     --modes local,rows,dim --tokens $((mb * 1024)) --json "$out/ep_profile_mb$mb.json" \

@@ -14,3 +14,13 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
+# prepare_bench_data LOG: the benchmarks' corpus (seq 1024, 3 MB of text) prepared once into
+# $OMNIMOE_CACHE, before several ranks or runs would prepare it side by side.
+prepare_bench_data() {
+  python3 - >"$1" 2>&1 <<'PY'
+from omnimoe_train.config import DataConfig
+from omnimoe_train.data import prepare_data
+print(prepare_data(DataConfig(seq_len=1024, max_bytes=3_000_000), rank=0).description)
+PY
+}
+export -f prepare_bench_data

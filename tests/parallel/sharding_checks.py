@@ -202,6 +202,31 @@ def check_cases_triton(
             check_case(case, mode, known_tokens=True, backend="triton", device=device)
 
 
+def _table_shards(
+    full: dict[str, torch.Tensor], case: Case, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (up, down) shard of the full tables: its expert rows (``rows``) or its
+    hidden columns (``dim``), as leaves that collect gradients."""
+    num_ranks, rank = dist.get_world_size(), dist.get_rank()
+    if mode == "rows":
+        block = slice(*(case.num_experts // num_ranks * r for r in (rank, rank + 1)))
+        return tuple(full[t][block].clone().requires_grad_() for t in ("up", "down"))
+    block = slice(*(case.hidden // num_ranks * r for r in (rank, rank + 1)))
+    return tuple(full[t][:, block].clone().requires_grad_() for t in ("up", "down"))
+
+
+def _sharded(mode, case, x, up, down, weights, indices, tokens):  # noqa: ANN001, ANN202
+    """The plain (not overlapped) sharded op of ``mode``."""
+    if mode == "rows":
+        return sharded_atomic_experts_rows(
+            x, up, down, weights, indices, group=None, num_experts=case.num_experts,
+            group_tokens=tokens,
+        )  # fmt: skip
+    return sharded_atomic_experts_dim(
+        x, up, down, weights, indices, group=None, group_tokens=tokens
+    )
+
+
 def check_bytes_per_rank(case: Case) -> None:
     """With equal tokens per rank (known), predict_bytes is exact for every single rank."""
     from omnimoe_train.parallel.cost_model import predict_bytes
@@ -212,25 +237,12 @@ def check_bytes_per_rank(case: Case) -> None:
     tokens = case.tokens_per_rank[rank]
     mine = slice(rank * tokens, (rank + 1) * tokens)
     for mode in ("rows", "dim"):
-        if mode == "rows":
-            block = slice(*(case.num_experts // num_ranks * r for r in (rank, rank + 1)))
-            up, down = (full[t][block].clone().requires_grad_() for t in ("up", "down"))
-        else:
-            block = slice(*(case.hidden // num_ranks * r for r in (rank, rank + 1)))
-            up, down = (full[t][:, block].clone().requires_grad_() for t in ("up", "down"))
+        up, down = _table_shards(full, case, mode)
         x = full["x"][mine].clone().requires_grad_()
         weights = full["weights"][mine].clone().requires_grad_()
         indices = full["indices"][mine]
         known = list(case.tokens_per_rank)
-        if mode == "rows":
-            y, stats = sharded_atomic_experts_rows(
-                x, up, down, weights, indices, group=None, num_experts=case.num_experts,
-                group_tokens=known,
-            )  # fmt: skip
-        else:
-            y, stats = sharded_atomic_experts_dim(
-                x, up, down, weights, indices, group=None, group_tokens=known
-            )
+        y, stats = _sharded(mode, case, x, up, down, weights, indices, known)
         y.sum().backward()
         predicted = predict_bytes(
             mode, tokens=tokens, d=case.hidden, k=case.top_k, num_experts=case.num_experts,
@@ -250,7 +262,7 @@ def _run_sharded(
     from omnimoe_train.parallel.dim_sharding import dim_experts_overlapped, start_dim_tokens
     from omnimoe_train.parallel.rows_dispatch import rows_experts_overlapped, start_rows_tokens
 
-    num_ranks, rank = dist.get_world_size(), dist.get_rank()
+    rank = dist.get_rank()
     full = _build(case, torch.float32)
     start = sum(case.tokens_per_rank[:rank])
     mine = slice(start, start + case.tokens_per_rank[rank])
@@ -258,12 +270,7 @@ def _run_sharded(
     x = hidden.view(hidden.shape)  # as in the layer: x_TD feeds the router and the exchange,
     indices = full["indices"][mine]  # its source also the shared branch (2 gradients each)
     gate = torch.linspace(-1.0, 1.0, case.hidden * case.top_k).view(case.hidden, case.top_k)
-    if mode == "rows":
-        block = slice(*(case.num_experts // num_ranks * r for r in (rank, rank + 1)))
-        up, down = (full[t][block].clone().requires_grad_() for t in ("up", "down"))
-    else:
-        block = slice(*(case.hidden // num_ranks * r for r in (rank, rank + 1)))
-        up, down = (full[t][:, block].clone().requires_grad_() for t in ("up", "down"))
+    up, down = _table_shards(full, case, mode)
     if overlap:
         starter = start_rows_tokens if mode == "rows" else start_dim_tokens
         early = starter(x, group=None, group_tokens=tokens)
@@ -274,15 +281,8 @@ def _run_sharded(
         )
     elif overlap:
         pending, stats = dim_experts_overlapped(early, up, down, weights, indices)
-    elif mode == "rows":
-        y, stats = sharded_atomic_experts_rows(
-            x, up, down, weights, indices, group=None, num_experts=case.num_experts,
-            group_tokens=tokens,
-        )  # fmt: skip
     else:
-        y, stats = sharded_atomic_experts_dim(
-            x, up, down, weights, indices, group=None, group_tokens=tokens
-        )
+        y, stats = _sharded(mode, case, x, up, down, weights, indices, tokens)
     shared = torch.tanh(hidden) * 0.5  # the "shared branch": runs while y travels
     if overlap:
         y = pending.finish()

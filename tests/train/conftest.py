@@ -8,6 +8,17 @@ from hydra import compose, initialize_config_module
 from omnimoe_train.cli import to_root_config
 from omnimoe_train.config import RootConfig, register_configs
 
+# A 2-layer GPT with a 64-expert OmniMoE MLP: the in-process model tests' default shape.
+TINY_MODEL = (
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=96",
+    "model.num_experts=64",
+    "model.top_k=8",
+    "data.seq_len=16",
+)
+
 
 def compose_config(*overrides: str) -> RootConfig:
     register_configs()

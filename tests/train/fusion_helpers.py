@@ -7,18 +7,11 @@ import torch
 
 from omnimoe_train.model.fusions import compile_layers
 from omnimoe_train.model.gpt import build_model, transformer_config
-from tests.train.conftest import compose_config
+from tests.train.conftest import TINY_MODEL, compose_config
 
 VOCAB, BATCH, SEQ, LR = 128, 3, 16, 0.5
-TINY = (
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.num_attention_heads=4",
-    "model.ffn_hidden_size=96",
-    "model.num_experts=64",
-    "model.top_k=8",
-    f"data.seq_len={SEQ}",
-)
+TINY = TINY_MODEL
+assert f"data.seq_len={SEQ}" in TINY
 
 
 def sgd_losses(

@@ -8,17 +8,8 @@ from torch.overrides import TorchFunctionMode
 
 from omnimoe_train.model.gpt import build_model, layer_spec, transformer_config
 from omnimoe_train.model.omnimoe_layer import OmniMoEMLP
+from tests.train.conftest import TINY_MODEL as TINY
 from tests.train.conftest import compose_config
-
-TINY = (
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.num_attention_heads=4",
-    "model.ffn_hidden_size=96",
-    "model.num_experts=64",
-    "model.top_k=8",
-    "data.seq_len=16",
-)
 
 
 def _model(*overrides: str):
