@@ -6,7 +6,8 @@
 ``inspect`` verifies every file's size and SHA-256 against ``meta.json`` and reports step,
 tokens, the layout that wrote it and tensor sizes (read from the ``dist_checkpointing``
 metadata, no tensor data loaded; a DeepSpeed checkpoint's from rank 0's module-state file,
-memory-mapped, ``engine.deepspeed_checkpoint.tensor_sizes``). Exit 0 if valid, 2 (one line naming the bad file) if not.
+memory-mapped, ``engine.deepspeed_checkpoint.tensor_sizes``). Exit 0 if valid, 2 (one line
+naming the bad file) if not.
 
 ``consolidate`` builds the model on one process (CPU, fp32, no parallelism) and loads the
 checkpoint into it through the same resharding load as a resumed run, then writes

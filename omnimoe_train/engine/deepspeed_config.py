@@ -98,19 +98,25 @@ SECTION_KEY_CONSTANTS: dict[str, tuple[str, str]] = {
 }
 
 
-def section_keys(module: str, prefix: str) -> set[str]:
-    """The keys a ``SECTION_KEY_CONSTANTS`` section may hold: its module's string constants
-    named ``<prefix>...`` (not the ``..._DEFAULT`` values, nor ``..._FORMAT``'s help text)."""
+def string_constants(module: str, prefix: str = "") -> set[str]:
+    """The config keys a DeepSpeed module names: the values of its upper-case constants named
+    ``<prefix>...`` that are lower-case identifiers (not the ``..._DEFAULT`` values). Empty if
+    the module moved in another DeepSpeed version (nothing to check against)."""
     import importlib
 
-    names = vars(importlib.import_module(module))
+    try:
+        names = vars(importlib.import_module(module))
+    except ImportError:
+        return set()
     return {
         value
         for name, value in names.items()
-        if name.startswith(prefix)
+        if name.isupper()
+        and name.startswith(prefix)
         and not name.endswith("_DEFAULT")
         and isinstance(value, str)
         and value.isidentifier()
+        and value.islower()
     }
 
 
@@ -122,9 +128,8 @@ def unknown_section_key(ds: dict[str, Any]) -> tuple[str, str] | None:
             continue
         if not isinstance(ds[section], dict):
             return f"deepspeed.{section}", "must be a mapping of DeepSpeed keys"
-        try:
-            known = section_keys(module, prefix)
-        except ImportError:  # moved in another DeepSpeed version: nothing to check against
+        known = string_constants(module, prefix)
+        if not known:
             continue
         for key in ds[section]:
             if key not in known:
@@ -160,19 +165,9 @@ EXTRA_TOP_LEVEL_KEYS = (
 
 def known_top_level_keys() -> set[str]:
     """Top-level keys DeepSpeed reads (from its own constants), ours reserved included."""
-    import importlib
-
     keys = set(EXTRA_TOP_LEVEL_KEYS) | set(RESERVED) | set(SECTION_MODELS)
     for module in KEY_CONSTANT_MODULES:
-        try:
-            names = vars(importlib.import_module(module))
-        except ImportError:  # a module moved in another DeepSpeed version: fewer known keys
-            continue
-        keys |= {
-            value
-            for name, value in names.items()
-            if name.isupper() and isinstance(value, str) and value.islower() and " " not in value
-        }
+        keys |= string_constants(module)
     return keys
 
 
@@ -192,8 +187,8 @@ def misspelt_top_level_key(ds: dict[str, Any]) -> tuple[str, str] | None:
 
 def check_deepspeed_schema(ds: dict[str, Any]) -> tuple[str, str] | None:
     """The first key of ``ds`` that DeepSpeed's own config models reject, as (key, rule), or
-    None: a misspelt key (``zero_optimization.stagee``, ``flops_profiler.enabeld``; at the top level, a near miss of a key
-    DeepSpeed reads: ``wall_clock_breakdwn``) or a bad value, found before DeepSpeed builds its
+    None: a misspelt key (``zero_optimization.stagee``, ``flops_profiler.enabeld``; at the top
+    level, a near miss of a key DeepSpeed reads: ``wall_clock_breakdwn``) or a bad value, found before DeepSpeed builds its
     ops rather than as a multi-line ``pydantic.ValidationError`` inside
     ``deepspeed.initialize`` (or not at all). Needs DeepSpeed installed."""
     import importlib

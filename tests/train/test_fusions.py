@@ -57,8 +57,9 @@ def test_compiled_layers_match_baseline(baselines: dict[str, list[float]], mlp: 
 
 
 def test_liger_cross_entropy_matches_baseline(baselines: dict[str, list[float]]) -> None:
-    if importlib.util.find_spec("liger_kernel") is None:
-        pytest.skip("liger-kernel is not installed (the liger extra)")
+    # The liger extra is part of the documented install (launch/setup_env.sh): a missing
+    # package fails here rather than skipping the check.
+    assert importlib.util.find_spec("liger_kernel") is not None, "pip install -e '.[liger]'"
     from omnimoe_train.model.gpt import build_model, transformer_config
 
     cfg = compose_config("model.fused_cross_entropy=liger", "trainer.device=cpu")
