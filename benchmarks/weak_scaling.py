@@ -9,8 +9,14 @@ GPU early (the first logging window after the first, which holds compilation) an
 window), the scaling efficiency against one GPU, MFU and peak memory; a markdown table goes to
 stdout and everything to ``--json``.
 
+Throughput on a shared host drifts by ~10% between runs minutes apart, so ``--repeats R`` runs
+the layouts R times in rotated order (round r starts at layout r) and compares each run with the
+data-parallel run of its own round; the summary gives the median over rounds of tokens/s and of
+that ratio, beside the spread.
+
     python benchmarks/weak_scaling.py --json weak.json                 # 1 and all GPUs
     python benchmarks/weak_scaling.py --gpus 1 2 4 8 --steps 40 --json weak.json
+    python benchmarks/weak_scaling.py --gpus 2 --layouts dp ep_rows ep_dim --repeats 3
     python benchmarks/weak_scaling.py --model wide8b --gpus 2 --layouts ep_rows \\
         --extra parallel.distributed_optimizer=true                  # the table-sharding model
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,6 +94,35 @@ def layout_overrides(kind: str, gpus: int, m) -> tuple[list[str], str] | None:  
     return None
 
 
+def rotated(items: list[str], shift: int) -> list[str]:
+    """``items`` rotated left by ``shift``: each round starts at another layout, so a drift of
+    the machine over the call does not always favour the same one."""
+    shift %= max(1, len(items))
+    return list(items[shift:]) + list(items[:shift])
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (GPUs, layout): the runs that finished, the median tokens/s per GPU and the median,
+    min and max ratio to the data-parallel run of the same round."""
+    out = []
+    for key in dict.fromkeys((r["gpus"], r["layout"]) for r in rows):
+        done = [r for r in rows if (r["gpus"], r["layout"]) == key and "ratio_vs_dp" in r]
+        ratios = sorted(r["ratio_vs_dp"] for r in done)
+        tokens = [r["tokens_per_s_per_gpu"] for r in done]
+        out.append(
+            {
+                "gpus": key[0],
+                "layout": key[1],
+                "runs": len(done),
+                "median_tokens_per_s_per_gpu": statistics.median(tokens) if tokens else 0.0,
+                "median_ratio_vs_dp": statistics.median(ratios) if ratios else 0.0,
+                "ratio_vs_dp_min": ratios[0] if ratios else 0.0,
+                "ratio_vs_dp_max": ratios[-1] if ratios else 0.0,
+            }
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=None)
@@ -102,6 +138,9 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more trainer overrides")
     parser.add_argument("--runs-dir", default="outputs/weak_scaling")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds of every layout, in rotated order"
+    )
     args = parser.parse_args()
 
     import torch
@@ -120,75 +159,96 @@ def main() -> None:
     ]  # fmt: skip
     device = device_name()
     rows, baseline = [], None
-    for gpus in gpu_counts:
-        for kind in args.layouts:
-            if gpus == 1 and kind != "dp":
-                continue
-            found = layout_overrides(kind, gpus, m)
-            if found is None:
-                rows.append({"gpus": gpus, "layout": kind, "status": "no valid layout"})
-                continue
-            layout_args, name = found
-            run_dir = Path(args.runs_dir) / f"{gpus}gpu_{name}_{int(time.time())}"
-            batch = [f"data.global_batch_size={args.per_gpu_batch * gpus}"]
-            result = run_trainer(
-                common + layout_args + batch, run_dir, gpus=gpus, timeout_s=args.timeout
+    schedule = [
+        (round_, gpus, kind)
+        for round_ in range(args.repeats)
+        for gpus in gpu_counts
+        for kind in rotated(args.layouts, round_)
+    ]
+    for round_, gpus, kind in schedule:
+        if gpus == 1 and kind != "dp":
+            continue
+        found = layout_overrides(kind, gpus, m)
+        if found is None:
+            rows.append(
+                {"round": round_, "gpus": gpus, "layout": kind, "status": "no valid layout"}
             )
-            row = {"gpus": gpus, "layout": name, "status": result.status, "wall_s": result.wall_s}
-            if result.train:
-                steady = steady_state(result)
-                windows = [r["tokens_per_s"] / gpus for r in result.train]
-                early = windows[1] if len(windows) > 1 else windows[0]
-                late = windows[-1]
-                row.update(
-                    tokens_per_s_per_gpu_early=early,
-                    tokens_per_s_per_gpu_late=late,
-                    tokens_per_s_per_gpu=steady["tokens_per_s"] / gpus,
-                    windows_per_gpu=windows,
-                    mfu=steady.get("mfu"),
-                    peak_memory_gib=steady["peak_memory_gib"],
-                    load_imbalance=steady.get("dispatch_load_imbalance"),
-                    loss_late=steady["loss"],
-                )
-                if gpus == 1 and kind == "dp":
-                    baseline = row["tokens_per_s_per_gpu"]
-                if baseline:
-                    row["efficiency_vs_1gpu"] = row["tokens_per_s_per_gpu"] / baseline
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "windows_per_gpu"}), flush=True)
+            continue
+        layout_args, name = found
+        run_dir = Path(args.runs_dir) / f"{gpus}gpu_{name}_{int(time.time())}"
+        batch = [f"data.global_batch_size={args.per_gpu_batch * gpus}"]
+        result = run_trainer(
+            common + layout_args + batch, run_dir, gpus=gpus, timeout_s=args.timeout
+        )
+        row = {"round": round_, "gpus": gpus, "layout": name, "status": result.status}
+        row["wall_s"] = result.wall_s
+        if result.train:
+            steady = steady_state(result)
+            windows = [r["tokens_per_s"] / gpus for r in result.train]
+            early = windows[1] if len(windows) > 1 else windows[0]
+            late = windows[-1]
+            row.update(
+                tokens_per_s_per_gpu_early=early,
+                tokens_per_s_per_gpu_late=late,
+                tokens_per_s_per_gpu=steady["tokens_per_s"] / gpus,
+                windows_per_gpu=windows,
+                mfu=steady.get("mfu"),
+                peak_memory_gib=steady["peak_memory_gib"],
+                load_imbalance=steady.get("dispatch_load_imbalance"),
+                loss_late=steady["loss"],
+            )
+            if gpus == 1 and kind == "dp":
+                baseline = row["tokens_per_s_per_gpu"]
+            if baseline:
+                row["efficiency_vs_1gpu"] = row["tokens_per_s_per_gpu"] / baseline
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "windows_per_gpu"}), flush=True)
 
     # Expert parallelism's target is relative to plain data parallelism on as many GPUs.
     dp_tokens = {
-        r["gpus"]: r["tokens_per_s_per_gpu"]
+        (r["round"], r["gpus"]): r["tokens_per_s_per_gpu"]
         for r in rows
         if r["layout"].startswith("dp") and "tokens_per_s_per_gpu" in r
     }
     for r in rows:
-        if "tokens_per_s_per_gpu" in r and r["gpus"] in dp_tokens:
-            r["ratio_vs_dp"] = r["tokens_per_s_per_gpu"] / dp_tokens[r["gpus"]]
+        if "tokens_per_s_per_gpu" in r and (r["round"], r["gpus"]) in dp_tokens:
+            r["ratio_vs_dp"] = r["tokens_per_s_per_gpu"] / dp_tokens[r["round"], r["gpus"]]
 
     def ratio(r: dict, key: str) -> str:
         return f"{r[key]:.2f}" if key in r else "–"
 
-    header = (
-        "| GPUs | layout | tok/s/GPU | early | late | vs 1 GPU | vs DP | MFU | peak GiB | status |"
-    )
-    lines = [header, "|" + "---|" * 10]
+    header = "| round | GPUs | layout | tok/s/GPU | early | late | vs 1 GPU | vs DP | MFU | peak GiB | status |"
+    lines = [header, "|" + "---|" * 11]
     for r in rows:
         lines.append(
-            f"| {r['gpus']} | {r['layout']} | {r.get('tokens_per_s_per_gpu', 0):,.0f} "
+            f"| {r['round']} | {r['gpus']} | {r['layout']} | {r.get('tokens_per_s_per_gpu', 0):,.0f} "
             f"| {r.get('tokens_per_s_per_gpu_early', 0):,.0f} "
             f"| {r.get('tokens_per_s_per_gpu_late', 0):,.0f} | {ratio(r, 'efficiency_vs_1gpu')} "
             f"| {ratio(r, 'ratio_vs_dp')} "
             f"| {100 * (r.get('mfu') or 0):.1f}% | {r.get('peak_memory_gib', 0):.1f} | {r['status'][:40]} |"
         )
     print("\n".join(lines))
+    summary = summarize(rows)
+    if args.repeats > 1:
+        print(
+            "\n| GPUs | layout | runs | median tok/s/GPU | median vs DP | min–max vs DP |\n"
+            "|---|---|---|---|---|---|"
+        )
+        for s in summary:
+            spread = f"{s['ratio_vs_dp_min']:.2f}–{s['ratio_vs_dp_max']:.2f}" if s["runs"] else "–"
+            print(
+                f"| {s['gpus']} | {s['layout']} | {s['runs']} "
+                f"| {s['median_tokens_per_s_per_gpu']:,.0f} "
+                f"| {s['median_ratio_vs_dp']:.2f} | {spread} |"
+            )
     if args.json:
         meta = {
             "device": device, "date": time.strftime("%Y-%m-%d"), "command": sys.argv,
             "common": common,
         }  # fmt: skip
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1)
+        )
 
 
 if __name__ == "__main__":
