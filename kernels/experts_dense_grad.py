@@ -216,4 +216,6 @@ def dense_table_grads(
             out_ND[first:last] = _gemm_t(buf_RC, stacked, split)[: last - first]
             for i in range(len(parts)):  # clear the written positions for the next GEMM
                 buf_RC[i * num_tokens : (i + 1) * num_tokens].scatter_(1, local_TK, 0.0)
+        # Freed before the next table's rows are stacked: two (2T, D) stacks never coexist.
+        del stacked, parts
     return dup_ND, ddown_ND
