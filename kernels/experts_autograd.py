@@ -105,6 +105,9 @@ class AtomicExperts(torch.autograd.Function):
         dx_TD = torch.empty_like(x_TD)
         combine_rows(up_ND, idx_TK, g_TK, dx_TD)
         if dense:
+            # The sort's outputs are the pair kernel's; dropped here, they are not held through
+            # the GEMMs' (2T, N) buffer (at a80m 14 MB less at the backward's peak).
+            del key_P, order_P, e_P, order
             dup_ND, ddown_ND = dense_table_grads(
                 x_TD,
                 dy_TD,
