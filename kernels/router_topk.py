@@ -66,6 +66,7 @@ from omnimoe_kernels.router_select import (
     _rank_columns,
     _rank_value,
     _select_half,
+    _select_half_lanes,
 )
 
 # Live rows per step of the emit kernel (registers per lane): 2 measured fastest of 2, 4, 8
@@ -78,6 +79,7 @@ EMIT_ROWS = 2
 # register cap (None: none). ptxas for sm_90 at (n, K) = (1024, 64): 168 registers per thread
 # with one chunk, 80 with chunks of 4 rows, 64 under a cap of 64 without spills.
 SELECT_CHUNK_ROWS = 4
+SELECT_MODE = "bracket"
 SELECT_WARPS: int | None = None
 SELECT_MAXNREG: int | None = None
 
@@ -119,6 +121,8 @@ def _select_kernel(
     IS64: tl.constexpr,
     SELECT: tl.constexpr,  # a < n
     CE: tl.constexpr,  # rows per compaction chunk of the selection (divides EN)
+    LANES: tl.constexpr,  # lane-chunked selection (``_select_half_lanes``), else row-major
+    S: tl.constexpr,  # its starting bracket: groups per lane (0: min, max)
 ):
     """Steps 1-3 for one token; leaves the live rows and columns in scratch for the emit."""
     A: tl.constexpr = EA * LA
@@ -131,8 +135,12 @@ def _select_kernel(
     offs_EL = _chunk_offs(EA, LA)
     ok_EL = offs_EL < a
     if SELECT:
-        _select_half(rows_ptr, n, a, iscr_ptr, vscr_ptr, EN, LN, IS64, CE)
-        _select_half(cols_ptr, n, a, iscr_ptr + A, vscr_ptr + A, EN, LN, IS64, CE)
+        if LANES:
+            _select_half_lanes(rows_ptr, n, a, iscr_ptr, vscr_ptr, EN, LN, IS64, S, CE)
+            _select_half_lanes(cols_ptr, n, a, iscr_ptr + A, vscr_ptr + A, EN, LN, IS64, S, CE)
+        else:
+            _select_half(rows_ptr, n, a, iscr_ptr, vscr_ptr, EN, LN, IS64, CE)
+            _select_half(cols_ptr, n, a, iscr_ptr + A, vscr_ptr + A, EN, LN, IS64, CE)
         tl.debug_barrier()  # the compacted candidates are read back by other threads
         rsrc_ptr = vscr_ptr
         csrc_ptr = vscr_ptr + A
@@ -223,9 +231,11 @@ def cartesian_topk_ids(
     csort = torch.empty(T, 2 * A, dtype=torch.float64, device=dev)
     meta = torch.empty(T, 4, dtype=torch.int32, device=dev)
     ce = EN if SELECT_CHUNK_ROWS <= 0 else min(SELECT_CHUNK_ROWS, EN)
+    groups = triton.next_power_of_2(triton.cdiv(a, LN)) if SELECT_MODE == "bracket" else 0
     _select_kernel[(T,)](
         rows_Tn, cols_Tn, iscr, vscr, csort, meta, n, a, k, EN=EN, LN=LN, EA=EA, LA=LA,
-        CH=max(1, min(64, 4096 // A)), IS64=is64, SELECT=a < n, CE=ce, num_warps=num_warps,
+        CH=max(1, min(64, 4096 // A)), IS64=is64, SELECT=a < n, CE=ce, LANES=SELECT_MODE != "rows", S=groups,
+        num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip
     # One warp: 32 live columns on the lanes, EMIT_ROWS rows per step; up to 8 programs per
