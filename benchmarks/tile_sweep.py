@@ -148,6 +148,11 @@ def _hard_inputs(T: int, n: int, gen: torch.Generator) -> list:
     return [tuple(ties), tuple(mixed)]
 
 
+def _cell(ms) -> str:
+    """A sweep table cell: ms, or why there is none."""
+    return "differs" if ms is None else ms if isinstance(ms, str) else f"{ms:.3f}"
+
+
 def _set_router(variant: tuple) -> None:
     mode, chunk, warps, cap = variant
     router_topk.SELECT_MODE, router_topk.SELECT_CHUNK_ROWS = mode, chunk
@@ -157,7 +162,9 @@ def _set_router(variant: tuple) -> None:
 def sweep_router(configs: list, timer, device: str = "cuda") -> dict:
     """ms of ``cartesian_topk`` per (T, n, K) config and select-kernel variant, timed by
     ``timer(fn, 1)`` (the benchmark's CUDA-graph replay); None where ids or scores differ
-    bitwise from the first (earlier) variant's. The module's defaults are restored after."""
+    bitwise from the first (earlier) variant's on the timed inputs or on tie-heavy and
+    non-finite ones; where K >= n (no selection) only the first two are timed. A markdown
+    table follows. The module's defaults are restored after."""
     saved = (router_topk.SELECT_MODE, router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS)
     saved += (router_topk.SELECT_MAXNREG,)
     res = {}
@@ -168,7 +175,10 @@ def sweep_router(configs: list, timer, device: str = "cuda") -> dict:
         # Bitwise checks: the timed inputs, and tie-heavy / non-finite ones (512 tokens).
         checks = [(rows, cols), *_hard_inputs(min(T, 512), n, gen)]
         ref, ms = None, []
-        for variant in ROUTER_VARIANTS:
+        for i, variant in enumerate(ROUTER_VARIANTS):
+            if n <= K and i >= 2:  # no selection: every variant launches the same kernel
+                ms.append("same kernel")
+                continue
             _set_router(variant)
             out = [omnimoe_kernels.cartesian_topk(r, c, K) for r, c in checks]
             ref = out if ref is None else ref
@@ -182,7 +192,7 @@ def sweep_router(configs: list, timer, device: str = "cuda") -> dict:
             ms[-1] = ms[-1] if same else None
             print("router sweep", (T, n, K), variant, "ms", ms[-1], "equal", same, flush=True)
         res["-".join(map(str, (T, n, K)))] = ms
-        timed = [(v, m) for v, m in zip(ROUTER_VARIANTS, ms) if m is not None]
+        timed = [(v, m) for v, m in zip(ROUTER_VARIANTS, ms) if isinstance(m, float)]
         print("router sweep", (T, n, K), "best", min(timed, key=lambda vm: vm[1]), flush=True)
     _set_router(saved)
     print(
@@ -193,9 +203,5 @@ def sweep_router(configs: list, timer, device: str = "cuda") -> dict:
     print("|---" * (len(configs) + 1) + "|")
     for i, variant in enumerate(ROUTER_VARIANTS):
         cells = [res["-".join(map(str, c))][i] for c in configs]
-        print(
-            f"| {variant} | "
-            + " | ".join("differs" if m is None else f"{m:.3f}" for m in cells)
-            + " |"
-        )
+        print(f"| {variant} | " + " | ".join(_cell(m) for m in cells) + " |")
     return {"variants": ROUTER_VARIANTS, "ms": res}

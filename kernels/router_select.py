@@ -13,7 +13,9 @@ scattered stores need no shared-memory layout conversion):
   flags are packed into one int32 (8 bits per row) first;
 - lane-chunked, element (e, l) is index l * E + e: each lane owns E consecutive indices, so an
   index-order prefix sum is an in-thread scan plus one warp scan of the lane totals (used for
-  the a-wide candidate vectors, read back from scratch).
+  the a-wide candidate vectors, read back from scratch, and for the n-wide inputs in
+  ``_select_half_lanes``, read through a [E / 4, L, 4] view: 16-byte vector loads, each lane's
+  indices contiguous, the same registers and lanes as the [E, L] view).
 
 Order-preserving keys map floats to integers of the same width (int32 for float32, int64 for
 float64), -0.0 to +0.0's key, so bisections run over integer keys while the tensor work
