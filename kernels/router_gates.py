@@ -18,12 +18,14 @@ pass. Every reduction runs in a fixed order into per-block partials (no float at
 run is bitwise reproducible. The kernels use no ``tl.dot`` (the GEMMs stay cuBLAS), so the CPU
 interpreter runs the same arithmetic.
 
-Statistics (numerically safe, two-pass per block, Chan et al.'s merge across blocks):
-``_col_partials`` writes per block b of STATS_ROWS rows the column sum s_b and the sum of
-squared deviations from the block's own mean m2_b; ``_col_stats`` merges them:
-S = sum_b s_b, M2 = sum_b m2_b + c_b (s_b / c_b - S / T_all)^2 (c_b rows in block b). Both are
-sums over tokens, so under sequence parallelism S and then M2 are all-reduced between two
-launches of ``_col_stats`` (phases), as the PyTorch path all-reduces its sums.
+Statistics (numerically safe: shifted data, two-pass per block, Chan et al.'s merge across
+blocks): ``_col_partials`` writes per block b of STATS_ROWS rows the column sum s_b of z - K
+(K = the first row of z: block means of shifted data keep their low digits when the mean is
+large against the spread) and the sum m2_b of squared deviations from the block's own mean;
+``_col_stats`` merges them: S' = sum_b s_b, mean = K + S' / T_all, M2 = sum_b m2_b + c_b (s_b /
+c_b - S' / T_all)^2 (c_b rows in block b). S = S' + T K and M2 are sums over tokens, so under
+sequence parallelism S and then M2 are all-reduced between launches of ``_col_stats``
+(phases), as the PyTorch path all-reduces its sums (each rank's shift is its own first row).
 """
 
 from __future__ import annotations
@@ -52,13 +54,14 @@ BN_ROWS = 64
 
 @triton.jit
 def _col_partials(z_ptr, part_ptr, T, H, ROWS: tl.constexpr, BH: tl.constexpr):
-    """Block b, columns c: part[b, 0, c] = sum of z over the block's rows, part[b, 1, c] = sum
-    of squared deviations from the block's mean. Grid (B, ceil(H / BH))."""
+    """Block b, columns c: part[b, 0, c] = sum over the block's rows of z - z[0] (the shift),
+    part[b, 1, c] = sum of squared deviations from the block's mean. Grid (B, ceil(H / BH))."""
     b = tl.program_id(0)
     rows = b * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     ok = (rows < T)[:, None] & (cols < H)[None, :]
     z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], mask=ok, other=0.0)
+    z = tl.where(ok, z - tl.load(z_ptr + cols, mask=cols < H, other=0.0)[None, :], 0.0)
     count = tl.minimum(T - b * ROWS, ROWS).to(tl.float32)
     s = tl.sum(z, axis=0)
     d = tl.where(ok, z - (s / count)[None, :], 0.0)
@@ -70,8 +73,9 @@ def _col_partials(z_ptr, part_ptr, T, H, ROWS: tl.constexpr, BH: tl.constexpr):
 
 @triton.jit
 def _col_stats(
+    z_ptr,  # (T, H): its first row is the shift of the partials
     part_ptr,  # (B, 2, H) from _col_partials
-    sum_ptr,  # (H,) S: written by the SUM phase, else read (all-reduced by the caller)
+    sum_ptr,  # (H,) S = sum z: written by the SUM phase, else read (all-reduced by the caller)
     m2_ptr,  # (H,) M2: written by the M2 phase, else read
     mean_ptr,  # (H,) out (FINISH): mean
     rstd_ptr,  # (H,) out (FINISH): 1 / sqrt(var + eps)
@@ -92,6 +96,7 @@ def _col_stats(
     cols = tl.program_id(0) * BH + tl.arange(0, BH)
     cok = cols < H
     nb = tl.cdiv(T, ROWS)
+    shift = tl.load(z_ptr + cols, mask=cok, other=0.0)
     if DO_SUM:
         acc = tl.zeros([BB, BH], dtype=tl.float32)
         for b0 in range(0, nb, BB):
@@ -99,12 +104,15 @@ def _col_stats(
             ok = (blk < nb)[:, None] & cok[None, :]
             offs = blk.to(tl.int64)[:, None] * 2 * H + cols[None, :]
             acc += tl.load(part_ptr + offs, mask=ok, other=0.0)
-        s = tl.sum(acc, axis=0)
-        if not DO_M2:
-            tl.store(sum_ptr + cols, s, mask=cok)
+        s_shifted = tl.sum(acc, axis=0)
+        if DO_M2:  # one process: the mean from the shifted sum keeps its low digits
+            mean_shifted = s_shifted / tokens
+            mean = shift + mean_shifted
+        else:
+            tl.store(sum_ptr + cols, s_shifted + T * shift, mask=cok)
     else:
-        s = tl.load(sum_ptr + cols, mask=cok, other=0.0)
-    mean = s / tokens
+        mean = tl.load(sum_ptr + cols, mask=cok, other=0.0) / tokens
+        mean_shifted = mean - shift
     if DO_M2:
         acc = tl.zeros([BB, BH], dtype=tl.float32)
         for b0 in range(0, nb, BB):
@@ -114,7 +122,7 @@ def _col_stats(
             count = tl.minimum(T - blk * ROWS, ROWS).to(tl.float32)[:, None]
             s_b = tl.load(part_ptr + offs, mask=ok, other=0.0)
             m2_b = tl.load(part_ptr + offs + H, mask=ok, other=0.0)
-            d = tl.where(ok, s_b / count - mean[None, :], 0.0)
+            d = tl.where(ok, s_b / count - mean_shifted[None, :], 0.0)
             acc += m2_b + count * d * d
         m2 = tl.sum(acc, axis=0)
         if not DO_FINISH:
@@ -265,6 +273,7 @@ def column_partials(z_TH: torch.Tensor) -> torch.Tensor:
 
 
 def column_stats(
+    z_TH: torch.Tensor,
     part: torch.Tensor,
     T: int,
     tokens: int,
@@ -273,7 +282,7 @@ def column_stats(
     sum_H: torch.Tensor,
     m2_H: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Merge the partials: ``phase`` "all" -> (mean_H, rstd_H, stats_2H = (mean, unbiased
+    """Merge the partials of ``column_partials(z_TH)``: ``phase`` "all" -> (mean_H, rstd_H, stats_2H = (mean, unbiased
     var)); "sum" writes S into ``sum_H``; "m2" reads S from ``sum_H`` and writes M2 into
     ``m2_H``; "finish" reads both and returns the triple (the caller all-reduces in between)."""
     H = part.shape[2]
@@ -281,7 +290,7 @@ def column_stats(
     stats_2H = torch.empty(2, H, dtype=torch.float32, device=part.device)
     flags = {"all": (1, 1, 1), "sum": (1, 0, 0), "m2": (0, 1, 0), "finish": (0, 0, 1)}[phase]
     _col_stats[(triton.cdiv(H, STATS_COLS),)](
-        part, sum_H, m2_H, mean_H, rstd_H, stats_2H, T, float(tokens),
+        z_TH, part, sum_H, m2_H, mean_H, rstd_H, stats_2H, T, float(tokens),
         float(max(tokens - 1, 1)), H, eps,
         DO_SUM=bool(flags[0]), DO_M2=bool(flags[1]), DO_FINISH=bool(flags[2]),
         ROWS=STATS_ROWS, BB=MERGE_ROWS, BH=STATS_COLS, num_warps=4,

@@ -45,12 +45,12 @@ def _batch_stats(
     sum_H = torch.empty(H, dtype=torch.float32, device=z_TH.device)
     m2_H = torch.empty_like(sum_H)
     if group is None:
-        return column_stats(part, T, tokens, eps, "all", sum_H, m2_H)
-    column_stats(part, T, tokens, eps, "sum", sum_H, m2_H)
+        return column_stats(z_TH, part, T, tokens, eps, "all", sum_H, m2_H)
+    column_stats(z_TH, part, T, tokens, eps, "sum", sum_H, m2_H)
     dist.all_reduce(sum_H, group=group)
-    column_stats(part, T, tokens, eps, "m2", sum_H, m2_H)
+    column_stats(z_TH, part, T, tokens, eps, "m2", sum_H, m2_H)
     dist.all_reduce(m2_H, group=group)
-    return column_stats(part, T, tokens, eps, "finish", sum_H, m2_H)
+    return column_stats(z_TH, part, T, tokens, eps, "finish", sum_H, m2_H)
 
 
 class GateLogProbs(torch.autograd.Function):
