@@ -5,10 +5,11 @@ n scores per gate, H = G * n.
 
     forward:  z_TH = x_TD W_HD^T (fp32, cuBLAS); [batch statistics: ``column_partials`` +
               ``column_stats``]; ``gates_forward`` (normalise in place -> zh, log-softmax per
-              gate, entropy) -> 5 launches with the x cast and the gate concatenation
+              gate, entropy): 6 launches with the gate concatenation and the x cast
     backward: ``gates_backward`` (dzh, and its per-program column sums for batch statistics);
               [the partials summed by ``torch.sum`` (a fixed-order reduction) and
-              ``batchnorm_backward``]; dx = dz W, dW = dz^T x (cuBLAS)
+              ``batchnorm_backward``]; dx = dz W, dW = dz^T x (cuBLAS): 7 launches with the
+              dx and x casts
 
 Saved for the backward: x as given, W (fp32), zh (T, H) fp32 and rstd (H,): not y (the
 softmax is recomputed from zh), one T x H fp32 matrix less per layer than the PyTorch node.

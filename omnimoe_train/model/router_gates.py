@@ -26,8 +26,8 @@ are all-reduced forward and backward, as ``GateNorm`` does with a differentiable
 The entropy of each token's product distribution is computed in the same pass.
 
 On the GPU (``backend`` resolving to Triton) the same arithmetic runs on our own kernels,
-``omnimoe_kernels.router_gates``: 5 launches forward and 5 backward around the two cuBLAS
-GEMMs instead of ~20 each way, and zh is saved instead of y (softmax recomputed). This
+``omnimoe_kernels.router_gates``: 6 launches forward and 7 backward (GEMMs and casts
+included) instead of ~20 and ~15, and zh is saved instead of y (softmax recomputed). This
 PyTorch node stays the path for float64 (the tests' reference), CPU runs and G > 2.
 """
 

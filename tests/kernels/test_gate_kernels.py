@@ -215,3 +215,41 @@ def test_gate_kernels_compile_for_sm90_without_spills(n: int) -> None:
     stacks = dict(line.split() for line in done.stdout.splitlines())
     assert set(stacks) == {"_gates_fwd", "_gates_bwd"}
     assert all(v == "0" for v in stacks.values()), stacks
+
+
+@cpu_triton
+def test_router_on_gate_kernels_equals_pytorch_ops() -> None:
+    """``CartesianRouter`` on the kernels (backend="triton") against its PyTorch-ops path in
+    fp32: same experts, weights, gradients and running statistics, a training step (batch
+    statistics, recorded) then an evaluation step (the updated running statistics). Few
+    tokens: the interpreted top-K kernel dominates the time."""
+    from omnimoe_train.model.router import CartesianRouter, GateNorm
+
+    torch.manual_seed(0)
+    routers = [CartesianRouter(24, 49, 6, backend="triton") for _ in range(2)]
+    routers[1].load_state_dict(routers[0].state_dict())
+    routers[1].fused = False
+    for r in routers:
+        for i, m in enumerate(x for x in r.modules() if isinstance(x, GateNorm)):
+            m.running_mean.fill_(0.1 * (i + 1))
+            m.running_var.fill_(2.0 + i)
+    x = torch.randn(12, 24) * 2 + 0.5
+    for step in range(2):
+        got = []
+        for r in routers:
+            r.train(step == 0)
+            xr = x.clone().requires_grad_()
+            routing = r(xr)
+            g = torch.randn(routing.weights_TK.shape, generator=torch.Generator().manual_seed(step))
+            (routing.weights_TK * g).sum().backward()
+            got.append((routing, xr.grad, [p.grad.clone() for p in r.parameters()]))
+            r.zero_grad()
+        (a, dx_a, dp_a), (b, dx_b, dp_b) = got
+        assert torch.equal(a.indices_TK, b.indices_TK)
+        assert rel_err(a.weights_TK, b.weights_TK) <= 1e-6
+        assert rel_err(a.entropy_T, b.entropy_T) <= 1e-6
+        assert rel_err(dx_a, dx_b) <= 1e-5
+        for p, q in zip(dp_a, dp_b, strict=True):
+            assert rel_err(p, q) <= 1e-5
+        for buf_a, buf_b in zip(routers[0].buffers(), routers[1].buffers(), strict=True):
+            assert rel_err(buf_a, buf_b) <= 1e-6
