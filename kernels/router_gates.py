@@ -179,7 +179,7 @@ def _gates_fwd(
             tl.store(z_ptr + offs, zh, mask=ok)
         e, s, mx = _softmax_rows(zh, cok)
         y = zh - (mx + tl.log(s))[:, None]
-        tl.store(y_ptr + g * T * n + rows[:, None] * n + cols[None, :], y, mask=ok)
+        tl.store(y_ptr + (rows + g * T)[:, None] * n + cols[None, :], y, mask=ok)
         ent -= tl.sum(tl.where(ok, (e / s[:, None]) * y, 0.0), axis=1)
     tl.store(ent_ptr + rows, ent, mask=rok)
 

@@ -61,7 +61,9 @@ class GateLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, stats: Stats, eps: float, group, group_size: int, *gates_nD):
         w_HD = torch.cat([g.float() for g in gates_nD])
-        z_TH = x_TD.float() @ w_HD.t()  # a fresh (T, H) tensor: the kernels write zh into it
+        # fp32 even under autocast; a fresh (T, H) tensor: the kernels write zh into it.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            z_TH = x_TD.float() @ w_HD.t()
         tokens = x_TD.shape[0] * group_size
         num_gates = len(gates_nD)
         batch_stats = rstd_H = None
