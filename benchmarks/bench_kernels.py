@@ -326,8 +326,8 @@ def main() -> None:
         "combine": experts_pairs.COMBINE_TILE or experts_pairs.COMBINE_TILES,
         "grad": [experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS,
                  experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES],
-        "router_select": [router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS,
-                          router_topk.SELECT_MAXNREG],
+        "router_select": [router_topk.SELECT_MODE, router_topk.SELECT_CHUNK_ROWS,
+                          router_topk.SELECT_WARPS, router_topk.SELECT_MAXNREG],
     }  # fmt: skip
     print("tiles used:", out["tiles"], flush=True)
     configs = EXPERT_CONFIGS[:3] if args.quick else EXPERT_CONFIGS

@@ -32,6 +32,9 @@ class Routing(NamedTuple):
     weights_TK: torch.Tensor  # fp32 routing weights of the K selected experts
     indices_TK: torch.Tensor  # int64 expert ids i*n + j
     entropy_T: torch.Tensor  # entropy (nats) of each token's full n*n routing distribution
+    # No expert id twice in a token's row (exact top-K over distinct experts guarantees it): the
+    # expert kernels' dense weight-gradient path then skips merging repeats.
+    distinct_ids: bool = False
 
 
 def square_side(count: int, name: str) -> int:
@@ -217,7 +220,8 @@ class CartesianRouter(nn.Module):
         scores_TK, indices_TK = omnimoe_kernels.cartesian_topk(
             rows_Tn, cols_Tn, self.top_k, backend=self.backend
         )
-        return Routing(selected_weights(scores_TK, self.weights), indices_TK, entropy_T)
+        weights_TK = selected_weights(scores_TK, self.weights)
+        return Routing(weights_TK, indices_TK, entropy_T, distinct_ids=True)
 
 
 def gate_log_probs(
@@ -303,4 +307,5 @@ class DenseRouter(nn.Module):
         scores_TK, indices_TK = torch.topk(logp_TN, self.top_k, dim=-1)
         indices_TK, order_TK = indices_TK.sort(dim=-1)
         scores_TK = scores_TK.gather(-1, order_TK)
-        return Routing(selected_weights(scores_TK, self.weights), indices_TK, entropy_T)
+        weights_TK = selected_weights(scores_TK, self.weights)
+        return Routing(weights_TK, indices_TK, entropy_T, distinct_ids=True)
