@@ -20,6 +20,7 @@ from omnimoe_kernels.limits import (
     EXPERTS_MAX_HIDDEN,
     EXPERTS_MAX_NUM,
     EXPERTS_MAX_PAIRS,
+    GATES_MAX_SCORES,
     ROUTER_MAX_TOP_K,
 )
 
@@ -114,7 +115,12 @@ def atomic_experts(
 
 def __getattr__(name: str) -> Any:
     """The reference functions, imported (with torch) on first access."""
-    if name in ("atomic_experts_gather", "atomic_experts_reference", "cartesian_topk_reference"):
+    if name in (
+        "atomic_experts_gather",
+        "atomic_experts_reference",
+        "cartesian_topk_reference",
+        "gate_log_probs_reference",
+    ):
         from omnimoe_kernels import reference
 
         return getattr(reference, name)
@@ -126,11 +132,13 @@ __all__ = [
     "EXPERTS_MAX_HIDDEN",
     "EXPERTS_MAX_NUM",
     "EXPERTS_MAX_PAIRS",
+    "GATES_MAX_SCORES",
     "ROUTER_MAX_TOP_K",
     "atomic_experts",
     "atomic_experts_gather",
     "atomic_experts_reference",
     "cartesian_topk",
     "cartesian_topk_reference",
+    "gate_log_probs_reference",
     "resolve_backend",
 ]

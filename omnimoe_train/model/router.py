@@ -211,7 +211,11 @@ class CartesianRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         (rows_Tn, cols_Tn), entropy_T = gate_log_probs(
-            x_TD, [self.row_gate_nD, self.col_gate_nD], [self.row_norm, self.col_norm], self.fused
+            x_TD,
+            [self.row_gate_nD, self.col_gate_nD],
+            [self.row_norm, self.col_norm],
+            self.fused,
+            backend=self.backend,
         )
         scores_TK, indices_TK = omnimoe_kernels.cartesian_topk(
             rows_Tn, cols_Tn, self.top_k, backend=self.backend
@@ -221,7 +225,12 @@ class CartesianRouter(nn.Module):
 
 
 def gate_log_probs(
-    x_TD: torch.Tensor, gates: list[torch.Tensor], norms: list[nn.Module], fused: bool = True
+    x_TD: torch.Tensor,
+    gates: list[torch.Tensor],
+    norms: list[nn.Module],
+    fused: bool = True,
+    *,
+    backend: str = "auto",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``log_softmax(norm_g(x @ gate_g^T))`` for each gate g, and the entropy.
 
@@ -231,6 +240,7 @@ def gate_log_probs(
     (these included) in bf16 and keeps fp32 master copies. ``fused`` (the default) runs
     :func:`omnimoe_train.model.router_gates.gate_log_probs`, one autograd node; ``False`` runs
     the same arithmetic as separate PyTorch ops (the reference the tests compare against).
+    ``backend`` picks the fused node's implementation (its Triton kernels or its PyTorch ops).
     """
     gate_norms = [m for m in norms if isinstance(m, GateNorm)]
     if fused and (not gate_norms or len(gate_norms) == len(norms)):
@@ -247,7 +257,7 @@ def gate_log_probs(
                     torch.cat([m.running_var for m in gate_norms]),
                 )
         logp, entropy_T, stats_2H = router_gates.gate_log_probs(
-            x_TD, gates, stats=stats, eps=eps, group=group
+            x_TD, gates, stats=stats, eps=eps, group=group, backend=backend
         )
         if stats_2H is not None:
             for m, part in zip(gate_norms, stats_2H.chunk(len(gate_norms), dim=1), strict=True):
