@@ -61,6 +61,12 @@ def param_groups(model: nn.Module, o: OptimConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def wsd_decay_steps(decay_fraction: float, max_steps: int) -> int:
+    """Steps of WSD's decay phase: the last ``optim.decay_fraction`` of ``max_steps``, at
+    least one (megatron's ``wsd_decay_steps``; the stable phase ends at ``max_steps`` minus it)."""
+    return max(1, int(decay_fraction * max_steps))
+
+
 def wsd_scheduler(optimizer: Any, o: OptimConfig, max_steps: int) -> OptimizerParamScheduler:
     """Warmup-stable-decay LR (and constant weight decay times ``wd_mult``), megatron's scheduler.
 
@@ -80,7 +86,7 @@ def wsd_scheduler(optimizer: Any, o: OptimConfig, max_steps: int) -> OptimizerPa
         end_wd=o.weight_decay,
         wd_incr_steps=max_steps,
         wd_incr_style="constant",
-        wsd_decay_steps=max(1, int(o.decay_fraction * max_steps)),
+        wsd_decay_steps=wsd_decay_steps(o.decay_fraction, max_steps),
         lr_wsd_decay_style=WSD_STYLES[o.decay_style],
         # On resume the schedule's shape comes from the current config (a longer
         # trainer.max_steps extends the run) and only its position from the checkpoint.
