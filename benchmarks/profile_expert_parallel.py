@@ -4,7 +4,8 @@ Each rank routes its own T tokens with the Cartesian router, runs the atomic exp
 the full tables on one GPU, what data parallelism runs; ``rows`` / ``dim``: the sharded ops) and
 the shared SwiGLU, then the backward. Reported per mode: median ms per layer step (synchronised
 wall time, and the CPU time until the step's last launch returned: equal means launch-bound),
-tokens/s of the group, the (token, expert) pairs per rank (max / mean), the CUDA time per
+the GPU busy time while profiled (union of kernel intervals: wall well above it means the GPU
+waits on the host or on the other rank), the host's self time by op, tokens/s of the group, the (token, expert) pairs per rank (max / mean), the CUDA time per
 category from ``torch.profiler`` (routing, NCCL exchanges, expert kernels, sorts, copies, rest),
 and the bytes the rank sent in one layer step -- counted from the tensors handed to
 ``torch.distributed`` (ring algorithms: an all-reduce sends 2(P-1)/P of its buffer) -- next to
@@ -262,16 +263,32 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
             by_category[categorize(evt.key)] = by_category.get(categorize(evt.key), 0.0) + ms
             kernels.append((ms, evt.key[:90]))
     kernels.sort(reverse=True)
+    # Host time by op (self CPU time: launches, Python-side work of autograd functions, NCCL
+    # bookkeeping): where a launch-bound step spends its CPU time.
+    host_ops = sorted(
+        (
+            (evt.self_cpu_time_total / 1e3 / args.profile_iters, evt.count // args.profile_iters,
+             evt.key[:70])
+            for evt in prof.key_averages()
+            if evt.device_type == torch.autograd.DeviceType.CPU and evt.self_cpu_time_total > 0
+        ),
+        reverse=True,
+    )  # fmt: skip
     median = statistics.median(times)
+    busy_ms = gpu_busy_ms(prof.events()) / args.profile_iters if cuda else 0.0
     result = {
         "mode": mode,
         "skew": args.skew,
         "ms_per_layer_step": median,
         "cpu_ms_per_layer_step": statistics.median(cpu_times),
+        "gpu_busy_ms_per_layer_step": busy_ms,
         "group_tokens_per_s": T * size / median * 1e3,
         "pair_imbalance_max_over_mean": pairs[0],
         "cuda_ms_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
         "top_kernels_ms": kernels[:15],
+        "kernels_ms": kernels,
+        "host_self_ms_by_op": host_ops[:25],
+        "host_self_ms_total": sum(ms for ms, _, _ in host_ops),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "sent_mb_measured": wire.sent / 1e6,
     }
@@ -287,6 +304,28 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
         Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(args.trace_dir) / f"{mode}_skew{args.skew}.json"))
     return result
+
+
+def gpu_busy_ms(events) -> float:  # noqa: ANN001
+    """Milliseconds in which at least one kernel or copy ran (the union of their intervals,
+    any stream), from a profiler's events: a layer step whose wall time is well above it is
+    waiting on the host (launch-bound) or on another rank."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    busy, current = 0.0, None
+    for start, end in spans:
+        if current is None or start > current[1]:
+            if current is not None:
+                busy += current[1] - current[0]
+            current = [start, end]
+        else:
+            current[1] = max(current[1], end)
+    if current is not None:
+        busy += current[1] - current[0]
+    return busy / 1e3
 
 
 def main() -> None:
@@ -320,7 +359,8 @@ def main() -> None:
             cats = ", ".join(f"{k} {v:.2f}" for k, v in result["cuda_ms_by_category"].items())
             print(
                 f"{mode:>9} skew={args.skew}: {result['ms_per_layer_step']:.2f} ms/layer step "
-                f"(CPU {result['cpu_ms_per_layer_step']:.2f}), "
+                f"(CPU {result['cpu_ms_per_layer_step']:.2f}, GPU busy "
+                f"{result['gpu_busy_ms_per_layer_step']:.2f} profiled), "
                 f"{result['group_tokens_per_s'] / 1e3:.0f}k tok/s (group), pairs max/mean "
                 f"{result['pair_imbalance_max_over_mean']:.3f}; CUDA ms: {cats}",
                 flush=True,
@@ -334,6 +374,12 @@ def main() -> None:
                 )
             for ms, name in result["top_kernels_ms"][:8]:
                 print(f"           {ms:7.3f} ms  {name}", flush=True)
+            print(
+                f"           host (self CPU, profiled): {result['host_self_ms_total']:.2f} ms",
+                flush=True,
+            )
+            for ms, calls, name in result["host_self_ms_by_op"][:12]:
+                print(f"           {ms:7.3f} ms host  {calls:4d} calls  {name}", flush=True)
     if args.json and dist.get_rank() == 0:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
