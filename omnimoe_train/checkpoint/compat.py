@@ -26,7 +26,7 @@ from typing import Any
 
 from omnimoe_train.checkpoint.session import CheckpointLoadError
 from omnimoe_train.config import ModelConfig, OptimConfig
-from omnimoe_train.engine.optim import wsd_decay_steps
+from omnimoe_train.lr_schedule import SCHEDULE_KEYS, wsd_decay_start
 
 # Parameters every model has.
 _COMMON = (
@@ -112,24 +112,6 @@ def check_resumable(
         raise RunAlreadyComplete(step, max_steps)
 
 
-# The keys megatron's WSD scheduler is built from (``engine.optim.wsd_scheduler``), as
-# (section, key) of the run config ``meta.json`` records.
-SCHEDULE_KEYS = (
-    ("trainer", "max_steps"),
-    ("optim", "warmup_steps"),
-    ("optim", "decay_fraction"),
-    ("optim", "decay_style"),
-    ("optim", "lr"),
-    ("optim", "min_lr_ratio"),
-)
-
-
-def wsd_decay_start(decay_fraction: float, max_steps: int) -> int:
-    """The last step of WSD's stable phase: megatron's ``wsd_anneal_start_``, i.e.
-    ``lr_decay_steps - wsd_decay_steps`` as ``engine.optim.wsd_scheduler`` sets them."""
-    return max_steps - wsd_decay_steps(decay_fraction, max_steps)
-
-
 def schedule_change(
     path: Path, meta: dict[str, Any], *, optim: OptimConfig, max_steps: int
 ) -> str | None:
@@ -137,7 +119,7 @@ def schedule_change(
     None (same schedule, or a ``meta.json`` without the config or the key).
 
     The line names the checkpoint's step S (from which the new schedule applies), each changed
-    key (``trainer.max_steps`` or an ``optim.*`` key of :data:`SCHEDULE_KEYS`) with both
+    key (``trainer.max_steps`` or an ``optim.*`` key of ``lr_schedule.SCHEDULE_KEYS``) with both
     values, and where the WSD decay now starts when that moves.
     """
     saved = meta.get("config")

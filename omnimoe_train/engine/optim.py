@@ -17,6 +17,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import nn
 
 from omnimoe_train.config import OptimConfig
+from omnimoe_train.lr_schedule import wsd_decay_steps
 
 WSD_STYLES = {"linear": "linear", "cosine": "cosine", "sqrt": "minus_sqrt"}
 
@@ -59,12 +60,6 @@ def param_groups(model: nn.Module, o: OptimConfig) -> list[dict[str, Any]]:
     overrides = {ParamKey(name="*.bias", predicate=one_dim): {"wd_mult": 0.0}}
     groups = _get_param_groups([model], optimizer_config(o, bf16=False), overrides)
     return [g for g in groups if g["params"]]
-
-
-def wsd_decay_steps(decay_fraction: float, max_steps: int) -> int:
-    """Steps of WSD's decay phase: the last ``optim.decay_fraction`` of ``max_steps``, at
-    least one (megatron's ``wsd_decay_steps``; the stable phase ends at ``max_steps`` minus it)."""
-    return max(1, int(decay_fraction * max_steps))
 
 
 def wsd_scheduler(optimizer: Any, o: OptimConfig, max_steps: int) -> OptimizerParamScheduler:

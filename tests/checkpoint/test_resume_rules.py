@@ -17,6 +17,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,6 +126,17 @@ def test_a_changed_schedule_is_one_warning_line_naming_the_step() -> None:
     assert both.endswith("WSD decay now starts after step 50 (was 80)")
     peak = schedule_change(CKPT, _schedule_meta(lr=1e-3), optim=OptimConfig(), max_steps=100)
     assert peak is not None and "optim.lr 0.001 -> 0.002" in peak and "WSD" not in peak
+
+
+def test_the_resume_checks_import_neither_megatron_nor_triton() -> None:
+    """The kernel tests' conftest sets TRITON_INTERPRET before Triton is first imported; a test
+    module collected earlier that imports these checks must not import it first."""
+    code = (
+        "import sys, omnimoe_train.checkpoint.compat; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('megatron', 'triton')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_logged_initial_val_loss_takes_the_newest_fresh_start(tmp_path: Path) -> None:
