@@ -10,6 +10,8 @@ copy bandwidth, with U = experts actually touched (counted on the host, outside 
 Run: ``python benchmarks/bench_kernels.py --json out.json`` (prints a table, writes JSON);
 ``--sweep-router --only router:16384-1024-64,router:4096-320-4096`` first times the router's
 select-kernel variants (the earlier kernel among them) at those configs, outputs compared.
+``--only gates`` times the router gate scores alone (``bench_gates``: PyTorch ops, the PyTorch
+node, the Triton kernels; forward and backward) at a80m's shape and at n = 1024, d = 2048.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ EXPERT_CONFIGS = [  # T, d, N, K
 ]
 ROUTER_CONFIGS = [(16384, 1024, 64), (4096, 320, 512), (4096, 320, 1024), (4096, 320, 2048)]
 ROUTER_CONFIGS += [(4096, 320, 4096)]
+GATE_CONFIGS = [(16384, 768, 76), (16384, 2048, 1024)]  # T, d, n (a80m; a large router)
 LAYER_KS = [512, 1024, 2048, 4096]
 
 
@@ -202,6 +205,40 @@ def profile() -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 
 
+def bench_gates(T, d, n):
+    """Router gate scores (2 gates, batch statistics, bf16 x), forward and backward ms: as
+    PyTorch ops (``reference.gate_log_probs_reference``), the PyTorch node
+    (``router_gates.gate_log_probs`` on backend="torch": the path before the kernels) and the
+    Triton kernels (backend="triton"). Timed without CUDA graphs: launch latency is part of
+    what the kernels remove. The kernels' outputs are checked against the PyTorch node."""
+    from omnimoe_train.model import router_gates
+
+    x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gates = [(torch.randn(n, d, device="cuda") * 0.02).requires_grad_() for _ in range(2)]
+    inputs = [x, *gates]
+    paths = {
+        "pytorch_ops": lambda: omnimoe_kernels.gate_log_probs_reference(x, gates, "batch")[0],
+        "pytorch_node": lambda: router_gates.gate_log_probs(
+            x, gates, stats="batch", backend="torch"
+        )[0],
+        "triton": lambda: router_gates.gate_log_probs(x, gates, stats="batch", backend="triton")[0],
+    }
+    row = {"T": T, "d": d, "n": n}
+    dys = [torch.randn(T, n, device="cuda") for _ in range(2)]
+    for name, fn in paths.items():
+        row[f"{name}_fwd_ms"] = do_bench(fn, warmup=10, rep=100, return_mode="median")
+        outs = fn()
+        row[f"{name}_bwd_ms"] = do_bench(
+            lambda outs=outs: torch.autograd.grad(outs, inputs, dys, retain_graph=True),
+            warmup=10,
+            rep=100,
+            return_mode="median",
+        )
+    ref, got = paths["pytorch_node"](), paths["triton"]()
+    row["max_abs_diff_logp"] = max((a - b).abs().max().item() for a, b in zip(ref, got))
+    return row
+
+
 def _dump(out: dict, path: str) -> None:
     """Rewrite the JSON after every row, so a run cut short still leaves its numbers."""
     with open(path, "w") as f:
@@ -220,7 +257,7 @@ def _parse_only(spec: str) -> dict | None:
     want: dict = {}
     for item in spec.split(","):
         name, _, cfg = item.strip().partition(":")
-        if name not in ("experts", "router", "layer"):
+        if name not in ("experts", "router", "layer", "gates"):
             raise SystemExit(f"--only: unknown section {name!r}")
         if not cfg:
             want[name] = None
@@ -277,6 +314,7 @@ def main() -> None:
         "experts": [],
         "router": [],
         "layer": [],
+        "gates": [],
     }
     if args.sweep_tiles:
         out["tile_sweep"] = sweep_tiles(set(args.sweep_tiles.split(",")))
@@ -288,8 +326,8 @@ def main() -> None:
         "combine": experts_pairs.COMBINE_TILE or experts_pairs.COMBINE_TILES,
         "grad": [experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS,
                  experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES],
-        "router_select": [router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS,
-                          router_topk.SELECT_MAXNREG],
+        "router_select": [router_topk.SELECT_MODE, router_topk.SELECT_CHUNK_ROWS,
+                          router_topk.SELECT_WARPS, router_topk.SELECT_MAXNREG],
     }  # fmt: skip
     print("tiles used:", out["tiles"], flush=True)
     configs = EXPERT_CONFIGS[:3] if args.quick else EXPERT_CONFIGS
@@ -300,6 +338,10 @@ def main() -> None:
     for cfg in _pick(want, "router", ROUTER_CONFIGS):
         out["router"].append(bench_router(*cfg))
         print("router", out["router"][-1], flush=True)
+        _dump(out, args.json)
+    for cfg in _pick(want, "gates", GATE_CONFIGS):
+        out["gates"].append(bench_gates(*cfg))
+        print("gates", out["gates"][-1], flush=True)
         _dump(out, args.json)
     for k in _pick(want, "layer", LAYER_KS):
         out["layer"].append(bench_layer(k))
@@ -322,6 +364,13 @@ def main() -> None:
     print("\n| router T, n, K | ms |\n|---|---|")
     for r in out["router"]:
         print(f"| {r['T']}, {r['n']}, {r['K']} | {fmt(r['ms'])} |")
+    print(
+        "\n| router gates T, d, n (G=2) | path | fwd ms | bwd ms | total ms |\n|---|---|---|---|---|"
+    )
+    for r in out["gates"]:
+        for path in ("pytorch_ops", "pytorch_node", "triton"):
+            f, b = r[f"{path}_fwd_ms"], r[f"{path}_bwd_ms"]
+            print(f"| {r['T']}, {r['d']}, {r['n']} | {path} | {fmt(f)} | {fmt(b)} | {fmt(f + b)} |")
     print("\n| layer forward T, d, N, K | ms |\n|---|---|")
     for r in out["layer"]:
         print(f"| {r['T']}, {r['d']}, {r['N']}, {r['K']} | {fmt(r['ms'])} |")

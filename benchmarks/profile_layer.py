@@ -8,7 +8,8 @@ rows time the whole layer as the trainer runs it, so the sum of the stages shows
 over (launch gaps, allocator). Stages:
 
     router gates   x @ gates (fp32), BatchNorm (batch statistics), log-softmax, both halves:
-                   the fused node (``model/router_gates.py``); also timed as PyTorch ops
+                   the fused node (``model/router_gates.py``: on the GPU its Triton kernels,
+                   ``omnimoe_kernels.router_gates``); also timed as PyTorch ops
     top-K          omnimoe_kernels.cartesian_topk (exact top-K of row_i + col_j)
     weights        softmax over the K selected scores (paper Eq. 2)
     expert fwd     omnimoe_kernels.atomic_experts forward (sort, pair scores, combine)

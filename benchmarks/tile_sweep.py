@@ -123,38 +123,85 @@ def sweep_tiles(only: set) -> dict:
     return {"configs": SWEEP_CONFIGS, "ms": per_cfg, "best": best}
 
 
-# Select-kernel launches of the router (``router_topk``): (rows per compaction chunk, warps per
-# token, register cap). The first is the earlier kernel (one chunk = the whole vector, 168
-# registers per thread at n = 1024 by ptxas for sm_90); the second is the default (80).
+# Select-kernel launches of the router (``router_topk``): (selection mode, rows per compaction
+# chunk, warps per token, register cap). Modes: "rows" the row-major selection (cross-lane
+# prefix sums; the first entry, the default before, is the bitwise reference of the sweep),
+# "lanes" the lane-chunked one, "bracket" lane-chunked from a group-maximum bracket (the
+# default). ptxas for sm_90 at (n, K) = (1024, 64): rows/4 80 registers, bracket/4 96.
 # They apply to the selection path (K < n) only: at n = 320, K >= 512 they time one kernel.
-ROUTER_VARIANTS = [(0, None, None), (4, None, None), (4, None, 64), (8, None, 64)]
-ROUTER_VARIANTS += [(4, 2, None), (4, 2, 48)]
+ROUTER_VARIANTS = [("rows", 4, None, None), ("bracket", 4, None, None), ("bracket", 4, None, 80)]
+ROUTER_VARIANTS += [("bracket", 4, None, 64), ("lanes", 4, None, None), ("bracket", 8, None, 80)]
+ROUTER_VARIANTS += [("bracket", 4, 2, None), ("rows", 4, None, 64)]
+
+
+def _hard_inputs(T: int, n: int, gen: torch.Generator) -> list:
+    """(rows, cols) pairs where the order rules decide: few distinct values (ties across the
+    top-K boundary), and NaN / +-inf / signed zeros mixed into log-probabilities."""
+    dev = gen.device
+    ties = [torch.randint(0, 3, (T, n), device=dev, generator=gen).float() for _ in range(2)]
+    pool = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0], device=dev)
+    mixed = []
+    for _ in range(2):
+        x = torch.randn(T, n, device=dev, generator=gen).log_softmax(-1)
+        pick = torch.randint(0, 5 * 8, (T, n), device=dev, generator=gen)
+        mixed.append(torch.where(pick < 5, pool[pick.clamp_max(4)], x))
+    return [tuple(ties), tuple(mixed)]
+
+
+def _cell(ms) -> str:
+    """A sweep table cell: ms, or why there is none."""
+    return "differs" if ms is None else ms if isinstance(ms, str) else f"{ms:.3f}"
+
+
+def _set_router(variant: tuple) -> None:
+    mode, chunk, warps, cap = variant
+    router_topk.SELECT_MODE, router_topk.SELECT_CHUNK_ROWS = mode, chunk
+    router_topk.SELECT_WARPS, router_topk.SELECT_MAXNREG = warps, cap
 
 
 def sweep_router(configs: list, timer, device: str = "cuda") -> dict:
     """ms of ``cartesian_topk`` per (T, n, K) config and select-kernel variant, timed by
     ``timer(fn, 1)`` (the benchmark's CUDA-graph replay); None where ids or scores differ
-    bitwise from the first (earlier) variant's. The module's defaults are restored after."""
-    saved = (router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS, router_topk.SELECT_MAXNREG)
+    bitwise from the first (earlier) variant's on the timed inputs or on tie-heavy and
+    non-finite ones; where K >= n (no selection) only the first two are timed. A markdown
+    table follows. The module's defaults are restored after."""
+    saved = (router_topk.SELECT_MODE, router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS)
+    saved += (router_topk.SELECT_MAXNREG,)
     res = {}
     for T, n, K in configs:
         gen = torch.Generator(device=device).manual_seed(T + n + K)
         rows = torch.randn(T, n, device=device, generator=gen).log_softmax(-1)
         cols = torch.randn(T, n, device=device, generator=gen).log_softmax(-1)
+        # Bitwise checks: the timed inputs, and tie-heavy / non-finite ones (512 tokens).
+        checks = [(rows, cols), *_hard_inputs(min(T, 512), n, gen)]
         ref, ms = None, []
-        for variant in ROUTER_VARIANTS:
-            chunk, warps, cap = variant
-            router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS = chunk, warps
-            router_topk.SELECT_MAXNREG = cap
-            out = omnimoe_kernels.cartesian_topk(rows, cols, K)
+        for i, variant in enumerate(ROUTER_VARIANTS):
+            if n <= K and i >= 2:  # no selection: every variant launches the same kernel
+                ms.append("same kernel")
+                continue
+            _set_router(variant)
+            out = [omnimoe_kernels.cartesian_topk(r, c, K) for r, c in checks]
             ref = out if ref is None else ref
-            same = all(torch.equal(a, b) for a, b in zip(out, ref))
+            same = all(
+                torch.equal(o[1], f[1])
+                and torch.equal(o[0].view(torch.int32), f[0].view(torch.int32))
+                for o, f in zip(out, ref)
+            )
             run = lambda i, r=rows, c=cols, k=K: omnimoe_kernels.cartesian_topk(r, c, k)  # noqa: E731
             ms.append(timer(run, 1))
             ms[-1] = ms[-1] if same else None
             print("router sweep", (T, n, K), variant, "ms", ms[-1], "equal", same, flush=True)
         res["-".join(map(str, (T, n, K)))] = ms
-        timed = [(v, m) for v, m in zip(ROUTER_VARIANTS, ms) if m is not None]
+        timed = [(v, m) for v, m in zip(ROUTER_VARIANTS, ms) if isinstance(m, float)]
         print("router sweep", (T, n, K), "best", min(timed, key=lambda vm: vm[1]), flush=True)
-    router_topk.SELECT_CHUNK_ROWS, router_topk.SELECT_WARPS, router_topk.SELECT_MAXNREG = saved
+    _set_router(saved)
+    print(
+        "| variant (mode, chunk rows, warps, register cap) | "
+        + " | ".join(", ".join(map(str, c)) for c in configs)
+        + " |"
+    )
+    print("|---" * (len(configs) + 1) + "|")
+    for i, variant in enumerate(ROUTER_VARIANTS):
+        cells = [res["-".join(map(str, c))][i] for c in configs]
+        print(f"| {variant} | " + " | ".join(_cell(m) for m in cells) + " |")
     return {"variants": ROUTER_VARIANTS, "ms": res}

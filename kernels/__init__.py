@@ -20,6 +20,7 @@ from omnimoe_kernels.limits import (
     EXPERTS_MAX_HIDDEN,
     EXPERTS_MAX_NUM,
     EXPERTS_MAX_PAIRS,
+    GATES_MAX_SCORES,
     ROUTER_MAX_TOP_K,
 )
 
@@ -71,6 +72,7 @@ def atomic_experts(
     backend: str = "auto",
     deterministic: bool = False,
     grad_path: str = "auto",
+    distinct_ids: bool = False,
 ) -> torch.Tensor:
     """``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]`` with autograd.
 
@@ -90,7 +92,10 @@ def atomic_experts(
     gradients, "pairs" (the segmented pair kernel), "dense" (two GEMMs over a scattered (T, N)
     coefficient matrix, bounded memory) or "auto" (a cost model per call from T, N, D, K, dtype
     and device: ``experts_dense_grad.choose_grad_path``). Both are exact to the same ~16-bit
-    coefficient class and bitwise repeatable. Raises ValueError for an unknown ``grad_path``.
+    coefficient class and bitwise repeatable. ``distinct_ids``: the caller promises no id < N
+    appears twice in a token's row (the routers' top-K guarantees it), so the dense path skips
+    merging repeats (same values; with repeats the promise would lose all but one of them).
+    Raises ValueError for an unknown ``grad_path``.
     """
     from omnimoe_kernels.experts_dense_grad import GRAD_PATHS
 
@@ -101,7 +106,7 @@ def atomic_experts(
 
         return atomic_experts_triton(
             x_TD, up_ND, down_ND, weights_TK, indices_TK,
-            deterministic=deterministic, grad_path=grad_path,
+            deterministic=deterministic, grad_path=grad_path, distinct_ids=distinct_ids,
         )  # fmt: skip
     from omnimoe_kernels.reference import atomic_experts_reference
 
@@ -110,7 +115,12 @@ def atomic_experts(
 
 def __getattr__(name: str) -> Any:
     """The reference functions, imported (with torch) on first access."""
-    if name in ("atomic_experts_gather", "atomic_experts_reference", "cartesian_topk_reference"):
+    if name in (
+        "atomic_experts_gather",
+        "atomic_experts_reference",
+        "cartesian_topk_reference",
+        "gate_log_probs_reference",
+    ):
         from omnimoe_kernels import reference
 
         return getattr(reference, name)
@@ -122,11 +132,13 @@ __all__ = [
     "EXPERTS_MAX_HIDDEN",
     "EXPERTS_MAX_NUM",
     "EXPERTS_MAX_PAIRS",
+    "GATES_MAX_SCORES",
     "ROUTER_MAX_TOP_K",
     "atomic_experts",
     "atomic_experts_gather",
     "atomic_experts_reference",
     "cartesian_topk",
     "cartesian_topk_reference",
+    "gate_log_probs_reference",
     "resolve_backend",
 ]

@@ -66,6 +66,7 @@ class AtomicExperts(torch.autograd.Function):
         indices_TK: torch.Tensor,
         deterministic: bool,
         grad_path: str,  # "dense" | "pairs", resolved by the caller
+        distinct_ids: bool = False,
     ) -> torch.Tensor:
         x_TD, up_ND, down_ND = x_TD.contiguous(), up_ND.contiguous(), down_ND.contiguous()
         weights_TK, indices_TK = weights_TK.contiguous(), indices_TK.contiguous()
@@ -84,6 +85,7 @@ class AtomicExperts(torch.autograd.Function):
         combine_rows(down_ND, indices_TK, h_TK, y_TD, w_TK=weights_TK)
         ctx.save_for_backward(x_TD, up_ND, down_ND, weights_TK, indices_TK, h_TK, *order)
         ctx.deterministic, ctx.grad_path = deterministic, grad_path
+        ctx.distinct_ids = distinct_ids
         return y_TD
 
     @staticmethod
@@ -103,8 +105,19 @@ class AtomicExperts(torch.autograd.Function):
         dx_TD = torch.empty_like(x_TD)
         combine_rows(up_ND, idx_TK, g_TK, dx_TD)
         if dense:
+            # The sort's outputs are the pair kernel's; dropped here, they are not held through
+            # the GEMMs' (2T, N) buffer (at a80m 14 MB less at the backward's peak).
+            del key_P, order_P, e_P, order
             dup_ND, ddown_ND = dense_table_grads(
-                x_TD, dy_TD, idx_TK, g_TK, h_TK, w_TK, up_ND.shape[0], dtype=up_ND.dtype
+                x_TD,
+                dy_TD,
+                idx_TK,
+                g_TK,
+                h_TK,
+                w_TK,
+                up_ND.shape[0],
+                dtype=up_ND.dtype,
+                distinct_ids=ctx.distinct_ids,
             )
         else:
             dup_ND = torch.empty_like(up_ND)
@@ -113,7 +126,7 @@ class AtomicExperts(torch.autograd.Function):
                 x_TD, dy_TD, order_P, e_P, h_TK, w_TK, g_TK, dup_ND, ddown_ND, K,
                 deterministic=ctx.deterministic,
             )  # fmt: skip
-        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), None, None, None
+        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), None, None, None, None
 
 
 def atomic_experts_triton(
@@ -125,11 +138,13 @@ def atomic_experts_triton(
     *,
     deterministic: bool = False,
     grad_path: str = "auto",
+    distinct_ids: bool = False,
 ) -> torch.Tensor:
     """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype).
 
     ``grad_path``: "auto" | "dense" | "pairs", the weight-gradient path
     (``experts_dense_grad.choose_grad_path``; resolved in the forward, from the shapes).
+    ``distinct_ids``: no id < N twice in a token's row (``experts_dense_grad.dense_table_grads``).
 
     Contract (``omnimoe_kernels.atomic_experts``): ``indices_TK`` int32/int64 ids in [0, N],
     repeats allowed; the id N means "no expert" (the pair is skipped: it adds nothing and its
@@ -160,4 +175,6 @@ def atomic_experts_triton(
     path = choose_grad_path(
         grad_path, T, up_ND.shape[0], D, indices_TK.shape[1], x_TD.dtype, x_TD.device
     )
-    return AtomicExperts.apply(x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic, path)
+    return AtomicExperts.apply(
+        x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic, path, distinct_ids
+    )

@@ -14,15 +14,21 @@ latency-bound pair kernel: at ``a80m`` (T=16384, D=768, N=5776, K=64) 8*T*N*D = 
 against ~2.6 ms for ``_pair_block_grad_kernel`` on an H200. ``choose_grad_path`` decides per call.
 
 Exactness (the contract of ``experts_grad``): for bf16 rows the coefficient is split into a bf16
-high part and a bf16 residual, stacked along T, ``[G_hi; G_lo]^T @ [x; x]``, so ONE GEMM
-accumulates both halves in float32 (``torch.mm(..., out_dtype=float32)`` on CUDA; a float32 GEMM
-of the same bf16 values on CPU) and the result is rounded once to the table dtype: ~16
-mantissa bits of the coefficient, as in the pair kernel. Other dtypes (float32, float16,
+high part and a bf16 residual, side by side in one buffer, ``[G_hi | G_lo]^T @ x``, so ONE GEMM
+gives both halves' products in float32 (``torch.mm(..., out_dtype=float32)`` on CUDA; a float32
+GEMM of the same bf16 values on CPU); the two (C, D) halves are added in float32 and the result
+is rounded once to the table dtype: ~16 mantissa bits of the coefficient, as in the pair
+kernel. (Side by side rather than stacked along T: the rows are read as they are, with no
+(2T, D) copy of ``[x; x]``.) Other dtypes (float32, float16,
 float64: tests and references, never chosen by "auto" on CUDA): one float64 GEMM, so no TF32
 or reduced-precision setting of the process can touch it (no global flag is switched).
 
-Building G: a token's ids are sorted (stable) and repeats of one id (the public contract allows
-them; the routers never emit them) are summed by a segmented scan in log2(K) fixed-order steps;
+Building G: when the caller promises distinct ids per token (``distinct_ids``: both routers
+guarantee it, ``cartesian_topk`` and ``torch.topk``), each pair writes its coefficient at column
+= id with one ``scatter_`` (the "no expert" id N is the dummy column). Otherwise a token's ids
+are sorted (stable) and repeats of one id (the public contract allows them) are summed by a
+segmented scan in log2(K) fixed-order steps (~6 K-wide launches per step: at K = 64 about 45
+launches per call, which on the launch-bound GPU step cost more than their work);
 the last pair of each run writes the sum with a plain ``scatter_`` (no two writes meet: no
 float atomics), every other pair and every "no expert" pair (id N, see ``experts_pairs``)
 writes into a dummy column that is never read. So the result is bitwise repeatable on one
@@ -30,8 +36,8 @@ device in both modes (cuBLAS GEMMs are run-to-run reproducible for a fixed shape
 see its documentation; set ``CUBLAS_WORKSPACE_CONFIG`` as torch's reproducibility notes say
 when several streams are used). No host synchronisation: capturable in a CUDA graph.
 
-Memory: the G buffer is (2T, C) bf16 (a80m: 2 * 16384 * 5784 * 2 B = 379 MB; (T, C) float64
-for other dtypes), plus the stacked (2T, D) rows and a (C, D) float32 product. ``DENSE_MAX_BYTES`` caps the
+Memory: the G buffer is (T, 2C) bf16 (a80m: 16384 * 2 * 5784 * 2 B = 379 MB; (T, C) float64
+for other dtypes), plus a (2C, D) float32 product. ``DENSE_MAX_BYTES`` caps the
 buffer: above it the experts are processed in chunks of C columns (each chunk is one GEMM per
 table; G is cleared by scattering zeros back at the written positions, not by a memset).
 """
@@ -162,11 +168,14 @@ def dense_table_grads(
     *,
     dtype: torch.dtype,
     max_bytes: int | None = None,
+    distinct_ids: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dup[e] = sum_{(t,k): idx=e} g x_t``, ``ddown[e] = sum a dy_t`` (``a = w silu(h)``) as
     dense GEMMs -> two (N, D) tensors in ``dtype`` (rows of unused experts are 0).
 
-    ``idx_TK`` int ids in [0, N]; N = "no expert" (dropped); repeats are summed. ``g_TK``,
+    ``idx_TK`` int ids in [0, N]; N = "no expert" (dropped); repeats are summed, unless
+    ``distinct_ids`` promises there are none (no id < N twice in a token's row: then the
+    merge is skipped; with repeats that promise would drop all but one of them). ``g_TK``,
     ``h_TK`` float32 (float64 with float64 rows), ``w_TK`` any float. bf16 rows take the hi/lo
     split (see the module docstring); the G buffer is at most ``max_bytes`` (default
     ``DENSE_MAX_BYTES``; one chunk of 8 experts is the minimum). No host synchronisation.
@@ -187,33 +196,43 @@ def dense_table_grads(
         return dup_ND.zero_(), ddown_ND.zero_()
     acc = torch.promote_types(g_TK.dtype, torch.float32)
     a_TK = w_TK.to(acc) * torch.nn.functional.silu(h_TK.to(acc))
-    col_TK, (g_TK, a_TK) = merged_columns(idx_TK, [g_TK.to(acc), a_TK], num_experts)
+    if distinct_ids:  # ids in [0, N]: N is the dummy column already
+        col_TK, g_TK = idx_TK.long(), g_TK.to(acc)
+    else:
+        col_TK, (g_TK, a_TK) = merged_columns(idx_TK, [g_TK.to(acc), a_TK], num_experts)
     cap = DENSE_MAX_BYTES if max_bytes is None else max_bytes
-    buf_RC = None  # one buffer for both tables when they share a layout; kept all-zero
+    buf_TC = None  # one buffer for both tables when they share a layout; kept all-zero
     for rows_TD, coef_TK, out_ND in ((x_TD, g_TK, dup_ND), (dy_TD, a_TK, ddown_ND)):
         split = rows_TD.dtype == torch.bfloat16
-        if split:  # [hi; lo] of the coefficient against [rows; rows]: one GEMM, fp32 sums
+        if split:  # [hi | lo] of the coefficient against the rows: one GEMM, fp32 products
             hi_TK = coef_TK.to(torch.bfloat16)
             parts = (hi_TK, (coef_TK - hi_TK.to(acc)).to(torch.bfloat16))
-            stacked = torch.cat([rows_TD, rows_TD])
+            rows = rows_TD
         else:  # float64 GEMM: immune to TF32 / reduced-precision settings, exact products
             parts = (coef_TK,)
-            stacked = rows_TD.to(torch.float64)
-        rows = len(parts) * num_tokens
-        chunk = _chunk_columns(rows, num_experts, stacked.element_size(), cap)
-        shape = (rows, (chunk + 1 + 7) // 8 * 8)
-        if buf_RC is None or buf_RC.shape != shape or buf_RC.dtype != stacked.dtype:
-            buf_RC = None  # free the old one before the new one is allocated
-            buf_RC = torch.zeros(shape, dtype=stacked.dtype, device=device)
+            rows = rows_TD.to(torch.float64)
+        chunk = _chunk_columns(len(parts) * num_tokens, num_experts, rows.element_size(), cap)
+        width = (chunk + 1 + 7) // 8 * 8  # the chunk's columns and the dummy, padded
+        shape = (num_tokens, len(parts) * width)
+        if buf_TC is None or buf_TC.shape != shape or buf_TC.dtype != rows.dtype:
+            buf_TC = None  # free the old one before the new one is allocated
+            buf_TC = torch.zeros(shape, dtype=rows.dtype, device=device)
         for first in range(0, num_experts, chunk):
             last = min(first + chunk, num_experts)
-            local_TK = col_TK - first
-            local_TK = torch.where((local_TK >= 0) & (local_TK < last - first), local_TK, chunk)
-            for i, part_TK in enumerate(parts):
-                buf_RC[i * num_tokens : (i + 1) * num_tokens].scatter_(
-                    1, local_TK, part_TK.to(buf_RC.dtype)
-                )
-            out_ND[first:last] = _gemm_t(buf_RC, stacked, split)[: last - first]
-            for i in range(len(parts)):  # clear the written positions for the next GEMM
-                buf_RC[i * num_tokens : (i + 1) * num_tokens].scatter_(1, local_TK, 0.0)
+            if chunk >= num_experts:  # one chunk: ids are the columns (N = dummy = chunk)
+                local_TK = col_TK
+            else:
+                local_TK = col_TK - first
+                inside = (local_TK >= 0) & (local_TK < last - first)
+                local_TK = torch.where(inside, local_TK, chunk)
+            cols = [local_TK] + [local_TK + i * width for i in range(1, len(parts))]
+            for col, part_TK in zip(cols, parts, strict=True):
+                buf_TC.scatter_(1, col, part_TK.to(buf_TC.dtype))
+            prod = _gemm_t(buf_TC, rows, split)  # (parts * width, D)
+            if split:
+                out_ND[first:last] = prod[: last - first] + prod[width : width + last - first]
+            else:
+                out_ND[first:last] = prod[: last - first]
+            for col in cols:  # clear the written positions for the next GEMM
+                buf_TC.scatter_(1, col, 0.0)
     return dup_ND, ddown_ND

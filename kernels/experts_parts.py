@@ -132,11 +132,13 @@ def table_grads(
     dtype: torch.dtype,
     backend: str = "auto",
     grad_path: str = "auto",
+    distinct_ids: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dup[e] = sum_{(t,k): idx=e} g x_t``, ``ddown[e] = sum a dy_t`` with ``a = w silu(h)``
     -> two (N, D) in ``dtype`` (every row written; experts with no pair get 0). Triton backend:
     ``grad_path`` "pairs" (expert-sorted segmented kernel, ``experts_grad``), "dense" (GEMMs,
     ``experts_dense_grad``) or "auto" (``choose_grad_path`` from the shapes); both fixed-order.
+    ``distinct_ids``: no id < N twice in a token's row (the dense path skips merging repeats).
     Raises ValueError for shapes that do not match or an unknown ``grad_path``."""
     shapes = {tuple(t.shape) for t in (g_TK, h_TK, w_TK, idx_TK)}
     if dy_TD.shape != x_TD.shape or len(shapes) != 1:
@@ -149,7 +151,10 @@ def table_grads(
     )
     triton_backend = resolve_backend(backend, x_TD.device) == "triton"
     if triton_backend and path == "dense":
-        return dense_table_grads(x_TD, dy_TD, idx_TK, g_TK, h_TK, w_TK, num_experts, dtype=dtype)
+        return dense_table_grads(
+            x_TD, dy_TD, idx_TK, g_TK, h_TK, w_TK, num_experts, dtype=dtype,
+            distinct_ids=distinct_ids,
+        )  # fmt: skip
     if triton_backend:
         from omnimoe_kernels.experts_autograd import expert_order
         from omnimoe_kernels.experts_grad import expert_grads

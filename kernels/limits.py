@@ -22,3 +22,9 @@ EXPERTS_MAX_HIDDEN = 65535 * 128
 #: so 32-bit arithmetic on them (sort keys, kernel arguments) never wraps.
 #: Under expert parallelism one call sees the pairs of the whole expert-parallel group.
 EXPERTS_MAX_PAIRS = 2**31 - 1
+
+#: Largest n (scores per gate) of the Triton router-gate kernels: a token's n scores are one
+#: register tile of next_power_of_two(n) floats over at most 16 warps, 8 per thread at 4096
+#: (ptxas for sm_90 spills beyond). Larger gates (the dense router ablation at large N) take
+#: the PyTorch path.
+GATES_MAX_SCORES = 4096

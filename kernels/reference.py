@@ -135,3 +135,33 @@ def atomic_experts_gather(
     h_TK = torch.einsum("td,tkd->tk", x_TD.to(acc), up_TKD)
     a_TK = F.silu(h_TK) * weights_TK.to(acc)
     return torch.einsum("tk,tkd->td", a_TK, down_TKD).to(out_dtype)
+
+
+def gate_log_probs_reference(
+    x_TD: torch.Tensor,
+    gates: list[torch.Tensor],
+    stats: str | tuple[torch.Tensor, torch.Tensor] | None,
+    eps: float = 1e-5,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """The router gate scores as plain PyTorch ops (autograd differentiates them), in the
+    gates' dtype promoted to at least fp32: ``log_softmax(norm(x @ W_g^T))`` per gate g.
+
+    ``stats``: "batch" (BatchNorm with the batch mean and biased variance over the T tokens,
+    ``torch.var_mean(unbiased=False)``), ``(running_mean_H, running_var_H)`` (H = G*n) or None.
+    Returns ([logp_Tn] per gate, entropy_T = -sum exp(logp) logp over every gate (no
+    gradient), stats_2H = (mean, unbiased variance) for batch statistics else None).
+    """
+    dtype = torch.promote_types(gates[0].dtype, torch.float32)
+    z_TH = x_TD.to(dtype) @ torch.cat([g.to(dtype) for g in gates]).t()
+    batch_stats = None
+    if stats == "batch":
+        var_H, mean_H = torch.var_mean(z_TH, dim=0, unbiased=False)
+        tokens = z_TH.shape[0]
+        batch_stats = torch.stack([mean_H, var_H * tokens / max(tokens - 1, 1)]).detach()
+        z_TH = (z_TH - mean_H) / torch.sqrt(var_H + eps)
+    elif stats is not None:
+        z_TH = (z_TH - stats[0].to(dtype)) / torch.sqrt(stats[1].to(dtype) + eps)
+    logp = [F.log_softmax(z_Tn, dim=-1) for z_Tn in z_TH.chunk(len(gates), dim=1)]
+    with torch.no_grad():
+        entropy_T = sum(-(lp.exp() * lp).sum(-1) for lp in logp)
+    return logp, entropy_T, batch_stats

@@ -13,7 +13,9 @@ scattered stores need no shared-memory layout conversion):
   flags are packed into one int32 (8 bits per row) first;
 - lane-chunked, element (e, l) is index l * E + e: each lane owns E consecutive indices, so an
   index-order prefix sum is an in-thread scan plus one warp scan of the lane totals (used for
-  the a-wide candidate vectors, read back from scratch).
+  the a-wide candidate vectors, read back from scratch, and for the n-wide inputs in
+  ``_select_half_lanes``, read through a [E / 4, L, 4] view: 16-byte vector loads, each lane's
+  indices contiguous, the same registers and lanes as the [E, L] view).
 
 Order-preserving keys map floats to integers of the same width (int32 for float32, int64 for
 float64), -0.0 to +0.0's key, so bisections run over integer keys while the tensor work
@@ -182,6 +184,132 @@ def _select_half(
         # true sums, so a non-finite router input stays visible in the loss.
         tl.store(val_ptr + slot_CL, raw_CL, mask=keep_CL)
         slot0 += tl.sum(keep_i_CL)
+
+
+@triton.jit
+def _lane_bracket(r_EL, S: tl.constexpr, IS64: tl.constexpr):
+    """(lo, hi) keys bracketing the a-th largest of a lane-chunked [E, L] vector of ranking
+    values (padding -inf), with S * L >= a groups (S per lane, E / S elements each): every
+    group has its maximum >= lo = the least group maximum, so count(>= lo) >= S * L >= a;
+    hi = key(max) + 1. S = 0: lo = key(min), as ``_select_half``."""
+    E: tl.constexpr = r_EL.shape[0]
+    L: tl.constexpr = r_EL.shape[1]
+    if S == 0:
+        m_L = tl.max(r_EL, axis=0)
+        lo = _key(tl.min(r_EL), IS64)
+    else:
+        m_SL = tl.max(tl.reshape(r_EL, [S, E // S, L]), axis=1)
+        m_L = tl.max(m_SL, axis=0)
+        lo = _key(tl.min(m_SL), IS64)
+    return lo, _key(tl.max(m_L), IS64) + 1
+
+
+@triton.jit
+def _lane_tile(v_ptr, e0, n, E: tl.constexpr, L: tl.constexpr, CE: tl.constexpr,
+               IS64: tl.constexpr):  # fmt: skip
+    """(values in VT, indices) of the [CE, L] tile of a lane-chunked [E, L] vector holding
+    rows e0 .. e0 + CE - 1 (index l * E + e), -inf past n. Read as a [CE / V, L, V] tile: V
+    consecutive indices per lane and load (one vector load where n allows it), in the same
+    registers and lanes as the [CE, L] view."""
+    V: tl.constexpr = 4 if CE >= 4 else CE
+    offs_QLV = (
+        e0
+        + tl.arange(0, CE // V)[:, None, None] * V
+        + tl.arange(0, L)[None, :, None] * E
+        + tl.arange(0, V)[None, None, :]
+    )
+    raw_QLV = tl.load(v_ptr + offs_QLV, mask=offs_QLV < n, other=float("-inf"))
+    if IS64:
+        raw_QLV = raw_QLV.to(tl.float64)
+    else:
+        raw_QLV = raw_QLV.to(tl.float32)
+    raw_CL = tl.reshape(tl.permute(raw_QLV, (0, 2, 1)), [CE, L])
+    return raw_CL, tl.reshape(tl.permute(offs_QLV, (0, 2, 1)), [CE, L])
+
+
+@triton.jit
+def _sign_sum(d_EL, IS64: tl.constexpr):
+    """Per lane, minus the number of elements of d with the sign bit set: d = r - t is
+    negative exactly when r < t for ranking values r (no NaN, no -0.0, no +inf) and a probe t
+    (-inf < t <= the largest finite value; t = -0.0 gives r - t = +0.0 at r = +0.0): every
+    difference of two such floats rounds to a result of its true sign or to +0.0 at r = t
+    (also flushed to zero: -0.0 then keeps the sign), and an overflow is an infinity of
+    the right sign. An arithmetic shift and an add per element, where a compare and a
+    select-and-add cost more instructions (ptxas, sm_90)."""
+    if IS64:
+        s_EL = (d_EL.to(tl.int64, bitcast=True) >> 63).to(tl.int32)
+    else:
+        s_EL = d_EL.to(tl.int32, bitcast=True) >> 31
+    return tl.sum(s_EL, axis=0)
+
+
+@triton.jit
+def _lane_excl_scan(x_L):
+    """Exclusive prefix sum over the lanes of a per-lane vector."""
+    return tl.cumsum(x_L, axis=0) - x_L
+
+
+@triton.jit
+def _select_half_lanes(
+    v_ptr, n, a, idx_ptr, val_ptr, E: tl.constexpr, L: tl.constexpr, IS64: tl.constexpr,
+    S: tl.constexpr, CE: tl.constexpr,
+):  # fmt: skip
+    """``_select_half``'s result (the same a indices and input values in the same slots) with
+    the vector lane-chunked: lane l holds indices l * E .. l * E + E - 1, read by vector loads
+    (``_lane_tile``). An index-order prefix sum is then an in-thread scan plus one warp scan
+    of per-lane totals instead of a cross-lane scan per row: the kept count of each lane is
+    carried out of the bisection (the round that set lo counted it), so the compaction re-reads
+    the half in [CE, L] chunks (L1 hits) with a per-lane running slot. The bisection starts
+    from ``_lane_bracket`` (S > 0), not from (min, max).
+
+    The bisection compares the input values themselves: its probes t lie strictly between
+    two ranking-value keys, so -inf < t <= the largest finite value, where v >= t and
+    ``_rank_value(v) >= t`` agree for NaN and +inf too; so does v >= tau at the end unless
+    the search never moved lo (then cnt_lo = n > a and the tie path uses ranking values)."""
+    raw_EL, offs_EL = _lane_tile(v_ptr, 0, n, E, L, E, IS64)
+    r_EL = _rank_value(raw_EL, IS64) + 0.0  # + 0.0: -0.0 becomes +0.0 (for the sign count)
+    lo, hi = _lane_bracket(r_EL, S, IS64)
+    # Invariant: count(v >= unkey(lo)) >= a > count(v >= unkey(hi)); cnt_lo (per lane: cnt_L)
+    # that count once lo has moved (n before: an exact count of a ends the search early).
+    cnt_lo = n
+    cnt_L = tl.zeros([L], dtype=tl.int32)
+    active = (lo < hi - 1) & (cnt_lo != a)
+    while active:
+        mid = _mid(lo, hi)
+        c_L = E + _sign_sum(r_EL - _unkey(mid, IS64), IS64)
+        cnt = tl.sum(c_L)
+        big = cnt >= a
+        lo = tl.where(big, mid, lo)
+        cnt_lo = tl.where(big, cnt, cnt_lo)
+        cnt_L = tl.where(big, c_L, cnt_L)
+        hi = tl.where(big, hi, mid)
+        active = (lo < hi - 1) & (cnt_lo != a)
+    tau = _unkey(lo, IS64)
+    tied = cnt_lo > a
+    eq0_L = cnt_L * 0
+    n_eq = a
+    if tied:  # values equal to tau straddle the a-th place: the lowest indices of them win
+        gt_L = tl.sum((r_EL > tau).to(tl.int32), axis=0)
+        eq_L = tl.sum(((r_EL == tau) & (offs_EL < n)).to(tl.int32), axis=0)
+        n_eq = a - tl.sum(gt_L)
+        eq0_L = _lane_excl_scan(eq_L)
+        cnt_L = gt_L + tl.minimum(tl.maximum(n_eq - eq0_L, 0), eq_L)
+    slot0_L = _lane_excl_scan(cnt_L)
+    for e0 in range(0, E, CE):
+        raw_CL, offs_CL = _lane_tile(v_ptr, e0, n, E, L, CE, IS64)
+        if tied:
+            r_CL = _rank_value(raw_CL, IS64)
+            eq_CL = ((r_CL == tau) & (offs_CL < n)).to(tl.int32)
+            eq_rank_CL = eq0_L[None, :] + tl.cumsum(eq_CL, axis=0) - eq_CL
+            keep_CL = (r_CL > tau) | ((eq_CL > 0) & (eq_rank_CL < n_eq))
+            eq0_L += tl.sum(eq_CL, axis=0)
+        else:
+            keep_CL = raw_CL >= tau
+        keep_i_CL = keep_CL.to(tl.int32)
+        slot_CL = slot0_L[None, :] + tl.cumsum(keep_i_CL, axis=0) - keep_i_CL
+        tl.store(idx_ptr + slot_CL, offs_CL, mask=keep_CL)
+        tl.store(val_ptr + slot_CL, raw_CL, mask=keep_CL)
+        slot0_L += tl.sum(keep_i_CL, axis=0)
 
 
 @triton.jit

@@ -7,16 +7,20 @@ elements per lane, see ``router_select``), RB x CB the emit tile (live rows x li
 
 Select kernel, one program per token (one warp up to n = 1024, so every reduction is a warp
 shuffle and every barrier is cheap):
-1. when a < n, selects the top a of each half (``router_select._select_half``): the half is
-   read coalesced as a row-major [E, L] vector, the a-th largest value is bisected over
-   order-preserving int32 keys (int64 for float64), the tensor work of a round being one float
-   compare and add per element; the early stop at a probe counting exactly a ends it after
-   ~log2(range / gap) rounds (~10 for 1024 log-probs, at most 32). Values above it are kept,
+1. when a < n, selects the top a of each half (``router_select._select_half_lanes``): the
+   half is read by vector loads lane-chunked (lane l holds indices l * E .. l * E + E - 1),
+   the a-th largest value is bisected over order-preserving int32 keys (int64 for float64)
+   from a bracket whose low end is the least of S * L >= a group maxima (a group: E / S
+   consecutive elements of a lane), a round counting the sign bits of r - t (an add and a
+   shift per element); the early stop at a probe counting exactly a ends it after
+   ~log2(range / gap) rounds (~8 for 1024 log-probs, at most 32). Values above it are kept,
    and of the values equal to it the lowest indices: the stable-sort top a of the reference.
-   They are compacted in ascending index order by a prefix sum with 4 rows packed per word,
-   re-reading the half in chunks of SELECT_CHUNK_ROWS rows so that only the bisection holds
-   the whole vector in registers (168 -> 80 registers per thread at n = 1024: more resident
-   warps for this latency-bound kernel);
+   They are compacted in ascending index order: each lane's kept count (carried out of the
+   bisection) gives its first slot by one warp scan, and the half is re-read in chunks of
+   SELECT_CHUNK_ROWS rows with an in-thread running slot (registers: 96 per thread at
+   n = 1024, ptxas sm_90). SELECT_MODE = "rows" is the earlier row-major selection
+   (``_select_half``: cross-lane prefix sums with 4 rows packed per word, 80 registers, and
+   ~2x the instructions of this step), kept for the A/B;
 2. ranks the a candidate columns stably, descending (one ``tl.sort`` of key << 32 | slot): the
    sorted values (float64) go to scratch for the searches, each column's rank for the emit;
 3. searches the K-th largest pair sum tau by bisection over float64 keys (a sum of two float32
@@ -66,17 +70,23 @@ from omnimoe_kernels.router_select import (
     _rank_columns,
     _rank_value,
     _select_half,
+    _select_half_lanes,
 )
 
 # Live rows per step of the emit kernel (registers per lane): 2 measured fastest of 2, 4, 8
 # (0.87 / 1.01 / 0.94 ms at T=4096, n=320, K=4096 on the H100).
 EMIT_ROWS = 2
 # The select kernel's launch (``bench_kernels.py --sweep-router`` times alternatives):
-# SELECT_CHUNK_ROWS rows of the [E, L] selection vector per compaction chunk of
-# ``_select_half`` (0: the whole vector in one chunk, the earlier kernel's register peak, kept
-# for the A/B); SELECT_WARPS per token (None: one warp up to n = 1024); SELECT_MAXNREG a ptxas
-# register cap (None: none). ptxas for sm_90 at (n, K) = (1024, 64): 168 registers per thread
-# with one chunk, 80 with chunks of 4 rows, 64 under a cap of 64 without spills.
+# SELECT_MODE the selection ("bracket": lane-chunked from the group-maximum bracket; "lanes":
+# lane-chunked from (min, max); "rows": the earlier row-major ``_select_half``); SELECT_CHUNK_ROWS
+# rows of the [E, L] selection vector per compaction chunk (0 with "rows": the whole vector in
+# one chunk, the earliest kernel's register peak); SELECT_WARPS per token (None: one warp up to
+# n = 1024); SELECT_MAXNREG a ptxas register cap (None: none). ptxas for sm_90 at
+# (n, K) = (1024, 64): "rows" 168 registers per thread with one chunk, 80 with chunks of 4;
+# "bracket" 96 with chunks of 4 (80 under a cap of 80: ~20 spill instructions, outside loops).
+# Static SASS per round / chunk of one half: "rows" 122 per bisection round (~9.4 rounds on
+# log-softmax inputs) and ~170 per 4-row chunk; "bracket" 95 per round (~8.4) and ~61.
+SELECT_MODE = "bracket"
 SELECT_CHUNK_ROWS = 4
 SELECT_WARPS: int | None = None
 SELECT_MAXNREG: int | None = None
@@ -119,6 +129,8 @@ def _select_kernel(
     IS64: tl.constexpr,
     SELECT: tl.constexpr,  # a < n
     CE: tl.constexpr,  # rows per compaction chunk of the selection (divides EN)
+    LANES: tl.constexpr,  # lane-chunked selection (``_select_half_lanes``), else row-major
+    S: tl.constexpr,  # its starting bracket: groups per lane (0: min, max)
 ):
     """Steps 1-3 for one token; leaves the live rows and columns in scratch for the emit."""
     A: tl.constexpr = EA * LA
@@ -131,8 +143,12 @@ def _select_kernel(
     offs_EL = _chunk_offs(EA, LA)
     ok_EL = offs_EL < a
     if SELECT:
-        _select_half(rows_ptr, n, a, iscr_ptr, vscr_ptr, EN, LN, IS64, CE)
-        _select_half(cols_ptr, n, a, iscr_ptr + A, vscr_ptr + A, EN, LN, IS64, CE)
+        if LANES:
+            _select_half_lanes(rows_ptr, n, a, iscr_ptr, vscr_ptr, EN, LN, IS64, S, CE)
+            _select_half_lanes(cols_ptr, n, a, iscr_ptr + A, vscr_ptr + A, EN, LN, IS64, S, CE)
+        else:
+            _select_half(rows_ptr, n, a, iscr_ptr, vscr_ptr, EN, LN, IS64, CE)
+            _select_half(cols_ptr, n, a, iscr_ptr + A, vscr_ptr + A, EN, LN, IS64, CE)
         tl.debug_barrier()  # the compacted candidates are read back by other threads
         rsrc_ptr = vscr_ptr
         csrc_ptr = vscr_ptr + A
@@ -223,9 +239,13 @@ def cartesian_topk_ids(
     csort = torch.empty(T, 2 * A, dtype=torch.float64, device=dev)
     meta = torch.empty(T, 4, dtype=torch.int32, device=dev)
     ce = EN if SELECT_CHUNK_ROWS <= 0 else min(SELECT_CHUNK_ROWS, EN)
+    groups = triton.next_power_of_2(triton.cdiv(a, LN)) if SELECT_MODE == "bracket" else 0
+    lanes = SELECT_MODE != "rows" and a < n  # (a == n: no selection, one kernel for all modes)
+    groups, ce = (groups, ce) if a < n else (0, 1)
     _select_kernel[(T,)](
         rows_Tn, cols_Tn, iscr, vscr, csort, meta, n, a, k, EN=EN, LN=LN, EA=EA, LA=LA,
-        CH=max(1, min(64, 4096 // A)), IS64=is64, SELECT=a < n, CE=ce, num_warps=num_warps,
+        CH=max(1, min(64, 4096 // A)), IS64=is64, SELECT=a < n, CE=ce, LANES=lanes, S=groups,
+        num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )  # fmt: skip
     # One warp: 32 live columns on the lanes, EMIT_ROWS rows per step; up to 8 programs per

@@ -29,6 +29,7 @@ from omnimoe_train.checkpoint.optimizer_state import chained
 from omnimoe_train.config import RootConfig
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine.optim import optimizer_config, wsd_scheduler
+from omnimoe_train.model.cuda_graphs import graph_mlps
 from omnimoe_train.model.gpt import build_model, transformer_config
 from omnimoe_train.model.router import GateNorm, GateNormSnapshot, apply_running_stats
 from omnimoe_train.parallel.expert_parallel import dispatch_metrics
@@ -94,6 +95,10 @@ class MegatronEngine:
         for norm in self.gate_norms:
             norm.pending = []
         self.stats_snapshot = GateNormSnapshot(chunks)  # to undo a skipped step
+        # After DDP wrapping (parameters final); captured at the first training micro-batch.
+        self.graphed_mlps = 0
+        if cfg.trainer.cuda_graphs == "mlp":
+            self.graphed_mlps = sum(graph_mlps(chunk) for chunk in chunks)
         self.forward_backward = get_forward_backward_func()
 
     # -- construction -------------------------------------------------------------------------

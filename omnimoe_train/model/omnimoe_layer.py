@@ -182,6 +182,7 @@ class OmniMoEMLP(RoutedMLP):
                 routing.indices_TK,
                 backend=self.settings.backend,
                 deterministic=self.settings.deterministic,
+                distinct_ids=routing.distinct_ids,
             )
         return self.expert_parallel(
             x_TD,
@@ -191,4 +192,5 @@ class OmniMoEMLP(RoutedMLP):
             routing.indices_TK,
             record=self.training,
             early=early,
+            distinct_ids=routing.distinct_ids,
         )

@@ -32,6 +32,9 @@ class Routing(NamedTuple):
     weights_TK: torch.Tensor  # fp32 routing weights of the K selected experts
     indices_TK: torch.Tensor  # int64 expert ids i*n + j
     entropy_T: torch.Tensor  # entropy (nats) of each token's full n*n routing distribution
+    # No expert id twice in a token's row (exact top-K over distinct experts guarantees it): the
+    # expert kernels' dense weight-gradient path then skips merging repeats.
+    distinct_ids: bool = False
 
 
 def square_side(count: int, name: str) -> int:
@@ -208,16 +211,26 @@ class CartesianRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         (rows_Tn, cols_Tn), entropy_T = gate_log_probs(
-            x_TD, [self.row_gate_nD, self.col_gate_nD], [self.row_norm, self.col_norm], self.fused
+            x_TD,
+            [self.row_gate_nD, self.col_gate_nD],
+            [self.row_norm, self.col_norm],
+            self.fused,
+            backend=self.backend,
         )
         scores_TK, indices_TK = omnimoe_kernels.cartesian_topk(
             rows_Tn, cols_Tn, self.top_k, backend=self.backend
         )
-        return Routing(selected_weights(scores_TK, self.weights), indices_TK, entropy_T)
+        weights_TK = selected_weights(scores_TK, self.weights)
+        return Routing(weights_TK, indices_TK, entropy_T, distinct_ids=True)
 
 
 def gate_log_probs(
-    x_TD: torch.Tensor, gates: list[torch.Tensor], norms: list[nn.Module], fused: bool = True
+    x_TD: torch.Tensor,
+    gates: list[torch.Tensor],
+    norms: list[nn.Module],
+    fused: bool = True,
+    *,
+    backend: str = "auto",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``log_softmax(norm_g(x @ gate_g^T))`` for each gate g, and the entropy.
 
@@ -227,6 +240,7 @@ def gate_log_probs(
     (these included) in bf16 and keeps fp32 master copies. ``fused`` (the default) runs
     :func:`omnimoe_train.model.router_gates.gate_log_probs`, one autograd node; ``False`` runs
     the same arithmetic as separate PyTorch ops (the reference the tests compare against).
+    ``backend`` picks the fused node's implementation (its Triton kernels or its PyTorch ops).
     """
     gate_norms = [m for m in norms if isinstance(m, GateNorm)]
     if fused and (not gate_norms or len(gate_norms) == len(norms)):
@@ -243,7 +257,7 @@ def gate_log_probs(
                     torch.cat([m.running_var for m in gate_norms]),
                 )
         logp, entropy_T, stats_2H = router_gates.gate_log_probs(
-            x_TD, gates, stats=stats, eps=eps, group=group
+            x_TD, gates, stats=stats, eps=eps, group=group, backend=backend
         )
         if stats_2H is not None:
             for m, part in zip(gate_norms, stats_2H.chunk(len(gate_norms), dim=1), strict=True):
@@ -293,4 +307,5 @@ class DenseRouter(nn.Module):
         scores_TK, indices_TK = torch.topk(logp_TN, self.top_k, dim=-1)
         indices_TK, order_TK = indices_TK.sort(dim=-1)
         scores_TK = scores_TK.gather(-1, order_TK)
-        return Routing(selected_weights(scores_TK, self.weights), indices_TK, entropy_T)
+        weights_TK = selected_weights(scores_TK, self.weights)
+        return Routing(weights_TK, indices_TK, entropy_T, distinct_ids=True)

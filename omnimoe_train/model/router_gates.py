@@ -24,6 +24,11 @@ alone (see docs/benchmarks.md).
 With a statistics group (sequence parallelism) the T-means run over the whole group: the sums
 are all-reduced forward and backward, as ``GateNorm`` does with a differentiable all-reduce.
 The entropy of each token's product distribution is computed in the same pass.
+
+On the GPU (``backend`` resolving to Triton) the same arithmetic runs on our own kernels,
+``omnimoe_kernels.router_gates``: 6 launches forward and 7 backward (GEMMs and casts
+included) instead of ~20 and ~15, and zh is saved instead of y (softmax recomputed). This
+PyTorch node stays the path for float64 (the tests' reference), CPU runs and G > 2.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+import omnimoe_kernels
 
 
 def _group_sum(t: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -108,6 +115,7 @@ def gate_log_probs(
     stats: str | tuple[torch.Tensor, torch.Tensor] | None,
     eps: float = 1e-5,
     group: ProcessGroup | None = None,
+    backend: str = "auto",
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of every gate, their entropy and the batch statistics, in one node.
 
@@ -120,10 +128,24 @@ def gate_log_probs(
     no gradient) and, for batch statistics, ``stats_2H`` = (mean, unbiased variance) to feed
     the running averages (no gradient); otherwise ``None``. Numerically this is
     ``GateNorm`` + ``F.log_softmax`` applied per gate (see the module docstring).
+
+    ``backend`` (``omnimoe_kernels.resolve_backend``): where it resolves to ``"triton"`` (CUDA
+    tensors, or ``TRITON_INTERPRET=1``) and the kernels take the call (fp32 arithmetic, one or
+    two gates of at most ``GATES_MAX_SCORES`` scores, T >= 1:
+    ``omnimoe_kernels.router_gates_autograd.supports``), the Triton kernels of
+    ``omnimoe_kernels.router_gates`` run it (same contract, fewer launches, y not saved);
+    otherwise the PyTorch node below (float64 in the tests, G > 2, no tokens).
     """
     sizes = {g.shape[0] for g in gates}
     if len(sizes) != 1:
         raise ValueError(f"gates must have equal sizes, got {[tuple(g.shape) for g in gates]}")
+    if omnimoe_kernels.resolve_backend(backend, x_TD.device) == "triton":
+        from omnimoe_kernels import router_gates_autograd
+
+        if router_gates_autograd.supports(x_TD, gates):
+            return router_gates_autograd.gate_log_probs_triton(
+                x_TD, gates, stats=stats, eps=eps, group=group
+            )
     group_size = 1 if group is None else dist.get_world_size(group)
     out = _GateLogProbs.apply(x_TD, stats, eps, group, group_size, *gates)
     num_gates = len(gates)

@@ -63,6 +63,7 @@ def sharded_atomic_experts_rows(
     num_experts: int,
     group_tokens: list[int] | None = None,
     backend: str = "auto",
+    distinct_ids: bool = False,
 ) -> tuple[torch.Tensor, ShardingStats]:
     """Atomic experts with the tables sharded by expert id over ``group``.
 
@@ -70,6 +71,7 @@ def sharded_atomic_experts_rows(
     of U and V; it gets back exactly ``atomic_experts`` with the full tables for its tokens.
     ``group_tokens``: T of every rank of the group, if known (else one count exchange). All
     ranks of the group must call this together with the same ``requires_grad`` pattern.
+    ``distinct_ids``: no expert twice in a token's row (``omnimoe_kernels.atomic_experts``).
     Raises ``ValueError`` for shards or routing of the wrong shape.
     """
     num_tokens = x_TD.shape[0]
@@ -80,7 +82,7 @@ def sharded_atomic_experts_rows(
     ids_TK = indices_TK.to(torch.int32)
     x_GD, weights_GK, ids_GK = GatherRows.apply(comm, x_TD, weights_TK, ids_TK)
     y_part_GD, local_pairs = _local_experts(
-        comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend
+        comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend, distinct_ids
     )
     y_TD = ScatterSumRows.apply(comm, y_part_GD)
     stats = _rows_stats(comm, x_TD, weights_TK, y_part_GD, group_tokens is None, split=False)
@@ -109,6 +111,7 @@ def rows_experts_overlapped(
     *,
     num_experts: int,
     backend: str = "auto",
+    distinct_ids: bool = False,
 ) -> tuple[PendingExchange, ShardingStats]:
     """``sharded_atomic_experts_rows`` in two halves, the exchanges overlapped: the tokens'
     all-gather was started by ``start_rows_tokens``; this gathers ids and weights (one small
@@ -123,7 +126,7 @@ def rows_experts_overlapped(
     x_GD = early.tokens.finish()
     weights_GK, ids_GK = GatherRows.apply(comm, weights_TK, indices_TK.to(torch.int32))
     y_part_GD, local_pairs = _local_experts(
-        comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend
+        comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend, distinct_ids
     )
     y_TD = start_exchange(y_part_GD, comm.scatter_sum_async, comm.gather_async)
     stats = _rows_stats(comm, x_TD, weights_TK, y_part_GD, early.counted, split=True)
@@ -163,6 +166,7 @@ def _local_experts(
     weights_GK: torch.Tensor,
     ids_GK: torch.Tensor,
     backend: str,
+    distinct_ids: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_part_GD of the pairs this rank owns, their count as a device scalar)."""
     experts_per_rank = up_local_ED.shape[0]
@@ -177,7 +181,7 @@ def _local_experts(
     )  # fmt: skip
     y_part_GD = omnimoe_kernels.atomic_experts(
         x_GD, up_local_ED, down_local_ED, weights_GK, local_GK, backend=backend,
-        grad_path=grad_path,
+        grad_path=grad_path, distinct_ids=distinct_ids,
     )  # fmt: skip
     return y_part_GD, mine_GK.sum()
 

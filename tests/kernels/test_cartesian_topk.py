@@ -194,13 +194,16 @@ def test_cartesian_topk_special_values_gpu(n: int, k: int, dtype: torch.dtype) -
     _check_special(33, n, k, dtype, "cuda")
 
 
-# Launches of the selection path (a < n): (rows per compaction chunk, warps per token, register
-# cap); chunk 0 = the whole vector at once (the earlier kernel), the cap is ignored on the CPU.
-SELECT_VARIANTS = [(4, None, None), (0, None, None), (1, None, None), (8, 1, 64), (4, 2, 48)]
+# Launches of the selection path (a < n): (mode, rows per compaction chunk, warps per token,
+# register cap); mode "bracket" (the default) / "lanes" lane-chunked, "rows" row-major with
+# chunk 0 = the whole vector at once (the earlier kernel); the cap is ignored on the CPU.
+SELECT_VARIANTS = [("bracket", 4, None, None), ("lanes", 4, None, None), ("rows", 4, None, None)]
+SELECT_VARIANTS += [("rows", 0, None, None), ("bracket", 8, 1, 64), ("bracket", 4, 2, 48)]
 
 
 def _check_variant(monkeypatch, variant: tuple, n: int, k: int, kind: str, device: str) -> None:
-    chunk, warps, cap = variant
+    mode, chunk, warps, cap = variant
+    monkeypatch.setattr(router_topk, "SELECT_MODE", mode)
     monkeypatch.setattr(router_topk, "SELECT_CHUNK_ROWS", chunk)
     monkeypatch.setattr(router_topk, "SELECT_WARPS", warps)
     monkeypatch.setattr(router_topk, "SELECT_MAXNREG", cap if device == "cuda" else None)
@@ -210,6 +213,66 @@ def _check_variant(monkeypatch, variant: tuple, n: int, k: int, kind: str, devic
         _check_nonfinite(n, k, torch.float32, device)
     else:
         _check(3, n, k, torch.float32, device, ties=kind == "ties")
+
+
+def _mode_inputs(T: int, n: int, kind: str, seed: int) -> tuple:
+    """float32 (rows, cols): log-probabilities, few distinct values, or NaN / +-inf / signed
+    zeros mixed into log-probabilities."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        return tuple(torch.randint(0, 3, (T, n), generator=gen).float() for _ in range(2))
+    halves = [torch.randn(T, n, generator=gen).log_softmax(-1) for _ in range(2)]
+    if kind == "mixed":
+        pool = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0])
+        for i, x in enumerate(halves):
+            pick = torch.randint(0, 40, (T, n), generator=gen)
+            halves[i] = torch.where(pick < 5, pool[pick.clamp_max(4)], x)
+    return tuple(halves)
+
+
+def _bitwise_modes(T: int, n: int, k: int, kind: str, device: str, monkeypatch) -> None:
+    """The lane-chunked selections ("lanes", "bracket") give bitwise the ids and scores of the
+    row-major one ("rows", the default before them)."""
+    rows, cols = (x.to(device) for x in _mode_inputs(T, n, kind, seed=n * 7 + k))
+    out = {}
+    for mode in ("rows", "lanes", "bracket"):
+        monkeypatch.setattr(router_topk, "SELECT_MODE", mode)
+        out[mode] = router_topk.cartesian_topk_ids(rows, cols, k)
+    scores, ids = out["rows"]
+    for mode in ("lanes", "bracket"):
+        assert torch.equal(out[mode][1], ids), mode
+        assert torch.equal(out[mode][0].view(torch.int32), scores.view(torch.int32)), mode
+
+
+MODE_CASES = [  # T, n, K, kind
+    (3, 1024, 64, "randn"),  # the benchmark's shape
+    (3, 1024, 64, "ties"),  # equal values straddle the 64th place
+    (3, 1024, 64, "mixed"),  # NaN / +-inf / signed zeros
+    (3, 1000, 40, "randn"),  # n not a power of two, a partial last lane
+    (4, 200, 37, "mixed"),
+    (3, 96, 33, "ties"),  # a > L = 32: two groups per lane in the bracket
+    (2, 300, 299, "randn"),  # a = n - 1, the widest selection
+    (2, 24, 576, "ties"),  # K = n * n: no selection (a = n), both modes the same kernel
+    (2, 5, 1, "mixed"),  # K = 1, n < one lane's width
+]
+
+
+@cpu_triton
+@NAN_SCORES
+@pytest.mark.parametrize(("T", "n", "k", "kind"), MODE_CASES)
+def test_select_modes_bitwise_cpu(monkeypatch, T: int, n: int, k: int, kind: str) -> None:
+    _bitwise_modes(T, n, k, kind, "cpu", monkeypatch)
+
+
+@NAN_SCORES
+@pytest.mark.parametrize(
+    ("T", "n", "k", "kind"),
+    [*MODE_CASES, (4096, 1024, 64, "randn"), (2048, 1024, 64, "ties"), (2048, 1024, 64, "mixed")],
+)
+@gpu[0]
+@gpu[1]
+def test_select_modes_bitwise_gpu(monkeypatch, T: int, n: int, k: int, kind: str) -> None:
+    _bitwise_modes(T, n, k, kind, "cuda", monkeypatch)
 
 
 @cpu_triton

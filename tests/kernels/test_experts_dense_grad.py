@@ -79,6 +79,50 @@ def test_dense_matches_reference(T, D, N, K, dtype, skip, max_bytes) -> None:
         assert torch.equal(a, b.to(dtype))
 
 
+DISTINCT_SHAPES = [  # T, D, N, K, dtype, skip share: at most one of each id per token
+    (7, 16, 12, 3, torch.float32, 0.0),
+    (13, 40, 50, 6, torch.bfloat16, 0.3),
+    (33, 24, 64, 64, torch.bfloat16, 0.0),  # K = N: every expert once per token
+    (50, 8, 30, 7, torch.float64, 0.2),
+]
+
+
+def _distinct_ids(T, N, K, skip, seed=1):
+    """(T, K) ids, no id < N twice in a row (a random K-subset per token, unsorted), a ``skip``
+    share replaced by N ("no expert", which may repeat)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(N, generator=gen)[:K] for _ in range(T)])
+    return idx.masked_fill(torch.rand(T, K, generator=gen) < skip, N)
+
+
+@pytest.mark.parametrize("max_bytes", [None, 64], ids=["one_chunk", "chunks"])
+@pytest.mark.parametrize(("T", "D", "N", "K", "dtype", "skip"), DISTINCT_SHAPES)
+def test_distinct_ids_skip_the_merge_bitwise(T, D, N, K, dtype, skip, max_bytes) -> None:
+    """The ``distinct_ids`` promise skips the sort and the segmented scan: with ids that keep
+    it, the same buffer is built (distinct positions), so the result is bitwise the merged
+    path's, and within the reference's tolerance."""
+    x, dy, _, g, h, w = _inputs(T, D, N, K, dtype)
+    idx = _distinct_ids(T, N, K, skip)
+    out = torch.float64 if dtype == torch.float64 else torch.float32
+    args = (x, dy, idx, g, h, w, N)
+    merged = dense.dense_table_grads(*args, dtype=out, max_bytes=max_bytes)
+    fast = dense.dense_table_grads(*args, dtype=out, max_bytes=max_bytes, distinct_ids=True)
+    ref = _reference(*args)
+    for a, b, r in zip(fast, merged, ref):
+        assert torch.equal(a, b)
+        assert rel_err(a, r) <= TOL[dtype]
+
+
+def test_distinct_ids_promise_broken_loses_repeats() -> None:
+    """The promise is what makes the fast path exact: with a repeated id it keeps one pair of
+    the run (a plain scatter), which the test of the merged path would catch."""
+    x, dy, _, g, h, w = _inputs(1, 8, 4, 2, torch.float32)
+    idx = torch.tensor([[2, 2]])
+    merged = dense.dense_table_grads(x, dy, idx, g, h, w, 4, dtype=torch.float32)
+    fast = dense.dense_table_grads(x, dy, idx, g, h, w, 4, dtype=torch.float32, distinct_ids=True)
+    assert not torch.equal(merged[0][2], fast[0][2])
+
+
 def test_merged_columns_invariant() -> None:
     """Per token: each real id owns exactly one column (value = the sum of its pairs), every
     other pair goes to the dummy column N, so a plain scatter never writes a cell twice."""

@@ -82,3 +82,21 @@ def test_deferred_running_stats_equal_immediate_ones() -> None:
         assert deferred.pending == []
         assert torch.equal(deferred.running_mean, immediate.running_mean)
         assert torch.equal(deferred.running_var, immediate.running_var)
+
+
+@pytest.mark.parametrize("kind", ["cartesian", "dense"])
+def test_routers_promise_distinct_ids_and_keep_it(kind: str) -> None:
+    """Both routers set ``Routing.distinct_ids`` (the expert kernels' dense weight-gradient
+    path then skips merging repeats), and their ids keep the promise, even with ties."""
+    from omnimoe_train.model.router import DenseRouter
+
+    torch.manual_seed(3)
+    n, k = 6, 20
+    cls = CartesianRouter if kind == "cartesian" else DenseRouter
+    router = cls(16, n * n, k, **({"backend": "torch"} if kind == "cartesian" else {}))
+    x_TD = torch.randn(40, 16)
+    x_TD[:5] = 0.0  # equal scores: ties everywhere in these tokens
+    routing = router(x_TD)
+    assert routing.distinct_ids
+    ids = routing.indices_TK.sort(-1).values
+    assert bool((ids[:, 1:] != ids[:, :-1]).all())
