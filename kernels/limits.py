@@ -1,5 +1,5 @@
 """Size limits of the Triton kernels, defined once: the kernels enforce them and
-``omnimoe_train.validation`` turns them into configuration rules checked before any work.
+``omnimoe_train.validation.model`` turns them into configuration rules checked before any work.
 
 Shape suffixes: T tokens, N experts, n = sqrt(N) (router half), K top-k, P = T * K pairs.
 """

@@ -1,8 +1,8 @@
 """Typed configuration schema, registered in Hydra's ConfigStore.
 
 Every field that a YAML file or a CLI override may set is declared here, so an unknown key or a
-value of the wrong type is rejected by composition; the rules between fields live in
-``validation.py``. The YAML files under ``conf/`` only choose values.
+value of the wrong type is rejected by composition; the rules between fields live in the
+``validation`` package. The YAML files under ``conf/`` only choose values.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """``omnimoe-params``: parameters and training FLOPs of the model a config describes.
 
 Takes the same Hydra overrides as ``omnimoe-train`` (``omnimoe-params model=a1_7b model.mlp=peer``),
-validates them the same way (one line, exit 2), builds the model on the meta device (nothing is
-allocated; ``model.accounting``) and prints a table per component, then, as its last line, one
-JSON object with ``total_params``, ``active_params`` and ``flops_per_token``.
+validates them the same way (one line, exit 2), except for the rules about this machine and about
+how the global batch splits over the data-parallel ranks, builds the model on the meta device
+(nothing is allocated; ``model.accounting``) and prints a table per component, then, as its last
+line, one JSON object with ``total_params``, ``active_params`` and ``flops_per_token``.
 
 The vocabulary is ``model.vocab_size`` (the paper scales set the paper's 128,256), else the size
 of the tokenizer a run would train (``data.vocab_size``), padded as the trainer pads it.
@@ -44,7 +45,14 @@ def compose(overrides: list[str]) -> RootConfig:
         # Without a launcher, check the layout rules against the smallest world that fits it.
         minimal_world = p.pp * math.lcm(p.tp, p.ep)
         # The config may be meant for another machine: its GPU and packages are not checked.
-        validate(cfg, world_size=max(world_size_from_env(), minimal_world), this_machine=False)
+        # Nor is how the global batch splits over that guessed world's data-parallel ranks:
+        # counting parameters needs no batch, and the real world size is the launcher's.
+        validate(
+            cfg,
+            world_size=max(world_size_from_env(), minimal_world),
+            this_machine=False,
+            batch_rules=False,
+        )
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors

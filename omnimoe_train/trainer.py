@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from omnimoe_train.bad_steps import StepGuard, Verdict
-from omnimoe_train.checkpoint.compat import RunAlreadyComplete, check_resumable
+from omnimoe_train.checkpoint.compat import RunAlreadyComplete, check_resumable, schedule_change
 from omnimoe_train.checkpoint.files import read_meta
 from omnimoe_train.checkpoint.session import Checkpointing, CheckpointLoadError, TrainState
 from omnimoe_train.checkpoint.signals import StepSync, StopRequest, parse_duration
@@ -98,18 +98,20 @@ class Trainer:
             warn=self._warn,
         )
         self.resume_from = self.ckpt.manager.resolve_resume()
+        # Worth a line at resume, not a refusal: a longer trainer.max_steps extends the run.
+        self.schedule_note: str | None = None
         if self.resume_from is not None:
+            meta = read_meta(self.resume_from)
             try:
                 check_resumable(
-                    self.resume_from,
-                    read_meta(self.resume_from),
-                    engine=t.engine,
-                    model=cfg.model,
-                    max_steps=t.max_steps,
+                    self.resume_from, meta, engine=t.engine, model=cfg.model, max_steps=t.max_steps
                 )
             except (CheckpointLoadError, RunAlreadyComplete):
                 self.stop.restore()
                 raise
+            self.schedule_note = schedule_change(
+                self.resume_from, meta, optim=cfg.optim, max_steps=t.max_steps
+            )
         self.data = prepare_data(d, rank=runtime.rank)
         self.data_dir = self.data.description
         for facts in self.data.facts():  # each dataset read (a mixture: every one)
@@ -263,6 +265,8 @@ class Trainer:
         if self.resume_from is not None:
             for line in self.ckpt.load(self.resume_from, s, self.train_loader, self.guard):
                 self._warn(line)
+            if self.schedule_note is not None:
+                self._warn(self.schedule_note)
             sink.log({"step": s.step, "resumed_from": self.resume_from.name})
         if self.rt.is_main and cfg.model.mlp in ATOMIC_EXPERT_MLPS:
             sink.console.log(self.engine.sharding_note)

@@ -13,6 +13,10 @@ a finished run, so it is named first):
 
 Checkpoints whose ``meta.json`` lacks ``engine`` or ``config`` (older ones) are not refused for
 that: the check is skipped and the loader decides, as before.
+
+A changed learning-rate schedule is allowed, as torchtitan and Megatron allow extending a run
+(the scheduler takes its shape from the new config and only its position from the checkpoint,
+``engine.optim.wsd_scheduler``), but not silently: :func:`schedule_change` words it in one line.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from omnimoe_train.checkpoint.session import CheckpointLoadError
-from omnimoe_train.config import ModelConfig
+from omnimoe_train.config import ModelConfig, OptimConfig
+from omnimoe_train.lr_schedule import SCHEDULE_KEYS, wsd_decay_start
 
 # Parameters every model has.
 _COMMON = (
@@ -105,3 +110,48 @@ def check_resumable(
     step = meta.get("step")
     if isinstance(step, int) and step >= max_steps:
         raise RunAlreadyComplete(step, max_steps)
+
+
+def schedule_change(
+    path: Path, meta: dict[str, Any], *, optim: OptimConfig, max_steps: int
+) -> str | None:
+    """One line when this run's learning-rate schedule differs from the checkpoint's run, or
+    None (same schedule, or a ``meta.json`` without the config or the key).
+
+    The line names the checkpoint's step S (from which the new schedule applies), each changed
+    key (``trainer.max_steps`` or an ``optim.*`` key of ``lr_schedule.SCHEDULE_KEYS``) with both
+    values, and where the WSD decay now starts when that moves.
+    """
+    saved = meta.get("config")
+    saved = saved if isinstance(saved, dict) else {}
+    now = {"trainer": {"max_steps": max_steps}, "optim": vars(optim)}
+    was: dict[str, Any] = {}
+    for section, key in SCHEDULE_KEYS:
+        section_of = saved.get(section)
+        old = section_of.get(key) if isinstance(section_of, dict) else None
+        if old is not None:
+            was[f"{section}.{key}"] = old
+    changed = [
+        f"{name} {was[name]} -> {now[section][key]}"
+        for section, key in SCHEDULE_KEYS
+        if (name := f"{section}.{key}") in was and was[name] != now[section][key]
+    ]
+    if not changed:
+        return None
+    step = meta.get("step")
+    at = step if isinstance(step, int) else "?"
+    line = (
+        f"warning: learning-rate schedule changes from step {at} on: {', '.join(changed)} "
+        f"(checkpoint {path.name} was written with the old schedule)"
+    )
+    try:
+        before = wsd_decay_start(
+            float(was.get("optim.decay_fraction", optim.decay_fraction)),
+            int(was.get("trainer.max_steps", max_steps)),
+        )
+    except (TypeError, ValueError):
+        return line
+    after = wsd_decay_start(optim.decay_fraction, max_steps)
+    if before != after:
+        line += f"; WSD decay now starts after step {after} (was {before})"
+    return line

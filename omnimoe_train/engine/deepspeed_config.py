@@ -46,8 +46,8 @@ def offload_device(ds: dict[str, Any], what: str) -> str:
 def check_deepspeed_keys(ds: dict[str, Any]) -> tuple[str, str] | None:
     """First violated rule of the ``deepspeed`` section as (key, rule), or None.
 
-    Called by ``validation.validate`` (which turns it into a ``ConfigError``) before any process
-    group exists.
+    Called by ``validation.validate`` (through ``validation/engine.py``, which turns it into a
+    ``ConfigError``) before any process group exists.
     """
     for key, instead in RESERVED.items():
         if key in ds:

@@ -17,6 +17,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import nn
 
 from omnimoe_train.config import OptimConfig
+from omnimoe_train.lr_schedule import wsd_decay_steps
 
 WSD_STYLES = {"linear": "linear", "cosine": "cosine", "sqrt": "minus_sqrt"}
 
@@ -80,7 +81,7 @@ def wsd_scheduler(optimizer: Any, o: OptimConfig, max_steps: int) -> OptimizerPa
         end_wd=o.weight_decay,
         wd_incr_steps=max_steps,
         wd_incr_style="constant",
-        wsd_decay_steps=max(1, int(o.decay_fraction * max_steps)),
+        wsd_decay_steps=wsd_decay_steps(o.decay_fraction, max_steps),
         lr_wsd_decay_style=WSD_STYLES[o.decay_style],
         # On resume the schedule's shape comes from the current config (a longer
         # trainer.max_steps extends the run) and only its position from the checkpoint.

@@ -5,6 +5,8 @@
 - A checkpoint of another model shape or another engine: exit 2 with one line naming the key,
   before the model is built; layout and other non-shape keys may change. A checkpoint that does
   not record its config fails in the loader, also with one line.
+- A changed learning-rate schedule (``trainer.max_steps``, ``optim.warmup_steps``...) is
+  allowed, with one warning line naming the step from which it applies.
 - A resumed run's summary keeps the run's initial val_loss and its total wall time.
 - A helper process forked by the checkpoint writer dies with a kill -9 of the trainer.
 """
@@ -15,15 +17,16 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from omnimoe_train.checkpoint.compat import RunAlreadyComplete, check_resumable
+from omnimoe_train.checkpoint.compat import RunAlreadyComplete, check_resumable, schedule_change
 from omnimoe_train.checkpoint.session import CheckpointLoadError
-from omnimoe_train.config import ModelConfig
+from omnimoe_train.config import ModelConfig, OptimConfig
 from omnimoe_train.metrics import logged_initial_val_loss
 from tests.checkpoint.test_fault_tolerance import TINY, _cmd, _env, _wait_for, records
 from tests.cli_helpers import run_train_cli
@@ -89,6 +92,51 @@ def test_checkpoint_at_or_past_max_steps_is_complete(step: int, max_steps: int) 
         f"run already complete at step {step} >= trainer.max_steps={max_steps}; nothing to do"
     )
     _check(_meta(step=step), max_steps=step + 1)
+
+
+def _schedule_meta(max_steps: int = 100, **optim: object) -> dict:
+    return {
+        "step": 90,
+        "config": {"trainer": {"max_steps": max_steps}, "optim": {**vars(OptimConfig()), **optim}},
+    }
+
+
+def test_a_changed_schedule_is_one_warning_line_naming_the_step() -> None:
+    assert schedule_change(CKPT, _schedule_meta(), optim=OptimConfig(), max_steps=100) is None
+    # Old checkpoints (no config, or no optim section) have nothing to compare with.
+    assert schedule_change(CKPT, {"step": 90}, optim=OptimConfig(), max_steps=200) is None
+    longer = schedule_change(CKPT, _schedule_meta(), optim=OptimConfig(), max_steps=200)
+    # WSD's stable phase ends at max_steps - max(1, int(decay_fraction * max_steps)).
+    assert longer == (
+        "warning: learning-rate schedule changes from step 90 on: trainer.max_steps 100 -> 200 "
+        "(checkpoint step_00000090 was written with the old schedule); "
+        "WSD decay now starts after step 160 (was 80)"
+    )
+    both = schedule_change(
+        CKPT,
+        _schedule_meta(warmup_steps=10),
+        optim=OptimConfig(warmup_steps=30, decay_fraction=0.5),
+        max_steps=100,
+    )
+    assert both is not None and "\n" not in both
+    assert both.startswith(
+        "warning: learning-rate schedule changes from step 90 on: "
+        "optim.warmup_steps 10 -> 30, optim.decay_fraction 0.2 -> 0.5 "
+    )
+    assert both.endswith("WSD decay now starts after step 50 (was 80)")
+    peak = schedule_change(CKPT, _schedule_meta(lr=1e-3), optim=OptimConfig(), max_steps=100)
+    assert peak is not None and "optim.lr 0.001 -> 0.002" in peak and "WSD" not in peak
+
+
+def test_the_resume_checks_import_neither_megatron_nor_triton() -> None:
+    """The kernel tests' conftest sets TRITON_INTERPRET before Triton is first imported; a test
+    module collected earlier that imports these checks must not import it first."""
+    code = (
+        "import sys, omnimoe_train.checkpoint.compat; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('megatron', 'triton')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_logged_initial_val_loss_takes_the_newest_fresh_start(tmp_path: Path) -> None:
@@ -186,6 +234,13 @@ def test_continued_run_summary_covers_the_whole_run(finished, tmp_path: Path) ->
         [*_args(run), "trainer.max_steps=12", "trainer.log_interval=2"], cache=cache
     )
     assert more.returncode == 0, more.stderr[-3000:]
+    # A longer run (torchtitan and Megatron allow it) is said once, at resume.
+    schedule = [line for line in more.stderr.splitlines() if "learning-rate schedule" in line]
+    assert schedule == [
+        "warning: learning-rate schedule changes from step 8 on: trainer.max_steps 8 -> 12 "
+        "(checkpoint step_00000008 was written with the old schedule); "
+        "WSD decay now starts after step 10 (was 7)"
+    ], more.stderr[-3000:]
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["initial_val_loss"] == summary["initial_val_loss"]
     assert resumed["resumed_from"] == "step_00000008"

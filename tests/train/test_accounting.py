@@ -12,6 +12,7 @@ from omnimoe_train.mfu import peak_tflops, throughput_metrics
 from omnimoe_train.model.accounting import build_meta_model, model_accounting
 from omnimoe_train.model.gpt import build_model, transformer_config
 from omnimoe_train.params_cli import main as params_main
+from omnimoe_train.validation import ConfigError, validate
 from tests.train.conftest import compose_config
 
 # Paper Table B: total / active parameters (active without the embedding and output layer).
@@ -161,6 +162,27 @@ def test_omnimoe_params_counts_a_gpu_config_on_a_machine_without_one(
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"omnimoe-params: error: {rule}"), err
+
+
+def test_omnimoe_params_skips_the_batch_rules_but_not_the_layout_rules(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Counting parameters needs no batch: the default global batch (16 = one micro-batch of 16)
+    does not split over ep2_rows's two data-parallel ranks, which omnimoe-train refuses, yet
+    the count is printed (and equals the single-rank one). Layout rules still hold."""
+    with pytest.raises(ConfigError, match=r"^data\.global_batch_size: must be a multiple"):
+        validate(compose_config("parallel=ep2_rows"), world_size=2)
+    params_main(["parallel=ep2_rows"])
+    ep2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    params_main([])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == ep2
+    with pytest.raises(SystemExit) as exit_info:
+        params_main(["parallel=ep2_rows", "model.num_experts=9"])  # 3 rows over 2 ranks
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "omnimoe-params: error: parallel.ep: invalid parallel layout: rows sharding"
+    ), err
 
 
 def test_device_peaks_and_mfu_fields() -> None:

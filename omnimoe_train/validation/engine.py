@@ -1,0 +1,113 @@
+"""Engine and machine rules: ``trainer.engine=deepspeed``, ``trainer.device``, and the
+throughput levers ``model.fused_cross_entropy=liger`` and ``trainer.compile``
+(model/fusions.py). The rules about the machine the check runs on (a visible CUDA device, an
+installed package) apply only when it is the machine the run is meant for."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+from omnimoe_train.config import ModelConfig, ParallelConfig, TrainerConfig
+from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys, check_deepspeed_schema
+from omnimoe_train.validation.choices import MEGATRON_MOE_MLPS
+from omnimoe_train.validation.errors import ConfigError, require
+
+
+def validate_deepspeed(p: ParallelConfig, ds: dict[str, Any]) -> None:
+    """``trainer.engine=deepspeed``: data parallel only, DeepSpeed installed, its keys (the
+    root config's ``deepspeed`` section, ``ds``) sane."""
+    model_parallel = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.ep": p.ep}
+    bad = {key: value for key, value in model_parallel.items() if value != 1}
+    require(
+        not bad and p.vpp is None,
+        "trainer.engine",
+        "deepspeed is data parallel only: parallel.tp, parallel.pp and parallel.ep must be 1 and "
+        f"parallel.vpp null (got {', '.join(f'{k}={v}' for k, v in bad.items()) or f'vpp={p.vpp}'}"
+        "); use trainer.engine=megatron for tensor, pipeline or expert parallelism",
+    )
+    require(
+        not p.sequence_parallel and not p.distributed_optimizer,
+        "trainer.engine",
+        "deepspeed shards the optimizer with ZeRO (deepspeed=zero1|zero2|zero3...): "
+        "parallel.sequence_parallel and parallel.distributed_optimizer must be false",
+    )
+    require(
+        importlib.util.find_spec("deepspeed") is not None,
+        "trainer.engine",
+        "deepspeed is not installed (pip install -e '.[deepspeed]')",
+    )
+    problem = check_deepspeed_keys(ds) or check_deepspeed_schema(ds)
+    if problem is not None:
+        raise ConfigError(*problem)
+
+
+def validate_device(device: str) -> None:
+    """``trainer.device=cuda`` needs a visible GPU (checked as ``distributed.resolve_device``
+    does, with ``torch.cuda.is_available``, which does not create a CUDA context)."""
+    if device != "cuda":
+        return
+    import torch
+
+    require(
+        torch.cuda.is_available(),
+        "trainer.device",
+        "cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use trainer.device=cpu or auto",
+    )
+
+
+def _runs_on_cuda(device: str) -> bool:
+    """Whether ``trainer.device`` resolves to CUDA (as ``distributed.resolve_device`` does)."""
+    import torch
+
+    return device != "cpu" and torch.cuda.is_available()
+
+
+def validate_throughput_levers(
+    m: ModelConfig, p: ParallelConfig, t: TrainerConfig, this_machine: bool
+) -> None:
+    """``model.fused_cross_entropy=liger`` and ``trainer.compile`` (model/fusions.py); the
+    package and CUDA rules only when ``this_machine``."""
+    if m.fused_cross_entropy == "liger":
+        key = "model.fused_cross_entropy"
+        require(
+            p.tp == 1,
+            key,
+            f"liger's fused linear cross-entropy is not vocab-parallel: needs parallel.tp=1 "
+            f"(got {p.tp}); model.fused_cross_entropy=megatron works at any tp",
+        )
+    if m.fused_cross_entropy == "liger" and this_machine:
+        key = "model.fused_cross_entropy"
+        require(
+            importlib.util.find_spec("liger_kernel") is not None,
+            key,
+            "liger needs the liger-kernel package: pip install -e '.[liger]'",
+        )
+        require(
+            _runs_on_cuda(t.device) or os.environ.get("TRITON_INTERPRET") == "1",
+            key,
+            "liger runs Triton kernels: needs a CUDA device (or TRITON_INTERPRET=1)",
+        )
+    if t.compile != "none":
+        key = "trainer.compile"
+        require(
+            _runs_on_cuda(t.device) or (not this_machine and t.device != "cpu"),
+            key,
+            f"{t.compile} compiles for CUDA only (trainer.device={t.device}, "
+            "no CUDA device in use); use trainer.compile=none",
+        )
+        require(t.engine == "megatron", key, f"needs trainer.engine=megatron (got {t.engine})")
+        require(
+            p.tp == 1,
+            key,
+            f"needs parallel.tp=1 (got {p.tp}): megatron's tensor-parallel communication "
+            "inside a layer is not traced",
+        )
+        require(
+            m.mlp not in MEGATRON_MOE_MLPS,
+            key,
+            f"megatron's MoE layer (model.mlp={m.mlp}) has data-dependent token dispatch; "
+            "use it with trainer.compile=none",
+        )

@@ -1,0 +1,81 @@
+"""Rules of the training run around the model: the optimizer and its schedule, checkpoints,
+the time limit and bad-step guard, and the names the run creates (folders, W&B tags)."""
+
+from __future__ import annotations
+
+from omnimoe_train.checkpoint.signals import parse_duration
+from omnimoe_train.config import (
+    CheckpointConfig,
+    DataConfig,
+    OptimConfig,
+    TrainerConfig,
+    WandbConfig,
+)
+from omnimoe_train.names import COMPONENT_MAX_BYTES, long_component
+from omnimoe_train.validation.errors import ConfigError, require
+
+# W&B refuses a run whose tags are empty or longer than this (wandb.Settings.validate_tags).
+WANDB_TAG_MAX_CHARS = 64
+
+
+def validate_optim(o: OptimConfig, max_steps: int) -> None:
+    """The peak LR and the warmup-stable-decay schedule over ``trainer.max_steps``."""
+    require(o.lr > 0, "optim.lr", f"must be positive (got {o.lr})")
+    require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in [0, 1]")
+    require(
+        0 <= o.warmup_steps < max_steps,
+        "optim.warmup_steps",
+        f"must be in [0, trainer.max_steps={max_steps}) (got {o.warmup_steps})",
+    )
+    require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+
+
+def validate_checkpoint(c: CheckpointConfig) -> None:
+    require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = final only)")
+    require(c.keep >= 1, "checkpoint.keep", f"must be >= 1 (got {c.keep})")
+    require(
+        all(s >= 0 for s in c.keep_steps),
+        "checkpoint.keep_steps",
+        f"must be steps >= 0 (got {list(c.keep_steps)})",
+    )
+
+
+def validate_robustness(t: TrainerConfig) -> None:
+    """Time limit and bad-step rules."""
+    if t.max_time is not None:
+        try:
+            parse_duration(t.max_time)
+        except ValueError as exc:
+            raise ConfigError("trainer.max_time", str(exc)) from None
+    require(
+        t.spike_zscore >= 0, "trainer.spike_zscore", f"must be >= 0 (0 = off; got {t.spike_zscore})"
+    )
+    require(t.spike_window >= 2, "trainer.spike_window", f"must be >= 2 (got {t.spike_window})")
+    require(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1 (got {t.max_bad_steps})")
+    require(
+        all(s >= 1 for s in t.nan_loss_steps),
+        "trainer.nan_loss_steps",
+        f"must be steps >= 1 (a test hook; got {list(t.nan_loss_steps)})",
+    )
+
+
+def validate_names(d: DataConfig, c: CheckpointConfig, w: WandbConfig) -> None:
+    """Folders the run creates from paths given whole, and W&B's tag rule: checked here, not
+    at the first write (the checkpoint folder is first made at the end of training)."""
+    for key, path in (("data.dir", d.dir), ("checkpoint.dir", c.dir)):
+        part = long_component(path) if path is not None else None
+        require(
+            part is None,
+            key,
+            f"a path component has {len(part.encode()) if part else 0} bytes, more than the "
+            f"file system's {COMPONENT_MAX_BYTES} ({(part or '')[:40]}...)",
+        )
+    if w.mode != "disabled":
+        for tag in w.tags:
+            require(
+                1 <= len(str(tag)) <= WANDB_TAG_MAX_CHARS,
+                "logging.wandb.tags",
+                f"each tag must have 1 to {WANDB_TAG_MAX_CHARS} characters, W&B's rule "
+                f"(got {len(str(tag))}: {str(tag)[:40]!r})",
+            )
