@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from omnimoe_kernels.gate_outputs import gate_outputs
 from omnimoe_kernels.limits import GATES_MAX_SCORES
 from omnimoe_kernels.router_gates import (
     batchnorm_backward,
@@ -78,13 +79,8 @@ class GateLogProbs(torch.autograd.Function):
         ctx.save_for_backward(x_TD, w_HD, z_TH, rstd_H)
         ctx.batch, ctx.group, ctx.tokens = stats == "batch", group, tokens
         ctx.gate_shapes = [(g.shape, g.dtype) for g in gates_nD]
-        ctx.mark_non_differentiable(entropy_T)
         # y_GTn[g] is a contiguous (T, n) view: what the top-K kernel reads without a copy.
-        outputs = (*y_GTn.unbind(0), entropy_T)
-        if batch_stats is not None:
-            ctx.mark_non_differentiable(batch_stats)
-            outputs = (*outputs, batch_stats)
-        return outputs
+        return gate_outputs(ctx, y_GTn.unbind(0), entropy_T, batch_stats)
 
     @staticmethod
     def backward(ctx, *grads):

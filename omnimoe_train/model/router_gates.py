@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 import omnimoe_kernels
+from omnimoe_kernels.gate_outputs import gate_outputs
 
 
 def _group_sum(t: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -73,13 +74,9 @@ class _GateLogProbs(torch.autograd.Function):
         ctx.save_for_backward(x_TD, w_HD, z_TH, y_TGn, rstd_H)
         ctx.batch, ctx.group, ctx.tokens = stats == "batch", group, tokens
         ctx.gate_shapes = [(g.shape, g.dtype) for g in gates_nD]
-        ctx.mark_non_differentiable(entropy_T)
         # One contiguous (T, n) tensor per gate: what the top-K kernel reads without a copy.
-        outputs = (*(y.contiguous() for y in y_TGn.unbind(1)), entropy_T)
-        if batch_stats is not None:
-            ctx.mark_non_differentiable(batch_stats)
-            outputs = (*outputs, batch_stats)
-        return outputs
+        per_gate = tuple(y.contiguous() for y in y_TGn.unbind(1))
+        return gate_outputs(ctx, per_gate, entropy_T, batch_stats)
 
     @staticmethod
     def backward(ctx, *grads):
