@@ -22,8 +22,9 @@ from omnimoe_train.validation.errors import require
 
 
 def query_groups(m: ModelConfig) -> int:
-    """Attention's key/value groups: ``model.num_query_groups``, null meaning one per head."""
-    return m.num_query_groups or m.num_attention_heads
+    """Attention's key/value groups: ``model.num_query_groups``, null meaning one per head (0 is
+    not null: megatron would divide by it, so the rule below must see it)."""
+    return m.num_attention_heads if m.num_query_groups is None else m.num_query_groups
 
 
 def validate_transformer(m: ModelConfig) -> None:

@@ -3,6 +3,8 @@ the time limit and bad-step guard, and the names the run creates (folders, W&B t
 
 from __future__ import annotations
 
+import math
+
 from omnimoe_train.checkpoint.signals import parse_duration
 from omnimoe_train.config import (
     CheckpointConfig,
@@ -19,8 +21,19 @@ WANDB_TAG_MAX_CHARS = 64
 
 
 def validate_optim(o: OptimConfig, max_steps: int) -> None:
-    """The peak LR and the warmup-stable-decay schedule over ``trainer.max_steps``."""
-    require(o.lr > 0, "optim.lr", f"must be positive (got {o.lr})")
+    """The peak LR, AdamW's hyperparameters (``torch.optim.AdamW`` refuses the same values with
+    a traceback once the model is built) and the warmup-stable-decay schedule over
+    ``trainer.max_steps``."""
+    require(math.isfinite(o.lr) and o.lr > 0, "optim.lr", f"must be a positive number (got {o.lr})")
+    for key in ("beta1", "beta2"):
+        beta = getattr(o, key)
+        require(0.0 <= beta < 1.0, f"optim.{key}", f"must be in [0, 1) (got {beta})")
+    require(math.isfinite(o.eps) and o.eps > 0, "optim.eps", f"must be positive (got {o.eps})")
+    require(
+        math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+        "optim.weight_decay",
+        f"must be >= 0 (got {o.weight_decay})",
+    )
     require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
     require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in [0, 1]")
     require(

@@ -46,6 +46,9 @@ def omnimoe_train(args: list[str], cache: Path, timeout: int = 300):  # noqa: AN
         (["data.micro_batch_size=8", "data.global_batch_size=12"], 1, "data.global_batch_size"),
         (["data.global_batch_size=8"], 2, "data.global_batch_size"),  # 8 % (8 * dp=2)
         (["logging.wandb.mode=sometimes"], 1, "logging.wandb.mode"),
+        # Both once passed the rules and ended in a traceback from megatron / torch's AdamW.
+        (["model.num_query_groups=0"], 1, "model.num_query_groups"),
+        (["optim.beta2=1.5"], 1, "optim.beta2"),
     ],
 )
 def test_invalid_config_exits_2_with_one_line(

@@ -242,3 +242,26 @@ def test_batch_rule_says_which_override_fixes_it(
     assert info.value.key == "data.global_batch_size" and info.value.rule.endswith(fix)
     for suggestion in info.value.rule.split("; set ")[1].split(" or "):
         validate(compose_config(*overrides, suggestion), world_size=world_size)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        # 0 is not null (one group per head): megatron's attention would divide by it.
+        ("model.num_query_groups=0", "model.num_query_groups"),
+        ("model.num_query_groups=1", None),
+        # torch.optim.AdamW's own rules, which otherwise fail with a traceback at model build.
+        ("optim.beta1=-0.1", "optim.beta1"),
+        ("optim.beta2=1.0", "optim.beta2"),
+        ("optim.beta2=0.0", None),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.eps=-1e-8", "optim.eps"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay"),
+        ("optim.weight_decay=nan", "optim.weight_decay"),
+        ("optim.weight_decay=0", None),
+        # An infinite peak LR trains on with non-finite losses until the bad-step guard stops it.
+        ("optim.lr=inf", "optim.lr"),
+    ],
+)
+def test_values_megatron_or_torch_would_refuse_later_are_rules(override: str, key: str) -> None:
+    assert _key_of(override) == key
