@@ -47,6 +47,15 @@ def validate_transformer(m: ModelConfig) -> None:
     )
     if m.vocab_size is not None:
         require(m.vocab_size >= 2, "model.vocab_size", f"must be >= 2 (got {m.vocab_size})")
+    # Outside these, torch refuses the init (a traceback at model build) or every loss is NaN
+    # (RoPE's 1 / base^(2i/d), RMSNorm's 1 / sqrt(mean + eps)).
+    for key, value, bound in (
+        ("model.init_std", m.init_std, "> 0"),
+        ("model.rope_base", m.rope_base, "> 0"),
+        ("model.norm_eps", m.norm_eps, ">= 0"),
+    ):
+        ok = value > 0 if bound == "> 0" else value >= 0
+        require(math.isfinite(value) and ok, key, f"must be a finite number {bound} (got {value})")
 
 
 def validate_mlp(m: ModelConfig, p: ParallelConfig) -> None:

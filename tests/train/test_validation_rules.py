@@ -261,6 +261,11 @@ def test_batch_rule_says_which_override_fixes_it(
         ("optim.weight_decay=0", None),
         # An infinite peak LR trains on with non-finite losses until the bad-step guard stops it.
         ("optim.lr=inf", "optim.lr"),
+        ("model.init_std=-0.02", "model.init_std"),  # torch: "normal expects std >= 0.0"
+        ("model.init_std=0.01", None),
+        ("model.rope_base=0", "model.rope_base"),  # NaN losses from the first step
+        ("model.norm_eps=-1", "model.norm_eps"),  # NaN losses from the first step
+        ("model.norm_eps=0", None),
     ],
 )
 def test_values_megatron_or_torch_would_refuse_later_are_rules(override: str, key: str) -> None:
