@@ -101,26 +101,70 @@ def rotated(items: list[str], shift: int) -> list[str]:
     return list(items[shift:]) + list(items[:shift])
 
 
+def finished(row: dict) -> bool:
+    """A run that exited 0 and logged throughput (a crashed or timed-out run may have logged
+    some windows: they are in its row, not in the comparisons)."""
+    return row.get("status") == "ok" and "tokens_per_s_per_gpu" in row
+
+
+def add_ratios_vs_dp(rows: list[dict]) -> None:
+    """Set ``ratio_vs_dp`` on each finished row whose round has a finished data-parallel run
+    on as many GPUs: expert parallelism's target is relative to plain data parallelism."""
+    dp_tokens = {
+        (r["round"], r["gpus"]): r["tokens_per_s_per_gpu"]
+        for r in rows
+        if r["layout"].startswith("dp") and finished(r)
+    }
+    for r in rows:
+        if finished(r) and (r["round"], r["gpus"]) in dp_tokens:
+            r["ratio_vs_dp"] = r["tokens_per_s_per_gpu"] / dp_tokens[r["round"], r["gpus"]]
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (GPUs, layout): the runs that finished, the median tokens/s per GPU and the median,
-    min and max ratio to the data-parallel run of the same round."""
+    """Per (GPUs, layout): the runs that finished, their median tokens/s per GPU, and the
+    median, min and max ratio to the data-parallel run of the same round over the rounds that
+    have one (``runs_vs_dp``). None where there is no such run (a layout that never ran or
+    never finished): no number is made up."""
     out = []
     for key in dict.fromkeys((r["gpus"], r["layout"]) for r in rows):
-        done = [r for r in rows if (r["gpus"], r["layout"]) == key and "ratio_vs_dp" in r]
-        ratios = sorted(r["ratio_vs_dp"] for r in done)
+        done = [r for r in rows if (r["gpus"], r["layout"]) == key and finished(r)]
+        ratios = sorted(r["ratio_vs_dp"] for r in done if "ratio_vs_dp" in r)
         tokens = [r["tokens_per_s_per_gpu"] for r in done]
         out.append(
             {
                 "gpus": key[0],
                 "layout": key[1],
                 "runs": len(done),
-                "median_tokens_per_s_per_gpu": statistics.median(tokens) if tokens else 0.0,
-                "median_ratio_vs_dp": statistics.median(ratios) if ratios else 0.0,
-                "ratio_vs_dp_min": ratios[0] if ratios else 0.0,
-                "ratio_vs_dp_max": ratios[-1] if ratios else 0.0,
+                "runs_vs_dp": len(ratios),
+                "median_tokens_per_s_per_gpu": statistics.median(tokens) if tokens else None,
+                "median_ratio_vs_dp": statistics.median(ratios) if ratios else None,
+                "ratio_vs_dp_min": ratios[0] if ratios else None,
+                "ratio_vs_dp_max": ratios[-1] if ratios else None,
             }
         )
     return out
+
+
+def summary_table(summary: list[dict]) -> str:
+    """The markdown table of :func:`summarize`'s rows ("–" where there is no number)."""
+
+    def number(value: float | None, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    lines = [
+        "| GPUs | layout | runs | median tok/s/GPU | median vs DP | min–max vs DP |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        spread = (
+            f"{s['ratio_vs_dp_min']:.2f}–{s['ratio_vs_dp_max']:.2f}" if s["runs_vs_dp"] else "–"
+        )
+        lines.append(
+            f"| {s['gpus']} | {s['layout']} | {s['runs']} "
+            f"| {number(s['median_tokens_per_s_per_gpu'], ',.0f')} "
+            f"| {number(s['median_ratio_vs_dp'], '.2f')} | {spread} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -197,22 +241,14 @@ def main() -> None:
                 load_imbalance=steady.get("dispatch_load_imbalance"),
                 loss_late=steady["loss"],
             )
-            if gpus == 1 and kind == "dp":
+            if gpus == 1 and kind == "dp" and finished(row):
                 baseline = row["tokens_per_s_per_gpu"]
             if baseline:
                 row["efficiency_vs_1gpu"] = row["tokens_per_s_per_gpu"] / baseline
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "windows_per_gpu"}), flush=True)
 
-    # Expert parallelism's target is relative to plain data parallelism on as many GPUs.
-    dp_tokens = {
-        (r["round"], r["gpus"]): r["tokens_per_s_per_gpu"]
-        for r in rows
-        if r["layout"].startswith("dp") and "tokens_per_s_per_gpu" in r
-    }
-    for r in rows:
-        if "tokens_per_s_per_gpu" in r and (r["round"], r["gpus"]) in dp_tokens:
-            r["ratio_vs_dp"] = r["tokens_per_s_per_gpu"] / dp_tokens[r["round"], r["gpus"]]
+    add_ratios_vs_dp(rows)
 
     def ratio(r: dict, key: str) -> str:
         return f"{r[key]:.2f}" if key in r else "–"
@@ -230,17 +266,7 @@ def main() -> None:
     print("\n".join(lines))
     summary = summarize(rows)
     if args.repeats > 1:
-        print(
-            "\n| GPUs | layout | runs | median tok/s/GPU | median vs DP | min–max vs DP |\n"
-            "|---|---|---|---|---|---|"
-        )
-        for s in summary:
-            spread = f"{s['ratio_vs_dp_min']:.2f}–{s['ratio_vs_dp_max']:.2f}" if s["runs"] else "–"
-            print(
-                f"| {s['gpus']} | {s['layout']} | {s['runs']} "
-                f"| {s['median_tokens_per_s_per_gpu']:,.0f} "
-                f"| {s['median_ratio_vs_dp']:.2f} | {spread} |"
-            )
+        print("\n" + summary_table(summary))
     if args.json:
         meta = {
             "device": device, "date": time.strftime("%Y-%m-%d"), "command": sys.argv,
