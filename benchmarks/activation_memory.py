@@ -17,7 +17,8 @@ saved for backward
     count once (the storage's bytes); parameters and the layer input (the pre-MLP norm's
     output, alive in both models) are listed but not counted. Bytes are scaled from
     ``--tokens`` to the micro-batch (``seq_len * micro_batch_size``, a80m: 16,384) for
-    tensors whose leading dimension is a multiple of the token count (every activation here).
+    tensors whose leading dimension follows the token count (every activation here; found by
+    a second forward on one token more, see ``layer_rows``).
     ``--backend triton`` (default) runs the Triton kernels through Triton's CPU interpreter,
     so the autograd functions are the GPU's (``AtomicExperts``, ``CartesianTopK``, the fused
     router gates) and save exactly what they save on the GPU; ``--backend torch`` runs the
@@ -48,15 +49,27 @@ from pathlib import Path
 
 def layer_rows(layer, hidden_SBD, swiglu: str, micro: int):  # noqa: ANN001, ANN201
     """(output, rows) of one forward of ``layer`` on ``hidden_SBD`` ([T, 1, D]): the saved
-    tensors with bytes scaled from T to ``micro`` tokens where the leading dimension is a
-    multiple of T (every activation here; never a parameter)."""
+    tensors with bytes scaled from T to ``micro`` tokens for the activations.
+
+    A tensor is an activation when its leading dimension follows the token count: a second
+    forward on T + 1 tokens (its graph dropped) saves the same tensors in the same order, and
+    those whose leading dimension changed are scaled. (A leading dimension that merely is a
+    multiple of T is no proof: the router's concatenated gates (2n, D) are one whenever T
+    divides 2n.)"""
+    import torch
+
     from omnimoe_train.model.saved_tensors import saved_for_backward
 
     tokens = hidden_SBD.shape[0] * hidden_SBD.shape[1]
     out, rows = saved_for_backward(lambda: layer(hidden_SBD)[0], layer, [hidden_SBD])
-    for r in rows:
+    more_SBD = torch.cat([hidden_SBD.detach(), hidden_SBD.detach()[:1]]).requires_grad_()
+    _, rows_more = saved_for_backward(lambda: layer(more_SBD)[0], layer, [more_SBD])
+    if len(rows_more) != len(rows):
+        raise RuntimeError(f"{len(rows)} saved tensors at T={tokens}, {len(rows_more)} at T+1")
+    for r, r_more in zip(rows, rows_more, strict=True):
         r.stage = swiglu if r.stage == "SwiGLU" else r.stage
-        if r.note != "parameter" and r.shape and r.shape[0] >= tokens and r.shape[0] % tokens == 0:
+        follows_tokens = r.shape[:1] != r_more.shape[:1]
+        if r.note != "parameter" and follows_tokens:
             r.nbytes = r.nbytes * micro // tokens
     return out, rows
 
