@@ -186,6 +186,8 @@ def main() -> None:
         "--repeats", type=int, default=1, help="rounds of every layout, in rotated order"
     )
     args = parser.parse_args()
+    if args.repeats < 1:  # zero rounds would run nothing and print empty tables
+        parser.error(f"--repeats must be >= 1 (got {args.repeats})")
 
     import torch
 

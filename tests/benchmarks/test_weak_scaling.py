@@ -4,6 +4,7 @@ impossible run leaves them (no GPU needed: the rows are the script's own format)
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +74,14 @@ def test_one_round_summary_is_the_run_itself() -> None:
     weak_scaling.add_ratios_vs_dp(rows)
     summary = weak_scaling.summarize(rows)
     assert [(s["runs"], s["median_ratio_vs_dp"]) for s in summary] == [(1, 1.0), (1, 1.25)]
+
+
+def test_zero_repeats_is_a_usage_error() -> None:
+    """``--repeats 0`` used to run no round and print empty tables with exit 0."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "weak_scaling.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--repeats", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("--repeats must be >= 1 (got 0)")
+    assert "Traceback" not in result.stderr
