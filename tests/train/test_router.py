@@ -100,3 +100,19 @@ def test_routers_promise_distinct_ids_and_keep_it(kind: str) -> None:
     assert routing.distinct_ids
     ids = routing.indices_TK.sort(-1).values
     assert bool((ids[:, 1:] != ids[:, :-1]).all())
+
+
+def test_product_key_routing_does_not_promise_distinct_ids() -> None:
+    """PEER/PKM heads search the same slots independently (shared keys: identical heads pick
+    identical slots), so a token's row repeats ids: the routing must not set ``distinct_ids``
+    (the dense weight-gradient path would keep one pair of each repeat)."""
+    from omnimoe_train.model.product_keys import ProductKeyRouter
+
+    torch.manual_seed(0)
+    router = ProductKeyRouter(16, 16, 3, 2, 8, shared_keys=True, backend="torch")
+    with torch.no_grad():  # both heads' queries equal: every token lists its 3 slots twice
+        router.query_qD[8:] = router.query_qD[:8]
+    routing = router(torch.randn(10, 16))
+    assert not routing.distinct_ids
+    ids = routing.indices_TK.sort(-1).values
+    assert bool((ids[:, 1:] == ids[:, :-1]).any(-1).all())
