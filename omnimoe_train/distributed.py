@@ -32,6 +32,11 @@ class Runtime:
         return self.rank == 0
 
 
+# Environment variables init_runtime set itself (no launcher gave them); shutdown_runtime
+# removes them with the process group.
+_ADDED_ENV: set[str] = set()
+
+
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) when there is none (a
     single-process tool such as ``omnimoe-ckpt``)."""
@@ -83,9 +88,10 @@ def init_runtime(cfg: RootConfig) -> Runtime:
     else:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", None)):
+            if key not in os.environ:
+                os.environ[key] = value or str(_free_port())
+                _ADDED_ENV.add(key)
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             rank=int(os.environ.get("RANK", "0")),
@@ -132,6 +138,12 @@ def shutdown_runtime(*, keep_process_group: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if not keep_process_group:
         _destroy_process_group()
+        # The rendezvous variables init_runtime made up for a one-process world go too: a
+        # process that starts jobs afterwards (a sweep launcher, torchrun) must not hand them a
+        # port that belonged to this group.
+        for key in _ADDED_ENV:
+            os.environ.pop(key, None)
+        _ADDED_ENV.clear()
 
 
 def _destroy_process_group() -> None:
