@@ -54,6 +54,8 @@ LEVERS: dict[str, list[str]] = {
     "ce_megatron": ["model.fused_cross_entropy=megatron"],
     "ce_liger": ["model.fused_cross_entropy=liger"],
     "compile": ["trainer.compile=layers"],
+    # Each layer's MLP replayed from CUDA graphs (model/cuda_graphs.py): for host-bound steps.
+    "cuda_graphs": ["trainer.cuda_graphs=mlp"],
     "all": ["model.fused_swiglu=true", "model.fused_cross_entropy=liger", "trainer.compile=layers"],
 }
 

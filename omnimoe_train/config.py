@@ -136,6 +136,10 @@ class TrainerConfig:
     # none | layers: torch.compile each transformer layer (norms, attention, RoPE, SwiGLU,
     # residuals; a routed MLP's router and expert kernels stay eager). CUDA, megatron engine, tp=1.
     compile: str = "none"
+    # none | mlp: each transformer layer's MLP (router, experts, shared SwiGLU) forward and
+    # backward replayed from CUDA graphs (model/cuda_graphs.py): one launch instead of ~100 per
+    # layer and direction, for steps that wait on the host. Rules: validation/engine.py.
+    cuda_graphs: str = "none"
     # Wall-clock budget of this process, e.g. "23h30m", "90m", "1d2h", "3600s"; when it is used
     # up every rank finishes its step, saves and exits with code 75 (rerun to continue).
     max_time: str | None = None

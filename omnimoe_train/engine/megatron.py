@@ -29,6 +29,7 @@ from omnimoe_train.checkpoint.optimizer_state import chained
 from omnimoe_train.config import RootConfig
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine.optim import optimizer_config, wsd_scheduler
+from omnimoe_train.model.cuda_graphs import graph_mlps, graph_safe_stream
 from omnimoe_train.model.gpt import build_model, transformer_config
 from omnimoe_train.model.router import GateNorm, GateNormSnapshot, apply_running_stats
 from omnimoe_train.parallel.expert_parallel import dispatch_metrics
@@ -94,6 +95,9 @@ class MegatronEngine:
         for norm in self.gate_norms:
             norm.pending = []
         self.stats_snapshot = GateNormSnapshot(chunks)  # to undo a skipped step
+        if cfg.trainer.cuda_graphs == "mlp":  # captured at the first training micro-batch
+            for chunk in chunks:
+                graph_mlps(chunk)
         self.forward_backward = get_forward_backward_func()
 
     # -- construction -------------------------------------------------------------------------
@@ -121,11 +125,13 @@ class MegatronEngine:
                 overlap_grad_reduce=False,
                 use_distributed_optimizer=self.cfg.parallel.distributed_optimizer,
             )
-            chunks.append(
-                DistributedDataParallel(
-                    self.tconfig, ddp_config, model, disable_bucketing=vp_stage > 0
+            # With CUDA graphs the wrapper is built on a side stream: see graph_safe_stream.
+            with graph_safe_stream(self.cfg.trainer.cuda_graphs != "none"):
+                chunks.append(
+                    DistributedDataParallel(
+                        self.tconfig, ddp_config, model, disable_bucketing=vp_stage > 0
+                    )
                 )
-            )
         return chunks
 
     # -- steps --------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ order is reported. The rules live by concern:
   compare the config with the data (tokenizer vocabulary, a prepared dataset's sample length and
   validation split), run as soon as those facts exist (the CLI's pre-check, and right after
   data preparation, before any model work);
-* ``engine``: DeepSpeed, the device, the throughput levers (Liger, ``trainer.compile``);
+* ``engine``: DeepSpeed, the device, the throughput levers (Liger, ``trainer.compile``,
+  ``trainer.cuda_graphs``);
 * ``training``: optimizer and schedule, checkpoints, time limit and bad steps, names.
 """
 
@@ -46,6 +47,7 @@ from omnimoe_train.validation.data import (
     validate_data,
 )
 from omnimoe_train.validation.engine import (
+    validate_cuda_graphs,
     validate_deepspeed,
     validate_device,
     validate_throughput_levers,
@@ -141,3 +143,4 @@ def validate(
     if this_machine:
         validate_device(t.device)
     validate_throughput_levers(m, p, t, this_machine)
+    validate_cuda_graphs(m, p, t, this_machine)

@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "fp32", "bf16"),
     "trainer.compile": ("none", "layers"),
+    "trainer.cuda_graphs": ("none", "mlp"),
     "logging.wandb.mode": ("offline", "online", "disabled"),
 }
 POSITIVE_INTEGERS = (

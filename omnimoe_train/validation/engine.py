@@ -1,6 +1,6 @@
 """Engine and machine rules: ``trainer.engine=deepspeed``, ``trainer.device``, and the
-throughput levers ``model.fused_cross_entropy=liger`` and ``trainer.compile``
-(model/fusions.py). The rules about the machine the check runs on (a visible CUDA device, an
+throughput levers ``model.fused_cross_entropy=liger``, ``trainer.compile`` (model/fusions.py)
+and ``trainer.cuda_graphs`` (model/cuda_graphs.py). The rules about the machine the check runs on (a visible CUDA device, an
 installed package) apply only when it is the machine the run is meant for."""
 
 from __future__ import annotations
@@ -110,4 +110,55 @@ def validate_throughput_levers(
             key,
             f"megatron's MoE layer (model.mlp={m.mlp}) has data-dependent token dispatch; "
             "use it with trainer.compile=none",
+        )
+
+
+#: MLPs whose training forward and backward are capturable: no host synchronisation, no
+#: data-dependent shapes (megatron's MoE dispatch has both).
+GRAPHABLE_MLPS = ("omnimoe", "dense")
+
+
+def validate_cuda_graphs(
+    m: ModelConfig, p: ParallelConfig, t: TrainerConfig, this_machine: bool
+) -> None:
+    """``trainer.cuda_graphs=mlp``: what the capture of every layer's MLP supports."""
+    if t.cuda_graphs == "none":
+        return
+    key = "trainer.cuda_graphs"
+    require(
+        _runs_on_cuda(t.device) or (not this_machine and t.device != "cpu"),
+        key,
+        f"{t.cuda_graphs} captures CUDA graphs: needs a CUDA device (trainer.device={t.device}, "
+        "no CUDA device in use); use trainer.cuda_graphs=none",
+    )
+    require(t.engine == "megatron", key, f"needs trainer.engine=megatron (got {t.engine})")
+    require(
+        t.compile == "none",
+        key,
+        f"and trainer.compile={t.compile} both take over the layers: use one of them",
+    )
+    require(
+        m.mlp in GRAPHABLE_MLPS,
+        key,
+        f"captures model.mlp {' or '.join(GRAPHABLE_MLPS)} (got {m.mlp}: not validated under "
+        "capture, or with data-dependent shapes)",
+    )
+    require(
+        p.pp == 1 and p.vpp is None,
+        key,
+        f"needs parallel.pp=1 and parallel.vpp=null (got pp={p.pp}, vpp={p.vpp}): the graphs "
+        "replay in the order of one stage's forward and backward",
+    )
+    require(
+        p.tp == 1,
+        key,
+        f"needs parallel.tp=1 (got {p.tp}): the captured input is the whole [seq, batch, hidden]",
+    )
+    if p.ep > 1:
+        require(
+            p.expert_table_sharding == "rows" and not p.ep_overlap,
+            key,
+            f"with parallel.ep={p.ep} needs parallel.expert_table_sharding=rows and "
+            f"parallel.ep_overlap=false (got {p.expert_table_sharding}, ep_overlap="
+            f"{str(p.ep_overlap).lower()}): dim's all-to-all sizes its splits on the host",
         )
