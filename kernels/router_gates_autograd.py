@@ -3,13 +3,18 @@
 Shape suffixes: T tokens, D hidden, G gates (2 for the Cartesian router, 1 for the dense one),
 n scores per gate, H = G * n.
 
-    forward:  z_TH = x_TD W_HD^T (fp32, cuBLAS); [batch statistics: ``column_partials`` +
-              ``column_stats``]; ``gates_forward`` (normalise in place -> zh, log-softmax per
-              gate, entropy): 6 launches with the gate concatenation and the x cast
+    forward:  z_TH = x_TD W_HD^T (fp32 result, cuBLAS); [batch statistics:
+              ``column_partials`` + ``column_stats``]; ``gates_forward`` (normalise in place ->
+              zh, log-softmax per gate, entropy)
     backward: ``gates_backward`` (dzh, and its per-program column sums for batch statistics);
               [the partials summed by ``torch.sum`` (a fixed-order reduction) and
-              ``batchnorm_backward``]; dx = dz W, dW = dz^T x (cuBLAS): 7 launches with the
-              dx and x casts
+              ``batchnorm_backward``]; dx = dz W, dW = dz^T x (fp32 results, cuBLAS)
+
+The GEMMs (``omnimoe_kernels.gate_gemms``): with a bf16 x, bf16 tensor-core GEMMs with fp32
+accumulation on the fp32 operands split exactly into three bf16 pieces each (fp32 accuracy
+for z and dW, dx well inside its bf16 rounding; the exactness argument is in that module);
+with fp32 x, or ``gate_gemms.GATE_GEMM = "fp32"``, fp32 SGEMMs on fp32 copies of x (bitwise
+the node as before). Both are run-to-run deterministic.
 
 Saved for the backward: x as given, W (fp32), zh (T, H) fp32 and rstd (H,): not y (the
 softmax is recomputed from zh), one T x H fp32 matrix less per layer than the PyTorch node.
@@ -25,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from omnimoe_kernels import gate_gemms
 from omnimoe_kernels.gate_outputs import gate_outputs
 from omnimoe_kernels.limits import GATES_MAX_SCORES
 from omnimoe_kernels.router_gates import (
@@ -63,8 +69,12 @@ class GateLogProbs(torch.autograd.Function):
     def forward(ctx, x_TD, stats: Stats, eps: float, group, group_size: int, *gates_nD):
         w_HD = torch.cat([g.float() for g in gates_nD])
         # fp32 even under autocast; a fresh (T, H) tensor: the kernels write zh into it.
-        with torch.autocast(x_TD.device.type, enabled=False):
-            z_TH = x_TD.float() @ w_HD.t()
+        split = gate_gemms.use_split(x_TD)
+        if split:
+            z_TH = gate_gemms.gate_scores(x_TD, w_HD)
+        else:
+            with torch.autocast(x_TD.device.type, enabled=False):
+                z_TH = x_TD.float() @ w_HD.t()
         tokens = x_TD.shape[0] * group_size
         num_gates = len(gates_nD)
         batch_stats = rstd_H = None
@@ -78,6 +88,7 @@ class GateLogProbs(torch.autograd.Function):
         y_GTn, entropy_T = gates_forward(z_TH, num_gates, mean_H, rstd_H)
         ctx.save_for_backward(x_TD, w_HD, z_TH, rstd_H)
         ctx.batch, ctx.group, ctx.tokens = stats == "batch", group, tokens
+        ctx.split = split  # the backward's GEMMs follow the forward's, whatever GATE_GEMM is now
         ctx.gate_shapes = [(g.shape, g.dtype) for g in gates_nD]
         # y_GTn[g] is a contiguous (T, n) view: what the top-K kernel reads without a copy.
         return gate_outputs(ctx, y_GTn.unbind(0), entropy_T, batch_stats)
@@ -93,8 +104,12 @@ class GateLogProbs(torch.autograd.Function):
             if ctx.group is not None:
                 dist.all_reduce(sums_2H, group=ctx.group)
             batchnorm_backward(dz_TH, zh_TH, sums_2H, rstd_H, ctx.tokens)
-        dx_TD = (dz_TH @ w_HD).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
-        dw_HD = dz_TH.t() @ x_TD.float()
+        if ctx.split:
+            dx_TD, dw_HD = gate_gemms.gate_grads(dz_TH, x_TD, w_HD, ctx.needs_input_grad[0])
+            dx_TD = None if dx_TD is None else dx_TD.to(x_TD.dtype)
+        else:
+            dx_TD = (dz_TH @ w_HD).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
+            dw_HD = dz_TH.t() @ x_TD.float()
         sizes = [shape[0] for shape, _ in ctx.gate_shapes]
         dgates = [
             dw.to(dtype).view(shape)
@@ -125,7 +140,8 @@ def gate_log_probs_triton(
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """``log_softmax(norm(x @ W_g^T))`` per gate g, the entropy and the batch statistics.
 
-    ``x_TD`` (T, D), any float dtype (cast to fp32 for the GEMM; dx comes back in its dtype);
+    ``x_TD`` (T, D), any float dtype (bf16: split-bf16 GEMMs, ``gate_gemms``; else cast to
+    fp32 for fp32 GEMMs; dx comes back in its dtype);
     ``gates``: G in {1, 2} tensors (n, D) of fp32 or narrower, n <= ``GATES_MAX_SCORES``, equal
     shapes. ``stats``: "batch" (normalise with this micro-batch's mean and biased variance,
     summed over ``group``), ``(running_mean_H, running_var_H)`` (H = G*n) or None (no norm).

@@ -26,8 +26,11 @@ are all-reduced forward and backward, as ``GateNorm`` does with a differentiable
 The entropy of each token's product distribution is computed in the same pass.
 
 On the GPU (``backend`` resolving to Triton) the same arithmetic runs on our own kernels,
-``omnimoe_kernels.router_gates``: 6 launches forward and 7 backward (GEMMs and casts
-included) instead of ~20 and ~15, and zh is saved instead of y (softmax recomputed). This
+``omnimoe_kernels.router_gates``: 6 launches forward and 7 backward (fp32 GEMMs and casts
+included) instead of ~20 and ~15, zh is saved instead of y (softmax recomputed), and with bf16
+activations the GEMMs run on bf16 tensor cores with the fp32 operands split exactly into bf16
+pieces (``omnimoe_kernels.gate_gemms``: fp32 accuracy for the scores and dW; 7 launches
+forward and 9 backward). This
 PyTorch node stays the path for float64 (the tests' reference), CPU runs and G > 2.
 """
 

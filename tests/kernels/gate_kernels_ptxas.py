@@ -2,9 +2,11 @@
 needed) and print each kernel's local-memory stack bytes per thread (0 = no spills).
 
     python tests/kernels/gate_kernels_ptxas.py 1024     # n; prints "<kernel> <stack bytes>"
+    python tests/kernels/gate_kernels_ptxas.py split    # the bf16 split of the gate GEMMs
 
 The launch configuration is the launchers' own (``router_gates._tile``, ``BWD_ROWS``), two
-gates, batch statistics (the mode with the most live registers).
+gates, batch statistics (the mode with the most live registers); the split's as
+``gate_gemms`` launches it (all four slots, and two pieces only).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from omnimoe_kernels import router_gates
+from omnimoe_kernels import bf16_split, router_gates
 
 
 def stack_bytes(fn, signature: dict, constexprs: dict, num_warps: int) -> str:
@@ -53,5 +55,14 @@ def main(n: int) -> None:
     print("_gates_bwd", stack_bytes(router_gates._gates_bwd, bwd, bwd_consts, warps))
 
 
+def main_split() -> None:
+    sig = {"a_ptr": "*fp32", "out_ptr": "*i16", "n": "i32", "C": "i32"}
+    sig |= dict.fromkeys(("S", "HI", "MID", "LO", "HI2", "BLOCK"), "constexpr")
+    for name, slots in {"_split": (4, 1, 2, 0, 3), "_split_two": (3, 1, 0, -1, 2)}.items():
+        consts = dict(zip(("S", "HI", "MID", "LO", "HI2"), slots, strict=True))
+        consts["BLOCK"] = bf16_split.BLOCK
+        print(name, stack_bytes(bf16_split._split, sig, consts, 4))
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main_split() if sys.argv[1] == "split" else main(int(sys.argv[1]))
