@@ -208,15 +208,17 @@ def profile() -> None:
 
 
 def _gate_gemm(mode: str, fn):
-    """``fn`` run with ``gate_gemms.GATE_GEMM = mode`` (the node's backward follows the mode its
-    forward ran with, so timing a backward needs only the forward under the mode)."""
+    """``fn`` run with ``gate_gemms.GATE_GEMM = mode`` at every gate width (no
+    ``SPLIT_MIN_SCORES``: both modes are timed everywhere; the node's backward follows the mode
+    its forward ran with, so timing a backward needs only the forward under the mode)."""
 
     def run():
-        saved, gate_gemms.GATE_GEMM = gate_gemms.GATE_GEMM, mode
+        saved = gate_gemms.GATE_GEMM, gate_gemms.SPLIT_MIN_SCORES
+        gate_gemms.GATE_GEMM, gate_gemms.SPLIT_MIN_SCORES = mode, 0
         try:
             return fn()
         finally:
-            gate_gemms.GATE_GEMM = saved
+            gate_gemms.GATE_GEMM, gate_gemms.SPLIT_MIN_SCORES = saved
 
     return run
 

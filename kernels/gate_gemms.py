@@ -35,7 +35,9 @@ guarantee holds. Launches: forward split + GEMM + block sum (3; the fp32 GEMMs: 
 backward 2 splits + 2 GEMMs + block sum + dx cast (6; fp32: 4).
 
 ``GATE_GEMM`` selects "split_bf16" (the default) or "fp32" (the fp32 SGEMMs, bitwise what the
-node computed before; benchmarks time both). The split runs only for bf16 activations (fp32
+node computed before; benchmarks time both). The split runs only for gates of at least
+``SPLIT_MIN_SCORES`` scores per token (narrower ones are faster as one SGEMM: a80m's 152 keeps
+the fp32 GEMMs), only for bf16 activations (fp32
 runs, ``trainer.precision=fp32``, keep the fp32 GEMMs bitwise) and, on CUDA, where the
 installed torch has aten::mm.dtype (torch >= 2.8) and the GPU bf16 tensor cores (sm_80+).
 """
@@ -48,17 +50,25 @@ from omnimoe_kernels.bf16_split import split_into_slots
 
 GATE_GEMMS = ("split_bf16", "fp32")
 GATE_GEMM = "split_bf16"
+#: The split pays only for wide gates: its split pass and three GEMMs cost more than one fp32
+#: SGEMM when the (T, H) product is thin. Measured on an H200 (``bench_kernels.py --only
+#: gates``, T = 16384, forward + backward): H = 152, d = 768 (a80m) 1.066 ms split vs 0.948 ms
+#: fp32; H = 2048, d = 2048 2.44 ms vs 8.84 ms. Below this many scores per token, fp32 GEMMs.
+SPLIT_MIN_SCORES = 512
 
 # aten::mm.dtype: bf16 x bf16 -> fp32 output from cuBLAS (torch >= 2.8, CUDA only).
 _HAS_MM_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
-def use_split(x_TD: torch.Tensor) -> bool:
-    """Whether the gate GEMMs of this activation run as split bf16 GEMMs (see the module
-    docstring). Raises ValueError for an unknown ``GATE_GEMM``."""
+def use_split(x_TD: torch.Tensor, num_scores: int) -> bool:
+    """Whether the gate GEMMs of this activation and ``num_scores`` (H) gate scores per token
+    run as split bf16 GEMMs (see the module docstring and ``SPLIT_MIN_SCORES``). Raises
+    ValueError for an unknown ``GATE_GEMM``."""
     if GATE_GEMM not in GATE_GEMMS:
         raise ValueError(f"GATE_GEMM={GATE_GEMM!r} must be one of {GATE_GEMMS}")
     if GATE_GEMM != "split_bf16" or x_TD.dtype != torch.bfloat16:
+        return False
+    if num_scores < SPLIT_MIN_SCORES:
         return False
     if x_TD.device.type != "cuda":
         return True

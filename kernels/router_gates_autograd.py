@@ -69,7 +69,7 @@ class GateLogProbs(torch.autograd.Function):
     def forward(ctx, x_TD, stats: Stats, eps: float, group, group_size: int, *gates_nD):
         w_HD = torch.cat([g.float() for g in gates_nD])
         # fp32 even under autocast; a fresh (T, H) tensor: the kernels write zh into it.
-        split = gate_gemms.use_split(x_TD)
+        split = gate_gemms.use_split(x_TD, w_HD.shape[0])
         if split:
             z_TH = gate_gemms.gate_scores(x_TD, w_HD)
         else:

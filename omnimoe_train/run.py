@@ -53,6 +53,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     from omnimoe_train.checkpoint.session import CheckpointLoadError
     from omnimoe_train.distributed import init_runtime, shutdown_runtime
     from omnimoe_train.metrics import MetricsSink
+    from omnimoe_train.model.cuda_graphs import release_graphs
     from omnimoe_train.trainer import Trainer
     from omnimoe_train.validation import ConfigError
 
@@ -132,6 +133,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             _write_exit_status(run_dir, EXIT_OK, "finished")
         return summary
     finally:
+        release_graphs()  # before any communicator goes (model/cuda_graphs.py)
         shutdown_runtime(keep_process_group=True)  # the next job of a -m sweep reuses it
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -162,6 +163,36 @@ class _GraphGroup:
         for wrapper, fn in zip(self.wrappers, graphed, strict=True):
             wrapper.graphed = fn
 
+    def release(self) -> None:
+        """Drop the graphs and give the MLPs their eager ``forward`` back."""
+        for wrapper in self.wrappers:
+            wrapper.graphed = None
+            if "forward" in vars(wrapper.mlp):
+                del wrapper.mlp.forward
+        self.wrappers = []
+
+
+#: Every model chunk's graphs, until ``release_graphs``.
+_LIVE: list[_GraphGroup] = []
+
+
+def release_graphs() -> None:
+    """Destroy every captured graph and free its memory pool; the MLPs run eagerly again.
+
+    Call before the process group goes: a graph that captured NCCL kernels (expert
+    parallelism's exchanges) and outlives its communicator makes ``destroy_process_group``
+    hang (measured: both ranks of an ``ep2_rows`` run stuck there after a finished run; the
+    graphs live in reference cycles, model <-> wrapper, that only the garbage collector breaks).
+    """
+    if not _LIVE:
+        return
+    torch.cuda.synchronize()
+    for group in _LIVE:
+        group.release()
+    _LIVE.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+
 
 def _make_graphed_callables(cores: tuple[nn.Module, ...], samples: tuple) -> tuple:
     """``torch.cuda.make_graphed_callables`` capturing in ``thread_local`` mode.
@@ -225,4 +256,5 @@ def graph_mlps(model: nn.Module) -> int:
     group = _GraphGroup(model, mlps)
     for mlp, wrapper in zip(mlps, group.wrappers, strict=True):
         mlp.forward = wrapper
+    _LIVE.append(group)
     return len(mlps)

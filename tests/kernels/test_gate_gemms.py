@@ -34,7 +34,9 @@ CASES = [  # T, D, H, scale of x, of W, of dz
 # magnitude sum). On CPU the fp32 SGEMM of the same inputs measures 1e-7 to 3e-7; dropping the
 # last piece of W gives ~2.5e-6. The GPU's tensor cores add in fp32 with truncation, not
 # rounding: a looser fp32 level there.
-FP32_TOL = {"cpu": (5e-7, 2.0**-20), "cuda": (1e-6, 2.0**-18)}
+# cuBLAS may split the reduction over d differently (split-K, tile order): at d = 2048 its
+# max-relative error against float64 measured 2.1e-6 on an H200, so the GPU gets 1e-5.
+FP32_TOL = {"cpu": (5e-7, 2.0**-20), "cuda": (1e-5, 2.0**-18)}
 # dx before rounding: (3 + 2^-7) 2^-16 of sum_h |dz| |W| (the dropped terms, module docstring)
 # plus fp32 accumulation.
 DX_BOUND = 2.0**-14
@@ -202,16 +204,18 @@ def test_checks_fail_for_a_broken_split(monkeypatch: pytest.MonkeyPatch, piece: 
 
 
 def test_use_split_routing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 activations only; "fp32" keeps the SGEMMs; an unknown switch value is an error."""
-    x = torch.randn(4, 8)
-    assert gate_gemms.use_split(x.bfloat16())
-    assert not gate_gemms.use_split(x)
-    assert not gate_gemms.use_split(x.half())
+    """bf16 activations and wide gates only; "fp32" keeps the SGEMMs; an unknown switch value
+    is an error."""
+    x, wide = torch.randn(4, 8), gate_gemms.SPLIT_MIN_SCORES
+    assert gate_gemms.use_split(x.bfloat16(), wide)
+    assert not gate_gemms.use_split(x.bfloat16(), wide - 1)  # a80m's 152: fp32 is faster
+    assert not gate_gemms.use_split(x, wide)
+    assert not gate_gemms.use_split(x.half(), wide)
     monkeypatch.setattr(gate_gemms, "GATE_GEMM", "fp32")
-    assert not gate_gemms.use_split(x.bfloat16())
+    assert not gate_gemms.use_split(x.bfloat16(), wide)
     monkeypatch.setattr(gate_gemms, "GATE_GEMM", "tf32")
     with pytest.raises(ValueError, match="GATE_GEMM"):
-        gate_gemms.use_split(x.bfloat16())
+        gate_gemms.use_split(x.bfloat16(), wide)
 
 
 def _node(x, gates, dys, stats):
@@ -234,6 +238,7 @@ def _node_inputs(T, D, n, device, seed=0):
 def _check_node_split_vs_fp32(T, D, n, stats, device, monkeypatch) -> None:
     """The node on the split GEMMs (it takes them: a spy counts the calls) against float64 and
     against the node on the fp32 GEMMs."""
+    monkeypatch.setattr(gate_gemms, "SPLIT_MIN_SCORES", 0)  # the split path at every width
     x, gates, dys = _node_inputs(T, D, n, device)
     calls = []
     for name in ("gate_scores", "gate_grads"):
@@ -253,8 +258,8 @@ def _check_node_split_vs_fp32(T, D, n, stats, device, monkeypatch) -> None:
             assert rel_err(got[0][g], ref[0][g]) <= 1e-6
             assert rel_err(got[4][g], ref[4][g]) <= 2e-5
         assert rel_err(got[1], ref[1]) <= 1e-6
-        if stats == "batch":
-            assert rel_err(got[2], ref[2]) <= 1e-6
+        if stats == "batch":  # means and variances over T tokens of fp32 scores
+            assert rel_err(got[2], ref[2]) <= (1e-6 if device == "cpu" else 1e-5)
         assert got[3].dtype == torch.bfloat16 and rel_err(got[3], ref[3]) <= 8e-3
     for a, b in zip(split[0] + split[4], fp32[0] + fp32[4], strict=True):
         assert rel_err(a, b) <= 2e-5
@@ -292,7 +297,8 @@ def test_split_gemms_gpu_match_cpu_emulation(T, D, H, sx, sw, sdz) -> None:
     """The split kernel on the GPU gives the CPU split's bits; cuBLAS (aten::mm.dtype, fp32
     accumulation) against the CPU's fp32 GEMMs of the same bf16 pieces: equal up to the order
     of fp32 additions; and the GPU's against float64."""
-    assert gate_gemms.use_split(torch.empty(1, 1, dtype=torch.bfloat16, device="cuda"))
+    wide = gate_gemms.SPLIT_MIN_SCORES
+    assert gate_gemms.use_split(torch.empty(1, 1, dtype=torch.bfloat16, device="cuda"), wide)
     x, w, dz = _inputs(T, D, H, sx, sw, sdz, device="cuda")
     for a in (w, dz):  # the split kernel: integer rounding, exact subtractions: same bits
         for p, q in zip(_pieces(a), _pieces(a.cpu()), strict=True):

@@ -129,3 +129,40 @@ def test_cuda_graphs_without_a_gpu_is_one_line_before_any_work(tmp_path: Path) -
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "trainer.cuda_graphs" in lines[0] and "CUDA" in lines[0], lines
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_release_gives_the_mlps_their_eager_forward_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``release_graphs`` (run before the process group goes) drops every group's graphs and
+    restores each MLP's own ``forward``; a second call is a no-op. No capture happens here
+    (that needs a GPU): the wrappers are installed as ``graph_mlps`` installs them."""
+    from torch import nn
+
+    from omnimoe_train.model import cuda_graphs
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Linear(4, 4)
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(), Layer()])
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = Decoder()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda_graphs, "_LIVE", [])
+    model = Model()
+    assert cuda_graphs.graph_mlps(model) == 2
+    mlps = [layer.mlp for layer in model.decoder.layers]
+    assert all(isinstance(vars(m).get("forward"), cuda_graphs._GraphedForward) for m in mlps)
+    cuda_graphs.release_graphs()
+    assert cuda_graphs._LIVE == [] and all("forward" not in vars(m) for m in mlps)
+    x = torch.randn(3, 4)
+    assert torch.equal(mlps[0](x), nn.functional.linear(x, mlps[0].weight, mlps[0].bias))
+    cuda_graphs.release_graphs()
