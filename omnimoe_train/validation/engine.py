@@ -65,6 +65,17 @@ def _runs_on_cuda(device: str) -> bool:
     return device != "cpu" and torch.cuda.is_available()
 
 
+def _require_cuda_megatron(key: str, what: str, t: TrainerConfig, this_machine: bool) -> None:
+    """The rules every CUDA-only lever of the megatron engine shares: a CUDA device (checked
+    only on the machine the run is meant for) and ``trainer.engine=megatron``."""
+    require(
+        _runs_on_cuda(t.device) or (not this_machine and t.device != "cpu"),
+        key,
+        f"{what} (trainer.device={t.device}, no CUDA device in use); use {key}=none",
+    )
+    require(t.engine == "megatron", key, f"needs trainer.engine=megatron (got {t.engine})")
+
+
 def validate_throughput_levers(
     m: ModelConfig, p: ParallelConfig, t: TrainerConfig, this_machine: bool
 ) -> None:
@@ -92,13 +103,7 @@ def validate_throughput_levers(
         )
     if t.compile != "none":
         key = "trainer.compile"
-        require(
-            _runs_on_cuda(t.device) or (not this_machine and t.device != "cpu"),
-            key,
-            f"{t.compile} compiles for CUDA only (trainer.device={t.device}, "
-            "no CUDA device in use); use trainer.compile=none",
-        )
-        require(t.engine == "megatron", key, f"needs trainer.engine=megatron (got {t.engine})")
+        _require_cuda_megatron(key, f"{t.compile} compiles for CUDA only", t, this_machine)
         require(
             p.tp == 1,
             key,
@@ -125,13 +130,7 @@ def validate_cuda_graphs(
     if t.cuda_graphs == "none":
         return
     key = "trainer.cuda_graphs"
-    require(
-        _runs_on_cuda(t.device) or (not this_machine and t.device != "cpu"),
-        key,
-        f"{t.cuda_graphs} captures CUDA graphs: needs a CUDA device (trainer.device={t.device}, "
-        "no CUDA device in use); use trainer.cuda_graphs=none",
-    )
-    require(t.engine == "megatron", key, f"needs trainer.engine=megatron (got {t.engine})")
+    _require_cuda_megatron(key, f"{t.cuda_graphs} captures CUDA graphs", t, this_machine)
     require(
         t.compile == "none",
         key,
