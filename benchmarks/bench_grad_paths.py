@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--json", default="bench_grad_paths.json")
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
     args = ap.parse_args()
+    from runs import require_cuda  # the script's folder is on sys.path
+
+    require_cuda("bench_grad_paths.py")
     torch.manual_seed(0)
     out = {
         "device": torch.cuda.get_device_name(),

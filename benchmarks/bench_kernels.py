@@ -350,6 +350,9 @@ def main() -> None:
         help="comma-separated subset, e.g. 'router,layer:512,experts:16384-1024-65536-16'",
     )
     args = ap.parse_args()
+    from runs import require_cuda  # the script's folder is on sys.path
+
+    require_cuda("bench_kernels.py")
     want = _parse_only(args.only)
     if args.profile:
         profile()

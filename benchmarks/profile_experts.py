@@ -19,9 +19,13 @@ import omnimoe_kernels
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("shape", nargs=4, type=int, metavar=("T", "d", "N", "K"))
+    # A tuple metavar breaks argparse's "missing argument" message (a TypeError traceback).
+    ap.add_argument("shape", nargs=4, type=int, metavar="INT", help="T d N K")
     ap.add_argument("--forward-only", action="store_true")
     args = ap.parse_args()
+    from runs import require_cuda  # the script's folder is on sys.path
+
+    require_cuda("profile_experts.py")
     T, d, N, K = args.shape
     x, up, down, w, idx, gy = expert_inputs(T, d, N, K)
 

@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--grad-path", choices=("auto", "dense", "pairs"), default="auto")
     args = ap.parse_args()
+    from runs import require_cuda  # the script's folder is on sys.path
+
+    require_cuda("profile_layer.py")
     experts_dense_grad.FORCE_GRAD_PATH = None if args.grad_path == "auto" else args.grad_path
     overrides = ["model=a80m", "model.vocab_size=null", "trainer.device=cuda", *args.overrides]
     cfg = compose(overrides)

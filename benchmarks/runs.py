@@ -142,6 +142,17 @@ def accounting(overrides: list[str]) -> dict[str, float]:
     return model_accounting(cfg.model, seq_len=cfg.data.seq_len, vocab_size=vocab).summary()
 
 
+def require_cuda(prog: str) -> None:
+    """One line and exit 2 when no CUDA GPU is visible: for the GPU-only benchmarks, which
+    otherwise end in a traceback deep in their first timed kernel."""
+    import torch
+
+    from omnimoe_train.exit_codes import exit_usage
+
+    if not torch.cuda.is_available():
+        exit_usage(prog, "times GPU kernels: needs a CUDA GPU, none is visible")
+
+
 def device_name() -> str:
     import torch
 

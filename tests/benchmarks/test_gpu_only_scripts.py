@@ -1,0 +1,32 @@
+"""The GPU-only benchmark scripts, on a machine without a GPU: one line naming the script and
+what it needs, exit 2 -- not a traceback from their first timed kernel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = [
+    ("bench_kernels.py",),
+    ("profile_layer.py",),
+    ("bench_grad_paths.py",),
+    ("profile_experts.py", "16", "8", "4", "2"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+@pytest.mark.parametrize("command", SCRIPTS, ids=[c[0] for c in SCRIPTS])
+def test_gpu_only_benchmarks_refuse_in_one_line_without_a_gpu(command: tuple[str, ...]) -> None:
+    script, *args = command
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines == [f"{script}: error: times GPU kernels: needs a CUDA GPU, none is visible"]
