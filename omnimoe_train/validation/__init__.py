@@ -45,6 +45,7 @@ from omnimoe_train.validation.data import (
     tokenizer_facts,
     validate_against_data,
     validate_data,
+    validate_data_paths,
 )
 from omnimoe_train.validation.engine import (
     validate_cuda_graphs,
@@ -94,6 +95,7 @@ __all__ = [
     "tokenizer_facts",
     "validate",
     "validate_against_data",
+    "validate_data_paths",
     "world_size_from_env",
 ]
 
