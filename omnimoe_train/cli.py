@@ -97,7 +97,9 @@ def _unparsable_override(exc: Exception) -> str:
         if line.strip() == "^" and i > 0 and override in lines[i - 1]:  # the lexer's caret
             pos = line.index("^") - lines[i - 1].index(override)
             if 0 <= pos < len(override):
-                reason = f"unexpected character {override[pos]!r} at position {pos}; quote the value"
+                reason = (
+                    f"unexpected character {override[pos]!r} at position {pos}; quote the value"
+                )
                 break
         elif line.strip() and not line.startswith(("See https", "Error parsing override")):
             reason = line.strip()
@@ -151,7 +153,9 @@ def _check_hydra_dirs(argv: list[str]) -> None:
                 )
 
 
-def _check_hydra_config(hydra_overrides: list[str], job_overrides: list[str], multirun: bool) -> None:
+def _check_hydra_config(
+    hydra_overrides: list[str], job_overrides: list[str], multirun: bool
+) -> None:
     """Hydra's own part of the config, before Hydra starts: the ``hydra/...`` group options and
     ``hydra.*`` values the command line sets (an unknown launcher, a run directory that does not
     resolve: Hydra would print them as a traceback or a multi-line error), and the launcher's

@@ -114,8 +114,11 @@ def test_data_errors_found_by_the_run_name_the_key(
     contents, the cache folder) is found by the run: its one line names the key too, where
     omnimoe_data's messages name only the path."""
     absent = tmp_path / "absent"
-    with pytest.raises(DataError, match=r"^data\.dir: pipe:cat .*absent/manifest\.json: cannot "
-                       r"read manifest \(the command 'cat .*' exited with status 1\)$"):
+    with pytest.raises(
+        DataError,
+        match=r"^data\.dir: pipe:cat .*absent/manifest\.json: cannot "
+        r"read manifest \(the command 'cat .*' exited with status 1\)$",
+    ):
         prepare_data(DataConfig(dir=f"pipe:cat {absent}/{{name}}", seq_len=16), rank=0)
     with pytest.raises(DataError, match=r"^data\.dirs: .*absent/manifest\.json: not found"):
         prepare_data(DataConfig(dirs=[str(absent)], seq_len=16), rank=0)
