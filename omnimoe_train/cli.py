@@ -25,6 +25,7 @@ from omnimoe_train.validation import (
     validate,
     validate_against_data,
     validate_data_paths,
+    validate_resume_path,
 )
 
 CONFIG_MODULE = "omnimoe_conf"
@@ -212,6 +213,7 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
             cfg = to_root_config(dcfg)
             validate(cfg, world_size)
             validate_data_paths(cfg.data)
+            validate_resume_path(cfg.checkpoint)
             # What the data already tells (a given tokenizer, a prepared data.dir); the rest is
             # checked right after preparation, before any model work.
             for facts in data_facts_before_preparation(cfg.data):

@@ -71,6 +71,7 @@ from omnimoe_train.validation.training import (
     validate_checkpoint,
     validate_names,
     validate_optim,
+    validate_resume_path,
     validate_robustness,
 )
 
@@ -96,6 +97,7 @@ __all__ = [
     "validate",
     "validate_against_data",
     "validate_data_paths",
+    "validate_resume_path",
     "world_size_from_env",
 ]
 

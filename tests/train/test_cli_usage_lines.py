@@ -1,7 +1,7 @@
 """The bad command lines a new user types, each refused by ``omnimoe-train``'s pre-check in one
 line that names the key and the rule, exit 2, before Hydra starts (no run directory): a config
 group's unknown option (with the group's options), an override Hydra cannot parse, Hydra's own
-keys, and data paths that do not exist or hold no prepared dataset.
+keys, and data (or checkpoint) paths that do not exist or hold no prepared dataset.
 
 Most cases call the pre-check in this process (``cli.precheck``, what ``main`` runs before
 Hydra); two go through the real entry point as a subprocess.
@@ -142,6 +142,11 @@ def _tokenizer(path: Path, *, eod: bool = True, bom: bool = False) -> Path:
             "data.dir: {tmp}/file.txt is a file, not a folder to prepare data.inputs into",
         ),
         (
+            "resume_absent",
+            "checkpoint.resume: {tmp}/absent is not a folder (give a checkpoint folder "
+            "step_<8 digits>, a folder of them, auto or none)",
+        ),
+        (
             "tokenizer_without_eod",
             "data.tokenizer: {tmp}/no_eod.json: tokenizer has no end-of-document token; add one "
             "of <|endoftext|>, <|end_of_text|>, </s>, <eos>, <|eos|>, [EOS]",
@@ -152,7 +157,8 @@ def test_data_path_names_the_key_and_the_rule(
     case: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """These used to name only the path (``/x/manifest.json: not found; ...``), and only once
-    the run had started: a run directory made, the process group set up."""
+    the run had started: a run directory made, the process group set up (an absent
+    ``checkpoint.resume`` folder named its key, but only after data preparation)."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("text")
     argv = {
@@ -163,6 +169,7 @@ def test_data_path_names_the_key_and_the_rule(
         "inputs_absent": [f"data.inputs=[{tmp_path}/file.txt,{tmp_path}/absent.txt]"],
         "inputs_empty": ["data.inputs=[]"],
         "inputs_into_a_file": [f"data.inputs=[{tmp_path}/file.txt]", f"data.dir={tmp_path}/file.txt"],
+        "resume_absent": [f"checkpoint.resume={tmp_path}/absent"],
         "tokenizer_without_eod": [f"data.tokenizer={_tokenizer(tmp_path / 'no_eod.json', eod=False)}"],
     }[case]  # fmt: skip
     assert _precheck_line(argv, capsys) == expected.format(tmp=tmp_path)
