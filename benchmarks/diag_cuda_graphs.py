@@ -6,6 +6,10 @@ case: OK with the last loss, or the error. Each case runs in its own process (a 
 leaves the CUDA context unusable).
 
     python benchmarks/diag_cuda_graphs.py            # all cases
+    python benchmarks/diag_cuda_graphs.py omnimoe:ddp  # one case, in this process
+
+Without a visible GPU, or with an unknown case, it says so in one line (exit code 2) before
+any case runs.
 
 Measured on an H200 (torch 2.11): DDP built on the default stream fails
 (``operation failed due to a previous error during capture``), plain and DDP built under
@@ -19,6 +23,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from omnimoe_train.exit_codes import exit_usage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tiny test model's config lives in tests/
@@ -63,6 +69,12 @@ def run_case(mlp: str, wrap: str) -> str:
 
 
 def main() -> None:
+    # Usage errors first, in one line: otherwise every case process fails on its own and
+    # prints a "FAILED" line that reads like a failed capture.
+    if len(sys.argv) > 2 or (len(sys.argv) == 2 and sys.argv[1] not in CASES):
+        exit_usage("diag_cuda_graphs", f"takes no argument or one case of {', '.join(CASES)}")
+    if not torch.cuda.is_available():
+        exit_usage("diag_cuda_graphs", "captures CUDA graphs: needs a CUDA GPU, none is visible")
     if len(sys.argv) == 2:  # one case, in this process
         mlp, wrap = sys.argv[1].split(":")
         try:

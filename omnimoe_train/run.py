@@ -133,8 +133,10 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             _write_exit_status(run_dir, EXIT_OK, "finished")
         return summary
     finally:
-        release_graphs()  # before any communicator goes (model/cuda_graphs.py)
-        shutdown_runtime(keep_process_group=True)  # the next job of a -m sweep reuses it
+        try:
+            release_graphs()  # before any communicator goes (model/cuda_graphs.py)
+        finally:
+            shutdown_runtime(keep_process_group=True)  # the next job of a -m sweep reuses it
 
 
 def quiet_libraries() -> None:

@@ -186,7 +186,9 @@ def release_graphs() -> None:
     """
     if not _LIVE:
         return
-    torch.cuda.synchronize()
+    # After a CUDA error (already on its way out: the one to report) the sync raises again.
+    with contextlib.suppress(RuntimeError):
+        torch.cuda.synchronize()
     for group in _LIVE:
         group.release()
     _LIVE.clear()

@@ -88,7 +88,12 @@ def test_graphed_mlps_expert_parallel_rows_gpu(tmp_path: Path) -> None:
         (("parallel=pp2",), 2, "parallel.pp=1"),
         (("parallel=tp2",), 2, "parallel.tp=1"),
         (("parallel=ep2_dim",), 2, "expert_table_sharding=rows"),
-        (("parallel=ep2_rows", "parallel.ep_overlap=true"), 2, "ep_overlap=false"),
+        (("parallel=ep2_rows", "parallel.ep_overlap=true"), 2, "ep_overlap=false: the overlapped"),
+        (
+            ("parallel.ep=2", "parallel.expert_table_sharding=auto"),
+            2,
+            "sharding=rows \\(got auto\\)",
+        ),
     ],
 )
 def test_cuda_graphs_refuses_what_it_cannot_capture(
