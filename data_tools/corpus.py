@@ -46,7 +46,15 @@ _READ_CHUNK = 1 << 20
 
 
 class DataError(Exception):
-    """A problem with the user's data or options, reported as one line without a traceback."""
+    """A problem with the user's data or options, reported as one line without a traceback.
+
+    ``option``: the :func:`~omnimoe_data.prepare.prepare` argument at fault (``"inputs"``,
+    ``"tokenizer"``, ``"out_dir"``, ``"seq_len"`` ...), where one is: a caller with its own
+    names for them (the trainer's ``data.*`` keys) names it in its message."""
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass
@@ -110,19 +118,23 @@ def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in _walk(path) if p.suffix.lower() in SUPPORTED_SUFFIXES)
             if not found:
-                raise DataError(f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files")
+                raise DataError(
+                    f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files",
+                    option="inputs",
+                )
             files.extend(found)
         elif path.exists() or path.is_symlink():
             if path.suffix.lower() not in SUPPORTED_SUFFIXES:
                 raise DataError(
                     f"{path}: unsupported input type {path.suffix or '(no extension)'!r}; "
-                    f"expected one of {', '.join(SUPPORTED_SUFFIXES)}"
+                    f"expected one of {', '.join(SUPPORTED_SUFFIXES)}",
+                    option="inputs",
                 )
             files.append(path)
         else:
-            raise DataError(f"{path}: no such file or folder")
+            raise DataError(f"{path}: no such file or folder", option="inputs")
     if not files:
-        raise DataError("no input files given")
+        raise DataError("no input files given", option="inputs")
     return files
 
 
@@ -161,7 +173,8 @@ def default_corpus_files(max_bytes: int) -> list[Path]:
         total += size
     if not selected:
         raise DataError(
-            f"default corpus: no stdlib source files under {root} fit in max_bytes={max_bytes}"
+            f"default corpus: no stdlib source files under {root} fit in max_bytes={max_bytes}",
+            option="max_bytes",
         )
     return selected
 

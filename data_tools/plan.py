@@ -59,7 +59,7 @@ def plan_blocks(files: list[Path], block_bytes: int) -> list[list[Piece]]:
     """Consecutive pieces grouped into blocks of at least ``block_bytes`` (the last may be
     smaller); every block is non-empty."""
     if block_bytes < 1:
-        raise DataError(f"block_bytes={block_bytes}: must be at least 1")
+        raise DataError(f"block_bytes={block_bytes}: must be at least 1", option="block_bytes")
     blocks: list[list[Piece]] = []
     current: list[Piece] = []
     size = 0

@@ -80,7 +80,10 @@ def prepare(
     :class:`DataError` on unusable input or options."""
     _check_options(vocab_size, seq_len, samples_per_shard, val_fraction, block_bytes)
     if tokenizer_sample_bytes is not None and tokenizer_sample_bytes < 1:
-        raise DataError(f"tokenizer_sample_bytes={tokenizer_sample_bytes}: must be positive")
+        raise DataError(
+            f"tokenizer_sample_bytes={tokenizer_sample_bytes}: must be positive",
+            option="tokenizer_sample_bytes",
+        )
     if part is not None and tokenizer is None:
         raise DataError(
             "--part needs --tokenizer: every part must encode with one tokenizer "
@@ -107,78 +110,103 @@ def prepare(
     blocks = plan_blocks(files, block_bytes)
     lo, hi = part_range(len(blocks), *part) if part is not None else (0, len(blocks))
     out = Path(out_dir)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DataError(f"{out}: cannot create the output folder ({err.strerror or err})") from err
+        raise DataError(
+            f"{out}: cannot create the output folder ({err.strerror or err})", option="out_dir"
+        ) from err
     _remove_previous_dataset(out)
 
-    console = Console(stderr=True)
-    with progress_bar(console, enabled=progress) as bar:
-        if tokenizer is None:
-            # The tokenizer sees held-out documents too, as is usual: the split keeps samples
-            # apart, and a vocabulary carries no document content.
-            scan = SkipLog()
-            docs = _training_texts(
-                blocks, text_field, max_bytes, tokenizer_sample_bytes, workers, bar.track, scan
+    # From here on a failure (bad input found late, a tokenizer error, an interrupt) removes
+    # what this call wrote: the folder never holds a partial dataset that looks prepared, and a
+    # folder made here is not left behind empty. The next call prepares again from scratch.
+    wrote_tokenizer = False
+    try:
+        console = Console(stderr=True)
+        with progress_bar(console, enabled=progress) as bar:
+            if tokenizer is None:
+                # The tokenizer sees held-out documents too, as is usual: the split keeps samples
+                # apart, and a vocabulary carries no document content.
+                scan = SkipLog()
+                docs = _training_texts(
+                    blocks, text_field, max_bytes, tokenizer_sample_bytes, workers, bar.track, scan
+                )
+                tok = train_tokenizer(docs, vocab_size)
+                if tok is None:
+                    raise DataError(
+                        f"no usable documents in the input ({scan.summary()})", option="inputs"
+                    )
+            else:
+                tok = load_tokenizer(tokenizer)
+            eod_token, eod_id = find_eod(tok, tokenizer)
+            actual_vocab = tok.get_vocab_size(with_added_tokens=True)
+            dtype = token_dtype(actual_vocab)
+            tokenizer_json = tok.to_str(pretty=True)
+            replace_atomically(out / TOKENIZER_NAME, tokenizer_json.encode())
+            wrote_tokenizer = True
+            options = EncodeOptions(
+                text_field, seed, val_fraction, eod_id, dtype.str, tokenizer_json
             )
-            tok = train_tokenizer(docs, vocab_size)
-            if tok is None:
-                raise DataError(f"no usable documents in the input ({scan.summary()})")
-        else:
-            tok = load_tokenizer(tokenizer)
-        eod_token, eod_id = find_eod(tok, tokenizer)
-        actual_vocab = tok.get_vocab_size(with_added_tokens=True)
-        dtype = token_dtype(actual_vocab)
-        tokenizer_json = tok.to_str(pretty=True)
-        replace_atomically(out / TOKENIZER_NAME, tokenizer_json.encode())
-        options = EncodeOptions(text_field, seed, val_fraction, eod_id, dtype.str, tokenizer_json)
-        skips = SkipLog()
-        results = ordered_map(encode_block, [(b, options) for b in blocks[lo:hi]], workers)
-        splits = _pack_and_write(
-            bar.track(results, "encoding", hi - lo),
-            out,
-            dtype=dtype,
-            seq_len=seq_len,
-            samples_per_shard=samples_per_shard,
-            max_bytes=max_bytes,
-            skips=skips,
-        )
+            skips = SkipLog()
+            results = ordered_map(encode_block, [(b, options) for b in blocks[lo:hi]], workers)
+            splits = _pack_and_write(
+                bar.track(results, "encoding", hi - lo),
+                out,
+                dtype=dtype,
+                seq_len=seq_len,
+                samples_per_shard=samples_per_shard,
+                max_bytes=max_bytes,
+                skips=skips,
+            )
 
-    # A part may get no block at all (fewer blocks than parts: the corpus is smaller than
-    # --part's count times --block-bytes); it is an empty part, which merge accepts.
-    empty_part = part is not None and lo == hi
-    if sum(s["documents"] for s in splits.values()) == 0 and not empty_part:
-        raise DataError(f"no usable documents in the input ({skips.summary()})")
-    if splits["train"]["samples"] == 0 and part is None:
-        raise DataError(
-            f"input too small: the training split has {splits['train']['stream_tokens']} "
-            f"tokens, fewer than one sample of seq_len+1={seq_len + 1}"
+        # A part may get no block at all (fewer blocks than parts: the corpus is smaller than
+        # --part's count times --block-bytes); it is an empty part, which merge accepts.
+        empty_part = part is not None and lo == hi
+        if sum(s["documents"] for s in splits.values()) == 0 and not empty_part:
+            raise DataError(
+                f"no usable documents in the input ({skips.summary()})", option="inputs"
+            )
+        if splits["train"]["samples"] == 0 and part is None:
+            raise DataError(
+                f"input too small: the training split has {splits['train']['stream_tokens']} "
+                f"tokens, fewer than one sample of seq_len+1={seq_len + 1}",
+                option="inputs",
+            )
+        fields = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "seq_len": seq_len,
+            "sample_len": seq_len + 1,
+            "dtype": dtype.name,
+            "sample_extension": sample_extension(dtype),
+            "vocab_size": actual_vocab,
+            "requested_vocab_size": vocab_size if tokenizer is None else None,
+            "tokenizer": TOKENIZER_NAME,
+            "tokenizer_trained": tokenizer is None,
+            "tokenizer_sha256": tokenizer_sha256(tokenizer_json),
+            "eod_token": eod_token,
+            "eod_id": eod_id,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "text_field": text_field,
+            "max_bytes": max_bytes,
+            "sources": sources,
+            "request": request,
+            "plan": {"blocks": len(blocks), "block_bytes": block_bytes, "id": fingerprint(blocks)},
+            "part": None
+            if part is None
+            else {"index": part[0], "count": part[1], "blocks": [lo, hi]},
+        }
+        result = write_manifest(out, fields, splits, skips)
+    except BaseException:
+        # A given tokenizer may be the folder's own tokenizer.json (preparing again): kept.
+        given = (
+            tokenizer is not None and Path(tokenizer).resolve() == (out / TOKENIZER_NAME).resolve()
         )
-    fields = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "seq_len": seq_len,
-        "sample_len": seq_len + 1,
-        "dtype": dtype.name,
-        "sample_extension": sample_extension(dtype),
-        "vocab_size": actual_vocab,
-        "requested_vocab_size": vocab_size if tokenizer is None else None,
-        "tokenizer": TOKENIZER_NAME,
-        "tokenizer_trained": tokenizer is None,
-        "tokenizer_sha256": tokenizer_sha256(tokenizer_json),
-        "eod_token": eod_token,
-        "eod_id": eod_id,
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "text_field": text_field,
-        "max_bytes": max_bytes,
-        "sources": sources,
-        "request": request,
-        "plan": {"blocks": len(blocks), "block_bytes": block_bytes, "id": fingerprint(blocks)},
-        "part": None if part is None else {"index": part[0], "count": part[1], "blocks": [lo, hi]},
-    }
-    result = write_manifest(out, fields, splits, skips)
+        _remove_partial_dataset(out, created=created, tokenizer_file=wrote_tokenizer and not given)
+        raise
     if progress:
         report(console, out, splits, skips)
     return result
@@ -220,7 +248,7 @@ def train_tokenizer_file(
     )
     tok = train_tokenizer(docs, vocab_size)
     if tok is None:
-        raise DataError("no usable documents in the input")
+        raise DataError("no usable documents in the input", option="inputs")
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(out, tok.to_str(pretty=True).encode())
@@ -328,15 +356,37 @@ def _check_options(
     vocab_size: int, seq_len: int, samples_per_shard: int, val_fraction: float, block_bytes: int
 ) -> None:
     if vocab_size < 257:
-        raise DataError(f"vocab_size={vocab_size}: must be at least 257 (256 bytes + end-of-doc)")
+        raise DataError(
+            f"vocab_size={vocab_size}: must be at least 257 (256 bytes + end-of-doc)",
+            option="vocab_size",
+        )
     if seq_len < 1:
-        raise DataError(f"seq_len={seq_len}: must be at least 1")
+        raise DataError(f"seq_len={seq_len}: must be at least 1", option="seq_len")
     if samples_per_shard < 1:
-        raise DataError(f"samples_per_shard={samples_per_shard}: must be at least 1")
+        raise DataError(
+            f"samples_per_shard={samples_per_shard}: must be at least 1", option="samples_per_shard"
+        )
     if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction={val_fraction}: must be in [0, 1)")
+        raise DataError(f"val_fraction={val_fraction}: must be in [0, 1)", option="val_fraction")
     if block_bytes < 1:
-        raise DataError(f"block_bytes={block_bytes}: must be at least 1")
+        raise DataError(f"block_bytes={block_bytes}: must be at least 1", option="block_bytes")
+
+
+def _remove_partial_dataset(out: Path, *, created: bool, tokenizer_file: bool) -> None:
+    """After a failed ``prepare``: delete the files it wrote into ``out`` (shards, temp files,
+    ``tokenizer.json`` when ``tokenizer_file``), never another file, and ``out`` itself when
+    this call created it and nothing else is in it."""
+    try:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        if tokenizer_file:
+            (out / TOKENIZER_NAME).unlink(missing_ok=True)
+        for path in out.iterdir():
+            if _STALE_FILE.match(path.name) and path.is_file():
+                path.unlink()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:
+        pass  # the original error is the one to report; what is left has no manifest
 
 
 def _remove_previous_dataset(out: Path) -> None:

@@ -71,7 +71,9 @@ def _file_sha256(path: str | Path) -> str:
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as err:
-        raise DataError(f"{path}: cannot load tokenizer ({err.strerror or err})") from None
+        raise DataError(
+            f"{path}: cannot load tokenizer ({err.strerror or err})", option="tokenizer"
+        ) from None
 
 
 def preparation_request(

@@ -16,6 +16,7 @@ shard that cannot be opened or read gives a :class:`DataError` naming its URL.
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -77,6 +78,12 @@ class DataSource:
         return check_manifest(manifest, url)
 
 
+# webdataset's gopen reports a failed pipe: command as "(('cmd',), {kwargs}): exit N (read) {}".
+_PIPE_FAILED = re.compile(r"^\(\((['\"])(.*?)\1,\), \{.*\}\): exit (-?\d+)")
+
+
 def _reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
+    if text and (pipe := _PIPE_FAILED.match(text[0])):
+        return f"the command '{pipe.group(2)}' exited with status {pipe.group(3)}"
     return text[0] if text else type(err).__name__

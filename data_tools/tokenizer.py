@@ -53,12 +53,14 @@ def load_tokenizer(path: str | Path):  # noqa: ANN201
     try:
         data = Path(path).read_bytes()
     except OSError as err:
-        raise DataError(f"{path}: cannot load tokenizer ({err.strerror or err})") from None
+        raise DataError(
+            f"{path}: cannot load tokenizer ({err.strerror or err})", option="tokenizer"
+        ) from None
     try:
         return Tokenizer.from_str(data.removeprefix(BOM).decode("utf-8"))
     except Exception as err:  # tokenizers raises plain Exception for bad files
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{path}: cannot load tokenizer ({reason})") from err
+        raise DataError(f"{path}: cannot load tokenizer ({reason})", option="tokenizer") from err
 
 
 def text_encoder(tokenizer_json: str):  # noqa: ANN201
@@ -77,7 +79,8 @@ def find_eod(tok, tokenizer_path: str | Path | None) -> tuple[str, int]:  # noqa
             return token, token_id
     raise DataError(
         f"{tokenizer_path}: tokenizer has no end-of-document token; "
-        f"add one of {', '.join(EOD_CANDIDATES)}"
+        f"add one of {', '.join(EOD_CANDIDATES)}",
+        option="tokenizer",
     )
 
 

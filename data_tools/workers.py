@@ -30,7 +30,7 @@ def resolve_workers(workers: int | None) -> int:
     if workers is None:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if workers < 1:
-        raise DataError(f"workers={workers}: must be at least 1")
+        raise DataError(f"workers={workers}: must be at least 1", option="workers")
     return workers
 
 

@@ -24,6 +24,8 @@ from omnimoe_train.validation import (
     data_facts_before_preparation,
     validate,
     validate_against_data,
+    validate_data_paths,
+    validate_resume_path,
 )
 
 CONFIG_MODULE = "omnimoe_conf"
@@ -42,15 +44,71 @@ def to_root_config(dcfg: DictConfig) -> RootConfig:
 
 
 def _compose_error(exc: Exception) -> str:
-    """One line from Hydra/OmegaConf's multi-line errors: the full key and the first line."""
+    """One line from Hydra/OmegaConf's multi-line errors, naming the key: a config group's
+    unknown option (with the group's options), an override that does not parse, else the full
+    key and the first line."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
     inner: BaseException = exc
+    chain = [exc]
     while inner.__cause__ is not None:
         inner = inner.__cause__
+        chain.append(inner)
+    for error in chain:
+        if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+            return _unknown_group_option(error.missing_cfg_file, error.options)
+        if isinstance(error, OverrideParseException):
+            return _unparsable_override(error)
     full_key = getattr(inner, "full_key", None)
     first = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
     if "not in" in first and "Key" in first:
         first = "unknown key (not in the config schema)"
     return f"{full_key}: {first}" if full_key else first
+
+
+def _unknown_group_option(missing: str, options: list[str] | None) -> str:
+    """``model=nonexistent``: Hydra's message spans the options and its search path, one a
+    line; ours names the group, as the choice rules of ``validation`` do."""
+    group, _, option = missing.rpartition("/")
+    if not group:  # the primary config itself
+        return f"config {missing!r} not found"
+    if not options:  # Hydra lists them only for some failures (e.g. model=[a,b])
+        options = _group_options(group)
+    return f"{group}: must be one of {', '.join(options)} (got {option!r})"
+
+
+def _group_options(group: str) -> list[str]:
+    """The configs Hydra's search path holds for ``group`` (``model``, ``hydra/launcher``)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        return list(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
+
+
+def _unparsable_override(exc: Exception) -> str:
+    """An override Hydra's grammar does not parse: its key (the text before ``=``) and the
+    parser's reason, without the lines Hydra adds (a link, a caret under the bad character)."""
+    override = str(getattr(exc, "override", "") or "")
+    lines = str(exc).strip().splitlines()
+    reason = "not valid"
+    for i, line in enumerate(lines):
+        if line.strip() == "^" and i > 0 and override in lines[i - 1]:  # the lexer's caret
+            pos = line.index("^") - lines[i - 1].index(override)
+            if 0 <= pos < len(override):
+                reason = (
+                    f"unexpected character {override[pos]!r} at position {pos}; quote the value"
+                )
+                break
+        elif line.strip() and not line.startswith(("See https", "Error parsing override")):
+            reason = line.strip()
+    key = override.partition("=")[0] or override
+    return (
+        f"{key}: cannot parse the override {override!r} ({reason}); the form is key=value, "
+        "+key=value or ~key"
+    )
 
 
 def _sweep_combinations(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
@@ -96,9 +154,14 @@ def _check_hydra_dirs(argv: list[str]) -> None:
                 )
 
 
-def _check_launcher(hydra_overrides: list[str], job_overrides: list[str]) -> None:
-    """The launcher's rule (``sweep_jobs.job_layout``: one rank per GPU) when it is ours
-    (``hydra/launcher=slurm``, ``slurm_torchrun``), before the sweep submits anything."""
+def _check_hydra_config(
+    hydra_overrides: list[str], job_overrides: list[str], multirun: bool
+) -> None:
+    """Hydra's own part of the config, before Hydra starts: the ``hydra/...`` group options and
+    ``hydra.*`` values the command line sets (an unknown launcher, a run directory that does not
+    resolve: Hydra would print them as a traceback or a multi-line error), and the launcher's
+    rule when it is ours (``sweep_jobs.job_layout``: one rank per GPU, for
+    ``hydra/launcher=slurm_torchrun``) before a sweep submits anything."""
     from hydra import compose, initialize_config_module
 
     try:
@@ -108,8 +171,10 @@ def _check_launcher(hydra_overrides: list[str], job_overrides: list[str]) -> Non
                 overrides=hydra_overrides + job_overrides,
                 return_hydra_config=True,
             )
+        # The folder Hydra is about to create; resolving it shows a bad interpolation now.
+        OmegaConf.select(dcfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
         launcher = dcfg.hydra.launcher
-        if "torchrun" in launcher:  # ours; other launchers keep their own rules
+        if multirun and "torchrun" in launcher:  # ours; other launchers keep their own rules
             sweep_jobs.job_layout(launcher)
     except ConfigError as exc:
         _fail(str(exc))
@@ -138,8 +203,7 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
             combos, swept = _sweep_combinations(_sweeper_params(first) + overrides)
     except Exception as exc:  # noqa: BLE001 - a parse or composition error in the overrides
         _fail(_compose_error(exc))
-    if multirun:
-        _check_launcher([a for a in argv if a.startswith("hydra")], combos[0])
+    _check_hydra_config([a for a in argv if a.startswith("hydra")], combos[0], multirun)
     names.set_swept_keys(swept)  # a sweep job's folder shows these keys' values
     sweep_jobs.pass_swept_keys(swept)  # and on SLURM, where the job names its own folder
     for combo in combos:
@@ -148,6 +212,8 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
                 dcfg = compose(config_name="config", overrides=combo)
             cfg = to_root_config(dcfg)
             validate(cfg, world_size)
+            validate_data_paths(cfg.data)
+            validate_resume_path(cfg.checkpoint)
             # What the data already tells (a given tokenizer, a prepared data.dir); the rest is
             # checked right after preparation, before any model work.
             for facts in data_facts_before_preparation(cfg.data):

@@ -11,13 +11,16 @@ Where the data comes from:
 
 Every dataset's ``seq_len`` must equal ``data.seq_len``. Preparation runs on global rank 0
 only; the other ranks wait and then read the finished dataset (its manifest is written
-last), or raise the same one-line :class:`DataError` if preparing failed.
+last), or raise the same one-line :class:`DataError` if preparing failed. Its message starts
+with the ``data.*`` key at fault (``omnimoe_data`` names paths and its own options).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +72,37 @@ class TrainingData:
         ]
 
 
+# The ``prepare`` options (``DataError.option``) by the config key that sets them.
+_OPTION_KEYS = {
+    "inputs": "data.inputs",
+    "tokenizer": "data.tokenizer",
+    "out_dir": "data.dir",
+    "vocab_size": "data.vocab_size",
+    "seq_len": "data.seq_len",
+    "samples_per_shard": "data.samples_per_shard",
+    "val_fraction": "data.val_fraction",
+    "max_bytes": "data.max_bytes",
+    "tokenizer_sample_bytes": "data.tokenizer_sample_bytes",
+    "workers": "data.prepare_workers",
+}
+
+
+@contextmanager
+def _naming(key: str, d: DataConfig | None = None) -> Iterator[None]:
+    """Re-raise a :class:`DataError` with the config key at fault in front: the key of the
+    ``prepare`` option it names (``d`` given), else ``key``. The cache folder is no config key:
+    ``OMNIMOE_CACHE`` (the variable that moves it) is named instead."""
+    try:
+        yield
+    except DataError as err:
+        option = getattr(err, "option", None)
+        if d is not None and option in _OPTION_KEYS:
+            key = _OPTION_KEYS[option]
+            if option == "out_dir" and d.dir is None:
+                key = "OMNIMOE_CACHE"
+        raise DataError(f"{key}: {err}", option=option) from None
+
+
 def _data_options(d: DataConfig) -> dict:
     """The ``prepare`` options ``data.*`` sets: each changes the prepared data, so the same
     dict is the preparation request (the cache key) and what ``prepare`` is called with."""
@@ -103,7 +137,13 @@ def _ensure_prepared(d: DataConfig) -> Path:
     """Rank 0: the prepared folder for ``data.inputs`` (prepared now if needed)."""
     from omnimoe_data.prepare import prepare
 
-    request = _request(d)
+    if d.tokenizer is not None:
+        from omnimoe_data.tokenizer import find_eod, load_tokenizer
+
+        with _naming("data.tokenizer"):
+            find_eod(load_tokenizer(Path(d.tokenizer).expanduser()), d.tokenizer)
+    with _naming("data.inputs", d):  # finds the input files
+        request = _request(d)
     out = dataset_dir(d, request)
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
@@ -115,7 +155,8 @@ def _ensure_prepared(d: DataConfig) -> Path:
             _refuse_mismatch(out, recorded, request)
             if is_prepared(out, seq_len=d.seq_len):
                 return out
-    prepare(d.inputs, out, **_data_options(d), workers=d.prepare_workers)
+    with _naming("data.inputs", d):
+        prepare(d.inputs, out, **_data_options(d), workers=d.prepare_workers)
     return out
 
 
@@ -139,8 +180,9 @@ def _refuse_mismatch(out: Path, recorded: dict | None, request: dict) -> None:
 def prepare_data(d: DataConfig, *, rank: int) -> TrainingData:
     """Collective: the datasets of ``d``, prepared on rank 0 if needed. Raises
     :class:`DataError` (on every rank) for unusable data or a mismatch with the config."""
+    key = "data.dir"
     if d.dirs:
-        locations = [str(x) for x in d.dirs]
+        key, locations = "data.dirs", [str(x) for x in d.dirs]
     elif d.dir is not None and d.inputs is None:
         locations = [d.dir if is_url(d.dir) else str(Path(d.dir).expanduser())]
     else:
@@ -157,9 +199,11 @@ def prepare_data(d: DataConfig, *, rank: int) -> TrainingData:
         if error is not None:
             raise DataError(error)
         locations = [location]
-    sources = [DataSource(loc) for loc in locations]
-    for source in sources:
-        seq_len = source.manifest["seq_len"]
+    with _naming(key):  # a bad location; a manifest absent, unreadable or not a dataset's
+        sources = [DataSource(loc) for loc in locations]
+        manifests = [source.manifest for source in sources]
+    for source, manifest in zip(sources, manifests):
+        seq_len = manifest["seq_len"]
         if seq_len != d.seq_len:
             raise DataError(
                 f"data.seq_len: {source.location} holds samples of seq_len {seq_len}, "

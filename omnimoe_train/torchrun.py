@@ -1,7 +1,13 @@
 """``python -m omnimoe_train.torchrun``: torchrun with the signals and exit status that a
 preemptible job needs. Takes torchrun's arguments unchanged (``launch/torchrun.sh`` calls it), or
 ``--slurm-node MODULE [ARGS...]``: the arguments of one node of a SLURM job (``slurm_node_args``;
-``launch/slurm_node.sh`` and the torchrun sweep jobs of ``omnimoe_train.sweep_torchrun``).
+``launch/slurm_node.sh`` and the torchrun sweep jobs of ``omnimoe_train.sweep_torchrun``), or
+``--check-config WORLD_SIZE [ARGS...]``: only check ``omnimoe-train ARGS`` for that many ranks
+(exit 0, or 2 with the one line; ``launch/slurm.sbatch`` runs it before anything else).
+
+Before any rank starts, the training config is checked once for all ranks (exit 2 and one
+line); only then does ``launch/torchrun.sh``'s run say its output dir: a usage error prints
+nothing that looks like a started run.
 
 torchrun's agent (``torch.distributed.run``) leaves SIGUSR1 at its default action, so the signal
 SLURM sends before the time limit (``--signal=USR1@<s>``; slurmstepd signals every process of the
@@ -12,7 +18,13 @@ And the agent exits with 1 whenever a worker fails, whatever the worker's exit c
   and exits with ``EXIT_REQUEUE`` = 75). Under SLURM the workers also get it from slurmstepd;
   the trainer's handler only sets a flag, so twice is the same as once. The first SIGTERM is
   passed on the same way (torch's agent would SIGTERM the workers itself and exit 143, losing
-  their 75); a second SIGTERM stops the workers at once, as torchrun does.
+  their 75). There is no time limit on that stop here: a scheduler's own (SLURM's KillWait)
+  applies. A second SIGTERM kills the workers at once (SIGKILL to each worker's process group,
+  its data-loader processes too) and exits 143: torch's agent would SIGTERM them again, which
+  the trainer takes as the same stop request, and SIGKILL them only after its shutdown timeout
+  (30 s). Checkpoints are written to a temporary name and renamed, so a kill mid-save leaves the
+  previous checkpoint the newest. SIGINT (Ctrl-C) is torch's: SIGINT to the workers (Python's
+  KeyboardInterrupt: no checkpoint), exit 130.
 - When every failed worker exited with the same code (leaving out those the agent's own SIGTERM
   ended, see ``exit_status``), the agent exits with it: 75 (one line, no
   traceback) tells the batch script that the run stopped early with a checkpoint, so it
@@ -45,6 +57,7 @@ EXIT_REQUEUE = 75  # the trainer's "stopped early with a checkpoint saved; rerun
 # other nodes' agents close the rendezvous cleanly instead of printing a C++ stack trace.
 HOST_LINGER_S = 3.0
 SLURM_NODE = "--slurm-node"  # first argument: build torchrun's arguments from the environment
+CHECK_CONFIG = "--check-config"  # first argument: only check the training config
 
 
 def _forward_to_workers(signum: int, _frame: FrameType | None) -> int:
@@ -60,18 +73,33 @@ def _forward_to_workers(signum: int, _frame: FrameType | None) -> int:
     return sent
 
 
+def _kill_workers() -> None:
+    """SIGKILL every worker's process group (torch starts each worker in a session of its own,
+    so the group is the worker and the processes it started, e.g. data-loader workers)."""
+    for child in psutil.Process().children(recursive=False):
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:  # not a group leader after all: the worker alone
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                continue
+
+
 _terms_received: list[int] = []
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     """The first SIGTERM is a stop request passed to the workers, as SIGUSR1 is (they save and
-    exit 75, which the agent then returns); a second one, or one before any worker runs, is
-    torch's own: the agent stops its workers at once (SIGTERM, SIGKILL after its shutdown
-    timeout) and exits 143."""
+    exit 75, which the agent then returns). A second one kills the workers at once; then, as
+    for one before any worker runs, torch's own handler ends the agent (exit 143)."""
     from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
 
     _terms_received.append(signum)
-    if len(_terms_received) > 1 or _forward_to_workers(signum, frame) == 0:
+    if len(_terms_received) > 1:
+        _kill_workers()
+        _terminate_process_handler(signum, frame)
+    if _forward_to_workers(signum, frame) == 0:
         _terminate_process_handler(signum, frame)
 
 
@@ -159,8 +187,36 @@ def _check_config(args) -> None:  # noqa: ANN001 - torchrun's argparse namespace
         return
     from omnimoe_train import cli
 
-    world_size = max_nodes * determine_local_world_size(args.nproc_per_node)
-    cli.check_before_launch(list(args.training_script_args), world_size)
+    try:
+        local_world_size = determine_local_world_size(args.nproc_per_node)
+    except ValueError as exc:  # e.g. "gpu" without a GPU
+        print(f"omnimoe torchrun: error: --nproc-per-node: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    cli.check_before_launch(list(args.training_script_args), max_nodes * local_world_size)
+
+
+def _announce_output_dir(args) -> None:  # noqa: ANN001 - torchrun's argparse namespace
+    """``launch/torchrun.sh`` (it sets ``OMNIMOE_LAUNCHER``) chose the run or sweep directory
+    whose ``logs/`` is ``--log-dir``: say where it is, now that the config has passed."""
+    if args.log_dir and "OMNIMOE_LAUNCHER" in os.environ:
+        out_dir = Path(args.log_dir).parent
+        print(f"output dir: {out_dir} (per-rank logs in {args.log_dir})", file=sys.stderr)
+
+
+def check_config_only(argv: list[str]) -> int:
+    """``--check-config WORLD_SIZE [ARGS...]``: 0 when ``omnimoe-train ARGS`` is valid for
+    ``WORLD_SIZE`` ranks; otherwise its one line is printed and the process exits 2."""
+    if not argv or not argv[0].isdigit() or int(argv[0]) < 1:
+        print(
+            f"omnimoe torchrun: error: {CHECK_CONFIG}: needs the world size, a positive integer, "
+            f"then the omnimoe-train overrides (got {argv[:1]})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    from omnimoe_train import cli
+
+    cli.check_before_launch(argv[1:], int(argv[0]))
+    return 0
 
 
 def failed_rank_errors(log_dir: str | None, first_local_rank: int) -> list[str]:
@@ -192,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [CHECK_CONFIG]:
+        return check_config_only(argv[1:])
     if argv[:1] == [SLURM_NODE]:
         if len(argv) < 2:
             print(f"usage: omnimoe_train.torchrun {SLURM_NODE} MODULE [ARGS...]", file=sys.stderr)
@@ -207,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
     args = parse_args(argv)
     _check_config(args)
+    _announce_output_dir(args)
     signal.signal(signal.SIGUSR1, _forward_to_workers)
     args.signals_to_handle = _without_sigterm(args.signals_to_handle)
     signal.signal(signal.SIGTERM, _on_sigterm)

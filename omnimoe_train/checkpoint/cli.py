@@ -152,6 +152,8 @@ def inspect(path: Path, as_json: bool) -> int:
 
 def consolidate(path: Path, out: Path) -> None:
     """Load ``path`` (any layout) on one process and write the full model weights to ``out``."""
+    if not path.is_dir():
+        _fail(f"{path}: no such checkpoint folder")
     problem = find_problem(path)
     if problem is not None:
         _fail(f"{path}: {problem}")

@@ -45,6 +45,7 @@ from omnimoe_train.validation.data import (
     tokenizer_facts,
     validate_against_data,
     validate_data,
+    validate_data_paths,
 )
 from omnimoe_train.validation.engine import (
     validate_cuda_graphs,
@@ -70,6 +71,7 @@ from omnimoe_train.validation.training import (
     validate_checkpoint,
     validate_names,
     validate_optim,
+    validate_resume_path,
     validate_robustness,
 )
 
@@ -94,6 +96,8 @@ __all__ = [
     "tokenizer_facts",
     "validate",
     "validate_against_data",
+    "validate_data_paths",
+    "validate_resume_path",
     "world_size_from_env",
 ]
 

@@ -3,6 +3,7 @@ of the config's one validation step), and the rules that compare the config with
 itself (:func:`validate_against_data`): the tokenizer's vocabulary, a prepared dataset's sample
 length and its validation split.
 
+:func:`validate_data_paths` checks that the local paths named exist (the CLI's pre-check).
 The rules against the data run as early as the facts exist: in the CLI's pre-check when
 ``data.tokenizer`` or an already prepared ``data.dir`` is given, and in any case right after
 data preparation, before any model work.
@@ -36,6 +37,11 @@ def validate_data(d: DataConfig) -> None:
     for key in ("max_bytes", "tokenizer_sample_bytes", "prepare_workers"):
         value = getattr(d, key)
         require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
+    require(
+        d.inputs is None or len(d.inputs) >= 1,
+        "data.inputs",
+        "lists no input: give files or folders, or leave it null for the default corpus",
+    )
     if d.dirs is not None:
         require(len(d.dirs) >= 1, "data.dirs", "must list at least one prepared dataset")
         require(
@@ -90,15 +96,64 @@ def dataset_facts(data_dir: Path, where: str) -> DataFacts | None:
 
 
 def tokenizer_facts(path: str) -> DataFacts:
-    """The vocabulary of an existing ``tokenizer.json`` (what preparation would use)."""
-    from tokenizers import Tokenizer
+    """The vocabulary of an existing ``tokenizer.json``, loaded as preparation loads it (a
+    leading byte-order mark is fine) and holding the end-of-document token it needs."""
+    from omnimoe_data.corpus import DataError
+    from omnimoe_data.tokenizer import find_eod, load_tokenizer
 
     try:
-        tok = Tokenizer.from_file(str(Path(path).expanduser()))
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception for bad files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError("data.tokenizer", f"cannot load {path} ({reason})") from None
+        tok = load_tokenizer(Path(path).expanduser())
+        find_eod(tok, path)
+    except DataError as exc:
+        raise ConfigError("data.tokenizer", str(exc)) from None
     return DataFacts(f"data.tokenizer={path}", tok.get_vocab_size(with_added_tokens=True))
+
+
+def validate_data_paths(d: DataConfig) -> None:
+    """The local paths ``data.*`` names exist, and as what they are used for (URLs are read only
+    by the run). A fact of the machine the check runs on, so the CLI's pre-check runs it, not
+    :func:`validate` (``omnimoe-params`` describes a config for any machine); whatever appears
+    or vanishes later is refused by the run in one line naming the same key.
+
+    Checks names only, never a folder's contents: ``data.inputs`` may be a corpus of millions
+    of files."""
+    if d.dirs:
+        for location in d.dirs:
+            _require_prepared("data.dirs", location)
+    elif d.dir is not None and d.inputs is None:
+        _require_prepared("data.dir", d.dir)
+    if d.inputs is not None:
+        for item in d.inputs:
+            path = Path(item).expanduser()
+            require(
+                path.exists() or path.is_symlink(),
+                "data.inputs",
+                f"{item} does not exist (give text files or folders of them to prepare)",
+            )
+        if d.dir is not None and not is_url(d.dir):
+            out = Path(d.dir).expanduser()
+            require(
+                not out.exists() or out.is_dir(),
+                "data.dir",
+                f"{d.dir} is a file, not a folder to prepare data.inputs into",
+            )
+
+
+def _require_prepared(key: str, location: str) -> None:
+    """``location`` (a local folder) holds a prepared dataset: its manifest is written last."""
+    if is_url(location):
+        return
+    path = Path(location).expanduser()
+    how = "prepare it first (omnimoe-data prepare), or set data.inputs to prepare into data.dir"
+    if key == "data.dirs":
+        how = "prepare each dataset first (omnimoe-data prepare)"
+    require(path.exists(), key, f"{location} does not exist; {how}")
+    require(path.is_dir(), key, f"{location} is not a folder of a prepared dataset")
+    require(
+        (path / MANIFEST_NAME).is_file(),
+        key,
+        f"{location} holds no prepared dataset (no {MANIFEST_NAME}); {how}",
+    )
 
 
 def data_facts_before_preparation(d: DataConfig) -> list[DataFacts]:

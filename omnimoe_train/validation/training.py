@@ -4,6 +4,7 @@ the time limit and bad-step guard, and the names the run creates (folders, W&B t
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from omnimoe_train.checkpoint.signals import parse_duration
 from omnimoe_train.config import (
@@ -51,6 +52,23 @@ def validate_checkpoint(c: CheckpointConfig) -> None:
         all(s >= 0 for s in c.keep_steps),
         "checkpoint.keep_steps",
         f"must be steps >= 0 (got {list(c.keep_steps)})",
+    )
+
+
+def validate_resume_path(c: CheckpointConfig) -> None:
+    """A ``checkpoint.resume`` path names an existing folder. A fact of this machine, checked in
+    the CLI's pre-check (like ``validate_data_paths``): otherwise the run finds it only after
+    data preparation. Whether the folder holds a valid checkpoint is the run's check (it reads
+    every file's checksum)."""
+    resume = c.resume
+    if resume is None or str(resume).lower() in ("auto", "none", "null", "false"):
+        return
+    path = Path(resume).expanduser()
+    require(
+        path.is_dir(),
+        "checkpoint.resume",
+        f"{resume} is not a folder (give a checkpoint folder step_<8 digits>, a folder of them, "
+        "auto or none)",
     )
 
 

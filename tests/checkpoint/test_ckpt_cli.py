@@ -103,3 +103,15 @@ def test_inspect_and_consolidate(tmp_path: Path, capsys: pytest.CaptureFixture) 
     code, _, err = _in_process(capsys, "consolidate", folder, tmp_path / "never.pt")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "never.pt").exists()
+
+
+def test_consolidate_of_a_missing_folder_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Was "meta.json is missing (the save did not finish)" for a path that does not exist."""
+    code, _, err = _in_process(capsys, "consolidate", tmp_path / "absent", tmp_path / "model.pt")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"omnimoe-ckpt: error: {tmp_path / 'absent'}: no such checkpoint folder"
+    ]
+    assert not (tmp_path / "model.pt").exists()

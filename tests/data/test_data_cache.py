@@ -107,6 +107,36 @@ def test_a_folder_made_differently_is_refused(corpus: Path, tmp_path: Path) -> N
     assert used.locations == [str(out)] and used.vocab_size == 300
 
 
+def test_data_errors_found_by_the_run_name_the_key(
+    cache: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the CLI's pre-check cannot see (a location behind a URL or pipe, the inputs'
+    contents, the cache folder) is found by the run: its one line names the key too, where
+    omnimoe_data's messages name only the path."""
+    absent = tmp_path / "absent"
+    with pytest.raises(
+        DataError,
+        match=r"^data\.dir: pipe:cat .*absent/manifest\.json: cannot "
+        r"read manifest \(the command 'cat .*' exited with status 1\)$",
+    ):
+        prepare_data(DataConfig(dir=f"pipe:cat {absent}/{{name}}", seq_len=16), rank=0)
+    with pytest.raises(DataError, match=r"^data\.dirs: .*absent/manifest\.json: not found"):
+        prepare_data(DataConfig(dirs=[str(absent)], seq_len=16), rank=0)
+    with pytest.raises(DataError, match=r"^data\.dir: .*absent/manifest\.json: not found"):
+        prepare_data(DataConfig(dir=str(absent), seq_len=16), rank=0)
+    with pytest.raises(DataError, match=r"^data\.inputs: .*absent: no such file or folder$"):
+        prepare_data(config(absent), rank=0)
+    small = tmp_path / "small.txt"
+    small.write_text("a short document")
+    with pytest.raises(DataError, match=r"^data\.inputs: input too small: "):
+        prepare_data(config(small, seq_len=512, prepare_workers=1), rank=0)
+    assert not list((cache / "data").iterdir())  # its cache folder is not left behind
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("OMNIMOE_CACHE", str(tmp_path / "a_file"))
+    with pytest.raises(DataError, match=r"^OMNIMOE_CACHE: .*cannot create the output folder"):
+        prepare_data(config(corpus, prepare_workers=1), rank=0)
+
+
 def test_mixture_is_described_with_weights(tmp_path: Path) -> None:
     a = make_token_dataset(tmp_path / "a", [10, 10], sample_len=17, vocab_size=500)
     b = make_token_dataset(tmp_path / "b", [6], sample_len=17, vocab_size=500)

@@ -152,6 +152,7 @@ def test_interrupted_prepare_leaves_no_partial_files(
     out = tmp_path / "out"
     prepare([txt_corpus], out, progress=False, **TINY)  # an older complete dataset
     assert is_prepared(out, seq_len=16)
+    (out / "notes.md").write_text("the user's own file")
     real_write = ShardWriter.write
     calls = {"n": 0}
 
@@ -161,25 +162,75 @@ def test_interrupted_prepare_leaves_no_partial_files(
             # Mid-way through the second shard: it exists only under its temp name.
             assert self._tmp is not None and self._tmp.exists()
             assert not (out / "train-000001.tar").exists()
+            assert (out / "train-000000.tar").exists()  # the first one is finished
             raise KeyboardInterrupt
         real_write(self, sample)
 
     monkeypatch.setattr(ShardWriter, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         prepare([txt_corpus], out, progress=False, **TINY)
-    names = sorted(p.name for p in out.iterdir())
-    assert "manifest.json" not in names
-    assert not [n for n in names if n.endswith(".tmp")]
-    # The shard being written never appears under its final name; finished ones are whole.
-    assert "train-000001.tar" not in names
-    assert [n for n in names if n.endswith(".tar")] == ["train-000000.tar"]
-    rows = read_shard(out / "train-000000.tar", dtype=np.uint16, sample_len=17)
-    assert len(rows) == TINY["samples_per_shard"]
+    # What the failed call wrote is gone (finished shards too: they are of no dataset); the
+    # folder it did not create stays, with the file that is not the dataset's.
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md"]
     assert not is_prepared(out, seq_len=16)
 
     monkeypatch.setattr(ShardWriter, "write", real_write)
     prepare([txt_corpus], out, progress=False, **TINY)
     assert is_prepared(out, seq_len=16)
+
+
+@pytest.mark.parametrize("failure", ["too_small", "no_documents", "interrupt"])
+def test_failed_prepare_leaves_no_folder_it_made(
+    failure: str, txt_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure found mid-way (after the tokenizer, or shards, were written) used to leave the
+    new folder behind: empty, or with ``tokenizer.json`` and finished shards but no manifest.
+    Now the folder goes too, and preparing again starts from scratch."""
+    out = tmp_path / "cache" / "data" / "ds"
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text("a short document " * 8)
+    (small / "b.txt").write_text("another short one " * 8)
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "x.txt").write_bytes(b"\xff\xfe\x00\x81" * 64)
+    if failure == "too_small":  # found after the tokenizer is written
+        inputs, options, error = [small], {**TINY, "seq_len": 512, "val_fraction": 0.5}, DataError
+    elif failure == "no_documents":  # found while training the tokenizer
+        inputs, options, error = [binary], TINY, DataError
+    else:  # stopped in the second training shard
+        inputs, options, error = [txt_corpus], TINY, KeyboardInterrupt
+        real_write = ShardWriter.write
+
+        def failing_write(self: ShardWriter, sample: np.ndarray) -> None:
+            if self.split == "train" and self.samples == TINY["samples_per_shard"] + 1:
+                raise KeyboardInterrupt
+            real_write(self, sample)
+
+        monkeypatch.setattr(ShardWriter, "write", failing_write)
+    with pytest.raises(error) as info:
+        prepare(inputs, out, progress=False, **options)
+    if error is DataError:
+        assert info.value.option == "inputs"
+    assert not out.exists()
+    assert out.parent.is_dir()  # folders above it are left alone
+    monkeypatch.undo()
+    prepare([txt_corpus], out, progress=False, **TINY)
+    assert is_prepared(out, seq_len=16)
+
+
+def test_failed_prepare_keeps_a_given_tokenizer_in_the_folder(
+    txt_corpus: Path, tmp_path: Path
+) -> None:
+    """Preparing again into a folder with its own tokenizer.json given as the tokenizer: a
+    failure removes the dataset's files but never the user's tokenizer."""
+    out = tmp_path / "out"
+    prepare([txt_corpus], out, progress=False, **TINY)
+    small = tmp_path / "small.txt"
+    small.write_text("a short document")
+    with pytest.raises(DataError, match="input too small"):
+        prepare([small], out, progress=False, tokenizer=out / "tokenizer.json", **TINY)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]
 
 
 def test_token_dtype_and_uint32_shards(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from omnimoe_train.torchrun import (
@@ -102,6 +104,48 @@ def test_signal_to_the_agent_reaches_the_workers_and_75_comes_back(
     assert "Traceback" not in err
 
 
+def test_second_sigterm_kills_the_workers_at_once(tmp_path: Path) -> None:
+    """The first SIGTERM asks the workers to save and stop; when that stop hangs, a second one
+    kills them and their children at once. torch's agent would SIGTERM them again (taken as
+    the same stop request) and SIGKILL only after its shutdown timeout: set to 10 minutes
+    here, so the old behaviour runs into this test's timeout."""
+    env = job_env(tmp_path, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600")
+    agent = subprocess.Popen(
+        [
+            sys.executable, "-m", "omnimoe_train.torchrun", "--standalone",
+            "--nproc-per-node", "2", "-m", "tests.launch.hung_stop_worker", str(tmp_path),
+        ],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    pids: list[int] = []
+    try:
+        _wait_for(tmp_path, "pids_*", agent)
+        pids = [int(p) for f in tmp_path.glob("pids_*") for p in f.read_text().split()]
+        os.kill(agent.pid, signal.SIGTERM)
+        _wait_for(tmp_path, "stopping_*", agent)  # both took it as a stop request
+        os.kill(agent.pid, signal.SIGTERM)
+        _, err = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert agent.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "omnimoe torchrun: stopped by SIGTERM", err
+    assert len(pids) == 4
+    for pid in pids:  # the workers and the processes they started
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", pid
+
+
+def _wait_for(folder: Path, pattern: str, agent: subprocess.Popen) -> None:
+    """Until the two workers have written ``pattern`` files (the agent must still run)."""
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob(pattern))) < 2:
+        assert agent.poll() is None, agent.communicate()
+        assert time.monotonic() < deadline, f"no {pattern} from both workers in 60 s"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize(
     ("args", "env", "expected"),
     [
@@ -174,12 +218,12 @@ def test_config_error_is_refused_once_before_any_rank_starts(
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("output dir: ")
-    assert lines[1:] == [
+    # Only the error: the "output dir:" line a started run prints came before it.
+    assert result.stderr.strip().splitlines() == [
         "omnimoe-train: error: model.execution: execution=token gathers from whole local tables: "
         "needs parallel.ep=1 (got 2)"
     ]
+    assert result.stdout == ""
     assert not run_dir.exists()  # no rank started (their logs would be in run/logs)
 
 
@@ -210,6 +254,7 @@ def test_sweep_under_torchrun_runs_every_job_in_one_sweep_dir(
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.startswith(f"output dir: {sweep} (per-rank logs in {sweep}/logs)\n")
     jobs = sorted(p.name for p in sweep.iterdir() if p.name[0].isdigit())
     assert jobs == ["0_trainer.seed=1", "1_trainer.seed=2"]
     for job in jobs:

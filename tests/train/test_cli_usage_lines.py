@@ -1,0 +1,212 @@
+"""The bad command lines a new user types, each refused by ``omnimoe-train``'s pre-check in one
+line that names the key and the rule, exit 2, before Hydra starts (no run directory): a config
+group's unknown option (with the group's options), an override Hydra cannot parse, Hydra's own
+keys, and data (or checkpoint) paths that do not exist or hold no prepared dataset.
+
+Most cases call the pre-check in this process (``cli.precheck``, what ``main`` runs before
+Hydra); two go through the real entry point as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from omnimoe_train import cli
+from tests.cli_helpers import assert_usage_error, run_train_cli, tiny
+
+ERROR = "omnimoe-train: error: "
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered() -> None:
+    cli._register()
+
+
+def _precheck_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The pre-check's one stderr line for ``argv``; fails unless it exits 2 with one line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli.precheck(argv, world_size=1)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERROR), err
+    return lines[0].removeprefix(ERROR)
+
+
+@pytest.mark.parametrize(
+    ("argv", "group", "listed"),
+    [
+        (["model=nonexistent"], "model", "a80m, a80m_deepseekmoe"),
+        (["parallel=nonexistent"], "parallel", "single, tp2"),
+        (["optim=nonexistent"], "optim", "adamw_wsd"),
+        (["data=nonexistent"], "data", "stdlib"),
+        (["+experiment=nonexistent"], "experiment", "table1_a80m"),
+        (["hydra/launcher=nonexistent"], "hydra/launcher", "basic, omnimoe_slurm, slurm"),
+        (["-m", "model=tiny,nonexistent"], "model", "tiny, wide8b"),
+    ],
+)
+def test_unknown_group_option_names_the_group_and_its_options(
+    argv: list[str], group: str, listed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hydra's own error spans the options and its search path, a line each (for a
+    ``hydra/...`` group in a single run it was also exit 1, printed by Hydra)."""
+    line = _precheck_line(argv, capsys)
+    assert line.startswith(f"{group}: must be one of ") and listed in line, line
+    assert line.endswith("(got 'nonexistent')"), line
+
+
+def test_group_given_a_list_names_the_group(capsys: pytest.CaptureFixture[str]) -> None:
+    """Hydra lists no options for this failure: they come from its config search path."""
+    line = _precheck_line(["model=[tiny,nonexistent]"], capsys)
+    assert line.startswith("model: must be one of a1_7b, ") and "tiny, wide8b" in line, line
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["trainer.max_step=5"], "trainer.max_step: unknown key (not in the config schema)"),
+        (
+            ["trainer.max_steps=abc"],
+            "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+        (
+            ["model"],
+            "model: cannot parse the override 'model' (missing EQUAL at '<EOF>'); the form is "
+            "key=value, +key=value or ~key",
+        ),
+        (
+            ["data.inputs=[~/corpus]"],
+            "data.inputs: cannot parse the override 'data.inputs=[~/corpus]' (unexpected "
+            "character '~' at position 13; quote the value); the form is key=value, "
+            "+key=value or ~key",
+        ),
+        (["hydra.run.dir=out/${nope:1}"], "hydra.run.dir: Unsupported interpolation type nope"),
+        (
+            ["-m", "hydra.sweep.dir=out/${nope:1}", "trainer.seed=1,2"],
+            "hydra.sweep.dir: Unsupported interpolation type nope",
+        ),
+    ],
+)
+def test_misspelt_key_wrong_type_and_unparsable_override(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run directory's bad interpolation used to be a traceback from Hydra (exit 1)."""
+    assert _precheck_line(argv, capsys) == expected
+
+
+def _tokenizer(path: Path, *, eod: bool = True, bom: bool = False) -> Path:
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{i}": i for i in range(299)} | {"<|endoftext|>" if eod else "w299": 299}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(path))
+    if bom:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        (
+            "dir_absent",
+            "data.dir: {tmp}/absent does not exist; prepare it first (omnimoe-data prepare), "
+            "or set data.inputs to prepare into data.dir",
+        ),
+        (
+            "dir_without_manifest",
+            "data.dir: {tmp}/empty holds no prepared dataset (no manifest.json); prepare it "
+            "first (omnimoe-data prepare), or set data.inputs to prepare into data.dir",
+        ),
+        ("dir_is_a_file", "data.dir: {tmp}/file.txt is not a folder of a prepared dataset"),
+        (
+            "dirs_absent",
+            "data.dirs: {tmp}/absent does not exist; prepare each dataset first "
+            "(omnimoe-data prepare)",
+        ),
+        (
+            "inputs_absent",
+            "data.inputs: {tmp}/absent.txt does not exist (give text files or folders of them "
+            "to prepare)",
+        ),
+        (
+            "inputs_empty",
+            "data.inputs: lists no input: give files or folders, or leave it null for the "
+            "default corpus",
+        ),
+        (
+            "inputs_into_a_file",
+            "data.dir: {tmp}/file.txt is a file, not a folder to prepare data.inputs into",
+        ),
+        (
+            "resume_absent",
+            "checkpoint.resume: {tmp}/absent is not a folder (give a checkpoint folder "
+            "step_<8 digits>, a folder of them, auto or none)",
+        ),
+        (
+            "tokenizer_without_eod",
+            "data.tokenizer: {tmp}/no_eod.json: tokenizer has no end-of-document token; add one "
+            "of <|endoftext|>, <|end_of_text|>, </s>, <eos>, <|eos|>, [EOS]",
+        ),
+    ],
+)
+def test_data_path_names_the_key_and_the_rule(
+    case: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """These used to name only the path (``/x/manifest.json: not found; ...``), and only once
+    the run had started: a run directory made, the process group set up (an absent
+    ``checkpoint.resume`` folder named its key, but only after data preparation)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("text")
+    argv = {
+        "dir_absent": [f"data.dir={tmp_path}/absent"],
+        "dir_without_manifest": [f"data.dir={tmp_path}/empty"],
+        "dir_is_a_file": [f"data.dir={tmp_path}/file.txt"],
+        "dirs_absent": [f"data.dirs=[{tmp_path}/absent,{tmp_path}/empty]", "data.weights=[1,1]"],
+        "inputs_absent": [f"data.inputs=[{tmp_path}/file.txt,{tmp_path}/absent.txt]"],
+        "inputs_empty": ["data.inputs=[]"],
+        "inputs_into_a_file": [f"data.inputs=[{tmp_path}/file.txt]", f"data.dir={tmp_path}/file.txt"],
+        "resume_absent": [f"checkpoint.resume={tmp_path}/absent"],
+        "tokenizer_without_eod": [f"data.tokenizer={_tokenizer(tmp_path / 'no_eod.json', eod=False)}"],
+    }[case]  # fmt: skip
+    assert _precheck_line(argv, capsys) == expected.format(tmp=tmp_path)
+
+
+def test_tokenizer_with_a_byte_order_mark_passes_as_preparation_takes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Preparation drops a leading byte-order mark; the pre-check used to refuse the file."""
+    path = _tokenizer(tmp_path / "bom.json", bom=True)
+    cli.precheck([f"data.tokenizer={path}", "model.vocab_size=300"], world_size=1)
+    assert capsys.readouterr().err == ""
+
+
+def test_unknown_model_through_the_entry_point(tmp_path: Path) -> None:
+    result = run_train_cli([*tiny(), "model=nonexistent"], cache=tmp_path, timeout=120)
+    assert_usage_error(result, f"{ERROR}model: must be one of a1_7b, ", tmp_path)
+
+
+def test_absent_data_dir_through_the_entry_point_makes_no_run_dir(tmp_path: Path) -> None:
+    """It used to be found by the run: after Hydra had made the run directory (with its
+    ``exit_status.json``) and the process group was up."""
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    cache.mkdir()
+    args = [*tiny(), f"data.dir={tmp_path}/absent", f"hydra.run.dir={run_dir}"]
+    result = run_train_cli(args, cache=cache, timeout=120)
+    assert_usage_error(result, f"{ERROR}data.dir: {tmp_path}/absent does not exist;", cache)
+    assert not run_dir.exists()
+
+
+def test_prepared_data_dir_still_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.data.helpers import make_token_dataset
+
+    data_dir = make_token_dataset(tmp_path / "ds", [20, 10], sample_len=17)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    cli.precheck(
+        [f"data.dir={data_dir}", "data.seq_len=16", f"model.vocab_size={manifest['vocab_size']}"],
+        world_size=1,
+    )
+    assert capsys.readouterr().err == ""
