@@ -377,12 +377,9 @@ def _remove_partial_dataset(out: Path, *, created: bool, tokenizer_file: bool) -
     ``tokenizer.json`` when ``tokenizer_file``), never another file, and ``out`` itself when
     this call created it and nothing else is in it."""
     try:
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        _remove_previous_dataset(out)  # the manifest, shards and temp files
         if tokenizer_file:
             (out / TOKENIZER_NAME).unlink(missing_ok=True)
-        for path in out.iterdir():
-            if _STALE_FILE.match(path.name) and path.is_file():
-                path.unlink()
         if created and not any(out.iterdir()):
             out.rmdir()
     except OSError:
