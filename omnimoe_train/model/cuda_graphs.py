@@ -38,8 +38,10 @@ capture's warm-up moved are put back afterwards, so a graphed run trains like an
 
 Eager fallbacks: evaluation (``eval()`` or no grad), another input shape, a padding mask.
 The rules (``validation/engine.py``): CUDA, megatron engine, ``model.mlp`` omnimoe or dense,
-no pipeline or tensor parallelism, no ``trainer.compile``; with expert parallelism only the
-``rows`` tables without ``parallel.ep_overlap`` (dim's all-to-all sizes its splits on the host).
+no pipeline or tensor parallelism, no ``trainer.compile``. Expert parallelism in either table
+sharding is captured with its NCCL exchanges; with ``parallel.ep_overlap`` the exchanges run on
+NCCL's stream, forked from the capture stream and joined back where the layer waits for them,
+so in the replayed graph they run beside the router and the shared SwiGLU.
 """
 
 from __future__ import annotations

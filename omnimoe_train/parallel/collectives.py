@@ -160,6 +160,8 @@ class GroupComm:
             (list(self.tokens), mine) if to_owners else (mine, list(self.tokens))
         )
         out = t.new_empty((sum(out_splits), *t.shape[1:]))
+        if self.equal:  # equal blocks: no split lists (the form CUDA-graph capture is run with)
+            out_splits = in_splits = None
         work = dist.all_to_all_single(
             out, t, out_splits, in_splits, group=self.group, async_op=async_op
         )

@@ -153,16 +153,3 @@ def validate_cuda_graphs(
         key,
         f"needs parallel.tp=1 (got {p.tp}): the captured input is the whole [seq, batch, hidden]",
     )
-    if p.ep > 1:
-        require(
-            p.expert_table_sharding == "rows",
-            key,
-            f"with parallel.ep={p.ep} needs parallel.expert_table_sharding=rows (got "
-            f"{p.expert_table_sharding}): dim's all-to-all sizes its splits on the host",
-        )
-        require(
-            not p.ep_overlap,
-            key,
-            "needs parallel.ep_overlap=false: the overlapped exchanges are not validated "
-            "under capture",
-        )
