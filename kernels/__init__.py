@@ -73,6 +73,7 @@ def atomic_experts(
     deterministic: bool = False,
     grad_path: str = "auto",
     distinct_ids: bool = False,
+    sort_forward: bool = False,
 ) -> torch.Tensor:
     """``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]`` with autograd.
 
@@ -95,6 +96,9 @@ def atomic_experts(
     coefficient class and bitwise repeatable. ``distinct_ids``: the caller promises no id < N
     appears twice in a token's row (the routers' top-K guarantees it), so the dense path skips
     merging repeats (same values; with repeats the promise would lose all but one of them).
+    ``sort_forward`` (Triton): the forward walks the pairs in expert order even for tables that
+    fit in L2, for pair lists that are mostly the "no expert" id N (the expert-parallel rows
+    layout: the skipped pairs sort last and cost nothing); same values.
     Raises ValueError for an unknown ``grad_path``.
     """
     from omnimoe_kernels.experts_dense_grad import GRAD_PATHS
@@ -107,6 +111,7 @@ def atomic_experts(
         return atomic_experts_triton(
             x_TD, up_ND, down_ND, weights_TK, indices_TK,
             deterministic=deterministic, grad_path=grad_path, distinct_ids=distinct_ids,
+            sort_forward=sort_forward,
         )  # fmt: skip
     from omnimoe_kernels.reference import atomic_experts_reference
 

@@ -67,15 +67,19 @@ class AtomicExperts(torch.autograd.Function):
         deterministic: bool,
         grad_path: str,  # "dense" | "pairs", resolved by the caller
         distinct_ids: bool = False,
+        sort_forward: bool = False,
     ) -> torch.Tensor:
         x_TD, up_ND, down_ND = x_TD.contiguous(), up_ND.contiguous(), down_ND.contiguous()
         weights_TK, indices_TK = weights_TK.contiguous(), indices_TK.contiguous()
         T, K = indices_TK.shape
         h_TK = torch.empty(T, K, dtype=torch.float32, device=x_TD.device)
         order = ()
-        if 2 * up_ND.numel() * up_ND.element_size() <= L2_TABLE_BYTES:
+        if 2 * up_ND.numel() * up_ND.element_size() <= L2_TABLE_BYTES and not sort_forward:
             # Both tables stay in L2: gathering their rows in token order costs no more than
             # walking them once per expert, and the forward skips the sort (the backward sorts).
+            # Not when most pairs are "no expert" (rows EP: a rank owns 1/P of them): sorted,
+            # they come last and their blocks read nothing, where in token order they are
+            # spread over the blocks of real pairs; the backward reuses the sort.
             pair_scores(x_TD, up_ND, indices_TK.reshape(-1), None, K, h_TK)
         else:
             key_P, order_P, ctx.base = expert_order(indices_TK, up_ND.shape[0])
@@ -126,7 +130,7 @@ class AtomicExperts(torch.autograd.Function):
                 x_TD, dy_TD, order_P, e_P, h_TK, w_TK, g_TK, dup_ND, ddown_ND, K,
                 deterministic=ctx.deterministic,
             )  # fmt: skip
-        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), None, None, None, None
+        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), None, None, None, None, None
 
 
 def atomic_experts_triton(
@@ -139,12 +143,15 @@ def atomic_experts_triton(
     deterministic: bool = False,
     grad_path: str = "auto",
     distinct_ids: bool = False,
+    sort_forward: bool = False,
 ) -> torch.Tensor:
     """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype).
 
     ``grad_path``: "auto" | "dense" | "pairs", the weight-gradient path
     (``experts_dense_grad.choose_grad_path``; resolved in the forward, from the shapes).
     ``distinct_ids``: no id < N twice in a token's row (``experts_dense_grad.dense_table_grads``).
+    ``sort_forward``: the forward walks the pairs in expert order even when the tables fit in
+    L2 (see ``AtomicExperts``), for pair lists that are mostly "no expert".
 
     Contract (``omnimoe_kernels.atomic_experts``): ``indices_TK`` int32/int64 ids in [0, N],
     repeats allowed; the id N means "no expert" (the pair is skipped: it adds nothing and its
@@ -176,5 +183,6 @@ def atomic_experts_triton(
         grad_path, T, up_ND.shape[0], D, indices_TK.shape[1], x_TD.dtype, x_TD.device
     )
     return AtomicExperts.apply(
-        x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic, path, distinct_ids
-    )
+        x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic, path, distinct_ids,
+        sort_forward,
+    )  # fmt: skip

@@ -8,9 +8,11 @@ router rows when n % P == 0). One call, per rank (shape legend in ``collectives`
     local ids     id - r*E where this rank owns the expert, else E ("no expert": the kernels
                   skip the pair, no padding, no compaction, no sync)
     experts       y_part (G, D) = atomic_experts(x, U_r, V_r, w, local ids): the Triton kernels
-                  on the group's whole pair list, each rank doing the pairs it owns (the
-                  weight gradients by the pair kernel or, at small E, dense GEMMs whose "no
-                  expert" pairs are dropped: ``experts_dense_grad``)
+                  on the group's whole pair list, each rank doing the pairs it owns, walked
+                  in expert order from the forward on (``sort_forward``: the others sort
+                  last and cost nothing); the weight gradients by the pair kernel or, at
+                  small E, dense GEMMs whose "no expert" pairs are dropped
+                  (``experts_dense_grad``)
     scatter-sum   y (T, D) = sum over ranks of their y_part rows of my tokens (reduce-scatter)
 
 Backward (autograd through the same pieces, one chain, so every rank issues the same
@@ -181,7 +183,7 @@ def _local_experts(
     )  # fmt: skip
     y_part_GD = omnimoe_kernels.atomic_experts(
         x_GD, up_local_ED, down_local_ED, weights_GK, local_GK, backend=backend,
-        grad_path=grad_path, distinct_ids=distinct_ids,
+        grad_path=grad_path, distinct_ids=distinct_ids, sort_forward=comm.size > 1,
     )  # fmt: skip
     return y_part_GD, mine_GK.sum()
 
