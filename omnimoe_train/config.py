@@ -154,6 +154,11 @@ class TrainerConfig:
     # TEST HOOK: the loss of these steps (1-based, as logged) is replaced by NaN after the
     # backward pass, to exercise the bad-step path. Leave empty outside tests.
     nan_loss_steps: list[int] = field(default_factory=list)
+    # Profile optimizer step N (1-based, as logged; all its micro-batches, forward, backward and
+    # update, on every rank) with torch.profiler: a chrome trace and a kernel table per rank in
+    # <run dir>/profile/ (docs/throughput.md). null = off. A run resumed past step N does not
+    # profile.
+    profile_step: int | None = None
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from omnimoe_train.config import WandbConfig
@@ -112,7 +113,10 @@ class MetricsSink:
             fields["tps"] = f"{tokens_per_s:,.0f}"
         self._progress.update(self._task, completed=step, **fields)
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], *, line: str | None = None) -> None:
+        """Append ``record`` (it has a ``"step"``) and show it on the console: as ``line`` when
+        given (a record that reads better as a sentence, e.g. a step's profile), else as its
+        keys and values."""
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
@@ -123,7 +127,9 @@ class MetricsSink:
             )
         # One physical line per record whatever the terminal width (soft wrap, no log table),
         # so a log file or a launcher's per-rank output keeps one line per logged step.
-        shown = "  ".join(f"{k} {_format(k, v)}" for k, v in record.items())
+        shown = (
+            escape(line) if line else "  ".join(f"{k} {_format(k, v)}" for k, v in record.items())
+        )
         self.console.print(
             f"[dim]\\[{time.strftime('%H:%M:%S')}][/dim] {shown}", soft_wrap=True, highlight=False
         )

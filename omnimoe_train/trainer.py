@@ -38,6 +38,7 @@ from omnimoe_train.mfu import throughput_metrics
 from omnimoe_train.model.accounting import model_accounting
 from omnimoe_train.model.expert_stats import ExpertStats, collect_aux_loss, collect_expert_metrics
 from omnimoe_train.model.gpt import padded_vocab_size
+from omnimoe_train.profiling import PROFILE_DIR, StepProfiler
 from omnimoe_train.validation import (
     ATOMIC_EXPERT_MLPS,
     MEGATRON_MOE_MLPS,
@@ -149,6 +150,9 @@ class Trainer:
             max_bad_steps=t.max_bad_steps,
         )
         self.sync = StepSync(runtime.device)
+        self.profiler = StepProfiler(
+            t.profile_step, run_dir / PROFILE_DIR, rank=runtime.rank, device=runtime.device
+        )
         self.expert_stats = [
             m for c in self.engine.model for m in c.modules() if isinstance(m, ExpertStats)
         ]
@@ -289,7 +293,11 @@ class Trainer:
         if self.rt.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         while s.step < t.max_steps:
-            out = self.train_step()
+            with self.profiler.around(s.step + 1):  # trainer.profile_step (profiling.py)
+                out = self.train_step()
+            if (profile := self.profiler.take()) is not None:
+                sink.log(profile.record(), line=profile.line())
+                window_start += profile.overhead_s  # the files' writing is not training time
             if out.verdict.reason is not None:
                 self._log_bad_step(sink, out)
             if not out.verdict.skip:

@@ -15,7 +15,8 @@ order is reported. The rules live by concern:
   data preparation, before any model work);
 * ``engine``: DeepSpeed, the device, the throughput levers (Liger, ``trainer.compile``,
   ``trainer.cuda_graphs``);
-* ``training``: optimizer and schedule, checkpoints, time limit and bad steps, names.
+* ``training``: optimizer and schedule, checkpoints, time limit and bad steps, the profiled
+  step, names.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from omnimoe_train.validation.training import (
     validate_checkpoint,
     validate_names,
     validate_optim,
+    validate_profile_step,
     validate_resume_path,
     validate_robustness,
 )
@@ -143,6 +145,7 @@ def validate(
     validate_optim(cfg.optim, t.max_steps)
     validate_checkpoint(cfg.checkpoint)
     validate_robustness(t)
+    validate_profile_step(t)
     validate_names(d, cfg.checkpoint, cfg.logging.wandb)
     if this_machine:
         validate_device(t.device)

@@ -1,5 +1,6 @@
 """Rules of the training run around the model: the optimizer and its schedule, checkpoints,
-the time limit and bad-step guard, and the names the run creates (folders, W&B tags)."""
+the time limit and bad-step guard, the profiled step, and the names the run creates (folders,
+W&B tags)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,19 @@ def validate_robustness(t: TrainerConfig) -> None:
         all(s >= 1 for s in t.nan_loss_steps),
         "trainer.nan_loss_steps",
         f"must be steps >= 1 (a test hook; got {list(t.nan_loss_steps)})",
+    )
+
+
+def validate_profile_step(t: TrainerConfig) -> None:
+    """``trainer.profile_step``: off (null) or a step the run reaches, 1-based as logged. (A
+    resumed run that starts past it simply does not profile: not a rule, the step is gone.)"""
+    step = t.profile_step
+    if step is None:
+        return
+    require(
+        isinstance(step, int) and not isinstance(step, bool) and 1 <= step <= t.max_steps,
+        "trainer.profile_step",
+        f"must be null (off) or a step in [1, trainer.max_steps={t.max_steps}] (got {step!r})",
     )
 
 
