@@ -106,12 +106,16 @@ def check_case(
     known_tokens: bool = False,
     backend: str = "auto",
     device: str = "cpu",
+    ascending_ids: bool = False,
 ) -> None:
     """Run one case in ``mode`` on this rank and assert it matches the single-process op.
-    ``known_tokens``: pass every rank's token count (no count exchange)."""
+    ``known_tokens``: pass every rank's token count (no count exchange). ``ascending_ids``:
+    each token's ids sorted (the routers' order) and the rows op told so."""
     num_ranks, rank = dist.get_world_size(), dist.get_rank()
     assert len(case.tokens_per_rank) == num_ranks
     full = {name: t.to(device) for name, t in _build(case, dtype).items()}
+    if ascending_ids:
+        full["indices"] = full["indices"].sort(1).values
     start = sum(case.tokens_per_rank[:rank])
     mine = slice(start, start + case.tokens_per_rank[rank])
 
@@ -131,7 +135,7 @@ def check_case(
         up, down = (full[t][rows].clone().requires_grad_() for t in ("up", "down"))
         y, stats = sharded_atomic_experts_rows(
             x, up, down, weights, indices, group=None, num_experts=case.num_experts,
-            group_tokens=tokens, backend=backend,
+            group_tokens=tokens, backend=backend, ascending_ids=ascending_ids,
         )  # fmt: skip
         table_dim = 0
     else:
