@@ -99,14 +99,17 @@ def atomic_experts(
 
     ``pair_ranges`` = (start_T, count_T, order_T), three int32 (T,) tensors on x's device:
     token t's pairs that can use a table row are its slots [start_t, start_t + count_t) (ids
-    N, "no expert", may still appear inside), and order_T is a permutation of the tokens,
-    sorted by count. Contract: every slot outside its token's range holds the id N -- the
-    expert-parallel ``rows`` layout, where a rank's experts are one contiguous id block and
-    the routers' ids ascend, so a token's pairs on a rank are one run of its slots. The Triton
-    backend's combines (y forward, dx backward) then read only the ranges, tiled in order_T,
-    so their cost follows the real pairs; the results are those without the ranges (nothing
-    checks the contract: a violating call drops the pairs outside the ranges from y and dx).
-    The reference backend ignores them. Raises ValueError for an unknown ``grad_path``, or
+    N, "no expert", may still appear inside), and order_T is a permutation of 0..T-1 (the
+    order tokens are tiled in; sorted by count, a tile's tokens walk about as many slots).
+    Contract: every slot outside its token's range holds the id N, and order_T is a
+    permutation -- as in the expert-parallel ``rows`` layout, where a rank's experts are one
+    contiguous id block and the routers' ids ascend, so a token's pairs on a rank are one run
+    of its slots (``rows_dispatch.rows_pair_ranges``). The Triton backend's combines (y
+    forward, dx backward) then read only the ranges, so their cost follows the real pairs, and
+    the results equal those without the ranges (to fp32 summation order). Nothing checks the
+    values (that is a host sync): a call that breaks the contract drops the pairs outside the
+    ranges from y and dx, and a token missing from order_T gets no row of y or dx. The
+    reference backend ignores the ranges. Raises ValueError for an unknown ``grad_path``, or
     ``pair_ranges`` that are not three int32 (T,) tensors on x's device.
     """
     from omnimoe_kernels.experts_dense_grad import GRAD_PATHS

@@ -6,7 +6,9 @@ router rows when n % P == 0). One call, per rank (shape legend in ``collectives`
     gather        x (T, D), expert ids (T, K) int32, weights (T, K) of every rank, packed in
                   ONE all-gather (fixed size: no host sync) -> (G, D), (G, K), (G, K)
     local ids     id - r*E where this rank owns the expert, else E ("no expert": the kernels
-                  skip the pair, no padding, no compaction, no sync)
+                  skip the pair, no padding, no compaction, no sync); with ascending ids (the
+                  routers' promise) also each token's run of its slots on this rank, sorted
+                  by length (``rows_pair_ranges``): the combines then walk only those runs
     experts       y_part (G, D) = atomic_experts(x, U_r, V_r, w, local ids): the Triton kernels
                   on the group's whole pair list, each rank doing the pairs it owns (the
                   weight gradients by the pair kernel or, at small E, dense GEMMs whose "no
@@ -188,7 +190,8 @@ def _local_experts(
     )  # fmt: skip
     # Ascending ids: the combines walk only each token's run of this rank's pairs (about 1/P of
     # its K), not all K slots with the others masked.
-    ranges = _pair_ranges(ids_GK, mine_GK, comm.rank * experts_per_rank) if ascending_ids else None
+    first_id = comm.rank * experts_per_rank
+    ranges = rows_pair_ranges(ids_GK, mine_GK, first_id) if ascending_ids else None
     y_part_GD = omnimoe_kernels.atomic_experts(
         x_GD, up_local_ED, down_local_ED, weights_GK, local_GK, backend=backend,
         grad_path=grad_path, distinct_ids=distinct_ids, pair_ranges=ranges,
@@ -196,19 +199,20 @@ def _local_experts(
     return y_part_GD, mine_GK.sum()
 
 
-def _pair_ranges(
+def rows_pair_ranges(
     ids_GK: torch.Tensor, mine_GK: torch.Tensor, first_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(start_G, count_G, order_G) int32 for ``atomic_experts(pair_ranges=...)``: with each
     row's ids ascending, this rank's pairs of a token (ids in [first_id, first_id + E)) are its
     slots [start, start + count), start = the ids below first_id. order_G sorts the tokens by
     count so that a combine tile's tokens walk about the same number of slots (counts vary a
-    lot per token: a tile of consecutive tokens walks nearly its worst token's K). On the
-    device, fixed shapes: no host sync, capturable in a CUDA graph."""
+    lot per token: a tile of consecutive tokens walks nearly its worst token's K); longest
+    first, so the grid's last programs are short ones (a shorter tail). On the device, fixed
+    shapes: no host sync, capturable in a CUDA graph."""
     with torch.no_grad():
         start_G = (ids_GK < first_id).sum(1, dtype=torch.int32)
         count_G = mine_GK.sum(1, dtype=torch.int32)
-        order_G = torch.sort(count_G).indices.to(torch.int32)  # stability not needed
+        order_G = torch.sort(count_G, descending=True).indices.to(torch.int32)  # any tie order
     return start_G, count_G, order_G
 
 

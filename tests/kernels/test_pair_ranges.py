@@ -4,6 +4,9 @@ full-K combine and a float64 reference; the slots outside the ranges really are 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from kernel_test_utils import cpu_triton, gpu, rel_err
@@ -204,3 +207,26 @@ def test_pair_ranges_of_the_wrong_form_are_refused(ranges, match) -> None:
             omnimoe_kernels.atomic_experts(
                 x, table, table, w, idx, backend=backend, pair_ranges=ranges
             )
+
+
+@cpu_triton
+def test_bench_combine_ranges_runs_on_cpu() -> None:
+    """``bench_combine_ranges`` (``bench_kernels.py --only combine_ranges``) at a tiny shape,
+    each timed call run once: every key filled, the ranged combines equal the masked ones to
+    bf16 rounding, and sorting the tokens by count shortens the tiles' walks."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_combine_ranges
+
+    def once(fn) -> float:  # noqa: ANN001
+        fn(0)
+        return 0.0
+
+    row = bench_combine_ranges.bench_combine_ranges(64, 2, 16, 6, 8, once, device="cpu")
+    bench_combine_ranges.print_table([row])
+    assert (row["G"], row["E"], row["K"]) == (128, 18, 8)
+    assert row["rank0_count_mean"] + row["rank1_count_mean"] == pytest.approx(8)
+    for rank in (0, 1):
+        p = f"rank{rank}_"
+        assert row[p + "tile_max_sorted"] <= row[p + "tile_max_consecutive"]
+        for form in ("fwd", "dx"):
+            assert row[f"{p}{form}_max_abs_diff"] <= 0.05, (rank, form, row)

@@ -1,11 +1,11 @@
 """Rank-side bodies of the ``rows`` pair-range tests: with ascending ids the rows op hands the
-kernels each token's run of this rank's slots (``rows_dispatch._pair_ranges``), and the values
+kernels each token's run of this rank's slots (``rows_dispatch.rows_pair_ranges``), and the values
 stay those of the single-process op.
 
 Every call the op makes to ``omnimoe_kernels.atomic_experts`` is recorded and its ranges checked
 against what they mean, independently of how they were computed: inside a token's range every
 local id is < E (this rank's), outside it every one is E ("no expert"), so the range holds all
-of the token's pairs on this rank and nothing else; the order is a permutation sorted by count.
+of the token's pairs on this rank and nothing else; the order is a permutation sorted by count, longest first.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _check_ranges(ids_GK: torch.Tensor, ranges: tuple, experts: int) -> None:
     assert bool((ids_GK[~inside_GK] == experts).all()), "a pair of this rank outside its range"
     assert torch.equal(order_G.sort().values, torch.arange(tokens, dtype=torch.int32))
     counts = count_G[order_G.long()]
-    assert bool((counts[1:] >= counts[:-1]).all()), "tiles not in count order"
+    assert bool((counts[1:] <= counts[:-1]).all()), "tiles not in descending count order"
 
 
 def _expert_parallel_step(case: Case, overlap: bool, ascending: bool) -> list[torch.Tensor]:
