@@ -231,8 +231,10 @@ def combine_rows(
     so order_T sorted by count keeps the tiles' loops short (the expert-parallel ``rows``
     layout: about half of each token's K pairs are another rank's). Contract: the slots outside
     a token's range are not needed, i.e. hold no expert of this table (id N) -- the caller
-    guarantees it, nothing checks it (that would read the slots this skips). A range is clamped
-    into [0, K) (memory safety only: a wrong range gives a wrong sum). No host sync.
+    guarantees it, nothing checks it (that would read the slots this skips); and order_T is a
+    permutation (a token missing from it gets no row of out). A range is clamped into its row
+    (start into [0, K], count to K - start: memory safety only, a wrong range gives a wrong
+    sum). No host sync.
     """
     T, D = out_TD.shape
     K = idx_TK.shape[1]
