@@ -19,7 +19,8 @@ and the bytes the rank sent in one layer step -- counted from the tensors handed
 SwiGLU); ``rows`` / ``dim`` as with ``parallel.ep_overlap=false``.
 
 Defaults are a80m's layer at the benchmark batch (16 x 1024 tokens per GPU, d = 768,
-N = 76^2, K = 64, bf16). ``--skew`` (with ``--router-norm none``) biases every token's router
+N = 76^2, K = 64, bf16). ``--cuda-graph`` replays each mode's layer step (forward, backward, collectives) from one CUDA
+graph, as ``trainer.cuda_graphs=mlp`` does: the GPU's time without the host's. ``--skew`` (with ``--router-norm none``) biases every token's router
 input the same way, so routing concentrates on a few router rows (uneven load for rows).
 """
 
@@ -38,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import omnimoe_kernels
+from omnimoe_train.exit_codes import exit_usage
 from omnimoe_train.model.router import CartesianRouter
 from omnimoe_train.parallel.cost_model import choose_sharding, predict_bytes
 from omnimoe_train.parallel.dim_sharding import (
@@ -69,7 +71,8 @@ def _dim_shard(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 
 
 def _local(x, up, down, w, idx):  # noqa: ANN001, ANN202
-    return omnimoe_kernels.atomic_experts(x, up, down, w, idx)
+    # distinct_ids: the Cartesian router's ids are distinct, as the layer tells the kernels
+    return omnimoe_kernels.atomic_experts(x, up, down, w, idx, distinct_ids=True)
 
 
 def _rows(x, up, down, w, idx):  # noqa: ANN001, ANN202
@@ -77,13 +80,15 @@ def _rows(x, up, down, w, idx):  # noqa: ANN001, ANN202
     n = up.shape[0] * size
     tokens = [x.shape[0]] * size
     return sharded_atomic_experts_rows(
-        x, up, down, w, idx, group=None, num_experts=n, group_tokens=tokens
+        x, up, down, w, idx, group=None, num_experts=n, group_tokens=tokens, distinct_ids=True
     )[0]
 
 
 def _dim(x, up, down, w, idx):  # noqa: ANN001, ANN202
     tokens = [x.shape[0]] * dist.get_world_size()
-    return sharded_atomic_experts_dim(x, up, down, w, idx, group=None, group_tokens=tokens)[0]
+    return sharded_atomic_experts_dim(
+        x, up, down, w, idx, group=None, group_tokens=tokens, distinct_ids=True
+    )[0]
 
 
 register("local", lambda t, r, s: t, _local)
@@ -101,11 +106,11 @@ def _start_dim(x):  # noqa: ANN001, ANN202
 
 def _rows_overlapped(early, up, down, w, idx):  # noqa: ANN001, ANN202
     n = up.shape[0] * dist.get_world_size()
-    return rows_experts_overlapped(early, up, down, w, idx, num_experts=n)[0]
+    return rows_experts_overlapped(early, up, down, w, idx, num_experts=n, distinct_ids=True)[0]
 
 
 def _dim_overlapped(early, up, down, w, idx):  # noqa: ANN001, ANN202
-    return dim_experts_overlapped(early, up, down, w, idx)[0]
+    return dim_experts_overlapped(early, up, down, w, idx, distinct_ids=True)[0]
 
 
 # ``parallel.ep_overlap``: mode -> (sharding mode, start(x) before routing, op(early, ...) ->
@@ -235,6 +240,9 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     for _ in range(args.warmup):
         step()
     sync()
+    eager_step = step
+    if args.cuda_graph:
+        step = _graphed(step)
     times, cpu_times = [], []
     for _ in range(args.iters):
         start = time.perf_counter()
@@ -243,8 +251,8 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     sync()
-    with WireBytes() as wire:  # one more step, its collectives counted
-        step()
+    with WireBytes() as wire:  # one more (eager) step, its collectives counted
+        eager_step()
         sync()
     dist.barrier()
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -278,6 +286,7 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     busy_ms = gpu_busy_ms(prof.events()) / args.profile_iters if cuda else 0.0
     result = {
         "mode": mode,
+        "cuda_graph": bool(args.cuda_graph),
         "skew": args.skew,
         "ms_per_layer_step": median,
         "cpu_ms_per_layer_step": statistics.median(cpu_times),
@@ -304,6 +313,23 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
         Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(Path(args.trace_dir) / f"{mode}_skew{args.skew}.json"))
     return result
+
+
+def _graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """The layer step (forward and backward, collectives included) captured in one CUDA graph,
+    as ``trainer.cuda_graphs=mlp`` replays it: the GPU's own time, the host out of the way.
+    Warmed up on a side stream first, as ``torch.cuda.graph`` asks; the gradients accumulate
+    into the tensors the warm-up made (static addresses)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        step()
+    return graph.replay
 
 
 def gpu_busy_ms(events) -> float:  # noqa: ANN001
@@ -343,7 +369,22 @@ def main() -> None:
     parser.add_argument("--profile-iters", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--trace-dir", default=None)
+    parser.add_argument(
+        "--dense-max-mib",
+        type=int,
+        default=None,
+        help="cap of the dense weight-gradient buffer (experts_dense_grad.DENSE_MAX_BYTES), MiB",
+    )
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="replay each mode's layer step from a CUDA graph"
+    )
     args = parser.parse_args()
+    if args.dense_max_mib is not None:
+        from omnimoe_kernels import experts_dense_grad
+
+        experts_dense_grad.DENSE_MAX_BYTES = args.dense_max_mib << 20
+    if args.cuda_graph and not torch.cuda.is_available():
+        exit_usage("profile_expert_parallel.py", "--cuda-graph needs a CUDA GPU, none is visible")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

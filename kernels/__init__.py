@@ -74,6 +74,7 @@ def atomic_experts(
     grad_path: str = "auto",
     distinct_ids: bool = False,
     pair_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    sort_forward: bool = False,
 ) -> torch.Tensor:
     """``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]`` with autograd.
 
@@ -96,6 +97,9 @@ def atomic_experts(
     coefficient class and bitwise repeatable. ``distinct_ids``: the caller promises no id < N
     appears twice in a token's row (the routers' top-K guarantees it), so the dense path skips
     merging repeats (same values; with repeats the promise would lose all but one of them).
+    ``sort_forward`` (Triton): the forward walks the pairs in expert order even for tables that
+    fit in L2, for pair lists that are mostly the "no expert" id N (the expert-parallel rows
+    layout: the skipped pairs sort last and cost nothing); same values.
 
     ``pair_ranges`` = (start_T, count_T, order_T), three int32 (T,) tensors on x's device:
     token t's pairs that can use a table row are its slots [start_t, start_t + count_t) (ids
@@ -125,6 +129,7 @@ def atomic_experts(
             x_TD, up_ND, down_ND, weights_TK, indices_TK,
             deterministic=deterministic, grad_path=grad_path, distinct_ids=distinct_ids,
             pair_ranges=pair_ranges,
+            sort_forward=sort_forward,
         )  # fmt: skip
     from omnimoe_kernels.reference import atomic_experts_reference
 

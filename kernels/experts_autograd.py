@@ -69,15 +69,19 @@ class AtomicExperts(torch.autograd.Function):
         grad_path: str,  # "dense" | "pairs", resolved by the caller
         distinct_ids: bool = False,
         pair_ranges: PairRanges | None = None,
+        sort_forward: bool = False,
     ) -> torch.Tensor:
         x_TD, up_ND, down_ND = x_TD.contiguous(), up_ND.contiguous(), down_ND.contiguous()
         weights_TK, indices_TK = weights_TK.contiguous(), indices_TK.contiguous()
         T, K = indices_TK.shape
         h_TK = torch.empty(T, K, dtype=torch.float32, device=x_TD.device)
         order = ()
-        if 2 * up_ND.numel() * up_ND.element_size() <= L2_TABLE_BYTES:
+        if 2 * up_ND.numel() * up_ND.element_size() <= L2_TABLE_BYTES and not sort_forward:
             # Both tables stay in L2: gathering their rows in token order costs no more than
             # walking them once per expert, and the forward skips the sort (the backward sorts).
+            # Not when most pairs are "no expert" (rows EP: a rank owns 1/P of them): sorted,
+            # they come last and their blocks read nothing, where in token order they are
+            # spread over the blocks of real pairs; the backward reuses the sort.
             pair_scores(x_TD, up_ND, indices_TK.reshape(-1), None, K, h_TK)
         else:
             key_P, order_P, ctx.base = expert_order(indices_TK, up_ND.shape[0])
@@ -130,7 +134,8 @@ class AtomicExperts(torch.autograd.Function):
                 x_TD, dy_TD, order_P, e_P, h_TK, w_TK, g_TK, dup_ND, ddown_ND, K,
                 deterministic=ctx.deterministic,
             )  # fmt: skip
-        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), None, None, None, None, None
+        # None for the non-tensor inputs: idx, deterministic, grad_path, distinct_ids, ranges, sort.
+        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), *(None,) * 6
 
 
 def atomic_experts_triton(
@@ -144,6 +149,7 @@ def atomic_experts_triton(
     grad_path: str = "auto",
     distinct_ids: bool = False,
     pair_ranges: PairRanges | None = None,
+    sort_forward: bool = False,
 ) -> torch.Tensor:
     """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype).
 
@@ -153,6 +159,8 @@ def atomic_experts_triton(
     ``pair_ranges``: (start_T, count_T, order_T), the slots of each token that can hold an id
     < N; both combines (y, dx) read only those (``experts_pairs.combine_rows``). Checked by
     ``omnimoe_kernels.atomic_experts``.
+    ``sort_forward``: the forward walks the pairs in expert order even when the tables fit in
+    L2 (see ``AtomicExperts``), for pair lists that are mostly "no expert".
 
     Contract (``omnimoe_kernels.atomic_experts``): ``indices_TK`` int32/int64 ids in [0, N],
     repeats allowed; the id N means "no expert" (the pair is skipped: it adds nothing and its
@@ -186,4 +194,5 @@ def atomic_experts_triton(
     return AtomicExperts.apply(
         x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic, path, distinct_ids,
         pair_ranges,
+        sort_forward,
     )  # fmt: skip

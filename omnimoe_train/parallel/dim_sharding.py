@@ -102,7 +102,8 @@ def _my_rows(comm: GroupComm, t_GK: torch.Tensor) -> torch.Tensor:
 
 class _DimExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, up_NDp, down_NDp, weights_TK, ids_TK, comm: GroupComm, backend: str):
+    def forward(ctx, x_TD, up_NDp, down_NDp, weights_TK, ids_TK, comm: GroupComm, backend: str,
+                distinct_ids: bool):  # fmt: skip
         num_tokens, top_k = ids_TK.shape
         width = up_NDp.shape[1]
         # One exchange: block q = (x[:, slice q], my ids, my weights), as bytes.
@@ -125,6 +126,7 @@ class _DimExperts(torch.autograd.Function):
 
         ctx.save_for_backward(x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp)
         ctx.comm, ctx.backend, ctx.x_dtype = comm, backend, x_TD.dtype
+        ctx.distinct_ids = distinct_ids
         return _from_owners(comm, y_back)
 
     @staticmethod
@@ -139,10 +141,10 @@ class _DimExperts(torch.autograd.Function):
         dx_back = comm.exchange_async(dx_GDp, to_owners=False)
         dup_NDp, ddown_NDp = experts_parts.table_grads(
             x_GDp, dy_GDp, ids_GK, g_GK, h_GK, w_GK, up_NDp.shape[0],
-            dtype=up_NDp.dtype, backend=backend,
+            dtype=up_NDp.dtype, backend=backend, distinct_ids=ctx.distinct_ids,
         )  # fmt: skip
         dx_TD = _from_owners(comm, dx_back.wait())
-        return dx_TD, dup_NDp, ddown_NDp, _my_rows(comm, dw_GK), None, None, None
+        return dx_TD, dup_NDp, ddown_NDp, _my_rows(comm, dw_GK), None, None, None, None
 
 
 class _DimGroupExperts(torch.autograd.Function):
@@ -151,7 +153,8 @@ class _DimGroupExperts(torch.autograd.Function):
     their gradients: all-reduces) travel inside. Backward: dx_GDp is returned unsent too."""
 
     @staticmethod
-    def forward(ctx, x_GDp, up_NDp, down_NDp, weights_TK, ids_TK, comm: GroupComm, backend: str):
+    def forward(ctx, x_GDp, up_NDp, down_NDp, weights_TK, ids_TK, comm: GroupComm, backend: str,
+                distinct_ids: bool):  # fmt: skip
         top_k = ids_TK.shape[1]
         routing = pack_rows([ids_TK.to(torch.int32), weights_TK])
         ids_GK, w_GK = unpack_rows(
@@ -159,7 +162,7 @@ class _DimGroupExperts(torch.autograd.Function):
         )
         h_GK, y_GDp = _scores_and_combine(comm, x_GDp, up_NDp, down_NDp, ids_GK, w_GK, backend)
         ctx.save_for_backward(x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp)
-        ctx.comm, ctx.backend = comm, backend
+        ctx.comm, ctx.backend, ctx.distinct_ids = comm, backend, distinct_ids
         return y_GDp
 
     @staticmethod
@@ -174,9 +177,9 @@ class _DimGroupExperts(torch.autograd.Function):
             )
         dup_NDp, ddown_NDp = experts_parts.table_grads(
             x_GDp, dy_GDp, ids_GK, g_GK, h_GK, w_GK, up_NDp.shape[0],
-            dtype=up_NDp.dtype, backend=backend,
+            dtype=up_NDp.dtype, backend=backend, distinct_ids=ctx.distinct_ids,
         )  # fmt: skip
-        return dx_GDp, dup_NDp, ddown_NDp, _my_rows(comm, dw_GK), None, None, None
+        return dx_GDp, dup_NDp, ddown_NDp, _my_rows(comm, dw_GK), None, None, None, None
 
 
 def sharded_atomic_experts_dim(
@@ -189,19 +192,22 @@ def sharded_atomic_experts_dim(
     group: ProcessGroup | None,
     group_tokens: list[int] | None = None,
     backend: str = "auto",
+    distinct_ids: bool = False,
 ) -> tuple[torch.Tensor, ShardingStats]:
     """Atomic experts with U and V sharded by hidden columns over ``group``.
 
     Rank r holds columns [r*D/P, (r+1)*D/P) of both tables (all N rows), passes its own tokens
     and gets back exactly ``atomic_experts`` with the full tables for them. ``group_tokens``: T
     of every rank, if known (else one count exchange). All ranks of the group must call this
-    together. Raises ``ValueError`` for shards or routing of the wrong shape.
+    together. ``distinct_ids``: no expert twice in a token's row (the routers promise it; the
+    table gradients then skip merging repeats: ``omnimoe_kernels.atomic_experts``). Raises
+    ``ValueError`` for shards or routing of the wrong shape.
     """
     comm = GroupComm.create(group, x_TD.shape[0], group_tokens)
     _check_dim_shapes(comm, x_TD, up_local_NDp, down_local_NDp, weights_TK, indices_TK)
     width = up_local_NDp.shape[1]
     y_TD = _DimExperts.apply(
-        x_TD, up_local_NDp, down_local_NDp, weights_TK, indices_TK, comm, backend
+        x_TD, up_local_NDp, down_local_NDp, weights_TK, indices_TK, comm, backend, distinct_ids
     )
     # The backward is one node: it runs all its exchanges iff anything needs a gradient.
     backward = y_TD.requires_grad
@@ -238,6 +244,7 @@ def dim_experts_overlapped(
     indices_TK: torch.Tensor,
     *,
     backend: str = "auto",
+    distinct_ids: bool = False,
 ) -> tuple[PendingExchange, ShardingStats]:
     """``sharded_atomic_experts_dim`` in two halves, the exchanges overlapped: the x slices
     were sent by ``start_dim_tokens``; this all-gathers ids and weights, computes the scores
@@ -249,7 +256,7 @@ def dim_experts_overlapped(
     _check_dim_shapes(comm, x_TD, up_local_NDp, down_local_NDp, weights_TK, indices_TK)
     y_GDp = _DimGroupExperts.apply(
         early.tokens.finish(), up_local_NDp, down_local_NDp, weights_TK, indices_TK, comm,
-        backend,
+        backend, distinct_ids,
     )  # fmt: skip
     y_TD = start_exchange(
         y_GDp,

@@ -109,8 +109,9 @@ class ExpertParallel:
         ascending_ids: bool = False,
     ) -> torch.Tensor | PendingExchange:
         """y_TD, or (``early`` from ``start``) y_TD still in flight: ``finish()`` it.
-        ``distinct_ids``: no expert twice in a token's row; ``ascending_ids``: each token's ids
-        in ascending order (both used by the rows mode's kernels)."""
+        ``distinct_ids``: no expert twice in a token's row (the table gradients skip merging
+        repeats, in either mode); ``ascending_ids``: each token's ids in ascending order (the
+        rows mode's combines then walk pair ranges)."""
         tokens = [x_TD.shape[0]] * self.size
         if early is not None and (early.x_TD is not x_TD or early.mode != self.mode):
             raise ValueError(
@@ -125,8 +126,9 @@ class ExpertParallel:
             )  # fmt: skip
         elif early is not None:
             y_TD, stats = dim_experts_overlapped(
-                early, up_local, down_local, weights_TK, indices_TK, backend=self.backend
-            )
+                early, up_local, down_local, weights_TK, indices_TK, backend=self.backend,
+                distinct_ids=distinct_ids,
+            )  # fmt: skip
         elif self.mode == "rows":
             y_TD, stats = sharded_atomic_experts_rows(
                 x_TD, up_local, down_local, weights_TK, indices_TK, group=self.group,
@@ -136,7 +138,7 @@ class ExpertParallel:
         else:
             y_TD, stats = sharded_atomic_experts_dim(
                 x_TD, up_local, down_local, weights_TK, indices_TK, group=self.group,
-                group_tokens=tokens, backend=self.backend,
+                group_tokens=tokens, backend=self.backend, distinct_ids=distinct_ids,
             )  # fmt: skip
         if record:  # evaluation traffic stays out of the per-step training numbers
             self.counters.add(stats)

@@ -10,9 +10,11 @@ router rows when n % P == 0). One call, per rank (shape legend in ``collectives`
                   routers' promise) also each token's run of its slots on this rank, sorted
                   by length (``rows_pair_ranges``): the combines then walk only those runs
     experts       y_part (G, D) = atomic_experts(x, U_r, V_r, w, local ids): the Triton kernels
-                  on the group's whole pair list, each rank doing the pairs it owns (the
-                  weight gradients by the pair kernel or, at small E, dense GEMMs whose "no
-                  expert" pairs are dropped: ``experts_dense_grad``)
+                  on the group's whole pair list, each rank doing the pairs it owns, walked
+                  in expert order from the forward on (``sort_forward``: the others sort
+                  last and cost nothing); the weight gradients by the pair kernel or, at
+                  small E, dense GEMMs whose "no expert" pairs are dropped
+                  (``experts_dense_grad``)
     scatter-sum   y (T, D) = sum over ranks of their y_part rows of my tokens (reduce-scatter)
 
 Backward (autograd through the same pieces, one chain, so every rank issues the same
@@ -194,7 +196,8 @@ def _local_experts(
     ranges = rows_pair_ranges(ids_GK, mine_GK, first_id) if ascending_ids else None
     y_part_GD = omnimoe_kernels.atomic_experts(
         x_GD, up_local_ED, down_local_ED, weights_GK, local_GK, backend=backend,
-        grad_path=grad_path, distinct_ids=distinct_ids, pair_ranges=ranges,
+        grad_path=grad_path, distinct_ids=distinct_ids, sort_forward=comm.size > 1,
+        pair_ranges=ranges,
     )  # fmt: skip
     return y_part_GD, mine_GK.sum()
 

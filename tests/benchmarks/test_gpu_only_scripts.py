@@ -31,3 +31,15 @@ def test_gpu_only_benchmarks_refuse_in_one_line_without_a_gpu(command: tuple[str
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
     assert lines == [f"{script}: error: times GPU kernels: needs a CUDA GPU, none is visible"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_profile_expert_parallel_cuda_graph_refuses_in_one_line_without_a_gpu() -> None:
+    script = "profile_expert_parallel.py"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--cuda-graph"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines == [f"{script}: error: --cuda-graph needs a CUDA GPU, none is visible"]

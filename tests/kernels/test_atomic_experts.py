@@ -99,15 +99,18 @@ def test_runs_across_chunks_and_blocks_cpu(monkeypatch, T, N, K, dtype, determin
     _check(T, 16, N, K, dtype, "cpu", hot=True, deterministic=deterministic)
 
 
-def _check_no_expert(T, D, N, K, skip_fraction, device, *, seed=0, grad_path="auto") -> None:
+def _check_no_expert(
+    T, D, N, K, skip_fraction, device, *, seed=0, grad_path="auto", sort_forward=False
+) -> None:
     """Pairs with id N ("no expert") equal pairs of weight 0 in y, dx, dup and ddown, and get
     dw = 0 (a weight-0 pair would get silu(h) there)."""
     (x, up, down, w), idx, gy = _inputs(T, D, N, K, torch.float32, device, False, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     skip = (torch.rand(T, K, generator=gen) < skip_fraction).to(device)
     y = omnimoe_kernels.atomic_experts(
-        x, up, down, w, idx.masked_fill(skip, N), backend="triton", grad_path=grad_path
-    )
+        x, up, down, w, idx.masked_fill(skip, N), backend="triton", grad_path=grad_path,
+        sort_forward=sort_forward,
+    )  # fmt: skip
     grads = torch.autograd.grad(y, (x, up, down, w), gy.to(device))
     leaves64 = [v.detach().cpu().double().requires_grad_() for v in (x, up, down, w)]
     w0 = leaves64[3] * (~skip.cpu())
@@ -134,6 +137,25 @@ def test_no_expert_pairs_cpu(monkeypatch, sorted_forward, T, N, K, skip_fraction
         monkeypatch.setattr(experts_autograd, "L2_TABLE_BYTES", 0)
     monkeypatch.setattr(experts_grad, "BLOCK_PAIRS", 16)  # blocks past the last real pair
     _check_no_expert(T, 16, N, K, skip_fraction, "cpu")
+
+
+@cpu_triton
+@pytest.mark.parametrize(("T", "N", "K", "skip_fraction"), [(11, 12, 5, 0.5), (9, 6, 4, 1.0)])
+def test_no_expert_pairs_sort_forward_cpu(monkeypatch, T, N, K, skip_fraction) -> None:
+    """``sort_forward`` (what the rows layout asks for): the expert-sorted forward for small
+    tables too; the sort it made is the one the backward uses (none made there)."""
+    _check_no_expert(T, 16, N, K, skip_fraction, "cpu", sort_forward=True)
+    made = []
+    order = experts_autograd.expert_order
+    monkeypatch.setattr(experts_autograd, "expert_order", lambda *a: made.append(1) or order(*a))
+    (x, up, down, w), idx, gy = _inputs(T, 16, N, K, torch.float32, "cpu", False, 0)
+    for sort_forward, sorts_in_forward in ((False, 0), (True, 1)):
+        made.clear()
+        args = (x, up, down, w, idx)
+        y = omnimoe_kernels.atomic_experts(*args, backend="triton", sort_forward=sort_forward)
+        assert len(made) == sorts_in_forward
+        y.backward(gy)
+        assert len(made) == 1  # one sort per call: the backward reuses the forward's
 
 
 @cpu_triton

@@ -106,11 +106,13 @@ def check_case(
     known_tokens: bool = False,
     backend: str = "auto",
     device: str = "cpu",
+    distinct_ids: bool = False,
     ascending_ids: bool = False,
 ) -> None:
     """Run one case in ``mode`` on this rank and assert it matches the single-process op.
-    ``known_tokens``: pass every rank's token count (no count exchange). ``ascending_ids``:
-    each token's ids sorted (the routers' order) and the rows op told so."""
+    ``known_tokens``: pass every rank's token count (no count exchange); ``distinct_ids``:
+    tell the op the case's ids are distinct per token (the dense gradients skip the merge);
+    ``ascending_ids``: each token's ids sorted (the routers' order) and the rows op told so."""
     num_ranks, rank = dist.get_world_size(), dist.get_rank()
     assert len(case.tokens_per_rank) == num_ranks
     full = {name: t.to(device) for name, t in _build(case, dtype).items()}
@@ -135,15 +137,17 @@ def check_case(
         up, down = (full[t][rows].clone().requires_grad_() for t in ("up", "down"))
         y, stats = sharded_atomic_experts_rows(
             x, up, down, weights, indices, group=None, num_experts=case.num_experts,
-            group_tokens=tokens, backend=backend, ascending_ids=ascending_ids,
+            group_tokens=tokens, backend=backend, distinct_ids=distinct_ids,
+            ascending_ids=ascending_ids,
         )  # fmt: skip
         table_dim = 0
     else:
         cols = slice(*(case.hidden // num_ranks * r for r in (rank, rank + 1)))
         up, down = (full[t][:, cols].clone().requires_grad_() for t in ("up", "down"))
         y, stats = sharded_atomic_experts_dim(
-            x, up, down, weights, indices, group=None, group_tokens=tokens, backend=backend
-        )
+            x, up, down, weights, indices, group=None, group_tokens=tokens, backend=backend,
+            distinct_ids=distinct_ids,
+        )  # fmt: skip
         table_dim = 1
     loss = (y * full["cotangent"][mine]).sum()
     loss.backward()
@@ -188,22 +192,36 @@ def check_cases(cases: list[Case], modes: tuple[str, ...], dtype: torch.dtype = 
 
 
 def check_cases_triton(
-    cases: list[Case], modes: tuple[str, ...], device: str = "cpu", grad_path: str | None = None
+    cases: list[Case],
+    modes: tuple[str, ...],
+    device: str = "cpu",
+    grad_path: str | None = None,
+    distinct_ids: bool = False,
 ) -> None:
     """The same checks with the Triton kernels (through Triton's interpreter on CPU);
-    ``grad_path`` forces the weight-gradient path of every call ("dense" / "pairs")."""
+    ``grad_path`` forces the weight-gradient path of every call ("dense" / "pairs");
+    ``distinct_ids`` passes the routers' promise (the cases' ids must keep it)."""
     import os
 
     from omnimoe_kernels import experts_dense_grad
 
     experts_dense_grad.FORCE_GRAD_PATH = grad_path
+    if distinct_ids:  # the promise must reach the dense gradients: no merge of repeats runs
+
+        def no_merge(*_: object, **__: object) -> None:
+            raise AssertionError("merged_columns ran despite distinct_ids")
+
+        experts_dense_grad.merged_columns = no_merge
     if device == "cpu":
         # Read when the kernel modules are first imported, which has not happened in this
         # freshly spawned process (``omnimoe_kernels`` imports them lazily).
         os.environ["TRITON_INTERPRET"] = "1"
     for case in cases:
         for mode in modes:
-            check_case(case, mode, known_tokens=True, backend="triton", device=device)
+            check_case(
+                case, mode, known_tokens=True, backend="triton", device=device,
+                distinct_ids=distinct_ids,
+            )  # fmt: skip
 
 
 def _table_shards(

@@ -45,17 +45,22 @@ def test_edge_routings_two_ranks() -> None:
     run_distributed(check_cases, 2, cases, MODES)
 
 
-@pytest.mark.parametrize("grad_path", [None, "dense"], ids=["auto", "dense"])
-def test_triton_kernels_two_ranks(grad_path: str | None) -> None:
+@pytest.mark.parametrize(
+    ("grad_path", "distinct_ids"),
+    [(None, False), ("dense", False), ("dense", True)],
+    ids=["auto", "dense", "dense_distinct"],
+)
+def test_triton_kernels_two_ranks(grad_path: str | None, distinct_ids: bool) -> None:
     """The sharded ops on the Triton kernels: rows skips other ranks' pairs (id E), dim runs
     the partial-score, combine and table-gradient kernels on column slices; the weight
     gradients by the pair kernel (auto on CPU) or forced onto the dense GEMMs, where rows'
-    "no expert" pairs must be dropped."""
+    "no expert" pairs must be dropped; with the routers' distinct-ids promise (both modes
+    skip the merge of repeats)."""
     cases = [
         Case((5, 3), 8, 16, 5, seed=5),
         Case((3, 2), 4, 16, 3, indices=((9, 12, 15), (0, 3, 7), (1, 8, 14), (8, 9, 10), (2, 5, 6))),
     ]
-    run_distributed(check_cases_triton, 2, cases, MODES, "cpu", grad_path)
+    run_distributed(check_cases_triton, 2, cases, MODES, "cpu", grad_path, distinct_ids)
 
 
 def test_bytes_match_prediction_on_every_rank() -> None:
