@@ -125,10 +125,11 @@ def test_combine_ranges_clamped_into_the_row() -> None:
     assert rel_err(out, ref) <= 2e-6
 
 
-def _check_experts(T, D, N, K, device, grad_path, seed=0) -> None:
+def _check_experts(T, D, N, K, device, grad_path, sort_forward=False, seed=0) -> None:
     """atomic_experts with the ranges equals the call without: y and dx to rounding (the
     combines sum the same pairs in other groups), the table and weight gradients bitwise
-    (the ranges do not reach their kernels)."""
+    (the ranges do not reach their kernels). ``sort_forward``: the forward's expert order is
+    saved for the backward next to the ranges (the rows layout's case)."""
     idx, start, count, _ = _ranged_routing(T, K, N, seed)
     gen = torch.Generator().manual_seed(seed + 2)
     leaves = [
@@ -144,7 +145,7 @@ def _check_experts(T, D, N, K, device, grad_path, seed=0) -> None:
         inputs = [v.to(device).requires_grad_() for v in leaves]
         y = omnimoe_kernels.atomic_experts(
             *inputs, idx.to(device), backend="triton", grad_path=grad_path,
-            pair_ranges=pair_ranges,
+            pair_ranges=pair_ranges, sort_forward=sort_forward,
         )  # fmt: skip
         got[name] = [y, *torch.autograd.grad(y, inputs, gy)]
     names = ("y", "dx", "dup", "ddown", "dw")
@@ -162,17 +163,18 @@ def _check_experts(T, D, N, K, device, grad_path, seed=0) -> None:
 
 
 @cpu_triton
+@pytest.mark.parametrize("sort_forward", [False, True], ids=["token_order", "expert_order"])
 @pytest.mark.parametrize("grad_path", ["pairs", "dense"])
 @pytest.mark.parametrize(("T", "D", "N", "K"), [(37, 24, 20, 10), (9, 16, 6, 4)])
-def test_atomic_experts_pair_ranges_cpu(T, D, N, K, grad_path) -> None:
-    _check_experts(T, D, N, K, "cpu", grad_path)
+def test_atomic_experts_pair_ranges_cpu(T, D, N, K, grad_path, sort_forward) -> None:
+    _check_experts(T, D, N, K, "cpu", grad_path, sort_forward)
 
 
 @gpu[0]
 @gpu[1]
 @pytest.mark.parametrize("grad_path", ["pairs", "dense"])
 def test_atomic_experts_pair_ranges_gpu(grad_path) -> None:
-    _check_experts(4096, 256, 2888, 64, "cuda", grad_path)
+    _check_experts(4096, 256, 2888, 64, "cuda", grad_path, sort_forward=True)
 
 
 def test_reference_backend_ignores_the_ranges() -> None:
