@@ -13,6 +13,8 @@ select-kernel variants (the earlier kernel among them) at those configs, outputs
 ``--only gates`` times the router gate scores alone (``bench_gates``: PyTorch ops, the PyTorch
 node, the Triton kernels with split-bf16 and with fp32 GEMMs; forward and backward) at a80m's
 shape and at n = 1024, d = 2048, and prints how far the two GEMM modes' outputs are apart.
+``--only combine_ranges`` times the expert-parallel rows layout's combine, masked against pair
+ranges, at a80m under ep2 (``bench_combine_ranges``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from bench_combine_ranges import COMBINE_RANGES_CONFIGS, bench_combine_ranges, print_table
 from tile_sweep import sweep_router, sweep_tiles  # the script's folder is on sys.path
 from triton.testing import do_bench
 
@@ -306,7 +309,7 @@ def _parse_only(spec: str) -> dict | None:
     want: dict = {}
     for item in spec.split(","):
         name, _, cfg = item.strip().partition(":")
-        if name not in ("experts", "router", "layer", "gates"):
+        if name not in ("experts", "router", "layer", "gates", "combine_ranges"):
             raise SystemExit(f"--only: unknown section {name!r}")
         if not cfg:
             want[name] = None
@@ -367,6 +370,7 @@ def main() -> None:
         "router": [],
         "layer": [],
         "gates": [],
+        "combine_ranges": [],
     }
     if args.sweep_tiles:
         out["tile_sweep"] = sweep_tiles(set(args.sweep_tiles.split(",")))
@@ -394,6 +398,10 @@ def main() -> None:
     for cfg in _pick(want, "gates", GATE_CONFIGS):
         out["gates"].append(bench_gates(*cfg))
         print("gates", out["gates"][-1], flush=True)
+        _dump(out, args.json)
+    for cfg in _pick(want, "combine_ranges", COMBINE_RANGES_CONFIGS):
+        out["combine_ranges"].append(bench_combine_ranges(*cfg, lambda f: graph_time(f, 1)))
+        print("combine_ranges", out["combine_ranges"][-1], flush=True)
         _dump(out, args.json)
     for k in _pick(want, "layer", LAYER_KS):
         out["layer"].append(bench_layer(k))
@@ -433,6 +441,7 @@ def main() -> None:
             for k in ("logp", "dx", "dgates")
         ]
         print(f"| {r['T']}, {r['d']}, {r['n']} | " + " | ".join(cells) + " |")
+    print_table(out["combine_ranges"])
     print("\n| layer forward T, d, N, K | ms |\n|---|---|")
     for r in out["layer"]:
         print(f"| {r['T']}, {r['d']}, {r['N']}, {r['K']} | {fmt(r['ms'])} |")

@@ -71,7 +71,8 @@ def _dim_shard(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 
 
 def _local(x, up, down, w, idx):  # noqa: ANN001, ANN202
-    # distinct_ids: the Cartesian router's ids are distinct, as the layer tells the kernels
+    # distinct_ids (and ascending_ids for rows): the Cartesian router's promises, which the
+    # layer passes on to the kernels
     return omnimoe_kernels.atomic_experts(x, up, down, w, idx, distinct_ids=True)
 
 
@@ -80,8 +81,9 @@ def _rows(x, up, down, w, idx):  # noqa: ANN001, ANN202
     n = up.shape[0] * size
     tokens = [x.shape[0]] * size
     return sharded_atomic_experts_rows(
-        x, up, down, w, idx, group=None, num_experts=n, group_tokens=tokens, distinct_ids=True
-    )[0]
+        x, up, down, w, idx, group=None, num_experts=n, group_tokens=tokens, distinct_ids=True,
+        ascending_ids=True,
+    )[0]  # fmt: skip
 
 
 def _dim(x, up, down, w, idx):  # noqa: ANN001, ANN202
@@ -106,7 +108,9 @@ def _start_dim(x):  # noqa: ANN001, ANN202
 
 def _rows_overlapped(early, up, down, w, idx):  # noqa: ANN001, ANN202
     n = up.shape[0] * dist.get_world_size()
-    return rows_experts_overlapped(early, up, down, w, idx, num_experts=n, distinct_ids=True)[0]
+    return rows_experts_overlapped(
+        early, up, down, w, idx, num_experts=n, distinct_ids=True, ascending_ids=True
+    )[0]
 
 
 def _dim_overlapped(early, up, down, w, idx):  # noqa: ANN001, ANN202

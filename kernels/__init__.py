@@ -73,6 +73,7 @@ def atomic_experts(
     deterministic: bool = False,
     grad_path: str = "auto",
     distinct_ids: bool = False,
+    pair_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     sort_forward: bool = False,
 ) -> torch.Tensor:
     """``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]`` with autograd.
@@ -99,23 +100,57 @@ def atomic_experts(
     ``sort_forward`` (Triton): the forward walks the pairs in expert order even for tables that
     fit in L2, for pair lists that are mostly the "no expert" id N (the expert-parallel rows
     layout: the skipped pairs sort last and cost nothing); same values.
-    Raises ValueError for an unknown ``grad_path``.
+
+    ``pair_ranges`` = (start_T, count_T, order_T), three int32 (T,) tensors on x's device:
+    token t's pairs that can use a table row are its slots [start_t, start_t + count_t) (ids
+    N, "no expert", may still appear inside), and order_T is a permutation of 0..T-1 (the
+    order tokens are tiled in; sorted by count, a tile's tokens walk about as many slots).
+    Contract: every slot outside its token's range holds the id N, and order_T is a
+    permutation -- as in the expert-parallel ``rows`` layout, where a rank's experts are one
+    contiguous id block and the routers' ids ascend, so a token's pairs on a rank are one run
+    of its slots (``rows_dispatch.rows_pair_ranges``). The Triton backend's combines (y
+    forward, dx backward) then read only the ranges, so their cost follows the real pairs, and
+    the results equal those without the ranges (to fp32 summation order). Nothing checks the
+    values (that is a host sync): a call that breaks the contract drops the pairs outside the
+    ranges from y and dx, and a token missing from order_T gets no row of y or dx. The
+    reference backend ignores the ranges. Raises ValueError for an unknown ``grad_path``, or
+    ``pair_ranges`` that are not three int32 (T,) tensors on x's device.
     """
     from omnimoe_kernels.experts_dense_grad import GRAD_PATHS
 
     if grad_path not in GRAD_PATHS:
         raise ValueError(f"grad_path={grad_path!r} must be one of {GRAD_PATHS}")
+    if pair_ranges is not None:
+        _check_pair_ranges(pair_ranges, x_TD)
     if resolve_backend(backend, x_TD.device) == "triton":
         from omnimoe_kernels.triton_ops import atomic_experts_triton
 
         return atomic_experts_triton(
             x_TD, up_ND, down_ND, weights_TK, indices_TK,
             deterministic=deterministic, grad_path=grad_path, distinct_ids=distinct_ids,
+            pair_ranges=pair_ranges,
             sort_forward=sort_forward,
         )  # fmt: skip
     from omnimoe_kernels.reference import atomic_experts_reference
 
+    # The slots outside the ranges hold "no expert" ids, which the reference skips anyway.
     return atomic_experts_reference(x_TD, up_ND, down_ND, weights_TK, indices_TK)
+
+
+def _check_pair_ranges(pair_ranges: tuple, x_TD: torch.Tensor) -> None:
+    """ValueError unless ``pair_ranges`` is three int32 (T,) tensors on x's device (shapes
+    only: the values are the caller's contract, checking them would sync with the host)."""
+    import torch
+
+    names = ("start_T", "count_T", "order_T")
+    if not isinstance(pair_ranges, (tuple, list)) or len(pair_ranges) != 3:
+        raise ValueError(f"pair_ranges must be the 3 tensors {names}")
+    for name, t in zip(names, pair_ranges):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.shape != x_TD.shape[:1]:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"pair_ranges {name} must be int32 ({x_TD.shape[0]},), got {got}")
+        if t.device != x_TD.device:
+            raise ValueError(f"pair_ranges {name} is on {t.device}, x on {x_TD.device}")
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,8 @@ forward
        order; skipped when both tables fit in L2 (``L2_TABLE_BYTES``);
     2. ``pair_scores``: h = up_e . x_t per pair, walked in expert order (each expert row read
        once per block of its pairs), or in token order without the sort;
-    3. ``combine_rows``: y_t = sum_k w * silu(h) * down_e, a K-way reduction held in registers.
+    3. ``combine_rows``: y_t = sum_k w * silu(h) * down_e, a K-way reduction held in registers
+       (over each token's range of slots only, given ``pair_ranges``; so is step 2 below).
 backward
     0. the expert order, if the forward did not sort;
     1. ``pair_scores`` (backward): da = down_e . dy_t in expert order, then dw and g = dL/dh;
@@ -32,7 +33,7 @@ import torch
 
 from omnimoe_kernels.experts_dense_grad import choose_grad_path, dense_table_grads
 from omnimoe_kernels.experts_grad import expert_grads
-from omnimoe_kernels.experts_pairs import combine_rows, pair_scores
+from omnimoe_kernels.experts_pairs import PairRanges, combine_rows, pair_scores
 from omnimoe_kernels.limits import EXPERTS_MAX_HIDDEN, EXPERTS_MAX_NUM, EXPERTS_MAX_PAIRS
 
 
@@ -67,6 +68,7 @@ class AtomicExperts(torch.autograd.Function):
         deterministic: bool,
         grad_path: str,  # "dense" | "pairs", resolved by the caller
         distinct_ids: bool = False,
+        pair_ranges: PairRanges | None = None,
         sort_forward: bool = False,
     ) -> torch.Tensor:
         x_TD, up_ND, down_ND = x_TD.contiguous(), up_ND.contiguous(), down_ND.contiguous()
@@ -86,15 +88,17 @@ class AtomicExperts(torch.autograd.Function):
             pair_scores(x_TD, up_ND, key_P, order_P, K, h_TK, base=ctx.base)
             order = (key_P, order_P)
         y_TD = torch.empty_like(x_TD)
-        combine_rows(down_ND, indices_TK, h_TK, y_TD, w_TK=weights_TK)
-        ctx.save_for_backward(x_TD, up_ND, down_ND, weights_TK, indices_TK, h_TK, *order)
+        ranges = () if pair_ranges is None else tuple(t.contiguous() for t in pair_ranges)
+        combine_rows(down_ND, indices_TK, h_TK, y_TD, w_TK=weights_TK, ranges=ranges or None)
+        ctx.save_for_backward(x_TD, up_ND, down_ND, weights_TK, indices_TK, h_TK, *ranges, *order)
         ctx.deterministic, ctx.grad_path = deterministic, grad_path
-        ctx.distinct_ids = distinct_ids
+        ctx.distinct_ids, ctx.has_ranges = distinct_ids, pair_ranges is not None
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD: torch.Tensor):
-        x_TD, up_ND, down_ND, w_TK, idx_TK, h_TK, *order = ctx.saved_tensors
+        x_TD, up_ND, down_ND, w_TK, idx_TK, h_TK, *rest = ctx.saved_tensors
+        ranges, order = (tuple(rest[:3]), rest[3:]) if ctx.has_ranges else (None, rest)
         dense = ctx.grad_path == "dense"
         if not order:  # the forward walked token order
             key_P, order_P, ctx.base = expert_order(idx_TK, up_ND.shape[0])
@@ -107,7 +111,7 @@ class AtomicExperts(torch.autograd.Function):
         g_TK = torch.empty_like(h_TK)
         pair_scores(dy_TD, down_ND, e_P, order_P, K, h_TK, w_P=w_TK, dw_P=dw_TK, g_P=g_TK)
         dx_TD = torch.empty_like(x_TD)
-        combine_rows(up_ND, idx_TK, g_TK, dx_TD)
+        combine_rows(up_ND, idx_TK, g_TK, dx_TD, ranges=ranges)
         if dense:
             # The sort's outputs are the pair kernel's; dropped here, they are not held through
             # the GEMMs' (2T, N) buffer (at a80m 14 MB less at the backward's peak).
@@ -130,7 +134,8 @@ class AtomicExperts(torch.autograd.Function):
                 x_TD, dy_TD, order_P, e_P, h_TK, w_TK, g_TK, dup_ND, ddown_ND, K,
                 deterministic=ctx.deterministic,
             )  # fmt: skip
-        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), None, None, None, None, None
+        # None for the non-tensor inputs: idx, deterministic, grad_path, distinct_ids, ranges, sort.
+        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), *(None,) * 6
 
 
 def atomic_experts_triton(
@@ -143,6 +148,7 @@ def atomic_experts_triton(
     deterministic: bool = False,
     grad_path: str = "auto",
     distinct_ids: bool = False,
+    pair_ranges: PairRanges | None = None,
     sort_forward: bool = False,
 ) -> torch.Tensor:
     """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype).
@@ -150,6 +156,9 @@ def atomic_experts_triton(
     ``grad_path``: "auto" | "dense" | "pairs", the weight-gradient path
     (``experts_dense_grad.choose_grad_path``; resolved in the forward, from the shapes).
     ``distinct_ids``: no id < N twice in a token's row (``experts_dense_grad.dense_table_grads``).
+    ``pair_ranges``: (start_T, count_T, order_T), the slots of each token that can hold an id
+    < N; both combines (y, dx) read only those (``experts_pairs.combine_rows``). Checked by
+    ``omnimoe_kernels.atomic_experts``.
     ``sort_forward``: the forward walks the pairs in expert order even when the tables fit in
     L2 (see ``AtomicExperts``), for pair lists that are mostly "no expert".
 
@@ -184,5 +193,6 @@ def atomic_experts_triton(
     )
     return AtomicExperts.apply(
         x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic, path, distinct_ids,
+        pair_ranges,
         sort_forward,
     )  # fmt: skip

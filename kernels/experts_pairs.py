@@ -17,7 +17,10 @@ rank runs the kernels on the whole group's pair list with no compaction and no p
   columns; used for ``y`` (coef = w * silu(h), table = down) and ``dx`` (coef = g, table = up).
   The K-way reduction of a token stays in registers: no atomics, fixed order, one write of out.
   Grid order is column-block major, so programs running together share one BD-wide column
-  slice of the table, which stays in L2 when N * BD is small.
+  slice of the table, which stays in L2 when N * BD is small. With ``ranges`` (each token's
+  pairs of this table in one contiguous run of its slots, tokens tiled in an order sorted by
+  run length) a tile walks only its tokens' runs: the ``rows`` layout's cost of the pairs a
+  rank owns instead of the group's K per token.
 """
 
 from __future__ import annotations
@@ -90,13 +93,19 @@ def _pair_scores_kernel(
 
 @triton.jit
 def _combine_step(
-    idx_ptr, coef_ptr, w_ptr, offs_T, ok_T, k0, N, K, GATED: tl.constexpr, BK: tl.constexpr
-):
+    idx_ptr, coef_ptr, w_ptr, tok_T, start_T, count_T, ok_T, k0, N, K,
+    GATED: tl.constexpr, RANGES: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
     """Expert ids, coefficients and mask of the BK pairs at k0 of each token of the tile
-    (pairs with id N, "no expert", are masked out)."""
+    (pairs with id N, "no expert", are masked out). RANGES: step k0 of token t reads slots
+    start_t + k0 .. of its row, up to its count; else slots k0 .. of all K."""
     offs_K = k0 + tl.arange(0, BK)
-    m_TK = ok_T[:, None] & (offs_K[None, :] < K)
-    pos_TK = offs_T[:, None] * K + offs_K[None, :]
+    if RANGES:
+        m_TK = ok_T[:, None] & (offs_K[None, :] < count_T[:, None])
+        pos_TK = tok_T[:, None] * K + (start_T[:, None] + offs_K[None, :])
+    else:
+        m_TK = ok_T[:, None] & (offs_K[None, :] < K)
+        pos_TK = tok_T[:, None] * K + offs_K[None, :]
     e_TK = tl.load(idx_ptr + pos_TK, mask=m_TK, other=0).to(tl.int64)
     m_TK = m_TK & (e_TK < N)
     c_TK = tl.load(coef_ptr + pos_TK, mask=m_TK, other=0.0).to(tl.float32)
@@ -113,6 +122,9 @@ def _combine_rows_kernel(
     coef_ptr,  # (T, K) float32: h (GATED, coef = w * silu(h)) or the coefficient itself
     w_ptr,  # (T, K) routing weights (GATED only)
     out_ptr,  # (T, D) out
+    start_ptr,  # (T,) int32 first slot of each token's range (RANGES only)
+    count_ptr,  # (T,) int32 slots in each token's range (RANGES only)
+    order_ptr,  # (T,) int32 tokens in tile order (RANGES only)
     T,
     N,
     D,
@@ -120,32 +132,48 @@ def _combine_rows_kernel(
     stride_tab,
     stride_out,
     GATED: tl.constexpr,
+    RANGES: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tb = tl.cdiv(T, BT)
-    offs_T = (pid % n_tb).to(tl.int64) * BT + tl.arange(0, BT)
+    slot_T = (pid % n_tb).to(tl.int64) * BT + tl.arange(0, BT)
     offs_D = (pid // n_tb) * BD + tl.arange(0, BD)
-    ok_T = offs_T < T
+    ok_T = slot_T < T
     ok_D = offs_D < D
+    if RANGES:
+        # Tokens in the caller's order (sorted by count: a tile's tokens need about the same
+        # number of steps); the range is clamped into the row, so a malformed one cannot read
+        # another token's slots or past the arrays.
+        tok_T = tl.load(order_ptr + slot_T, mask=ok_T, other=0).to(tl.int64)
+        start_T = tl.load(start_ptr + tok_T, mask=ok_T, other=0)
+        start_T = tl.minimum(tl.maximum(start_T, 0), K)
+        count_T = tl.minimum(tl.load(count_ptr + tok_T, mask=ok_T, other=0), K - start_T)
+        k_end = tl.max(count_T, axis=0)  # the tile walks only its longest range
+    else:
+        tok_T, start_T, count_T = slot_T, slot_T, slot_T  # unused without RANGES
+        k_end = K
     acc_TD = tl.zeros([BT, BD], dtype=tl.float32)
     # The ids of step k + 1 are loaded before step k's rows are summed, so each step waits on
     # one round of loads (its row gathers), not on ids and then rows.
-    e_TK, c_TK, m_TK = _combine_step(idx_ptr, coef_ptr, w_ptr, offs_T, ok_T, 0, N, K, GATED, BK)
-    for k0 in range(0, K, BK):
+    e_TK, c_TK, m_TK = _combine_step(
+        idx_ptr, coef_ptr, w_ptr, tok_T, start_T, count_T, ok_T, 0, N, K, GATED, RANGES, BK
+    )
+    for k0 in range(0, k_end, BK):
         # Skipped pairs ("no expert") are masked out of the gather. A branch that skips a step
         # whose pairs are all skipped measured slower on the H200 (0.44 vs 0.35 ms at a80m's
         # one-GPU shape, 0.78 vs 0.62 ms under rows EP): it breaks the load pipelining.
         ptr_TKD = table_ptr + e_TK[:, :, None] * stride_tab + offs_D[None, None, :]
         v_TKD = tl.load(ptr_TKD, mask=m_TK[:, :, None] & ok_D[None, None, :], other=0)
         n_e_TK, n_c_TK, n_m_TK = _combine_step(
-            idx_ptr, coef_ptr, w_ptr, offs_T, ok_T, k0 + BK, N, K, GATED, BK
-        )
+            idx_ptr, coef_ptr, w_ptr, tok_T, start_T, count_T, ok_T, k0 + BK, N, K,
+            GATED, RANGES, BK,
+        )  # fmt: skip
         acc_TD += tl.sum(c_TK[:, :, None] * v_TKD.to(tl.float32), axis=1)
         e_TK, c_TK, m_TK = n_e_TK, n_c_TK, n_m_TK
-    ptr_TD = out_ptr + offs_T[:, None] * stride_out + offs_D[None, :]
+    ptr_TD = out_ptr + tok_T[:, None] * stride_out + offs_D[None, :]
     tl.store(ptr_TD, acc_TD.to(out_ptr.dtype.element_ty), mask=ok_T[:, None] & ok_D[None, :])
 
 
@@ -181,6 +209,9 @@ def pair_scores(
     )  # fmt: skip
 
 
+PairRanges = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (start_T, count_T, order_T)
+
+
 def combine_rows(
     table_ND: torch.Tensor,
     idx_TK: torch.Tensor,
@@ -188,9 +219,23 @@ def combine_rows(
     out_TD: torch.Tensor,
     *,
     w_TK: torch.Tensor | None = None,
+    ranges: PairRanges | None = None,
 ) -> None:
     """out_t = sum_k c_tk * table[idx_tk]; c = w * silu(coef) when w_TK is given, else coef
-    (any float dtype, accumulated in float32). Pairs with idx = N are skipped."""
+    (any float dtype, accumulated in float32). Pairs with idx = N are skipped.
+
+    ``ranges = (start_T, count_T, order_T)``, int32 (T,) tensors on the device: token t's
+    pairs of this table are slots [start_t, start_t + count_t) of its row, and order_T (a
+    permutation of 0..T-1) is the order tokens are tiled in. Only those slots are read (ids
+    there still skipped when = N); a tile of BT tokens of order_T loops over its largest count,
+    so order_T sorted by count keeps the tiles' loops short (the expert-parallel ``rows``
+    layout: about half of each token's K pairs are another rank's). Contract: the slots outside
+    a token's range are not needed, i.e. hold no expert of this table (id N) -- the caller
+    guarantees it, nothing checks it (that would read the slots this skips); and order_T is a
+    permutation (a token missing from it gets no row of out). A range is clamped into its row
+    (start into [0, K], count to K - start: memory safety only, a wrong range gives a wrong
+    sum). No host sync.
+    """
     T, D = out_TD.shape
     K = idx_TK.shape[1]
     BT, BK, BD, num_warps = COMBINE_TILE or COMBINE_TILES[K >= 256]
@@ -199,10 +244,13 @@ def combine_rows(
     BD = min(BD, triton.next_power_of_2(D))
     BK = min(BK, triton.next_power_of_2(K))
     grid = (triton.cdiv(T, BT) * triton.cdiv(D, BD),)
+    start_T, count_T, order_T = ranges if ranges is not None else (idx_TK,) * 3
     _combine_rows_kernel[grid](
         table_ND, idx_TK, coef_TK, w_TK if w_TK is not None else coef_TK, out_TD,
+        start_T, count_T, order_T,
         T, table_ND.shape[0], D, K, table_ND.stride(0), out_TD.stride(0),
-        GATED=w_TK is not None, BT=BT, BK=BK, BD=BD, num_warps=num_warps,
+        GATED=w_TK is not None, RANGES=ranges is not None, BT=BT, BK=BK, BD=BD,
+        num_warps=num_warps,
     )  # fmt: skip
 
 

@@ -193,4 +193,5 @@ class OmniMoEMLP(RoutedMLP):
             record=self.training,
             early=early,
             distinct_ids=routing.distinct_ids,
+            ascending_ids=routing.ascending_ids,
         )

@@ -35,6 +35,10 @@ class Routing(NamedTuple):
     # No expert id twice in a token's row (exact top-K over distinct experts guarantees it): the
     # expert kernels' dense weight-gradient path then skips merging repeats.
     distinct_ids: bool = False
+    # Each token's K ids in ascending order (both routers sort them): under the expert-parallel
+    # ``rows`` layout a token's pairs on a rank, whose experts are one contiguous id block, are
+    # then one run of its slots, and the combine kernels walk only that run.
+    ascending_ids: bool = False
 
 
 def square_side(count: int, name: str) -> int:
@@ -221,7 +225,7 @@ class CartesianRouter(nn.Module):
             rows_Tn, cols_Tn, self.top_k, backend=self.backend
         )
         weights_TK = selected_weights(scores_TK, self.weights)
-        return Routing(weights_TK, indices_TK, entropy_T, distinct_ids=True)
+        return Routing(weights_TK, indices_TK, entropy_T, distinct_ids=True, ascending_ids=True)
 
 
 def gate_log_probs(
@@ -308,4 +312,4 @@ class DenseRouter(nn.Module):
         indices_TK, order_TK = indices_TK.sort(dim=-1)
         scores_TK = scores_TK.gather(-1, order_TK)
         weights_TK = selected_weights(scores_TK, self.weights)
-        return Routing(weights_TK, indices_TK, entropy_T, distinct_ids=True)
+        return Routing(weights_TK, indices_TK, entropy_T, distinct_ids=True, ascending_ids=True)

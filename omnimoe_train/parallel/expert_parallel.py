@@ -106,10 +106,12 @@ class ExpertParallel:
         record: bool,
         early: TokensInFlight | None = None,
         distinct_ids: bool = False,
+        ascending_ids: bool = False,
     ) -> torch.Tensor | PendingExchange:
         """y_TD, or (``early`` from ``start``) y_TD still in flight: ``finish()`` it.
         ``distinct_ids``: no expert twice in a token's row (the table gradients skip merging
-        repeats, in either mode)."""
+        repeats, in either mode); ``ascending_ids``: each token's ids in ascending order (the
+        rows mode's combines then walk pair ranges)."""
         tokens = [x_TD.shape[0]] * self.size
         if early is not None and (early.x_TD is not x_TD or early.mode != self.mode):
             raise ValueError(
@@ -120,6 +122,7 @@ class ExpertParallel:
             y_TD, stats = rows_experts_overlapped(
                 early, up_local, down_local, weights_TK, indices_TK,
                 num_experts=self.num_experts, backend=self.backend, distinct_ids=distinct_ids,
+                ascending_ids=ascending_ids,
             )  # fmt: skip
         elif early is not None:
             y_TD, stats = dim_experts_overlapped(
@@ -130,7 +133,7 @@ class ExpertParallel:
             y_TD, stats = sharded_atomic_experts_rows(
                 x_TD, up_local, down_local, weights_TK, indices_TK, group=self.group,
                 num_experts=self.num_experts, group_tokens=tokens, backend=self.backend,
-                distinct_ids=distinct_ids,
+                distinct_ids=distinct_ids, ascending_ids=ascending_ids,
             )  # fmt: skip
         else:
             y_TD, stats = sharded_atomic_experts_dim(

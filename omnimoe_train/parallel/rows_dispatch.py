@@ -6,7 +6,9 @@ router rows when n % P == 0). One call, per rank (shape legend in ``collectives`
     gather        x (T, D), expert ids (T, K) int32, weights (T, K) of every rank, packed in
                   ONE all-gather (fixed size: no host sync) -> (G, D), (G, K), (G, K)
     local ids     id - r*E where this rank owns the expert, else E ("no expert": the kernels
-                  skip the pair, no padding, no compaction, no sync)
+                  skip the pair, no padding, no compaction, no sync); with ascending ids (the
+                  routers' promise) also each token's run of its slots on this rank, sorted
+                  by length (``rows_pair_ranges``): the combines then walk only those runs
     experts       y_part (G, D) = atomic_experts(x, U_r, V_r, w, local ids): the Triton kernels
                   on the group's whole pair list, each rank doing the pairs it owns, walked
                   in expert order from the forward on (``sort_forward``: the others sort
@@ -66,6 +68,7 @@ def sharded_atomic_experts_rows(
     group_tokens: list[int] | None = None,
     backend: str = "auto",
     distinct_ids: bool = False,
+    ascending_ids: bool = False,
 ) -> tuple[torch.Tensor, ShardingStats]:
     """Atomic experts with the tables sharded by expert id over ``group``.
 
@@ -74,7 +77,9 @@ def sharded_atomic_experts_rows(
     ``group_tokens``: T of every rank of the group, if known (else one count exchange). All
     ranks of the group must call this together with the same ``requires_grad`` pattern.
     ``distinct_ids``: no expert twice in a token's row (``omnimoe_kernels.atomic_experts``).
-    Raises ``ValueError`` for shards or routing of the wrong shape.
+    ``ascending_ids``: each token's ids in ascending order (both routers' promise), so its pairs
+    on this rank are one run of its slots, which the combine kernels then walk alone
+    (``pair_ranges`` of ``omnimoe_kernels.atomic_experts``). Raises ``ValueError`` for shards or routing of the wrong shape.
     """
     num_tokens = x_TD.shape[0]
     comm = GroupComm.create(group, num_tokens, group_tokens)
@@ -84,8 +89,9 @@ def sharded_atomic_experts_rows(
     ids_TK = indices_TK.to(torch.int32)
     x_GD, weights_GK, ids_GK = GatherRows.apply(comm, x_TD, weights_TK, ids_TK)
     y_part_GD, local_pairs = _local_experts(
-        comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend, distinct_ids
-    )
+        comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend, distinct_ids,
+        ascending_ids,
+    )  # fmt: skip
     y_TD = ScatterSumRows.apply(comm, y_part_GD)
     stats = _rows_stats(comm, x_TD, weights_TK, y_part_GD, group_tokens is None, split=False)
     _count_owners(stats, comm, indices_TK, experts_per_rank, local_pairs)
@@ -114,6 +120,7 @@ def rows_experts_overlapped(
     num_experts: int,
     backend: str = "auto",
     distinct_ids: bool = False,
+    ascending_ids: bool = False,
 ) -> tuple[PendingExchange, ShardingStats]:
     """``sharded_atomic_experts_rows`` in two halves, the exchanges overlapped: the tokens'
     all-gather was started by ``start_rows_tokens``; this gathers ids and weights (one small
@@ -128,8 +135,9 @@ def rows_experts_overlapped(
     x_GD = early.tokens.finish()
     weights_GK, ids_GK = GatherRows.apply(comm, weights_TK, indices_TK.to(torch.int32))
     y_part_GD, local_pairs = _local_experts(
-        comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend, distinct_ids
-    )
+        comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend, distinct_ids,
+        ascending_ids,
+    )  # fmt: skip
     y_TD = start_exchange(y_part_GD, comm.scatter_sum_async, comm.gather_async)
     stats = _rows_stats(comm, x_TD, weights_TK, y_part_GD, early.counted, split=True)
     _count_owners(stats, comm, indices_TK, experts_per_rank, local_pairs)
@@ -169,6 +177,7 @@ def _local_experts(
     ids_GK: torch.Tensor,
     backend: str,
     distinct_ids: bool,
+    ascending_ids: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_part_GD of the pairs this rank owns, their count as a device scalar)."""
     experts_per_rank = up_local_ED.shape[0]
@@ -181,11 +190,33 @@ def _local_experts(
         "auto", x_GD.shape[0], experts_per_rank, x_GD.shape[1], ids_GK.shape[1], x_GD.dtype,
         x_GD.device, pairs=ids_GK.numel() // comm.size,
     )  # fmt: skip
+    # Ascending ids: the combines walk only each token's run of this rank's pairs (about 1/P of
+    # its K), not all K slots with the others masked.
+    first_id = comm.rank * experts_per_rank
+    ranges = rows_pair_ranges(ids_GK, mine_GK, first_id) if ascending_ids else None
     y_part_GD = omnimoe_kernels.atomic_experts(
         x_GD, up_local_ED, down_local_ED, weights_GK, local_GK, backend=backend,
         grad_path=grad_path, distinct_ids=distinct_ids, sort_forward=comm.size > 1,
+        pair_ranges=ranges,
     )  # fmt: skip
     return y_part_GD, mine_GK.sum()
+
+
+def rows_pair_ranges(
+    ids_GK: torch.Tensor, mine_GK: torch.Tensor, first_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(start_G, count_G, order_G) int32 for ``atomic_experts(pair_ranges=...)``: with each
+    row's ids ascending, this rank's pairs of a token (ids in [first_id, first_id + E)) are its
+    slots [start, start + count), start = the ids below first_id. order_G sorts the tokens by
+    count so that a combine tile's tokens walk about the same number of slots (counts vary a
+    lot per token: a tile of consecutive tokens walks nearly its worst token's K); longest
+    first, so the grid's last programs are short ones (a shorter tail). On the device, fixed
+    shapes: no host sync, capturable in a CUDA graph."""
+    with torch.no_grad():
+        start_G = (ids_GK < first_id).sum(1, dtype=torch.int32)
+        count_G = mine_GK.sum(1, dtype=torch.int32)
+        order_G = torch.sort(count_G, descending=True).indices.to(torch.int32)  # any tie order
+    return start_G, count_G, order_G
 
 
 def _count_owners(

@@ -13,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = [
     ("bench_kernels.py",),
+    ("bench_kernels.py", "--only", "combine_ranges"),
     ("profile_layer.py",),
     ("bench_grad_paths.py",),
     ("profile_experts.py", "16", "8", "4", "2"),
@@ -20,7 +21,7 @@ SCRIPTS = [
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
-@pytest.mark.parametrize("command", SCRIPTS, ids=[c[0] for c in SCRIPTS])
+@pytest.mark.parametrize("command", SCRIPTS, ids=[" ".join(c) for c in SCRIPTS])
 def test_gpu_only_benchmarks_refuse_in_one_line_without_a_gpu(command: tuple[str, ...]) -> None:
     script, *args = command
     result = subprocess.run(

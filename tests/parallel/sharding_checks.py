@@ -107,13 +107,17 @@ def check_case(
     backend: str = "auto",
     device: str = "cpu",
     distinct_ids: bool = False,
+    ascending_ids: bool = False,
 ) -> None:
     """Run one case in ``mode`` on this rank and assert it matches the single-process op.
     ``known_tokens``: pass every rank's token count (no count exchange); ``distinct_ids``:
-    tell the op the case's ids are distinct per token (the dense gradients skip the merge)."""
+    tell the op the case's ids are distinct per token (the dense gradients skip the merge);
+    ``ascending_ids``: each token's ids sorted (the routers' order) and the rows op told so."""
     num_ranks, rank = dist.get_world_size(), dist.get_rank()
     assert len(case.tokens_per_rank) == num_ranks
     full = {name: t.to(device) for name, t in _build(case, dtype).items()}
+    if ascending_ids:
+        full["indices"] = full["indices"].sort(1).values
     start = sum(case.tokens_per_rank[:rank])
     mine = slice(start, start + case.tokens_per_rank[rank])
 
@@ -134,6 +138,7 @@ def check_case(
         y, stats = sharded_atomic_experts_rows(
             x, up, down, weights, indices, group=None, num_experts=case.num_experts,
             group_tokens=tokens, backend=backend, distinct_ids=distinct_ids,
+            ascending_ids=ascending_ids,
         )  # fmt: skip
         table_dim = 0
     else:

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .distributed import run_distributed
+from .pair_ranges_checks import check_rows_pair_ranges
 from .sharding_checks import Case, check_bytes_per_rank, check_cases, check_cases_triton
 
 MODES = ("rows", "dim")
@@ -109,3 +110,44 @@ def test_random_routing_two_ranks(cases: list[Case]) -> None:
 @given(cases=st.lists(routed_cases(4), min_size=3, max_size=3))
 def test_random_routing_four_ranks(cases: list[Case]) -> None:
     run_distributed(check_cases, 4, cases, MODES)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rows_ascending_ids_walk_pair_ranges(world_size: int) -> None:
+    """Ascending ids (the routers' promise): the rows op passes each token's run of this rank's
+    slots to the kernels (ranges checked against the ids they describe) and the values stay the
+    single-process op's; through ``ExpertParallel`` too, with and without the overlap. Tokens
+    whose pairs are all on one rank (count 0 / K on the others) and runs in the middle of a row
+    (4 ranks) included."""
+    if world_size == 2:
+        cases = [
+            Case((5, 3), 8, 16, 5, seed=5),
+            Case(
+                (3, 2),
+                4,
+                16,
+                3,
+                indices=((9, 12, 15), (0, 3, 7), (1, 8, 14), (8, 9, 10), (2, 5, 6)),
+            ),
+            Case((2, 1), 4, 4, 4, seed=3),  # K = N: every token on every expert
+        ]
+        equal = [Case((4, 4), 8, 16, 6, seed=7)]
+    else:
+        cases = [
+            Case((3, 2, 0, 4), 8, 64, 12, seed=8),
+            # one token with ids at every block edge: 15/16, 31/32, 47/48.
+            Case(
+                (1, 1, 1, 1),
+                4,
+                64,
+                6,
+                indices=(
+                    (15, 16, 31, 32, 47, 48),
+                    (0, 1, 2, 3, 4, 5),
+                    (60, 61, 62, 63, 0, 1),
+                    (16, 17, 18, 19, 20, 21),
+                ),
+            ),
+        ]
+        equal = [Case((3, 3, 3, 3), 4, 64, 10, seed=9)]
+    run_distributed(check_rows_pair_ranges, world_size, cases, equal)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import omnimoe_kernels
 from omnimoe_train.model.gpt import build_model, layer_spec, transformer_config
 from omnimoe_train.model.omnimoe_layer import OmniMoEMLP
 from tests.train.conftest import TINY_MODEL as TINY
@@ -104,3 +105,28 @@ def test_expert_grad_path_reaches_the_kernels(single_rank: None) -> None:
         assert experts_dense_grad.choose_grad_path(
             "auto", 4, 8, 4, 2, torch.float32, torch.device("cpu")
         ) == (forced or "pairs")
+
+
+class _RecordingDispatch:
+    """Stands in for the layer's ``ExpertParallel``: the local op, and the keywords it got."""
+
+    def __init__(self) -> None:
+        self.kwargs: list[dict] = []
+
+    def start(self, x_TD: torch.Tensor) -> None:
+        return None
+
+    def __call__(self, x_TD, up, down, weights_TK, indices_TK, **kwargs):  # noqa: ANN001, ANN204
+        self.kwargs.append(kwargs)
+        return omnimoe_kernels.atomic_experts(x_TD, up, down, weights_TK, indices_TK)
+
+
+def test_layer_passes_the_routing_promises_to_the_dispatch(single_rank: None) -> None:
+    """The Cartesian router's promises (distinct, ascending ids) reach the expert-parallel
+    dispatch, where ascending ids let the rows layout's combines walk pair ranges."""
+    _, model = _model()
+    layer = model.decoder.layers[0].mlp
+    layer.expert_parallel = dispatch = _RecordingDispatch()
+    layer(torch.randn(8, 2, 64))
+    assert len(dispatch.kwargs) == 1
+    assert dispatch.kwargs[0]["distinct_ids"] and dispatch.kwargs[0]["ascending_ids"]

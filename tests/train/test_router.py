@@ -87,7 +87,8 @@ def test_deferred_running_stats_equal_immediate_ones() -> None:
 @pytest.mark.parametrize("kind", ["cartesian", "dense"])
 def test_routers_promise_distinct_ids_and_keep_it(kind: str) -> None:
     """Both routers set ``Routing.distinct_ids`` (the expert kernels' dense weight-gradient
-    path then skips merging repeats), and their ids keep the promise, even with ties."""
+    path then skips merging repeats) and ``ascending_ids`` (the rows layout's pair ranges),
+    and their ids keep both promises, even with ties."""
     from omnimoe_train.model.router import DenseRouter
 
     torch.manual_seed(3)
@@ -97,9 +98,9 @@ def test_routers_promise_distinct_ids_and_keep_it(kind: str) -> None:
     x_TD = torch.randn(40, 16)
     x_TD[:5] = 0.0  # equal scores: ties everywhere in these tokens
     routing = router(x_TD)
-    assert routing.distinct_ids
-    ids = routing.indices_TK.sort(-1).values
-    assert bool((ids[:, 1:] != ids[:, :-1]).all())
+    assert routing.distinct_ids and routing.ascending_ids
+    ids = routing.indices_TK  # as returned: strictly ascending = ascending and distinct
+    assert bool((ids[:, 1:] > ids[:, :-1]).all())
 
 
 def test_product_key_routing_does_not_promise_distinct_ids() -> None:
@@ -113,6 +114,6 @@ def test_product_key_routing_does_not_promise_distinct_ids() -> None:
     with torch.no_grad():  # both heads' queries equal: every token lists its 3 slots twice
         router.query_qD[8:] = router.query_qD[:8]
     routing = router(torch.randn(10, 16))
-    assert not routing.distinct_ids
+    assert not routing.distinct_ids and not routing.ascending_ids
     ids = routing.indices_TK.sort(-1).values
     assert bool((ids[:, 1:] == ids[:, :-1]).any(-1).all())
