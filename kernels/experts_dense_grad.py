@@ -50,8 +50,11 @@ GRAD_PATHS = ("auto", "dense", "pairs")
 #: Forces every call that asks for "auto" onto one path ("dense" or "pairs"); None = decide.
 #: For benchmarks and experiments; the argument of a call, when not "auto", wins over it.
 FORCE_GRAD_PATH: str | None = None
-#: Cap on the G buffer of one chunk (bytes); bigger problems run in column chunks.
-DENSE_MAX_BYTES = 512 << 20
+#: Cap on the G buffer of one chunk (bytes); bigger problems run in column chunks. 1 GiB keeps
+#: a80m's layer under expert-parallel ``dim`` sharding (2T = 32768 gathered rows, N = 5776:
+#: 758 MB) in one chunk: in two chunks its layer step measured 5.25 against 4.87 ms (graphed,
+#: overlapped, 2 H200s, docs/benchmarks.md), each chunk scattering and clearing all pairs again.
+DENSE_MAX_BYTES = 1 << 30
 
 # Cost model constants (seconds), H200 bf16; ``benchmarks/bench_grad_paths.py`` measures both
 # paths on a shape table so these can be refit. The pair kernel costs about PAIR_COLUMN_S per
