@@ -37,6 +37,12 @@ from torch.profiler import ProfilerActivity, profile
 PROFILE_DIR = "profile"
 TOP_ROWS = 40
 NAME_CHARS = 100  # kernel names are whole C++ template signatures; the start names them
+#: Kineto (the profiler's tracer) prints lines of its own at every trace: "profiler_start" and
+#: "profiler_stop" (its level 5, USDT, the highest) and, on a machine without a GPU, "ERROR ...
+#: gpuGetDeviceCount failed". Level 6 silences all of them, so the console keeps one line per
+#: logged step; Kineto reads the variable at its first trace. A value already in the
+#: environment wins (KINETO_LOG_LEVEL=4 shows its errors again).
+KINETO_LOG_LEVEL = "6"
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ class StepProfiler:
         cuda = self.device.type == "cuda"
         entered = time.perf_counter()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_LOG_LEVEL)
         # The previous step's update kernels may still run: they are not this step's.
         self._synchronize()
         with profile(activities=activities, record_shapes=False, with_stack=False) as prof:

@@ -169,3 +169,25 @@ def test_profiled_step_lists_cuda_kernels_gpu(tmp_path: Path, graphs: str) -> No
     assert record["profile_kernel_ms"] > 0 and record["profile_launches"] > 0
     lines = [line for line in result.stderr.splitlines() if "profile of step 2" in line]
     assert len(lines) == 1 and "ms of kernels in" in lines[0], result.stderr[-3000:]
+
+
+def test_profiled_step_prints_nothing_of_the_tracers_own(tmp_path: Path) -> None:
+    """Kineto's own lines ("profiler_start", "profiler_stop", and on a machine without a GPU
+    "ERROR ... gpuGetDeviceCount failed") would break the console's one line per logged step:
+    a fresh process (Kineto reads its log level at its first trace) prints nothing at all."""
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from omnimoe_train.profiling import StepProfiler\n"
+        "p = StepProfiler(1, Path(sys.argv[1]), rank=0, device=torch.device('cpu'))\n"
+        "with p.around(1):\n"
+        "    torch.ones(8) @ torch.ones(8)\n"
+        "assert p.take() is not None\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "profile")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == "" and result.stdout == "", result.stderr
