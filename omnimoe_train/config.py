@@ -72,7 +72,8 @@ class ParallelConfig:
     expert_table_sharding: str = "auto"  # rows | dim | auto
     # ep > 1: issue the token exchange before routing and overlap the exchanges with the router
     # and the shared SwiGLU (forward and backward); same values, one more collective launch.
-    # Off by default: measured on 2 H200s it did not raise training tokens/s (docs/parallelism).
+    # Off by default: eager, the layer is host bound and it did not raise tokens/s; with
+    # trainer.cuda_graphs=mlp it pays (ep2_rows 0.81 -> 0.83 of DP on 2 H200s, docs/parallelism).
     ep_overlap: bool = False
     distributed_optimizer: bool = False
 
