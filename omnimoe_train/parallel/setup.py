@@ -52,14 +52,16 @@ def resolve_table_sharding(cfg: RootConfig, *, world_size: int, bf16: bool) -> t
         ranks=p.ep,
         dtype_bytes=2 if bf16 else 4,
     )
+    overlap = "on" if ep_overlap_enabled(p.ep_overlap, cfg.trainer.cuda_graphs) else "off"
     if p.expert_table_sharding == "auto":
         choice, predicted = choose_sharding(**shape, allowed=allowed)
-        return choice, describe_choice(choice, predicted) + f", ep={p.ep}"
+        return choice, describe_choice(choice, predicted) + f", ep={p.ep}, overlap {overlap}"
     mode = p.expert_table_sharding
     predicted = predict_bytes(mode, **shape)
     return mode, (
-        f"expert_table_sharding={mode}, ep={p.ep} (predicted per layer per rank per micro-batch: "
-        f"fwd {predicted['forward'] / 1e6:.2f} MB + bwd {predicted['backward'] / 1e6:.2f} MB)"
+        f"expert_table_sharding={mode}, ep={p.ep}, overlap {overlap} (predicted per layer per "
+        f"rank per micro-batch: fwd {predicted['forward'] / 1e6:.2f} MB + bwd "
+        f"{predicted['backward'] / 1e6:.2f} MB)"
     )
 
 

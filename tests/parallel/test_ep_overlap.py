@@ -131,3 +131,22 @@ def test_ep_overlap_null_follows_the_cuda_graphs(
     setting: bool | None, cuda_graphs: str, expected: bool
 ) -> None:
     assert ep_overlap_enabled(setting, cuda_graphs) is expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ((), "overlap off"),
+        (("trainer.cuda_graphs=mlp",), "overlap on"),
+        (("parallel.ep_overlap=true",), "overlap on"),
+        (("parallel.expert_table_sharding=auto", "trainer.cuda_graphs=mlp"), "overlap on"),
+    ],
+)
+def test_start_up_line_says_whether_the_exchanges_overlap(
+    overrides: tuple[str, ...], expected: str
+) -> None:
+    from omnimoe_train.parallel.setup import resolve_table_sharding
+
+    cfg = compose_config("parallel=ep2_rows", "data.global_batch_size=32", *overrides)
+    mode, line = resolve_table_sharding(cfg, world_size=2, bf16=True)
+    assert mode in ("rows", "dim") and expected in line and "\n" not in line
