@@ -23,6 +23,7 @@ says, so all ranks together read the same samples as one process.
 from __future__ import annotations
 
 import hashlib
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,17 @@ def data_id(source: DataSource, split: str) -> str:
     shards = source.manifest["splits"][split]["shards"]
     joined = ",".join(s["sha256"] for s in shards).encode()
     return hashlib.sha256(joined).hexdigest()[:16]
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In a DataLoader worker: ignore the stop signals (SIGTERM, SIGUSR1). Why: SLURM (scancel,
+    a time limit, a preemption) signals every process of the job step, the workers included;
+    torch's worker handler dies of a SIGTERM that its parent did not send, and the training
+    process then fails on its next batch instead of finishing the step and saving. The
+    training process stops on the signal and shuts its workers down; a worker whose parent is
+    gone still exits by torch's own watchdog."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass
@@ -280,6 +292,24 @@ class TokenShardLoader:
             self._consumed, self._it = 0, None
         return self
 
+    def close(self) -> None:
+        """Stop this loader's worker processes now (a later ``next`` starts them again).
+
+        Why explicitly, before the process exits: the workers ignore the stop signals
+        (``_ignore_stop_signals``), so multiprocessing's exit handler, which ends daemonic
+        children with SIGTERM and then joins them, would wait forever. The DataLoader's own
+        shutdown (its private ``_shutdown_workers``: the done event, then a bounded join)
+        ends them; one still alive after it (stuck in I/O) is killed."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is None:
+            return
+        shutdown()
+        for worker in getattr(it, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+
     def __next__(self) -> torch.Tensor:
         if self.total == 0:
             raise StopIteration
@@ -320,6 +350,7 @@ class TokenShardLoader:
                 batch_size=None,
                 num_workers=self.num_workers,
                 prefetch_factor=4,
+                worker_init_fn=_ignore_stop_signals,
             )
         )
 

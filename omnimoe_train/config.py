@@ -72,8 +72,10 @@ class ParallelConfig:
     expert_table_sharding: str = "auto"  # rows | dim | auto
     # ep > 1: issue the token exchange before routing and overlap the exchanges with the router
     # and the shared SwiGLU (forward and backward); same values, one more collective launch.
-    # Off by default: measured on 2 H200s it did not raise training tokens/s (docs/parallelism).
-    ep_overlap: bool = False
+    # null (default): on with trainer.cuda_graphs=mlp, where it pays (one rows layer step 5.34 ->
+    # 4.94 ms on 2 H200s), off without (eager, the layer is host bound and it did not raise
+    # tokens/s); true / false force it (docs/parallelism.md).
+    ep_overlap: bool | None = None
     distributed_optimizer: bool = False
 
 

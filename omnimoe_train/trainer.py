@@ -261,6 +261,10 @@ class Trainer:
             return self._fit(sink)
         finally:
             self.stop.restore()
+            # The data workers ignore stop signals: end them here, not at interpreter exit.
+            for loader in (self.train_loader, self.val_loader):
+                if loader is not None:
+                    loader.close()
 
     def _fit(self, sink: MetricsSink) -> dict[str, Any]:
         cfg, s = self.cfg, self.state

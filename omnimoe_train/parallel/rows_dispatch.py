@@ -215,7 +215,9 @@ def rows_pair_ranges(
     with torch.no_grad():
         start_G = (ids_GK < first_id).sum(1, dtype=torch.int32)
         count_G = mine_GK.sum(1, dtype=torch.int32)
-        order_G = torch.sort(count_G, descending=True).indices.to(torch.int32)  # any tie order
+        # 8-bit sort keys when K < 256: one radix pass instead of four (any tie order)
+        keys_G = count_G.to(torch.uint8) if ids_GK.shape[1] < 256 else count_G
+        order_G = torch.sort(keys_G, descending=True).indices.to(torch.int32)
     return start_G, count_G, order_G
 
 

@@ -23,9 +23,9 @@ def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
 def validate_ep_overlap(p: ParallelConfig) -> None:
     # A typed schema rejects other values on the command line; configs built in code are not.
     require(
-        isinstance(p.ep_overlap, bool),
+        p.ep_overlap is None or isinstance(p.ep_overlap, bool),
         "parallel.ep_overlap",
-        f"must be true or false (got {p.ep_overlap!r})",
+        f"must be true, false or null (got {p.ep_overlap!r})",
     )
 
 

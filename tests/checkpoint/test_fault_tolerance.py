@@ -5,6 +5,8 @@
   newest checkpoint is truncated and the same command falls back to the previous one.
 - SIGTERM to one of two ranks during training: both finish the step, save and exit 75; one
   process (another world size) then finishes the run from there.
+- SIGTERM to the whole job, DataLoader workers included (as SLURM signals a job step): the
+  same clean stop, the workers ended.
 - ``trainer.max_time``: exit 75 with a checkpoint, and the next run continues.
 - Injected NaN losses: skipped without touching weights or optimizer state; two in a row stop
   the run with exit 65 and a checkpoint of the last good weights.
@@ -256,3 +258,29 @@ def test_sigterm_on_one_rank_stops_both_at_one_step_with_a_checkpoint(
     assert [r["resumed_from"] for r in records(run) if "resumed_from" in r] == [newest]
     train = [r for r in records(run) if "loss" in r and "bad_step" not in r]
     assert train[-1]["step"] == 60 and train[-1]["consumed_tokens"] == 60 * 8 * 32
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_job_with_data_workers_stops_with_a_checkpoint(
+    tmp_path: Path, cache: Path
+) -> None:
+    """SLURM signals every process of a job step, the data loader's workers included: they
+    must not die of it (the main process would then fail on its next batch instead of saving)."""
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=400", "checkpoint.interval=4", "data.num_workers=2"]
+    args.append(f"hydra.run.dir={run}")
+    proc = subprocess.Popen(
+        _cmd(*args), env=_env(cache), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    _wait_for(run / "checkpoints" / "step_00000004", proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # as scancel / a time limit does: the whole group
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == EXIT_REQUEUE, err[-3000:]
+    assert "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
+    stops = [line for line in err.splitlines() if "omnimoe-train: stopped:" in line]
+    assert len(stops) == 1, err[-3000:]
+    step = int(stops[0].split("stopped after step ")[1].split(",")[0])
+    assert (run / "checkpoints" / f"step_{step:08d}").is_dir()
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # no worker outlived the run
+        os.killpg(proc.pid, 0)

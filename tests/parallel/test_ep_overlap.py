@@ -14,6 +14,7 @@ import torch
 
 from omnimoe_train.parallel.collectives import InFlight
 from omnimoe_train.parallel.overlap import start_exchange
+from omnimoe_train.parallel.setup import ep_overlap_enabled
 from omnimoe_train.validation import ConfigError, validate
 from tests.train.conftest import compose_config
 
@@ -102,13 +103,50 @@ def test_ep_layouts_train_the_same_with_overlap_on_and_off() -> None:
     run_distributed(check_ep_overlap_bitwise, 2, ["ep2_rows", "ep2_dim"], 3, timeout_s=300)
 
 
-def test_ep_overlap_must_be_a_bool() -> None:
+def test_ep_overlap_must_be_a_bool_or_null() -> None:
     cfg = compose_config(
         "parallel=ep2_rows", "parallel.ep_overlap=false", "data.global_batch_size=32"
     )
     assert cfg.parallel.ep_overlap is False
     validate(cfg, world_size=2)
+    default = compose_config("parallel=ep2_rows", "data.global_batch_size=32")
+    assert default.parallel.ep_overlap is None  # null: follows trainer.cuda_graphs
+    validate(default, world_size=2)
     bad = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep_overlap="yes"))
     with pytest.raises(ConfigError) as err:
         validate(bad, world_size=2)
     assert err.value.key == "parallel.ep_overlap"
+
+
+@pytest.mark.parametrize(
+    ("setting", "cuda_graphs", "expected"),
+    [
+        (None, "none", False),
+        (None, "mlp", True),
+        (True, "none", True),
+        (False, "mlp", False),
+    ],
+)
+def test_ep_overlap_null_follows_the_cuda_graphs(
+    setting: bool | None, cuda_graphs: str, expected: bool
+) -> None:
+    assert ep_overlap_enabled(setting, cuda_graphs) is expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ((), "overlap off"),
+        (("trainer.cuda_graphs=mlp",), "overlap on"),
+        (("parallel.ep_overlap=true",), "overlap on"),
+        (("parallel.expert_table_sharding=auto", "trainer.cuda_graphs=mlp"), "overlap on"),
+    ],
+)
+def test_start_up_line_says_whether_the_exchanges_overlap(
+    overrides: tuple[str, ...], expected: str
+) -> None:
+    from omnimoe_train.parallel.setup import resolve_table_sharding
+
+    cfg = compose_config("parallel=ep2_rows", "data.global_batch_size=32", *overrides)
+    mode, line = resolve_table_sharding(cfg, world_size=2, bf16=True)
+    assert mode in ("rows", "dim") and expected in line and "\n" not in line
