@@ -383,6 +383,10 @@ def main() -> None:
         "--cuda-graph", action="store_true", help="replay each mode's layer step from a CUDA graph"
     )
     args = parser.parse_args()
+    if args.dense_max_mib is not None and args.dense_max_mib < 1:
+        exit_usage(
+            "profile_expert_parallel.py", f"--dense-max-mib must be >= 1 (got {args.dense_max_mib})"
+        )
     if args.dense_max_mib is not None:
         from omnimoe_kernels import experts_dense_grad
 

@@ -275,6 +275,9 @@ class Trainer:
                 self._warn(line)
             if self.schedule_note is not None:
                 self._warn(self.schedule_note)
+            if t.profile_step is not None and t.profile_step <= s.step:
+                self._warn(f"trainer.profile_step={t.profile_step}: this run resumes after it "
+                           f"(step {s.step}), so no step is profiled")  # fmt: skip
             sink.log({"step": s.step, "resumed_from": self.resume_from.name})
         if self.rt.is_main and cfg.model.mlp in ATOMIC_EXPERT_MLPS:
             sink.console.log(self.engine.sharding_note)

@@ -43,3 +43,15 @@ def test_profile_expert_parallel_cuda_graph_refuses_in_one_line_without_a_gpu() 
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
     assert lines == [f"{script}: error: --cuda-graph needs a CUDA GPU, none is visible"]
+
+
+def test_profile_expert_parallel_refuses_a_cap_below_one_mib() -> None:
+    script = "profile_expert_parallel.py"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--dense-max-mib", "0"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"{script}: error: --dense-max-mib must be >= 1 (got 0)"
+    ]

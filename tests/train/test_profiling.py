@@ -82,6 +82,21 @@ def test_profiled_step_writes_trace_table_line_and_record(tmp_path: Path, engine
     assert record["profile_step_wall_ms"] > 0
 
 
+def test_a_resume_past_the_profiled_step_says_so_in_one_line(tmp_path: Path) -> None:
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    first = tiny(trainer__device="cpu", trainer__max_steps=3)
+    result = run_train_cli([*first, f"hydra.run.dir={run_dir}"], cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = tiny(trainer__device="cpu", trainer__max_steps=5, trainer__profile_step=2)
+    result = run_train_cli([*again, f"hydra.run.dir={run_dir}"], cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stderr.splitlines() if "trainer.profile_step=2" in line]
+    assert notes == [
+        "trainer.profile_step=2: this run resumes after it (step 3), so no step is profiled"
+    ]
+    assert not (run_dir / "profile").exists()
+
+
 def test_profiled_step_under_torchrun_writes_every_ranks_files(tmp_path: Path) -> None:
     """Two gloo ranks (data parallel): each profiles step 1 and writes its own files."""
     run_dir = tmp_path / "run"
