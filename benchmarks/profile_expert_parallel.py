@@ -19,9 +19,11 @@ and the bytes the rank sent in one layer step -- counted from the tensors handed
 SwiGLU); ``rows`` / ``dim`` as with ``parallel.ep_overlap=false``.
 
 Defaults are a80m's layer at the benchmark batch (16 x 1024 tokens per GPU, d = 768,
-N = 76^2, K = 64, bf16). ``--cuda-graph`` replays each mode's layer step (forward, backward, collectives) from one CUDA
-graph, as ``trainer.cuda_graphs=mlp`` does: the GPU's time without the host's. ``--skew`` (with ``--router-norm none``) biases every token's router
-input the same way, so routing concentrates on a few router rows (uneven load for rows).
+N = 76^2, K = 64, bf16). ``--cuda-graph`` replays each mode's layer step (forward, backward,
+collectives) from one CUDA graph, as ``trainer.cuda_graphs=mlp`` does: the GPU's time without
+the host's. ``--dense-max-mib`` sets the dense weight-gradient buffer's cap. ``--skew`` (with
+``--router-norm none``) biases every token's router input the same way, so routing
+concentrates on a few router rows (uneven load for rows).
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ def sharded_atomic_experts_rows(
     ``distinct_ids``: no expert twice in a token's row (``omnimoe_kernels.atomic_experts``).
     ``ascending_ids``: each token's ids in ascending order (both routers' promise), so its pairs
     on this rank are one run of its slots, which the combine kernels then walk alone
-    (``pair_ranges`` of ``omnimoe_kernels.atomic_experts``). Raises ``ValueError`` for shards or routing of the wrong shape.
+    (``pair_ranges`` of ``omnimoe_kernels.atomic_experts``). Raises ``ValueError`` for shards
+    or routing of the wrong shape.
     """
     num_tokens = x_TD.shape[0]
     comm = GroupComm.create(group, num_tokens, group_tokens)
