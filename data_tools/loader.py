@@ -23,6 +23,8 @@ says, so all ranks together read the same samples as one process.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing.process
+import multiprocessing.util
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,15 @@ def data_id(source: DataSource, split: str) -> str:
     shards = source.manifest["splits"][split]["shards"]
     joined = ",".join(s["sha256"] for s in shards).encode()
     return hashlib.sha256(joined).hexdigest()[:16]
+
+
+def _kill_workers(workers: list[multiprocessing.process.BaseProcess]) -> None:
+    """End DataLoader workers still alive (see ``TokenShardLoader._open``)."""
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    for worker in workers:
+        worker.join(timeout=10)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -305,10 +316,7 @@ class TokenShardLoader:
         if shutdown is None:
             return
         shutdown()
-        for worker in getattr(it, "_workers", []):
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+        _kill_workers(list(getattr(it, "_workers", [])))
 
     def __next__(self) -> torch.Tensor:
         if self.total == 0:
@@ -344,7 +352,7 @@ class TokenShardLoader:
         stream = _RankStream(plan, self._consumed)
         if self.num_workers == 0:
             return iter(stream)
-        return iter(
+        it = iter(
             DataLoader(
                 stream,
                 batch_size=None,
@@ -353,6 +361,14 @@ class TokenShardLoader:
                 worker_init_fn=_ignore_stop_signals,
             )
         )
+        # The workers ignore SIGTERM, and multiprocessing's exit handler SIGTERMs daemonic
+        # children and then joins them: a loader nobody closed (an exception, a Trainer driven
+        # without ``fit``) would hang the exit. A finalizer of priority >= 0 runs before that
+        # step (``multiprocessing.util._exit_function``, also in spawned processes) and kills
+        # them; it also fires, harmlessly, after the iterator's own shutdown when it is freed.
+        workers = list(getattr(it, "_workers", []))  # torch's private list of the processes
+        multiprocessing.util.Finalize(it, _kill_workers, args=(workers,), exitpriority=10)
+        return it
 
     def seek(self, microbatch: int) -> None:
         """Continue a finite pass from this rank's ``microbatch``-th micro-batch (earlier

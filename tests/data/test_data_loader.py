@@ -294,3 +294,38 @@ def test_loader_on_prepared_data(txt_corpus: Path, tmp_path: Path) -> None:
     rows = torch.cat(batches)
     assert rows.shape[1] == 17 and int(rows.max()) < m["vocab_size"]
     assert torch.equal(rows[1:, 0], rows[:-1, -1])  # stride seq_len: consecutive samples overlap
+
+
+def test_workers_outlive_a_stop_signal_and_never_hang_the_exit(data_dir: Path) -> None:
+    """The DataLoader workers ignore SIGTERM (SLURM signals the whole job step; the trainer
+    stops on it and saves), and a process that exits without closing its loader still ends
+    them instead of waiting on them forever (multiprocessing SIGTERMs and joins its daemonic
+    children at exit)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from omnimoe_data.loader import TokenShardLoader
+        loader = TokenShardLoader({str(data_dir)!r}, "train", 2, global_batch_size=8,
+                                  dp_rank=0, dp_size=1, seed=5, num_workers=2)
+        for _ in range(4):  # both workers have started (and run their init) by now
+            next(loader)
+        workers = loader._it._workers
+        for w in workers:
+            os.kill(w.pid, signal.SIGTERM)
+        time.sleep(1)
+        assert all(w.is_alive() for w in workers), "a worker died of SIGTERM"
+        next(loader)  # still serving
+        print(" ".join(str(w.pid) for w in workers))
+    """)  # exits without loader.close()
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for pid in map(int, result.stdout.split()):
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        ), f"worker {pid} outlived the process"
