@@ -39,7 +39,12 @@ when several streams are used). No host synchronisation: capturable in a CUDA gr
 Memory: the G buffer is (T, 2C) bf16 (a80m: 16384 * 2 * 5784 * 2 B = 379 MB; (T, C) float64
 for other dtypes), plus a (2C, D) float32 product. ``DENSE_MAX_BYTES`` caps the
 buffer: above it the experts are processed in chunks of C columns (each chunk is one GEMM per
-table; G is cleared by scattering zeros back at the written positions, not by a memset).
+table). G is cleared by scattering zeros back at the written positions, not by a memset, and
+it is kept between calls (one per device, dtype and shape, see ``_ZeroBuffers``): allocated
+per call, zeroing it was a memset of the whole buffer each time (a80m on an H200: 0.11 ms per layer
+backward, 0.22 ms under expert-parallel ``dim``; the layer step went 4.84 -> 4.64 ms there,
+docs/benchmarks.md). The price: that memory is held for the life of the process, so it adds to
+a step's peak when the peak is not in the backward (a80m: +0.3 GiB, 7.2 -> 7.5 GiB per GPU).
 """
 
 from __future__ import annotations
@@ -154,6 +159,45 @@ def _gemm_t(buf_RC: torch.Tensor, rows_RD: torch.Tensor, split: bool) -> torch.T
     return torch.mm(buf_RC.t(), rows_RD)
 
 
+class _ZeroBuffers:
+    """All-zero G buffers kept between calls, one per (device, dtype, shape).
+
+    Why kept: a call writes K coefficients per row and scatters zeros back at the same places,
+    so a buffer is all zero again when a call returns, and the next call needs no memset of
+    the whole buffer. Never freed or replaced: a CUDA graph captured with a buffer replays
+    into its storage (``trainer.cuda_graphs``). A call that stopped between writing and
+    clearing (an exception) leaves its buffer marked dirty; the next call zeroes it first.
+    A process-wide cache, not thread-safe: one backward at a time per process (as autograd
+    runs a step's backward).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._dirty: set[tuple] = set()
+
+    def take(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> tuple:
+        """(key, buffer): an all-zero ``shape`` buffer, marked dirty until ``give_back(key)``."""
+        key = (device, dtype, shape)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.zeros(shape, dtype=dtype, device=device)
+        elif key in self._dirty:
+            buf.zero_()
+        self._dirty.add(key)
+        return key, buf
+
+    def give_back(self, key: tuple) -> None:
+        """The buffer is all zero again (every written position was cleared)."""
+        self._dirty.discard(key)
+
+    def held_bytes(self) -> int:
+        """Bytes held by the kept buffers (all devices)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+ZERO_BUFFERS = _ZeroBuffers()
+
+
 def _chunk_columns(T: int, N: int, elem_bytes: int, max_bytes: int) -> int:
     """Experts per chunk: all N when the (rows, N + 1 padded) buffer fits ``max_bytes``."""
     fit = max(8, (max_bytes // max(1, T * elem_bytes)) // 8 * 8)
@@ -204,7 +248,6 @@ def dense_table_grads(
     else:
         col_TK, (g_TK, a_TK) = merged_columns(idx_TK, [g_TK.to(acc), a_TK], num_experts)
     cap = DENSE_MAX_BYTES if max_bytes is None else max_bytes
-    buf_TC = None  # one buffer for both tables when they share a layout; kept all-zero
     for rows_TD, coef_TK, out_ND in ((x_TD, g_TK, dup_ND), (dy_TD, a_TK, ddown_ND)):
         split = rows_TD.dtype == torch.bfloat16
         if split:  # [hi | lo] of the coefficient against the rows: one GEMM, fp32 products
@@ -217,9 +260,7 @@ def dense_table_grads(
         chunk = _chunk_columns(len(parts) * num_tokens, num_experts, rows.element_size(), cap)
         width = (chunk + 1 + 7) // 8 * 8  # the chunk's columns and the dummy, padded
         shape = (num_tokens, len(parts) * width)
-        if buf_TC is None or buf_TC.shape != shape or buf_TC.dtype != rows.dtype:
-            buf_TC = None  # free the old one before the new one is allocated
-            buf_TC = torch.zeros(shape, dtype=rows.dtype, device=device)
+        key, buf_TC = ZERO_BUFFERS.take(shape, rows.dtype, device)
         for first in range(0, num_experts, chunk):
             last = min(first + chunk, num_experts)
             if chunk >= num_experts:  # one chunk: ids are the columns (N = dummy = chunk)
@@ -236,6 +277,7 @@ def dense_table_grads(
                 out_ND[first:last] = prod[: last - first] + prod[width : width + last - first]
             else:
                 out_ND[first:last] = prod[: last - first]
-            for col in cols:  # clear the written positions for the next GEMM
+            for col in cols:  # clear the written positions: all zero for the next GEMM
                 buf_TC.scatter_(1, col, 0.0)
+        ZERO_BUFFERS.give_back(key)
     return dup_ND, ddown_ND

@@ -151,6 +151,46 @@ def test_dense_bitwise_repeatable(dtype) -> None:
     assert all(torch.equal(a, b) for a, b in zip(runs[2], runs[3]))
 
 
+@pytest.mark.parametrize("max_bytes", [None, 300], ids=["one_chunk", "chunks"])
+def test_kept_buffer_is_reused_and_left_zero(max_bytes) -> None:
+    """One G buffer per shape serves every call and is all zero between calls."""
+    x, dy, idx, g, h, w = _inputs(40, 16, 9, 5, torch.bfloat16, skip=0.2, seed=6)
+    first = dense.dense_table_grads(
+        x, dy, idx, g, h, w, 9, dtype=torch.float32, max_bytes=max_bytes
+    )
+    kept = {k: b.data_ptr() for k, b in dense.ZERO_BUFFERS._buffers.items()}
+    assert kept and not dense.ZERO_BUFFERS._dirty
+    assert all(b.count_nonzero() == 0 for b in dense.ZERO_BUFFERS._buffers.values())
+    x2, dy2, idx2, g2, h2, w2 = _inputs(40, 16, 9, 5, torch.bfloat16, skip=0.2, seed=7)
+    second = dense.dense_table_grads(
+        x2, dy2, idx2, g2, h2, w2, 9, dtype=torch.float32, max_bytes=max_bytes
+    )
+    assert {k: b.data_ptr() for k, b in dense.ZERO_BUFFERS._buffers.items()} == kept
+    ref = _reference(x2, dy2, idx2, g2, h2, w2, 9)
+    assert all(rel_err(a, b) <= TOL[torch.bfloat16] for a, b in zip(second, ref))
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_buffer_left_dirty_by_a_failed_call_is_zeroed(monkeypatch) -> None:
+    """A call that stops between writing and clearing G (here: its GEMM raises) must not leak
+    its coefficients into the next call."""
+    x, dy, idx, g, h, w = _inputs(24, 8, 6, 4, torch.bfloat16, seed=8)
+    good = dense.dense_table_grads(x, dy, idx, g, h, w, 6, dtype=torch.float32)
+
+    def boom(*_args):
+        raise RuntimeError("out of memory")
+
+    other = _inputs(24, 8, 6, 4, torch.bfloat16, seed=9)  # other ids: other positions
+    with monkeypatch.context() as patch:
+        patch.setattr(dense, "_gemm_t", boom)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            dense.dense_table_grads(*other, 6, dtype=torch.float32)
+    assert dense.ZERO_BUFFERS._dirty
+    again = dense.dense_table_grads(x, dy, idx, g, h, w, 6, dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(good, again))
+    assert not dense.ZERO_BUFFERS._dirty
+
+
 def test_dense_rejects_mismatched_shapes() -> None:
     x, dy, idx, g, h, w = _inputs(5, 8, 4, 3, torch.float32)
     with pytest.raises(ValueError, match="dy"):
