@@ -9,7 +9,9 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" .whl/*.whl || return 1
 fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+# --upgrade: on a machine kept warm between calls, an install without it leaves the previous
+# call's copy of this project in place (pip --target skips what is there).
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
   --target "$site" . >/dev/null || return 1
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
