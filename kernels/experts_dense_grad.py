@@ -14,11 +14,12 @@ latency-bound pair kernel: at ``a80m`` (T=16384, D=768, N=5776, K=64) 8*T*N*D = 
 against ~2.6 ms for ``_pair_block_grad_kernel`` on an H200. ``choose_grad_path`` decides per call.
 
 Exactness (the contract of ``experts_grad``): for bf16 rows the coefficient is split into a bf16
-high part and a bf16 residual, side by side in one buffer, ``[G_hi | G_lo]^T @ x``, so ONE GEMM
-gives both halves' products in float32 (``torch.mm(..., out_dtype=float32)`` on CUDA; a float32
-GEMM of the same bf16 values on CPU); the two (C, D) halves are added in float32 and the result
-is rounded once to the table dtype: ~16 mantissa bits of the coefficient, as in the pair
-kernel. (Side by side rather than stacked along T: the rows are read as they are, with no
+high part and a bf16 residual, interleaved in one buffer (column 2e holds G_hi[:, e], 2e + 1
+G_lo[:, e]: one 32-bit word per pair), so ONE GEMM ``G^T @ x`` gives both halves' products in
+float32 (``torch.mm(..., out_dtype=float32)`` on CUDA; a float32 GEMM of the same bf16 values
+on CPU); the two (C, D) halves (even and odd rows of the product) are added in float32 and the
+result is rounded once to the table dtype: ~16 mantissa bits of the coefficient, as in the
+pair kernel. (Side by side rather than stacked along T: the rows are read as they are, with no
 (2T, D) copy of ``[x; x]``.) Other dtypes (float32, float16,
 float64: tests and references, never chosen by "auto" on CUDA): one float64 GEMM, so no TF32
 or reduced-precision setting of the process can touch it (no global flag is switched).
@@ -250,17 +251,23 @@ def dense_table_grads(
     cap = DENSE_MAX_BYTES if max_bytes is None else max_bytes
     for rows_TD, coef_TK, out_ND in ((x_TD, g_TK, dup_ND), (dy_TD, a_TK, ddown_ND)):
         split = rows_TD.dtype == torch.bfloat16
-        if split:  # [hi | lo] of the coefficient against the rows: one GEMM, fp32 products
+        if split:  # hi and lo of the coefficient against the rows: one GEMM, fp32 products
             hi_TK = coef_TK.to(torch.bfloat16)
-            parts = (hi_TK, (coef_TK - hi_TK.to(acc)).to(torch.bfloat16))
+            lo_TK = (coef_TK - hi_TK.to(acc)).to(torch.bfloat16)
+            # A pair's hi and lo side by side in one 32-bit word (columns 2c and 2c + 1 of the
+            # bf16 buffer): one scatter of words writes and one clears both halves, in the
+            # same memory sectors; two 16-bit scatters into two halves of the buffer wrote
+            # twice the sectors (measured: docs/benchmarks.md).
+            value_TK = torch.stack((hi_TK, lo_TK), dim=-1).view(torch.int32).squeeze(-1)
             rows = rows_TD
         else:  # float64 GEMM: immune to TF32 / reduced-precision settings, exact products
-            parts = (coef_TK,)
+            value_TK = coef_TK.to(torch.float64)
             rows = rows_TD.to(torch.float64)
-        chunk = _chunk_columns(len(parts) * num_tokens, num_experts, rows.element_size(), cap)
+        parts = 2 if split else 1
+        chunk = _chunk_columns(parts * num_tokens, num_experts, rows.element_size(), cap)
         width = (chunk + 1 + 7) // 8 * 8  # the chunk's columns and the dummy, padded
-        shape = (num_tokens, len(parts) * width)
-        key, buf_TC = ZERO_BUFFERS.take(shape, rows.dtype, device)
+        key, buf_TC = ZERO_BUFFERS.take((num_tokens, parts * width), rows.dtype, device)
+        words_TW = buf_TC.view(torch.int32) if split else buf_TC  # (T, width) either way
         for first in range(0, num_experts, chunk):
             last = min(first + chunk, num_experts)
             if chunk >= num_experts:  # one chunk: ids are the columns (N = dummy = chunk)
@@ -269,15 +276,13 @@ def dense_table_grads(
                 local_TK = col_TK - first
                 inside = (local_TK >= 0) & (local_TK < last - first)
                 local_TK = torch.where(inside, local_TK, chunk)
-            cols = [local_TK] + [local_TK + i * width for i in range(1, len(parts))]
-            for col, part_TK in zip(cols, parts, strict=True):
-                buf_TC.scatter_(1, col, part_TK.to(buf_TC.dtype))
-            prod = _gemm_t(buf_TC, rows, split)  # (parts * width, D)
+            words_TW.scatter_(1, local_TK, value_TK)
+            prod = _gemm_t(buf_TC, rows, split)  # (parts * width, D): hi, lo rows interleaved
             if split:
-                out_ND[first:last] = prod[: last - first] + prod[width : width + last - first]
+                n = last - first
+                out_ND[first:last] = prod[0 : 2 * n : 2] + prod[1 : 2 * n : 2]
             else:
                 out_ND[first:last] = prod[: last - first]
-            for col in cols:  # clear the written positions: all zero for the next GEMM
-                buf_TC.scatter_(1, col, 0.0)
+            words_TW.scatter_(1, local_TK, 0)  # clear: all zero again for the next GEMM
         ZERO_BUFFERS.give_back(key)
     return dup_ND, ddown_ND
