@@ -23,6 +23,16 @@ from rich.table import Table
 from omnimoe_train.config import RootConfig, register_configs
 from omnimoe_train.exit_codes import exit_usage
 
+USAGE = """\
+usage: omnimoe-params [key=value ...]
+
+Parameters and training FLOPs of the model a config describes: the same Hydra overrides as
+omnimoe-train (e.g. omnimoe-params model=a1_7b model.mlp=peer), checked the same way (one line,
+exit 2), except for the rules about this machine and about the global batch's split over the
+data-parallel ranks. Prints a table per component, then one JSON line with total_params,
+active_params and flops_per_token. Nothing is allocated (the model is built on the meta device).
+"""
+
 
 def _fail(message: str) -> NoReturn:
     exit_usage("omnimoe-params", message)
@@ -36,6 +46,10 @@ def compose(overrides: list[str]) -> RootConfig:
     from omnimoe_train.cli import CONFIG_MODULE, _compose_error, to_root_config
     from omnimoe_train.validation import ConfigError, validate, world_size_from_env
 
+    if any(a in ("-h", "--help") for a in overrides):
+        # What a new user types first: the usage, exit 0 (any other option is an error below).
+        print(USAGE, end="")
+        sys.exit(0)
     if any(a.startswith("-") for a in overrides):
         _fail("takes Hydra overrides only (key=value ...), no options or multirun")
     try:

@@ -195,3 +195,17 @@ def test_device_peaks_and_mfu_fields() -> None:
     assert peak_tflops("Some Accelerator") is None
     record = throughput_metrics(2e9, 1e5, world_size=2, device=torch.device("cpu"))
     assert record == {"tflops": pytest.approx(100.0)}  # per device; no mfu on the CPU
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_omnimoe_params_help_prints_the_usage_and_exits_0(
+    capsys: pytest.CaptureFixture, flag: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        params_main(["model=a80m", flag])
+    assert exit_info.value.code == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: omnimoe-params [key=value ...]") and err == ""
+    with pytest.raises(SystemExit) as exit_info:  # any other option is still refused
+        params_main(["--json"])
+    assert exit_info.value.code == 2
