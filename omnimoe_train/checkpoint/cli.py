@@ -1,6 +1,6 @@
 """``omnimoe-ckpt``: look into checkpoints and turn one into a single-process weights file.
 
-    omnimoe-ckpt inspect PATH [--json]     PATH: a checkpoint folder or a folder of them
+    omnimoe-ckpt inspect PATH [--json]     PATH: a checkpoint folder, a folder of them or a run dir
     omnimoe-ckpt consolidate PATH OUT      full model weights of any layout -> one torch file
 
 ``inspect`` verifies every file's size and SHA-256 against ``meta.json`` and reports step,
@@ -132,11 +132,23 @@ def _summary_line(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _is_checkpoint(path: Path) -> bool:
+    return step_of(path) is not None or (path / "meta.json").exists()
+
+
+def _checkpoints_in(path: Path) -> list[Path]:
+    """The checkpoints of a folder of them, or of a run directory (its ``checkpoints/``, the
+    default ``checkpoint.dir``: the folder a user has at hand after a run)."""
+    return list_checkpoints(path) or list_checkpoints(path / "checkpoints")
+
+
 def inspect(path: Path, as_json: bool) -> int:
-    folders = [path] if step_of(path) is not None or (path / "meta.json").exists() else []
-    folders = folders or list_checkpoints(path)
+    folders = [path] if _is_checkpoint(path) else _checkpoints_in(path)
     if not folders:
-        _fail(f"{path}: not a checkpoint folder and holds no step_<8 digits> folders")
+        _fail(
+            f"{path}: not a checkpoint folder and holds no step_<8 digits> folders "
+            "(nor does its checkpoints/)"
+        )
     reports = [describe(folder) for folder in folders]
     if as_json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
@@ -154,6 +166,18 @@ def consolidate(path: Path, out: Path) -> None:
     """Load ``path`` (any layout) on one process and write the full model weights to ``out``."""
     if not path.is_dir():
         _fail(f"{path}: no such checkpoint folder")
+    if not _is_checkpoint(path):
+        # A run directory or a folder of checkpoints: which one is meant is the user's choice.
+        found = _checkpoints_in(path)
+        hint = f"; give one checkpoint, e.g. the newest: {found[-1]}" if found else ""
+        _fail(f"{path}: not a checkpoint folder (no meta.json){hint}")
+    # OUT is checked before the (costly) load, so that a bad OUT costs one line, not a
+    # traceback after the work, with the temporary file left behind.
+    if out.is_dir():
+        _fail(f"{out}: is a folder; give the file to write, e.g. {out / 'model.pt'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        _fail(f"{out}: {parent} is not a folder")
     problem = find_problem(path)
     if problem is not None:
         _fail(f"{path}: {problem}")
@@ -181,8 +205,12 @@ def consolidate(path: Path, out: Path) -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(out)
+    except OSError as exc:  # e.g. a full disk or no permission: nothing half-written stays
+        tmp.unlink(missing_ok=True)
+        _fail(f"{out}: cannot write ({exc.strerror or exc})")
     numel = sum(t.numel() for t in state.values())
     print(f"{out}: {len(state)} tensors, {numel:,} values, step {meta['step']}")
 

@@ -115,3 +115,50 @@ def test_consolidate_of_a_missing_folder_says_so(
         f"omnimoe-ckpt: error: {tmp_path / 'absent'}: no such checkpoint folder"
     ]
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_consolidate_of_a_run_directory_names_a_checkpoint_to_give(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Was "meta.json is missing (the save did not finish)": a run directory (or a folder of
+    checkpoints) is not one checkpoint, and nothing about it is unfinished."""
+    run = tmp_path / "run"
+    for step in (1, 2):
+        (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    for path in (run, run / "checkpoints"):
+        code, _, err = _in_process(capsys, "consolidate", path, tmp_path / "model.pt")
+        assert code == 2
+        assert err.strip().splitlines() == [
+            f"omnimoe-ckpt: error: {path}: not a checkpoint folder (no meta.json); give one "
+            f"checkpoint, e.g. the newest: {run / 'checkpoints' / 'step_00000002'}"
+        ]
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_consolidate_refuses_an_output_it_cannot_write_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Was a traceback after the whole load, leaving ``<OUT>.tmp`` behind, for an OUT that is
+    a folder or under a file."""
+    folder = tmp_path / "step_00000002"  # refused before its files are looked at
+    folder.mkdir()
+    (tmp_path / "afile").write_text("")
+    for out, rule in (
+        (tmp_path, f"is a folder; give the file to write, e.g. {tmp_path / 'model.pt'}"),
+        (tmp_path / "afile" / "model.pt", f"{tmp_path / 'afile'} is not a folder"),
+    ):
+        code, _, err = _in_process(capsys, "consolidate", folder, out)
+        assert code == 2
+        assert err.strip().splitlines() == [f"omnimoe-ckpt: error: {out}: {rule}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "step_00000002"]
+
+
+def test_inspect_of_a_run_directory_reads_its_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "checkpoints" / "step_00000003").mkdir(parents=True)
+    code, out, _ = _in_process(capsys, "inspect", tmp_path)
+    assert code == 2  # the one checkpoint is unfinished: reported as such, not "no checkpoints"
+    assert out.strip().splitlines() == [
+        "step_00000003: INVALID: meta.json is missing (the save did not finish)"
+    ]
