@@ -39,6 +39,7 @@ from .shards import (
     ShardWriter,
     replace_atomically,
     sample_extension,
+    temp_path,
     token_dtype,
 )
 from .tokenizer import find_eod, load_tokenizer, tokenizer_sha256, train_tokenizer
@@ -241,6 +242,8 @@ def train_tokenizer_file(
 ) -> Path:
     """Trains the tokenizer ``prepare`` would train, alone (for ``--part`` runs)."""
     _check_options(vocab_size, 1, 1, 0.0, block_bytes)
+    out = Path(out_file)
+    _check_out_file(out)
     files, _ = input_files(inputs, max_bytes)
     blocks = plan_blocks(files, block_bytes)
     docs = _training_texts(
@@ -249,10 +252,27 @@ def train_tokenizer_file(
     tok = train_tokenizer(docs, vocab_size)
     if tok is None:
         raise DataError("no usable documents in the input", option="inputs")
-    out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(out, tok.to_str(pretty=True).encode())
+    try:
+        replace_atomically(out, tok.to_str(pretty=True).encode())
+    except OSError as exc:  # e.g. a full disk: the temporary file must not stay behind
+        temp_path(out).unlink(missing_ok=True)
+        raise DataError(f"{out}: cannot write ({exc.strerror or exc})", option="out") from exc
     return out
+
+
+def _check_out_file(out: Path) -> None:
+    """``--out`` of ``train-tokenizer`` must be a file that can be written: checked before the
+    (costly) training, so that a folder given by mistake costs one line, not a traceback after
+    it."""
+    if out.is_dir():
+        raise DataError(
+            f"{out}: is a folder; give the tokenizer file to write, e.g. {out / 'tokenizer.json'}",
+            option="out",
+        )
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DataError(f"{out}: {parent} is not a folder", option="out")
 
 
 def report(console: Console, out: Path, splits: dict[str, dict], skips: SkipLog) -> None:

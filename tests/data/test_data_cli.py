@@ -155,3 +155,26 @@ def test_training_on_a_mixture_records_it(tmp_path: Path) -> None:
     empty.mkdir()
     bad = run_train_cli([*args[:1], "data.weights=[1]"], cache=empty, timeout=120)
     assert_usage_error(bad, "omnimoe-train: error: data.weights: needs one weight per", empty)
+
+
+def test_train_tokenizer_refuses_an_out_it_cannot_write_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Was a traceback (IsADirectoryError / FileExistsError) after the training, leaving
+    ``.<out>.tmp`` behind, for an --out that is a folder or under a file."""
+    corpus = write_txt_folder(tmp_path / "c", make_docs(5))
+    folder = tmp_path / "toks"
+    folder.mkdir()
+    (tmp_path / "afile").write_text("")
+    for out, rule in (
+        (
+            folder,
+            f"is a folder; give the tokenizer file to write, e.g. {folder / 'tokenizer.json'}",
+        ),
+        (tmp_path / "afile" / "tok.json", f"{tmp_path / 'afile'} is not a folder"),
+    ):
+        args = ["train-tokenizer", str(corpus), "--out", str(out), "--vocab-size", "300"]
+        assert main(args) == 2
+        assert capsys.readouterr().err == f"omnimoe-data: error: {out}: {rule}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "c", "toks"]
+    assert not any(folder.iterdir())
