@@ -25,6 +25,7 @@ from omnimoe_train.validation import (
     validate,
     validate_against_data,
     validate_data_paths,
+    validate_output_folder,
     validate_resume_path,
 )
 
@@ -171,8 +172,10 @@ def _check_hydra_config(
                 overrides=hydra_overrides + job_overrides,
                 return_hydra_config=True,
             )
-        # The folder Hydra is about to create; resolving it shows a bad interpolation now.
-        OmegaConf.select(dcfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+        # The folder Hydra is about to create; resolving it shows a bad interpolation now, and
+        # a file in its way (Hydra's makedirs would end in a traceback).
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        validate_output_folder(key, str(OmegaConf.select(dcfg, key)))
         launcher = dcfg.hydra.launcher
         if multirun and "torchrun" in launcher:  # ours; other launchers keep their own rules
             sweep_jobs.job_layout(launcher)
@@ -214,6 +217,8 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
             validate(cfg, world_size)
             validate_data_paths(cfg.data)
             validate_resume_path(cfg.checkpoint)
+            if Path(cfg.checkpoint.dir).expanduser().is_absolute():  # else under the run dir
+                validate_output_folder("checkpoint.dir", cfg.checkpoint.dir)
             # What the data already tells (a given tokenizer, a prepared data.dir); the rest is
             # checked right after preparation, before any model work.
             for facts in data_facts_before_preparation(cfg.data):

@@ -44,6 +44,7 @@ from omnimoe_train.validation import (
     MEGATRON_MOE_MLPS,
     data_facts_before_preparation,
     validate_against_data,
+    validate_output_folder,
 )
 
 EVAL_OFF = "off: data.val_fraction=0"
@@ -89,8 +90,10 @@ class Trainer:
             validate_against_data(cfg, facts)
         # The checkpoint to resume from is chosen and checked against this run (engine, model
         # shape, anything left to train) before the data, the model or the engine is built.
-        root = Path(cfg.checkpoint.dir)
+        root = Path(cfg.checkpoint.dir).expanduser()
         ckpt_root = root if root.is_absolute() else run_dir / root
+        # Made at the first save: a file in the way must stop the run now, not after training.
+        validate_output_folder("checkpoint.dir", ckpt_root)
         self.ckpt = Checkpointing(
             cfg.checkpoint,
             ckpt_root,

@@ -72,6 +72,7 @@ from omnimoe_train.validation.training import (
     validate_checkpoint,
     validate_names,
     validate_optim,
+    validate_output_folder,
     validate_profile_step,
     validate_resume_path,
     validate_robustness,
@@ -99,6 +100,7 @@ __all__ = [
     "validate",
     "validate_against_data",
     "validate_data_paths",
+    "validate_output_folder",
     "validate_resume_path",
     "world_size_from_env",
 ]

@@ -73,6 +73,27 @@ def validate_resume_path(c: CheckpointConfig) -> None:
     )
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The existing file (not a folder) at ``folder`` or above it that stops ``folder`` from
+    being made, or None (everything that exists on the way is a folder)."""
+    for path in (folder, *folder.parents):
+        if path.exists():  # False below a file (pathlib treats ENOTDIR as absent)
+            return None if path.is_dir() else path
+    return None
+
+
+def validate_output_folder(key: str, folder: str | Path) -> None:
+    """A folder the run will write (``hydra.run.dir``, ``checkpoint.dir``) can be made: no
+    existing file is in its way. A fact of this machine, checked before any work, because the
+    checkpoint folder is first made at the first save: a file there would cost the training
+    done before it, with a traceback."""
+    path = Path(folder).expanduser()
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        where = "" if blocker == path else f": {blocker}"
+        raise ConfigError(key, f"{folder}{where} is a file, not a folder")
+
+
 def validate_robustness(t: TrainerConfig) -> None:
     """Time limit and bad-step rules."""
     if t.max_time is not None:

@@ -210,3 +210,51 @@ def test_prepared_data_dir_still_passes(tmp_path: Path, capsys: pytest.CaptureFi
         world_size=1,
     )
     assert capsys.readouterr().err == ""
+
+
+def test_output_folder_with_a_file_in_its_way_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Was a traceback from Hydra's makedirs (``hydra.run.dir``), or, for ``checkpoint.dir``,
+    one at the first save: after the whole training, whose weights were then lost."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for argv, expected in (
+        ([f"hydra.run.dir={afile}"], f"hydra.run.dir: {afile} is a file, not a folder"),
+        (
+            [f"hydra.run.dir={afile}/run"],
+            f"hydra.run.dir: {afile}/run: {afile} is a file, not a folder",
+        ),
+        (
+            ["-m", f"hydra.sweep.dir={afile}", "model.top_k=2,4"],
+            f"hydra.sweep.dir: {afile} is a file, not a folder",
+        ),
+        ([f"checkpoint.dir={afile}"], f"checkpoint.dir: {afile} is a file, not a folder"),
+        (
+            [f"checkpoint.dir={afile}/ck"],
+            f"checkpoint.dir: {afile}/ck: {afile} is a file, not a folder",
+        ),
+    ):
+        assert _precheck_line(argv, capsys) == expected
+    cli.precheck([f"checkpoint.dir={tmp_path}/new/ck", f"hydra.run.dir={tmp_path}/run"], 1)
+    assert capsys.readouterr().err == ""
+
+
+def test_checkpoint_dir_under_the_run_dir_with_a_file_in_its_way(tmp_path: Path) -> None:
+    """A relative ``checkpoint.dir`` is under the run directory, known only to the run: it
+    refuses it before the data or the model (was a traceback at the first save)."""
+    from tests.data.helpers import make_token_dataset
+
+    data_dir = make_token_dataset(tmp_path / "ds", [40, 10], sample_len=33)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ck").write_text("")
+    vocab = json.loads((data_dir / "manifest.json").read_text())["vocab_size"]
+    args = [*tiny(), f"data.dir={data_dir}", f"model.vocab_size={vocab}"]
+    args += [f"hydra.run.dir={run_dir}", "checkpoint.dir=ck"]
+    result = run_train_cli(args, cache=tmp_path / "cache", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"{ERROR}checkpoint.dir: {run_dir}/ck is a file, not a folder"
+    ]
+    assert not (run_dir / "metrics.jsonl").exists()  # stopped before the training
