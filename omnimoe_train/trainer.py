@@ -74,7 +74,8 @@ class Trainer:
     ``CheckpointCorrupt`` when checkpoints exist but none can be resumed from,
     ``CheckpointLoadError`` when the one to resume from was written by another engine or for
     another model shape, and ``RunAlreadyComplete`` when it is at or past ``trainer.max_steps``
-    (all before the data is prepared or the model built).
+    (all before the data is prepared or the model built; a vocabulary larger than the
+    checkpoint's, which the tokenizer may decide, once the data is known, before the model).
     """
 
     def __init__(
@@ -179,6 +180,14 @@ class Trainer:
             saved = read_meta(resume_from).get("vocab_size")
             if isinstance(saved, int) and saved >= vocab and saved % self.cfg.parallel.tp == 0:
                 return saved
+            if isinstance(saved, int) and vocab > saved:
+                # megatron's loader would take it (the embedding allows a shape mismatch, for
+                # padding) and start the rows past the checkpoint's at zero: another model,
+                # with no word said. Refused like any other change of the model's shape.
+                raise CheckpointLoadError(
+                    f"checkpoint {resume_from} was written with model.vocab_size={saved} "
+                    f"(padded), this run asks {vocab} (start a new run dir or match the model)"
+                )
         return padded_vocab_size(vocab, self.cfg.parallel.tp)
 
     def num_parameters(self) -> int:
