@@ -109,7 +109,12 @@ class Trainer:
             meta = read_meta(self.resume_from)
             try:
                 check_resumable(
-                    self.resume_from, meta, engine=t.engine, model=cfg.model, max_steps=t.max_steps
+                    self.resume_from,
+                    meta,
+                    engine=t.engine,
+                    model=cfg.model,
+                    max_steps=t.max_steps,
+                    data_seed=d.seed,
                 )
             except (CheckpointLoadError, RunAlreadyComplete):
                 self.stop.restore()

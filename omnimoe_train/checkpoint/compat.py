@@ -9,7 +9,10 @@ a finished run, so it is named first):
 2. the model's shape: the keys that decide which parameters exist and their shapes, per
    ``model.mlp`` (the parallel layout, data-parallel size, optimizer, schedule, logging and
    ``trainer.max_steps`` may all change on resume and are not compared);
-3. whether there is anything left to do: a checkpoint at or past ``trainer.max_steps``.
+3. the data order's seed (``data.seed``): the checkpointed data position is a place in the
+   sequence that seed makes (the loader refuses it too, but only once the data is prepared and
+   the model built, and without naming the key);
+4. whether there is anything left to do: a checkpoint at or past ``trainer.max_steps``.
 
 Checkpoints whose ``meta.json`` lacks ``engine`` or ``config`` (older ones) are not refused for
 that: the check is skipped and the loader decides, as before.
@@ -79,12 +82,19 @@ def model_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str
 
 
 def check_resumable(
-    path: Path, meta: dict[str, Any], *, engine: str, model: ModelConfig, max_steps: int
+    path: Path,
+    meta: dict[str, Any],
+    *,
+    engine: str,
+    model: ModelConfig,
+    max_steps: int,
+    data_seed: int | None = None,
 ) -> None:
     """Raise unless this run can continue from checkpoint ``path`` (see the module docstring).
 
     Raises :class:`CheckpointLoadError` (one line naming the key and both values) for another
-    engine or model shape, :class:`RunAlreadyComplete` when ``meta["step"] >= max_steps``.
+    engine, model shape or ``data_seed`` (``data.seed``; None: not compared),
+    :class:`RunAlreadyComplete` when ``meta["step"] >= max_steps``.
     """
     saved_engine = meta.get("engine")
     if saved_engine is not None and saved_engine != engine:
@@ -107,6 +117,13 @@ def check_resumable(
                 f"checkpoint {path} was written with {was}, this run asks {now} "
                 "(start a new run dir or match the model)"
             )
+    saved_data = (meta.get("config") or {}).get("data")
+    saved_seed = saved_data.get("seed") if isinstance(saved_data, dict) else None
+    if data_seed is not None and isinstance(saved_seed, int) and saved_seed != data_seed:
+        raise CheckpointLoadError(
+            f"checkpoint {path} was written with data.seed={saved_seed}, this run asks "
+            f"{data_seed} (the data order depends on it: start a new run dir or match it)"
+        )
     step = meta.get("step")
     if isinstance(step, int) and step >= max_steps:
         raise RunAlreadyComplete(step, max_steps)

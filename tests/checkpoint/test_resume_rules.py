@@ -70,6 +70,22 @@ def test_non_shape_keys_and_other_mlps_keys_may_change() -> None:
         _check(_meta(mlp="gshard"), mlp="gshard", moe_num_experts=4)
 
 
+def test_another_data_seed_is_named_and_a_meta_without_it_is_not_refused() -> None:
+    meta = {**_meta(), "config": {**_meta()["config"], "data": {"seed": 3}}}
+    with pytest.raises(CheckpointLoadError) as exc:
+        check_resumable(CKPT, meta, engine="megatron", model=ModelConfig(num_experts=64),
+                        max_steps=100, data_seed=4)  # fmt: skip
+    assert str(exc.value) == (
+        f"checkpoint {CKPT} was written with data.seed=3, this run asks 4 "
+        "(the data order depends on it: start a new run dir or match it)"
+    )
+    for same in (3, None):
+        check_resumable(CKPT, meta, engine="megatron", model=ModelConfig(num_experts=64),
+                        max_steps=100, data_seed=same)  # fmt: skip
+    check_resumable(CKPT, _meta(), engine="megatron", model=ModelConfig(num_experts=64),
+                    max_steps=100, data_seed=4)  # fmt: skip
+
+
 def test_other_engine_is_named() -> None:
     with pytest.raises(CheckpointLoadError) as exc:
         _check(_meta(engine="deepspeed"))
@@ -193,6 +209,8 @@ def test_rerun_of_a_finished_run_does_nothing(finished, max_steps: int) -> None:
         # Was taken silently: megatron's embedding load allows a shape mismatch (for padding)
         # and started the new rows at zero (a 1.79M -> 2.79M parameter model, a higher loss).
         ("model.vocab_size=1024", "model.vocab_size=512 (padded), this run asks 1024"),
+        # Was refused by the loader only after the data and the model, without the key.
+        ("data.seed=7", "data.seed=0, this run asks 7 (the data order depends on it"),
     ],
 )
 def test_resume_with_another_model_or_engine_is_one_line(finished, override, phrase) -> None:  # noqa: ANN001
