@@ -18,6 +18,11 @@ manager owns everything else:
 * **Resume.** ``auto``: the newest published checkpoint that passes :func:`files.find_problem`;
   each one that fails is renamed ``*.corrupt`` (kept for inspection) with one warning line naming
   the bad file, and the one before it is tried.
+* **Another timeline.** A run that does not continue from the newest checkpoint of its own
+  ``root`` (``none``: from scratch; a path: an older one of ``root``, or one elsewhere) renames
+  the checkpoints of ``root`` that are not its past ``*.superseded`` (kept, never loaded or
+  pruned), with one warning line. Left as they were, retention would keep them over the new
+  run's (it keeps the highest steps) and the next ``auto`` resume would continue the old run.
 
 Every public method is collective: all ranks call it at the same point.
 """
@@ -202,6 +207,7 @@ class CheckpointManager:
         """
         resume = self.cfg.resume
         if resume is None or str(resume).lower() in ("none", "null", "false"):
+            self._supersede_other_timeline(None)
             return None
         auto = resume == "auto"
         path = self.root if auto else Path(resume).expanduser()
@@ -209,6 +215,7 @@ class CheckpointManager:
             problem = find_problem(path)
             if problem is not None:
                 raise CheckpointCorrupt(f"{path}: {problem}")
+            self._supersede_other_timeline(path)
             return path
         candidates = list(reversed(list_checkpoints(path)))
         if not auto and not candidates:
@@ -216,6 +223,8 @@ class CheckpointManager:
         for i, candidate in enumerate(candidates):
             problem = find_problem(candidate)
             if problem is None:
+                if not auto:
+                    self._supersede_other_timeline(candidate)
                 return candidate
             after = candidates[i + 1].name if i + 1 < len(candidates) else None
             quarantined = self._quarantine(candidate) if auto else candidate.name
@@ -231,23 +240,53 @@ class CheckpointManager:
             )
         return None
 
+    def _supersede_other_timeline(self, start: Path | None) -> None:
+        """Rename the checkpoints of ``root`` that are not the past of a run starting from
+        ``start`` (None: from scratch) out of the ``step_*`` namespace (module docstring).
+        Rank 0 decides and renames (the ranks must agree on the list), the others learn it."""
+        kept: list[str] = []
+        if self.rank == 0:
+            start_dir = start.resolve() if start is not None else None
+            ours = start_dir is not None and start_dir.parent == self.root.resolve()
+            # From scratch or from elsewhere, every checkpoint of root is another run's; from
+            # an older checkpoint of root, the ones after it are.
+            start_step = (step_of(start) or 0) if start is not None and ours else -1
+            for path in list_checkpoints(self.root):
+                if (step_of(path) or 0) > start_step:
+                    kept.append(_free_name(path, "superseded").name)
+                    os.replace(path, path.with_name(kept[-1]))
+        kept = _broadcast_object(kept)
+        barrier()
+        if kept:
+            origin = "from scratch" if start is None else f"from {start}"
+            self._warn(
+                f"warning: checkpoint.resume={self.cfg.resume}: this run starts {origin}; the "
+                f"checkpoints of another run in {self.root} are set aside as {', '.join(kept)} "
+                "(a later resume would have continued them)"
+            )
+
     def _quarantine(self, folder: Path) -> str:
         """Rename a bad checkpoint out of the ``step_*`` namespace so nothing loads or prunes it."""
-        target = folder.with_name(folder.name + ".corrupt")
+        target = _free_name(folder, "corrupt")
         if self.rank == 0:
-            n = 1
-            while target.exists():
-                target = folder.with_name(f"{folder.name}.corrupt{n}")
-                n += 1
             os.replace(folder, target)
-        target_name = _broadcast_name(target.name)
+        target_name = _broadcast_object(target.name)
         barrier()
         return target_name
 
 
-def _broadcast_name(name: str) -> str:
+def _free_name(folder: Path, suffix: str) -> Path:
+    """``<folder>.<suffix>``, or ``<folder>.<suffix><n>`` for the first n not yet taken."""
+    target, n = folder.with_name(f"{folder.name}.{suffix}"), 1
+    while target.exists():
+        target, n = folder.with_name(f"{folder.name}.{suffix}{n}"), n + 1
+    return target
+
+
+def _broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return name
-    box = [name]
+        return obj
+    box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]

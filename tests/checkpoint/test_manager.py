@@ -147,3 +147,46 @@ def test_async_save_is_published_when_the_write_ends(tmp_path: Path) -> None:
     manager.poll()
     assert _names(tmp_path) == ["latest", "step_00000007"]
     assert find_problem(tmp_path / "step_00000007") is None
+
+
+def test_a_run_on_another_timeline_sets_the_old_checkpoints_aside(tmp_path: Path) -> None:
+    """Was: ``checkpoint.resume=none`` in a run dir holding checkpoints 80 and 85 left them
+    there; retention kept them over the new run's (the highest steps) and the next ``auto``
+    rerun said "run already complete at step 85" (or continued the old run)."""
+    root = tmp_path / "run"
+    old = _manager(root, keep=3)
+    for step in (80, 85):
+        old.save(step, _writer(step), {})
+    warnings: list[str] = []
+    assert _manager(root, warnings, resume=None).resolve_resume() is None
+    assert _names(root) == ["latest", "step_00000080.superseded", "step_00000085.superseded"]
+    assert warnings == [
+        f"warning: checkpoint.resume=None: this run starts from scratch; the checkpoints of "
+        f"another run in {root} are set aside as step_00000080.superseded, "
+        "step_00000085.superseded (a later resume would have continued them)"
+    ]
+    new = _manager(root, keep=1)
+    for step in (10, 20):
+        new.save(step, _writer(step), {})
+    assert (root / "step_00000020").is_dir()  # retention kept the new run's
+    assert _manager(root).resolve_resume() == root / "step_00000020"  # which continues
+
+    # Rolled back to an older checkpoint of its own root: the ones after it are another run's.
+    new = _manager(root, keep=5)
+    for step in (30, 40):
+        new.save(step, _writer(step), {})
+    warnings.clear()
+    start = root / "step_00000030"
+    assert _manager(root, warnings, resume=str(start)).resolve_resume() == start
+    assert (root / "step_00000040.superseded").is_dir() and start.is_dir()
+    assert len(warnings) == 1 and f"starts from {start};" in warnings[0]
+
+    # From another run's checkpoint: every checkpoint of root is set aside.
+    other = tmp_path / "other"
+    _manager(other).save(5, _writer(5), {})
+    assert _manager(root, resume=str(other)).resolve_resume() == other / "step_00000005"
+    assert (root / "step_00000030.superseded").is_dir()
+    assert _manager(root).resolve_resume() is None  # nothing of root's is left to continue
+    # auto never sets anything aside
+    _manager(root).save(50, _writer(50), {})
+    assert _manager(root).resolve_resume() == root / "step_00000050"
