@@ -24,6 +24,9 @@ EXIT_IO_ERROR = 74
 #: EX_TEMPFAIL: stopped early on SIGTERM/SIGUSR1 or ``trainer.max_time``, checkpoint saved;
 #: rerun the same command to continue.
 EXIT_REQUEUE = 75
+#: 128 + SIGINT: stopped by Ctrl-C (SIGINT) at once, without a checkpoint (the newest complete
+#: one stays); SIGTERM / SIGUSR1 save first.
+EXIT_INTERRUPTED = 130
 
 
 def exit_usage(prog: str, message: str) -> NoReturn:

@@ -13,7 +13,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from omnimoe_train.config import RootConfig
-from omnimoe_train.exit_codes import EXIT_IO_ERROR, EXIT_OK, EXIT_REQUEUE, EXIT_USAGE
+from omnimoe_train.exit_codes import (
+    EXIT_INTERRUPTED,
+    EXIT_IO_ERROR,
+    EXIT_OK,
+    EXIT_REQUEUE,
+    EXIT_USAGE,
+)
 
 EXIT_STATUS = "exit_status.json"
 
@@ -32,7 +38,7 @@ def _fail(message: str, code: int, *, show: bool, run_dir: Path | None = None) -
     (under torchrun, its log file; the console shows rank 0, and the launcher repeats the line
     of a failed rank the console did not show); ``show`` (rank 0) also records it in
     ``exit_status.json``."""
-    kind = "stopped" if code == EXIT_REQUEUE else "error"
+    kind = "stopped" if code in (EXIT_REQUEUE, EXIT_INTERRUPTED) else "error"
     print(f"omnimoe-train: {kind}: {message}", file=sys.stderr, flush=True)
     if show and run_dir is not None:
         _write_exit_status(run_dir, code, message)
@@ -132,6 +138,15 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         if main:
             _write_exit_status(run_dir, EXIT_OK, "finished")
         return summary
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, not a traceback from wherever the step was (as omnimoe-data does).
+        _fail(
+            "interrupted (SIGINT): stopped at once, without saving a checkpoint (the newest "
+            "complete one stays; SIGTERM or SIGUSR1 save first)",
+            EXIT_INTERRUPTED,
+            show=main,
+            run_dir=run_dir,
+        )
     finally:
         try:
             release_graphs()  # before any communicator goes (model/cuda_graphs.py)

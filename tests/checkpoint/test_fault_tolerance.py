@@ -11,6 +11,7 @@
 - Injected NaN losses: skipped without touching weights or optimizer state; two in a row stop
   the run with exit 65 and a checkpoint of the last good weights.
 - A full disk while writing a checkpoint: exit 74 with one line; the previous one stays newest.
+- Ctrl-C (SIGINT): exit 130 at once with one line, no checkpoint; the newest complete one stays.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_IO_ERROR, EXIT_REQUEUE
+from omnimoe_train.exit_codes import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_IO_ERROR,
+    EXIT_REQUEUE,
+)
 from tests.cli_helpers import run_train_cli, tiny
 from tests.parallel.distributed import find_free_port
 
@@ -284,3 +290,26 @@ def test_sigterm_to_the_whole_job_with_data_workers_stops_with_a_checkpoint(
     time.sleep(1)
     with pytest.raises(ProcessLookupError):  # no worker outlived the run
         os.killpg(proc.pid, 0)
+
+
+def test_ctrl_c_stops_at_once_in_one_line_and_keeps_the_checkpoints(
+    tmp_path: Path, cache: Path
+) -> None:
+    """Was a KeyboardInterrupt traceback (from wherever the step was, each line prefixed
+    ``[rank0]:``) and no ``exit_status.json``."""
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=400", "checkpoint.interval=4", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(_cmd(*args), env=_env(cache), stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "checkpoints" / "step_00000004", proc)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    line = (
+        "interrupted (SIGINT): stopped at once, without saving a checkpoint (the newest "
+        "complete one stays; SIGTERM or SIGUSR1 save first)"
+    )
+    assert err.strip().splitlines()[-1] == f"omnimoe-train: stopped: {line}"
+    status = json.loads((run / "exit_status.json").read_text())
+    assert status == {"exit_code": EXIT_INTERRUPTED, "message": line}
+    assert (run / "checkpoints" / "step_00000004" / "meta.json").is_file()
