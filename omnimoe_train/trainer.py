@@ -23,7 +23,12 @@ import torch
 from omegaconf import OmegaConf
 
 from omnimoe_train.bad_steps import StepGuard, Verdict
-from omnimoe_train.checkpoint.compat import RunAlreadyComplete, check_resumable, schedule_change
+from omnimoe_train.checkpoint.compat import (
+    RunAlreadyComplete,
+    check_data_order,
+    check_resumable,
+    schedule_change,
+)
 from omnimoe_train.checkpoint.files import read_meta
 from omnimoe_train.checkpoint.session import Checkpointing, CheckpointLoadError, TrainState
 from omnimoe_train.checkpoint.signals import StepSync, StopRequest, parse_duration
@@ -139,6 +144,10 @@ class Trainer:
             dp_size=runtime.dp_size,
             pin_memory=runtime.device.type == "cuda",
         )
+        if self.resume_from is not None:  # other data: one line now, not after the model
+            check_data_order(
+                self.resume_from, read_meta(self.resume_from), self.train_loader.state_dict()
+            )
         # Evaluation reads the validation split in file order as one sequence (each rank then
         # takes its share, see ``evaluate``); there is none with data.val_fraction=0.
         self.val_loader = None

@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omnimoe_train.checkpoint.session import CheckpointLoadError
+from omnimoe_train.checkpoint.session import CheckpointLoadError, data_order
 from omnimoe_train.config import ModelConfig, OptimConfig
 from omnimoe_train.lr_schedule import SCHEDULE_KEYS, wsd_decay_start
 
@@ -127,6 +127,32 @@ def check_resumable(
     step = meta.get("step")
     if isinstance(step, int) and step >= max_steps:
         raise RunAlreadyComplete(step, max_steps)
+
+
+# The config keys that set each key of ``session.data_order``.
+_DATA_ORDER_KEYS = {
+    "data_ids": "the datasets (data.dir / data.dirs / data.inputs)",
+    "weights": "data.weights",
+    "seed": "data.seed",
+}
+
+
+def check_data_order(path: Path, meta: dict[str, Any], loader_state: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointLoadError` (one line naming the key) unless this run reads the
+    data in the order the checkpoint's position belongs to. Runs once the data is prepared,
+    before the model is built (the loader refuses it too, but only at the load, without the
+    key). Checkpoints whose ``meta.json`` lacks ``data`` (older ones) are left to the loader."""
+    saved = meta.get("data")
+    if not isinstance(saved, dict):
+        return
+    now = data_order(loader_state)
+    for key, name in _DATA_ORDER_KEYS.items():
+        if key in saved and saved[key] != now[key]:
+            raise CheckpointLoadError(
+                f"checkpoint {path} was written reading other data: {name} differ "
+                f"({key} {saved[key]} in the checkpoint, {now[key]} now); the data position "
+                "belongs to that order (start a new run dir or give the same data)"
+            )
 
 
 def schedule_change(

@@ -10,6 +10,7 @@ The rules of when a checkpoint is complete, kept or loaded are the manager's.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,12 @@ from omnimoe_train.config import CheckpointConfig
 
 class CheckpointLoadError(ValueError):
     """A valid checkpoint that does not fit this run (another model shape, engine...)."""
+
+
+def data_order(loader_state: dict[str, Any]) -> dict[str, Any]:
+    """What of a loader's ``state_dict`` fixes the order of the data (``meta.json``'s "data",
+    checked by ``compat.check_data_order``): the datasets, their weights, the seed."""
+    return json.loads(json.dumps({k: loader_state.get(k) for k in ("data_ids", "weights", "seed")}))
 
 
 @dataclass
@@ -72,11 +79,12 @@ class Checkpointing:
         """Checkpoint the current step (once per step; a second call is a no-op)."""
         if self.manager.last_saved_step == state.step:
             return
+        data = loader.state_dict()
         client = {
             "step": state.step,
             "consumed_tokens": state.consumed_tokens,
             "window": list(state.window),
-            "data": loader.state_dict(),
+            "data": data,
             "guard": guard.state_dict(),
             "initial_val_loss": state.initial_val_loss,
             "wall_s": state.total_wall_s(),
@@ -86,6 +94,7 @@ class Checkpointing:
             "consumed_tokens": state.consumed_tokens,
             **self.engine.checkpoint_meta(),
             "config": self.run_config,
+            "data": data_order(data),  # checked against the next run before its model is built
         }
         self.manager.save(
             state.step,

@@ -24,8 +24,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from omnimoe_train.checkpoint.compat import RunAlreadyComplete, check_resumable, schedule_change
-from omnimoe_train.checkpoint.session import CheckpointLoadError
+from omnimoe_train.checkpoint.compat import (
+    RunAlreadyComplete,
+    check_data_order,
+    check_resumable,
+    schedule_change,
+)
+from omnimoe_train.checkpoint.session import CheckpointLoadError, data_order
 from omnimoe_train.config import ModelConfig, OptimConfig
 from omnimoe_train.metrics import logged_initial_val_loss
 from tests.checkpoint.test_fault_tolerance import TINY, _cmd, _env, _wait_for, records
@@ -84,6 +89,23 @@ def test_another_data_seed_is_named_and_a_meta_without_it_is_not_refused() -> No
                         max_steps=100, data_seed=same)  # fmt: skip
     check_resumable(CKPT, _meta(), engine="megatron", model=ModelConfig(num_experts=64),
                     max_steps=100, data_seed=4)  # fmt: skip
+
+
+def test_other_data_is_named_from_meta_and_an_older_meta_is_left_to_the_loader() -> None:
+    state = {"data_ids": ["aa"], "weights": (1.0,), "seed": 0, "consumed_samples": 5}
+    meta = {"data": data_order(state)}
+    check_data_order(CKPT, meta, {**state, "consumed_samples": 0})  # the position may differ
+    check_data_order(CKPT, {}, {**state, "seed": 9})  # no "data" in meta.json: not compared
+    for key, value, name in (
+        ("data_ids", ["bb"], "the datasets (data.dir / data.dirs / data.inputs)"),
+        ("weights", [0.5, 0.5], "data.weights"),
+        ("seed", 9, "data.seed"),
+    ):
+        with pytest.raises(CheckpointLoadError) as exc:
+            check_data_order(CKPT, meta, {**state, key: value})
+        assert str(exc.value).startswith(
+            f"checkpoint {CKPT} was written reading other data: {name} differ ({key} "
+        )
 
 
 def test_other_engine_is_named() -> None:
@@ -221,6 +243,23 @@ def test_resume_with_another_model_or_engine_is_one_line(finished, override, phr
     ckpt = run / "checkpoints" / "step_00000008"
     assert line.startswith(f"omnimoe-train: error: checkpoint.resume: checkpoint {ckpt} ")
     assert phrase in line
+    assert _files(run, kept) == kept
+
+
+def test_resume_onto_other_data_is_one_line_before_the_model(finished) -> None:  # noqa: ANN001
+    """Was refused by the loader only after the model was built, without naming the key (and
+    a progress bar line after the error)."""
+    cache, run, kept = finished
+    args = [*_args(run), "trainer.max_steps=12", "data.val_fraction=0.1"]  # other prepared data
+    refused = run_train_cli(args, cache=cache)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = refused.stderr.strip().splitlines()
+    assert lines[0].startswith("prepared ") and len(lines) == 2, refused.stderr[-3000:]
+    ckpt = run / "checkpoints" / "step_00000008"
+    assert lines[1].startswith(
+        f"omnimoe-train: error: checkpoint.resume: checkpoint {ckpt} was written reading other "
+        "data: the datasets (data.dir / data.dirs / data.inputs) differ (data_ids ["
+    )
     assert _files(run, kept) == kept
 
 
