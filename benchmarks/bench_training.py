@@ -50,6 +50,9 @@ LEVERS: dict[str, list[str]] = {
     # The expert weight gradients on the segmented pair kernel instead of auto's choice (dense
     # GEMMs at a80m): what the cost model's choice buys.
     "grads_pairs": ["model.expert_grad_path=pairs"],
+    # The dense weight-gradient GEMMs on one bf16 coefficient per pair instead of the exact
+    # hi + lo split (kernels/experts_dense_grad.py): half that GEMM, 8-bit coefficients.
+    "grads_bf16": ["model.expert_grad_coef=bf16"],
     "fused_swiglu": ["model.fused_swiglu=true"],
     "ce_megatron": ["model.fused_cross_entropy=megatron"],
     "ce_liger": ["model.fused_cross_entropy=liger"],

@@ -21,7 +21,8 @@ SwiGLU); ``rows`` / ``dim`` as with ``parallel.ep_overlap=false``.
 Defaults are a80m's layer at the benchmark batch (16 x 1024 tokens per GPU, d = 768,
 N = 76^2, K = 64, bf16). ``--cuda-graph`` replays each mode's layer step (forward, backward,
 collectives) from one CUDA graph, as ``trainer.cuda_graphs=mlp`` does: the GPU's time without
-the host's. ``--dense-max-mib`` sets the dense weight-gradient buffer's cap. ``--skew`` (with
+the host's. ``--dense-max-mib`` sets the dense weight-gradient buffer's cap, ``--grad-coef``
+its coefficients (``model.expert_grad_coef``). ``--skew`` (with
 ``--router-norm none``) biases every token's router input the same way, so routing
 concentrates on a few router rows (uneven load for rows).
 """
@@ -382,16 +383,23 @@ def main() -> None:
         help="cap of the dense weight-gradient buffer (experts_dense_grad.DENSE_MAX_BYTES), MiB",
     )
     parser.add_argument(
+        "--grad-coef",
+        choices=("split", "bf16"),
+        default="split",
+        help="coefficients of the dense weight-gradient GEMMs (experts_dense_grad.DENSE_COEF)",
+    )
+    parser.add_argument(
         "--cuda-graph", action="store_true", help="replay each mode's layer step from a CUDA graph"
     )
     args = parser.parse_args()
+    from omnimoe_kernels import experts_dense_grad
+
+    experts_dense_grad.DENSE_COEF = args.grad_coef
     if args.dense_max_mib is not None and args.dense_max_mib < 1:
         exit_usage(
             "profile_expert_parallel.py", f"--dense-max-mib must be >= 1 (got {args.dense_max_mib})"
         )
     if args.dense_max_mib is not None:
-        from omnimoe_kernels import experts_dense_grad
-
         experts_dense_grad.DENSE_MAX_BYTES = args.dense_max_mib << 20
     if args.cuda_graph and not torch.cuda.is_available():
         exit_usage("profile_expert_parallel.py", "--cuda-graph needs a CUDA GPU, none is visible")
