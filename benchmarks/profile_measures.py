@@ -16,7 +16,7 @@ CATEGORIES = (  # first match wins; names of CUDA kernels as the profiler lists 
     ("expert kernels", ("_pair_scores", "_combine_rows", "_pair_block_grad", "_zero_rows")),
     ("sort/search", ("sort", "radix", "searchsorted", "Sort")),
     ("gemm (gates, SwiGLU)", ("gemm", "Gemm", "cutlass", "sm90", "nvjet", "cublas")),
-    ("copies/fills", ("copy", "Copy", "fill", "cat", "memcpy", "Memcpy", "memset")),
+    ("copies/fills", ("copy", "Copy", "fill", "Fill", "cat", "memcpy", "Memcpy", "memset")),
 )
 
 
