@@ -50,6 +50,9 @@ LEVERS: dict[str, list[str]] = {
     # The expert weight gradients on the segmented pair kernel instead of auto's choice (dense
     # GEMMs at a80m): what the cost model's choice buys.
     "grads_pairs": ["model.expert_grad_path=pairs"],
+    # The dense weight-gradient GEMMs on one bf16 coefficient per pair instead of the exact
+    # hi + lo split (kernels/experts_dense_grad.py): half that GEMM, 8-bit coefficients.
+    "grads_bf16": ["model.expert_grad_coef=bf16"],
     "fused_swiglu": ["model.fused_swiglu=true"],
     "ce_megatron": ["model.fused_cross_entropy=megatron"],
     "ce_liger": ["model.fused_cross_entropy=liger"],
@@ -102,10 +105,22 @@ def cases(
     ]
 
 
+def short_status(status: str) -> str:
+    """The table's status cell: "ok", "exit N" or "timeout" (the reason is printed below)."""
+    return status.split(":", 1)[0] if status.startswith("exit") else status.split(" after")[0]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scales", nargs="+", default=["a80m", "a200m"])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=positive_int, default=30)
     ap.add_argument("--log-interval", type=int, default=5)
     ap.add_argument("--global-batch", type=int, default=128, help="sequences of 1024 per step")
     ap.add_argument("--max-bytes", type=int, default=3_000_000, help="corpus text prepared")
@@ -136,7 +151,8 @@ def main() -> None:
             f"data.global_batch_size={args.global_batch}", f"data.max_bytes={args.max_bytes}",
             f"trainer.max_steps={args.steps}", f"trainer.log_interval={args.log_interval}",
             f"trainer.eval_interval={10 * args.steps}", "trainer.eval_iters=1",
-            "optim.warmup_steps=5", "trainer.progress=false", "logging=disabled",
+            f"optim.warmup_steps={min(5, args.steps - 1)}", "trainer.progress=false",
+            "logging=disabled",
             "checkpoint.save_final=false", "checkpoint.resume=null", *args.override,
         ]  # fmt: skip
         for model, variant, name, extra in cases(scale, variants, tuple(args.models)):
@@ -169,13 +185,16 @@ def main() -> None:
                 f"{row.get('step_ms') or 0:.0f}", ratio(row, dense_ref, "step_ms"),
                 speedup, f"{row.get('peak_memory_gib') or 0:.1f}",
                 ratio(row, dense_ref, "peak_memory_gib"), f"{row.get('tflops') or 0:.0f}",
-                f"{100 * mfu:.1f}%" if mfu is not None else "", row["status"][:30],
+                f"{100 * mfu:.1f}%" if mfu is not None else "", short_status(row["status"]),
             ]
         )  # fmt: skip
     header = ["scale", "model", "tokens/s", "step ms", "step vs dense", "speed-up vs baseline",
               "peak GiB", "memory vs dense", "TFLOP/s", "MFU", "status"]  # fmt: skip
     print(f"{device_name()}, {time.strftime('%Y-%m-%d')}: python {' '.join(sys.argv)}")
     print(markdown_table(header, table_rows))
+    for row in results:  # the table keeps one word per run; why a run failed comes here
+        if row["status"] != "ok":
+            print(f"\n{row['scale']} {row['case']}: {row['status']}")
     if args.json:
         meta = {"device": device_name(), "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
         Path(args.json).write_text(json.dumps({"meta": meta, "runs": results}, indent=2))

@@ -21,7 +21,8 @@ SwiGLU); ``rows`` / ``dim`` as with ``parallel.ep_overlap=false``.
 Defaults are a80m's layer at the benchmark batch (16 x 1024 tokens per GPU, d = 768,
 N = 76^2, K = 64, bf16). ``--cuda-graph`` replays each mode's layer step (forward, backward,
 collectives) from one CUDA graph, as ``trainer.cuda_graphs=mlp`` does: the GPU's time without
-the host's. ``--dense-max-mib`` sets the dense weight-gradient buffer's cap. ``--skew`` (with
+the host's. ``--dense-max-mib`` sets the dense weight-gradient buffer's cap, ``--grad-coef``
+its coefficients (``model.expert_grad_coef``). ``--skew`` (with
 ``--router-norm none``) biases every token's router input the same way, so routing
 concentrates on a few router rows (uneven load for rows).
 """
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from profile_measures import WireBytes, categorize, gpu_busy_ms  # the script's folder
 
 import omnimoe_kernels
 from omnimoe_train.exit_codes import exit_usage
@@ -125,72 +127,6 @@ OVERLAPPED: dict[str, tuple[str, Callable, Callable]] = {
     "rows_overlap": ("rows", _start_rows, _rows_overlapped),
     "dim_overlap": ("dim", _start_dim, _dim_overlapped),
 }
-
-CATEGORIES = (  # first match wins; names of CUDA kernels as the profiler lists them
-    ("nccl", ("nccl",)),
-    ("routing", ("_select", "_emit", "softmax", "batch_norm", "log_softmax")),
-    ("expert kernels", ("_pair_scores", "_combine_rows", "_pair_block_grad", "_zero_rows")),
-    ("sort/search", ("sort", "radix", "searchsorted", "Sort")),
-    ("gemm (gates, SwiGLU)", ("gemm", "Gemm", "cutlass", "sm90", "nvjet", "cublas")),
-    ("copies/fills", ("copy", "Copy", "fill", "cat", "memcpy", "Memcpy", "memset")),
-)
-
-
-class WireBytes:
-    """Bytes this rank sends through ``torch.distributed`` collectives while active: measured
-    from the tensors of each call (the self chunk of a collective stays on the device), not
-    from the cost model's formulas, which this checks."""
-
-    def __init__(self) -> None:
-        self.sent = 0.0
-        self._saved: dict[str, Callable] = {}
-
-    def _wrap(self, name: str, count: Callable[..., float]) -> None:
-        original = getattr(dist, name)
-        self._saved[name] = original
-
-        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            self.sent += count(*args, **kwargs)
-            return original(*args, **kwargs)
-
-        setattr(dist, name, counted)
-
-    def __enter__(self) -> WireBytes:
-        def size(group) -> int:  # noqa: ANN001
-            return dist.get_world_size(group)
-
-        def a2a(out, inp, output_split_sizes=None, input_split_sizes=None, group=None, **_):  # noqa: ANN001, ANN202
-            row = inp[0].numel() * inp.element_size() if inp.dim() else 0
-            if input_split_sizes is None:
-                return inp.numel() * inp.element_size() * (size(group) - 1) / size(group)
-            mine = input_split_sizes[dist.get_rank(group)]
-            return (sum(input_split_sizes) - mine) * row
-
-        def gather(out, inp, group=None, **_):  # noqa: ANN001, ANN202
-            return inp.numel() * inp.element_size() * (size(group) - 1)
-
-        def scatter(out, inp, group=None, **_):  # noqa: ANN001, ANN202
-            return inp.numel() * inp.element_size() * (size(group) - 1) / size(group)
-
-        def reduce(t, op=None, group=None, **_):  # noqa: ANN001, ANN202
-            return 2 * t.numel() * t.element_size() * (size(group) - 1) / size(group)
-
-        self._wrap("all_to_all_single", a2a)
-        self._wrap("all_gather_into_tensor", gather)
-        self._wrap("reduce_scatter_tensor", scatter)
-        self._wrap("all_reduce", reduce)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, original in self._saved.items():
-            setattr(dist, name, original)
-
-
-def categorize(name: str) -> str:
-    for category, keys in CATEGORIES:
-        if any(k in name for k in keys):
-            return category
-    return "other elementwise"
 
 
 def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -338,28 +274,6 @@ def _graphed(step: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
-def gpu_busy_ms(events) -> float:  # noqa: ANN001
-    """Milliseconds in which at least one kernel or copy ran (the union of their intervals,
-    any stream), from a profiler's events: a layer step whose wall time is well above it is
-    waiting on the host (launch-bound) or on another rank."""
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in events
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
-    )
-    busy, current = 0.0, None
-    for start, end in spans:
-        if current is None or start > current[1]:
-            if current is not None:
-                busy += current[1] - current[0]
-            current = [start, end]
-        else:
-            current[1] = max(current[1], end)
-    if current is not None:
-        busy += current[1] - current[0]
-    return busy / 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="local,rows,dim")
@@ -382,16 +296,23 @@ def main() -> None:
         help="cap of the dense weight-gradient buffer (experts_dense_grad.DENSE_MAX_BYTES), MiB",
     )
     parser.add_argument(
+        "--grad-coef",
+        choices=("split", "bf16"),
+        default="split",
+        help="coefficients of the dense weight-gradient GEMMs (experts_dense_grad.DENSE_COEF)",
+    )
+    parser.add_argument(
         "--cuda-graph", action="store_true", help="replay each mode's layer step from a CUDA graph"
     )
     args = parser.parse_args()
+    from omnimoe_kernels import experts_dense_grad
+
+    experts_dense_grad.DENSE_COEF = args.grad_coef
     if args.dense_max_mib is not None and args.dense_max_mib < 1:
         exit_usage(
             "profile_expert_parallel.py", f"--dense-max-mib must be >= 1 (got {args.dense_max_mib})"
         )
     if args.dense_max_mib is not None:
-        from omnimoe_kernels import experts_dense_grad
-
         experts_dense_grad.DENSE_MAX_BYTES = args.dense_max_mib << 20
     if args.cuda_graph and not torch.cuda.is_available():
         exit_usage("profile_expert_parallel.py", "--cuda-graph needs a CUDA GPU, none is visible")

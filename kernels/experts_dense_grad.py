@@ -23,6 +23,9 @@ pair kernel. (Side by side rather than stacked along T: the rows are read as the
 (2T, D) copy of ``[x; x]``.) Other dtypes (float32, float16,
 float64: tests and references, never chosen by "auto" on CUDA): one float64 GEMM, so no TF32
 or reduced-precision setting of the process can touch it (no global flag is switched).
+Opt-in, ``DENSE_COEF = "bf16"`` (``model.expert_grad_coef=bf16``) keeps only the high part:
+8 significant bits of the coefficient, as a bf16 Linear layer's weight-gradient GEMM has of
+its output gradient, for half the GEMM work and half the buffer.
 
 Building G: when the caller promises distinct ids per token (``distinct_ids``: both routers
 guarantee it, ``cartesian_topk`` and ``torch.topk``), each pair writes its coefficient at column
@@ -56,6 +59,13 @@ GRAD_PATHS = ("auto", "dense", "pairs")
 #: Forces every call that asks for "auto" onto one path ("dense" or "pairs"); None = decide.
 #: For benchmarks and experiments; the argument of a call, when not "auto", wins over it.
 FORCE_GRAD_PATH: str | None = None
+#: How the dense path holds a pair's float32 coefficient in the bf16 G: "split" (a bf16 high
+#: part and a bf16 residual, ~16 significant bits: the exact contract above, the default) or
+#: "bf16" (the high part alone, 8 bits: what a bf16 Linear layer's weight-gradient GEMM gets
+#: as its output gradient; half the GEMM and half the G buffer). Process-wide, set from
+#: ``model.expert_grad_coef`` for every model built; float32/float64 rows ignore it.
+COEF_MODES = ("split", "bf16")
+DENSE_COEF = "split"
 #: Cap on the G buffer of one chunk (bytes); bigger problems run in column chunks. 1 GiB keeps
 #: a80m's layer under expert-parallel ``dim`` sharding (2T = 32768 gathered rows, N = 5776:
 #: 758 MB) in one chunk: in two chunks its layer step measured 5.25 against 4.87 ms (graphed,
@@ -78,9 +88,12 @@ HBM_BYTES_PER_S = 4.0e12
 DENSE_OVERHEAD_S = 60e-6
 
 
-def dense_cost_s(T: int, N: int, D: int) -> float:
-    """Modelled seconds of the dense bf16 path (both tables)."""
-    return 8 * T * N * D / DENSE_FLOPS + 12 * T * N / HBM_BYTES_PER_S + DENSE_OVERHEAD_S
+def dense_cost_s(T: int, N: int, D: int, coef: str | None = None) -> float:
+    """Modelled seconds of the dense bf16 path (both tables); ``coef`` (default
+    ``DENSE_COEF``) "bf16" halves the GEMMs and the G traffic."""
+    halves = 1 if (coef or DENSE_COEF) == "bf16" else 2
+    flops, g_bytes = 4 * halves * T * N * D, 6 * halves * T * N
+    return flops / DENSE_FLOPS + g_bytes / HBM_BYTES_PER_S + DENSE_OVERHEAD_S
 
 
 def pairs_cost_s(pairs: int, D: int) -> float:
@@ -150,12 +163,13 @@ def merged_columns(
     return torch.where(last_TK & (ids_TK < num_experts), ids_TK, dummy), vals
 
 
-def _gemm_t(buf_RC: torch.Tensor, rows_RD: torch.Tensor, split: bool) -> torch.Tensor:
-    """buf^T @ rows -> (C, D): float32 with fp32 accumulation for the bf16 split, else in the
+def _gemm_t(buf_RC: torch.Tensor, rows_RD: torch.Tensor) -> torch.Tensor:
+    """buf^T @ rows -> (C, D): float32 with fp32 accumulation for bf16 operands, else in the
     float64 of the operands."""
-    if split and buf_RC.is_cuda:
+    bf16 = buf_RC.dtype == torch.bfloat16
+    if bf16 and buf_RC.is_cuda:
         return torch.mm(buf_RC.t(), rows_RD, out_dtype=torch.float32)
-    if split:  # CPU: the same bf16 values in a float32 GEMM (products exact, fp32 sums)
+    if bf16:  # CPU: the same bf16 values in a float32 GEMM (products exact, fp32 sums)
         return torch.mm(buf_RC.t().float(), rows_RD.float())
     return torch.mm(buf_RC.t(), rows_RD)
 
@@ -217,6 +231,7 @@ def dense_table_grads(
     dtype: torch.dtype,
     max_bytes: int | None = None,
     distinct_ids: bool = False,
+    coef: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dup[e] = sum_{(t,k): idx=e} g x_t``, ``ddown[e] = sum a dy_t`` (``a = w silu(h)``) as
     dense GEMMs -> two (N, D) tensors in ``dtype`` (rows of unused experts are 0).
@@ -226,9 +241,13 @@ def dense_table_grads(
     merge is skipped; with repeats that promise would drop all but one of them). ``g_TK``,
     ``h_TK`` float32 (float64 with float64 rows), ``w_TK`` any float. bf16 rows take the hi/lo
     split (see the module docstring); the G buffer is at most ``max_bytes`` (default
-    ``DENSE_MAX_BYTES``; one chunk of 8 experts is the minimum). No host synchronisation.
-    Raises ValueError for shapes that do not match.
+    ``DENSE_MAX_BYTES``; one chunk of 8 experts is the minimum). ``coef`` (default
+    ``DENSE_COEF``): "split" or "bf16", how bf16 rows' coefficients enter G. No host
+    synchronisation. Raises ValueError for shapes that do not match or an unknown ``coef``.
     """
+    coef = DENSE_COEF if coef is None else coef
+    if coef not in COEF_MODES:
+        raise ValueError(f"coef={coef!r} must be one of {COEF_MODES}")
     num_tokens, width = x_TD.shape
     if dy_TD.shape != x_TD.shape or {g_TK.shape, h_TK.shape, w_TK.shape} != {idx_TK.shape}:
         raise ValueError(
@@ -250,8 +269,11 @@ def dense_table_grads(
         col_TK, (g_TK, a_TK) = merged_columns(idx_TK, [g_TK.to(acc), a_TK], num_experts)
     cap = DENSE_MAX_BYTES if max_bytes is None else max_bytes
     for rows_TD, coef_TK, out_ND in ((x_TD, g_TK, dup_ND), (dy_TD, a_TK, ddown_ND)):
-        split = rows_TD.dtype == torch.bfloat16
-        if split:  # hi and lo of the coefficient against the rows: one GEMM, fp32 products
+        split = rows_TD.dtype == torch.bfloat16 and coef == "split"
+        if rows_TD.dtype == torch.bfloat16 and not split:  # one bf16 coefficient per pair
+            value_TK = coef_TK.to(torch.bfloat16)
+            rows = rows_TD
+        elif split:  # hi and lo of the coefficient against the rows: one GEMM, fp32 products
             hi_TK = coef_TK.to(torch.bfloat16)
             lo_TK = (coef_TK - hi_TK.to(acc)).to(torch.bfloat16)
             # A pair's hi and lo side by side in one 32-bit word (columns 2c and 2c + 1 of the
@@ -277,7 +299,7 @@ def dense_table_grads(
                 inside = (local_TK >= 0) & (local_TK < last - first)
                 local_TK = torch.where(inside, local_TK, chunk)
             words_TW.scatter_(1, local_TK, value_TK)
-            prod = _gemm_t(buf_TC, rows, split)  # (parts * width, D): hi, lo rows interleaved
+            prod = _gemm_t(buf_TC, rows)  # (parts * width, D): hi, lo rows interleaved
             if split:
                 n = last - first
                 out_ND[first:last] = prod[0 : 2 * n : 2] + prod[1 : 2 * n : 2]

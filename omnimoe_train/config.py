@@ -53,6 +53,10 @@ class ModelConfig:
     # Expert weight gradients: auto (per call, kernels/experts_dense_grad.py's cost model) |
     # dense (two GEMMs over a dense coefficient matrix) | pairs (the segmented pair kernel)
     expert_grad_path: str = "auto"
+    # How the dense path holds the coefficients: split (bf16 high part + residual, ~16 bits,
+    # exact to the pair kernel's contract) | bf16 (high part only, 8 bits like a bf16 Linear's
+    # output gradient: half the weight-gradient GEMM; kernels/experts_dense_grad.py)
+    expert_grad_coef: str = "split"
     # Throughput levers without TransformerEngine / apex (model/fusions.py, docs/throughput.md):
     # megatron's SwiGLU with its own backward (torch.compile'd; megatron bias_activation_fusion)
     fused_swiglu: bool = False

@@ -16,11 +16,14 @@ Every rank profiles the same step and writes, in ``<run dir>/profile/``:
   line with the totals and the step's wall time.
 
 Each file is written under a temporary name and renamed when complete: a run killed while
-writing leaves no file that looks whole.
+writing leaves no file that looks whole. Files that cannot be written (a full disk) cost a
+warning line, not the run and not the measurement: the step's line and record still come, and
+neither of its two files is left without the other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -55,6 +58,7 @@ class StepProfile:
     micro-batch to the end of its update (CUDA synchronised), under the profiler, so a little
     slower than an unprofiled step. ``overhead_s``: the time around the step spent starting and
     stopping the profiler and writing the files, which the loop leaves out of its throughput.
+    ``out_dir``: where the files went; None when they could not be written.
     """
 
     step: int
@@ -63,7 +67,7 @@ class StepProfile:
     calls: int
     wall_ms: float
     overhead_s: float
-    out_dir: Path
+    out_dir: Path | None
 
     def record(self) -> dict[str, Any]:
         """The step's ``metrics.jsonl`` record (rank 0's numbers)."""
@@ -84,9 +88,10 @@ class StepProfile:
             if self.on_device and not self.calls
             else ""
         )
+        where = f"-> {self.out_dir}" if self.out_dir is not None else "(files not written)"
         return (
             f"profile of step {self.step}: {self.busy_ms:,.1f} ms of {what} in {self.calls:,} "
-            f"{unit} (step {self.wall_ms:,.1f} ms under the profiler){hint} -> {self.out_dir}"
+            f"{unit} (step {self.wall_ms:,.1f} ms under the profiler){hint} {where}"
         )
 
 
@@ -105,7 +110,7 @@ class StepProfiler:
     def around(self, step: int) -> Iterator[None]:
         """Run the body (one optimizer step) under ``torch.profiler.profile`` if ``step`` is
         the one to profile, else plainly. Files that cannot be written (a full disk) cost a
-        warning line on this rank, not the run."""
+        warning line on this rank, not the run nor the measurement."""
         if step != self.step:
             yield
             return
@@ -120,18 +125,10 @@ class StepProfiler:
             yield
             self._synchronize()  # every kernel of the step finishes inside the trace
             wall_s = time.perf_counter() - started
-        try:
-            busy_ms, calls = self._write(prof, step, cuda, wall_s * 1e3)
-        except OSError as exc:  # a full disk costs the profile, not the run
-            print(
-                f"omnimoe-train: warning: profile of step {step} (rank {self.rank}) not "
-                f"written to {self.out_dir}: {exc}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return
+        busy_ms, calls, written = self._write(prof, step, cuda, wall_s * 1e3)
         overhead_s = time.perf_counter() - entered - wall_s
-        self._done = StepProfile(step, cuda, busy_ms, calls, wall_s * 1e3, overhead_s, self.out_dir)
+        out_dir = self.out_dir if written else None
+        self._done = StepProfile(step, cuda, busy_ms, calls, wall_s * 1e3, overhead_s, out_dir)
 
     def take(self) -> StepProfile | None:
         """The profile of the step :meth:`around` just ran (once), or None."""
@@ -142,9 +139,10 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _write(self, prof: profile, step: int, cuda: bool, wall_ms: float) -> tuple[float, int]:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = self.out_dir / f"step{step}_rank{self.rank}"
+    def _write(
+        self, prof: profile, step: int, cuda: bool, wall_ms: float
+    ) -> tuple[float, int, bool]:
+        """(busy ms, calls, whether both files were written)."""
         table, busy_ms, calls = kernel_table(prof.key_averages(), on_device=cuda)
         totals = (
             f"device kernel ms {busy_ms:.3f}, launches {calls}"
@@ -152,9 +150,24 @@ class StepProfiler:
             else f"cpu op self ms {busy_ms:.3f}, op calls {calls}"
         )
         header = f"step {step}, rank {self.rank}: {totals}, step wall ms {wall_ms:.3f}"
-        _write_complete(Path(f"{stem}_kernels.txt"), lambda p: p.write_text(header + "\n" + table))
-        _write_complete(Path(f"{stem}.json"), lambda p: prof.export_chrome_trace(str(p)))
-        return busy_ms, calls
+        stem = self.out_dir / f"step{step}_rank{self.rank}"
+        files = (Path(f"{stem}_kernels.txt"), Path(f"{stem}.json"))
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _write_complete(files[0], lambda p: p.write_text(header + "\n" + table))
+            _write_complete(files[1], lambda p: prof.export_chrome_trace(str(p)))
+        except OSError as exc:  # a full disk costs the files, not the run or the numbers
+            print(
+                f"omnimoe-train: warning: profile of step {step} (rank {self.rank}) not "
+                f"written to {self.out_dir}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            for path in files:  # a table without its trace would look like a whole profile
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            return busy_ms, calls, False
+        return busy_ms, calls, True
 
 
 def kernel_table(events: Any, *, on_device: bool, top: int = TOP_ROWS) -> tuple[str, float, int]:

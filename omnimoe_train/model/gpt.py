@@ -173,6 +173,7 @@ def build_model(
     experts_dense_grad.FORCE_GRAD_PATH = (
         None if cfg.model.expert_grad_path == "auto" else cfg.model.expert_grad_path
     )
+    experts_dense_grad.DENSE_COEF = cfg.model.expert_grad_coef
     # A block spec (not a layer spec) so the final norm is ours too; this stage's layers only.
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     block = TransformerBlockSubmodules(

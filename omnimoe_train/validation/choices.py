@@ -15,6 +15,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.router_weights": ("softmax", "exp"),
     "model.expert_backend": ("auto", "torch", "triton"),
     "model.expert_grad_path": ("auto", "dense", "pairs"),
+    "model.expert_grad_coef": ("split", "bf16"),
     "model.fused_cross_entropy": ("none", "megatron", "liger"),
     "parallel.expert_table_sharding": ("rows", "dim", "auto"),
     "optim.name": ("adamw",),

@@ -3,6 +3,8 @@ choice between them and the pair kernel (``choose_grad_path``)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,10 +34,14 @@ def _inputs(T, D, N, K, dtype, device="cpu", *, skip=0.0, seed=0):
 
 def _reference(x, dy, idx, g, h, w, N):
     """float64 ``sum_{(t,k): idx=e}`` by index_add; pairs with id N dropped."""
+    return _reference_coefs(x, dy, idx, g.double(), w.double() * F.silu(h.double()), N)
+
+
+def _reference_coefs(x, dy, idx, g, a, N):
+    """float64 dup = sum g x, ddown = sum a dy over each expert's pairs (id N dropped)."""
     real = idx < N
     ids = idx.clamp(max=N - 1).flatten().cpu()
-    g64 = (g.double() * real).cpu()
-    a64 = (w.double() * F.silu(h.double()) * real).cpu()
+    g64, a64 = (g.double() * real).cpu(), (a.double() * real).cpu()
     x64, dy64 = x.double().cpu(), dy.double().cpu()
     dup = torch.zeros(N, x.shape[1], dtype=torch.float64).index_add_(
         0, ids, (g64[:, :, None] * x64[:, None]).flatten(0, 1)
@@ -246,6 +252,44 @@ def test_force_and_unknown_paths(monkeypatch) -> None:
         omnimoe_kernels.atomic_experts(
             x, x, x, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), grad_path="gemm"
         )
+
+
+@pytest.mark.parametrize("max_bytes", [None, 200], ids=["one_chunk", "chunks"])
+def test_bf16_coefficients_keep_eight_bits_in_half_the_buffer(max_bytes) -> None:
+    """``coef="bf16"``: each pair's coefficient rounded once to bf16, so the result is the exact
+    sum of those rounded coefficients times the rows; bf16-grade against the exact sums (where
+    the split is ~16-bit), in a G buffer of half the width."""
+    T, D, N, K = 47, 24, 10, 6  # a T no other test uses: its buffers are told apart by it
+    x, dy, _, g, h, w = _inputs(T, D, N, K, torch.bfloat16, seed=11)
+    # Distinct ids per token (no repeats to merge before the rounding), a fifth "no expert".
+    gen = torch.Generator().manual_seed(12)
+    idx = torch.stack([torch.randperm(N, generator=gen)[:K] for _ in range(T)])
+    idx = idx.masked_fill(torch.rand(T, K, generator=gen) < 0.2, N)
+    run = functools.partial(
+        dense.dense_table_grads, x, dy, idx, g, h, w, N, dtype=torch.float32, max_bytes=max_bytes
+    )
+    got, split = run(coef="bf16"), run(coef="split")
+    widths = sorted(key[2][1] for key in dense.ZERO_BUFFERS._buffers if key[2][0] == T)
+    if max_bytes is None:
+        assert widths == [16, 32]  # N + 1 padded to 16 columns: one per pair, or hi and lo
+    a = w.float() * F.silu(h.float())
+    rounded = _reference_coefs(x, dy, idx, g.to(torch.bfloat16), a.to(torch.bfloat16), N)
+    exact = _reference(x, dy, idx, g, h, w, N)
+    for name, b16, s, r16, r in zip(("dup", "ddown"), got, split, rounded, exact):
+        assert rel_err(b16, r16) <= 2e-6, name  # only the one rounding per coefficient
+        assert 1e-4 < rel_err(b16, r) <= 8e-3, name  # bf16-grade against the exact sums
+        assert rel_err(s, r) <= TOL[torch.bfloat16], name
+
+
+def test_bf16_coefficients_halve_the_modelled_cost_and_bad_modes_are_refused(monkeypatch) -> None:
+    T, N, D = 16384, 5776, 768
+    split, half = dense.dense_cost_s(T, N, D, "split"), dense.dense_cost_s(T, N, D, "bf16")
+    assert half - dense.DENSE_OVERHEAD_S == pytest.approx((split - dense.DENSE_OVERHEAD_S) / 2)
+    monkeypatch.setattr(dense, "DENSE_COEF", "bf16")
+    assert dense.dense_cost_s(T, N, D) == half
+    x, dy, idx, g, h, w = _inputs(4, 8, 3, 2, torch.bfloat16)
+    with pytest.raises(ValueError, match="coef='fp8'"):
+        dense.dense_table_grads(x, dy, idx, g, h, w, 3, dtype=torch.float32, coef="fp8")
 
 
 def _layer_grads(T, D, N, K, dtype, grad_path, seed=0):

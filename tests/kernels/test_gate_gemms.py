@@ -322,14 +322,14 @@ def test_split_gemms_gpu_match_cpu_emulation(T, D, H, sx, sw, sdz) -> None:
 
 @cpu_triton
 def test_bench_gates_diffs_run_on_cpu() -> None:
-    """``bench_kernels.gate_gemm_diffs`` (what ``--only gates`` prints next to the timings)
+    """``bench_gates.gate_gemm_diffs`` (what ``--only gates`` prints next to the timings)
     runs the node in both GEMM modes; the differences are fp32-level for the log-probabilities
     and gate gradients and a bf16 ulp or so for dx."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import bench_kernels
+    import bench_gates
 
     x, gates, dys = _node_inputs(130, 48, 76, "cpu", seed=4)
-    row = bench_kernels.gate_gemm_diffs(x, gates, dys)
+    row = bench_gates.gate_gemm_diffs(x, gates, dys)
     assert gate_gemms.GATE_GEMM == "split_bf16"  # restored
     rel = {
         k: row[f"split_vs_fp32_max_abs_{k}"] / row[f"fp32_max_abs_{k}"] for k in ("logp", "dgates")

@@ -107,6 +107,16 @@ def test_expert_grad_path_reaches_the_kernels(single_rank: None) -> None:
         ) == (forced or "pairs")
 
 
+def test_expert_grad_coef_reaches_the_kernels(single_rank: None) -> None:
+    """``model.expert_grad_coef`` sets how the dense weight-gradient path holds coefficients
+    for every model built, and the next model built with the default sets the split back."""
+    from omnimoe_kernels import experts_dense_grad
+
+    for coef in ("bf16", "split"):
+        _model(f"model.expert_grad_coef={coef}")
+        assert experts_dense_grad.DENSE_COEF == coef
+
+
 class _RecordingDispatch:
     """Stands in for the layer's ``ExpertParallel``: the local op, and the keywords it got."""
 

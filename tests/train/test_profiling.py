@@ -134,9 +134,35 @@ def test_only_the_chosen_step_is_profiled_and_an_unwritable_folder_costs_a_warni
     (tmp_path / "a_file").write_text("not a folder")
     with blocked.around(1):
         x @ x
-    assert blocked.take() is None
+    lost = blocked.take()  # the numbers survive the files
+    assert lost is not None and lost.out_dir is None and lost.calls >= 1 and lost.busy_ms > 0
+    assert lost.line().endswith("(files not written)") and lost.overhead_s >= 0
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("omnimoe-train: warning: profile of step 1 (rank 0) not written")
+
+
+def test_a_trace_that_cannot_be_written_leaves_no_table_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The disk fills between the two files: the table already written goes too, so no step
+    looks profiled without its trace; the step's numbers still come back."""
+    from omnimoe_train import profiling
+
+    real = profiling._write_complete
+
+    def full_disk_for_traces(path: Path, write) -> None:
+        if path.suffix == ".json":
+            raise OSError(28, "No space left on device")
+        real(path, write)
+
+    monkeypatch.setattr(profiling, "_write_complete", full_disk_for_traces)
+    profiler = StepProfiler(1, tmp_path / "profile", rank=0, device=torch.device("cpu"))
+    with profiler.around(1):
+        torch.randn(32, 32) @ torch.randn(32, 32)
+    done = profiler.take()
+    assert done is not None and done.out_dir is None and done.calls >= 1
+    assert list((tmp_path / "profile").iterdir()) == []
+    assert "No space left on device" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", [0, 4, -1, "2", 2.5, True])

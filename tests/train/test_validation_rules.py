@@ -42,6 +42,8 @@ def _key_of(*overrides: str, world_size: int = 1) -> str | None:
         (("model.num_experts=9216", "model.top_k=5000", "model.expert_backend=torch"), None),
         (("model.expert_grad_path=gemm",), "model.expert_grad_path"),
         (("model.expert_grad_path=dense",), None),
+        (("model.expert_grad_coef=fp8",), "model.expert_grad_coef"),
+        (("model.expert_grad_coef=bf16",), None),
         (("model.num_experts=2147488281", "model.top_k=8"), "model.num_experts"),  # 46341^2
         (
             (
