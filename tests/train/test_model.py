@@ -114,7 +114,7 @@ def test_expert_grad_coef_reaches_the_kernels(single_rank: None) -> None:
 
     for coef in ("bf16", "split"):
         _model(f"model.expert_grad_coef={coef}")
-        assert experts_dense_grad.DENSE_COEF == coef
+        assert coef == experts_dense_grad.DENSE_COEF
 
 
 class _RecordingDispatch:
