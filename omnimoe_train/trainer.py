@@ -27,6 +27,7 @@ from omnimoe_train.checkpoint.compat import (
     RunAlreadyComplete,
     check_data_order,
     check_resumable,
+    checkpoint_vocab_size,
     schedule_change,
 )
 from omnimoe_train.checkpoint.files import read_meta
@@ -187,22 +188,14 @@ class Trainer:
             print(line, file=sys.stderr, flush=True)
 
     def _vocab_size(self, resume_from: Path | None) -> int:
-        """The padded vocabulary: the checkpoint's when it divides over this TP size (so a
-        checkpoint padded for more TP ranks still loads), else padded for this layout."""
-        vocab = self.cfg.model.vocab_size or self.data.vocab_size
+        """The padded vocabulary: the checkpoint's when this layout can take it, else padded
+        for this layout (``checkpoint_vocab_size``)."""
+        vocab, tp = self.cfg.model.vocab_size or self.data.vocab_size, self.cfg.parallel.tp
         if resume_from is not None:
-            saved = read_meta(resume_from).get("vocab_size")
-            if isinstance(saved, int) and saved >= vocab and saved % self.cfg.parallel.tp == 0:
+            saved = checkpoint_vocab_size(resume_from, read_meta(resume_from), vocab, tp)
+            if saved is not None:
                 return saved
-            if isinstance(saved, int) and vocab > saved:
-                # megatron's loader would take it (the embedding allows a shape mismatch, for
-                # padding) and start the rows past the checkpoint's at zero: another model,
-                # with no word said. Refused like any other change of the model's shape.
-                raise CheckpointLoadError(
-                    f"checkpoint {resume_from} was written with model.vocab_size={saved} "
-                    f"(padded), this run asks {vocab} (start a new run dir or match the model)"
-                )
-        return padded_vocab_size(vocab, self.cfg.parallel.tp)
+        return padded_vocab_size(vocab, tp)
 
     def num_parameters(self) -> int:
         return self.engine.num_parameters()

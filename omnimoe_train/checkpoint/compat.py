@@ -155,6 +155,24 @@ def check_data_order(path: Path, meta: dict[str, Any], loader_state: dict[str, A
             )
 
 
+def checkpoint_vocab_size(path: Path, meta: dict[str, Any], vocab: int, tp: int) -> int | None:
+    """The padded vocabulary of checkpoint ``path`` when this run (``vocab`` entries, ``tp``
+    tensor-parallel ranks) can take it: a checkpoint padded for more TP ranks still loads.
+    None when it records none or its padding does not divide over ``tp`` (pad for this layout).
+    Raises ``CheckpointLoadError`` when the run asks more entries than it has: megatron's loader
+    would take it (the embedding allows a shape mismatch, for padding) and start the rows past
+    the checkpoint's at zero, another model with no word said."""
+    saved = meta.get("vocab_size")
+    if not isinstance(saved, int):
+        return None
+    if vocab > saved:
+        raise CheckpointLoadError(
+            f"checkpoint {path} was written with model.vocab_size={saved} (padded), this run "
+            f"asks {vocab} (start a new run dir or match the model)"
+        )
+    return saved if saved % tp == 0 else None
+
+
 def schedule_change(
     path: Path, meta: dict[str, Any], *, optim: OptimConfig, max_steps: int
 ) -> str | None:
