@@ -27,7 +27,7 @@ from omnimoe_train.model.router import GateNorm
 from omnimoe_train.parallel.cost_model import choose_sharding, describe_choice, predict_bytes
 from omnimoe_train.parallel.expert_parallel import ExpertParallel
 from omnimoe_train.parallel.layout import sharding_modes_allowed
-from omnimoe_train.validation import ATOMIC_EXPERT_MLPS, layout_from_config
+from omnimoe_train.validation import ATOMIC_EXPERT_MLPS, MEGATRON_MOE_MLPS, layout_from_config
 
 
 def tokens_per_rank(cfg: RootConfig) -> int:
@@ -40,8 +40,15 @@ def tokens_per_rank(cfg: RootConfig) -> int:
 def resolve_table_sharding(cfg: RootConfig, *, world_size: int, bf16: bool) -> tuple[str, str]:
     """(mode, one log line with the predicted bytes). mode is ``none`` when ep = 1."""
     p, m = cfg.parallel, cfg.model
-    if p.ep == 1 or m.mlp not in ATOMIC_EXPERT_MLPS:  # PEER's experts are atomic experts too
+    if p.ep == 1:
         return "none", "expert tables replicated (parallel.ep=1)"
+    if m.mlp in MEGATRON_MOE_MLPS:
+        return "none", f"model.mlp={m.mlp}: megatron-core's experts over parallel.ep={p.ep} ranks"
+    if m.mlp not in ATOMIC_EXPERT_MLPS:  # PEER's experts are atomic experts too
+        return "none", (
+            f"model.mlp={m.mlp} has no expert tables: parallel.ep={p.ep} runs its layers data "
+            "parallel"
+        )
     layout = layout_from_config(cfg, world_size)
     allowed = sharding_modes_allowed(layout, num_experts=m.num_experts, hidden_size=m.hidden_size)
     shape = dict(

@@ -150,3 +150,23 @@ def test_start_up_line_says_whether_the_exchanges_overlap(
     cfg = compose_config("parallel=ep2_rows", "data.global_batch_size=32", *overrides)
     mode, line = resolve_table_sharding(cfg, world_size=2, bf16=True)
     assert mode in ("rows", "dim") and expected in line and "\n" not in line
+
+
+@pytest.mark.parametrize(
+    ("mlp", "expected"),
+    [
+        ("dense", "model.mlp=dense has no expert tables: parallel.ep=2 runs its layers data"),
+        ("pkm", "model.mlp=pkm has no expert tables"),
+        ("gshard", "model.mlp=gshard: megatron-core's experts over parallel.ep=2 ranks"),
+    ],
+)
+def test_start_up_line_says_what_ep_does_to_an_mlp_without_atomic_expert_tables(
+    mlp: str, expected: str
+) -> None:
+    """parallel.ep > 1 with an MLP that has no atomic-expert tables: the line says what the
+    layout does to it (it used to say "parallel.ep=1")."""
+    from omnimoe_train.parallel.setup import resolve_table_sharding
+
+    cfg = compose_config("parallel=ep2_rows", "data.global_batch_size=32", f"model.mlp={mlp}")
+    mode, line = resolve_table_sharding(cfg, world_size=2, bf16=True)
+    assert mode == "none" and line.startswith(expected) and "ep=1" not in line
