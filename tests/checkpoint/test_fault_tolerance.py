@@ -299,7 +299,13 @@ def test_ctrl_c_stops_at_once_in_one_line_and_keeps_the_checkpoints(
     ``[rank0]:``) and no ``exit_status.json``."""
     run = tmp_path / "run"
     args = [*TINY, "trainer.max_steps=400", "checkpoint.interval=4", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(_cmd(*args), env=_env(cache), stderr=subprocess.PIPE, text=True)
+    # A job started in the background by a non-interactive shell (``nohup ... &``, some CI
+    # harnesses) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler: the child gets the default disposition back, as an interactive run has it.
+    proc = subprocess.Popen(
+        _cmd(*args), env=_env(cache), stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     _wait_for(run / "checkpoints" / "step_00000004", proc)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=300)[1]
