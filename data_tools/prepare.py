@@ -37,6 +37,7 @@ from .shards import (
     MANIFEST_NAME,
     TOKENIZER_NAME,
     ShardWriter,
+    file_in_the_way,
     replace_atomically,
     sample_extension,
     temp_path,
@@ -270,9 +271,9 @@ def _check_out_file(out: Path) -> None:
             f"{out}: is a folder; give the tokenizer file to write, e.g. {out / 'tokenizer.json'}",
             option="out",
         )
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise DataError(f"{out}: {parent} is not a folder", option="out")
+    blocker = file_in_the_way(out.parent)
+    if blocker is not None:
+        raise DataError(f"{out}: {blocker} is not a folder", option="out")
 
 
 def report(console: Console, out: Path, splits: dict[str, dict], skips: SkipLog) -> None:

@@ -61,6 +61,15 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The existing file (not a folder) at ``folder`` or above it that stops ``folder`` from
+    being made, or None (everything that exists on the way is a folder)."""
+    for path in (folder, *folder.parents):
+        if path.exists():  # False below a file (pathlib treats ENOTDIR as absent)
+            return None if path.is_dir() else path
+    return None
+
+
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

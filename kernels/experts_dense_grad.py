@@ -205,10 +205,6 @@ class _ZeroBuffers:
         """The buffer is all zero again (every written position was cleared)."""
         self._dirty.discard(key)
 
-    def held_bytes(self) -> int:
-        """Bytes held by the kept buffers (all devices)."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
 
 ZERO_BUFFERS = _ZeroBuffers()
 
@@ -270,10 +266,14 @@ def dense_table_grads(
     cap = DENSE_MAX_BYTES if max_bytes is None else max_bytes
     for rows_TD, coef_TK, out_ND in ((x_TD, g_TK, dup_ND), (dy_TD, a_TK, ddown_ND)):
         split = rows_TD.dtype == torch.bfloat16 and coef == "split"
-        if rows_TD.dtype == torch.bfloat16 and not split:  # one bf16 coefficient per pair
+        rows = rows_TD
+        if rows_TD.dtype != torch.bfloat16:
+            # float64 GEMM: immune to TF32 / reduced-precision settings, exact products
+            value_TK = coef_TK.to(torch.float64)
+            rows = rows_TD.to(torch.float64)
+        elif not split:  # one bf16 coefficient per pair
             value_TK = coef_TK.to(torch.bfloat16)
-            rows = rows_TD
-        elif split:  # hi and lo of the coefficient against the rows: one GEMM, fp32 products
+        else:  # hi and lo of the coefficient against the rows: one GEMM, fp32 products
             hi_TK = coef_TK.to(torch.bfloat16)
             lo_TK = (coef_TK - hi_TK.to(acc)).to(torch.bfloat16)
             # A pair's hi and lo side by side in one 32-bit word (columns 2c and 2c + 1 of the
@@ -281,10 +281,6 @@ def dense_table_grads(
             # same memory sectors; two 16-bit scatters into two halves of the buffer wrote
             # twice the sectors (measured: docs/benchmarks.md).
             value_TK = torch.stack((hi_TK, lo_TK), dim=-1).view(torch.int32).squeeze(-1)
-            rows = rows_TD
-        else:  # float64 GEMM: immune to TF32 / reduced-precision settings, exact products
-            value_TK = coef_TK.to(torch.float64)
-            rows = rows_TD.to(torch.float64)
         parts = 2 if split else 1
         chunk = _chunk_columns(parts * num_tokens, num_experts, rows.element_size(), cap)
         width = (chunk + 1 + 7) // 8 * 8  # the chunk's columns and the dummy, padded

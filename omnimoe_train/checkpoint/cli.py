@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from omnimoe_data.shards import file_in_the_way
 from omnimoe_train.checkpoint.files import (
     CheckpointCorrupt,
     find_problem,
@@ -175,9 +176,9 @@ def consolidate(path: Path, out: Path) -> None:
     # traceback after the work, with the temporary file left behind.
     if out.is_dir():
         _fail(f"{out}: is a folder; give the file to write, e.g. {out / 'model.pt'}")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        _fail(f"{out}: {parent} is not a folder")
+    blocker = file_in_the_way(out.parent)
+    if blocker is not None:
+        _fail(f"{out}: {blocker} is not a folder")
     problem = find_problem(path)
     if problem is not None:
         _fail(f"{path}: {problem}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from omnimoe_data.shards import file_in_the_way
 from omnimoe_train.checkpoint.signals import parse_duration
 from omnimoe_train.config import (
     CheckpointConfig,
@@ -71,15 +72,6 @@ def validate_resume_path(c: CheckpointConfig) -> None:
         f"{resume} is not a folder (give a checkpoint folder step_<8 digits>, a folder of them, "
         "auto or none)",
     )
-
-
-def file_in_the_way(folder: Path) -> Path | None:
-    """The existing file (not a folder) at ``folder`` or above it that stops ``folder`` from
-    being made, or None (everything that exists on the way is a folder)."""
-    for path in (folder, *folder.parents):
-        if path.exists():  # False below a file (pathlib treats ENOTDIR as absent)
-            return None if path.is_dir() else path
-    return None
 
 
 def validate_output_folder(key: str, folder: str | Path) -> None:
