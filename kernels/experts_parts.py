@@ -45,10 +45,30 @@ def _check(rows_TD: torch.Tensor, table_ND: torch.Tensor, idx_TK: torch.Tensor) 
         raise ValueError(f"indices {tuple(idx_TK.shape)} for {rows_TD.shape[0]} tokens")
 
 
-def pair_dots(
-    rows_TD: torch.Tensor, table_ND: torch.Tensor, idx_TK: torch.Tensor, *, backend: str = "auto"
+def _out_buffer(
+    out: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """``h[t, k] = rows[t] . table[idx[t, k]]`` -> (T, K) float32 (float64 for float64 input)."""
+    """``out`` checked (contiguous, the given shape and dtype), or a new buffer."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(
+            f"out {tuple(out.shape)} {out.dtype} must be a contiguous {shape} {dtype} tensor"
+        )
+    return out
+
+
+def pair_dots(
+    rows_TD: torch.Tensor,
+    table_ND: torch.Tensor,
+    idx_TK: torch.Tensor,
+    *,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``h[t, k] = rows[t] . table[idx[t, k]]`` -> (T, K) float32 (float64 for float64 input),
+    written into ``out`` when given (e.g. a row block of a larger buffer: contiguous, that
+    shape and dtype, else ``ValueError``)."""
     _check(rows_TD, table_ND, idx_TK)
     num_tokens, top_k = idx_TK.shape
     if resolve_backend(backend, rows_TD.device) == "triton":
@@ -56,7 +76,7 @@ def pair_dots(
         from omnimoe_kernels.experts_pairs import pair_scores
 
         rows_TD, table_ND, idx_TK = rows_TD.contiguous(), table_ND.contiguous(), idx_TK.contiguous()
-        h_TK = torch.empty(num_tokens, top_k, dtype=torch.float32, device=rows_TD.device)
+        h_TK = _out_buffer(out, (num_tokens, top_k), torch.float32, rows_TD.device)
         if table_ND.numel() * table_ND.element_size() <= L2_TABLE_BYTES // 2:
             pair_scores(rows_TD, table_ND, idx_TK.reshape(-1), None, top_k, h_TK)
         else:  # expert order: each table row read once per block of its pairs
@@ -64,7 +84,7 @@ def pair_dots(
             pair_scores(rows_TD, table_ND, key_P, order_P, top_k, h_TK, base=base)
         return h_TK
     acc = _acc_dtype(rows_TD.dtype)
-    h_TK = torch.empty(num_tokens, top_k, dtype=acc, device=rows_TD.device)
+    h_TK = _out_buffer(out, (num_tokens, top_k), acc, rows_TD.device)
     for start, end in _token_chunks(num_tokens, top_k, table_ND.shape[1]):
         rows_CKD = table_ND[idx_TK[start:end]].to(acc)
         h_TK[start:end] = torch.einsum("ckd,cd->ck", rows_CKD, rows_TD[start:end].to(acc))
@@ -79,16 +99,18 @@ def combine(
     gate_TK: torch.Tensor | None = None,
     out_dtype: torch.dtype,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_k c[t, k] * table[idx[t, k]]`` -> (T, D) in ``out_dtype``, with
-    ``c = gate * silu(coef)`` when ``gate_TK`` is given (the layer's forward), else ``coef``."""
+    ``c = gate * silu(coef)`` when ``gate_TK`` is given (the layer's forward), else ``coef``;
+    written into ``out`` when given (contiguous, that shape and dtype, else ``ValueError``)."""
     if coef_TK.shape != idx_TK.shape or (gate_TK is not None and gate_TK.shape != idx_TK.shape):
         raise ValueError(f"coefficients {tuple(coef_TK.shape)} / indices {tuple(idx_TK.shape)}")
     num_tokens, width = idx_TK.shape[0], table_ND.shape[1]
+    out_TD = _out_buffer(out, (num_tokens, width), out_dtype, table_ND.device)
     if resolve_backend(backend, table_ND.device) == "triton":
         from omnimoe_kernels.experts_pairs import combine_rows
 
-        out_TD = torch.empty(num_tokens, width, dtype=out_dtype, device=table_ND.device)
         gate = gate_TK.contiguous() if gate_TK is not None else None
         combine_rows(
             table_ND.contiguous(), idx_TK.contiguous(), coef_TK.contiguous(), out_TD, w_TK=gate
@@ -96,12 +118,12 @@ def combine(
         return out_TD
     acc = _acc_dtype(coef_TK.dtype)
     if num_tokens == 0:
-        return torch.zeros(0, width, dtype=out_dtype, device=table_ND.device)
+        return out_TD
     coef_TK = coef_TK.to(acc)
     if gate_TK is not None:
         coef_TK = gate_TK.to(acc) * F.silu(coef_TK)
-    out_TD = F.embedding_bag(idx_TK, table_ND.to(acc), per_sample_weights=coef_TK, mode="sum")
-    return out_TD.to(out_dtype)
+    sums_TD = F.embedding_bag(idx_TK, table_ND.to(acc), per_sample_weights=coef_TK, mode="sum")
+    return out_TD.copy_(sums_TD)
 
 
 def silu_grads(

@@ -9,13 +9,16 @@ activation. One call on rank r (T own tokens, G of the group, Dp = D/P; legend i
                the routing weights of my tokens to every rank q -> (G, Dp) x of my slice and
                the (G, K) ids and weights of the group
     h          partial scores on my slice (``experts_parts.pair_dots``), fp32 (G, K),
-               all-reduced: every rank has the full h of the group's pairs
+               all-reduced: every rank has the full h of the group's pairs (in
+               ``SCORE_BLOCKS`` row blocks: one block's sum travels while the next block's
+               partial scores are computed, and the combine below starts on the first)
     y          y[:, slice] = sum_k w * silu(h) * V[e, slice] (``experts_parts.combine``, the
                gated Triton combine) for all G tokens; all-to-all back, each source assembles
                its (T, D) rows from the P slices
 
 Backward (one autograd node, collectives in a fixed order): dy slices out (all-to-all), partial
-da = dy . V[e, slice] all-reduced, g = dL/dh and dw from (da, h, w) in one kernel, dx slices =
+da = dy . V[e, slice] all-reduced (the same row blocks: one block's g, dw and dx are computed
+while the next block's da travels), g = dL/dh and dw from (da, h, w) in one kernel, dx slices =
 sum_k g * U[e, slice] sent back (all-to-all, overlapped with the table gradients dU, dV of the
 slice, which never leave the rank); dw of my tokens is my rows of the group's dw.
 
@@ -41,24 +44,55 @@ import torch
 from torch.distributed import ProcessGroup
 
 from omnimoe_kernels import experts_parts
-from omnimoe_train.parallel.collectives import GroupComm, ShardingStats, pack_rows, unpack_rows
+from omnimoe_train.parallel.collectives import (
+    GroupComm,
+    ShardingStats,
+    contiguous_wide,
+    pack_rows,
+    unpack_rows,
+    widest_word,
+)
 from omnimoe_train.parallel.overlap import PendingExchange, TokensInFlight, start_exchange
+
+
+class _SwapBlocks(torch.autograd.Function):
+    """(A, B, w) -> (B, A, w) contiguous, copied as wide words (``contiguous_wide``); the
+    backward swaps the gradient back the same way (autograd's own would copy element-wise)."""
+
+    @staticmethod
+    def forward(ctx, t_ABw: torch.Tensor) -> torch.Tensor:
+        return contiguous_wide(t_ABw.transpose(0, 1))
+
+    @staticmethod
+    def backward(ctx, grad_BAw: torch.Tensor) -> torch.Tensor:
+        return contiguous_wide(grad_BAw.transpose(0, 1))
 
 
 def _to_owners(comm: GroupComm, t_TD: torch.Tensor, width: int) -> torch.Tensor:
     """(T, P*width) -> (P*T, width): block q holds column slice q of my tokens."""
     num_tokens = t_TD.shape[0]
-    return t_TD.reshape(num_tokens, comm.size, width).transpose(0, 1).reshape(-1, width)
+    return _SwapBlocks.apply(t_TD.reshape(num_tokens, comm.size, width)).view(-1, width)
 
 
 def _from_owners(comm: GroupComm, t_PTw: torch.Tensor) -> torch.Tensor:
     """(P*T, width) slices back from every rank -> (T, P*width) rows."""
     width = t_PTw.shape[1]
-    return (
-        t_PTw.view(comm.size, comm.mine, width)
-        .transpose(0, 1)
-        .reshape(comm.mine, comm.size * width)
-    )
+    swapped = _SwapBlocks.apply(t_PTw.reshape(comm.size, comm.mine, width))
+    return swapped.view(comm.mine, comm.size * width)
+
+
+# The group's tokens in this many row blocks for the score all-reduces: one block's partial
+# scores travel while the next block's are computed, and the backward combines one block's dx
+# while the next block's da travels. The all-reduces sit between dependent kernels (silu needs
+# the full score), so unsplit they stall the stream (~15 ms of a profiled a80m ep2_dim step).
+SCORE_BLOCKS = 2
+
+
+def _blocks(num_rows: int) -> list[slice]:
+    if num_rows == 0:
+        return [slice(0, 0)]
+    step = -(-num_rows // SCORE_BLOCKS)
+    return [slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
 
 
 def _scores_and_combine(
@@ -71,28 +105,58 @@ def _scores_and_combine(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h_GK all-reduced, y_GDp my column slice of every token's output)."""
+    num_rows, top_k = ids_GK.shape
     acc = torch.promote_types(x_GDp.dtype, torch.float32)
-    h_GK = comm.all_reduce(experts_parts.pair_dots(x_GDp, up_NDp, ids_GK, backend=backend).to(acc))
-    y_GDp = experts_parts.combine(
-        down_NDp, ids_GK, h_GK, gate_TK=w_GK, out_dtype=x_GDp.dtype, backend=backend
-    )
+    h_GK = x_GDp.new_empty((num_rows, top_k), dtype=acc)
+    y_GDp = x_GDp.new_empty((num_rows, up_NDp.shape[1]))
+    blocks = _blocks(num_rows)
+    sums = [
+        comm.all_reduce_async(
+            experts_parts.pair_dots(x_GDp[b], up_NDp, ids_GK[b], backend=backend, out=h_GK[b])
+        )
+        for b in blocks
+    ]
+    for b, block_sum in zip(blocks, sums):
+        experts_parts.combine(
+            down_NDp, ids_GK[b], block_sum.wait(), gate_TK=w_GK[b], out_dtype=x_GDp.dtype,
+            backend=backend, out=y_GDp[b],
+        )  # fmt: skip
     return h_GK, y_GDp
 
 
 def _score_grads(
     comm: GroupComm,
     dy_GDp: torch.Tensor,
+    up_NDp: torch.Tensor,
     down_NDp: torch.Tensor,
     ids_GK: torch.Tensor,
     h_GK: torch.Tensor,
     w_GK: torch.Tensor,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g = dL/dh, dw) of the group's pairs: partial da all-reduced, then one kernel."""
-    da_GK = comm.all_reduce(
-        experts_parts.pair_dots(dy_GDp, down_NDp, ids_GK, backend=backend).to(h_GK.dtype)
-    )
-    return experts_parts.silu_grads(da_GK, h_GK, w_GK, backend=backend)
+    *,
+    dx_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(g = dL/dh, dw, dx_GDp or None when ``dx_dtype`` is None) of the group's pairs: the
+    partial da all-reduced block by block, then g and dw in one kernel and dx's combine."""
+    da_GK = torch.empty_like(h_GK)
+    blocks = _blocks(ids_GK.shape[0])
+    dx_GDp = None if dx_dtype is None else dy_GDp.new_empty(dy_GDp.shape, dtype=dx_dtype)
+    sums = [
+        comm.all_reduce_async(
+            experts_parts.pair_dots(dy_GDp[b], down_NDp, ids_GK[b], backend=backend, out=da_GK[b])
+        )
+        for b in blocks
+    ]
+    g_parts, dw_parts = [], []
+    for b, block_sum in zip(blocks, sums):
+        g_BK, dw_BK = experts_parts.silu_grads(block_sum.wait(), h_GK[b], w_GK[b], backend=backend)
+        g_parts.append(g_BK)
+        dw_parts.append(dw_BK)
+        if dx_GDp is not None:
+            experts_parts.combine(
+                up_NDp, ids_GK[b], g_BK, out_dtype=dx_dtype, backend=backend, out=dx_GDp[b]
+            )
+    return torch.cat(g_parts), torch.cat(dw_parts), dx_GDp
 
 
 def _my_rows(comm: GroupComm, t_GK: torch.Tensor) -> torch.Tensor:
@@ -106,17 +170,21 @@ class _DimExperts(torch.autograd.Function):
                 distinct_ids: bool):  # fmt: skip
         num_tokens, top_k = ids_TK.shape
         width = up_NDp.shape[1]
-        # One exchange: block q = (x[:, slice q], my ids, my weights), as bytes.
+        # One exchange: block q = (x[:, slice q], my ids, my weights), as bytes, written as
+        # the widest words all three widths allow (a strided copy costs per element).
         x_bytes, w_bytes = width * x_TD.element_size(), top_k * weights_TK.element_size()
         send = torch.empty(
             comm.size, num_tokens, x_bytes + 4 * top_k + w_bytes,
             dtype=torch.uint8, device=x_TD.device,
         )  # fmt: skip
         if num_tokens:
-            x_slices = x_TD.contiguous().view(num_tokens, comm.size, width).view(torch.uint8)
-            send[:, :, :x_bytes] = x_slices.transpose(0, 1)
-            send[:, :, x_bytes : x_bytes + 4 * top_k] = ids_TK.to(torch.int32).view(torch.uint8)
-            send[:, :, x_bytes + 4 * top_k :] = weights_TK.contiguous().view(torch.uint8)
+            word = widest_word(x_bytes, 4 * top_k, w_bytes)
+            words, ids_end = send.view(word), (x_bytes + 4 * top_k) // word.itemsize
+            x_slices = x_TD.contiguous().view(num_tokens, comm.size, width).view(word)
+            words[:, :, : x_bytes // word.itemsize] = x_slices.transpose(0, 1)
+            ids_words = ids_TK.to(torch.int32).view(torch.uint8).view(word)
+            words[:, :, x_bytes // word.itemsize : ids_end] = ids_words
+            words[:, :, ids_end:] = weights_TK.contiguous().view(torch.uint8).view(word)
         recv = comm.exchange(send.view(comm.size * num_tokens, send.shape[2]), to_owners=True)
         x_GDp, ids_GK, w_GK = unpack_rows(
             recv, [(x_TD.dtype, (width,)), (torch.int32, (top_k,)), (weights_TK.dtype, (top_k,))]
@@ -135,8 +203,9 @@ class _DimExperts(torch.autograd.Function):
         comm, backend = ctx.comm, ctx.backend
         width = up_NDp.shape[1]
         dy_GDp = comm.exchange(_to_owners(comm, dy_TD.to(ctx.x_dtype), width), to_owners=True)
-        g_GK, dw_GK = _score_grads(comm, dy_GDp, down_NDp, ids_GK, h_GK, w_GK, backend)
-        dx_GDp = experts_parts.combine(up_NDp, ids_GK, g_GK, out_dtype=ctx.x_dtype, backend=backend)
+        g_GK, dw_GK, dx_GDp = _score_grads(
+            comm, dy_GDp, up_NDp, down_NDp, ids_GK, h_GK, w_GK, backend, dx_dtype=ctx.x_dtype
+        )
         # dx travels while the table gradients are computed.
         dx_back = comm.exchange_async(dx_GDp, to_owners=False)
         dup_NDp, ddown_NDp = experts_parts.table_grads(
@@ -169,12 +238,10 @@ class _DimGroupExperts(torch.autograd.Function):
     def backward(ctx, dy_GDp):
         x_GDp, ids_GK, h_GK, w_GK, up_NDp, down_NDp = ctx.saved_tensors
         comm, backend = ctx.comm, ctx.backend
-        g_GK, dw_GK = _score_grads(comm, dy_GDp, down_NDp, ids_GK, h_GK, w_GK, backend)
-        dx_GDp = None
-        if ctx.needs_input_grad[0]:
-            dx_GDp = experts_parts.combine(
-                up_NDp, ids_GK, g_GK, out_dtype=x_GDp.dtype, backend=backend
-            )
+        g_GK, dw_GK, dx_GDp = _score_grads(
+            comm, dy_GDp, up_NDp, down_NDp, ids_GK, h_GK, w_GK, backend,
+            dx_dtype=x_GDp.dtype if ctx.needs_input_grad[0] else None,
+        )  # fmt: skip
         dup_NDp, ddown_NDp = experts_parts.table_grads(
             x_GDp, dy_GDp, ids_GK, g_GK, h_GK, w_GK, up_NDp.shape[0],
             dtype=up_NDp.dtype, backend=backend, distinct_ids=ctx.distinct_ids,

@@ -105,6 +105,35 @@ def test_parts_compose_to_atomic_experts() -> None:
     assert rel_err(y, ref) <= 1e-6
 
 
+def _blocks_into_out(backend: str) -> None:
+    """pair_dots and combine written block by block into row slices of one buffer (``out``,
+    what the ``dim`` layout's pipelined all-reduces do) equal the whole-batch calls."""
+    x, _, up, down, idx, g, w = _inputs(13, 16, 20, 5, "cpu", seed=5)
+    h_whole = experts_parts.pair_dots(x, up, idx, backend=backend)
+    y_whole = experts_parts.combine(down, idx, g, gate_TK=w, out_dtype=x.dtype, backend=backend)
+    h, y = torch.full_like(h_whole, float("nan")), torch.full_like(y_whole, float("nan"))
+    for b in (slice(0, 7), slice(7, 13)):
+        got = experts_parts.pair_dots(x[b], up, idx[b], backend=backend, out=h[b])
+        assert got.data_ptr() == h[b].data_ptr()
+        experts_parts.combine(
+            down, idx[b], g[b], gate_TK=w[b], out_dtype=x.dtype, backend=backend, out=y[b]
+        )
+    assert torch.equal(h, h_whole) and torch.equal(y, y_whole)
+    with pytest.raises(ValueError, match="contiguous"):
+        experts_parts.pair_dots(x, up, idx, backend=backend, out=h.t().contiguous().t())
+    with pytest.raises(ValueError, match="contiguous"):
+        experts_parts.combine(down, idx, g, out_dtype=x.dtype, backend=backend, out=y[:, :4])
+
+
+def test_parts_write_into_out_torch() -> None:
+    _blocks_into_out("torch")
+
+
+@cpu_triton
+def test_parts_write_into_out_triton_cpu() -> None:
+    _blocks_into_out("triton")
+
+
 @cpu_triton
 @pytest.mark.parametrize("sorted_walk", [False, True], ids=["token_order", "expert_order"])
 @pytest.mark.parametrize(("T", "D", "N", "K"), SHAPES)

@@ -1,0 +1,60 @@
+"""Byte-level helpers of ``parallel.collectives``: wide-word copies and packed rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnimoe_train.parallel.collectives import (
+    contiguous_wide,
+    pack_rows,
+    unpack_rows,
+    widest_word,
+)
+
+
+@pytest.mark.parametrize(
+    ("spans", "word"),
+    [
+        ((768, 256, 128), torch.int64),
+        ((768, 260), torch.int32),
+        ((6, 4), torch.int16),
+        ((3,), torch.uint8),
+        ((0, 8), torch.int64),
+    ],
+)
+def test_widest_word(spans, word):
+    assert widest_word(*spans) == word
+
+
+def _layouts():
+    """(name, strided tensor) of the layouts the exchanges copy, and ones no wide word fits."""
+    bf16 = torch.randn(48, 2, 384).to(torch.bfloat16)
+    packed = torch.randint(0, 256, (17, 1152), dtype=torch.uint8)
+    yield "bf16 block swap", bf16.transpose(0, 1)
+    yield "fp32 block swap", torch.randn(5, 3, 8).transpose(0, 1)
+    yield "uint8 column chunk", packed[:, 768:1024]
+    yield "uint8 odd chunk", packed[:, 3:10]
+    yield "uint8 offset 4", packed[:, 4:12]
+    yield "misaligned address", packed.view(-1)[1:].view(1, -1)[:, :16]
+    yield "non-unit last stride", bf16[:, :, ::2]
+    yield "empty rows", packed[:0, 8:16]
+    yield "int32 ids", torch.randint(0, 9, (6, 4, 64), dtype=torch.int32).transpose(0, 1)
+
+
+@pytest.mark.parametrize(("name", "t"), list(_layouts()), ids=[n for n, _ in _layouts()])
+def test_contiguous_wide_equals_contiguous(name, t):
+    out = contiguous_wide(t)
+    assert out.is_contiguous() and out.dtype == t.dtype and out.shape == t.shape, name
+    assert torch.equal(out, t.contiguous()), name
+
+
+def test_unpack_rows_inverts_pack_rows_at_any_offset():
+    ids = torch.randint(0, 1000, (9, 5), dtype=torch.int32)
+    weights = torch.randn(9, 5).to(torch.bfloat16)
+    flags = torch.rand(9, 3) > 0.5
+    x = torch.randn(9, 2, 4)
+    like = [(p.dtype, tuple(p.shape[1:])) for p in (flags, ids, weights, x)]
+    out = unpack_rows(pack_rows([flags, ids, weights, x]), like)
+    for got, want in zip(out, (flags, ids, weights, x)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
