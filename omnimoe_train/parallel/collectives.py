@@ -240,7 +240,12 @@ def contiguous_wide(t: torch.Tensor) -> torch.Tensor:
     if t.is_contiguous() or t.dim() == 0 or t.stride(-1) != 1 or t.shape[-1] == 0:
         return t.contiguous()
     size = t.element_size()
-    word = widest_word(t.shape[-1] * size, t.data_ptr(), *(st * size for st in t.stride()[:-1]))
+    # The address for the copy's alignment; the storage offset because the dtype view checks
+    # it (they differ when the storage itself does not start on a word: ``frombuffer``).
+    word = widest_word(
+        t.shape[-1] * size, t.data_ptr(), t.storage_offset() * size,
+        *(st * size for st in t.stride()[:-1]),
+    )  # fmt: skip
     if word.itemsize <= size:
         return t.contiguous()
     return t.view(word).contiguous().view(t.dtype)
@@ -261,6 +266,11 @@ def unpack_rows(
             out.append(torch.empty(0, *shape, dtype=dtype, device=packed.device))
         else:
             chunk = contiguous_wide(packed[:, start : start + width])
+            itemsize = dtype.itemsize
+            if chunk.storage_offset() % itemsize or chunk.stride(0) % itemsize:
+                # One row counts as contiguous, so nothing was copied: its bytes may start off
+                # the dtype's boundary (a group of one token), which the dtype view refuses.
+                chunk = chunk.flatten().clone().view(rows, width)
             out.append(chunk.view(dtype).view(rows, *shape))
         start += width
     return out

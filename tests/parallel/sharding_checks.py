@@ -108,11 +108,13 @@ def check_case(
     device: str = "cpu",
     distinct_ids: bool = False,
     ascending_ids: bool = False,
+    strided_ids: bool = False,
 ) -> None:
     """Run one case in ``mode`` on this rank and assert it matches the single-process op.
     ``known_tokens``: pass every rank's token count (no count exchange); ``distinct_ids``:
     tell the op the case's ids are distinct per token (the dense gradients skip the merge);
-    ``ascending_ids``: each token's ids sorted (the routers' order) and the rows op told so."""
+    ``ascending_ids``: each token's ids sorted (the routers' order) and the rows op told so;
+    ``strided_ids``: the ids passed as int32 columns of a wider tensor (not contiguous)."""
     num_ranks, rank = dist.get_world_size(), dist.get_rank()
     assert len(case.tokens_per_rank) == num_ranks
     full = {name: t.to(device) for name, t in _build(case, dtype).items()}
@@ -131,6 +133,9 @@ def check_case(
     x = full["x"][mine].clone().requires_grad_()
     weights = full["weights"][mine].clone().requires_grad_()
     indices = full["indices"][mine]
+    if strided_ids:
+        wide = torch.cat([indices, indices[:, :1]], dim=1).to(torch.int32)
+        indices = wide[:, : case.top_k]
     tokens = list(case.tokens_per_rank) if known_tokens else None
     if mode == "rows":
         rows = slice(*(case.num_experts // num_ranks * r for r in (rank, rank + 1)))
@@ -325,3 +330,13 @@ def check_overlap_bitwise(cases: list[Case], modes: tuple[str, ...]) -> None:
                 for name, a, b in zip(("y", "dx", "dU", "dV"), off, on, strict=True):
                     assert a.shape == b.shape and torch.equal(a, b), (mode, case, name)
                 assert on_bytes == off_bytes, (mode, case, on_bytes, off_bytes)
+
+
+def check_odd_byte_layouts(cases: list[Case], modes: tuple[str, ...]) -> None:
+    """Cases whose packed rows put a part off its dtype's boundary, in float64 (exact enough for
+    ``RTOL``), and the ids as a strided int32 view; every case with the counts known and not."""
+    for case in cases:
+        for mode in modes:
+            for known in (True, False):
+                check_case(case, mode, torch.float64, known_tokens=known)
+                check_case(case, mode, known_tokens=known, strided_ids=True)

@@ -58,3 +58,27 @@ def test_unpack_rows_inverts_pack_rows_at_any_offset():
     out = unpack_rows(pack_rows([flags, ids, weights, x]), like)
     for got, want in zip(out, (flags, ids, weights, x)):
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_contiguous_wide_on_storage_not_starting_on_a_word():
+    """Storage that starts off a word boundary (``frombuffer`` at an offset): an aligned
+    address can then sit at an unaligned storage offset, which the view to a wide word checks."""
+    buffer = bytearray(300)
+    for base in range(8):
+        storage = torch.frombuffer(buffer, dtype=torch.uint8, offset=base, count=280)
+        for skip in range(8):
+            t = storage[skip : skip + 256].view(16, 16)[:, :8]
+            assert torch.equal(contiguous_wide(t), t.contiguous()), (base, skip)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_unpack_rows_of_one_row_at_odd_byte_offsets(rows):
+    """One row: its byte columns count as contiguous, so no copy realigns them, and the view
+    to a wider dtype must still work (a group of one token: an uneven EP split)."""
+    x = torch.randn(rows, 3).to(torch.bfloat16)  # 6 bytes: the ids start at byte 6
+    ids = torch.randint(0, 1000, (rows, 3), dtype=torch.int32)
+    weights = torch.randn(rows, 3)  # at byte 18
+    like = [(p.dtype, tuple(p.shape[1:])) for p in (x, ids, weights)]
+    out = unpack_rows(pack_rows([x, ids, weights]), like)
+    for got, want in zip(out, (x, ids, weights)):
+        assert got.dtype == want.dtype and torch.equal(got, want)

@@ -8,12 +8,21 @@ Each spawned run checks outputs, loss, dx, dweights and the gathered table gradi
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from omnimoe_train.parallel.dim_sharding import _as_words
+
 from .distributed import run_distributed
 from .pair_ranges_checks import check_rows_pair_ranges
-from .sharding_checks import Case, check_bytes_per_rank, check_cases, check_cases_triton
+from .sharding_checks import (
+    Case,
+    check_bytes_per_rank,
+    check_cases,
+    check_cases_triton,
+    check_odd_byte_layouts,
+)
 
 MODES = ("rows", "dim")
 
@@ -43,6 +52,19 @@ def test_edge_routings_two_ranks() -> None:
         Case((2, 1), 4, 4, 4, seed=3),
     ]
     run_distributed(check_cases, 2, cases, MODES)
+
+
+def test_odd_byte_layouts_two_ranks() -> None:
+    """A group of one token (rows of one, which count as contiguous: no realigning copy) with
+    odd K, so the packed weights start off their dtype's boundary; int32 ids as a strided
+    view (columns of a wider tensor), which the packed send must copy, not view as words."""
+    cases = [
+        Case((1, 0), 4, 16, 3, indices=((2, 9, 14),)),
+        Case((0, 1), 2, 16, 1, indices=((11,),)),
+        Case((2, 1), 4, 16, 2, seed=6),
+        Case((3, 3), 4, 16, 2, seed=7),
+    ]
+    run_distributed(check_odd_byte_layouts, 2, cases, MODES)
 
 
 @pytest.mark.parametrize(
@@ -151,3 +173,23 @@ def test_rows_ascending_ids_walk_pair_ranges(world_size: int) -> None:
         ]
         equal = [Case((3, 3, 3, 3), 4, 64, 10, seed=9)]
     run_distributed(check_rows_pair_ranges, world_size, cases, equal)
+
+
+@pytest.mark.parametrize(
+    ("name", "t", "word"),
+    [
+        (
+            "lone row, odd stride",
+            torch.arange(12, dtype=torch.int32).view(4, 3)[1:2, 1:3],
+            torch.int64,
+        ),
+        ("lone column", torch.arange(5, dtype=torch.int32).view(1, 5).t(), torch.int32),
+        ("odd offset", torch.randn(2, 6).to(torch.bfloat16)[1:, 1:5], torch.int64),
+        ("strided rows", torch.arange(24, dtype=torch.int32).view(4, 6)[:, :4], torch.int64),
+    ],
+)
+def test_dim_send_rows_as_words(name: str, t: torch.Tensor, word: torch.dtype) -> None:
+    """The dim exchange writes x, ids and weights as words: any layout of a (T, X) tensor."""
+    words = _as_words(t, word)
+    assert words.shape[0] == t.shape[0], name
+    assert torch.equal(words.view(t.dtype).view(t.shape), t), name
