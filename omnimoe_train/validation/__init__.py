@@ -52,6 +52,7 @@ from omnimoe_train.validation.engine import (
     validate_cuda_graphs,
     validate_deepspeed,
     validate_device,
+    validate_expert_backend,
     validate_throughput_levers,
 )
 from omnimoe_train.validation.errors import ConfigError, config_value, require
@@ -151,5 +152,6 @@ def validate(
     validate_names(d, cfg.checkpoint, cfg.logging.wandb)
     if this_machine:
         validate_device(t.device)
+        validate_expert_backend(m, t)
     validate_throughput_levers(m, p, t, this_machine)
     validate_cuda_graphs(m, p, t, this_machine)

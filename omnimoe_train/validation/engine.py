@@ -11,7 +11,7 @@ from typing import Any
 
 from omnimoe_train.config import ModelConfig, ParallelConfig, TrainerConfig
 from omnimoe_train.engine.deepspeed_config import check_deepspeed_keys, check_deepspeed_schema
-from omnimoe_train.validation.choices import MEGATRON_MOE_MLPS
+from omnimoe_train.validation.choices import MEGATRON_MOE_MLPS, PRODUCT_KEY_MLPS
 from omnimoe_train.validation.errors import ConfigError, require
 
 
@@ -55,6 +55,21 @@ def validate_device(device: str) -> None:
         "trainer.device",
         "cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use trainer.device=cpu or auto",
+    )
+
+
+def validate_expert_backend(m: ModelConfig, t: TrainerConfig) -> None:
+    """``model.expert_backend=triton`` launches the router and expert kernels with Triton, which
+    needs a CUDA device or its CPU interpreter (``TRITON_INTERPRET=1``); otherwise Triton fails
+    at the first forward ('0 active drivers'). Only the product-key MLPs run those kernels."""
+    require(
+        m.expert_backend != "triton"
+        or m.mlp not in PRODUCT_KEY_MLPS
+        or _runs_on_cuda(t.device)
+        or os.environ.get("TRITON_INTERPRET") == "1",
+        "model.expert_backend",
+        f"triton needs a CUDA device (trainer.device={t.device}, none in use) or Triton's CPU "
+        "interpreter (TRITON_INTERPRET=1); use model.expert_backend=auto or torch",
     )
 
 

@@ -272,3 +272,24 @@ def test_batch_rule_says_which_override_fixes_it(
 )
 def test_values_megatron_or_torch_would_refuse_later_are_rules(override: str, key: str) -> None:
     assert _key_of(override) == key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "interpret", "key"),
+    [
+        (("model.expert_backend=triton", "trainer.device=cpu"), None, "model.expert_backend"),
+        (("model.expert_backend=triton", "trainer.device=cpu"), "1", None),  # the interpreter
+        (("model.expert_backend=triton", "trainer.device=cpu", "model.mlp=dense"), None, None),
+        (("model.expert_backend=torch", "trainer.device=cpu"), None, None),
+    ],
+)
+def test_triton_expert_backend_needs_a_device_for_triton(
+    overrides: tuple[str, ...], interpret: str | None, key: str | None, monkeypatch
+) -> None:
+    """Without CUDA or Triton's CPU interpreter the kernels cannot launch (was a traceback from
+    Triton, '0 active drivers', at the first evaluation); a dense MLP runs none of them."""
+    if interpret is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert _key_of(*overrides) == key
