@@ -27,12 +27,16 @@ from omnimoe_train.config import WandbConfig
 METRICS_FILE = "metrics.jsonl"
 
 
-def _format(key: str, value: Any) -> str:
-    """Compact console form of a metric: rates as integers, small values in scientific form."""
+def console_format(key: str, value: Any) -> str:
+    """Compact console form of a metric: rates as integers, the learning rate always in
+    scientific form (its column keeps one shape through warm-up and decay, as megatron logs
+    it), other small values in scientific form."""
     if not isinstance(value, float):
         return str(value)
     if key.endswith("tokens_per_s"):
         return f"{value:,.0f}"
+    if key == "lr":
+        return f"{value:.2e}"
     if value != 0 and abs(value) < 1e-3:
         return f"{value:.2e}"
     return f"{value:.4g}"
@@ -128,7 +132,9 @@ class MetricsSink:
         # One physical line per record whatever the terminal width (soft wrap, no log table),
         # so a log file or a launcher's per-rank output keeps one line per logged step.
         shown = (
-            escape(line) if line else "  ".join(f"{k} {_format(k, v)}" for k, v in record.items())
+            escape(line)
+            if line
+            else "  ".join(f"{k} {console_format(k, v)}" for k, v in record.items())
         )
         self.console.print(
             f"[dim]\\[{time.strftime('%H:%M:%S')}][/dim] {shown}", soft_wrap=True, highlight=False

@@ -119,8 +119,9 @@ def _scores_and_combine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h_GK all-reduced, y_GDp my column slice of every token's output)."""
     num_rows, top_k = ids_GK.shape
-    acc = torch.promote_types(x_GDp.dtype, torch.float32)
-    h_GK = x_GDp.new_empty((num_rows, top_k), dtype=acc)
+    h_GK = x_GDp.new_empty(
+        (num_rows, top_k), dtype=experts_parts.score_dtype(x_GDp.dtype, x_GDp.device, backend)
+    )
     y_GDp = x_GDp.new_empty((num_rows, up_NDp.shape[1]))
     blocks = _blocks(num_rows)
     sums = [

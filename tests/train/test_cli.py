@@ -115,3 +115,13 @@ def test_short_run_trains_logs_checkpoints_and_resumes_exactly(tmp_path: Path) -
     assert b.returncode == 0, b.stderr[-3000:]
     b_train = {r["step"]: r["loss"] for r in _records(run_b) if "loss" in r}
     assert b_train == {r["step"]: r["loss"] for r in train if r["step"] > 10}
+
+
+def test_help_names_the_command_and_its_usage(tmp_path: Path) -> None:
+    """``--help`` leads with our name, usage and docs, not Hydra's generic banner."""
+    result = run_train_cli(["--help"], cache=tmp_path / "cache", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("omnimoe-train: pretrain"), result.stdout[:200]
+    assert "powered by Hydra" not in result.stdout
+    assert "Usage: omnimoe-train" in result.stdout and "== Configuration groups ==" in result.stdout
+    assert "parallel: dp2_distopt" in result.stdout
