@@ -128,8 +128,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         # resumed from, plus this one) and this process's alone.
         summary["wall_s"] = trainer.state.total_wall_s()
         summary["segment_wall_s"] = trainer.state.segment_wall_s()
-        if trainer.resume_from is not None:
-            summary["resumed_from"] = trainer.resume_from.name
+        if trainer.resume is not None:
+            summary["resumed_from"] = trainer.resume.name
         if main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             _report(sink, summary)
