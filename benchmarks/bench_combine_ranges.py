@@ -4,7 +4,7 @@
 Under ``rows`` a rank runs ``combine_rows`` on the group's G = P*T tokens with the pairs of the
 other ranks' experts marked "no expert"; with ascending ids each token's pairs on the rank are
 one run of its slots and ``pair_ranges`` lets the kernel walk only those runs, tiled in count
-order (``rows_dispatch.rows_pair_ranges``). Timed at a80m under ep2_rows (T = 16384 tokens per
+order (``rows_routing``, ``rows_dispatch.order_by_count``). Timed at a80m under ep2_rows (T = 16384 tokens per
 rank, P = 2, D = 768, N = 76 x 76, K = 64): the masked full-K combine against the ranged one,
 in its forward form (y: gated, down table) and its dx form (plain coefficients, up table), for
 the id block of every rank, plus the one-GPU reference (T tokens, all N rows, every pair real)
@@ -21,7 +21,8 @@ import torch
 
 import omnimoe_kernels
 from omnimoe_kernels.experts_pairs import combine_rows
-from omnimoe_train.parallel.rows_dispatch import rows_pair_ranges
+from omnimoe_kernels.rows_routing import rows_routing
+from omnimoe_train.parallel.rows_dispatch import order_by_count
 
 COMBINE_RANGES_CONFIGS = [(16384, 2, 768, 76, 64)]  # T per rank, ranks, D, n, K (a80m, ep2)
 
@@ -36,14 +37,18 @@ def routed_ids(tokens: int, n: int, k: int, device: str, seed: int = 0) -> torch
     return omnimoe_kernels.cartesian_topk(rows, cols, k)[1]
 
 
-def rank_inputs(ids_GK: torch.Tensor, num_experts: int, ranks: int, rank: int) -> tuple:
+def rank_setup(
+    ids32_GK: torch.Tensor, num_experts: int, ranks: int, rank: int, backend: str = "auto"
+) -> tuple:
     """(local ids (G, K) int32 with E = "no expert", pair ranges) of ``rank``'s id block, as
-    ``rows_dispatch._local_experts`` builds them."""
-    experts = num_experts // ranks
-    local_GK = ids_GK.to(torch.int32) - rank * experts
-    mine_GK = (local_GK >= 0) & (local_GK < experts)
-    local_GK = torch.where(mine_GK, local_GK, experts)
-    return local_GK, rows_pair_ranges(ids_GK.to(torch.int32), mine_GK, rank * experts)
+    ``rows_dispatch._local_experts`` builds them (``rows_routing`` + ``order_by_count``)."""
+    experts, tokens = num_experts // ranks, ids32_GK.shape[0] // ranks
+    routing = rows_routing(
+        ids32_GK, rank * experts, experts, slice(rank * tokens, (rank + 1) * tokens), ranks,
+        ascending=True, backend=backend,
+    )  # fmt: skip
+    order_G = order_by_count(routing.count_G, ids32_GK.shape[1])
+    return routing.local_GK, (routing.start_G, routing.count_G, order_G)
 
 
 def count_stats(count_G: torch.Tensor, order_G: torch.Tensor, tile: int = 32) -> dict:
@@ -83,7 +88,7 @@ def bench_combine_ranges(
     h_GK, w_GK = randn(group, k), randn(group, k).abs() / k
     row: dict = {"G": group, "ranks": ranks, "E": num_experts // ranks, "K": k, "D": d}
     for rank in range(ranks):
-        local_GK, ranges = rank_inputs(ids_GK, num_experts, ranks, rank)
+        local_GK, ranges = rank_setup(ids32_GK, num_experts, ranks, rank)
         table = randn(num_experts // ranks, d, dtype=torch.bfloat16)
         row.update({f"rank{rank}_{key}": v for key, v in count_stats(*ranges[1:]).items()})
         outs = {}
@@ -99,11 +104,12 @@ def bench_combine_ranges(
                 outs[form, name] = out.float()
             diff = (outs[form, "ranges"] - outs[form, "masked"]).abs().max().item()
             row[f"rank{rank}_{form}_max_abs_diff"] = diff
-        mine_GK = local_GK < num_experts // ranks
-        first = rank * (num_experts // ranks)
-        row[f"rank{rank}_ranges_setup_ms"] = time_ms(
-            lambda _, m=mine_GK, f=first: rows_pair_ranges(ids32_GK, m, f)
-        )
+        # The whole routing pass (local ids, ranges, counters, the order): the fused kernel
+        # and the PyTorch ops it replaced.
+        for backend in ("triton", "torch"):
+            row[f"rank{rank}_ranges_setup_{backend}_ms"] = time_ms(
+                lambda _, r=rank, b=backend: rank_setup(ids32_GK, num_experts, ranks, r, b)
+            )
     table = randn(num_experts, d, dtype=torch.bfloat16)
     ids_TK, out = ids_GK[:tokens].contiguous(), torch.empty(tokens, d, device=device).bfloat16()
     h_TK, w_TK = h_GK[:tokens].contiguous(), w_GK[:tokens].contiguous()
@@ -116,7 +122,8 @@ def print_table(rows: list[dict]) -> None:
     """One markdown line per rank's id block: ms of the masked and the ranged combines."""
     print(
         "\n| rows combine G, E, K, D | rank | pairs/token (tile max: consecutive, sorted) | "
-        "fwd masked | fwd ranges | dx masked | dx ranges | ranges setup | one GPU fwd, dx |"
+        "fwd masked | fwd ranges | dx masked | dx ranges | routing pass: kernel, torch ops | "
+        "one GPU fwd, dx |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -128,6 +135,6 @@ def print_table(rows: list[dict]) -> None:
                 f"({r[p + 'tile_max_consecutive']:.1f}, {r[p + 'tile_max_sorted']:.1f}) | "
                 f"{r[p + 'fwd_masked_ms']:.3f} | {r[p + 'fwd_ranges_ms']:.3f} | "
                 f"{r[p + 'dx_masked_ms']:.3f} | {r[p + 'dx_ranges_ms']:.3f} | "
-                f"{r[p + 'ranges_setup_ms']:.3f} | "
+                f"{r[p + 'ranges_setup_triton_ms']:.3f}, {r[p + 'ranges_setup_torch_ms']:.3f} | "
                 f"{r['one_gpu_fwd_ms']:.3f}, {r['one_gpu_dx_ms']:.3f} |"
             )

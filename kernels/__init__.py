@@ -108,7 +108,7 @@ def atomic_experts(
     Contract: every slot outside its token's range holds the id N, and order_T is a
     permutation -- as in the expert-parallel ``rows`` layout, where a rank's experts are one
     contiguous id block and the routers' ids ascend, so a token's pairs on a rank are one run
-    of its slots (``rows_dispatch.rows_pair_ranges``). The Triton backend's combines (y
+    of its slots (``rows_routing``). The Triton backend's combines (y
     forward, dx backward) then read only the ranges, so their cost follows the real pairs, and
     the results equal those without the ranges (to fp32 summation order). Nothing checks the
     values (that is a host sync): a call that breaks the contract drops the pairs outside the

@@ -58,6 +58,16 @@ def _out_buffer(
     return out
 
 
+def score_dtype(
+    rows_dtype: torch.dtype, device: torch.device, backend: str = "auto"
+) -> torch.dtype:
+    """The dtype ``pair_dots`` returns for rows of ``rows_dtype`` (what an ``out`` must be):
+    float32 on the Triton path, the float32-or-wider accumulation type on the PyTorch one."""
+    if resolve_backend(backend, device) == "triton":
+        return torch.float32
+    return _acc_dtype(rows_dtype)
+
+
 def pair_dots(
     rows_TD: torch.Tensor,
     table_ND: torch.Tensor,

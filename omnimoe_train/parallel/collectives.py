@@ -89,6 +89,12 @@ class GroupComm:
         return self.tokens[self.rank]
 
     @property
+    def own_rows(self) -> slice:
+        """My tokens' rows among the group's G (rank order)."""
+        first = sum(self.tokens[: self.rank])
+        return slice(first, first + self.mine)
+
+    @property
     def equal(self) -> bool:
         return len(set(self.tokens)) == 1
 

@@ -106,8 +106,9 @@ def _scores_and_combine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h_GK all-reduced, y_GDp my column slice of every token's output)."""
     num_rows, top_k = ids_GK.shape
-    acc = torch.promote_types(x_GDp.dtype, torch.float32)
-    h_GK = x_GDp.new_empty((num_rows, top_k), dtype=acc)
+    h_GK = x_GDp.new_empty(
+        (num_rows, top_k), dtype=experts_parts.score_dtype(x_GDp.dtype, x_GDp.device, backend)
+    )
     y_GDp = x_GDp.new_empty((num_rows, up_NDp.shape[1]))
     blocks = _blocks(num_rows)
     sums = [
@@ -159,11 +160,6 @@ def _score_grads(
     return torch.cat(g_parts), torch.cat(dw_parts), dx_GDp
 
 
-def _my_rows(comm: GroupComm, t_GK: torch.Tensor) -> torch.Tensor:
-    first = sum(comm.tokens[: comm.rank])
-    return t_GK[first : first + comm.mine]
-
-
 class _DimExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, up_NDp, down_NDp, weights_TK, ids_TK, comm: GroupComm, backend: str,
@@ -213,7 +209,7 @@ class _DimExperts(torch.autograd.Function):
             dtype=up_NDp.dtype, backend=backend, distinct_ids=ctx.distinct_ids,
         )  # fmt: skip
         dx_TD = _from_owners(comm, dx_back.wait())
-        return dx_TD, dup_NDp, ddown_NDp, _my_rows(comm, dw_GK), None, None, None, None
+        return dx_TD, dup_NDp, ddown_NDp, dw_GK[comm.own_rows], None, None, None, None
 
 
 class _DimGroupExperts(torch.autograd.Function):
@@ -246,7 +242,7 @@ class _DimGroupExperts(torch.autograd.Function):
             x_GDp, dy_GDp, ids_GK, g_GK, h_GK, w_GK, up_NDp.shape[0],
             dtype=up_NDp.dtype, backend=backend, distinct_ids=ctx.distinct_ids,
         )  # fmt: skip
-        return dx_GDp, dup_NDp, ddown_NDp, _my_rows(comm, dw_GK), None, None, None, None
+        return dx_GDp, dup_NDp, ddown_NDp, dw_GK[comm.own_rows], None, None, None, None
 
 
 def sharded_atomic_experts_dim(

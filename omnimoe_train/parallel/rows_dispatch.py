@@ -8,7 +8,7 @@ router rows when n % P == 0). One call, per rank (shape legend in ``collectives`
     local ids     id - r*E where this rank owns the expert, else E ("no expert": the kernels
                   skip the pair, no padding, no compaction, no sync); with ascending ids (the
                   routers' promise) also each token's run of its slots on this rank, sorted
-                  by length (``rows_pair_ranges``): the combines then walk only those runs
+                  by length (``rows_routing``, one pass): the combines then walk only those runs
     experts       y_part (G, D) = atomic_experts(x, U_r, V_r, w, local ids): the Triton kernels
                   on the group's whole pair list, each rank doing the pairs it owns, walked
                   in expert order from the forward on (``sort_forward``: the others sort
@@ -46,6 +46,7 @@ from torch.distributed import ProcessGroup
 
 import omnimoe_kernels
 from omnimoe_kernels.experts_dense_grad import choose_grad_path
+from omnimoe_kernels.rows_routing import RowsRouting, rows_routing
 from omnimoe_train.parallel.collectives import (
     GatherRows,
     GroupComm,
@@ -84,18 +85,16 @@ def sharded_atomic_experts_rows(
     """
     num_tokens = x_TD.shape[0]
     comm = GroupComm.create(group, num_tokens, group_tokens)
-    experts_per_rank = _check_rows_shapes(
-        comm, x_TD, up_local_ED, down_local_ED, weights_TK, indices_TK, num_experts
-    )
+    _check_rows_shapes(comm, x_TD, up_local_ED, down_local_ED, weights_TK, indices_TK, num_experts)
     ids_TK = indices_TK.to(torch.int32)
     x_GD, weights_GK, ids_GK = GatherRows.apply(comm, x_TD, weights_TK, ids_TK)
-    y_part_GD, local_pairs = _local_experts(
+    y_part_GD, routing = _local_experts(
         comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend, distinct_ids,
         ascending_ids,
     )  # fmt: skip
     y_TD = ScatterSumRows.apply(comm, y_part_GD)
     stats = _rows_stats(comm, x_TD, weights_TK, y_part_GD, group_tokens is None, split=False)
-    _count_owners(stats, comm, indices_TK, experts_per_rank, local_pairs)
+    stats.local_pairs, stats.owner_ranks = routing.pairs, routing.owners
     return y_TD, stats
 
 
@@ -130,18 +129,16 @@ def rows_experts_overlapped(
     and its backward overlaps the all-gather of dy. Same values as the one-call op; same bytes
     (the gather is split in two). Raises ``ValueError`` like it."""
     comm, x_TD = early.comm, early.x_TD
-    experts_per_rank = _check_rows_shapes(
-        comm, x_TD, up_local_ED, down_local_ED, weights_TK, indices_TK, num_experts
-    )
+    _check_rows_shapes(comm, x_TD, up_local_ED, down_local_ED, weights_TK, indices_TK, num_experts)
     x_GD = early.tokens.finish()
     weights_GK, ids_GK = GatherRows.apply(comm, weights_TK, indices_TK.to(torch.int32))
-    y_part_GD, local_pairs = _local_experts(
+    y_part_GD, routing = _local_experts(
         comm, x_GD, up_local_ED, down_local_ED, weights_GK, ids_GK, backend, distinct_ids,
         ascending_ids,
     )  # fmt: skip
     y_TD = start_exchange(y_part_GD, comm.scatter_sum_async, comm.gather_async)
     stats = _rows_stats(comm, x_TD, weights_TK, y_part_GD, early.counted, split=True)
-    _count_owners(stats, comm, indices_TK, experts_per_rank, local_pairs)
+    stats.local_pairs, stats.owner_ranks = routing.pairs, routing.owners
     return y_TD, stats
 
 
@@ -179,12 +176,16 @@ def _local_experts(
     backend: str,
     distinct_ids: bool,
     ascending_ids: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y_part_GD of the pairs this rank owns, their count as a device scalar)."""
+) -> tuple[torch.Tensor, RowsRouting]:
+    """(y_part_GD of the pairs this rank owns, the routing pass: local ids and counters)."""
     experts_per_rank = up_local_ED.shape[0]
-    local_GK = ids_GK - comm.rank * experts_per_rank
-    mine_GK = (local_GK >= 0) & (local_GK < experts_per_rank)
-    local_GK = torch.where(mine_GK, local_GK, experts_per_rank)  # E = "no expert"
+    first_id = comm.rank * experts_per_rank
+    # One pass over the gathered ids: local ids, each token's run of this rank's slots
+    # (ascending ids), the pair and owner counters (``omnimoe_kernels.rows_routing``).
+    routing = rows_routing(
+        ids_GK, first_id, experts_per_rank, comm.own_rows, comm.size, ascending=ascending_ids,
+        backend=backend,
+    )  # fmt: skip
     # The weight-gradient path from the pairs this rank owns (about 1/P of the group's, with
     # uniform routing), not all G*K: the pair kernel skips the others, the dense GEMMs do not.
     grad_path = choose_grad_path(
@@ -193,49 +194,28 @@ def _local_experts(
     )  # fmt: skip
     # Ascending ids: the combines walk only each token's run of this rank's pairs (about 1/P of
     # its K), not all K slots with the others masked.
-    first_id = comm.rank * experts_per_rank
-    ranges = rows_pair_ranges(ids_GK, mine_GK, first_id) if ascending_ids else None
+    ranges = None
+    if routing.start_G is not None and routing.count_G is not None:
+        order_G = order_by_count(routing.count_G, ids_GK.shape[1])
+        ranges = (routing.start_G, routing.count_G, order_G)
     y_part_GD = omnimoe_kernels.atomic_experts(
-        x_GD, up_local_ED, down_local_ED, weights_GK, local_GK, backend=backend,
+        x_GD, up_local_ED, down_local_ED, weights_GK, routing.local_GK, backend=backend,
         grad_path=grad_path, distinct_ids=distinct_ids, sort_forward=comm.size > 1,
         pair_ranges=ranges,
     )  # fmt: skip
-    return y_part_GD, mine_GK.sum()
+    return y_part_GD, routing
 
 
-def rows_pair_ranges(
-    ids_GK: torch.Tensor, mine_GK: torch.Tensor, first_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(start_G, count_G, order_G) int32 for ``atomic_experts(pair_ranges=...)``: with each
-    row's ids ascending, this rank's pairs of a token (ids in [first_id, first_id + E)) are its
-    slots [start, start + count), start = the ids below first_id. order_G sorts the tokens by
-    count so that a combine tile's tokens walk about the same number of slots (counts vary a
-    lot per token: a tile of consecutive tokens walks nearly its worst token's K); longest
-    first, so the grid's last programs are short ones (a shorter tail). On the device, fixed
-    shapes: no host sync, capturable in a CUDA graph."""
+def order_by_count(count_G: torch.Tensor, top_k: int) -> torch.Tensor:
+    """int32 permutation of the tokens by their count of this rank's pairs, longest first (the
+    ``order`` of ``atomic_experts(pair_ranges=...)``): counts vary a lot per token, and a
+    combine tile of consecutive tokens walks nearly its worst token's K, so tiles of similar
+    counts walk less; longest first, so the grid's last programs are short ones (a shorter
+    tail). On the device, fixed shapes: no host sync, capturable in a CUDA graph."""
     with torch.no_grad():
-        start_G = (ids_GK < first_id).sum(1, dtype=torch.int32)
-        count_G = mine_GK.sum(1, dtype=torch.int32)
         # 8-bit sort keys when K < 256: one radix pass instead of four (any tie order)
-        keys_G = count_G.to(torch.uint8) if ids_GK.shape[1] < 256 else count_G
-        order_G = torch.sort(keys_G, descending=True).indices.to(torch.int32)
-    return start_G, count_G, order_G
-
-
-def _count_owners(
-    stats: ShardingStats,
-    comm: GroupComm,
-    indices_TK: torch.Tensor,
-    experts_per_rank: int,
-    local_pairs: torch.Tensor,
-) -> None:
-    with torch.no_grad():  # device-side counters: no host sync
-        owners_TP = torch.zeros(
-            indices_TK.shape[0], comm.size, dtype=torch.bool, device=indices_TK.device
-        )
-        owners_TP.scatter_(1, (indices_TK // experts_per_rank).long(), True)
-        stats.local_pairs = local_pairs
-        stats.owner_ranks = owners_TP.sum()
+        keys_G = count_G.to(torch.uint8) if top_k < 256 else count_G
+        return torch.sort(keys_G, descending=True).indices.to(torch.int32)
 
 
 def _rows_stats(

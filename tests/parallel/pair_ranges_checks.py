@@ -1,5 +1,5 @@
 """Rank-side bodies of the ``rows`` pair-range tests: with ascending ids the rows op hands the
-kernels each token's run of this rank's slots (``rows_dispatch.rows_pair_ranges``), and the values
+kernels each token's run of this rank's slots (``omnimoe_kernels.rows_routing``), and the values
 stay those of the single-process op.
 
 Every call the op makes to ``omnimoe_kernels.atomic_experts`` is recorded and its ranges checked
