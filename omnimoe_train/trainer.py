@@ -71,10 +71,11 @@ class Trainer:
     Raises ``ConfigError`` (a rule between the config and the data, see
     ``validation.validate_against_data``) or ``DataError`` before any model work, and
     ``CheckpointCorrupt`` when checkpoints exist but none can be resumed from,
-    ``CheckpointLoadError`` when the one to resume from was written by another engine or for
-    another model shape, and ``RunAlreadyComplete`` when it is at or past ``trainer.max_steps``
-    (all before the data is prepared or the model built; a vocabulary larger than the
-    checkpoint's, which the tokenizer may decide, once the data is known, before the model).
+    ``CheckpointLoadError`` when the one to resume from was written by another engine, for
+    another model shape or another ``data.seed``, and ``RunAlreadyComplete`` when it is at or
+    past ``trainer.max_steps`` (all before the data is prepared or the model built, see
+    ``checkpoint.resume``; other data, or a vocabulary larger than the checkpoint's, which the
+    tokenizer may decide, once the data is known, before the model).
     """
 
     def __init__(
