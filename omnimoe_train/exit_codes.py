@@ -27,6 +27,10 @@ EXIT_REQUEUE = 75
 #: 128 + SIGINT: stopped by Ctrl-C (SIGINT) at once, without a checkpoint (the newest complete
 #: one stays); SIGTERM / SIGUSR1 save first.
 EXIT_INTERRUPTED = 130
+#: 128 + SIGTERM: terminated (scancel, a preemption) before training started, i.e. before the
+#: trainer's handler (which saves first, then exits 75) was installed: stopped at once, nothing
+#: saved. The exit status the signal's default action would give, with one line said.
+EXIT_TERMINATED = 143
 
 
 def exit_usage(prog: str, message: str) -> NoReturn:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import OmegaConf
 
@@ -18,10 +19,15 @@ from omnimoe_train.exit_codes import (
     EXIT_IO_ERROR,
     EXIT_OK,
     EXIT_REQUEUE,
+    EXIT_TERMINATED,
     EXIT_USAGE,
 )
 
 EXIT_STATUS = "exit_status.json"
+SIGTERM_BEFORE_TRAINING = (
+    "terminated (SIGTERM) before training started: stopped at once, nothing was saved (the "
+    "newest complete checkpoint, if any, stays)"
+)
 
 
 def _write_exit_status(run_dir: Path, code: int, message: str) -> None:
@@ -33,16 +39,26 @@ def _write_exit_status(run_dir: Path, code: int, message: str) -> None:
     write_json_atomic(run_dir / EXIT_STATUS, {"exit_code": code, "message": message})
 
 
-def _fail(message: str, code: int, *, show: bool, run_dir: Path | None = None) -> None:
+def _fail(message: str, code: int, *, show: bool, run_dir: Path | None = None) -> NoReturn:
     """Print the one line and exit with ``code``. Every rank prints it into its own output
     (under torchrun, its log file; the console shows rank 0, and the launcher repeats the line
     of a failed rank the console did not show); ``show`` (rank 0) also records it in
     ``exit_status.json``."""
-    kind = "stopped" if code in (EXIT_REQUEUE, EXIT_INTERRUPTED) else "error"
+    kind = "stopped" if code in (EXIT_REQUEUE, EXIT_INTERRUPTED, EXIT_TERMINATED) else "error"
     print(f"omnimoe-train: {kind}: {message}", file=sys.stderr, flush=True)
     if show and run_dir is not None:
         _write_exit_status(run_dir, code, message)
     raise SystemExit(code)
+
+
+def stopped_before_training(run_dir: Path | None) -> NoReturn:
+    """SIGTERM before the trainer's handler was installed (``signals.StartupSigterm``): the one
+    line, ``exit_status.json`` when ``run_dir`` exists (rank 0: ``$RANK`` unset or 0; the
+    process group may not exist yet), and :data:`~omnimoe_train.exit_codes.EXIT_TERMINATED`."""
+    if run_dir is not None and not run_dir.is_dir():
+        run_dir = None
+    main = os.environ.get("RANK", "0") == "0"
+    _fail(SIGTERM_BEFORE_TRAINING, EXIT_TERMINATED, show=main, run_dir=run_dir)
 
 
 def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
@@ -57,6 +73,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     from omnimoe_train.checkpoint.files import CheckpointCorrupt
     from omnimoe_train.checkpoint.manager import CheckpointWriteError
     from omnimoe_train.checkpoint.session import CheckpointLoadError
+    from omnimoe_train.checkpoint.signals import startup_sigterm_paused
     from omnimoe_train.distributed import init_runtime, shutdown_runtime
     from omnimoe_train.metrics import MetricsSink
     from omnimoe_train.model.cuda_graphs import release_graphs
@@ -66,7 +83,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     quiet_libraries()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    runtime = init_runtime(cfg)
+    with startup_sigterm_paused():  # the rendezvous blocks in C++ until every rank joins
+        runtime = init_runtime(cfg)
     try:
         main = runtime.is_main
         if main:
@@ -128,8 +146,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         # resumed from, plus this one) and this process's alone.
         summary["wall_s"] = trainer.state.total_wall_s()
         summary["segment_wall_s"] = trainer.state.segment_wall_s()
-        if trainer.resume_from is not None:
-            summary["resumed_from"] = trainer.resume_from.name
+        if trainer.resume is not None:
+            summary["resumed_from"] = trainer.resume.name
         if main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             _report(sink, summary)

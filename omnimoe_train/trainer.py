@@ -23,15 +23,9 @@ import torch
 from omegaconf import OmegaConf
 
 from omnimoe_train.bad_steps import StepGuard, Verdict
-from omnimoe_train.checkpoint.compat import (
-    RunAlreadyComplete,
-    check_data_order,
-    check_resumable,
-    checkpoint_vocab_size,
-    schedule_change,
-)
-from omnimoe_train.checkpoint.files import read_meta
-from omnimoe_train.checkpoint.session import Checkpointing, CheckpointLoadError, TrainState
+from omnimoe_train.checkpoint.compat import RunAlreadyComplete
+from omnimoe_train.checkpoint.resume import ResumePoint, find_resume_point, open_checkpointing
+from omnimoe_train.checkpoint.session import CheckpointLoadError, TrainState
 from omnimoe_train.checkpoint.signals import StepSync, StopRequest, parse_duration
 from omnimoe_train.config import RootConfig
 from omnimoe_train.data import build_loader, prepare_data
@@ -50,7 +44,6 @@ from omnimoe_train.validation import (
     MEGATRON_MOE_MLPS,
     data_facts_before_preparation,
     validate_against_data,
-    validate_output_folder,
 )
 
 EVAL_OFF = "off: data.val_fraction=0"
@@ -78,10 +71,11 @@ class Trainer:
     Raises ``ConfigError`` (a rule between the config and the data, see
     ``validation.validate_against_data``) or ``DataError`` before any model work, and
     ``CheckpointCorrupt`` when checkpoints exist but none can be resumed from,
-    ``CheckpointLoadError`` when the one to resume from was written by another engine or for
-    another model shape, and ``RunAlreadyComplete`` when it is at or past ``trainer.max_steps``
-    (all before the data is prepared or the model built; a vocabulary larger than the
-    checkpoint's, which the tokenizer may decide, once the data is known, before the model).
+    ``CheckpointLoadError`` when the one to resume from was written by another engine, for
+    another model shape or another ``data.seed``, and ``RunAlreadyComplete`` when it is at or
+    past ``trainer.max_steps`` (all before the data is prepared or the model built, see
+    ``checkpoint.resume``; other data, or a vocabulary larger than the checkpoint's, which the
+    tokenizer may decide, once the data is known, before the model).
     """
 
     def __init__(
@@ -95,39 +89,21 @@ class Trainer:
         # Checked before preparation too: a dataset already in data.dir is never re-cut.
         for facts in data_facts_before_preparation(d):
             validate_against_data(cfg, facts)
-        # The checkpoint to resume from is chosen and checked against this run (engine, model
-        # shape, anything left to train) before the data, the model or the engine is built.
-        root = Path(cfg.checkpoint.dir).expanduser()
-        ckpt_root = root if root.is_absolute() else run_dir / root
-        # Made at the first save: a file in the way must stop the run now, not after training.
-        validate_output_folder("checkpoint.dir", ckpt_root)
-        self.ckpt = Checkpointing(
+        self.ckpt = open_checkpointing(
             cfg.checkpoint,
-            ckpt_root,
-            None,
+            run_dir,
             run_config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
             warn=self._warn,
         )
-        self.resume_from = self.ckpt.manager.resolve_resume()
-        # Worth a line at resume, not a refusal: a longer trainer.max_steps extends the run.
-        self.schedule_note: str | None = None
-        if self.resume_from is not None:
-            meta = read_meta(self.resume_from)
-            try:
-                check_resumable(
-                    self.resume_from,
-                    meta,
-                    engine=t.engine,
-                    model=cfg.model,
-                    max_steps=t.max_steps,
-                    data_seed=d.seed,
-                )
-            except (CheckpointLoadError, RunAlreadyComplete):
-                self.stop.restore()
-                raise
-            self.schedule_note = schedule_change(
-                self.resume_from, meta, optim=cfg.optim, max_steps=t.max_steps
+        # The checkpoint to resume from is chosen and checked against this run (engine, model
+        # shape, anything left to train) before the data, the model or the engine is built.
+        try:
+            self.resume: ResumePoint | None = find_resume_point(
+                self.ckpt, trainer=t, model=cfg.model, optim=cfg.optim, data_seed=d.seed
             )
+        except (CheckpointLoadError, RunAlreadyComplete):
+            self.stop.restore()
+            raise
         self.data = prepare_data(d, rank=runtime.rank)
         self.data_dir = self.data.description
         for facts in self.data.facts():  # each dataset read (a mixture: every one)
@@ -145,10 +121,8 @@ class Trainer:
             dp_size=runtime.dp_size,
             pin_memory=runtime.device.type == "cuda",
         )
-        if self.resume_from is not None:  # other data: one line now, not after the model
-            check_data_order(
-                self.resume_from, read_meta(self.resume_from), self.train_loader.state_dict()
-            )
+        if self.resume is not None:  # other data: one line now, not after the model
+            self.resume.check_data_order(self.train_loader.state_dict())
         # Evaluation reads the validation split in file order as one sequence (each rank then
         # takes its share, see ``evaluate``); there is none with data.val_fraction=0.
         self.val_loader = None
@@ -156,7 +130,7 @@ class Trainer:
             self.val_loader = build_loader(
                 d, self.data, "val", dp_rank=0, dp_size=1, infinite=False
             )
-        self.vocab_size = self._vocab_size(self.resume_from)
+        self.vocab_size = self._vocab_size()
         self.engine = build_engine(cfg, runtime, self.vocab_size)
         self.ckpt.engine = self.engine
         self.num_microbatches = self.engine.num_microbatches
@@ -187,15 +161,12 @@ class Trainer:
         if self.rt.is_main:
             print(line, file=sys.stderr, flush=True)
 
-    def _vocab_size(self, resume_from: Path | None) -> int:
+    def _vocab_size(self) -> int:
         """The padded vocabulary: the checkpoint's when this layout can take it, else padded
-        for this layout (``checkpoint_vocab_size``)."""
+        for this layout (``ResumePoint.vocab_size``)."""
         vocab, tp = self.cfg.model.vocab_size or self.data.vocab_size, self.cfg.parallel.tp
-        if resume_from is not None:
-            saved = checkpoint_vocab_size(resume_from, read_meta(resume_from), vocab, tp)
-            if saved is not None:
-                return saved
-        return padded_vocab_size(vocab, tp)
+        saved = self.resume.vocab_size(vocab, tp) if self.resume is not None else None
+        return saved if saved is not None else padded_vocab_size(vocab, tp)
 
     def num_parameters(self) -> int:
         return self.engine.num_parameters()
@@ -289,15 +260,13 @@ class Trainer:
         cfg, s = self.cfg, self.state
         t = cfg.trainer
         summary: dict[str, Any] = {"num_parameters": self.num_parameters(), "exit_code": EXIT_OK}
-        if self.resume_from is not None:
-            for line in self.ckpt.load(self.resume_from, s, self.train_loader, self.guard):
+        if self.resume is not None:
+            for line in self.resume.restore(self.ckpt, s, self.train_loader, self.guard):
                 self._warn(line)
-            if self.schedule_note is not None:
-                self._warn(self.schedule_note)
             if t.profile_step is not None and t.profile_step <= s.step:
                 self._warn(f"trainer.profile_step={t.profile_step}: this run resumes after it "
                            f"(step {s.step}), so no step is profiled")  # fmt: skip
-            sink.log({"step": s.step, "resumed_from": self.resume_from.name})
+            sink.log({"step": s.step, "resumed_from": self.resume.name})
         if self.rt.is_main and cfg.model.mlp in ATOMIC_EXPERT_MLPS:
             sink.console.log(self.engine.sharding_note)
         evaluating = self.val_loader is not None
@@ -310,7 +279,7 @@ class Trainer:
         if s.step == 0 and evaluating:
             s.initial_val_loss = self.evaluate()
             sink.log({"step": 0, "val_loss": s.initial_val_loss})
-        elif evaluating and self.resume_from is not None and s.initial_val_loss is None:
+        elif evaluating and self.resume is not None and s.initial_val_loss is None:
             # Resumed from a checkpoint written before it was recorded: the run dir's log.
             s.initial_val_loss = logged_initial_val_loss(self.run_dir / METRICS_FILE)
         if s.initial_val_loss is not None:

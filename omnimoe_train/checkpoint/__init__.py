@@ -6,6 +6,9 @@
   a run resumes from (falling back past corrupt ones), synchronous and asynchronous saves.
 - ``sharded``: the megatron-core engine's state as a ``dist_checkpointing`` sharded state dict
   (reshardable across TP/PP/EP/DP and both expert-table sharding modes).
+- ``session``: what the loop saves besides the engine's state, and loading it back.
+- ``compat``: whether a checkpoint fits the run about to resume from it (``meta.json`` only).
+- ``resume``: the checkpoint a run continues from, checked before data or model work.
 - ``signals``: SIGTERM/SIGUSR1 and ``trainer.max_time`` -> every rank stops at the same step.
 - ``cli``: ``omnimoe-ckpt inspect`` / ``consolidate``.
 

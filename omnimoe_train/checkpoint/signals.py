@@ -20,8 +20,11 @@ from __future__ import annotations
 import re
 import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where used: config validation needs parse_duration fast
     import torch
@@ -67,8 +70,12 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
+        """Handle the stop signals from now on; :meth:`restore` puts back what was there before
+        (before the CLI's :class:`StartupSigterm`, which this replaces for good)."""
         for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self._handle)
+            owner = getattr(previous, "__self__", None)
+            self._previous[sig] = owner.replaced if isinstance(owner, StartupSigterm) else previous
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -91,6 +98,74 @@ class StopRequest:
         if self.time_is_up():
             return f"trainer.max_time ({self.max_time_s:.0f} s) is used up"
         return "another rank received a stop signal or reached trainer.max_time"
+
+
+class TerminatedBeforeTraining(BaseException):
+    """SIGTERM arrived before training started (see :class:`StartupSigterm`); ``run_dir``: the
+    run directory chosen by then, or None.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: the ``except Exception`` of the config
+    checks and of Hydra's job runner must not turn it into a usage error or a traceback.
+    """
+
+    def __init__(self, run_dir: Path | None) -> None:
+        super().__init__("SIGTERM before training started")
+        self.run_dir = run_dir
+
+
+class StartupSigterm:
+    """SIGTERM from the CLI's start until the trainer's :class:`StopRequest` takes over.
+
+    Before, SIGTERM in a run's first seconds (imports, config composition, process groups:
+    ``scancel``, a preemption) took its default action: exit 143 with no word and no
+    ``exit_status.json``. There is nothing to save yet, so the handler does not wait for a step
+    as the trainer's does: it raises :class:`TerminatedBeforeTraining` in the main thread,
+    where the CLI says so in one line and exits 143 (``run.stopped_before_training``).
+    ``run_dir``: the run directory chosen so far (None before there is one), asked at the
+    signal. SIGTERM's previous action is back once it fired: a second one while the first
+    unwinds ends the process at once.
+    """
+
+    def __init__(self, run_dir: Callable[[], Path | None]) -> None:
+        self.run_dir = run_dir
+        self.replaced: Any = signal.SIG_DFL
+
+    def install(self) -> None:
+        """Idempotent; installs it again after a trainer's :meth:`StopRequest.restore` (the
+        next job of a ``-m`` sweep)."""
+        if signal.getsignal(signal.SIGTERM) != self._handle:
+            self.replaced = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        signal.signal(signal.SIGTERM, self.replaced)
+        try:
+            run_dir = self.run_dir()
+        except Exception:  # noqa: BLE001 - the one line matters more than the folder
+            run_dir = None
+        raise TerminatedBeforeTraining(run_dir)
+
+
+@contextmanager
+def startup_sigterm_paused() -> Iterator[None]:
+    """SIGTERM's default action for the duration, where :class:`StartupSigterm` is installed
+    (else nothing changes).
+
+    For C++ calls that block until other processes come (the process-group rendezvous waits
+    for every rank, up to its timeout): Python runs a signal handler only once such a call
+    returns, so the handler would keep a SIGTERMed process waiting for ranks that may never
+    come. The default action ends it at once (silently, exit 143, as before the handler).
+    """
+    handler = signal.getsignal(signal.SIGTERM)
+    owner = getattr(handler, "__self__", None)
+    if not isinstance(owner, StartupSigterm):
+        yield
+        return
+    signal.signal(signal.SIGTERM, owner.replaced)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 class StepSync:

@@ -61,9 +61,25 @@ def validate_parallel_layout(cfg: RootConfig, world_size: int) -> None:
             hidden_size=m.hidden_size,
         )
     except LayoutError as exc:
+        if exc.key == "world_size" and world_size >= 1:
+            raise _model_parallel_error(cfg.parallel, world_size) from None
         prefix = {"world_size": "", "num_experts": "model."}.get(exc.key, "parallel.")
         key = prefix + exc.key
         raise ConfigError(key, f"invalid parallel layout: {exc.rule}") from None
+
+
+def _model_parallel_error(p: ParallelConfig, world_size: int) -> ConfigError:
+    """tp * pp does not divide the world size. The world size is the launcher's (the number of
+    processes), not a config key: the error names the parallel key the user set (``parallel.tp``,
+    else ``parallel.pp``), the rule with both values, and the two ways to meet it."""
+    size = p.tp * p.pp
+    set_keys = [key for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp)) if value > 1]
+    return ConfigError(
+        set_keys[0],
+        f"invalid parallel layout: parallel.tp*parallel.pp = {p.tp}*{p.pp} = {size} must divide "
+        f"the world size (the number of processes: {world_size}); start a multiple of {size} "
+        f"processes or lower {' or '.join(set_keys)}",
+    )
 
 
 def validate_batch_split(d: DataConfig, p: ParallelConfig, world_size: int) -> None:

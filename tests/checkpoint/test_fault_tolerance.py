@@ -12,6 +12,7 @@
   the run with exit 65 and a checkpoint of the last good weights.
 - A full disk while writing a checkpoint: exit 74 with one line; the previous one stays newest.
 - Ctrl-C (SIGINT): exit 130 at once with one line, no checkpoint; the newest complete one stays.
+- SIGTERM before the trainer's handler is installed: exit 143 at once with one line.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from omnimoe_train.exit_codes import (
     EXIT_INTERRUPTED,
     EXIT_IO_ERROR,
     EXIT_REQUEUE,
+    EXIT_TERMINATED,
 )
 from tests.cli_helpers import run_train_cli, tiny
 from tests.parallel.distributed import find_free_port
@@ -319,3 +321,54 @@ def test_ctrl_c_stops_at_once_in_one_line_and_keeps_the_checkpoints(
     status = json.loads((run / "exit_status.json").read_text())
     assert status == {"exit_code": EXIT_INTERRUPTED, "message": line}
     assert (run / "checkpoints" / "step_00000004" / "meta.json").is_file()
+
+
+SIGTERM_BEFORE_TRAINING = (
+    "terminated (SIGTERM) before training started: stopped at once, nothing was saved (the "
+    "newest complete checkpoint, if any, stays)"
+)
+
+
+def test_sigterm_before_training_starts_is_one_line_and_exit_143(
+    tmp_path: Path, cache: Path
+) -> None:
+    """scancel or a preemption in a run's first seconds (imports, config, process groups), before
+    the trainer's handler is installed, killed the process with no word and no
+    ``exit_status.json``."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    # Hydra writes .hydra/config.yaml, then .hydra/hydra.yaml, before it calls the training
+    # function: a FIFO no one reads holds the process there, before any trainer work, until
+    # the signal (an open() interrupted by a signal runs the handler and propagates what it
+    # raises, PEP 475). The stale exit status of an earlier process must not survive either.
+    os.mkfifo(run / ".hydra" / "hydra.yaml")
+    (run / "exit_status.json").write_text('{"exit_code": 75, "message": "earlier"}')
+    proc = subprocess.Popen(
+        _cmd(*TINY, "trainer.max_steps=4", f"hydra.run.dir={run}"),
+        env=_env(cache),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(run / ".hydra" / "config.yaml", proc, timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_TERMINATED, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines() == [f"omnimoe-train: stopped: {SIGTERM_BEFORE_TRAINING}"]
+    status = json.loads((run / "exit_status.json").read_text())
+    assert status == {"exit_code": EXIT_TERMINATED, "message": SIGTERM_BEFORE_TRAINING}
+    assert not (run / "checkpoints").exists()
+
+
+def test_the_cli_module_imports_no_torch() -> None:
+    """``main`` installs that SIGTERM handler first, and a usage error's one line needs no torch:
+    importing the CLI module imported torch (through ``validation``'s DeepSpeed key check and
+    the ``engine`` package), a few seconds in which SIGTERM still killed without a word."""
+    code = "import sys, omnimoe_train.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout

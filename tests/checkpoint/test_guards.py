@@ -5,12 +5,20 @@ from __future__ import annotations
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
 from omnimoe_train.bad_steps import StepGuard
-from omnimoe_train.checkpoint.signals import StepSync, StopRequest, parse_duration
+from omnimoe_train.checkpoint.signals import (
+    StartupSigterm,
+    StepSync,
+    StopRequest,
+    TerminatedBeforeTraining,
+    parse_duration,
+    startup_sigterm_paused,
+)
 
 
 def _guard(**kw) -> StepGuard:  # noqa: ANN003
@@ -87,6 +95,44 @@ def test_stop_signal_sets_the_local_flag_only(sig: signal.Signals) -> None:
     finally:
         stop.restore()
     assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)
+
+
+def test_startup_sigterm_raises_until_the_trainer_takes_over_for_good() -> None:
+    """The CLI's handler before training (exit 143 in one line) is replaced by the trainer's,
+    whose restore puts back what was there before the CLI's, not the CLI's own."""
+    before = signal.getsignal(signal.SIGTERM)
+    startup = StartupSigterm(lambda: Path("run-dir"))
+    startup.install()
+    try:
+        startup.install()  # idempotent: what it replaced is still the original action
+        assert startup.replaced == before
+        with pytest.raises(TerminatedBeforeTraining) as exc:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert exc.value.run_dir == Path("run-dir")
+        # Fired once: a second SIGTERM takes the previous action (the default: death).
+        assert signal.getsignal(signal.SIGTERM) == before
+        startup.install()
+        with startup_sigterm_paused():  # a blocking C++ rendezvous: the default action
+            assert signal.getsignal(signal.SIGTERM) == before
+        assert signal.getsignal(signal.SIGTERM) == startup._handle
+        stop = StopRequest(None)
+        stop.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.reason() == "received SIGTERM"
+        stop.restore()
+        assert signal.getsignal(signal.SIGTERM) == before
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_startup_sigterm_paused_changes_nothing_without_it() -> None:
+    stop = StopRequest(None)
+    stop.install()
+    try:
+        with startup_sigterm_paused():  # the trainer's handler (or a library's) stays
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+    finally:
+        stop.restore()
 
 
 def test_time_limit() -> None:

@@ -118,4 +118,5 @@ def test_sbatch_checks_the_config_for_the_whole_world(
     ) in log.read_text().splitlines()
     refused = _sbatch({**env, "SLURM_JOB_NUM_NODES": "1"}, "parallel=tp2")
     assert refused.returncode == 2, refused.stderr
-    assert "world_size=1 must be divisible by tp*pp=2*1=2" in refused.stderr
+    assert "parallel.tp*parallel.pp = 2*1 = 2 must divide the world size" in refused.stderr
+    assert "(the number of processes: 1)" in refused.stderr

@@ -15,7 +15,22 @@ from tests.train.conftest import compose_config
 @pytest.mark.parametrize(
     ("overrides", "world_size", "key", "fragment"),
     [
-        (["parallel=tp2"], 3, "world_size", "divisible by tp*pp"),
+        # The world size is the launcher's: the key named is the parallel one the user set.
+        (
+            ["parallel.tp=3"],
+            1,
+            "parallel.tp",
+            "parallel.tp*parallel.pp = 3*1 = 3 must divide the world size (the number of "
+            "processes: 1); start a multiple of 3 processes or lower parallel.tp",
+        ),
+        (["parallel=tp2"], 3, "parallel.tp", "= 2*1 = 2 must divide the world size"),
+        (["parallel.pp=2"], 1, "parallel.pp", "= 1*2 = 2 must divide the world size"),
+        (
+            ["parallel.tp=2", "parallel.pp=2"],
+            6,
+            "parallel.tp",
+            "start a multiple of 4 processes or lower parallel.tp or parallel.pp",
+        ),
         (
             ["parallel=tp2", "model.num_attention_heads=2", "model.num_query_groups=1"],
             2,
@@ -56,7 +71,7 @@ def test_init_runtime_validates_before_any_process_group(monkeypatch: pytest.Mon
     from omnimoe_train.distributed import init_runtime
 
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ConfigError, match="world_size"):
+    with pytest.raises(ConfigError, match=r"^parallel\.tp: .* must divide the world size"):
         init_runtime(compose_config("parallel=tp2", "trainer.device=cpu"))
     assert not dist.is_initialized()
 
@@ -65,6 +80,7 @@ def test_init_runtime_validates_before_any_process_group(monkeypatch: pytest.Mon
     ("overrides", "world_size", "key"),
     [
         (["parallel=ep2_rows"], 3, "parallel.ep"),
+        (["parallel.tp=3"], 1, "parallel.tp"),  # was "world_size: ..."
         (["parallel=mixed4", "model.num_layers=3"], 4, "parallel.pp"),
     ],
 )
