@@ -30,20 +30,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-
-
-def elapsed_ms(fn, iters: int, stream: torch.cuda.Stream | None = None) -> float:  # noqa: ANN001
-    """Mean ms per call of ``fn`` over ``iters`` calls after a warm-up (CUDA events)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+from nccl_bandwidth import time_op
 
 
 class CopyEngineExchange:
@@ -96,7 +83,12 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if torch.cuda.device_count() < 2 or "LOCAL_RANK" not in os.environ:
-        print("probe_copy_engine: needs 2+ CUDA GPUs under torchrun", file=sys.stderr)
+        print(
+            f"probe_copy_engine.py: error: needs 2+ CUDA GPUs under torchrun "
+            f"(torchrun --standalone --nproc-per-node 2 ...); {torch.cuda.device_count()} "
+            f"visible{'' if 'LOCAL_RANK' in os.environ else ', not under torchrun'}",
+            file=sys.stderr,
+        )
         sys.exit(2)
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
@@ -150,18 +142,18 @@ def main() -> None:
         .abs()
         .max()
         .item(),
-        "compute_ms": elapsed_ms(compute, args.iters),
-        "nccl_exchange_ms": elapsed_ms(lambda: nccl_exchange(async_op=False), args.iters),
-        "ce_exchange_ms": elapsed_ms(ce_exchange, args.iters),
-        "compute_beside_nccl_ms": elapsed_ms(nccl_beside_compute, args.iters),
-        "compute_beside_ce_ms": elapsed_ms(ce_beside_compute, args.iters),
+        "compute_ms": time_op(compute, args.iters),
+        "nccl_exchange_ms": time_op(lambda: nccl_exchange(async_op=False), args.iters),
+        "ce_exchange_ms": time_op(ce_exchange, args.iters),
+        "compute_beside_nccl_ms": time_op(nccl_beside_compute, args.iters),
+        "compute_beside_ce_ms": time_op(ce_beside_compute, args.iters),
     }
     for name, step in (("nccl", nccl_beside_compute), ("ce", ce_beside_compute)):
         try:  # the layer's MLP is replayed from CUDA graphs: the exchange must capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
-            result[f"graph_{name}_ms"] = elapsed_ms(graph.replay, args.iters)
+            result[f"graph_{name}_ms"] = time_op(graph.replay, args.iters)
         except Exception as err:  # noqa: BLE001 -- a probe reports what failed, then goes on
             result[f"graph_{name}_ms"] = f"capture failed: {type(err).__name__}: {err}"[:300]
     if rank == 0:

@@ -55,3 +55,15 @@ def test_profile_expert_parallel_refuses_a_cap_below_one_mib() -> None:
     assert result.stderr.strip().splitlines() == [
         f"{script}: error: --dense-max-mib must be >= 1 (got 0)"
     ]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="checks the refusal below 2 GPUs")
+def test_probe_copy_engine_refuses_in_one_line_without_two_gpus() -> None:
+    script = "probe_copy_engine.py"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: needs 2+ CUDA GPUs"), lines
