@@ -251,6 +251,23 @@ def contiguous_wide(t: torch.Tensor) -> torch.Tensor:
     return t.view(word).contiguous().view(t.dtype)
 
 
+def rows_as(t_TX: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(T, X) -> its rows' bytes viewed as ``dtype`` (T, X bytes / ``dtype`` size; that size
+    must divide a row's bytes). Copied first only when the layout forbids the dtype view: a
+    last stride other than 1, or a storage offset or row stride off ``dtype``'s size. A lone
+    row counts as contiguous whatever its strides, so ``contiguous()`` alone does not realign
+    it (a group of one token whose packed parts start off their dtype's boundary)."""
+    t_TX = t_TX.contiguous()
+    size, itemsize = t_TX.element_size(), dtype.itemsize
+    if (
+        t_TX.stride(-1) != 1
+        or (t_TX.storage_offset() * size) % itemsize
+        or (t_TX.stride(0) * size) % itemsize
+    ):
+        t_TX = t_TX.clone(memory_format=torch.contiguous_format)
+    return t_TX.view(torch.uint8).view(dtype)
+
+
 def unpack_rows(
     packed: torch.Tensor, like: list[tuple[torch.dtype, tuple[int, ...]]]
 ) -> list[torch.Tensor]:
@@ -265,13 +282,8 @@ def unpack_rows(
         if rows == 0:
             out.append(torch.empty(0, *shape, dtype=dtype, device=packed.device))
         else:
-            chunk = contiguous_wide(packed[:, start : start + width])
-            itemsize = dtype.itemsize
-            if chunk.storage_offset() % itemsize or chunk.stride(0) % itemsize:
-                # One row counts as contiguous, so nothing was copied: its bytes may start off
-                # the dtype's boundary (a group of one token), which the dtype view refuses.
-                chunk = chunk.flatten().clone().view(rows, width)
-            out.append(chunk.view(dtype).view(rows, *shape))
+            chunk = rows_as(contiguous_wide(packed[:, start : start + width]), dtype)
+            out.append(chunk.view(rows, *shape))
         start += width
     return out
 

@@ -49,6 +49,7 @@ from omnimoe_train.parallel.collectives import (
     ShardingStats,
     contiguous_wide,
     pack_rows,
+    rows_as,
     unpack_rows,
     widest_word,
 )
@@ -66,19 +67,6 @@ class _SwapBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_BAw: torch.Tensor) -> torch.Tensor:
         return contiguous_wide(grad_BAw.transpose(0, 1))
-
-
-def _as_words(t_TX: torch.Tensor, word: torch.dtype) -> torch.Tensor:
-    """(T, X) -> its rows' bytes as (T, X bytes / word) ``word``s (``word`` divides a row's
-    bytes). Copied first unless contiguous with unit last stride and the storage offset and
-    row stride on the word: a lone row or column counts as contiguous whatever its strides, and
-    the dtype views check them."""
-    t_TX = t_TX.contiguous()
-    size, word_size = t_TX.element_size(), word.itemsize
-    offset, row = t_TX.storage_offset() * size, t_TX.stride(0) * size
-    if t_TX.stride(-1) != 1 or offset % word_size or row % word_size:
-        t_TX = torch.empty(t_TX.shape, dtype=t_TX.dtype, device=t_TX.device).copy_(t_TX)
-    return t_TX.view(torch.uint8).view(word)
 
 
 def _to_owners(comm: GroupComm, t_TD: torch.Tensor, width: int) -> torch.Tensor:
@@ -189,12 +177,10 @@ class _DimExperts(torch.autograd.Function):
         if num_tokens:
             word = widest_word(x_bytes, 4 * top_k, w_bytes)
             words, ids_end = send.view(word), (x_bytes + 4 * top_k) // word.itemsize
-            x_slices = _as_words(x_TD, word).view(num_tokens, comm.size, -1)
+            x_slices = rows_as(x_TD, word).view(num_tokens, comm.size, -1)
             words[:, :, : x_bytes // word.itemsize] = x_slices.transpose(0, 1)
-            words[:, :, x_bytes // word.itemsize : ids_end] = _as_words(
-                ids_TK.to(torch.int32), word
-            )
-            words[:, :, ids_end:] = _as_words(weights_TK, word)
+            words[:, :, x_bytes // word.itemsize : ids_end] = rows_as(ids_TK.to(torch.int32), word)
+            words[:, :, ids_end:] = rows_as(weights_TK, word)
         recv = comm.exchange(send.view(comm.size * num_tokens, send.shape[2]), to_owners=True)
         x_GDp, ids_GK, w_GK = unpack_rows(
             recv, [(x_TD.dtype, (width,)), (torch.int32, (top_k,)), (weights_TK.dtype, (top_k,))]

@@ -8,6 +8,7 @@ import torch
 from omnimoe_train.parallel.collectives import (
     contiguous_wide,
     pack_rows,
+    rows_as,
     unpack_rows,
     widest_word,
 )
@@ -82,3 +83,24 @@ def test_unpack_rows_of_one_row_at_odd_byte_offsets(rows):
     out = unpack_rows(pack_rows([x, ids, weights]), like)
     for got, want in zip(out, (x, ids, weights)):
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("name", "t", "word"),
+    [
+        (
+            "lone row, odd stride",
+            torch.arange(12, dtype=torch.int32).view(4, 3)[1:2, 1:3],
+            torch.int64,
+        ),
+        ("lone column", torch.arange(5, dtype=torch.int32).view(1, 5).t(), torch.int32),
+        ("odd offset", torch.randn(2, 6).to(torch.bfloat16)[1:, 1:5], torch.int64),
+        ("strided rows", torch.arange(24, dtype=torch.int32).view(4, 6)[:, :4], torch.int64),
+    ],
+)
+def test_rows_as_any_layout(name: str, t: torch.Tensor, word: torch.dtype) -> None:
+    """``rows_as``: the rows' bytes as words from any layout of a (T, X) tensor (dim's packed
+    send writes x, ids and weights this way)."""
+    words = rows_as(t, word)
+    assert words.shape[0] == t.shape[0], name
+    assert torch.equal(words.view(t.dtype).view(t.shape), t), name

@@ -8,11 +8,8 @@ Each spawned run checks outputs, loss, dx, dweights and the gathered table gradi
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from omnimoe_train.parallel.dim_sharding import _as_words
 
 from .distributed import run_distributed
 from .pair_ranges_checks import check_rows_pair_ranges
@@ -173,23 +170,3 @@ def test_rows_ascending_ids_walk_pair_ranges(world_size: int) -> None:
         ]
         equal = [Case((3, 3, 3, 3), 4, 64, 10, seed=9)]
     run_distributed(check_rows_pair_ranges, world_size, cases, equal)
-
-
-@pytest.mark.parametrize(
-    ("name", "t", "word"),
-    [
-        (
-            "lone row, odd stride",
-            torch.arange(12, dtype=torch.int32).view(4, 3)[1:2, 1:3],
-            torch.int64,
-        ),
-        ("lone column", torch.arange(5, dtype=torch.int32).view(1, 5).t(), torch.int32),
-        ("odd offset", torch.randn(2, 6).to(torch.bfloat16)[1:, 1:5], torch.int64),
-        ("strided rows", torch.arange(24, dtype=torch.int32).view(4, 6)[:, :4], torch.int64),
-    ],
-)
-def test_dim_send_rows_as_words(name: str, t: torch.Tensor, word: torch.dtype) -> None:
-    """The dim exchange writes x, ids and weights as words: any layout of a (T, X) tensor."""
-    words = _as_words(t, word)
-    assert words.shape[0] == t.shape[0], name
-    assert torch.equal(words.view(t.dtype).view(t.shape), t), name
