@@ -74,8 +74,8 @@ class StopRequest:
         (before the CLI's :class:`StartupSigterm`, which this replaces for good)."""
         for sig in STOP_SIGNALS:
             previous = signal.signal(sig, self._handle)
-            owner = getattr(previous, "__self__", None)
-            self._previous[sig] = owner.replaced if isinstance(owner, StartupSigterm) else previous
+            startup = _startup_handler(previous)
+            self._previous[sig] = startup.replaced if startup is not None else previous
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -146,6 +146,12 @@ class StartupSigterm:
         raise TerminatedBeforeTraining(run_dir)
 
 
+def _startup_handler(handler: Any) -> StartupSigterm | None:
+    """The :class:`StartupSigterm` whose bound ``_handle`` ``handler`` is, else None."""
+    owner = getattr(handler, "__self__", None)
+    return owner if isinstance(owner, StartupSigterm) else None
+
+
 @contextmanager
 def startup_sigterm_paused() -> Iterator[None]:
     """SIGTERM's default action for the duration, where :class:`StartupSigterm` is installed
@@ -157,11 +163,11 @@ def startup_sigterm_paused() -> Iterator[None]:
     come. The default action ends it at once (silently, exit 143, as before the handler).
     """
     handler = signal.getsignal(signal.SIGTERM)
-    owner = getattr(handler, "__self__", None)
-    if not isinstance(owner, StartupSigterm):
+    startup = _startup_handler(handler)
+    if startup is None:
         yield
         return
-    signal.signal(signal.SIGTERM, owner.replaced)
+    signal.signal(signal.SIGTERM, startup.replaced)
     try:
         yield
     finally:
