@@ -59,6 +59,8 @@ LEVERS: dict[str, list[str]] = {
     "compile": ["trainer.compile=layers"],
     # Each layer's MLP replayed from CUDA graphs (model/cuda_graphs.py): for host-bound steps.
     "cuda_graphs": ["trainer.cuda_graphs=mlp"],
+    # Both: inductor compiles each layer around its MLP, which replays its graph.
+    "compile_graphs": ["trainer.compile=layers", "trainer.cuda_graphs=mlp"],
     "all": ["model.fused_swiglu=true", "model.fused_cross_entropy=liger", "trainer.compile=layers"],
 }
 

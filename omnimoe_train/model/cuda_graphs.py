@@ -38,7 +38,8 @@ capture's warm-up moved are put back afterwards, so a graphed run trains like an
 
 Eager fallbacks: evaluation (``eval()`` or no grad), another input shape, a padding mask.
 The rules (``validation/engine.py``): CUDA, megatron engine, ``model.mlp`` omnimoe or dense,
-no pipeline or tensor parallelism, no ``trainer.compile``. Expert parallelism in either table
+no pipeline or tensor parallelism. With ``trainer.compile=layers`` the rest of each layer is
+compiled and the MLP call is a graph break that replays its graph (``_GraphedForward``). Expert parallelism in either table
 sharding is captured with its NCCL exchanges; with ``parallel.ep_overlap`` the exchanges run on
 NCCL's stream, forked from the capture stream and joined back where the layer waits for them,
 so in the replayed graph they run beside the router and the shared SwiGLU.
@@ -115,6 +116,10 @@ class _GraphedForward:
         self.core = _MLPCore(mlp, eager)
         self.graphed: Callable | None = None
 
+    # A graph break under ``trainer.compile=layers``: dynamo compiles the rest of the layer
+    # (norms, attention, residuals) and leaves this call, a replay of the captured MLP, to
+    # run as it is (tracing into it would trace the capture and the replay's Python).
+    @torch.compiler.disable
     def __call__(self, hidden_SBD: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         padding = kwargs.get("padding_mask", args[0] if args else None)
         if not (self.mlp.training and torch.is_grad_enabled()) or padding is not None:

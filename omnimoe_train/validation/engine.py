@@ -147,11 +147,6 @@ def validate_cuda_graphs(
     key = "trainer.cuda_graphs"
     _require_cuda_megatron(key, f"{t.cuda_graphs} captures CUDA graphs", t, this_machine)
     require(
-        t.compile == "none",
-        key,
-        f"and trainer.compile={t.compile} both take over the layers: use one of them",
-    )
-    require(
         m.mlp in GRAPHABLE_MLPS,
         key,
         f"captures model.mlp {' or '.join(GRAPHABLE_MLPS)} (got {m.mlp}: not validated under "

@@ -3,7 +3,10 @@ baseline's (tests/train/test_fusions*.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from omnimoe_train.model.fusions import compile_layers
 from omnimoe_train.model.gpt import build_model, transformer_config
@@ -20,15 +23,19 @@ def sgd_losses(
     compile_backend: str | None = None,
     device: str = "cpu",
     bf16: bool = False,
+    prepare: Callable[[nn.Module], None] | None = None,
 ) -> list[float]:
     """Mean loss of each of ``steps`` SGD steps (lr ``LR``) on fixed random batches, from the
     same initial weights whatever the overrides; ``compile_backend`` compiles the layers with
-    that torch.compile backend (``aot_eager``: graph capture without a C compiler)."""
+    that torch.compile backend (``aot_eager``: graph capture without a C compiler); ``prepare``
+    is called with the model after that, before the first step."""
     cfg = compose_config(*TINY, f"trainer.device={device}", *overrides)
     torch.manual_seed(0)
     model = build_model(cfg, transformer_config(cfg, bf16=bf16), vocab_size=VOCAB).to(device)
     if compile_backend is not None:
         assert compile_layers(model, backend=compile_backend) == cfg.model.num_layers + 1
+    if prepare is not None:
+        prepare(model)
     generator = torch.Generator().manual_seed(1)
     positions = torch.arange(SEQ, device=device).expand(BATCH, SEQ)
     losses = []

@@ -42,15 +42,15 @@ def _train(tmp_path: Path, name: str, *extra: str, gpus: int = 1) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _compare(eager: list[dict], graphed: list[dict]) -> None:
+def _compare(eager: list[dict], graphed: list[dict], rel: float = 1e-5) -> None:
+    """fp32: the graphs replay the eager kernels on the same values; GEMM algorithm choices
+    may differ under capture, so not necessarily bitwise (``rel`` 1e-5)."""
     assert len(eager) == len(graphed)
     for a, b in zip(eager, graphed, strict=True):
         assert a.get("step") == b.get("step")
         for key in (*KEYS, "val_loss"):
             if key in a:
-                # fp32: the graphs replay the eager kernels on the same values; GEMM algorithm
-                # choices may differ under capture, so not necessarily bitwise.
-                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-7), (a["step"], key)
 
 
 @pytest.mark.gpu
@@ -59,6 +59,16 @@ def test_graphed_mlps_train_like_eager_gpu(tmp_path: Path) -> None:
     graphed = _train(tmp_path, "graphed", "trainer.cuda_graphs=mlp")
     _compare(eager, graphed)
     assert any("val_loss" in r for r in graphed)
+
+
+@pytest.mark.gpu
+def test_graphed_mlps_under_compiled_layers_gpu(tmp_path: Path) -> None:
+    """``trainer.compile=layers`` + ``trainer.cuda_graphs=mlp``: inductor compiles the rest of
+    each layer, the MLP replays its graph. Against the compiled run without graphs, whose MLP
+    inductor compiles between its kernels' graph breaks (other fused float order: rel 1e-4)."""
+    compiled = _train(tmp_path, "compiled", "trainer.compile=layers")
+    both = _train(tmp_path, "both", "trainer.compile=layers", "trainer.cuda_graphs=mlp")
+    _compare(compiled, both, rel=1e-4)
 
 
 @pytest.mark.gpu
@@ -93,7 +103,6 @@ def test_graphed_mlps_expert_parallel_gpu(tmp_path: Path, extra: tuple[str, ...]
     [
         (("trainer.cuda_graphs=full",), 1, "must be one of"),
         (("trainer.engine=deepspeed",), 1, "trainer.engine=megatron"),
-        (("trainer.compile=layers",), 1, "both take over the layers"),
         (("model.mlp=peer",), 1, "omnimoe or dense"),
         (("model.mlp=gshard",), 1, "omnimoe or dense"),
         (("parallel=pp2",), 2, "parallel.pp=1"),
@@ -114,21 +123,21 @@ def test_cuda_graphs_refuses_what_it_cannot_capture(
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "world"),
     [
-        (),
-        ("parallel=ep2_rows",),
-        ("parallel=ep2_dim",),
-        ("parallel=ep2_rows", "parallel.ep_overlap=true"),
-        ("parallel=ep2_dim", "parallel.ep_overlap=true"),
-        ("parallel.ep=2", "parallel.expert_table_sharding=auto"),
+        ((), 1),
+        (("trainer.compile=layers",), 1),
+        (("parallel=ep2_rows",), 2),
+        (("parallel=ep2_dim",), 2),
+        (("parallel=ep2_rows", "parallel.ep_overlap=true"), 2),
+        (("parallel=ep2_dim", "parallel.ep_overlap=true"), 2),
+        (("parallel.ep=2", "parallel.expert_table_sharding=auto"), 2),
     ],
 )
 def test_cuda_graphs_accepts_its_layouts(
-    monkeypatch: pytest.MonkeyPatch, overrides: tuple[str, ...]
+    monkeypatch: pytest.MonkeyPatch, overrides: tuple[str, ...], world: int
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    world = 2 if overrides else 1
     validate(
         compose_config(
             "trainer.cuda_graphs=mlp",
@@ -185,3 +194,32 @@ def test_release_gives_the_mlps_their_eager_forward_back(monkeypatch: pytest.Mon
     x = torch.randn(3, 4)
     assert torch.equal(mlps[0](x), nn.functional.linear(x, mlps[0].weight, mlps[0].bias))
     cuda_graphs.release_graphs()
+
+
+def test_compiled_layers_break_at_the_graphed_mlp(single_rank: None) -> None:
+    """``trainer.compile=layers`` with the graphs: dynamo compiles each layer around the MLP
+    call, which it leaves as a graph break (``_GraphedForward.__call__`` is
+    ``torch.compiler.disable``d), and the run's losses are the compiled run's. No capture on a
+    CPU: each wrapper "replays" its eager core, as a graph replays the captured call."""
+    from torch._dynamo.utils import counters
+
+    from omnimoe_train.model import cuda_graphs
+    from tests.train.fusion_helpers import BATCH, SEQ, sgd_losses
+
+    def graph(model: torch.nn.Module) -> None:
+        mlps = [layer.mlp for layer in model.decoder.layers]
+        group = cuda_graphs._GraphGroup(model, mlps)
+        group.shape = torch.Size((SEQ, BATCH, model.config.hidden_size))
+        for mlp, wrapper in zip(mlps, group.wrappers, strict=True):
+            wrapper.graphed = wrapper.core
+            mlp.forward = wrapper
+
+    torch._dynamo.reset()
+    compiled = sgd_losses(compile_backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    graphed = sgd_losses(compile_backend="aot_eager", prepare=graph)
+    breaks = " ".join(counters["graph_break"])
+    assert "_GraphedForward.__call__" in breaks, breaks
+    assert graphed == pytest.approx(compiled, rel=1e-6)
+    assert graphed[-1] < graphed[0]
