@@ -5,11 +5,12 @@ tables, fp32 routing weights, uniform random routing (as ``bench_kernels.py``). 
 
 - ``pairs ms``: ``experts_grad.expert_grads`` (the segmented pair kernel, with its offsets and
   zero rows) from expert-sorted pairs; the sort is left out (the backward needs it anyway);
+  once per schedule (``experts_grad.GRAD_SCHEDULES``: "runs", "experts");
 - ``dense ms``: ``experts_dense_grad.dense_table_grads`` (G build + GEMMs, chunked over N
   above ``DENSE_MAX_BYTES``), with the extra memory it allocates (MiB, peak over the call);
 - the cost model's two predictions and ``auto``'s choice (``choose_grad_path``);
 - ``fb auto / dense / pairs``: ``atomic_experts`` forward + backward with each ``grad_path``
-  ("auto" resolved from the owned pairs, as ``rows_dispatch`` does).
+  ("auto" resolved from the owned pairs, as ``rows_dispatch`` does; "pairs" once per schedule).
 Rows with an owned share below 1 stand for the expert-parallel ``rows`` layout: the group's
 pairs, the others marked "no expert".
 
@@ -22,14 +23,17 @@ Run: ``python benchmarks/bench_grad_paths.py --json grad_paths.json`` (table + J
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+from collections.abc import Iterator
 
 import torch
 from bench_kernels import expert_inputs, fmt, graph_time  # the script's folder is on sys.path
 
 import omnimoe_kernels
 from omnimoe_kernels import experts_dense_grad as dense
+from omnimoe_kernels import experts_grad
 from omnimoe_kernels.experts_autograd import expert_order
 from omnimoe_kernels.experts_grad import expert_grads
 
@@ -58,6 +62,21 @@ def _grad_inputs(T: int, d: int, N: int, K: int, owned: float) -> dict:
     key_P, order_P, base = expert_order(idx, N)
     e_P = key_P.to(torch.int32) + base
     return {"x": x.detach(), "dy": dy, "idx": idx, "g": g, "h": h, "w": w, "e": e_P, "o": order_P}
+
+
+@contextlib.contextmanager
+def _schedule(name: str) -> Iterator[None]:
+    """``experts_grad.GRAD_SCHEDULE`` set to ``name`` for the body."""
+    saved, experts_grad.GRAD_SCHEDULE = experts_grad.GRAD_SCHEDULE, name
+    try:
+        yield
+    finally:
+        experts_grad.GRAD_SCHEDULE = saved
+
+
+def _suffix(schedule: str) -> str:
+    """Result keys of the default schedule keep their old names ("pairs_ms")."""
+    return "" if schedule == "runs" else f"_{schedule}"
 
 
 def _extra_mib(fn) -> float:
@@ -92,16 +111,20 @@ def bench_shape(T: int, d: int, N: int, K: int, owned: float) -> dict:
             a["x"], a["dy"], a["idx"], a["g"], a["h"], a["w"], N, dtype=torch.bfloat16
         )
 
-    for name, fn in (("pairs", pairs), ("dense", dense_path)):
+    timed = [(f"pairs{_suffix(s)}", s, pairs) for s in experts_grad.GRAD_SCHEDULES]
+    for name, schedule, fn in [*timed, ("dense", "runs", dense_path)]:
         try:
-            row[f"{name}_mib"] = _extra_mib(fn)
-            row[f"{name}_ms"] = graph_time(fn, 1)
+            with _schedule(schedule):
+                row[f"{name}_mib"] = _extra_mib(fn)
+                row[f"{name}_ms"] = graph_time(fn, 1)
         except torch.OutOfMemoryError:
             row[f"{name}_ms"] = row[f"{name}_mib"] = None
         torch.cuda.empty_cache()
     a.clear()  # free the inputs before the layer runs
     sets = [_inputs(T, d, N, K, owned)]
-    for path in ("auto", "dense", "pairs"):
+    runs = [("auto", "runs"), ("dense", "runs")]
+    runs += [("pairs", s) for s in experts_grad.GRAD_SCHEDULES]
+    for path, schedule in runs:
         # "auto" as the rows layout resolves it (from the owned pairs), as chosen above.
 
         def step(i, p=row["auto"] if path == "auto" else path):
@@ -109,10 +132,12 @@ def bench_shape(T: int, d: int, N: int, K: int, owned: float) -> dict:
             y = omnimoe_kernels.atomic_experts(x, up, down, w, idx, grad_path=p)
             torch.autograd.grad(y, (x, up, down, w), gy)
 
+        key = f"fb_{path}{_suffix(schedule) if path == 'pairs' else ''}_ms"
         try:
-            row[f"fb_{path}_ms"] = graph_time(step, 1)
+            with _schedule(schedule):
+                row[key] = graph_time(step, 1)
         except torch.OutOfMemoryError:
-            row[f"fb_{path}_ms"] = None
+            row[key] = None
         torch.cuda.empty_cache()
     return row
 
@@ -140,16 +165,17 @@ def main() -> None:
 
     print(f"\n{out['device']}, {out['date']}")
     print(
-        "| T, d, N, K, owned | pairs ms (model) | dense ms (model) | dense MiB | auto | "
-        "fb auto | fb dense | fb pairs |"
+        "| T, d, N, K, owned | pairs ms (model) | pairs, experts schedule | dense ms (model) | "
+        "dense MiB | auto | fb auto | fb dense | fb pairs | fb pairs, experts schedule |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in out["rows"]:
         print(
             f"| {r['T']}, {r['d']}, {r['N']}, {r['K']}, {r['owned']} | {fmt(r['pairs_ms'])} "
-            f"({r['model_pairs_ms']:.3f}) | {fmt(r['dense_ms'])} ({r['model_dense_ms']:.3f}) | "
-            f"{fmt(r['dense_mib'], 0)} | {r['auto']} | {fmt(r['fb_auto_ms'])} | "
-            f"{fmt(r['fb_dense_ms'])} | {fmt(r['fb_pairs_ms'])} |"
+            f"({r['model_pairs_ms']:.3f}) | {fmt(r['pairs_experts_ms'])} | {fmt(r['dense_ms'])} "
+            f"({r['model_dense_ms']:.3f}) | {fmt(r['dense_mib'], 0)} | {r['auto']} | "
+            f"{fmt(r['fb_auto_ms'])} | {fmt(r['fb_dense_ms'])} | {fmt(r['fb_pairs_ms'])} | "
+            f"{fmt(r['fb_pairs_experts_ms'])} |"
         )
     for r in out["rows"]:
         if r["pairs_ms"] and r["dense_ms"]:

@@ -255,7 +255,8 @@ def main() -> None:
         nargs="?",
         const="pair,combine,grad",
         default="",
-        help="time the tile alternatives of these kernels first (default: all three)",
+        help="time the tile alternatives of these kernels first (default: pair, combine, grad; "
+        'grad_experts: the weight gradients\' "experts" schedule)',
     )
     ap.add_argument(
         "--sweep-router",

@@ -21,7 +21,7 @@ PAIR_TILES = [(16, 128, 4), (8, 128, 4), (16, 256, 4), (16, 128, 2), (32, 128, 4
 COMBINE_TILES = [(32, 8, 128, 8), (32, 4, 64, 4), (64, 8, 128, 8), (32, 16, 128, 8)]
 COMBINE_TILES += [(64, 4, 64, 8), (32, 8, 64, 4), (16, 8, 128, 4), (16, 4, 128, 4)]
 SWEEP_CONFIGS = [(4096, 1024, 4096, 16), (16384, 1024, 65536, 16), (16384, 2048, 16384, 32)]
-SWEEP_CONFIGS += [(4096, 1024, 102400, 512)]
+SWEEP_CONFIGS += [(4096, 1024, 102400, 512), (16384, 768, 5776, 64)]
 
 
 def _time_tiles(label: str, tiles: list, apply, run, outputs) -> list:
@@ -54,6 +54,7 @@ def _set_combine(tile: tuple) -> None:
 
 
 def _set_grad(tile: tuple) -> None:
+    experts_grad.GRAD_SCHEDULE = "runs"
     experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = tile[:3]
     experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES = tile[3:]
 
@@ -63,8 +64,20 @@ GRAD_TILES = [(16, 128, 2, 0, 2), (16, 128, 2, 0, 1), (16, 128, 2, 0, 3), (16, 1
 GRAD_TILES += [(16, 64, 2, 0, 3), (16, 64, 1, 0, 3), (16, 64, 2, 0, 1), (16, 256, 4, 0, 1)]
 GRAD_TILES += [(16, 128, 4, 0, 1), (16, 128, 1, 0, 3)]
 
+# The "experts" schedule (``experts_grad.GRAD_SCHEDULE``): BP, BD, warps, pipelining stages.
+GRAD_EXPERTS_TILES = [(16, 128, 2, 2), (32, 128, 4, 2), (16, 64, 2, 2), (32, 64, 2, 3)]
+GRAD_EXPERTS_TILES += [(16, 128, 4, 3), (32, 128, 2, 2), (64, 128, 4, 2), (16, 256, 4, 2)]
+
+
+def _set_grad_experts(tile: tuple) -> None:
+    experts_grad.GRAD_SCHEDULE = "experts"
+    experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = tile[:3]
+    experts_grad.GRAD_STAGES = tile[3]
+
+
 TILE_KNOBS = {"pair": (PAIR_TILES, _set_pair), "combine": (COMBINE_TILES, _set_combine)}
 TILE_KNOBS["grad"] = (GRAD_TILES, _set_grad)
+TILE_KNOBS["grad_experts"] = (GRAD_EXPERTS_TILES, _set_grad_experts)
 
 
 def _sweep_config(T: int, d: int, N: int, K: int, only: set) -> dict:
@@ -86,6 +99,7 @@ def _sweep_config(T: int, d: int, N: int, K: int, only: set) -> dict:
             [dup, ddown],
         ),
     }
+    runs["grad_experts"] = runs["grad"]
     res = {}
     for name, (run, outputs) in runs.items():
         if name not in only:
@@ -101,7 +115,7 @@ def sweep_tiles(only: set) -> dict:
     total; the modules' defaults (set from these tables) are restored for the rest of the run."""
     saved = (experts_pairs.PAIR_TILE, experts_pairs.COMBINE_TILE)
     saved += (experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS)
-    saved += (experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES)
+    saved += (experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES, experts_grad.GRAD_SCHEDULE)
     per_cfg = []
     for cfg in SWEEP_CONFIGS:
         per_cfg.append(_sweep_config(*cfg, only))
@@ -119,7 +133,7 @@ def sweep_tiles(only: set) -> dict:
         print("best", name, best[name], "total ms", totals[best[name]], flush=True)
     experts_pairs.PAIR_TILE, experts_pairs.COMBINE_TILE = saved[:2]
     experts_grad.CHUNK_PAIRS, experts_grad.GRAD_BD, experts_grad.GRAD_WARPS = saved[2:5]
-    experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES = saved[5:]
+    experts_grad.BLOCK_PAIRS, experts_grad.GRAD_STAGES, experts_grad.GRAD_SCHEDULE = saved[5:]
     return {"configs": SWEEP_CONFIGS, "ms": per_cfg, "best": best}
 
 

@@ -50,6 +50,15 @@ GRAD_WARPS = 2
 # Software-pipelining depth of the chunk loop: 2 beat Triton's default 3 by 10 to 16% at all
 # four swept configs (0.71 vs 0.82 ms at N = 65,536; 5.05 vs 5.82 ms at the paper setting).
 GRAD_STAGES = 2
+# Which schedule ``expert_grads`` launches: "runs" (``_pair_block_grad_kernel``: blocks of
+# sorted pairs, runs carried between chunks and closed where they end) or "experts"
+# (``_expert_block_grad_kernel``: blocks of BLOCK_EXPERTS consecutive experts, each reducing its
+# experts' contiguous pairs straight into a (BLOCK_EXPERTS, BD) accumulator; no carries, no
+# per-chunk stores, every row written once at the end, empty experts included).
+GRAD_SCHEDULE = "experts"
+GRAD_SCHEDULES = ("runs", "experts")
+# Experts per program of the "experts" schedule (the one-hot product's M: 16 is tl.dot's minimum).
+BLOCK_EXPERTS = 16
 
 
 @triton.jit
@@ -187,6 +196,56 @@ def _zero_rows_kernel(
     tl.store(ddown_ptr + ptr_ED, zero_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
 
 
+@triton.jit
+def _expert_block_grad_kernel(
+    x_ptr,  # (T, D)
+    dy_ptr,  # (T, D)
+    e_ptr,  # (P,) int32 expert ids, expert order
+    tok_ptr,  # (P,) int32 token of each pair, expert order
+    cu_ptr,  # (P,) float32 g of each pair (dL/dh), expert order
+    cd_ptr,  # (P,) float32 a = w * silu(h) of each pair, expert order
+    off_ptr,  # (N + 1,) int64 run starts
+    dup_ptr,  # (N, D) out, param dtype
+    ddown_ptr,  # (N, D) out, param dtype
+    N,
+    D,
+    stride_x,
+    stride_dy,
+    BE: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    SPLIT_BF16: tl.constexpr,
+):
+    """Program (b, c): experts [b * BE, b * BE + BE) and columns slice c. Their pairs are one
+    contiguous range of the expert order; each chunk of BP of them is reduced into the
+    experts' rows by the one-hot product, in pair order (fixed: bitwise repeatable)."""
+    e0 = tl.program_id(0).to(tl.int64) * BE
+    rows_E = e0 + tl.arange(0, BE)
+    offs_D = tl.program_id(1) * BD + tl.arange(0, BD)
+    ok_D = offs_D < D
+    start = tl.load(off_ptr + e0)
+    end = tl.load(off_ptr + tl.minimum(e0 + BE, N))
+    up_ED = tl.zeros([BE, BD], dtype=tl.float32)
+    dn_ED = tl.zeros([BE, BD], dtype=tl.float32)
+    for p0 in range(start, end, BP):
+        offs_P = p0 + tl.arange(0, BP)
+        ok_P = offs_P < end
+        e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=-1).to(tl.int64)
+        tok_P = tl.load(tok_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
+        cu_P = tl.load(cu_ptr + offs_P, mask=ok_P, other=0.0)
+        cd_P = tl.load(cd_ptr + offs_P, mask=ok_P, other=0.0)
+        onehot_EP = e_P[None, :] == rows_E[:, None]  # masked pairs (id -1) meet no row
+        m_PD = ok_P[:, None] & ok_D[None, :]
+        x_PD = tl.load(x_ptr + tok_P[:, None] * stride_x + offs_D[None, :], mask=m_PD, other=0)
+        up_ED += _reduce(cu_P, onehot_EP, x_PD, SPLIT_BF16)
+        dy_PD = tl.load(dy_ptr + tok_P[:, None] * stride_dy + offs_D[None, :], mask=m_PD, other=0)
+        dn_ED += _reduce(cd_P, onehot_EP, dy_PD, SPLIT_BF16)
+    m_ED = (rows_E < N)[:, None] & ok_D[None, :]
+    ptr_ED = rows_E[:, None] * D + offs_D[None, :]
+    tl.store(dup_ptr + ptr_ED, up_ED.to(dup_ptr.dtype.element_ty), mask=m_ED)
+    tl.store(ddown_ptr + ptr_ED, dn_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
+
+
 def _block_pairs(P: int) -> int:
     """Pairs per block: ~2k blocks for large P, at least 256 pairs (measured: 256-pair blocks
     beat 32-pair ones at P = 65k, 0.24 vs 0.33 ms), at most 2048."""
@@ -215,11 +274,32 @@ def expert_grads(
     ``deterministic`` is accepted for the API: this schedule is always fixed-order (see above).
     """
     del deterministic
+    if GRAD_SCHEDULE not in GRAD_SCHEDULES:
+        raise ValueError(f"GRAD_SCHEDULE={GRAD_SCHEDULE!r} must be one of {GRAD_SCHEDULES}")
     N, D = dup_ND.shape
     P = e_P.numel()
     dev = x_TD.device
     experts_N1 = torch.arange(N + 1, device=dev, dtype=torch.int32)
     off_N1 = torch.searchsorted(e_P, experts_N1)
+    BD = max(16, min(GRAD_BD, triton.next_power_of_2(D)))
+    # Triton 3.6's CPU interpreter gets bf16 tl.dot wrong (garbage magnitudes), so CPU runs take
+    # the float32 product; the GPU tests cover the bf16 split path.
+    split = x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and dy_TD.dtype == torch.bfloat16
+    if GRAD_SCHEDULE == "experts":
+        # The pairs' token and both coefficients gathered into expert order once, so the
+        # programs of every column slice read them contiguously.
+        flat_P = order_P.long()
+        tok_P = (order_P // K).to(torch.int32)
+        cu_P = g_P.reshape(-1).float()[flat_P]
+        h32_P = h_P.reshape(-1).float()[flat_P]
+        cd_P = w_P.reshape(-1)[flat_P].float() * h32_P * torch.sigmoid(h32_P)
+        _expert_block_grad_kernel[(triton.cdiv(N, BLOCK_EXPERTS), triton.cdiv(D, BD))](
+            x_TD, dy_TD, e_P, tok_P, cu_P, cd_P, off_N1, dup_ND, ddown_ND,
+            N, D, x_TD.stride(0), dy_TD.stride(0),
+            BE=BLOCK_EXPERTS, BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split,
+            num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
+        )  # fmt: skip
+        return
     BE = 16
     BDZ = min(256, triton.next_power_of_2(max(D, 16)))
     _zero_rows_kernel[(triton.cdiv(N, BE), triton.cdiv(D, BDZ))](
@@ -227,11 +307,7 @@ def expert_grads(
     )
     if P == 0:
         return
-    BD = max(16, min(GRAD_BD, triton.next_power_of_2(D)))
     block = _block_pairs(P)
-    # Triton 3.6's CPU interpreter gets bf16 tl.dot wrong (garbage magnitudes), so CPU runs take
-    # the float32 product; the GPU tests cover the bf16 split path.
-    split = x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and dy_TD.dtype == torch.bfloat16
     _pair_block_grad_kernel[(triton.cdiv(P, block), triton.cdiv(D, BD))](
         x_TD, dy_TD, e_P, order_P, h_P, w_P, g_P, off_N1, dup_ND, ddown_ND,
         P, N, D, K, x_TD.stride(0), dy_TD.stride(0), block,

@@ -99,6 +99,24 @@ def test_runs_across_chunks_and_blocks_cpu(monkeypatch, T, N, K, dtype, determin
     _check(T, 16, N, K, dtype, "cpu", hot=True, deterministic=deterministic)
 
 
+# The "experts" schedule of the weight gradients (blocks of experts; ``GRAD_SCHEDULE``): the
+# CPU cases, a hot expert whose run spans many chunks, N off the 16-expert block, and pairs of
+# the "no expert" id N.
+EXPERT_BLOCK_CASES = [
+    *CPU_CASES,
+    (23, 16, 6, 3, torch.float32, True),
+    (40, 16, 37, 4, torch.bfloat16, True),
+]
+
+
+@cpu_triton
+@pytest.mark.parametrize(("T", "D", "N", "K", "dtype", "hot"), EXPERT_BLOCK_CASES)
+def test_expert_block_schedule_cpu(monkeypatch, T, D, N, K, dtype, hot) -> None:
+    monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", "experts")
+    monkeypatch.setattr(experts_grad, "CHUNK_PAIRS", 16)
+    _check(T, D, N, K, dtype, "cpu", hot=hot, grad_path="pairs")
+
+
 def _check_no_expert(
     T, D, N, K, skip_fraction, device, *, seed=0, grad_path="auto", sort_forward=False
 ) -> None:
@@ -137,6 +155,13 @@ def test_no_expert_pairs_cpu(monkeypatch, sorted_forward, T, N, K, skip_fraction
         monkeypatch.setattr(experts_autograd, "L2_TABLE_BYTES", 0)
     monkeypatch.setattr(experts_grad, "BLOCK_PAIRS", 16)  # blocks past the last real pair
     _check_no_expert(T, 16, N, K, skip_fraction, "cpu")
+
+
+@cpu_triton
+@pytest.mark.parametrize(("T", "N", "K", "skip_fraction"), [(11, 12, 5, 0.5), (9, 40, 4, 1.0)])
+def test_no_expert_pairs_expert_block_schedule_cpu(monkeypatch, T, N, K, skip_fraction) -> None:
+    monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", "experts")
+    _check_no_expert(T, 16, N, K, skip_fraction, "cpu", grad_path="pairs")
 
 
 @cpu_triton
@@ -187,6 +212,28 @@ def test_no_expert_pairs_gpu(T, N, K, grad_path) -> None:
 @gpu[1]
 def test_atomic_experts_gpu(T, D, N, K, dtype, hot, deterministic) -> None:
     _check(T, D, N, K, dtype, "cuda", hot=hot, deterministic=deterministic)
+
+
+@pytest.mark.parametrize(
+    ("T", "D", "N", "K", "dtype", "hot"),
+    [
+        (4096, 1024, 65536, 16, torch.bfloat16, False),
+        (1000, 512, 300, 32, torch.float32, True),
+        (777, 256, 96 * 96, 64, torch.bfloat16, True),
+        (2048, 768, 5776, 64, torch.bfloat16, False),
+    ],
+)
+@gpu[0]
+@gpu[1]
+def test_expert_block_schedule_gpu(monkeypatch, T, D, N, K, dtype, hot) -> None:
+    monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", "experts")
+    _check(T, D, N, K, dtype, "cuda", hot=hot, grad_path="pairs")
+    (x, up, down, w), idx, gy = _inputs(T, D, N, K, dtype, "cuda", hot, 3)
+    runs = []
+    for _ in range(2):  # fixed summation order: bitwise repeatable
+        y = omnimoe_kernels.atomic_experts(x, up, down, w, idx, grad_path="pairs")
+        runs.append(torch.autograd.grad(y, (up, down), gy.to("cuda", dtype)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 @gpu[0]
