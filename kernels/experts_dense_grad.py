@@ -82,6 +82,12 @@ DENSE_MAX_BYTES = 1 << 30
 # dense 250-670 TFLOP/s effective with the build included (326 at a80m's d = 768), so 450e12
 # (the a priori 600e12 predicted a80m at 1.31 ms against 1.78 measured). Every shape of the
 # table kept the faster path under both constants.
+# The "experts" schedule of the pair kernel (experts_grad.GRAD_SCHEDULE, twelfth session)
+# measured 0.86-1.36e-12 s per pair-column on uniform random routing, but PAIR_COLUMN_S keeps
+# the older schedule's 3.2e-12: the model cannot see a trained router's skew, which walks a
+# hot expert's run in one program; with 1.0e-12 "auto" put a80m on the pair kernel and its
+# training step was slower than on the dense GEMMs (214k vs 236k tokens/s, falling as the
+# imbalance grew; docs/benchmarks.md).
 PAIR_COLUMN_S = 3.2e-12
 DENSE_FLOPS = 450e12
 HBM_BYTES_PER_S = 4.0e12

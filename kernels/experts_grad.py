@@ -8,7 +8,26 @@ contiguous range of one expert's pairs in that order.
     dup_e   = sum_{pairs p of e} g_p * x_{t_p}       (g = dL/dh)
     ddown_e = sum_{pairs p of e} a_p * dy_{t_p}      (a = w * silu(h))
 
-Schedule (``_pair_block_grad_kernel``): program (b, c) owns the runs that *start* in pair block
+Two schedules (``GRAD_SCHEDULE``; the same sums, in another fixed order):
+
+"experts" (the default, ``_expert_block_grad_kernel``): program (b, c) owns experts
+[16 b, 16 b + 16) and the BD columns of slice c. Their pairs are one contiguous range of the
+expert order; it walks them in chunks of BP and adds each chunk into a (16, BD) float32
+accumulator with the one-hot product below (row e of the one-hot = pairs of expert 16 b + e),
+then writes its 16 rows once, zeros for empty experts. The pairs' tokens and coefficients
+(g, a) are gathered into expert order once, by PyTorch, so every column slice reads them
+contiguously. Against "runs" (below) a chunk needs no segment ranks, carries or masked
+stores, and the separate zero-row kernel goes: on an H200 (``bench_grad_paths.py``, uniform
+random routing, both tables) 0.74 vs 2.50 ms at a80m's shape (16384, 768, 5776, 64), 0.34 vs
+0.89 ms at (16384, 1024, 65536, 16), 1.84 vs 6.43 ms at the paper's (4096, 1024, 102400, 512).
+What it does not fix: a hot expert's whole run is still walked by one program (per column
+slice), so under a trained router's skew the kernel slows with the imbalance (a80m training
+on it measured 229k -> 199k tokens/s over 20 steps as the load imbalance reached 25, against
+a routing-blind 236k on the dense GEMMs: ``experts_dense_grad.PAIR_COLUMN_S`` stays at the
+"runs" schedule's cost, so "auto" keeps a80m on the dense path). Splitting hot runs over
+programs (partial sums, then a fixed-order merge) is the next step.
+
+"runs" (``_pair_block_grad_kernel``): program (b, c) owns the runs that *start* in pair block
 b (BLOCK consecutive sorted pairs) and the BD columns of slice c. It walks its pairs in chunks
 of BP, gathers the BP x and dy rows of the chunk at once (many independent loads in flight, the
 reason for this layout: the previous one-program-per-expert kernel waited on a chain of
