@@ -197,16 +197,16 @@ def test_no_expert_pairs_gpu(T, N, K, grad_path) -> None:
     _check_no_expert(T, 256, N, K, 0.5, "cuda", grad_path=grad_path)
 
 
-@pytest.mark.parametrize(
-    ("T", "D", "N", "K", "dtype", "hot"),
-    [
-        (4096, 1024, 65536, 16, torch.bfloat16, False),
-        (1000, 512, 300, 32, torch.float32, True),
-        (777, 256, 96 * 96, 64, torch.bfloat16, True),
-        (2048, 128, 1024, 1, torch.float32, False),
-        (0, 64, 16, 4, torch.bfloat16, False),
-    ],
-)
+GPU_CASES = [  # T, D, N, K, dtype, hot
+    (4096, 1024, 65536, 16, torch.bfloat16, False),
+    (1000, 512, 300, 32, torch.float32, True),
+    (777, 256, 96 * 96, 64, torch.bfloat16, True),
+    (2048, 128, 1024, 1, torch.float32, False),
+    (0, 64, 16, 4, torch.bfloat16, False),
+]
+
+
+@pytest.mark.parametrize(("T", "D", "N", "K", "dtype", "hot"), GPU_CASES)
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 @gpu[0]
 @gpu[1]
@@ -216,17 +216,14 @@ def test_atomic_experts_gpu(T, D, N, K, dtype, hot, deterministic) -> None:
 
 @pytest.mark.parametrize(
     ("T", "D", "N", "K", "dtype", "hot"),
-    [
-        (4096, 1024, 65536, 16, torch.bfloat16, False),
-        (1000, 512, 300, 32, torch.float32, True),
-        (777, 256, 96 * 96, 64, torch.bfloat16, True),
-        (2048, 768, 5776, 64, torch.bfloat16, False),
-    ],
+    [*GPU_CASES[:3], (2048, 768, 5776, 64, torch.bfloat16, False)],  # + a80m's width and N
 )
+@pytest.mark.parametrize("schedule", experts_grad.GRAD_SCHEDULES)
 @gpu[0]
 @gpu[1]
-def test_expert_block_schedule_gpu(monkeypatch, T, D, N, K, dtype, hot) -> None:
-    monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", "experts")
+def test_pair_kernel_schedules_gpu(monkeypatch, schedule, T, D, N, K, dtype, hot) -> None:
+    """Each weight-gradient schedule on the bf16 tensor-core path, and bitwise repeatable."""
+    monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", schedule)
     _check(T, D, N, K, dtype, "cuda", hot=hot, grad_path="pairs")
     (x, up, down, w), idx, gy = _inputs(T, D, N, K, dtype, "cuda", hot, 3)
     runs = []
