@@ -5,14 +5,18 @@ tables, fp32 routing weights, uniform random routing (as ``bench_kernels.py``). 
 
 - ``pairs ms``: ``experts_grad.expert_grads`` (the segmented pair kernel, with its offsets and
   zero rows) from expert-sorted pairs; the sort is left out (the backward needs it anyway);
-  once per schedule (``experts_grad.GRAD_SCHEDULES``: "runs", "experts");
+  once per variant: the "runs" schedule, the "experts" one, and the "experts" one with hot
+  blocks split at each ``--segment-pairs`` S (``experts_grad_blocks.SEGMENT_PAIRS``);
 - ``dense ms``: ``experts_dense_grad.dense_table_grads`` (G build + GEMMs, chunked over N
   above ``DENSE_MAX_BYTES``), with the extra memory it allocates (MiB, peak over the call);
 - the cost model's two predictions and ``auto``'s choice (``choose_grad_path``);
 - ``fb auto / dense / pairs``: ``atomic_experts`` forward + backward with each ``grad_path``
   ("auto" resolved from the owned pairs, as ``rows_dispatch`` does; "pairs" once per schedule).
 Rows with an owned share below 1 stand for the expert-parallel ``rows`` layout: the group's
-pairs, the others marked "no expert".
+pairs, the others marked "no expert". ``--zipf A`` draws the ids from a Zipf law instead
+(P(expert of rank r) ~ (r + 1)^-A over a random order of the experts; A = 0.45 at a80m's N
+gives a load imbalance, busiest expert over the mean, of ~27, what a80m's router reached
+within 20 training steps); each row reports its imbalance.
 
 Times are medians of CUDA-graph replays (``bench_kernels.graph_time``). The last lines give the
 constants the measurements imply (``PAIR_COLUMN_S`` and the dense path's effective TFLOP/s),
@@ -33,7 +37,7 @@ from bench_kernels import expert_inputs, fmt, graph_time  # the script's folder 
 
 import omnimoe_kernels
 from omnimoe_kernels import experts_dense_grad as dense
-from omnimoe_kernels import experts_grad
+from omnimoe_kernels import experts_grad, experts_grad_blocks
 from omnimoe_kernels.experts_autograd import expert_order
 from omnimoe_kernels.experts_grad import expert_grads
 
@@ -47,11 +51,26 @@ CONFIGS = [  # T, d, N, K, owned share of the pairs (the rest carry id N, "no ex
 ]
 
 
+#: Zipf exponent of the routing (0: uniform), set from ``--zipf``.
+ZIPF = 0.0
+
+
 def _inputs(T: int, d: int, N: int, K: int, owned: float) -> tuple:
-    """``bench_kernels.expert_inputs`` with a (1 - owned) share of the ids set to N."""
+    """``bench_kernels.expert_inputs`` with a (1 - owned) share of the ids set to N, and the
+    ids drawn from the Zipf law of exponent ``ZIPF`` when it is not 0."""
     x, up, down, w, idx, dy = expert_inputs(T, d, N, K)
+    if ZIPF:
+        probs = (torch.arange(N, device="cuda") + 1.0) ** -ZIPF
+        ranks = torch.multinomial(probs, T * K, replacement=True)
+        idx = torch.randperm(N, device="cuda")[ranks].view(T, K)
     idx = idx.masked_fill(torch.rand(T, K, device="cuda") >= owned, N)
     return x, up, down, w, idx, dy
+
+
+def _imbalance(idx_TK: torch.Tensor, N: int) -> float:
+    """Pairs of the busiest expert over the mean pairs per expert (ids N excluded)."""
+    counts = torch.bincount(idx_TK.flatten(), minlength=N + 1)[:N].float()
+    return (counts.max() / counts.mean().clamp_min(1e-9)).item()
 
 
 def _grad_inputs(T: int, d: int, N: int, K: int, owned: float) -> dict:
@@ -64,19 +83,26 @@ def _grad_inputs(T: int, d: int, N: int, K: int, owned: float) -> dict:
     return {"x": x.detach(), "dy": dy, "idx": idx, "g": g, "h": h, "w": w, "e": e_P, "o": order_P}
 
 
+#: Pair-kernel variants timed: (schedule, SEGMENT_PAIRS); ``--segment-pairs`` adds more.
+VARIANTS = [("runs", 0), ("experts", 0)]
+
+
 @contextlib.contextmanager
-def _schedule(name: str) -> Iterator[None]:
-    """``experts_grad.GRAD_SCHEDULE`` set to ``name`` for the body."""
-    saved, experts_grad.GRAD_SCHEDULE = experts_grad.GRAD_SCHEDULE, name
+def _variant(schedule: str, segment: int) -> Iterator[None]:
+    """``experts_grad.GRAD_SCHEDULE`` and ``experts_grad_blocks.SEGMENT_PAIRS`` for the body."""
+    saved = experts_grad.GRAD_SCHEDULE, experts_grad_blocks.SEGMENT_PAIRS
+    experts_grad.GRAD_SCHEDULE, experts_grad_blocks.SEGMENT_PAIRS = schedule, segment
     try:
         yield
     finally:
-        experts_grad.GRAD_SCHEDULE = saved
+        experts_grad.GRAD_SCHEDULE, experts_grad_blocks.SEGMENT_PAIRS = saved
 
 
-def _suffix(schedule: str) -> str:
-    """Result keys of the default schedule keep their old names ("pairs_ms")."""
-    return "" if schedule == "runs" else f"_{schedule}"
+def _suffix(schedule: str, segment: int) -> str:
+    """Key suffix of a variant; the "runs" schedule keeps the old names ("pairs_ms")."""
+    if schedule == "runs":
+        return ""
+    return f"_{schedule}" + (f"_s{segment}" if segment else "")
 
 
 def _extra_mib(fn) -> float:
@@ -97,6 +123,7 @@ def bench_shape(T: int, d: int, N: int, K: int, owned: float) -> dict:
     cuda = torch.device("cuda")
     row["auto"] = dense.choose_grad_path("auto", T, N, d, K, torch.bfloat16, cuda, pairs=real)
     a = _grad_inputs(T, d, N, K, owned)
+    row["imbalance"] = _imbalance(a["idx"], N)
     dup = torch.empty(N, d, device="cuda", dtype=torch.bfloat16)
     ddown = torch.empty_like(dup)
 
@@ -111,10 +138,10 @@ def bench_shape(T: int, d: int, N: int, K: int, owned: float) -> dict:
             a["x"], a["dy"], a["idx"], a["g"], a["h"], a["w"], N, dtype=torch.bfloat16
         )
 
-    timed = [(f"pairs{_suffix(s)}", s, pairs) for s in experts_grad.GRAD_SCHEDULES]
-    for name, schedule, fn in [*timed, ("dense", "runs", dense_path)]:
+    timed = [(f"pairs{_suffix(*v)}", v, pairs) for v in VARIANTS]
+    for name, variant, fn in [*timed, ("dense", VARIANTS[0], dense_path)]:
         try:
-            with _schedule(schedule):
+            with _variant(*variant):
                 row[f"{name}_mib"] = _extra_mib(fn)
                 row[f"{name}_ms"] = graph_time(fn, 1)
         except torch.OutOfMemoryError:
@@ -122,9 +149,9 @@ def bench_shape(T: int, d: int, N: int, K: int, owned: float) -> dict:
         torch.cuda.empty_cache()
     a.clear()  # free the inputs before the layer runs
     sets = [_inputs(T, d, N, K, owned)]
-    runs = [("auto", "runs"), ("dense", "runs")]
-    runs += [("pairs", s) for s in experts_grad.GRAD_SCHEDULES]
-    for path, schedule in runs:
+    runs = [("auto", VARIANTS[1]), ("dense", VARIANTS[1])]
+    runs += [("pairs", v) for v in VARIANTS]
+    for path, variant in runs:
         # "auto" as the rows layout resolves it (from the owned pairs), as chosen above.
 
         def step(i, p=row["auto"] if path == "auto" else path):
@@ -132,9 +159,9 @@ def bench_shape(T: int, d: int, N: int, K: int, owned: float) -> dict:
             y = omnimoe_kernels.atomic_experts(x, up, down, w, idx, grad_path=p)
             torch.autograd.grad(y, (x, up, down, w), gy)
 
-        key = f"fb_{path}{_suffix(schedule) if path == 'pairs' else ''}_ms"
+        key = f"fb_{path}{_suffix(*variant) if path == 'pairs' else ''}_ms"
         try:
-            with _schedule(schedule):
+            with _variant(*variant):
                 row[key] = graph_time(step, 1)
         except torch.OutOfMemoryError:
             row[key] = None
@@ -146,7 +173,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="bench_grad_paths.json")
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
+    ap.add_argument("--zipf", type=float, default=0.0, help="routing skew (0: uniform)")
+    ap.add_argument(
+        "--segment-pairs", type=int, nargs="*", default=[],
+        help="also time the experts schedule with hot blocks split at these S",
+    )  # fmt: skip
     args = ap.parse_args()
+    global ZIPF
+    ZIPF = args.zipf
+    VARIANTS.extend(("experts", s) for s in args.segment_pairs if s > 0)
     from runs import require_cuda  # the script's folder is on sys.path
 
     require_cuda("bench_grad_paths.py")
@@ -155,6 +190,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "dense_max_bytes": dense.DENSE_MAX_BYTES,
+        "zipf": ZIPF,
+        "variants": VARIANTS,
         "rows": [],
     }
     for cfg in CONFIGS[:2] if args.quick else CONFIGS:
@@ -163,28 +200,41 @@ def main() -> None:
         with open(args.json, "w") as f:  # rewritten per row: a cut-short run keeps its numbers
             json.dump(out, f, indent=1)
 
-    print(f"\n{out['device']}, {out['date']}")
-    print(
-        "| T, d, N, K, owned | pairs ms (model) | pairs, experts schedule | dense ms (model) | "
-        "dense MiB | auto | fb auto | fb dense | fb pairs | fb pairs, experts schedule |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print_tables(out)
+
+
+def _label(schedule: str, segment: int) -> str:
+    return schedule + (f", split at {segment}" if segment else "")
+
+
+def print_tables(out: dict) -> None:
+    """The markdown table (ms; the cost model's prediction in brackets) and the constants the
+    measurements imply."""
+    variants = [tuple(v) for v in out["variants"]]
+    print(f"\n{out['device']}, {out['date']}, zipf {out['zipf']}")
+    names = [f"pairs {_label(*v)}" for v in variants] + ["dense (model)", "dense MiB", "auto"]
+    names += ["fb auto", "fb dense"] + [f"fb pairs {_label(*v)}" for v in variants]
+    print("| T, d, N, K, owned | imbalance | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 2) + "|")
     for r in out["rows"]:
-        print(
-            f"| {r['T']}, {r['d']}, {r['N']}, {r['K']}, {r['owned']} | {fmt(r['pairs_ms'])} "
-            f"({r['model_pairs_ms']:.3f}) | {fmt(r['pairs_experts_ms'])} | {fmt(r['dense_ms'])} "
-            f"({r['model_dense_ms']:.3f}) | {fmt(r['dense_mib'], 0)} | {r['auto']} | "
-            f"{fmt(r['fb_auto_ms'])} | {fmt(r['fb_dense_ms'])} | {fmt(r['fb_pairs_ms'])} | "
-            f"{fmt(r['fb_pairs_experts_ms'])} |"
+        cells = [fmt(r.get(f"pairs{_suffix(*v)}_ms")) for v in variants]
+        cells[0] += f" ({r['model_pairs_ms']:.3f})"
+        cells += [f"{fmt(r['dense_ms'])} ({r['model_dense_ms']:.3f})", fmt(r["dense_mib"], 0)]
+        cells += [r["auto"], fmt(r["fb_auto_ms"]), fmt(r["fb_dense_ms"])]
+        cells += [fmt(r.get(f"fb_pairs{_suffix(*v)}_ms")) for v in variants]
+        shape = f"{r['T']}, {r['d']}, {r['N']}, {r['K']}, {r['owned']}"
+        print(f"| {shape} | {r['imbalance']:.1f} | " + " | ".join(cells) + " |")
+    for r in out["rows"]:
+        real = r["T"] * r["K"] * r["owned"] * r["d"]
+        per = [f"{_label(*v)} {r[k] * 1e-3 / real:.3g}" for v in variants
+               if r.get(k := f"pairs{_suffix(*v)}_ms")]  # fmt: skip
+        tflops = (
+            8 * r["T"] * r["N"] * r["d"] / (r["dense_ms"] * 1e-3) / 1e12 if r["dense_ms"] else 0
         )
-    for r in out["rows"]:
-        if r["pairs_ms"] and r["dense_ms"]:
-            pair_col = r["pairs_ms"] * 1e-3 / (r["T"] * r["K"] * r["owned"] * r["d"])
-            tflops = 8 * r["T"] * r["N"] * r["d"] / (r["dense_ms"] * 1e-3) / 1e12
-            print(
-                f"{r['T']}, {r['d']}, {r['N']}, {r['K']}: PAIR_COLUMN_S = {pair_col:.3g} s, "
-                f"dense {tflops:.0f} TFLOP/s effective (G build and memset included)"
-            )
+        print(
+            f"{r['T']}, {r['d']}, {r['N']}, {r['K']}: PAIR_COLUMN_S {', '.join(per)} s; dense "
+            f"{tflops:.0f} TFLOP/s effective (G build and memset included)"
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ contiguous range of one expert's pairs in that order.
 
 Two schedules (``GRAD_SCHEDULE``; the same sums, in another fixed order):
 
-"experts" (the default, ``_expert_block_grad_kernel``): program (b, c) owns experts
+"experts" (the default, ``experts_grad_blocks``): program (b, c) owns experts
 [16 b, 16 b + 16) and the BD columns of slice c. Their pairs are one contiguous range of the
 expert order; it walks them in chunks of BP and adds each chunk into a (16, BD) float32
 accumulator with the one-hot product below (row e of the one-hot = pairs of expert 16 b + e),
@@ -20,12 +20,13 @@ contiguously. Against "runs" (below) a chunk needs no segment ranks, carries or 
 stores, and the separate zero-row kernel goes: on an H200 (``bench_grad_paths.py``, uniform
 random routing, both tables) 0.74 vs 2.50 ms at a80m's shape (16384, 768, 5776, 64), 0.34 vs
 0.89 ms at (16384, 1024, 65536, 16), 1.84 vs 6.43 ms at the paper's (4096, 1024, 102400, 512).
-What it does not fix: a hot expert's whole run is still walked by one program (per column
+What it does not fix by default: a hot block's pairs are walked by one program (per column
 slice), so under a trained router's skew the kernel slows with the imbalance (a80m training
 on it measured 229k -> 199k tokens/s over 20 steps as the load imbalance reached 25, against
 a routing-blind 236k on the dense GEMMs: ``experts_dense_grad.PAIR_COLUMN_S`` stays at the
-"runs" schedule's cost, so "auto" keeps a80m on the dense path). Splitting hot runs over
-programs (partial sums, then a fixed-order merge) is the next step.
+"runs" schedule's cost, so "auto" keeps a80m on the dense path). ``experts_grad_blocks.
+SEGMENT_PAIRS`` splits hot blocks over programs (partial sums, then a fixed-order merge); it
+is off until measured under skewed routing (``bench_grad_paths.py --zipf``).
 
 "runs" (``_pair_block_grad_kernel``): program (b, c) owns the runs that *start* in pair block
 b (BLOCK consecutive sorted pairs) and the BD columns of slice c. It walks its pairs in chunks
@@ -56,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from omnimoe_kernels.experts_grad_blocks import _reduce, expert_block_grads
+
 # Sorted pairs per block (a program's share of the runs); small blocks give more programs for
 # small P, large ones bound the number of programs (and re-reads of the pair metadata).
 BLOCK_PAIRS = 0  # 0 = chosen from P in ``expert_grads``; tests set a small value
@@ -71,25 +74,12 @@ GRAD_WARPS = 2
 GRAD_STAGES = 2
 # Which schedule ``expert_grads`` launches: "runs" (``_pair_block_grad_kernel``: blocks of
 # sorted pairs, runs carried between chunks and closed where they end) or "experts"
-# (``_expert_block_grad_kernel``: blocks of BLOCK_EXPERTS consecutive experts, each reducing its
-# experts' contiguous pairs straight into a (BLOCK_EXPERTS, BD) accumulator; no carries, no
-# per-chunk stores, every row written once at the end, empty experts included).
+# (``experts_grad_blocks``: blocks of 16 consecutive experts, each reducing its experts'
+# contiguous pairs straight into a (16, BD) accumulator; no carries, no per-chunk stores, every
+# row written once at the end, empty experts included; hot blocks optionally split). Both use
+# CHUNK_PAIRS, GRAD_BD, GRAD_WARPS and GRAD_STAGES.
 GRAD_SCHEDULE = "experts"
 GRAD_SCHEDULES = ("runs", "experts")
-# Experts per program of the "experts" schedule (the one-hot product's M: 16 is tl.dot's minimum).
-BLOCK_EXPERTS = 16
-
-
-@triton.jit
-def _reduce(coef_P, onehot_SP, rows_PD, SPLIT_BF16: tl.constexpr):
-    """sum_p onehot[s, p] * coef[p] * rows[p, :] -> (S, BD) float32, in a fixed order."""
-    w_SP = tl.where(onehot_SP, coef_P[None, :], 0.0)
-    if SPLIT_BF16:
-        hi_SP = w_SP.to(tl.bfloat16)
-        lo_SP = (w_SP - hi_SP.to(tl.float32)).to(tl.bfloat16)
-        acc_SD = tl.dot(hi_SP, rows_PD, out_dtype=tl.float32)
-        return tl.dot(lo_SP, rows_PD, acc=acc_SD, out_dtype=tl.float32)
-    return tl.dot(w_SP, rows_PD.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
 
 
 @triton.jit
@@ -215,56 +205,6 @@ def _zero_rows_kernel(
     tl.store(ddown_ptr + ptr_ED, zero_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
 
 
-@triton.jit
-def _expert_block_grad_kernel(
-    x_ptr,  # (T, D)
-    dy_ptr,  # (T, D)
-    e_ptr,  # (P,) int32 expert ids, expert order
-    tok_ptr,  # (P,) int32 token of each pair, expert order
-    cu_ptr,  # (P,) float32 g of each pair (dL/dh), expert order
-    cd_ptr,  # (P,) float32 a = w * silu(h) of each pair, expert order
-    off_ptr,  # (N + 1,) int64 run starts
-    dup_ptr,  # (N, D) out, param dtype
-    ddown_ptr,  # (N, D) out, param dtype
-    N,
-    D,
-    stride_x,
-    stride_dy,
-    BE: tl.constexpr,
-    BP: tl.constexpr,
-    BD: tl.constexpr,
-    SPLIT_BF16: tl.constexpr,
-):
-    """Program (b, c): experts [b * BE, b * BE + BE) and columns slice c. Their pairs are one
-    contiguous range of the expert order; each chunk of BP of them is reduced into the
-    experts' rows by the one-hot product, in pair order (fixed: bitwise repeatable)."""
-    e0 = tl.program_id(0).to(tl.int64) * BE
-    rows_E = e0 + tl.arange(0, BE)
-    offs_D = tl.program_id(1) * BD + tl.arange(0, BD)
-    ok_D = offs_D < D
-    start = tl.load(off_ptr + e0)
-    end = tl.load(off_ptr + tl.minimum(e0 + BE, N))
-    up_ED = tl.zeros([BE, BD], dtype=tl.float32)
-    dn_ED = tl.zeros([BE, BD], dtype=tl.float32)
-    for p0 in range(start, end, BP):
-        offs_P = p0 + tl.arange(0, BP)
-        ok_P = offs_P < end
-        e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=-1).to(tl.int64)
-        tok_P = tl.load(tok_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
-        cu_P = tl.load(cu_ptr + offs_P, mask=ok_P, other=0.0)
-        cd_P = tl.load(cd_ptr + offs_P, mask=ok_P, other=0.0)
-        onehot_EP = e_P[None, :] == rows_E[:, None]  # masked pairs (id -1) meet no row
-        m_PD = ok_P[:, None] & ok_D[None, :]
-        x_PD = tl.load(x_ptr + tok_P[:, None] * stride_x + offs_D[None, :], mask=m_PD, other=0)
-        up_ED += _reduce(cu_P, onehot_EP, x_PD, SPLIT_BF16)
-        dy_PD = tl.load(dy_ptr + tok_P[:, None] * stride_dy + offs_D[None, :], mask=m_PD, other=0)
-        dn_ED += _reduce(cd_P, onehot_EP, dy_PD, SPLIT_BF16)
-    m_ED = (rows_E < N)[:, None] & ok_D[None, :]
-    ptr_ED = rows_E[:, None] * D + offs_D[None, :]
-    tl.store(dup_ptr + ptr_ED, up_ED.to(dup_ptr.dtype.element_ty), mask=m_ED)
-    tl.store(ddown_ptr + ptr_ED, dn_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
-
-
 def _block_pairs(P: int) -> int:
     """Pairs per block: ~2k blocks for large P, at least 256 pairs (measured: 256-pair blocks
     beat 32-pair ones at P = 65k, 0.24 vs 0.33 ms), at most 2048."""
@@ -305,18 +245,9 @@ def expert_grads(
     # the float32 product; the GPU tests cover the bf16 split path.
     split = x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and dy_TD.dtype == torch.bfloat16
     if GRAD_SCHEDULE == "experts":
-        # The pairs' token and both coefficients gathered into expert order once, so the
-        # programs of every column slice read them contiguously.
-        flat_P = order_P.long()
-        tok_P = (order_P // K).to(torch.int32)
-        cu_P = g_P.reshape(-1).float()[flat_P]
-        h32_P = h_P.reshape(-1).float()[flat_P]
-        cd_P = w_P.reshape(-1)[flat_P].float() * h32_P * torch.sigmoid(h32_P)
-        _expert_block_grad_kernel[(triton.cdiv(N, BLOCK_EXPERTS), triton.cdiv(D, BD))](
-            x_TD, dy_TD, e_P, tok_P, cu_P, cd_P, off_N1, dup_ND, ddown_ND,
-            N, D, x_TD.stride(0), dy_TD.stride(0),
-            BE=BLOCK_EXPERTS, BP=CHUNK_PAIRS, BD=BD, SPLIT_BF16=split,
-            num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
+        expert_block_grads(
+            x_TD, dy_TD, order_P, e_P, h_P, w_P, g_P, off_N1, dup_ND, ddown_ND, K,
+            tile=(CHUNK_PAIRS, BD, GRAD_WARPS, GRAD_STAGES), split_bf16=split,
         )  # fmt: skip
         return
     BE = 16

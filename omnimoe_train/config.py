@@ -57,6 +57,10 @@ class ModelConfig:
     # exact to the pair kernel's contract) | bf16 (high part only, 8 bits like a bf16 Linear's
     # output gradient: half the weight-gradient GEMM; kernels/experts_dense_grad.py)
     expert_grad_coef: str = "split"
+    # The pair kernel ("experts" schedule) splits a block of 16 experts holding more than this
+    # many pairs over several programs (partial sums, merged in a fixed order): for skewed
+    # routing. 0 = never (kernels/experts_grad_blocks.py; measured only on uniform routing).
+    expert_grad_segment_pairs: int = 0
     # Throughput levers without TransformerEngine / apex (model/fusions.py, docs/throughput.md):
     # megatron's SwiGLU with its own backward (torch.compile'd; megatron bias_activation_fusion)
     fused_swiglu: bool = False

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
-from omnimoe_kernels import experts_dense_grad
+from omnimoe_kernels import experts_dense_grad, experts_grad_blocks
 from omnimoe_train.config import ModelConfig, RootConfig
 from omnimoe_train.model.attention import SDPAttention
 from omnimoe_train.model.fusions import (
@@ -174,6 +174,7 @@ def build_model(
         None if cfg.model.expert_grad_path == "auto" else cfg.model.expert_grad_path
     )
     experts_dense_grad.DENSE_COEF = cfg.model.expert_grad_coef
+    experts_grad_blocks.SEGMENT_PAIRS = cfg.model.expert_grad_segment_pairs
     # A block spec (not a layer spec) so the final norm is ours too; this stage's layers only.
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     block = TransformerBlockSubmodules(

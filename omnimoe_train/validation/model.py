@@ -106,6 +106,12 @@ def validate_mlp(m: ModelConfig, p: ParallelConfig) -> None:
             dim_key,
             f"must be a positive even integer (two half-keys; got {key_dim})",
         )
+    segment = m.expert_grad_segment_pairs
+    require(
+        segment == 0 or segment >= 16,
+        "model.expert_grad_segment_pairs",
+        f"must be 0 (never split) or at least 16 pairs, one chunk (got {segment})",
+    )
     if m.mlp in MEGATRON_MOE_MLPS:
         _validate_megatron_moe(m, p)
 

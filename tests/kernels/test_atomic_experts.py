@@ -9,6 +9,7 @@ from kernel_test_utils import cpu_triton, gpu, rel_err
 import omnimoe_kernels
 import omnimoe_kernels.experts_autograd as experts_autograd
 import omnimoe_kernels.experts_grad as experts_grad
+import omnimoe_kernels.experts_grad_blocks as experts_grad_blocks
 from omnimoe_kernels.reference import atomic_experts_reference
 
 
@@ -110,10 +111,14 @@ EXPERT_BLOCK_CASES = [
 
 
 @cpu_triton
+@pytest.mark.parametrize("segment", [0, 16, 40], ids=["whole", "split16", "split40"])
 @pytest.mark.parametrize(("T", "D", "N", "K", "dtype", "hot"), EXPERT_BLOCK_CASES)
-def test_expert_block_schedule_cpu(monkeypatch, T, D, N, K, dtype, hot) -> None:
+def test_expert_block_schedule_cpu(monkeypatch, T, D, N, K, dtype, hot, segment) -> None:
+    """Blocks whole, and blocks of more than ``segment`` pairs split into partial sums (the
+    hot expert's block always is; segments that do not align with the 16-pair chunks too)."""
     monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", "experts")
     monkeypatch.setattr(experts_grad, "CHUNK_PAIRS", 16)
+    monkeypatch.setattr(experts_grad_blocks, "SEGMENT_PAIRS", segment)
     _check(T, D, N, K, dtype, "cpu", hot=hot, grad_path="pairs")
 
 
@@ -159,8 +164,12 @@ def test_no_expert_pairs_cpu(monkeypatch, sorted_forward, T, N, K, skip_fraction
 
 @cpu_triton
 @pytest.mark.parametrize(("T", "N", "K", "skip_fraction"), [(11, 12, 5, 0.5), (9, 40, 4, 1.0)])
-def test_no_expert_pairs_expert_block_schedule_cpu(monkeypatch, T, N, K, skip_fraction) -> None:
+@pytest.mark.parametrize("segment", [0, 16])
+def test_no_expert_pairs_expert_block_schedule_cpu(
+    monkeypatch, T, N, K, skip_fraction, segment
+) -> None:
     monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", "experts")
+    monkeypatch.setattr(experts_grad_blocks, "SEGMENT_PAIRS", segment)
     _check_no_expert(T, 16, N, K, skip_fraction, "cpu", grad_path="pairs")
 
 
@@ -218,12 +227,14 @@ def test_atomic_experts_gpu(T, D, N, K, dtype, hot, deterministic) -> None:
     ("T", "D", "N", "K", "dtype", "hot"),
     [*GPU_CASES[:3], (2048, 768, 5776, 64, torch.bfloat16, False)],  # + a80m's width and N
 )
-@pytest.mark.parametrize("schedule", experts_grad.GRAD_SCHEDULES)
+@pytest.mark.parametrize(("schedule", "segment"), [("runs", 0), ("experts", 0), ("experts", 256)])
 @gpu[0]
 @gpu[1]
-def test_pair_kernel_schedules_gpu(monkeypatch, schedule, T, D, N, K, dtype, hot) -> None:
-    """Each weight-gradient schedule on the bf16 tensor-core path, and bitwise repeatable."""
+def test_pair_kernel_schedules_gpu(monkeypatch, schedule, segment, T, D, N, K, dtype, hot) -> None:
+    """Each weight-gradient schedule on the bf16 tensor-core path (the "experts" one also with
+    hot blocks split), and bitwise repeatable."""
     monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", schedule)
+    monkeypatch.setattr(experts_grad_blocks, "SEGMENT_PAIRS", segment)
     _check(T, D, N, K, dtype, "cuda", hot=hot, grad_path="pairs")
     (x, up, down, w), idx, gy = _inputs(T, D, N, K, dtype, "cuda", hot, 3)
     runs = []

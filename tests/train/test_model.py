@@ -117,6 +117,16 @@ def test_expert_grad_coef_reaches_the_kernels(single_rank: None) -> None:
         assert coef == experts_dense_grad.DENSE_COEF
 
 
+def test_expert_grad_segment_pairs_reaches_the_kernels(single_rank: None) -> None:
+    """``model.expert_grad_segment_pairs`` sets the pair kernel's split for every model built;
+    the next model built with the default turns it off again."""
+    from omnimoe_kernels import experts_grad_blocks
+
+    for segment in (512, 0):
+        _model(f"model.expert_grad_segment_pairs={segment}")
+        assert segment == experts_grad_blocks.SEGMENT_PAIRS
+
+
 class _RecordingDispatch:
     """Stands in for the layer's ``ExpertParallel``: the local op, and the keywords it got."""
 

@@ -44,6 +44,9 @@ def _key_of(*overrides: str, world_size: int = 1) -> str | None:
         (("model.expert_grad_path=dense",), None),
         (("model.expert_grad_coef=fp8",), "model.expert_grad_coef"),
         (("model.expert_grad_coef=bf16",), None),
+        (("model.expert_grad_segment_pairs=8",), "model.expert_grad_segment_pairs"),
+        (("model.expert_grad_segment_pairs=-1",), "model.expert_grad_segment_pairs"),
+        (("model.expert_grad_segment_pairs=1024",), None),
         (("model.num_experts=2147488281", "model.top_k=8"), "model.num_experts"),  # 46341^2
         (
             (
