@@ -57,7 +57,70 @@ def _reduce(coef_P, onehot_SP, rows_PD, SPLIT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _block_sums(
+    x_ptr, dy_ptr, e_ptr, tok_ptr, cu_ptr, cd_ptr, rows_E, offs_D, ok_D, start, end,
+    stride_x, stride_dy,
+    BE: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, SPLIT_BF16: tl.constexpr,
+):  # fmt: skip
+    """(up_ED, dn_ED) float32 (BE, BD): the pairs [start, end) of the expert order reduced into
+    the experts ``rows_E``, chunk after chunk in pair order (fixed: bitwise repeatable)."""
+    up_ED = tl.zeros([BE, BD], dtype=tl.float32)
+    dn_ED = tl.zeros([BE, BD], dtype=tl.float32)
+    for p0 in range(start, end, BP):
+        offs_P = p0 + tl.arange(0, BP)
+        ok_P = offs_P < end
+        e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=-1).to(tl.int64)
+        tok_P = tl.load(tok_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
+        cu_P = tl.load(cu_ptr + offs_P, mask=ok_P, other=0.0)
+        cd_P = tl.load(cd_ptr + offs_P, mask=ok_P, other=0.0)
+        onehot_EP = e_P[None, :] == rows_E[:, None]  # masked pairs (id -1) meet no row
+        m_PD = ok_P[:, None] & ok_D[None, :]
+        x_PD = tl.load(x_ptr + tok_P[:, None] * stride_x + offs_D[None, :], mask=m_PD, other=0)
+        up_ED += _reduce(cu_P, onehot_EP, x_PD, SPLIT_BF16)
+        dy_PD = tl.load(dy_ptr + tok_P[:, None] * stride_dy + offs_D[None, :], mask=m_PD, other=0)
+        dn_ED += _reduce(cd_P, onehot_EP, dy_PD, SPLIT_BF16)
+    return up_ED, dn_ED
+
+
+@triton.jit
 def _expert_block_grad_kernel(
+    x_ptr,  # (T, D)
+    dy_ptr,  # (T, D)
+    e_ptr,  # (P,) int32 expert ids, expert order
+    tok_ptr,  # (P,) int32 token of each pair, expert order
+    cu_ptr,  # (P,) float32 g of each pair (dL/dh), expert order
+    cd_ptr,  # (P,) float32 a = w * silu(h) of each pair, expert order
+    off_ptr,  # (N + 1,) int64 run starts
+    dup_ptr,  # (N, D) out, param dtype
+    ddown_ptr,  # (N, D) out, param dtype
+    N,
+    D,
+    stride_x,
+    stride_dy,
+    BE: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    SPLIT_BF16: tl.constexpr,
+):
+    """Program (b, c), S = 0: all pairs of experts [b * BE, b * BE + BE), columns slice c."""
+    e0 = tl.program_id(0).to(tl.int64) * BE
+    rows_E = e0 + tl.arange(0, BE)
+    offs_D = tl.program_id(1) * BD + tl.arange(0, BD)
+    ok_D = offs_D < D
+    start = tl.load(off_ptr + e0)
+    end = tl.load(off_ptr + tl.minimum(e0 + BE, N))
+    up_ED, dn_ED = _block_sums(
+        x_ptr, dy_ptr, e_ptr, tok_ptr, cu_ptr, cd_ptr, rows_E, offs_D, ok_D, start, end,
+        stride_x, stride_dy, BE, BP, BD, SPLIT_BF16,
+    )  # fmt: skip
+    m_ED = (rows_E < N)[:, None] & ok_D[None, :]
+    ptr_ED = rows_E[:, None] * D + offs_D[None, :]
+    tl.store(dup_ptr + ptr_ED, up_ED.to(dup_ptr.dtype.element_ty), mask=m_ED)
+    tl.store(ddown_ptr + ptr_ED, dn_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
+
+
+@triton.jit
+def _expert_segment_grad_kernel(
     x_ptr,  # (T, D)
     dy_ptr,  # (T, D)
     e_ptr,  # (P,) int32 expert ids, expert order
@@ -84,8 +147,8 @@ def _expert_block_grad_kernel(
     BD: tl.constexpr,
     SPLIT_BF16: tl.constexpr,
 ):
-    """Work item w, columns slice c: the pairs of segment seg[w] of block blk[w], reduced into
-    the block's BE rows in pair order; stored as rows (block not split) or as a partial."""
+    """Work item w, columns slice c, S > 0: the pairs of segment seg[w] of block blk[w], stored
+    as the block's rows (block not split) or as a partial in its scratch slot."""
     w = tl.program_id(0)
     b = tl.load(blk_ptr + w)
     live = b < NB
@@ -100,28 +163,16 @@ def _expert_block_grad_kernel(
     end = tl.load(off_ptr + tl.minimum(e0 + BE, N))
     end = tl.where(nseg > 1, tl.minimum(start + SEG, end), end)
     end = tl.where(live, end, start)
-    up_ED = tl.zeros([BE, BD], dtype=tl.float32)
-    dn_ED = tl.zeros([BE, BD], dtype=tl.float32)
-    for p0 in range(start, end, BP):
-        offs_P = p0 + tl.arange(0, BP)
-        ok_P = offs_P < end
-        e_P = tl.load(e_ptr + offs_P, mask=ok_P, other=-1).to(tl.int64)
-        tok_P = tl.load(tok_ptr + offs_P, mask=ok_P, other=0).to(tl.int64)
-        cu_P = tl.load(cu_ptr + offs_P, mask=ok_P, other=0.0)
-        cd_P = tl.load(cd_ptr + offs_P, mask=ok_P, other=0.0)
-        onehot_EP = e_P[None, :] == rows_E[:, None]  # masked pairs (id -1) meet no row
-        m_PD = ok_P[:, None] & ok_D[None, :]
-        x_PD = tl.load(x_ptr + tok_P[:, None] * stride_x + offs_D[None, :], mask=m_PD, other=0)
-        up_ED += _reduce(cu_P, onehot_EP, x_PD, SPLIT_BF16)
-        dy_PD = tl.load(dy_ptr + tok_P[:, None] * stride_dy + offs_D[None, :], mask=m_PD, other=0)
-        dn_ED += _reduce(cd_P, onehot_EP, dy_PD, SPLIT_BF16)
+    up_ED, dn_ED = _block_sums(
+        x_ptr, dy_ptr, e_ptr, tok_ptr, cu_ptr, cd_ptr, rows_E, offs_D, ok_D, start, end,
+        stride_x, stride_dy, BE, BP, BD, SPLIT_BF16,
+    )  # fmt: skip
     m_ED = (live & (nseg == 1) & (rows_E < N))[:, None] & ok_D[None, :]
     ptr_ED = rows_E[:, None] * D + offs_D[None, :]
     tl.store(dup_ptr + ptr_ED, up_ED.to(dup_ptr.dtype.element_ty), mask=m_ED)
     tl.store(ddown_ptr + ptr_ED, dn_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
-    slot = tl.load(slot_ptr + b) + j
-    part_E = slot * BE + tl.arange(0, BE)
-    m_part = (live & (nseg > 1) & (part_E >= 0))[:, None] & ok_D[None, :]
+    part_E = (tl.load(slot_ptr + b) + j) * BE + tl.arange(0, BE)
+    m_part = (live & (nseg > 1))[:, None] & ok_D[None, :]
     ptr_part = part_E[:, None] * D + offs_D[None, :]
     tl.store(pu_ptr + ptr_part, up_ED, mask=m_part)
     tl.store(pd_ptr + ptr_part, dn_ED, mask=m_part)
@@ -216,17 +267,25 @@ def expert_block_grads(
     cu_P = g_P.reshape(-1).float()[flat_P]
     h32_P = h_P.reshape(-1).float()[flat_P]
     cd_P = w_P.reshape(-1)[flat_P].float() * h32_P * torch.sigmoid(h32_P)
+    grid_D = triton.cdiv(D, BD)
+    if SEGMENT_PAIRS <= 0:
+        _expert_block_grad_kernel[(triton.cdiv(N, BLOCK_EXPERTS), grid_D)](
+            x_TD, dy_TD, e_P, tok_P, cu_P, cd_P, off_N1, dup_ND, ddown_ND,
+            N, D, x_TD.stride(0), dy_TD.stride(0),
+            BE=BLOCK_EXPERTS, BP=BP, BD=BD, SPLIT_BF16=split_bf16, num_warps=warps,
+            num_stages=stages,
+        )  # fmt: skip
+        return
     blk_U, seg_U, nseg_B, slot_B, slots = work_map(off_N1, e_P.numel(), SEGMENT_PAIRS)
-    part = torch.empty((max(1, slots), BLOCK_EXPERTS, D if slots else 1), device=x_TD.device)
+    part = torch.empty((slots, BLOCK_EXPERTS, D), device=x_TD.device)
     part_dn = torch.empty_like(part)
-    _expert_block_grad_kernel[(blk_U.numel(), triton.cdiv(D, BD))](
+    _expert_segment_grad_kernel[(blk_U.numel(), grid_D)](
         x_TD, dy_TD, e_P, tok_P, cu_P, cd_P, off_N1, blk_U, seg_U, nseg_B, slot_B,
-        dup_ND, ddown_ND, part, part_dn, N, D, nseg_B.numel(), max(1, SEGMENT_PAIRS),
+        dup_ND, ddown_ND, part, part_dn, N, D, nseg_B.numel(), SEGMENT_PAIRS,
         x_TD.stride(0), dy_TD.stride(0),
         BE=BLOCK_EXPERTS, BP=BP, BD=BD, SPLIT_BF16=split_bf16, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if slots:
-        _merge_partials_kernel[(nseg_B.numel(), triton.cdiv(D, BD))](
-            nseg_B, slot_B, part, part_dn, dup_ND, ddown_ND, N, D, BE=BLOCK_EXPERTS, BD=BD,
-            num_warps=4,
-        )  # fmt: skip
+    _merge_partials_kernel[(nseg_B.numel(), grid_D)](
+        nseg_B, slot_B, part, part_dn, dup_ND, ddown_ND, N, D, BE=BLOCK_EXPERTS, BD=BD,
+        num_warps=4,
+    )  # fmt: skip
