@@ -84,11 +84,13 @@ def atomic_experts(
     the device (that costs a host sync per call): ``cartesian_topk`` guarantees the range for
     every input, and the expert-parallel dispatch maps ids to local ones in their shard's range.
     Triton limits: N <= ``EXPERTS_MAX_NUM``, D <= ``EXPERTS_MAX_HIDDEN``, T * K <=
-    ``EXPERTS_MAX_PAIRS`` (checked from the shapes). Non-finite x, weights or tables give non-finite outputs for the tokens that use
-    them; in the Triton backward a non-finite x or dy row also reaches the weight gradients
-    of the other experts reduced in its 16-pair chunk (0 * inf in the one-hot product), where
-    the reference keeps it to that token's experts: a step with non-finite activations is
-    lost either way.
+    ``EXPERTS_MAX_PAIRS`` (checked from the shapes). Non-finite x, weights or tables give
+    non-finite outputs for the tokens that use them; in the Triton backward a non-finite x or
+    dy row also reaches the weight gradients of other experts (0 * inf in the one-hot product
+    or GEMM): with ``grad_path`` "pairs", every expert of its experts' 16-expert blocks, with
+    or without pairs (``experts_grad.GRAD_SCHEDULE`` "experts", the default; "runs": the
+    experts reduced in its 16-pair chunk); with "dense", every expert. The reference keeps it
+    to that token's experts: a step with non-finite activations is lost either way.
 
     ``grad_path`` (Triton backend; the reference ignores it): how the backward forms the table
     gradients, "pairs" (the segmented pair kernel), "dense" (two GEMMs over a scattered (T, N)

@@ -26,7 +26,8 @@ on it measured 229k -> 199k tokens/s over 20 steps as the load imbalance reached
 a routing-blind 236k on the dense GEMMs: ``experts_dense_grad.PAIR_COLUMN_S`` stays at the
 "runs" schedule's cost, so "auto" keeps a80m on the dense path). ``experts_grad_blocks.
 SEGMENT_PAIRS`` splits hot blocks over programs (partial sums, then a fixed-order merge); it
-is off until measured under skewed routing (``bench_grad_paths.py --zipf``).
+is off until measured under skewed routing (``bench_grad_paths.py --zipf``). A non-finite
+x or dy row reaches all 16 experts of its block (0 * inf in the one-hot product), pairs or not.
 
 "runs" (``_pair_block_grad_kernel``): program (b, c) owns the runs that *start* in pair block
 b (BLOCK consecutive sorted pairs) and the BD columns of slice c. It walks its pairs in chunks
@@ -45,7 +46,7 @@ bf16 rows are reduced with bf16 tensor-core products and fp32 accumulation; the 
 split into a bf16 high part and a bf16 residual, so each product keeps ~16 mantissa bits (x and
 dy are exact in bf16). Other dtypes use a float32 (IEEE) product.
 
-``_zero_rows_kernel`` writes the zero gradient rows of experts no pair routes to.
+``_zero_rows_kernel`` writes the zero gradient rows of experts no pair routes to ("runs").
 
 Pairs with id N ("no expert", see ``experts_pairs``) sort after every real expert; the programs
 stop at ``off[N]``, the number of real pairs, read on the device (no host sync).
@@ -229,12 +230,35 @@ def expert_grads(
 ) -> None:
     """Fill dup_ND and ddown_ND (every row) from the expert-sorted pairs; no host sync.
 
+    x_TD, dy_TD (T, D), any row stride; order_P, e_P (P,) from ``expert_order``; h_P, w_P, g_P
+    the (T, K) pair values in flat order; dup_ND, ddown_ND (N, D) outputs, contiguous.
     ``e_P`` may end with pairs of id N ("no expert"): they are skipped.
     ``deterministic`` is accepted for the API: this schedule is always fixed-order (see above).
+
+    Raises:
+        ValueError: an unknown ``GRAD_SCHEDULE``; outputs that are not contiguous, not of one
+            shape, or not D = x's columns wide (the kernels write rows at ``e * D`` and read D
+            columns of x and dy).
     """
     del deterministic
     if GRAD_SCHEDULE not in GRAD_SCHEDULES:
         raise ValueError(f"GRAD_SCHEDULE={GRAD_SCHEDULE!r} must be one of {GRAD_SCHEDULES}")
+    if (
+        dup_ND.shape != ddown_ND.shape
+        or dup_ND.shape[1:] != x_TD.shape[1:]
+        or dy_TD.shape != x_TD.shape
+        or not (dup_ND.is_contiguous() and ddown_ND.is_contiguous())
+    ):
+        raise ValueError(
+            f"dup_ND {tuple(dup_ND.shape)} and ddown_ND {tuple(ddown_ND.shape)} must be "
+            f"contiguous (N, D) with D the columns of x {tuple(x_TD.shape)} and dy "
+            f"{tuple(dy_TD.shape)}"
+        )
+    # The kernels read x and dy rows by their row stride with unit column stride, and the
+    # pair arrays as flat (P,) ones: other layouts are copied (a no-op for the callers' own).
+    x_TD, dy_TD = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_TD, dy_TD))
+    order_P, e_P = order_P.contiguous(), e_P.contiguous()
+    h_P, w_P, g_P = h_P.contiguous(), w_P.contiguous(), g_P.contiguous()
     N, D = dup_ND.shape
     P = e_P.numel()
     dev = x_TD.device

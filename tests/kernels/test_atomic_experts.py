@@ -329,6 +329,10 @@ def test_nonfinite_token_stays_in_its_outputs_cpu() -> None:
     assert bad_rows(y) == {3, 7}
     assert bad_rows(dx) <= {3, 7} and 3 in bad_rows(dx)
     assert set(idx[3].tolist()) <= bad_rows(dup)
+    # The documented reach of the pair kernel's default ("experts") schedule: the 16-expert
+    # blocks of the NaN token's experts and of the inf weight's expert (its 0 * inf products).
+    blocks = {e // experts_grad.BLOCK_EXPERTS for e in [*idx[3].tolist(), idx[7, 1].item()]}
+    assert {e // experts_grad.BLOCK_EXPERTS for e in bad_rows(dup)} <= blocks
     healthy = [t for t in range(40) if t not in (3, 7)]
     y_ref = atomic_experts_reference(x[healthy], up, down, w[healthy], idx[healthy])
     assert rel_err(y[healthy], y_ref) <= 2e-5
@@ -350,3 +354,62 @@ def test_atomic_experts_rejects_what_breaks_the_contract(monkeypatch) -> None:
     monkeypatch.setattr(experts_autograd, "EXPERTS_MAX_PAIRS", 11)
     with pytest.raises(ValueError, match="12 pairs"):
         experts_autograd.atomic_experts_triton(x, up, down, w, idx)
+
+
+def _grad_inputs(T: int, D: int, N: int, K: int):
+    """x, dy (T, D); idx, g, h, w (T, K) and the expert order of idx, float32 on the CPU."""
+    gen = torch.Generator().manual_seed(2)
+    x, dy = torch.randn(T, D, generator=gen), torch.randn(T, D, generator=gen)
+    idx = torch.randint(0, N, (T, K), generator=gen)
+    g, h, w = (torch.randn(T, K, generator=gen) for _ in range(3))
+    key_P, order_P, base = experts_autograd.expert_order(idx, N)
+    return x, dy, idx, g, h, w, order_P, key_P.to(torch.int32) + base
+
+
+@cpu_triton
+@pytest.mark.parametrize("schedule", experts_grad.GRAD_SCHEDULES)
+def test_expert_grads_reads_strided_inputs_cpu(monkeypatch, schedule) -> None:
+    """A transposed x, a column slice of a wider dy and transposed g, h, w (the kernels read
+    rows with unit column stride and flat pair arrays): same values as contiguous inputs."""
+    from omnimoe_kernels.experts_parts import table_grads
+
+    monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", schedule)
+    T, D, N, K = 12, 20, 9, 3
+    x, dy, idx, g, h, w, order_P, e_P = _grad_inputs(T, D, N, K)
+    ref = table_grads(x, dy, idx, g, h, w, N, dtype=torch.float32, backend="torch")
+    wide = torch.zeros(T, D + 5)
+    wide[:, 2 : D + 2] = dy
+    strided = (
+        x.t().contiguous().t(), wide[:, 2 : D + 2],
+        *(t.t().contiguous().t() for t in (h, w, g)),
+    )  # fmt: skip
+    dup, ddown = torch.empty(N, D), torch.empty(N, D)
+    x_s, dy_s, h_s, w_s, g_s = strided
+    experts_grad.expert_grads(
+        x_s, dy_s, order_P, e_P, h_s, w_s, g_s, dup, ddown, K, deterministic=True
+    )
+    assert rel_err(dup, ref[0]) <= 2e-6 and rel_err(ddown, ref[1]) <= 2e-6
+
+
+@pytest.mark.parametrize("bad", ["transposed", "wider_than_x", "ddown_differs"])
+def test_expert_grads_refuses_outputs_it_cannot_fill(bad) -> None:
+    """The (N, D) outputs are written row-major in place, D columns of x: another layout or
+    shape is a ValueError before any launch (not rows written at the wrong places, or columns
+    read past x's rows)."""
+    T, D, N, K = 6, 8, 5, 2
+    x, dy, _, g, h, w, order_P, e_P = _grad_inputs(T, D, N, K)
+    dup, ddown = {
+        "transposed": (torch.empty(D, N).t(), torch.empty(N, D)),
+        "wider_than_x": (torch.empty(N, D + 1), torch.empty(N, D + 1)),
+        "ddown_differs": (torch.empty(N, D), torch.empty(N - 1, D)),
+    }[bad]
+    with pytest.raises(ValueError, match="dup_ND"):
+        experts_grad.expert_grads(x, dy, order_P, e_P, h, w, g, dup, ddown, K, deterministic=True)
+
+
+def test_expert_grads_refuses_an_unknown_schedule(monkeypatch) -> None:
+    monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", "pairs")
+    x, dy, _, g, h, w, order_P, e_P = _grad_inputs(4, 8, 3, 2)
+    dup, ddown = torch.empty(3, 8), torch.empty(3, 8)
+    with pytest.raises(ValueError, match="GRAD_SCHEDULE='pairs' must be one of"):
+        experts_grad.expert_grads(x, dy, order_P, e_P, h, w, g, dup, ddown, 2, deterministic=True)
