@@ -331,8 +331,8 @@ def test_nonfinite_token_stays_in_its_outputs_cpu() -> None:
     assert set(idx[3].tolist()) <= bad_rows(dup)
     # The documented reach of the pair kernel's default ("experts") schedule: the 16-expert
     # blocks of the NaN token's experts and of the inf weight's expert (its 0 * inf products).
-    blocks = {e // experts_grad.BLOCK_EXPERTS for e in [*idx[3].tolist(), idx[7, 1].item()]}
-    assert {e // experts_grad.BLOCK_EXPERTS for e in bad_rows(dup)} <= blocks
+    blocks = {e // experts_grad_blocks.BLOCK_EXPERTS for e in [*idx[3].tolist(), idx[7, 1].item()]}
+    assert {e // experts_grad_blocks.BLOCK_EXPERTS for e in bad_rows(dup)} <= blocks
     healthy = [t for t in range(40) if t not in (3, 7)]
     y_ref = atomic_experts_reference(x[healthy], up, down, w[healthy], idx[healthy])
     assert rel_err(y[healthy], y_ref) <= 2e-5
