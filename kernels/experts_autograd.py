@@ -188,6 +188,12 @@ def atomic_experts_triton(
     if indices_TK.numel() > EXPERTS_MAX_PAIRS:
         raise ValueError(f"T * K = {indices_TK.numel()} pairs: at most {EXPERTS_MAX_PAIRS}")
     T, D = x_TD.shape
+    if T and not (D and indices_TK.shape[1]):
+        # No column or no pair per token: every output is zero, and the kernels' tiles would be
+        # empty (Triton refuses zero-width ranges). The reference gives the zeros, with autograd.
+        from omnimoe_kernels.reference import atomic_experts_reference
+
+        return atomic_experts_reference(x_TD, up_ND, down_ND, weights_TK, indices_TK)
     path = choose_grad_path(
         grad_path, T, up_ND.shape[0], D, indices_TK.shape[1], x_TD.dtype, x_TD.device
     )

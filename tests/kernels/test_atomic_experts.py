@@ -51,6 +51,8 @@ def _check(
 
 CPU_CASES = [  # T, D, N, K, dtype, hot
     (6, 16, 9, 1, torch.float32, False),  # K = 1
+    (5, 16, 8, 0, torch.float32, False),  # K = 0: no pairs, zero outputs and gradients
+    (5, 0, 8, 3, torch.float32, False),  # D = 0: empty rows
     (7, 24, 64, 3, torch.float32, False),  # most experts hit by no token
     (13, 40, 5, 6, torch.float32, True),  # one expert hit by every token; T, D off-tile
     (9, 32, 16, 20, torch.bfloat16, False),  # bf16, K > N
