@@ -277,7 +277,7 @@ def expert_block_grads(
         )  # fmt: skip
         return
     blk_U, seg_U, nseg_B, slot_B, slots = work_map(off_N1, e_P.numel(), SEGMENT_PAIRS)
-    part = torch.empty((slots, BLOCK_EXPERTS, D), device=x_TD.device)
+    part = torch.empty((slots, BLOCK_EXPERTS, D), device=x_TD.device, dtype=torch.float32)
     part_dn = torch.empty_like(part)
     _expert_segment_grad_kernel[(blk_U.numel(), grid_D)](
         x_TD, dy_TD, e_P, tok_P, cu_P, cd_P, off_N1, blk_U, seg_U, nseg_B, slot_B,
