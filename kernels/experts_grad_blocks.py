@@ -83,6 +83,14 @@ def _block_sums(
 
 
 @triton.jit
+def _store_rows(dup_ptr, ddown_ptr, up_ED, dn_ED, rows_E, offs_D, m_ED, D):
+    """Rows ``rows_E`` (columns ``offs_D``) of both gradients, in their dtype, where ``m_ED``."""
+    ptr_ED = rows_E[:, None] * D + offs_D[None, :]
+    tl.store(dup_ptr + ptr_ED, up_ED.to(dup_ptr.dtype.element_ty), mask=m_ED)
+    tl.store(ddown_ptr + ptr_ED, dn_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
+
+
+@triton.jit
 def _expert_block_grad_kernel(
     x_ptr,  # (T, D)
     dy_ptr,  # (T, D)
@@ -114,9 +122,7 @@ def _expert_block_grad_kernel(
         stride_x, stride_dy, BE, BP, BD, SPLIT_BF16,
     )  # fmt: skip
     m_ED = (rows_E < N)[:, None] & ok_D[None, :]
-    ptr_ED = rows_E[:, None] * D + offs_D[None, :]
-    tl.store(dup_ptr + ptr_ED, up_ED.to(dup_ptr.dtype.element_ty), mask=m_ED)
-    tl.store(ddown_ptr + ptr_ED, dn_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
+    _store_rows(dup_ptr, ddown_ptr, up_ED, dn_ED, rows_E, offs_D, m_ED, D)
 
 
 @triton.jit
@@ -168,14 +174,10 @@ def _expert_segment_grad_kernel(
         stride_x, stride_dy, BE, BP, BD, SPLIT_BF16,
     )  # fmt: skip
     m_ED = (live & (nseg == 1) & (rows_E < N))[:, None] & ok_D[None, :]
-    ptr_ED = rows_E[:, None] * D + offs_D[None, :]
-    tl.store(dup_ptr + ptr_ED, up_ED.to(dup_ptr.dtype.element_ty), mask=m_ED)
-    tl.store(ddown_ptr + ptr_ED, dn_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
+    _store_rows(dup_ptr, ddown_ptr, up_ED, dn_ED, rows_E, offs_D, m_ED, D)
     part_E = (tl.load(slot_ptr + b) + j) * BE + tl.arange(0, BE)
     m_part = (live & (nseg > 1))[:, None] & ok_D[None, :]
-    ptr_part = part_E[:, None] * D + offs_D[None, :]
-    tl.store(pu_ptr + ptr_part, up_ED, mask=m_part)
-    tl.store(pd_ptr + ptr_part, dn_ED, mask=m_part)
+    _store_rows(pu_ptr, pd_ptr, up_ED, dn_ED, part_E, offs_D, m_part, D)
 
 
 @triton.jit
@@ -206,9 +208,7 @@ def _merge_partials_kernel(
         dn_ED += tl.load(pd_ptr + ptr, mask=ok_D[None, :], other=0.0)
     rows_E = b * BE + local_E
     m_ED = ((nseg > 1) & (rows_E < N))[:, None] & ok_D[None, :]
-    ptr_ED = rows_E[:, None] * D + offs_D[None, :]
-    tl.store(dup_ptr + ptr_ED, up_ED.to(dup_ptr.dtype.element_ty), mask=m_ED)
-    tl.store(ddown_ptr + ptr_ED, dn_ED.to(ddown_ptr.dtype.element_ty), mask=m_ED)
+    _store_rows(dup_ptr, ddown_ptr, up_ED, dn_ED, rows_E, offs_D, m_ED, D)
 
 
 def work_map(off_N1: torch.Tensor, num_pairs: int, segment: int) -> tuple[torch.Tensor, ...]:
