@@ -39,10 +39,11 @@ capture's warm-up moved are put back afterwards, so a graphed run trains like an
 Eager fallbacks: evaluation (``eval()`` or no grad), another input shape, a padding mask.
 The rules (``validation/engine.py``): CUDA, megatron engine, ``model.mlp`` omnimoe or dense,
 no pipeline or tensor parallelism. With ``trainer.compile=layers`` the rest of each layer is
-compiled and the MLP call is a graph break that replays its graph (``_GraphedForward``). Expert parallelism in either table
-sharding is captured with its NCCL exchanges; with ``parallel.ep_overlap`` the exchanges run on
-NCCL's stream, forked from the capture stream and joined back where the layer waits for them,
-so in the replayed graph they run beside the router and the shared SwiGLU.
+compiled and the MLP call is a graph break that replays its graph (``_GraphedForward``).
+Expert parallelism in either table sharding is captured with its NCCL exchanges; with
+``parallel.ep_overlap`` the exchanges run on NCCL's stream, forked from the capture stream and
+joined back where the layer waits for them, so in the replayed graph they run beside the
+router and the shared SwiGLU.
 """
 
 from __future__ import annotations
