@@ -35,11 +35,11 @@ guarantee holds. Launches: forward split + GEMM + block sum (3; the fp32 GEMMs: 
 backward 2 splits + 2 GEMMs + block sum + dx cast (6; fp32: 4).
 
 ``GATE_GEMM`` selects "split_bf16" (the default) or "fp32" (the fp32 SGEMMs, bitwise what the
-node computed before; benchmarks time both). The split runs only for gates of at least
-``SPLIT_MIN_SCORES`` scores per token (narrower ones are faster as one SGEMM: a80m's 152 keeps
-the fp32 GEMMs), only for bf16 activations (fp32
-runs, ``trainer.precision=fp32``, keep the fp32 GEMMs bitwise) and, on CUDA, where the
-installed torch has aten::mm.dtype (torch >= 2.8) and the GPU bf16 tensor cores (sm_80+).
+node computed before; benchmarks time both). The split runs only for bf16 activations (fp32
+runs, ``trainer.precision=fp32``, keep the fp32 GEMMs bitwise), on CUDA only where the
+installed torch has aten::mm.dtype (torch >= 2.8) and the GPU bf16 tensor cores (sm_80+), and
+for gates of at least ``SPLIT_MIN_SCORES`` scores per token, except while a CUDA graph is
+being captured, where it runs at every width (see ``SPLIT_MIN_SCORES``).
 """
 
 from __future__ import annotations
@@ -50,10 +50,15 @@ from omnimoe_kernels.bf16_split import split_into_slots
 
 GATE_GEMMS = ("split_bf16", "fp32")
 GATE_GEMM = "split_bf16"
-#: The split pays only for wide gates: its split pass and three GEMMs cost more than one fp32
-#: SGEMM when the (T, H) product is thin. Measured on an H200 (``bench_kernels.py --only
-#: gates``, T = 16384, forward + backward): H = 152, d = 768 (a80m) 1.066 ms split vs 0.948 ms
-#: fp32; H = 2048, d = 2048 2.44 ms vs 8.84 ms. Below this many scores per token, fp32 GEMMs.
+#: Launched eagerly, the split pays only for wide gates: its extra launches (7 forward and 9
+#: backward against 2 and 4) cost more host time than the thin SGEMMs of a narrow gate cost GPU
+#: time. Measured on an H200 (``bench_kernels.py --only gates``, eager, T = 16384, forward +
+#: backward): H = 152, d = 768 (a80m) 1.066 ms split vs 0.948 ms fp32; H = 2048, d = 2048
+#: 2.44 ms vs 8.84 ms; a80m training eager 201.1k tokens/s split vs 204.5k fp32. Replayed from
+#: a CUDA graph only GPU time counts, and there the SIMT SGEMMs lose at every width: a80m
+#: training (``bench_training.py``, one H200 each, 2026-11-30) 246.4k vs 232.6k tokens/s with
+#: ``trainer.cuda_graphs=mlp``, 270.3k vs 256.5k with compile + graphs. So below this many
+#: scores per token the fp32 GEMMs run, unless the call is being captured into a graph.
 SPLIT_MIN_SCORES = 512
 
 # aten::mm.dtype: bf16 x bf16 -> fp32 output from cuBLAS (torch >= 2.8, CUDA only).
@@ -62,17 +67,22 @@ _HAS_MM_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 def use_split(x_TD: torch.Tensor, num_scores: int) -> bool:
     """Whether the gate GEMMs of this activation and ``num_scores`` (H) gate scores per token
-    run as split bf16 GEMMs (see the module docstring and ``SPLIT_MIN_SCORES``). Raises
-    ValueError for an unknown ``GATE_GEMM``."""
+    run as split bf16 GEMMs (see the module docstring and ``SPLIT_MIN_SCORES``: at every width
+    while a CUDA graph is being captured). Raises ValueError for an unknown ``GATE_GEMM``."""
     if GATE_GEMM not in GATE_GEMMS:
         raise ValueError(f"GATE_GEMM={GATE_GEMM!r} must be one of {GATE_GEMMS}")
     if GATE_GEMM != "split_bf16" or x_TD.dtype != torch.bfloat16:
         return False
-    if num_scores < SPLIT_MIN_SCORES:
-        return False
     if x_TD.device.type != "cuda":
-        return True
-    return _HAS_MM_DTYPE and torch.cuda.get_device_capability(x_TD.device)[0] >= 8
+        return num_scores >= SPLIT_MIN_SCORES
+    if not _tensor_core_mm(x_TD.device):
+        return False
+    return num_scores >= SPLIT_MIN_SCORES or torch.cuda.is_current_stream_capturing()
+
+
+def _tensor_core_mm(device: torch.device) -> bool:
+    """Whether ``device`` (CUDA) runs aten::mm.dtype on bf16 tensor cores (torch >= 2.8, sm_80+)."""
+    return _HAS_MM_DTYPE and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -218,6 +219,22 @@ def test_use_split_routing(monkeypatch: pytest.MonkeyPatch) -> None:
         gate_gemms.use_split(x.bfloat16(), wide)
 
 
+def test_use_split_narrow_gates_only_while_capturing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA a narrow gate (a80m's 152 scores) takes the split only while a CUDA graph is
+    being captured: replayed, GPU time is all that counts and the SIMT SGEMMs lose (measured,
+    ``SPLIT_MIN_SCORES``). A stand-in CUDA activation, so the rule runs without a GPU."""
+    x = SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda"))
+    narrow, capturing = gate_gemms.SPLIT_MIN_SCORES - 1, [False]
+    monkeypatch.setattr(gate_gemms, "_tensor_core_mm", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert not gate_gemms.use_split(x, narrow)
+    assert gate_gemms.use_split(x, narrow + 1)
+    capturing[0] = True
+    assert gate_gemms.use_split(x, narrow)
+    monkeypatch.setattr(gate_gemms, "_tensor_core_mm", lambda device: False)
+    assert not gate_gemms.use_split(x, narrow)  # no bf16 tensor-core GEMM: never
+
+
 def _node(x, gates, dys, stats):
     """(log-probs, entropy, batch stats, dx, dgates) of the node, one forward + backward."""
     x = x.detach().clone().requires_grad_()
@@ -288,6 +305,21 @@ def test_node_split_gemms_interpreter(T, D, n, stats, monkeypatch) -> None:
 )
 def test_node_split_gemms_gpu(T, D, n, stats, monkeypatch) -> None:
     _check_node_split_vs_fp32(T, D, n, stats, "cuda", monkeypatch)
+
+
+@gpu[0]
+@gpu[1]
+def test_use_split_under_graph_capture_gpu() -> None:
+    """The real capture flag: a80m's narrow gate takes the fp32 SGEMMs eagerly and the split
+    inside ``torch.cuda.graph``."""
+    x = torch.zeros(16, 8, dtype=torch.bfloat16, device="cuda")
+    narrow = gate_gemms.SPLIT_MIN_SCORES - 1
+    assert not gate_gemms.use_split(x, narrow)
+    graph, seen = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):
+        x.add_(1)
+        seen.append(gate_gemms.use_split(x, narrow))
+    assert seen == [True]
 
 
 @gpu[0]
