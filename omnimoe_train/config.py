@@ -59,7 +59,8 @@ class ModelConfig:
     expert_grad_coef: str = "split"
     # The pair kernel ("experts" schedule) splits a block of 16 experts holding more than this
     # many pairs over several programs (partial sums, merged in a fixed order): for skewed
-    # routing. 0 = never (kernels/experts_grad_blocks.py; the split is not yet timed on a GPU).
+    # routing. 0 = never (kernels/experts_grad_blocks.py; at a80m, split at 1024, it trains as
+    # fast as the dense path, unsplit 9% slower: docs/benchmarks.md, thirteenth session).
     expert_grad_segment_pairs: int = 0
     # Throughput levers without TransformerEngine / apex (model/fusions.py, docs/throughput.md):
     # megatron's SwiGLU with its own backward (torch.compile'd; megatron bias_activation_fusion)
