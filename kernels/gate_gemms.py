@@ -50,9 +50,9 @@ from omnimoe_kernels.bf16_split import split_into_slots
 
 GATE_GEMMS = ("split_bf16", "fp32")
 GATE_GEMM = "split_bf16"
-#: Launched eagerly, the split pays only for wide gates: its extra launches (7 forward and 9
-#: backward against 2 and 4) cost more host time than the thin SGEMMs of a narrow gate cost GPU
-#: time. Measured on an H200 (``bench_kernels.py --only gates``, eager, T = 16384, forward +
+#: Launched eagerly, the split pays only for wide gates: its launches (3 forward and 6 backward
+#: against the SGEMMs' 2 and 4) cost more host time than the thin SGEMMs of a narrow gate cost
+#: GPU time. Measured on an H200 (``bench_kernels.py --only gates``, eager, T = 16384, forward +
 #: backward): H = 152, d = 768 (a80m) 1.066 ms split vs 0.948 ms fp32; H = 2048, d = 2048
 #: 2.44 ms vs 8.84 ms; a80m training eager 201.1k tokens/s split vs 204.5k fp32. Replayed from
 #: a CUDA graph only GPU time counts, and there the SIMT SGEMMs lose at every width: a80m
