@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from omnimoe_train import names, sweep_jobs
-from omnimoe_train.checkpoint.signals import StartupSigterm, TerminatedBeforeTraining
+from omnimoe_train.checkpoint.signals import StartupStop, StoppedBeforeTraining
 from omnimoe_train.config import RootConfig, register_configs, unknown_keys
 from omnimoe_train.exit_codes import exit_usage
 from omnimoe_train.validation import (
@@ -41,8 +41,9 @@ def _job_dir() -> Path | None:
     return Path(out_dir) if out_dir else None
 
 
-# SIGTERM until the trainer's own handler takes over: one line and exit 143, not a silent death.
-_STARTUP_SIGTERM = StartupSigterm(_job_dir)
+# SIGTERM and SIGUSR1 until the trainer's own handler takes over: one line and exit 143 or 75,
+# not a silent death.
+_STARTUP_STOP = StartupStop(_job_dir)
 
 
 def _fail(message: str) -> NoReturn:
@@ -254,7 +255,7 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     if not sweep_jobs.in_slurm_sweep_job():
-        _STARTUP_SIGTERM.install()  # each job of a local -m sweep (submitit keeps its own)
+        _STARTUP_STOP.install()  # each job of a local -m sweep (submitit keeps its own)
         return run(cfg, out_dir).get("final_val_loss")
     # A job of a `-m hydra/launcher=slurm` sweep.
     launcher = hydra_cfg.launcher
@@ -288,15 +289,15 @@ def main() -> None:
     argv = sys.argv[1:]
     # A -m sweep's process may only submit jobs and wait for them: each local job installs it.
     if not any(a in ("-m", "--multirun") for a in argv):
-        _STARTUP_SIGTERM.install()
+        _STARTUP_STOP.install()
     try:
         quiet_libraries()
         sweep_jobs.use_usr1_for_preemption()
         _register()
         precheck(argv)
         _hydra_main()
-    except TerminatedBeforeTraining as exc:
-        stopped_before_training(exc.run_dir)
+    except StoppedBeforeTraining as exc:
+        stopped_before_training(exc)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
   the run with exit 65 and a checkpoint of the last good weights.
 - A full disk while writing a checkpoint: exit 74 with one line; the previous one stays newest.
 - Ctrl-C (SIGINT): exit 130 at once with one line, no checkpoint; the newest complete one stays.
-- SIGTERM before the trainer's handler is installed: exit 143 at once with one line.
+- SIGTERM or SIGUSR1 before the trainer's handler is installed: exit 143 or 75 (requeue) at
+  once with one line.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -327,14 +329,48 @@ SIGTERM_BEFORE_TRAINING = (
     "terminated (SIGTERM) before training started: stopped at once, nothing was saved (the "
     "newest complete checkpoint, if any, stays)"
 )
+SIGUSR1_BEFORE_TRAINING = (
+    "stop requested (SIGUSR1) before training started: stopped at once, nothing was saved (the "
+    "newest complete checkpoint, if any, stays); exit code 75 (to continue, run the same "
+    "command with OMNIMOE_RUN_DIR={run})"
+)
+BEFORE_TRAINING = {
+    signal.SIGTERM: (EXIT_TERMINATED, SIGTERM_BEFORE_TRAINING),
+    signal.SIGUSR1: (EXIT_REQUEUE, SIGUSR1_BEFORE_TRAINING),
+}
 
 
-def test_sigterm_before_training_starts_is_one_line_and_exit_143(
-    tmp_path: Path, cache: Path
+def _stop_before_training(
+    proc: subprocess.Popen, ready: Callable[[], object], sig: signal.Signals, run: Path
 ) -> None:
-    """scancel or a preemption in a run's first seconds (imports, config, process groups), before
-    the trainer's handler is installed, killed the process with no word and no
+    """Once ``ready()`` returns, send ``sig``; check the one line, the exit code and ``run``'s
     ``exit_status.json``."""
+    try:
+        ready()
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    code, message = BEFORE_TRAINING[sig]
+    message = message.format(run=run.resolve())
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines() == [f"omnimoe-train: stopped: {message}"]
+    status = json.loads((run / "exit_status.json").read_text())
+    assert status == {"exit_code": code, "message": message}
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["term", "usr1"])
+def test_stop_signal_before_training_starts_is_one_line_and_its_exit_code(
+    sig: signal.Signals, tmp_path: Path, cache: Path
+) -> None:
+    """scancel or a preemption (SIGTERM), or SLURM's signal ahead of the time limit (SIGUSR1,
+    which the launchers pass on), in a run's first seconds (imports, config, process groups),
+    before the trainer's handler is installed, killed the process with no word and no
+    ``exit_status.json``: exit 143, or 138 and no requeue. Now 143, or 75 to requeue."""
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     # Hydra writes .hydra/config.yaml, then .hydra/hydra.yaml, before it calls the training
@@ -342,27 +378,16 @@ def test_sigterm_before_training_starts_is_one_line_and_exit_143(
     # the signal (an open() interrupted by a signal runs the handler and propagates what it
     # raises, PEP 475). The stale exit status of an earlier process must not survive either.
     os.mkfifo(run / ".hydra" / "hydra.yaml")
-    (run / "exit_status.json").write_text('{"exit_code": 75, "message": "earlier"}')
+    (run / "exit_status.json").write_text('{"exit_code": 0, "message": "earlier"}')
     proc = subprocess.Popen(
         _cmd(*TINY, "trainer.max_steps=4", f"hydra.run.dir={run}"),
         env=_env(cache),
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        _wait_for(run / ".hydra" / "config.yaml", proc, timeout=120)
-        proc.send_signal(signal.SIGTERM)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == EXIT_TERMINATED, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines() == [f"omnimoe-train: stopped: {SIGTERM_BEFORE_TRAINING}"]
-    status = json.loads((run / "exit_status.json").read_text())
-    assert status == {"exit_code": EXIT_TERMINATED, "message": SIGTERM_BEFORE_TRAINING}
-    assert not (run / "checkpoints").exists()
+    _stop_before_training(
+        proc, lambda: _wait_for(run / ".hydra" / "config.yaml", proc, timeout=120), sig, run
+    )
 
 
 def test_the_cli_module_imports_no_torch() -> None:
