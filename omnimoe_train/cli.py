@@ -8,6 +8,7 @@ line naming the key and the rule and exits with code 2.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -33,10 +34,23 @@ from omnimoe_train.validation import (
 CONFIG_MODULE = "omnimoe_conf"
 
 
-def _job_dir() -> Path | None:
-    """The run directory of the Hydra job under way; None before Hydra has chosen one."""
-    if not HydraConfig.initialized():
+def given_run_dir(argv: list[str]) -> Path | None:
+    """The run directory that ``argv`` (``hydra.run.dir=...``) or ``$OMNIMOE_RUN_DIR`` (which
+    ``conf/config.yaml`` reads) fixes before any config is composed, as a rerun does. None for a
+    ``-m`` sweep, a directory made of config values (``${...}``) or the default one (named
+    after the start time, so it is a new one)."""
+    if any(a in ("-m", "--multirun") for a in argv):
         return None
+    given = [a.partition("=")[2] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+    value = given[-1] if given else os.environ.get("OMNIMOE_RUN_DIR")
+    return Path(value) if value and "${" not in value else None
+
+
+def _job_dir() -> Path | None:
+    """The run directory of the Hydra job under way; before Hydra has chosen one, the one the
+    command line fixes (``given_run_dir``), else None."""
+    if not HydraConfig.initialized():
+        return given_run_dir(sys.argv[1:])
     out_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
     return Path(out_dir) if out_dir else None
 
@@ -278,9 +292,21 @@ def _register() -> None:
 def check_before_launch(argv: list[str], world_size: int) -> None:
     """``precheck`` for a launcher about to start ``world_size`` ranks of ``omnimoe-train
     *argv`` (``omnimoe_train.torchrun``): a bad config is refused once, in one line on the
-    console, instead of by every rank into its own log. Exits 2 on the first error."""
+    console, instead of by every rank into its own log. Exits 2 on the first error.
+
+    First, as the ranks about to start would, it removes the exit status an earlier run left in
+    the run directory the command fixes: a refused config must not leave that one current."""
+    _clear_given_exit_status(argv)
     _register()
     precheck(argv, world_size)
+
+
+def _clear_given_exit_status(argv: list[str]) -> None:
+    from omnimoe_train.run import clear_exit_status
+
+    run_dir = given_run_dir(argv)
+    if run_dir is not None:
+        clear_exit_status(run_dir)
 
 
 def main() -> None:
@@ -291,6 +317,9 @@ def main() -> None:
     if not any(a in ("-m", "--multirun") for a in argv):
         _STARTUP_STOP.install()
     try:
+        # A rerun's directory is known now: an exit before the run's own status (a usage
+        # error, a signal during the checks) must not leave the previous run's status current.
+        _clear_given_exit_status(argv)
         quiet_libraries()
         sweep_jobs.use_usr1_for_preemption()
         _register()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,11 +42,22 @@ SIGUSR1_BEFORE_TRAINING = (
 
 def _write_exit_status(run_dir: Path, code: int, message: str) -> None:
     """``<run_dir>/exit_status.json``: how this process ended, for launchers that cannot see
-    the exit code (torchrun exits 1 whenever a worker exits non-zero). Removed at the start of
-    every run, so its absence after a run means a crash."""
+    the exit code (torchrun exits 1 whenever a worker exits non-zero). Removed as each run
+    starts (:func:`clear_exit_status`), so its absence after a run means a crash."""
     from omnimoe_train.checkpoint.atomic import write_json_atomic
 
     write_json_atomic(run_dir / EXIT_STATUS, {"exit_code": code, "message": message})
+
+
+def clear_exit_status(run_dir: Path) -> None:
+    """Remove the ``exit_status.json`` an earlier process left in ``run_dir``, as a run starts
+    there (rank 0: ``$RANK`` unset or 0; the process group may not exist yet): whatever ends
+    this one, an earlier status must not pass for its own. A path that cannot hold one (a file
+    in the way, a name too long) is left to the check or the run that names it."""
+    if not _env_rank0():
+        return
+    with contextlib.suppress(OSError):
+        (run_dir / EXIT_STATUS).unlink(missing_ok=True)
 
 
 def _env_rank0() -> bool:
@@ -103,13 +115,12 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
 
     quiet_libraries()
     run_dir.mkdir(parents=True, exist_ok=True)
+    clear_exit_status(run_dir)  # before the rendezvous, which may fail or wait
     started = time.perf_counter()
     with startup_sigterm_paused():  # the rendezvous blocks in C++ until every rank joins
         runtime = init_runtime(cfg)
     try:
         main = runtime.is_main
-        if main:
-            (run_dir / EXIT_STATUS).unlink(missing_ok=True)
         try:
             trainer = Trainer(cfg, runtime, run_dir, started=started)
         except (ConfigError, DataError) as exc:  # the data or a rule against it: one line

@@ -12,8 +12,8 @@
   the run with exit 65 and a checkpoint of the last good weights.
 - A full disk while writing a checkpoint: exit 74 with one line; the previous one stays newest.
 - Ctrl-C (SIGINT): exit 130 at once with one line, no checkpoint; the newest complete one stays.
-- SIGTERM or SIGUSR1 before the trainer's handler is installed: exit 143 or 75 (requeue) at
-  once with one line.
+- SIGTERM or SIGUSR1 before the trainer's handler is installed, also while the config is
+  checked: exit 143 or 75 (requeue) at once with one line, ``exit_status.json`` replaced.
 """
 
 from __future__ import annotations
@@ -388,6 +388,44 @@ def test_stop_signal_before_training_starts_is_one_line_and_its_exit_code(
     _stop_before_training(
         proc, lambda: _wait_for(run / ".hydra" / "config.yaml", proc, timeout=120), sig, run
     )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["term", "usr1"])
+def test_stop_signal_during_the_config_checks_replaces_an_earlier_exit_status(
+    sig: signal.Signals, tmp_path: Path, cache: Path
+) -> None:
+    """A rerun in a run directory (here ``OMNIMOE_RUN_DIR``) stopped while its config is
+    checked, before Hydra has taken the directory: the earlier run's ``exit_status.json``
+    stayed and read as this run's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "exit_status.json").write_text('{"exit_code": 0, "message": "finished"}')
+    # The checks read a given tokenizer: a FIFO holds them there until the signal.
+    fifo = tmp_path / "tokenizer.json"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        _cmd(*TINY, f"data.tokenizer={fifo}"),
+        env={**_env(cache), "OMNIMOE_RUN_DIR": str(run)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    writer: list[int] = []
+
+    def reading() -> None:  # opening the writing end succeeds once the process reads
+        deadline = time.monotonic() + 120
+        while not writer:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            try:
+                writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                time.sleep(0.02)
+
+    try:
+        _stop_before_training(proc, reading, sig, run)
+    finally:
+        for fd in writer:
+            os.close(fd)
+    assert sorted(p.name for p in run.iterdir()) == ["exit_status.json"]
 
 
 def test_the_cli_module_imports_no_torch() -> None:
