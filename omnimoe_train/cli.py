@@ -8,6 +8,7 @@ line naming the key and the rule and exits with code 2.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -17,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from omnimoe_train import names, sweep_jobs
-from omnimoe_train.checkpoint.signals import StartupSigterm, TerminatedBeforeTraining
+from omnimoe_train.checkpoint.signals import StartupStop, StoppedBeforeTraining
 from omnimoe_train.config import RootConfig, register_configs, unknown_keys
 from omnimoe_train.exit_codes import exit_usage
 from omnimoe_train.validation import (
@@ -33,16 +34,30 @@ from omnimoe_train.validation import (
 CONFIG_MODULE = "omnimoe_conf"
 
 
-def _job_dir() -> Path | None:
-    """The run directory of the Hydra job under way; None before Hydra has chosen one."""
-    if not HydraConfig.initialized():
+def given_run_dir(argv: list[str]) -> Path | None:
+    """The run directory that ``argv`` (``hydra.run.dir=...``) or ``$OMNIMOE_RUN_DIR`` (which
+    ``conf/config.yaml`` reads) fixes before any config is composed, as a rerun does. None for a
+    ``-m`` sweep, a directory made of config values (``${...}``) or the default one (named
+    after the start time, so it is a new one)."""
+    if any(a in ("-m", "--multirun") for a in argv):
         return None
+    given = [a.partition("=")[2] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+    value = given[-1] if given else os.environ.get("OMNIMOE_RUN_DIR")
+    return Path(value) if value and "${" not in value else None
+
+
+def _job_dir() -> Path | None:
+    """The run directory of the Hydra job under way; before Hydra has chosen one, the one the
+    command line fixes (``given_run_dir``), else None."""
+    if not HydraConfig.initialized():
+        return given_run_dir(sys.argv[1:])
     out_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
     return Path(out_dir) if out_dir else None
 
 
-# SIGTERM until the trainer's own handler takes over: one line and exit 143, not a silent death.
-_STARTUP_SIGTERM = StartupSigterm(_job_dir)
+# SIGTERM and SIGUSR1 until the trainer's own handler takes over: one line and exit 143 or 75,
+# not a silent death.
+_STARTUP_STOP = StartupStop(_job_dir)
 
 
 def _fail(message: str) -> NoReturn:
@@ -254,7 +269,7 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     if not sweep_jobs.in_slurm_sweep_job():
-        _STARTUP_SIGTERM.install()  # each job of a local -m sweep (submitit keeps its own)
+        _STARTUP_STOP.install()  # each job of a local -m sweep (submitit keeps its own)
         return run(cfg, out_dir).get("final_val_loss")
     # A job of a `-m hydra/launcher=slurm` sweep.
     launcher = hydra_cfg.launcher
@@ -277,9 +292,21 @@ def _register() -> None:
 def check_before_launch(argv: list[str], world_size: int) -> None:
     """``precheck`` for a launcher about to start ``world_size`` ranks of ``omnimoe-train
     *argv`` (``omnimoe_train.torchrun``): a bad config is refused once, in one line on the
-    console, instead of by every rank into its own log. Exits 2 on the first error."""
+    console, instead of by every rank into its own log. Exits 2 on the first error.
+
+    First, as the ranks about to start would, it removes the exit status an earlier run left in
+    the run directory the command fixes: a refused config must not leave that one current."""
+    _clear_given_exit_status(argv)
     _register()
     precheck(argv, world_size)
+
+
+def _clear_given_exit_status(argv: list[str]) -> None:
+    from omnimoe_train.run import clear_exit_status
+
+    run_dir = given_run_dir(argv)
+    if run_dir is not None:
+        clear_exit_status(run_dir)
 
 
 def main() -> None:
@@ -288,15 +315,18 @@ def main() -> None:
     argv = sys.argv[1:]
     # A -m sweep's process may only submit jobs and wait for them: each local job installs it.
     if not any(a in ("-m", "--multirun") for a in argv):
-        _STARTUP_SIGTERM.install()
+        _STARTUP_STOP.install()
     try:
+        # A rerun's directory is known now: an exit before the run's own status (a usage
+        # error, a signal during the checks) must not leave the previous run's status current.
+        _clear_given_exit_status(argv)
         quiet_libraries()
         sweep_jobs.use_usr1_for_preemption()
         _register()
         precheck(argv)
         _hydra_main()
-    except TerminatedBeforeTraining as exc:
-        stopped_before_training(exc.run_dir)
+    except StoppedBeforeTraining as exc:
+        stopped_before_training(exc)
 
 
 if __name__ == "__main__":

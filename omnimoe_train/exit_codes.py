@@ -21,8 +21,9 @@ EXIT_DIVERGED = 65
 #: A checkpoint could not be written (e.g. disk full). The previous checkpoint is still the
 #: newest and valid; free space and rerun.
 EXIT_IO_ERROR = 74
-#: EX_TEMPFAIL: stopped early on SIGTERM/SIGUSR1 or ``trainer.max_time``, checkpoint saved;
-#: rerun the same command to continue.
+#: EX_TEMPFAIL: stopped early on SIGTERM/SIGUSR1 or ``trainer.max_time``, checkpoint saved; or
+#: on SIGUSR1 (time nearly up) before training started, at once, with nothing to save yet.
+#: Rerun the same command to continue.
 EXIT_REQUEUE = 75
 #: 128 + SIGINT: stopped by Ctrl-C (SIGINT) at once, without a checkpoint (the newest complete
 #: one stays); SIGTERM / SIGUSR1 save first.

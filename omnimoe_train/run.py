@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from omegaconf import OmegaConf
 
@@ -21,22 +23,46 @@ from omnimoe_train.exit_codes import (
     EXIT_REQUEUE,
     EXIT_TERMINATED,
     EXIT_USAGE,
+    resume_hint,
 )
+
+if TYPE_CHECKING:
+    from omnimoe_train.checkpoint.signals import StoppedBeforeTraining
 
 EXIT_STATUS = "exit_status.json"
 SIGTERM_BEFORE_TRAINING = (
     "terminated (SIGTERM) before training started: stopped at once, nothing was saved (the "
     "newest complete checkpoint, if any, stays)"
 )
+SIGUSR1_BEFORE_TRAINING = (
+    "stop requested (SIGUSR1) before training started: stopped at once, nothing was saved (the "
+    "newest complete checkpoint, if any, stays)"
+)
 
 
 def _write_exit_status(run_dir: Path, code: int, message: str) -> None:
     """``<run_dir>/exit_status.json``: how this process ended, for launchers that cannot see
-    the exit code (torchrun exits 1 whenever a worker exits non-zero). Removed at the start of
-    every run, so its absence after a run means a crash."""
-    from omnimoe_train.checkpoint.files import write_json_atomic
+    the exit code (torchrun exits 1 whenever a worker exits non-zero). Removed as each run
+    starts (:func:`clear_exit_status`), so its absence after a run means a crash."""
+    from omnimoe_train.checkpoint.atomic import write_json_atomic
 
     write_json_atomic(run_dir / EXIT_STATUS, {"exit_code": code, "message": message})
+
+
+def clear_exit_status(run_dir: Path) -> None:
+    """Remove the ``exit_status.json`` an earlier process left in ``run_dir``, as a run starts
+    there (rank 0: ``$RANK`` unset or 0; the process group may not exist yet): whatever ends
+    this one, an earlier status must not pass for its own. A path that cannot hold one (a file
+    in the way, a name too long) is left to the check or the run that names it."""
+    if not _env_rank0():
+        return
+    with contextlib.suppress(OSError):
+        (run_dir / EXIT_STATUS).unlink(missing_ok=True)
+
+
+def _env_rank0() -> bool:
+    """Rank 0 as its launcher says (``$RANK`` unset or 0), before the process group exists."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _fail(message: str, code: int, *, show: bool, run_dir: Path | None = None) -> NoReturn:
@@ -51,14 +77,21 @@ def _fail(message: str, code: int, *, show: bool, run_dir: Path | None = None) -
     raise SystemExit(code)
 
 
-def stopped_before_training(run_dir: Path | None) -> NoReturn:
-    """SIGTERM before the trainer's handler was installed (``signals.StartupSigterm``): the one
-    line, ``exit_status.json`` when ``run_dir`` exists (rank 0: ``$RANK`` unset or 0; the
-    process group may not exist yet), and :data:`~omnimoe_train.exit_codes.EXIT_TERMINATED`."""
-    if run_dir is not None and not run_dir.is_dir():
-        run_dir = None
-    main = os.environ.get("RANK", "0") == "0"
-    _fail(SIGTERM_BEFORE_TRAINING, EXIT_TERMINATED, show=main, run_dir=run_dir)
+def stopped_before_training(stop: StoppedBeforeTraining) -> NoReturn:
+    """A stop signal before the trainer's handler was installed (``signals.StartupStop``): the
+    one line, ``exit_status.json`` when the run directory exists (rank 0: ``$RANK`` unset or 0;
+    the process group may not exist yet), and the exit code: SIGTERM
+    :data:`~omnimoe_train.exit_codes.EXIT_TERMINATED`; SIGUSR1 (time is nearly up)
+    :data:`~omnimoe_train.exit_codes.EXIT_REQUEUE`, so that the launcher requeues and the rerun
+    resumes from the newest checkpoint, if any."""
+    run_dir = stop.run_dir if stop.run_dir is not None and stop.run_dir.is_dir() else None
+    if stop.signal == signal.SIGUSR1:
+        hint = "rerun the same command to continue" if run_dir is None else resume_hint(run_dir)
+        code = EXIT_REQUEUE
+        message = f"{SIGUSR1_BEFORE_TRAINING}; exit code {code} ({hint})"
+    else:
+        code, message = EXIT_TERMINATED, SIGTERM_BEFORE_TRAINING
+    _fail(message, code, show=_env_rank0(), run_dir=run_dir)
 
 
 def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
@@ -82,13 +115,12 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
 
     quiet_libraries()
     run_dir.mkdir(parents=True, exist_ok=True)
+    clear_exit_status(run_dir)  # before the rendezvous, which may fail or wait
     started = time.perf_counter()
     with startup_sigterm_paused():  # the rendezvous blocks in C++ until every rank joins
         runtime = init_runtime(cfg)
     try:
         main = runtime.is_main
-        if main:
-            (run_dir / EXIT_STATUS).unlink(missing_ok=True)
         try:
             trainer = Trainer(cfg, runtime, run_dir, started=started)
         except (ConfigError, DataError) as exc:  # the data or a rule against it: one line

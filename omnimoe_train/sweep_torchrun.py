@@ -84,11 +84,18 @@ def run_job(cfg: RootConfig, run_dir: Path, nproc_per_node: int) -> float | None
 
 def worker_main(argv: list[str]) -> int:
     """One torchrun worker: ``python -m omnimoe_train.sweep_torchrun CONFIG RUN_DIR``."""
-    from omnimoe_train.run import quiet_libraries, run
+    from omnimoe_train.checkpoint.signals import StartupStop, StoppedBeforeTraining
+    from omnimoe_train.run import quiet_libraries, run, stopped_before_training
 
-    quiet_libraries()
     config_file, run_dir = argv
-    run(load_config(Path(config_file)), Path(run_dir))  # exits with its code unless it is 0
+    # The agent passes SIGUSR1 on at any time: until the trainer's handler, one line and 75 (the
+    # job requeues), as in the CLI, not death by the signal (138, and no requeue).
+    StartupStop(lambda: Path(run_dir)).install()
+    try:
+        quiet_libraries()
+        run(load_config(Path(config_file)), Path(run_dir))  # exits with its code unless 0
+    except StoppedBeforeTraining as exc:
+        stopped_before_training(exc)
     return 0
 
 

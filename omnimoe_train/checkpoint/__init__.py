@@ -2,6 +2,8 @@
 
 - ``files``: the on-disk layout of one checkpoint folder (``meta.json`` with a checksum per
   file, written last), listing and verifying them.
+- ``atomic``: JSON files written whole or not at all (``meta.json``, the run's
+  ``exit_status.json``), without torch.
 - ``manager``: when a checkpoint becomes the newest (atomic publish), which are kept, which one
   a run resumes from (falling back past corrupt ones), synchronous and asynchronous saves.
 - ``sharded``: the megatron-core engine's state as a ``dist_checkpointing`` sharded state dict

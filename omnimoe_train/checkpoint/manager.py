@@ -38,16 +38,15 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from omnimoe_train.checkpoint.atomic import fsync_dir, write_json_atomic
 from omnimoe_train.checkpoint.files import (
     FORMAT,
     CheckpointCorrupt,
     checksum_files,
     find_problem,
-    fsync_dir,
     list_checkpoints,
     step_dir_name,
     step_of,
-    write_json_atomic,
 )
 from omnimoe_train.config import CheckpointConfig
 from omnimoe_train.distributed import barrier, rank_and_world

@@ -71,11 +71,16 @@ class StopRequest:
 
     def install(self) -> None:
         """Handle the stop signals from now on; :meth:`restore` puts back what was there before
-        (before the CLI's :class:`StartupSigterm`, which this replaces for good)."""
+        (before the CLI's :class:`StartupStop`, which this replaces for good). A stop signal
+        that one noted without acting on it is taken over: it is this rank's request now."""
+        startup = None
         for sig in STOP_SIGNALS:
             previous = signal.signal(sig, self._handle)
-            startup = _startup_handler(previous)
-            self._previous[sig] = startup.replaced if startup is not None else previous
+            owner = _startup_handler(previous)
+            self._previous[sig] = owner.replaced[sig] if owner is not None else previous
+            startup = startup or owner
+        if startup is not None and (noted := startup.hand_over()) is not None:
+            self.signal_name = noted
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -100,78 +105,111 @@ class StopRequest:
         return "another rank received a stop signal or reached trainer.max_time"
 
 
-class TerminatedBeforeTraining(BaseException):
-    """SIGTERM arrived before training started (see :class:`StartupSigterm`); ``run_dir``: the
-    run directory chosen by then, or None.
+class StoppedBeforeTraining(BaseException):
+    """A stop signal arrived before training started (see :class:`StartupStop`); ``signal``:
+    which (SIGTERM or SIGUSR1), ``run_dir``: the run directory chosen by then, or None.
 
     A ``BaseException``, as ``KeyboardInterrupt`` is: the ``except Exception`` of the config
     checks and of Hydra's job runner must not turn it into a usage error or a traceback.
     """
 
-    def __init__(self, run_dir: Path | None) -> None:
-        super().__init__("SIGTERM before training started")
+    def __init__(self, signum: int, run_dir: Path | None) -> None:
+        self.signal = signal.Signals(signum)
+        super().__init__(f"{self.signal.name} before training started")
         self.run_dir = run_dir
 
 
-class StartupSigterm:
-    """SIGTERM from the CLI's start until the trainer's :class:`StopRequest` takes over.
+class StartupStop:
+    """SIGTERM and SIGUSR1 from the CLI's start until the trainer's :class:`StopRequest` takes
+    over.
 
-    Before, SIGTERM in a run's first seconds (imports, config composition, process groups:
-    ``scancel``, a preemption) took its default action: exit 143 with no word and no
-    ``exit_status.json``. There is nothing to save yet, so the handler does not wait for a step
-    as the trainer's does: it raises :class:`TerminatedBeforeTraining` in the main thread,
-    where the CLI says so in one line and exits 143 (``run.stopped_before_training``).
+    Before, either took its default action in a run's first seconds (imports, config
+    composition, process groups): SIGTERM (``scancel``, a preemption) exit 143, SIGUSR1 (SLURM's
+    ``--signal`` ahead of the time limit, which the launchers pass on) exit 138, with no word
+    and no ``exit_status.json``, and a launcher keyed on 75 did not requeue. There is nothing to
+    save yet, so the handler does not wait for a step as the trainer's does: it raises
+    :class:`StoppedBeforeTraining` in the main thread, where the CLI says so in one line and
+    exits (``run.stopped_before_training``): 143 for SIGTERM, 75 (requeue) for SIGUSR1.
     ``run_dir``: the run directory chosen so far (None before there is one), asked at the
-    signal. SIGTERM's previous action is back once it fired: a second one while the first
-    unwinds ends the process at once.
+    signal.
+
+    It acts once. Then SIGTERM's previous action is back: a SIGTERM while the stop unwinds ends
+    the process at once (torchrun's agent SIGTERMs the other workers once one has exited, and
+    leaves those it ended so out of its exit status). A SIGUSR1 is only noted from then on: it
+    repeats the request (the launcher and slurmstepd may both send it), and its default action
+    would end the process with 138. A signal noted and not acted on (see
+    :func:`startup_sigterm_paused`, or a library's bare ``except:`` that swallowed the raise)
+    is taken over by the trainer's :class:`StopRequest` when it installs.
     """
 
     def __init__(self, run_dir: Callable[[], Path | None]) -> None:
         self.run_dir = run_dir
-        self.replaced: Any = signal.SIG_DFL
+        self.replaced: dict[int, Any] = dict.fromkeys(STOP_SIGNALS, signal.SIG_DFL)
+        self.noted: str | None = None  # the last stop signal received, until handed over
 
     def install(self) -> None:
         """Idempotent; installs it again after a trainer's :meth:`StopRequest.restore` (the
         next job of a ``-m`` sweep)."""
-        if signal.getsignal(signal.SIGTERM) != self._handle:
-            self.replaced = signal.signal(signal.SIGTERM, self._handle)
+        for sig in STOP_SIGNALS:
+            current = signal.signal(sig, self._handle)
+            if _startup_handler(current) is not self:
+                self.replaced[sig] = current
+
+    def hand_over(self) -> str | None:
+        """The stop signal noted and not acted on (None if none), forgotten here: the caller
+        (the trainer's :class:`StopRequest`) acts on it."""
+        noted, self.noted = self.noted, None
+        return noted
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self.noted = signal.Signals(signum).name
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        del signum, frame
-        signal.signal(signal.SIGTERM, self.replaced)
+        self._note(signum, frame)
+        signal.signal(signal.SIGTERM, self.replaced[signal.SIGTERM])
+        signal.signal(signal.SIGUSR1, self._note)
         try:
             run_dir = self.run_dir()
         except Exception:  # noqa: BLE001 - the one line matters more than the folder
             run_dir = None
-        raise TerminatedBeforeTraining(run_dir)
+        raise StoppedBeforeTraining(signum, run_dir)
 
 
-def _startup_handler(handler: Any) -> StartupSigterm | None:
-    """The :class:`StartupSigterm` whose bound ``_handle`` ``handler`` is, else None."""
+def _startup_handler(handler: Any) -> StartupStop | None:
+    """The :class:`StartupStop` whose bound method ``handler`` is, else None."""
     owner = getattr(handler, "__self__", None)
-    return owner if isinstance(owner, StartupSigterm) else None
+    return owner if isinstance(owner, StartupStop) else None
 
 
 @contextmanager
 def startup_sigterm_paused() -> Iterator[None]:
-    """SIGTERM's default action for the duration, where :class:`StartupSigterm` is installed
-    (else nothing changes).
+    """Where :class:`StartupStop` is installed, for the duration: SIGTERM's default action, and
+    SIGUSR1 noted for the trainer's :class:`StopRequest` (else nothing changes).
 
     For C++ calls that block until other processes come (the process-group rendezvous waits
     for every rank, up to its timeout): Python runs a signal handler only once such a call
     returns, so the handler would keep a SIGTERMed process waiting for ranks that may never
     come. The default action ends it at once (silently, exit 143, as before the handler).
+    SIGUSR1 asks for a stop, not an end (its default action, exit 138, would lose the
+    requeue); once this rank is in the rendezvous the others may be past it, and a rank that
+    left alone would keep them waiting in their next collective. So it is noted, and the
+    trainer's handler, installed right after, takes it over: every rank stops after the same
+    step. A rank still waiting for one that stopped before the rendezvous is ended by the
+    launcher's SIGTERM (torchrun's agent sends it once a worker has exited).
     """
-    handler = signal.getsignal(signal.SIGTERM)
-    startup = _startup_handler(handler)
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    startup = next(filter(None, map(_startup_handler, handlers.values())), None)
     if startup is None:
         yield
         return
-    signal.signal(signal.SIGTERM, startup.replaced)
+    signal.signal(signal.SIGTERM, startup.replaced[signal.SIGTERM])
+    signal.signal(signal.SIGUSR1, startup._note)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 class StepSync:

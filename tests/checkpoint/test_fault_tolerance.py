@@ -12,7 +12,8 @@
   the run with exit 65 and a checkpoint of the last good weights.
 - A full disk while writing a checkpoint: exit 74 with one line; the previous one stays newest.
 - Ctrl-C (SIGINT): exit 130 at once with one line, no checkpoint; the newest complete one stays.
-- SIGTERM before the trainer's handler is installed: exit 143 at once with one line.
+- SIGTERM or SIGUSR1 before the trainer's handler is installed, also while the config is
+  checked: exit 143 or 75 (requeue) at once with one line, ``exit_status.json`` replaced.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -327,14 +329,48 @@ SIGTERM_BEFORE_TRAINING = (
     "terminated (SIGTERM) before training started: stopped at once, nothing was saved (the "
     "newest complete checkpoint, if any, stays)"
 )
+SIGUSR1_BEFORE_TRAINING = (
+    "stop requested (SIGUSR1) before training started: stopped at once, nothing was saved (the "
+    "newest complete checkpoint, if any, stays); exit code 75 (to continue, run the same "
+    "command with OMNIMOE_RUN_DIR={run})"
+)
+BEFORE_TRAINING = {
+    signal.SIGTERM: (EXIT_TERMINATED, SIGTERM_BEFORE_TRAINING),
+    signal.SIGUSR1: (EXIT_REQUEUE, SIGUSR1_BEFORE_TRAINING),
+}
 
 
-def test_sigterm_before_training_starts_is_one_line_and_exit_143(
-    tmp_path: Path, cache: Path
+def _stop_before_training(
+    proc: subprocess.Popen, ready: Callable[[], object], sig: signal.Signals, run: Path
 ) -> None:
-    """scancel or a preemption in a run's first seconds (imports, config, process groups), before
-    the trainer's handler is installed, killed the process with no word and no
+    """Once ``ready()`` returns, send ``sig``; check the one line, the exit code and ``run``'s
     ``exit_status.json``."""
+    try:
+        ready()
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    code, message = BEFORE_TRAINING[sig]
+    message = message.format(run=run.resolve())
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines() == [f"omnimoe-train: stopped: {message}"]
+    status = json.loads((run / "exit_status.json").read_text())
+    assert status == {"exit_code": code, "message": message}
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["term", "usr1"])
+def test_stop_signal_before_training_starts_is_one_line_and_its_exit_code(
+    sig: signal.Signals, tmp_path: Path, cache: Path
+) -> None:
+    """scancel or a preemption (SIGTERM), or SLURM's signal ahead of the time limit (SIGUSR1,
+    which the launchers pass on), in a run's first seconds (imports, config, process groups),
+    before the trainer's handler is installed, killed the process with no word and no
+    ``exit_status.json``: exit 143, or 138 and no requeue. Now 143, or 75 to requeue."""
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     # Hydra writes .hydra/config.yaml, then .hydra/hydra.yaml, before it calls the training
@@ -342,27 +378,54 @@ def test_sigterm_before_training_starts_is_one_line_and_exit_143(
     # the signal (an open() interrupted by a signal runs the handler and propagates what it
     # raises, PEP 475). The stale exit status of an earlier process must not survive either.
     os.mkfifo(run / ".hydra" / "hydra.yaml")
-    (run / "exit_status.json").write_text('{"exit_code": 75, "message": "earlier"}')
+    (run / "exit_status.json").write_text('{"exit_code": 0, "message": "earlier"}')
     proc = subprocess.Popen(
         _cmd(*TINY, "trainer.max_steps=4", f"hydra.run.dir={run}"),
         env=_env(cache),
         stderr=subprocess.PIPE,
         text=True,
     )
+    _stop_before_training(
+        proc, lambda: _wait_for(run / ".hydra" / "config.yaml", proc, timeout=120), sig, run
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["term", "usr1"])
+def test_stop_signal_during_the_config_checks_replaces_an_earlier_exit_status(
+    sig: signal.Signals, tmp_path: Path, cache: Path
+) -> None:
+    """A rerun in a run directory (here ``OMNIMOE_RUN_DIR``) stopped while its config is
+    checked, before Hydra has taken the directory: the earlier run's ``exit_status.json``
+    stayed and read as this run's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "exit_status.json").write_text('{"exit_code": 0, "message": "finished"}')
+    # The checks read a given tokenizer: a FIFO holds them there until the signal.
+    fifo = tmp_path / "tokenizer.json"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        _cmd(*TINY, f"data.tokenizer={fifo}"),
+        env={**_env(cache), "OMNIMOE_RUN_DIR": str(run)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    writer: list[int] = []
+
+    def reading() -> None:  # opening the writing end succeeds once the process reads
+        deadline = time.monotonic() + 120
+        while not writer:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            try:
+                writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                time.sleep(0.02)
+
     try:
-        _wait_for(run / ".hydra" / "config.yaml", proc, timeout=120)
-        proc.send_signal(signal.SIGTERM)
-        err = proc.communicate(timeout=120)[1]
+        _stop_before_training(proc, reading, sig, run)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == EXIT_TERMINATED, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines() == [f"omnimoe-train: stopped: {SIGTERM_BEFORE_TRAINING}"]
-    status = json.loads((run / "exit_status.json").read_text())
-    assert status == {"exit_code": EXIT_TERMINATED, "message": SIGTERM_BEFORE_TRAINING}
-    assert not (run / "checkpoints").exists()
+        for fd in writer:
+            os.close(fd)
+    assert sorted(p.name for p in run.iterdir()) == ["exit_status.json"]
 
 
 def test_the_cli_module_imports_no_torch() -> None:

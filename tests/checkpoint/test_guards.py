@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,11 @@ import torch
 
 from omnimoe_train.bad_steps import StepGuard
 from omnimoe_train.checkpoint.signals import (
-    StartupSigterm,
+    STOP_SIGNALS,
+    StartupStop,
     StepSync,
+    StoppedBeforeTraining,
     StopRequest,
-    TerminatedBeforeTraining,
     parse_duration,
     startup_sigterm_paused,
 )
@@ -97,32 +99,85 @@ def test_stop_signal_sets_the_local_flag_only(sig: signal.Signals) -> None:
     assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)
 
 
-def test_startup_sigterm_raises_until_the_trainer_takes_over_for_good() -> None:
+@pytest.fixture
+def original_stop_handlers() -> Iterator[dict[int, object]]:
+    """The stop signals' handlers before the test, put back after it."""
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        yield before
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def test_startup_sigterm_raises_until_the_trainer_takes_over_for_good(
+    original_stop_handlers: dict[int, object],
+) -> None:
     """The CLI's handler before training (exit 143 in one line) is replaced by the trainer's,
     whose restore puts back what was there before the CLI's, not the CLI's own."""
-    before = signal.getsignal(signal.SIGTERM)
-    startup = StartupSigterm(lambda: Path("run-dir"))
+    before = original_stop_handlers[signal.SIGTERM]
+    startup = StartupStop(lambda: Path("run-dir"))
     startup.install()
-    try:
-        startup.install()  # idempotent: what it replaced is still the original action
-        assert startup.replaced == before
-        with pytest.raises(TerminatedBeforeTraining) as exc:
-            os.kill(os.getpid(), signal.SIGTERM)
-        assert exc.value.run_dir == Path("run-dir")
-        # Fired once: a second SIGTERM takes the previous action (the default: death).
-        assert signal.getsignal(signal.SIGTERM) == before
-        startup.install()
-        with startup_sigterm_paused():  # a blocking C++ rendezvous: the default action
-            assert signal.getsignal(signal.SIGTERM) == before
-        assert signal.getsignal(signal.SIGTERM) == startup._handle
-        stop = StopRequest(None)
-        stop.install()
+    startup.install()  # idempotent: what it replaced is still the original action
+    assert startup.replaced == original_stop_handlers
+    with pytest.raises(StoppedBeforeTraining) as exc:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.reason() == "received SIGTERM"
-        stop.restore()
+    assert exc.value.run_dir == Path("run-dir") and exc.value.signal == signal.SIGTERM
+    # Fired once: a second SIGTERM takes the previous action (the default: death).
+    assert signal.getsignal(signal.SIGTERM) == before
+    startup.install()
+    with startup_sigterm_paused():  # a blocking C++ rendezvous: the default action
         assert signal.getsignal(signal.SIGTERM) == before
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    assert signal.getsignal(signal.SIGTERM) == startup._handle
+    stop = StopRequest(None)
+    stop.install()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.reason() == "received SIGTERM"
+    stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_startup_sigusr1_raises_once_then_notes_it_for_the_trainer(
+    original_stop_handlers: dict[int, object],
+) -> None:
+    """SIGUSR1 before training (time nearly up) was the default action: death, exit 138. Now
+    it raises once (the CLI exits 75 in one line); a SIGTERM while that unwinds takes the
+    previous action, a repeated SIGUSR1 is only noted, and if the raise was swallowed (a bare
+    ``except:`` in an import) the trainer's handler takes the request over."""
+    startup = StartupStop(lambda: None)
+    startup.install()
+    with pytest.raises(StoppedBeforeTraining) as exc:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert exc.value.signal == signal.SIGUSR1 and exc.value.run_dir is None
+    assert signal.getsignal(signal.SIGTERM) == original_stop_handlers[signal.SIGTERM]
+    os.kill(os.getpid(), signal.SIGUSR1)  # noted, no second raise, no death
+    stop = StopRequest(None)
+    stop.install()
+    assert stop.local() and stop.reason() == "received SIGUSR1"
+    stop.restore()
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == original_stop_handlers
+
+
+def test_sigusr1_during_the_rendezvous_is_handed_to_the_trainer(
+    original_stop_handlers: dict[int, object],
+) -> None:
+    """Inside the rendezvous other ranks may be past it: SIGUSR1 neither ends the process (its
+    default action) nor raises when the call returns (this rank would leave the others waiting
+    in a collective); the trainer's handler, installed next, stops every rank together."""
+    startup = StartupStop(lambda: None)
+    startup.install()
+    with startup_sigterm_paused():
+        assert signal.getsignal(signal.SIGTERM) == original_stop_handlers[signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == dict.fromkeys(
+        STOP_SIGNALS, startup._handle
+    )
+    stop = StopRequest(None)
+    stop.install()
+    assert stop.reason() == "received SIGUSR1"
+    assert startup.hand_over() is None  # taken over, not left for the next job of a sweep
+    stop.restore()
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == original_stop_handlers
 
 
 def test_startup_sigterm_paused_changes_nothing_without_it() -> None:

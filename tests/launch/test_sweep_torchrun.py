@@ -1,10 +1,15 @@
 """Sweep jobs as torchrun jobs (``hydra/launcher=slurm_torchrun``) against the real SLURM of
-``slurm_cluster.py``: one srun task per job whose elastic agent starts 2 CPU workers (gloo)."""
+``slurm_cluster.py``: one srun task per job whose elastic agent starts 2 CPU workers (gloo);
+and one such worker alone, stopped while it starts."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,37 @@ from tests.launch.test_slurm import (
     sweep_with_usr1_to_first_job,
     train_losses,
 )
+
+
+def test_worker_stopped_by_usr1_while_starting_exits_75(tmp_path: Path) -> None:
+    """A sweep job's torchrun worker (the agent passes USR1 on) died of USR1 while it started
+    (138: the agent exits 1 and the job is not requeued); now one line, its status and 75."""
+    run_dir, config = tmp_path / "run", tmp_path / "config.yaml"
+    run_dir.mkdir()
+    os.mkfifo(config)  # the worker reads the job's config first: held there until the signal
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "omnimoe_train.sweep_torchrun", str(config), str(run_dir)],
+        env=job_env(tmp_path), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    writer = None
+    try:
+        deadline = time.monotonic() + 60
+        while writer is None:  # opening the writing end succeeds once the worker reads
+            assert worker.poll() is None and time.monotonic() < deadline, worker.returncode
+            try:
+                writer = os.open(config, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.02)
+        worker.send_signal(signal.SIGUSR1)
+        err = worker.communicate(timeout=60)[1]
+    finally:
+        worker.kill()
+        if writer is not None:
+            os.close(writer)
+    assert worker.returncode == 75, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("omnimoe-train: stopped: stop requested (SIGUSR1) before training")
+    assert json.loads((run_dir / "exit_status.json").read_text())["exit_code"] == 75
 
 
 def derived(run_dir: Path) -> dict:

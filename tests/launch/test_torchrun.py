@@ -137,6 +137,37 @@ def test_second_sigterm_kills_the_workers_at_once(tmp_path: Path) -> None:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", pid
 
 
+def test_usr1_while_the_workers_start_comes_back_as_75(tmp_path: Path) -> None:
+    """SLURM's USR1 ahead of the time limit, passed on while the workers were still starting
+    (before the trainer's handler): they died of it (138) and the agent exited 1, so the job
+    was not requeued. Now each stops in one line with 75, and so does the agent."""
+    runs = tmp_path / "runs"
+    for rank in (0, 1):
+        (runs / f"rank{rank}" / ".hydra").mkdir(parents=True)
+        # Holds the worker in Hydra's job setup (tests/checkpoint/test_fault_tolerance.py).
+        os.mkfifo(runs / f"rank{rank}" / ".hydra" / "hydra.yaml")
+    agent = subprocess.Popen(
+        [
+            sys.executable, "-m", "omnimoe_train.torchrun", "--standalone",
+            "--nproc-per-node", "2", "-m", "omnimoe_train.cli", *TINY,
+            f"hydra.run.dir={runs}/rank${{oc.env:RANK,0}}",  # one FIFO each
+        ],
+        cwd=REPO, env=job_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(runs, "rank*/.hydra/config.yaml", agent)
+        os.kill(agent.pid, signal.SIGUSR1)
+        _, err = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+    assert agent.returncode == 75, err
+    assert "stop requested (SIGUSR1) before training started" in err, err
+    assert "Traceback" not in err
+    status = json.loads((runs / "rank0" / "exit_status.json").read_text())
+    assert status["exit_code"] == 75, status
+
+
 def _wait_for(folder: Path, pattern: str, agent: subprocess.Popen) -> None:
     """Until the two workers have written ``pattern`` files (the agent must still run)."""
     deadline = time.monotonic() + 60

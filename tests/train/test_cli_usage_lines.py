@@ -200,6 +200,41 @@ def test_absent_data_dir_through_the_entry_point_makes_no_run_dir(tmp_path: Path
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("given", ["hydra.run.dir", "OMNIMOE_RUN_DIR"])
+def test_usage_error_in_a_rerun_leaves_no_earlier_exit_status(
+    given: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun in a run directory refused with exit 2 left the earlier run's
+    ``exit_status.json`` (here 75: "rerun to continue") reading as this run's."""
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    cache.mkdir()
+    run_dir.mkdir()
+    (run_dir / "exit_status.json").write_text('{"exit_code": 75, "message": "stopped early"}')
+    args = [*tiny(), "model=nonexistent"]
+    if given == "hydra.run.dir":
+        args.append(f"hydra.run.dir={run_dir}")
+    else:
+        monkeypatch.setenv("OMNIMOE_RUN_DIR", str(run_dir))
+    result = run_train_cli(args, cache=cache, timeout=120)
+    assert_usage_error(result, f"{ERROR}model: must be one of a1_7b, ", cache)
+    assert not any(run_dir.iterdir())
+
+
+def test_launcher_refusing_a_rerun_leaves_no_earlier_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same when the launcher's check refuses it (``omnimoe_train.torchrun``), before any
+    rank starts; a directory the config composes (``${...}``) is not touched before then."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "exit_status.json").write_text('{"exit_code": 0, "message": "finished"}')
+    for run_dir_arg, left in ((f"{run_dir}${{oc.env:NO_SUCH_VAR,}}", 1), (str(run_dir), 0)):
+        with pytest.raises(SystemExit) as info:
+            cli.check_before_launch([f"hydra.run.dir={run_dir_arg}", "model=nonexistent"], 2)
+        assert info.value.code == 2, capsys.readouterr().err
+        assert len(list(run_dir.iterdir())) == left
+
+
 def test_prepared_data_dir_still_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.data.helpers import make_token_dataset
 
