@@ -53,10 +53,11 @@ class ModelConfig:
     # Expert weight gradients: auto (per call, kernels/experts_dense_grad.py's cost model) |
     # dense (two GEMMs over a dense coefficient matrix) | pairs (the segmented pair kernel)
     expert_grad_path: str = "auto"
-    # How the dense path holds the coefficients: split (bf16 high part + residual, ~16 bits,
-    # exact to the pair kernel's contract) | bf16 (high part only, 8 bits like a bf16 Linear's
-    # output gradient: half the weight-gradient GEMM; kernels/experts_dense_grad.py)
-    expert_grad_coef: str = "split"
+    # How the dense path holds the coefficients of bf16 rows: bf16 (8 bits, as a bf16 Linear's
+    # weight-gradient GEMM gets its output gradient; half the GEMM and its buffer: +6-7%
+    # tokens/s at a80m, docs/benchmarks.md) | split (bf16 high part + residual, ~16 bits, the
+    # pair kernel's accuracy). fp32 rows ignore it (kernels/experts_dense_grad.py).
+    expert_grad_coef: str = "bf16"
     # The pair kernel ("experts" schedule) splits a block of 16 experts holding more than this
     # many pairs over several programs (partial sums, merged in a fixed order): for skewed
     # routing. 0 = never (kernels/experts_grad_blocks.py; at a80m, split at 1024, it trains as
