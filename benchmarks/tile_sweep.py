@@ -1,7 +1,7 @@
 """Tile sweep of the expert kernels: each kernel alone, every tile alternative, on a few configs;
 and the router's select-kernel launches (``sweep_router``, ``bench_kernels.py --sweep-router``).
 
-Run through ``bench_kernels.py --sweep-tiles [pair,combine,grad]``; the results (ms per tile and
+Run through ``bench_kernels.py --sweep-tiles [pair,pair_tokens,combine,grad,grad_experts]``; the results (ms per tile and
 config, and the fastest tile in total) go to the benchmark's JSON. The modules' defaults were set
 from these tables (docs/benchmarks.md) and are left as they were after the sweep.
 """
@@ -18,6 +18,7 @@ import omnimoe_kernels.experts_pairs as experts_pairs
 import omnimoe_kernels.router_topk as router_topk
 
 PAIR_TILES = [(16, 128, 4), (8, 128, 4), (16, 256, 4), (16, 128, 2), (32, 128, 4)]
+PAIR_TILES += [(32, 64, 4), (64, 64, 8), (16, 256, 8), (32, 256, 8), (64, 128, 8), (8, 256, 4)]
 COMBINE_TILES = [(32, 8, 128, 8), (32, 4, 64, 4), (64, 8, 128, 8), (32, 16, 128, 8)]
 COMBINE_TILES += [(64, 4, 64, 8), (32, 8, 64, 4), (16, 8, 128, 4), (16, 4, 128, 4)]
 SWEEP_CONFIGS = [(4096, 1024, 4096, 16), (16384, 1024, 65536, 16), (16384, 2048, 16384, 32)]
@@ -75,7 +76,10 @@ def _set_grad_experts(tile: tuple) -> None:
     experts_grad.GRAD_STAGES = tile[3]
 
 
-TILE_KNOBS = {"pair": (PAIR_TILES, _set_pair), "combine": (COMBINE_TILES, _set_combine)}
+# "pair" walks the pairs in expert order (the backward; the forward when the tables exceed L2),
+# "pair_tokens" in token order (the forward when both tables fit in L2, e.g. a80m's).
+TILE_KNOBS = {"pair": (PAIR_TILES, _set_pair), "pair_tokens": (PAIR_TILES, _set_pair)}
+TILE_KNOBS["combine"] = (COMBINE_TILES, _set_combine)
 TILE_KNOBS["grad"] = (GRAD_TILES, _set_grad)
 TILE_KNOBS["grad_experts"] = (GRAD_EXPERTS_TILES, _set_grad_experts)
 
@@ -91,6 +95,7 @@ def _sweep_config(T: int, d: int, N: int, K: int, only: set) -> dict:
     y, dup, ddown = torch.empty_like(x), torch.empty_like(up), torch.empty_like(up)
     runs = {
         "pair": (lambda: experts_pairs.pair_scores(x, up, e_P, order_P, K, h), [h]),
+        "pair_tokens": (lambda: experts_pairs.pair_scores(x, up, idx.view(-1), None, K, h), [h]),
         "combine": (lambda: experts_pairs.combine_rows(up, idx, h, y, w_TK=w), [y]),
         "grad": (
             lambda: experts_grad.expert_grads(

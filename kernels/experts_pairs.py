@@ -32,8 +32,10 @@ import triton.language as tl
 # Tiles (``bench_kernels.py --sweep-tiles`` times the alternatives, docs/benchmarks.md): pairs,
 # columns, warps of ``pair_scores``; tokens, pairs per step, columns, warps of ``combine_rows``
 # for K < 256 and for K >= 256 (many pairs per token: more rows in flight per step pays there,
-# 0.74 vs 0.88 ms at the paper setting, and costs at K = 16, 0.126 vs 0.095 ms).
-PAIR_TILE = (16, 128, 4)
+# 0.74 vs 0.88 ms at the paper setting, and costs at K = 16, 0.126 vs 0.095 ms). Pairs: 32
+# pairs of 64 columns beat 16 of 128 at four of the five swept shapes (H200, 2026-11-30: a80m
+# 0.225 vs 0.259 ms in expert order, 0.219 vs 0.240 in token order; 1.27 vs 1.40 ms in total).
+PAIR_TILE = (32, 64, 4)
 COMBINE_TILES = ((32, 8, 64, 4), (32, 16, 128, 8))
 COMBINE_TILE: tuple[int, int, int, int] | None = None  # forces one tile (the benchmark)
 
