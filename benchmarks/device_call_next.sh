@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The next round's first GPU calls, ready to run from the repository root after
 # `source benchmarks/device_env.sh` (no pipe after `source`: it would run in a subshell).
+#   bash benchmarks/device_call_next.sh state   # 2 GPUs, ~5 min (issues 12, 13)
 #   bash benchmarks/device_call_next.sh grads   # 2 GPUs, ~7 min (issues 12, 13)
+# state: where main stands. a80m OmniMoE (GPU 0) and the dense model of equal active parameters
+#     (GPU 1) side by side, graphed and compile + graphs (issue 13's step ratio, MFU, memory);
+#     then weak scaling on both GPUs, DP / ep_dim / ep_rows graphed (issue 12's ratios).
+#     Measured in the fourteenth session (docs/benchmarks.md).
 # grads: the pair kernel's hot-block split (model.expert_grad_segment_pairs) against the dense
 #     GEMMs under a trained router's skew. GPU 0: bench_grad_paths on uniform and Zipf 0.45
 #     routing with the split at 256 / 1024 / 4096 pairs; GPU 1: the GPU tests of the schedules,
@@ -9,12 +14,25 @@
 #     at 1024. Measured in the thirteenth session (docs/benchmarks.md): the split is at par with
 #     the dense path in training, 2.2x faster than the unsplit pair kernel there.
 set -uo pipefail
-what=${1:?"usage: device_call_next.sh grads"}
+what=${1:?"usage: device_call_next.sh state|grads"}
 out=${OUT:-device-next}
 mkdir -p "$out"
 export OMNIMOE_CACHE=${OMNIMOE_CACHE:-/tmp/omnimoe-cache}
 prepare_bench_data "$out/prepare.log"
 case $what in
+state)
+  bench="python3 benchmarks/bench_training.py --scales a80m --steps 20 --timeout 150"
+  bench="$bench --variants cuda_graphs compile_graphs"
+  (CUDA_VISIBLE_DEVICES=0 timeout 330 $bench --models omnimoe --runs-dir "$out/train0" \
+     --json "$out/omnimoe.json" >"$out/omnimoe.log" 2>&1) &
+  CUDA_VISIBLE_DEVICES=1 timeout 330 $bench --models dense --runs-dir "$out/train1" \
+    --json "$out/dense.json" >"$out/dense.log" 2>&1
+  wait
+  timeout 420 python3 benchmarks/weak_scaling.py --gpus 2 --layouts dp ep_dim ep_rows \
+    --micro-batch 16 --steps 15 --extra trainer.cuda_graphs=mlp --runs-dir "$out/weak" \
+    --json "$out/weak.json" >"$out/weak.log" 2>&1
+  rm -rf "$out/train0" "$out/train1" "$out/weak"
+  ;;
 grads)
   paths="python3 benchmarks/bench_grad_paths.py --segment-pairs 256 1024 4096"
   (CUDA_VISIBLE_DEVICES=0 timeout 150 $paths --json "$out/paths_uniform.json" \
@@ -32,6 +50,6 @@ grads)
   wait
   rm -rf "$out/train"
   ;;
-*) echo "device_call_next.sh: unknown part '$what' (grads)" >&2; exit 2 ;;
+*) echo "device_call_next.sh: unknown part '$what' (state, grads)" >&2; exit 2 ;;
 esac
 for f in "$out"/*.log; do echo "== $f"; grep "^|\|PAIR_COLUMN\|passed\|failed" "$f" | tail -14; done
