@@ -5,14 +5,14 @@
 # webdataset, ...: whatever the image lacks) and this project into a private site folder, and
 # puts the console scripts on PATH. NVLink multicast stays off (shared hosts).
 site=${OMNIMOE_DEVICE_SITE:-/tmp/omnimoe-site}
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$site" .whl/*.whl || return 1
-fi
-# --upgrade: on a machine kept warm between calls, an install without it leaves the previous
-# call's copy of this project in place (pip --target skips what is there).
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade \
-  --target "$site" . >/dev/null || return 1
+wheels=()
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then wheels=(.whl/*.whl); fi
+# One pip call: with --target, a second call's --upgrade replaces whole top-level folders, so
+# installing this project after the wheels dropped hydra-submitit-launcher's half of the shared
+# hydra_plugins namespace. --upgrade: on a machine kept warm between calls, an install without
+# it leaves the previous call's copy of this project in place (pip --target skips what is there).
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+  --no-cache-dir --upgrade --target "$site" "${wheels[@]}" . >/dev/null || return 1
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
