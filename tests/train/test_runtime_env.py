@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from omnimoe_train.distributed import init_runtime, shutdown_runtime
 from tests.train.conftest import compose_config
@@ -36,3 +37,28 @@ def test_shutdown_keeps_what_the_launcher_set(monkeypatch: pytest.MonkeyPatch) -
     init_runtime(compose_config("trainer.device=cpu"))
     shutdown_runtime()
     assert os.environ["MASTER_PORT"] == port
+
+
+def test_expert_parallel_group_gets_a_high_priority_stream_on_gpus_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """megatron is asked for a high-priority NCCL stream for the "ep" group under EP on GPUs,
+    and for none on CPU (gloo has no such option) or without EP."""
+    from megatron.core import parallel_state
+
+    from omnimoe_train.distributed import high_priority_groups
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert high_priority_groups(cuda, 2) == ["ep"]
+    assert high_priority_groups(cuda, 1) == [] and high_priority_groups(cpu, 2) == []
+    asked = {}
+    real = parallel_state.initialize_model_parallel
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        asked.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", spy)
+    init_runtime(compose_config("trainer.device=cpu"))
+    shutdown_runtime()
+    assert asked["high_priority_stream_groups"] == []
