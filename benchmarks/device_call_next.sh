@@ -3,10 +3,15 @@
 # `source benchmarks/device_env.sh` (no pipe after `source`: it would run in a subshell).
 #   bash benchmarks/device_call_next.sh state   # 2 GPUs, ~5 min (issues 12, 13)
 #   bash benchmarks/device_call_next.sh grads   # 2 GPUs, ~7 min (issues 12, 13)
+#   bash benchmarks/device_call_next.sh swiglu  # 2 GPUs, ~5 min (issue 13)
 # state: where main stands. a80m OmniMoE (GPU 0) and the dense model of equal active parameters
 #     (GPU 1) side by side, graphed and compile + graphs (issue 13's step ratio, MFU, memory);
 #     then weak scaling on both GPUs, DP / ep_dim / ep_rows graphed (issue 12's ratios).
 #     Measured in the fourteenth session (docs/benchmarks.md).
+# swiglu: model.fused_swiglu under the MLP graphs, each model with and without, twice with the
+#     GPUs swapped. Measured once in the fourteenth session (one run each, fused on GPU 0):
+#     OmniMoE +7% (292.4k against 273.2k tokens/s), dense -14% (353.8k against 409.7k, but
+#     0.5 GiB less); opposite signs on one run each, so it stays off until this repeats them.
 # grads: the pair kernel's hot-block split (model.expert_grad_segment_pairs) against the dense
 #     GEMMs under a trained router's skew. GPU 0: bench_grad_paths on uniform and Zipf 0.45
 #     routing with the split at 256 / 1024 / 4096 pairs; GPU 1: the GPU tests of the schedules,
@@ -14,7 +19,7 @@
 #     at 1024. Measured in the thirteenth session (docs/benchmarks.md): the split is at par with
 #     the dense path in training, 2.2x faster than the unsplit pair kernel there.
 set -uo pipefail
-what=${1:?"usage: device_call_next.sh state|grads"}
+what=${1:?"usage: device_call_next.sh state|swiglu|grads"}
 out=${OUT:-device-next}
 mkdir -p "$out"
 export OMNIMOE_CACHE=${OMNIMOE_CACHE:-/tmp/omnimoe-cache}
@@ -33,6 +38,22 @@ state)
     --json "$out/weak.json" >"$out/weak.log" 2>&1
   rm -rf "$out/train0" "$out/train1" "$out/weak"
   ;;
+swiglu)
+  bench="python3 benchmarks/bench_training.py --scales a80m --steps 20 --timeout 110"
+  bench="$bench --variants cuda_graphs"
+  for model in omnimoe dense; do
+    for gpus in "0 1" "1 0"; do
+      set -- $gpus
+      (CUDA_VISIBLE_DEVICES=$1 timeout 130 $bench --models $model \
+         --override model.fused_swiglu=true --runs-dir "$out/train$1" \
+         --json "$out/${model}_fused_gpu$1.json" >"$out/${model}_fused_gpu$1.log" 2>&1) &
+      CUDA_VISIBLE_DEVICES=$2 timeout 130 $bench --models $model --runs-dir "$out/train$2" \
+        --json "$out/${model}_base_gpu$2.json" >"$out/${model}_base_gpu$2.log" 2>&1
+      wait
+    done
+  done
+  rm -rf "$out"/train?
+  ;;
 grads)
   paths="python3 benchmarks/bench_grad_paths.py --segment-pairs 256 1024 4096"
   (CUDA_VISIBLE_DEVICES=0 timeout 150 $paths --json "$out/paths_uniform.json" \
@@ -50,6 +71,6 @@ grads)
   wait
   rm -rf "$out/train"
   ;;
-*) echo "device_call_next.sh: unknown part '$what' (state, grads)" >&2; exit 2 ;;
+*) echo "device_call_next.sh: unknown part '$what' (state, swiglu, grads)" >&2; exit 2 ;;
 esac
 for f in "$out"/*.log; do echo "== $f"; grep "^|\|PAIR_COLUMN\|passed\|failed" "$f" | tail -14; done
