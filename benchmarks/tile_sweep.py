@@ -1,8 +1,8 @@
 """Tile sweep of the expert kernels: each kernel alone, every tile alternative, on a few configs;
 and the router's select-kernel launches (``sweep_router``, ``bench_kernels.py --sweep-router``).
 
-Run through ``bench_kernels.py --sweep-tiles [pair,pair_tokens,combine,grad,grad_experts]``; the results (ms per tile and
-config, and the fastest tile in total) go to the benchmark's JSON. The modules' defaults were set
+Run through ``bench_kernels.py --sweep-tiles [pair,pair_tokens,combine,grad,grad_experts]``;
+the results (ms per tile and config, and the fastest tile in total) go to the benchmark's JSON. The modules' defaults were set
 from these tables (docs/benchmarks.md) and are left as they were after the sweep.
 """
 

@@ -4,8 +4,9 @@ Every rank builds the SAME global problem from a seed (x for the tokens of all r
 V, routing), runs the single-process ``atomic_experts`` on the concatenation as the reference,
 and the sharded op on its own tokens and its table shard. It then checks, within ``RTOL``
 relative to the largest reference entry (or to an entry's own rounding-error scale, where its
-terms cancel: ``_error_scales``): its outputs, the group loss, dx and dweights of its tokens, and the table gradients gathered from all shards; and that the bytes the op reports
-equal the cost-model formulas for the routing actually used. Shape legend: see
+terms cancel: ``_error_scales``): its outputs, the group loss, dx and dweights of its tokens,
+and the table gradients gathered from all shards; and that the bytes the op reports equal the
+cost-model formulas for the routing actually used. Shape legend: see
 ``omnimoe_train.parallel.collectives``.
 """
 
