@@ -2,8 +2,9 @@
 and the router's select-kernel launches (``sweep_router``, ``bench_kernels.py --sweep-router``).
 
 Run through ``bench_kernels.py --sweep-tiles [pair,pair_tokens,combine,grad,grad_experts]``;
-the results (ms per tile and config, and the fastest tile in total) go to the benchmark's JSON. The modules' defaults were set
-from these tables (docs/benchmarks.md) and are left as they were after the sweep.
+the results (ms per tile and config, and the fastest tile in total) go to the benchmark's JSON.
+The modules' defaults were set from these tables (docs/benchmarks.md) and are left as they were
+after the sweep.
 """
 
 from __future__ import annotations
