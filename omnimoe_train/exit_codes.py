@@ -6,6 +6,7 @@ again to continue" (requeue); the others need a person.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -54,4 +55,4 @@ def resume_hint(run_dir: Path) -> str:
     var, directory = "OMNIMOE_RUN_DIR", run_dir.resolve()
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         var, directory = "OMNIMOE_SWEEP_DIR", Path(HydraConfig.get().sweep.dir).resolve()
-    return f"to continue, run the same command with {var}={directory}"
+    return f"to continue, run the same command with {var}={shlex.quote(str(directory))}"

@@ -17,7 +17,8 @@ manager owns everything else:
   checkpoint stays the newest.
 * **Resume.** ``auto``: the newest published checkpoint that passes :func:`files.find_problem`;
   each one that fails is renamed ``*.corrupt`` (kept for inspection) with one warning line naming
-  the bad file, and the one before it is tried.
+  the bad file, and the one before it is tried. When none is valid nothing is renamed (a rerun
+  must stop again, not start over) and the run stops.
 * **Another timeline.** A run that does not continue from the newest checkpoint of its own
   ``root`` (``none``: from scratch; a path: an older one of ``root``, or one elsewhere) renames
   the checkpoints of ``root`` that are not its past ``*.superseded`` (kept, never loaded or
@@ -219,19 +220,25 @@ class CheckpointManager:
         candidates = list(reversed(list_checkpoints(path)))
         if not auto and not candidates:
             raise CheckpointCorrupt(f"{path}: no checkpoint folders (step_<8 digits>) in it")
-        for i, candidate in enumerate(candidates):
+        bad: list[tuple[Path, str]] = []
+        for candidate in candidates:
             problem = find_problem(candidate)
             if problem is None:
+                for j, (folder, why) in enumerate(bad):
+                    after = bad[j + 1][0].name if j + 1 < len(bad) else candidate.name
+                    quarantined = self._quarantine(folder) if auto else folder.name
+                    self._warn(
+                        f"warning: checkpoint {folder.name} is not usable: {why}; falling back "
+                        f"to {after}" + (f" (the bad one is kept as {quarantined})" if auto else "")
+                    )
                 if not auto:
                     self._supersede_other_timeline(candidate)
                 return candidate
-            after = candidates[i + 1].name if i + 1 < len(candidates) else None
-            quarantined = self._quarantine(candidate) if auto else candidate.name
-            self._warn(
-                f"warning: checkpoint {candidate.name} is not usable: {problem}; "
-                + (f"falling back to {after}" if after else "no older checkpoint to fall back to")
-                + (f" (the bad one is kept as {quarantined})" if auto else "")
-            )
+            bad.append((candidate, problem))
+        # None is valid: they stay where they are (not renamed *.corrupt), so that rerunning
+        # the same command stops with this error again instead of silently starting over.
+        for folder, why in bad:
+            self._warn(f"warning: checkpoint {folder.name} is not usable: {why}")
         if candidates:
             raise CheckpointCorrupt(
                 f"{path}: none of the {len(candidates)} checkpoints is valid; move them away "

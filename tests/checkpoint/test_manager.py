@@ -107,7 +107,36 @@ def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path) -> No
     warnings: list[str] = []
     with pytest.raises(CheckpointCorrupt, match="none of the 1 checkpoints is valid"):
         _manager(tmp_path, warnings).resolve_resume()
-    assert "no older checkpoint" in warnings[0]
+    assert "step_00000001 is not usable" in warnings[0] and "weights.bin" in warnings[0]
+    # Nothing is renamed *.corrupt: rerunning the same command stops again rather than finding
+    # no checkpoint at all and silently starting over from step 0.
+    assert _names(tmp_path) == ["latest", "step_00000001"]
+    with pytest.raises(CheckpointCorrupt, match="none of the 1 checkpoints is valid"):
+        _manager(tmp_path).resolve_resume()
+
+
+def test_fallback_past_several_bad_names_each_and_its_successor(tmp_path: Path) -> None:
+    manager = _manager(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        manager.save(step, _writer(step), {})
+    for step in (2, 3):
+        (tmp_path / f"step_0000000{step}" / "weights.bin").write_bytes(b"")
+    warnings: list[str] = []
+    assert _manager(tmp_path, warnings).resolve_resume() == tmp_path / "step_00000001"
+    assert (
+        "step_00000003 is not usable" in warnings[0]
+        and "falling back to step_00000002" in warnings[0]
+    )
+    assert (
+        "step_00000002 is not usable" in warnings[1]
+        and "falling back to step_00000001" in warnings[1]
+    )
+    assert _names(tmp_path) == [
+        "latest",
+        "step_00000001",
+        "step_00000002.corrupt",
+        "step_00000003.corrupt",
+    ]
 
 
 def test_resume_settings(tmp_path: Path) -> None:

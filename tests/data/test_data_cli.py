@@ -42,6 +42,17 @@ def test_prepare_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     )
 
 
+def test_val_fraction_0_is_no_empty_split_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = write_txt_folder(tmp_path / "c", make_docs(30))
+    out = tmp_path / "out"
+    assert main(["prepare", str(corpus), "--out", str(out), "--val-fraction", "0", *TINY_ARGS]) == 0
+    assert "is empty" not in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    assert "is empty" not in capsys.readouterr().out
+
+
 def test_data_error_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     missing = tmp_path / "missing.jsonl"
     assert main(["prepare", str(missing), "--out", str(tmp_path / "out")]) == 2
