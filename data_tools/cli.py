@@ -184,7 +184,7 @@ def _print_summary(manifest: dict, console: Console) -> None:
             console.print(f"  {example}", markup=False, highlight=False, soft_wrap=True)
     for name, split in manifest["splits"].items():
         # An empty validation split is what --val-fraction 0 asks for, not a warning.
-        if split["samples"] == 0 and not (name == "val" and manifest["val_fraction"] == 0):
+        if split["samples"] == 0 and not (name == "val" and manifest.get("val_fraction") == 0):
             console.print(f"[yellow]split {name!r} is empty (input too small)[/yellow]")
 
 
