@@ -310,7 +310,7 @@ def _clear_given_exit_status(argv: list[str]) -> None:
 
 
 def main() -> None:
-    from omnimoe_train.run import quiet_libraries, stopped_before_training
+    from omnimoe_train.run import quiet_libraries, say_stop_after_training, stopped_before_training
 
     argv = sys.argv[1:]
     # A -m sweep's process may only submit jobs and wait for them: each local job installs it.
@@ -327,6 +327,8 @@ def main() -> None:
         _hydra_main()
     except StoppedBeforeTraining as exc:
         stopped_before_training(exc)
+    # A stop signal after the (last) job's training, noted since (StopRequest.restore).
+    say_stop_after_training(_STARTUP_STOP.hand_over())
 
 
 if __name__ == "__main__":

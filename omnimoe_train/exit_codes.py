@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+#: Finished ``trainer.max_steps`` (or already had); also when a stop signal came once training
+#: had finished: nothing left to stop or save (one line says so).
 EXIT_OK = 0
 #: An unexpected error (a traceback was printed).
 EXIT_CRASH = 1
@@ -23,8 +25,9 @@ EXIT_DIVERGED = 65
 #: newest and valid; free space and rerun.
 EXIT_IO_ERROR = 74
 #: EX_TEMPFAIL: stopped early on SIGTERM/SIGUSR1 or ``trainer.max_time``, checkpoint saved; or
-#: on SIGUSR1 (time nearly up) before training started, at once, with nothing to save yet.
-#: Rerun the same command to continue.
+#: at once, with nothing to save yet: on SIGTERM/SIGUSR1 during the trainer's setup (before the
+#: first step), or on SIGUSR1 (time nearly up) before training started. Rerun the same command
+#: to continue.
 EXIT_REQUEUE = 75
 #: 128 + SIGINT: stopped by Ctrl-C (SIGINT) at once, without a checkpoint (the newest complete
 #: one stays); SIGTERM / SIGUSR1 save first.
@@ -33,6 +36,12 @@ EXIT_INTERRUPTED = 130
 #: trainer's handler (which saves first, then exits 75) was installed: stopped at once, nothing
 #: saved. The exit status the signal's default action would give, with one line said.
 EXIT_TERMINATED = 143
+
+#: Set by ``omnimoe_train.torchrun`` for its workers: a folder where a worker that stops before
+#: training (before its first step: 75 or 143, nothing saved) leaves a file named by its pid
+#: (holding the signal's name, empty if another rank received it). The agent, which sees only
+#: exit codes, tells from them whether the workers' 75 saved anything.
+STOPPED_BEFORE_TRAINING_DIR = "OMNIMOE_STOPPED_BEFORE_TRAINING_DIR"
 
 
 def exit_usage(prog: str, message: str) -> NoReturn:

@@ -23,6 +23,7 @@ from omnimoe_train.exit_codes import (
     EXIT_REQUEUE,
     EXIT_TERMINATED,
     EXIT_USAGE,
+    STOPPED_BEFORE_TRAINING_DIR,
     resume_hint,
 )
 
@@ -37,6 +38,14 @@ SIGTERM_BEFORE_TRAINING = (
 SIGUSR1_BEFORE_TRAINING = (
     "stop requested (SIGUSR1) before training started: stopped at once, nothing was saved (the "
     "newest complete checkpoint, if any, stays)"
+)
+
+NOTHING_NEW = (
+    "before the first step: stopped, nothing new to save (the newest complete checkpoint, if "
+    "any, stays)"
+)
+STOP_AFTER_TRAINING = (
+    "after training finished: nothing left to stop or save, the run is complete (exit code 0)"
 )
 
 
@@ -91,7 +100,23 @@ def stopped_before_training(stop: StoppedBeforeTraining) -> NoReturn:
         message = f"{SIGUSR1_BEFORE_TRAINING}; exit code {code} ({hint})"
     else:
         code, message = EXIT_TERMINATED, SIGTERM_BEFORE_TRAINING
+    _note_for_agent(stop.signal.name)
     _fail(message, code, show=_env_rank0(), run_dir=run_dir)
+
+
+def _note_for_agent(signal_name: str | None) -> None:
+    """For ``omnimoe_train.torchrun``'s line (it sees only exit codes): this worker stops
+    before training, nothing saved (``exit_codes.STOPPED_BEFORE_TRAINING_DIR``)."""
+    if folder := os.environ.get(STOPPED_BEFORE_TRAINING_DIR):
+        with contextlib.suppress(OSError):
+            Path(folder, str(os.getpid())).write_text(signal_name or "")
+
+
+def say_stop_after_training(noted: str | None) -> None:
+    """The one line for a stop signal that came once training had finished (``noted``: its
+    name, from ``StartupStop.hand_over``; None: no line): the run ends as finished, exit 0."""
+    if noted is not None:
+        print(f"omnimoe-train: received {noted} {STOP_AFTER_TRAINING}", file=sys.stderr, flush=True)
 
 
 def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
@@ -133,6 +158,11 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
                 print(f"omnimoe-train: {exc}", file=sys.stderr, flush=True)
                 _write_exit_status(run_dir, EXIT_OK, str(exc))
             return _previous_summary(run_dir)
+        if (why := trainer.stop_before_first_step()) is not None:  # collective
+            # Nothing trained: the summary, metrics and config of the run stay as they are.
+            message = f"{why} {NOTHING_NEW}; exit code {EXIT_REQUEUE} ({resume_hint(run_dir)})"
+            _note_for_agent(trainer.stop.signal_name)
+            _fail(message, EXIT_REQUEUE, show=main, run_dir=run_dir)
         resolved = OmegaConf.structured(cfg)
         resolved.model.vocab_size = trainer.vocab_size
         derived = {

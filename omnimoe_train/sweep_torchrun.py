@@ -85,17 +85,25 @@ def run_job(cfg: RootConfig, run_dir: Path, nproc_per_node: int) -> float | None
 def worker_main(argv: list[str]) -> int:
     """One torchrun worker: ``python -m omnimoe_train.sweep_torchrun CONFIG RUN_DIR``."""
     from omnimoe_train.checkpoint.signals import StartupStop, StoppedBeforeTraining
-    from omnimoe_train.run import quiet_libraries, run, stopped_before_training
+    from omnimoe_train.run import (
+        quiet_libraries,
+        run,
+        say_stop_after_training,
+        stopped_before_training,
+    )
 
     config_file, run_dir = argv
     # The agent passes SIGUSR1 on at any time: until the trainer's handler, one line and 75 (the
-    # job requeues), as in the CLI, not death by the signal (138, and no requeue).
-    StartupStop(lambda: Path(run_dir)).install()
+    # job requeues), as in the CLI, not death by the signal (138, and no requeue); after
+    # training, one line and 0.
+    startup = StartupStop(lambda: Path(run_dir))
+    startup.install()
     try:
         quiet_libraries()
         run(load_config(Path(config_file)), Path(run_dir))  # exits with its code unless 0
     except StoppedBeforeTraining as exc:
         stopped_before_training(exc)
+    say_stop_after_training(startup.hand_over())
     return 0
 
 

@@ -27,8 +27,9 @@ And the agent exits with 1 whenever a worker fails, whatever the worker's exit c
   KeyboardInterrupt: no checkpoint), exit 130.
 - When every failed worker exited with the same code (leaving out those the agent's own SIGTERM
   ended, see ``exit_status``), the agent exits with it: 75 (one line, no
-  traceback) tells the batch script that the run stopped early with a checkpoint, so it
-  requeues, and the line says the command that continues the run (``resume_command``); 2 is a
+  traceback) tells the batch script that the run stopped early with a checkpoint, or before
+  training started with nothing to save (``requeue_line`` tells which), so it requeues, and
+  the line says the command that continues the run (``resume_command``); 2 is a
   usage error the workers have already printed in one line. Other failures print torchrun's
   usual summary and exit 1; a signal that stopped the agent (a second SIGTERM, SIGINT) exits
   128 + its number.
@@ -43,16 +44,23 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import psutil
 
+from omnimoe_train.exit_codes import STOPPED_BEFORE_TRAINING_DIR
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
 EXIT_CRASH = 1
 EXIT_USAGE = 2  # the trainer printed one line naming the bad key
-EXIT_REQUEUE = 75  # the trainer's "stopped early with a checkpoint saved; rerun to continue"
+EXIT_REQUEUE = 75  # "stopped early (checkpoint saved, or before training); rerun to continue"
 # After its workers failed, the node hosting the rendezvous store keeps it up this long, so the
 # other nodes' agents close the rendezvous cleanly instead of printing a C++ stack trace.
 HOST_LINGER_S = 3.0
@@ -139,6 +147,20 @@ def exit_status(worker_exit_codes: list[int]) -> int:
     if len(codes) == 1 and (code := codes.pop()) > 0:
         return code
     return EXIT_CRASH
+
+
+def requeue_line(failures: Iterable[ProcessFailure], notes: Path) -> str:
+    """What the workers that exited 75 (``failures``: torch's, of the workers that failed) did:
+    saved a checkpoint, or, all of them, stopped before training started with nothing saved
+    (during start-up or the trainer's setup; each left a note in ``notes``, named by its pid:
+    ``exit_codes.STOPPED_BEFORE_TRAINING_DIR``)."""
+    requeued = [f for f in failures if f.exitcode == EXIT_REQUEUE]
+    if requeued and all((notes / str(f.pid)).exists() for f in requeued):
+        return (
+            "the workers stopped before training started (exit 75): nothing was saved, the "
+            "newest checkpoint, if any, stays"
+        )
+    return "the workers saved a checkpoint and stopped early (exit 75)"
 
 
 def slurm_node_args(module: str, args: list[str], env: Mapping[str, str]) -> list[str]:
@@ -269,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, _forward_to_workers)
     args.signals_to_handle = _without_sigterm(args.signals_to_handle)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    notes = tempfile.TemporaryDirectory(prefix="omnimoe-agent-")
+    previous_notes = os.environ.get(STOPPED_BEFORE_TRAINING_DIR)
+    os.environ[STOPPED_BEFORE_TRAINING_DIR] = notes.name  # the workers inherit it
     try:
         run(args)
     except ChildFailedError as exc:
@@ -278,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         status = exit_status(codes)
         if status == EXIT_REQUEUE:
             print(
-                "omnimoe torchrun: the workers saved a checkpoint and stopped early (exit 75); "
+                f"omnimoe torchrun: {requeue_line(exc.failures.values(), Path(notes.name))}; "
                 + resume_command(args.training_script_args, os.environ),
                 file=sys.stderr,
             )
@@ -294,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     except SignalException as exc:
         print(f"omnimoe torchrun: stopped by {exc.sigval.name}", file=sys.stderr)
         return 128 + int(exc.sigval)
+    finally:
+        notes.cleanup()
+        if previous_notes is None:
+            os.environ.pop(STOPPED_BEFORE_TRAINING_DIR, None)
+        else:
+            os.environ[STOPPED_BEFORE_TRAINING_DIR] = previous_notes
     return 0
 
 

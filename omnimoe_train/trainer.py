@@ -83,7 +83,8 @@ class Trainer:
     ) -> None:
         self.cfg, self.rt, self.run_dir = cfg, runtime, run_dir
         t, d = cfg.trainer, cfg.data
-        # First, so that a SIGTERM during setup still ends in a clean save after one step.
+        # First, so that a stop signal during the setup is not lost: every rank then stops
+        # together before the first step (``stop_before_first_step``).
         self.stop = StopRequest(parse_duration(t.max_time) if t.max_time else None)
         self.stop.install()
         # Checked before preparation too: a dataset already in data.dir is never re-cut.
@@ -245,16 +246,38 @@ class Trainer:
         self.ckpt.save(self.state, self.train_loader, self.guard)
 
     # -- loop ---------------------------------------------------------------------------------
+    def stop_before_first_step(self) -> str | None:
+        """Collective, once, after the setup: why every rank stops before the first step (a
+        stop signal some rank received during the setup), else None. On a stop the trainer is
+        closed (:meth:`close`); the caller exits 75 without saving: no step, nothing new.
+
+        Without it a signal during the setup was acted on only after the first step: one more
+        step (on the GPU with its compilation and graph capture) and a save. The time limit
+        is left to the steps: a setup longer than ``trainer.max_time`` must still progress.
+        """
+        self.sync.start(
+            torch.zeros(2, dtype=torch.float64, device=self.rt.device),
+            self.stop.signal_name is not None,
+        )
+        if not self.sync.result()[2]:
+            return None
+        self.close()
+        return self.stop.reason() if self.stop.signal_name else "another rank received a signal"
+
+    def close(self) -> None:
+        """Stop handling the stop signals (``StopRequest.restore``) and end the data workers
+        (they ignore stop signals: here, not at interpreter exit)."""
+        self.stop.restore()
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
     def fit(self, sink: MetricsSink) -> dict[str, Any]:
         """Train to ``trainer.max_steps`` or an early stop; ``summary["exit_code"]`` says which."""
         try:
             return self._fit(sink)
         finally:
-            self.stop.restore()
-            # The data workers ignore stop signals: end them here, not at interpreter exit.
-            for loader in (self.train_loader, self.val_loader):
-                if loader is not None:
-                    loader.close()
+            self.close()
 
     def _fit(self, sink: MetricsSink) -> dict[str, Any]:
         cfg, s = self.cfg, self.state

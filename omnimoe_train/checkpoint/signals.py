@@ -68,24 +68,37 @@ class StopRequest:
         self.started = time.monotonic() if started is None else started
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
+        self._startup: StartupStop | None = None
 
     def install(self) -> None:
         """Handle the stop signals from now on; :meth:`restore` puts back what was there before
         (before the CLI's :class:`StartupStop`, which this replaces for good). A stop signal
         that one noted without acting on it is taken over: it is this rank's request now."""
-        startup = None
         for sig in STOP_SIGNALS:
             previous = signal.signal(sig, self._handle)
             owner = _startup_handler(previous)
             self._previous[sig] = owner.replaced[sig] if owner is not None else previous
-            startup = startup or owner
-        if startup is not None and (noted := startup.hand_over()) is not None:
+            self._startup = self._startup or owner
+        if self._startup is not None and (noted := self._startup.hand_over()) is not None:
             self.signal_name = noted
 
     def restore(self) -> None:
+        """Put back what was there before :meth:`install`. Where that was the CLI's
+        :class:`StartupStop`, SIGUSR1 is then only noted by it, and so is the stop signal this
+        one received (if any): training is over (finished, or stopped and exiting). SIGUSR1's
+        default action would end a finished run with 138 and no word, e.g. while it writes its
+        summary or between the jobs of a local ``-m`` sweep; the CLI says the note in one line
+        at its end (exit 0), or the next job of the sweep stops before its training
+        (:meth:`StartupStop.install`). SIGTERM gets its previous action back: ending now loses
+        nothing, the checkpoints are written by then (and torchrun's agent SIGTERMs the workers
+        that are left once one exited)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+        if (startup := self._startup) is not None:
+            self._startup = None
+            signal.signal(signal.SIGUSR1, startup._note)
+            startup.noted = self.signal_name or startup.noted
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
@@ -139,7 +152,10 @@ class StartupStop:
     repeats the request (the launcher and slurmstepd may both send it), and its default action
     would end the process with 138. A signal noted and not acted on (see
     :func:`startup_sigterm_paused`, or a library's bare ``except:`` that swallowed the raise)
-    is taken over by the trainer's :class:`StopRequest` when it installs.
+    is taken over by the trainer's :class:`StopRequest` when it installs, or acted on by the
+    next :meth:`install`. Once training is over, :meth:`StopRequest.restore` leaves SIGUSR1
+    noted here again (with the stop signal the trainer received, if any): the CLI says it in
+    one line at its end, or the next job of a local ``-m`` sweep stops before its training.
     """
 
     def __init__(self, run_dir: Callable[[], Path | None]) -> None:
@@ -149,11 +165,15 @@ class StartupStop:
 
     def install(self) -> None:
         """Idempotent; installs it again after a trainer's :meth:`StopRequest.restore` (the
-        next job of a ``-m`` sweep)."""
+        next job of a ``-m`` sweep). A stop signal noted and not acted on (one that came after
+        the previous job's training, or a raise that was swallowed) is acted on now: raises
+        :class:`StoppedBeforeTraining`."""
         for sig in STOP_SIGNALS:
             current = signal.signal(sig, self._handle)
             if _startup_handler(current) is not self:
                 self.replaced[sig] = current
+        if self.noted is not None:
+            self._handle(signal.Signals[self.noted], None)
 
     def hand_over(self) -> str | None:
         """The stop signal noted and not acted on (None if none), forgotten here: the caller

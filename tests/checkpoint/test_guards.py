@@ -125,6 +125,7 @@ def test_startup_sigterm_raises_until_the_trainer_takes_over_for_good(
     assert exc.value.run_dir == Path("run-dir") and exc.value.signal == signal.SIGTERM
     # Fired once: a second SIGTERM takes the previous action (the default: death).
     assert signal.getsignal(signal.SIGTERM) == before
+    assert startup.hand_over() == "SIGTERM"  # else the next install acts on it: a raise
     startup.install()
     with startup_sigterm_paused():  # a blocking C++ rendezvous: the default action
         assert signal.getsignal(signal.SIGTERM) == before
@@ -135,6 +136,7 @@ def test_startup_sigterm_raises_until_the_trainer_takes_over_for_good(
     assert stop.reason() == "received SIGTERM"
     stop.restore()
     assert signal.getsignal(signal.SIGTERM) == before
+    assert startup.hand_over() == "SIGTERM"  # left with the CLI's: training is over
 
 
 def test_startup_sigusr1_raises_once_then_notes_it_for_the_trainer(
@@ -155,7 +157,8 @@ def test_startup_sigusr1_raises_once_then_notes_it_for_the_trainer(
     stop.install()
     assert stop.local() and stop.reason() == "received SIGUSR1"
     stop.restore()
-    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == original_stop_handlers
+    assert signal.getsignal(signal.SIGTERM) == original_stop_handlers[signal.SIGTERM]
+    assert signal.getsignal(signal.SIGUSR1) == startup._note  # training over: noted
 
 
 def test_sigusr1_during_the_rendezvous_is_handed_to_the_trainer(
@@ -175,9 +178,40 @@ def test_sigusr1_during_the_rendezvous_is_handed_to_the_trainer(
     stop = StopRequest(None)
     stop.install()
     assert stop.reason() == "received SIGUSR1"
-    assert startup.hand_over() is None  # taken over, not left for the next job of a sweep
+    assert startup.hand_over() is None  # taken over: the trainer acts on it
     stop.restore()
-    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == original_stop_handlers
+    assert signal.getsignal(signal.SIGTERM) == original_stop_handlers[signal.SIGTERM]
+    assert signal.getsignal(signal.SIGUSR1) == startup._note
+
+
+def test_stop_after_training_is_noted_and_stops_the_next_job_before_training(
+    original_stop_handlers: dict[int, object],
+) -> None:
+    """Once the trainer's handler is gone (training finished), SIGUSR1 took its default action:
+    death, 138, no word, with the run finished (it wrote its summary) or a local ``-m`` sweep
+    between jobs. Now the CLI's handler notes it, as it does one the trainer received in its
+    last step; the CLI says so at its end (exit 0), or the sweep's next job, installing the
+    CLI's handler again, stops before its training."""
+    startup = StartupStop(lambda: Path("job-2"))
+    startup.install()
+    stop = StopRequest(None)
+    stop.install()
+    stop.restore()  # training finished, no signal
+    assert startup.hand_over() is None
+    os.kill(os.getpid(), signal.SIGUSR1)  # while the run writes its summary: noted
+    assert startup.noted == "SIGUSR1"
+    with pytest.raises(StoppedBeforeTraining) as exc:
+        startup.install()  # the next job of the sweep
+    assert exc.value.signal == signal.SIGUSR1 and exc.value.run_dir == Path("job-2")
+    assert signal.getsignal(signal.SIGTERM) == original_stop_handlers[signal.SIGTERM]
+
+    last_step = StartupStop(lambda: None)
+    last_step.install()
+    stop = StopRequest(None)
+    stop.install()
+    os.kill(os.getpid(), signal.SIGUSR1)  # during the last step: training finishes anyway
+    stop.restore()
+    assert last_step.hand_over() == "SIGUSR1"
 
 
 def test_startup_sigterm_paused_changes_nothing_without_it() -> None:

@@ -140,7 +140,8 @@ def test_second_sigterm_kills_the_workers_at_once(tmp_path: Path) -> None:
 def test_usr1_while_the_workers_start_comes_back_as_75(tmp_path: Path) -> None:
     """SLURM's USR1 ahead of the time limit, passed on while the workers were still starting
     (before the trainer's handler): they died of it (138) and the agent exited 1, so the job
-    was not requeued. Now each stops in one line with 75, and so does the agent."""
+    was not requeued. Now each stops in one line with 75, and so does the agent, saying that
+    nothing was saved."""
     runs = tmp_path / "runs"
     for rank in (0, 1):
         (runs / f"rank{rank}" / ".hydra").mkdir(parents=True)
@@ -164,6 +165,13 @@ def test_usr1_while_the_workers_start_comes_back_as_75(tmp_path: Path) -> None:
     assert agent.returncode == 75, err
     assert "stop requested (SIGUSR1) before training started" in err, err
     assert "Traceback" not in err
+    # The agent's own line said "the workers saved a checkpoint": none had trained.
+    assert "saved a checkpoint" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "omnimoe torchrun: the workers stopped before training started (exit 75): "
+        "nothing was saved, the newest checkpoint, if any, stays; rerun the same command to "
+        "continue"
+    ), err
     status = json.loads((runs / "rank0" / "exit_status.json").read_text())
     assert status["exit_code"] == 75, status
 
