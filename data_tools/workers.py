@@ -10,8 +10,11 @@ threads (training), which ``fork`` would copy in a broken state.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -42,7 +45,9 @@ def ordered_map(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> Ite
         return
     context = multiprocessing.get_context("spawn")
     count = min(workers, len(tasks))
-    with ProcessPoolExecutor(count, mp_context=context, initializer=init_worker) as pool:
+    with ProcessPoolExecutor(
+        count, mp_context=context, initializer=_init_bound_worker, initargs=(os.getpid(),)
+    ) as pool:
         pending: deque[Future] = deque()
         queue = iter(tasks)
         try:
@@ -59,6 +64,25 @@ def ordered_map(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> Ite
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _init_bound_worker(parent: int) -> None:
+    """A pool worker's initializer: :func:`init_worker`, and die with ``parent`` (its pid).
+
+    Why: a pool worker never notices its parent's death (each worker holds both ends of the
+    task queue's pipe, so its read never sees end-of-file): after a ``kill -9`` of a
+    preparing process, or an OOM kill, its workers slept on as orphans for good. The kernel
+    SIGKILLs this worker when its parent dies (prctl PR_SET_PDEATHSIG, Linux; elsewhere
+    nothing is done). Strictly, when the parent's thread that started it ends: the thread
+    that runs :func:`ordered_map`, which shuts the pool down before it returns.
+    """
+    init_worker()
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
 
 
 class _Bar:
