@@ -30,6 +30,7 @@ from tile_sweep import sweep_router, sweep_tiles  # the script's folder is on sy
 from triton.testing import do_bench
 
 import omnimoe_kernels
+import omnimoe_kernels.experts_dense_grad as experts_dense_grad
 import omnimoe_kernels.experts_grad as experts_grad
 import omnimoe_kernels.experts_pairs as experts_pairs
 import omnimoe_kernels.router_topk as router_topk
@@ -113,7 +114,10 @@ def bench_experts(T, d, N, K, bw, deterministic=False, peer=True):
 
     def ours(i, backward):
         x, up, down, w, idx, gy = sets[i]
-        y = omnimoe_kernels.atomic_experts(x, up, down, w, idx, deterministic=deterministic)
+        # valid_ids: as the OmniMoE layer calls it (the router's ids are all < N)
+        y = omnimoe_kernels.atomic_experts(
+            x, up, down, w, idx, deterministic=deterministic, valid_ids=True
+        )
         if backward:
             torch.autograd.grad(y, (x, up, down, w), gy)
 
@@ -178,14 +182,18 @@ def bench_layer(K, T=4096, d=1024, N=102400):
     return {"T": T, "d": d, "N": N, "K": K, "ms": ms}
 
 
-def profile() -> None:
-    """Per-kernel device time of one fwd+bwd at two expert configs, and of three router calls."""
+PROFILE_EXPERT_CONFIGS = [(16384, 2048, 262144, 32), (4096, 1024, 102400, 512)]
+
+
+def profile(expert_configs: list) -> None:
+    """Per-kernel device time of one fwd+bwd at each expert config (``--only experts:...``, else
+    ``PROFILE_EXPERT_CONFIGS``), and of two router calls."""
     acts = [torch.profiler.ProfilerActivity.CUDA]
-    for T, d, N, K in ((16384, 2048, 262144, 32), (4096, 1024, 102400, 512)):
+    for T, d, N, K in expert_configs:
         x, up, down, w, idx, gy = expert_inputs(T, d, N, K)
 
         def step(x=x, up=up, down=down, w=w, idx=idx, gy=gy):
-            y = omnimoe_kernels.atomic_experts(x, up, down, w, idx)
+            y = omnimoe_kernels.atomic_experts(x, up, down, w, idx, valid_ids=True)
             torch.autograd.grad(y, (x, up, down, w), gy)
 
         step()
@@ -251,6 +259,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel breakdown, then exit")
     ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch gather baseline")
     ap.add_argument(
+        "--expert-grad-coef",
+        choices=experts_dense_grad.COEF_MODES,
+        default=experts_dense_grad.DENSE_COEF,
+        help="how the expert weight gradients take each pair's coefficient (the kernels' "
+        "default: split, ~16 bits; training's default, model.expert_grad_coef: bf16)",
+    )
+    ap.add_argument(
         "--sweep-tiles",
         nargs="?",
         const="pair,combine,grad",
@@ -274,8 +289,10 @@ def main() -> None:
 
     require_cuda("bench_kernels.py")
     want = _parse_only(args.only)
+    experts_dense_grad.DENSE_COEF = args.expert_grad_coef
     if args.profile:
-        profile()
+        only = _pick(want, "experts", EXPERT_CONFIGS) if want and "experts" in want else []
+        profile(only or PROFILE_EXPERT_CONFIGS)
         return
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -283,6 +300,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "copy_bw_TBps": bw / 1e12,
+        "expert_grad_coef": args.expert_grad_coef,
         "experts": [],
         "router": [],
         "layer": [],
@@ -325,7 +343,10 @@ def main() -> None:
         print("layer", out["layer"][-1], flush=True)
     _dump(out, args.json)
 
-    print(f"\n{out['device']}, {out['date']}, copy bandwidth {out['copy_bw_TBps']:.2f} TB/s")
+    print(
+        f"\n{out['device']}, {out['date']}, copy bandwidth {out['copy_bw_TBps']:.2f} TB/s, "
+        f"expert weight-gradient coefficients: {args.expert_grad_coef}"
+    )
     print(
         "| T, d, N, K | floor fwd | ours fwd (x floor) | PEER fwd | floor f+b | ours f+b (x floor) | PEER f+b |"
     )

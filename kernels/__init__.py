@@ -75,12 +75,15 @@ def atomic_experts(
     distinct_ids: bool = False,
     pair_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     sort_forward: bool = False,
+    valid_ids: bool = False,
 ) -> torch.Tensor:
     """``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]`` with autograd.
 
     ``x_TD`` (T, D); ``up_ND``, ``down_ND`` (N, D); ``weights_TK`` (T, K); ``indices_TK`` (T, K)
-    int32/int64 expert ids. Contract: every id is in [0, N) (repeats are allowed: a token may
-    list an expert twice, a padded slot may carry weight 0). The ids are not range-checked on
+    int32/int64 expert ids. Contract: every id is in [0, N] (repeats are allowed: a token may
+    list an expert twice, a padded slot may carry weight 0); the id N means "no expert": the
+    pair adds nothing and gets zero gradients (the expert-parallel rows layout marks the
+    pairs of another rank's experts so). The ids are not range-checked on
     the device (that costs a host sync per call): ``cartesian_topk`` guarantees the range for
     every input, and the expert-parallel dispatch maps ids to local ones in their shard's range.
     Triton limits: N <= ``EXPERTS_MAX_NUM``, D <= ``EXPERTS_MAX_HIDDEN``, T * K <=
@@ -101,7 +104,10 @@ def atomic_experts(
     merging repeats (same values; with repeats the promise would lose all but one of them).
     ``sort_forward`` (Triton): the forward walks the pairs in expert order even for tables that
     fit in L2, for pair lists that are mostly the "no expert" id N (the expert-parallel rows
-    layout: the skipped pairs sort last and cost nothing); same values.
+    layout: the skipped pairs sort last and cost nothing); same values. ``valid_ids``
+    (Triton): the caller promises no "no expert" id N appears (the routers' ids, on one GPU or
+    with the tables replicated), so the expert sort's keys stay 16-bit up to N = 65,536; same
+    values.
 
     ``pair_ranges`` = (start_T, count_T, order_T), three int32 (T,) tensors on x's device:
     token t's pairs that can use a table row are its slots [start_t, start_t + count_t) (ids
@@ -130,8 +136,7 @@ def atomic_experts(
         return atomic_experts_triton(
             x_TD, up_ND, down_ND, weights_TK, indices_TK,
             deterministic=deterministic, grad_path=grad_path, distinct_ids=distinct_ids,
-            pair_ranges=pair_ranges,
-            sort_forward=sort_forward,
+            pair_ranges=pair_ranges, sort_forward=sort_forward, valid_ids=valid_ids,
         )  # fmt: skip
     from omnimoe_kernels.reference import atomic_experts_reference
 

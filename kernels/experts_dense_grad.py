@@ -62,8 +62,10 @@ FORCE_GRAD_PATH: str | None = None
 #: How the dense path holds a pair's float32 coefficient in the bf16 G: "split" (a bf16 high
 #: part and a bf16 residual, ~16 significant bits: the exact contract above, the default) or
 #: "bf16" (the high part alone, 8 bits: what a bf16 Linear layer's weight-gradient GEMM gets
-#: as its output gradient; half the GEMM and half the G buffer). Process-wide, set from
-#: ``model.expert_grad_coef`` for every model built; float32/float64 rows ignore it.
+#: as its output gradient; half the GEMM and half the G buffer). The pair kernel's "experts"
+#: schedule (``experts_grad_blocks``) reads it too: one product per chunk instead of two.
+#: Process-wide, set from ``model.expert_grad_coef`` for every model built; float32/float64
+#: rows ignore it.
 COEF_MODES = ("split", "bf16")
 DENSE_COEF = "split"
 #: Cap on the G buffer of one chunk (bytes); bigger problems run in column chunks. 1 GiB keeps

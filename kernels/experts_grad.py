@@ -15,8 +15,10 @@ Two schedules (``GRAD_SCHEDULE``; the same sums, in another fixed order):
 expert order; it walks them in chunks of BP and adds each chunk into a (16, BD) float32
 accumulator with the one-hot product below (row e of the one-hot = pairs of expert 16 b + e),
 then writes its 16 rows once, zeros for empty experts. The pairs' tokens and coefficients
-(g, a) are gathered into expert order once, by PyTorch, so every column slice reads them
-contiguously. Against "runs" (below) a chunk needs no segment ranks, carries or masked
+(g, a) are gathered into expert order once (one small kernel), so every column slice reads
+them contiguously. ``model.expert_grad_coef=bf16`` (``experts_dense_grad.DENSE_COEF``) rounds
+each coefficient once to bf16 here too: one tensor-core product per chunk and table instead of
+the hi/lo pair ("runs" keeps the split). Against "runs" (below) a chunk needs no segment ranks, carries or masked
 stores, and the separate zero-row kernel goes: on an H200 (``bench_grad_paths.py``, uniform
 random routing, both tables) 0.74 vs 2.50 ms at a80m's shape (16384, 768, 5776, 64), 0.34 vs
 0.89 ms at (16384, 1024, 65536, 16), 1.84 vs 6.43 ms at the paper's (4096, 1024, 102400, 512).
@@ -58,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omnimoe_kernels import experts_dense_grad
 from omnimoe_kernels.experts_grad_blocks import _reduce, expert_block_grads
 
 # Sorted pairs per block (a program's share of the runs); small blocks give more programs for
@@ -165,8 +168,8 @@ def _pair_block_grad_kernel(
         last = tl.max(tl.where(ok_P, seg_P, -1))
         closed_S = (rows_S < last) | ((rows_S == last) & (e_S != e_next))
 
-        up_SD = _reduce(g_P, onehot_SP, x_PD, SPLIT_BF16)
-        dn_SD = _reduce(a_P, onehot_SP, dy_PD, SPLIT_BF16)
+        up_SD = _reduce(g_P, onehot_SP, x_PD, SPLIT_BF16, False)
+        dn_SD = _reduce(a_P, onehot_SP, dy_PD, SPLIT_BF16, False)
         into_S = (rows_S == 0) & (first_new == 0)
         up_SD += tl.where(into_S[:, None], carry_up_D[None, :], 0.0)
         dn_SD += tl.where(into_S[:, None], carry_dn_D[None, :], 0.0)
@@ -272,6 +275,7 @@ def expert_grads(
         expert_block_grads(
             x_TD, dy_TD, order_P, e_P, h_P, w_P, g_P, off_N1, dup_ND, ddown_ND, K,
             tile=(CHUNK_PAIRS, BD, GRAD_WARPS, GRAD_STAGES), split_bf16=split,
+            coef_bf16=experts_dense_grad.DENSE_COEF == "bf16",
         )  # fmt: skip
         return
     BE = 16

@@ -183,6 +183,7 @@ class OmniMoEMLP(RoutedMLP):
                 backend=self.settings.backend,
                 deterministic=self.settings.deterministic,
                 distinct_ids=routing.distinct_ids,
+                valid_ids=True,  # the routers emit ids < N only; "no expert" is EP's
             )
         return self.expert_parallel(
             x_TD,

@@ -415,3 +415,86 @@ def test_expert_grads_refuses_an_unknown_schedule(monkeypatch) -> None:
     dup, ddown = torch.empty(3, 8), torch.empty(3, 8)
     with pytest.raises(ValueError, match="GRAD_SCHEDULE='pairs' must be one of"):
         experts_grad.expert_grads(x, dy, order_P, e_P, h, w, g, dup, ddown, 2, deterministic=True)
+
+
+def _rounded_coef_grads(x, dy, idx, g, h, w, N, coef_dtype):
+    """dup, ddown in float64 with each pair's coefficient (g, w * silu(h)) rounded to
+    ``coef_dtype`` first: the sums the bf16-coefficient mode computes (up to fp32 order)."""
+    x64, dy64 = x.double().cpu(), dy.double().cpu()
+    g64 = g.float().to(coef_dtype).double().cpu()
+    a32 = w.float() * h.float() * torch.sigmoid(h.float())
+    a64 = a32.to(coef_dtype).double().cpu()
+    onehot = torch.nn.functional.one_hot(idx.cpu(), N).double()  # (T, K, N)
+    dup = torch.einsum("tkn,tk,td->nd", onehot, g64, x64)
+    ddown = torch.einsum("tkn,tk,td->nd", onehot, a64, dy64)
+    return dup, ddown
+
+
+def _check_bf16_coefficients(monkeypatch, device: str, segment: int) -> None:
+    from omnimoe_kernels import experts_dense_grad
+
+    monkeypatch.setattr(experts_grad, "GRAD_SCHEDULE", "experts")
+    monkeypatch.setattr(experts_grad_blocks, "SEGMENT_PAIRS", segment)
+    T, D, N, K = 37, 48, 20, 5
+    x, dy, idx, g, h, w, order_P, e_P = _grad_inputs(T, D, N, K)
+    x, dy = x.to(device, torch.bfloat16), dy.to(device, torch.bfloat16)
+    g, h, w, order_P, e_P = (t.to(device) for t in (g, h, w, order_P, e_P))
+    exact = _rounded_coef_grads(x, dy, idx, g, h, w, N, torch.float32)
+    rounded = _rounded_coef_grads(x, dy, idx, g, h, w, N, torch.bfloat16)
+    got = {}
+    for mode in ("split", "bf16"):
+        monkeypatch.setattr(experts_dense_grad, "DENSE_COEF", mode)
+        dup, ddown = (torch.empty(N, D, device=device) for _ in range(2))  # float32 rows
+        experts_grad.expert_grads(x, dy, order_P, e_P, h, w, g, dup, ddown, K, deterministic=True)
+        got[mode] = (dup, ddown)
+    for name, i in (("dup", 0), ("ddown", 1)):
+        # "split" keeps ~16 bits of each coefficient, "bf16" exactly the rounded one (fp32 sums)
+        assert rel_err(got["split"][i], exact[i]) <= 2e-5, name
+        assert rel_err(got["bf16"][i], rounded[i]) <= 2e-6, name
+        assert rel_err(got["bf16"][i], exact[i]) >= 1e-4, name  # the rounding is really there
+
+
+@cpu_triton
+@pytest.mark.parametrize("segment", [0, 16], ids=["whole", "split16"])
+def test_expert_block_schedule_bf16_coefficients_cpu(monkeypatch, segment) -> None:
+    """``DENSE_COEF = "bf16"`` (``model.expert_grad_coef=bf16``) on the "experts" schedule: each
+    pair's coefficient rounded once to bf16, the sums of the rounded values exact in fp32."""
+    _check_bf16_coefficients(monkeypatch, "cpu", segment)
+
+
+@pytest.mark.parametrize("segment", [0, 16], ids=["whole", "split16"])
+@gpu[0]
+@gpu[1]
+def test_expert_block_schedule_bf16_coefficients_gpu(monkeypatch, segment) -> None:
+    """The same on the tensor-core path (one bf16 product per chunk instead of hi + lo)."""
+    _check_bf16_coefficients(monkeypatch, "cuda", segment)
+
+
+def test_valid_ids_keep_16_bit_sort_keys_at_n_65536() -> None:
+    """``valid_ids`` (no "no expert" id): N = 2^16 ids still fit 16-bit keys, in the same order
+    as the 32-bit keys the "no expert" id would need; with N = 2^16 + 1 they do not."""
+    gen = torch.Generator().manual_seed(4)
+    N = 1 << 16
+    idx = torch.randint(0, N, (300, 7), generator=gen)
+    idx[0, :3] = torch.tensor([0, N - 1, N // 2])  # both ends of the range
+    key16, order16, base16 = experts_autograd.expert_order(idx, N, valid_ids=True)
+    key32, order32, base32 = experts_autograd.expert_order(idx, N)
+    assert key16.dtype == torch.int16 and key32.dtype == torch.int32
+    assert torch.equal(order16, order32)
+    assert torch.equal(key16.long() + base16, key32.long() + base32)
+    assert experts_autograd.expert_order(idx, N + 1, valid_ids=True)[0].dtype == torch.int32
+
+
+@cpu_triton
+def test_valid_ids_give_the_same_results_cpu() -> None:
+    """atomic_experts with ``valid_ids`` equals the call without it, bitwise, at N = 2^16."""
+    T, D, N, K = 9, 16, 1 << 16, 3
+    (x, up, down, w), idx, gy = _inputs(T, D, N, K, torch.float32, "cpu", False, 8)
+    idx[0, 0], idx[1, 0] = 0, N - 1
+    outs = []
+    for valid in (False, True):
+        y = omnimoe_kernels.atomic_experts(
+            x, up, down, w, idx, backend="triton", grad_path="dense", valid_ids=valid
+        )
+        outs.append([y, *torch.autograd.grad(y, (x, up, down, w), gy)])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

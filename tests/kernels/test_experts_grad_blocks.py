@@ -4,10 +4,14 @@ the grid and scratch the host sized without seeing the routing."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from omnimoe_kernels.experts_grad_blocks import BLOCK_EXPERTS, work_map
+from omnimoe_kernels.experts_grad_blocks import BLOCK_EXPERTS, _round_bf16, work_map
 
 
 def _offsets(counts_N: torch.Tensor, no_expert: int) -> tuple[torch.Tensor, int]:
@@ -54,3 +58,43 @@ def test_no_split_is_one_item_per_block() -> None:
     blk_U, seg_U, nseg_B, _, slots = work_map(off_N1, P, 0)
     assert blk_U.tolist() == list(range(3)) and seg_U.tolist() == [0, 0, 0] and slots == 0
     assert nseg_B.tolist() == [1, 1, 1]
+
+
+@triton.jit
+def _apply_round_bf16(v_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(out_ptr + offs, _round_bf16(tl.load(v_ptr + offs, mask=ok)), mask=ok)
+
+
+def _rounded_by_kernel(v: torch.Tensor) -> torch.Tensor:
+    """``_round_bf16`` applied to float32 ``v`` (the prep kernel's rounding), on v's device."""
+    out = torch.empty_like(v)
+    _apply_round_bf16[(1,)](v, out, v.numel(), BLOCK=triton.next_power_of_2(v.numel()))
+    return out
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET") != "1", reason="set TRITON_INTERPRET=1")),
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs CUDA")]),
+    ],
+)  # fmt: skip
+def test_round_bf16_is_round_to_nearest_even(device: str) -> None:
+    """The bf16-coefficient mode's rounding equals torch's float32 -> bf16 cast (nearest, ties
+    to even), also at ties, at the largest finite values (-> inf) and for NaN / inf."""
+    ties = torch.tensor(
+        [0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF, 0x00018000], dtype=torch.int64
+    )
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40])
+    gen = torch.Generator().manual_seed(0)
+    v = torch.cat(
+        [ties.to(torch.int32).view(torch.float32), special, torch.randn(500, generator=gen)]
+    )
+    got = _rounded_by_kernel(v.to(device)).cpu()
+    want = v.bfloat16().float()
+    same = (got == want) | (got.isnan() & want.isnan())
+    assert bool(same.all()), (v[~same], got[~same], want[~same])
