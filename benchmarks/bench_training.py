@@ -50,15 +50,18 @@ LEVERS: dict[str, list[str]] = {
     # The expert weight gradients on the segmented pair kernel instead of auto's choice (dense
     # GEMMs at a80m): what the cost model's choice buys.
     "grads_pairs": ["model.expert_grad_path=pairs"],
-    # The dense weight-gradient GEMMs on one bf16 coefficient per pair instead of the exact
-    # hi + lo split (kernels/experts_dense_grad.py): half that GEMM, 8-bit coefficients.
-    "grads_bf16": ["model.expert_grad_coef=bf16"],
+    # The expert weight gradients on the exact hi + lo split of each pair's coefficient instead
+    # of one bf16 value (the default, model.expert_grad_coef): twice the GEMM / tensor-core work.
+    "grads_split": ["model.expert_grad_coef=split"],
+    # megatron's fused SwiGLU in an eager step (with the MLP graphs it is on by default).
     "fused_swiglu": ["model.fused_swiglu=true"],
     "ce_megatron": ["model.fused_cross_entropy=megatron"],
     "ce_liger": ["model.fused_cross_entropy=liger"],
     "compile": ["trainer.compile=layers"],
-    # Each layer's MLP replayed from CUDA graphs (model/cuda_graphs.py): for host-bound steps.
+    # Each layer's MLP replayed from CUDA graphs (model/cuda_graphs.py): for host-bound steps;
+    # model.fused_swiglu (null) turns on with them.
     "cuda_graphs": ["trainer.cuda_graphs=mlp"],
+    "cuda_graphs_unfused": ["trainer.cuda_graphs=mlp", "model.fused_swiglu=false"],
     # Both: inductor compiles each layer around its MLP, which replays its graph.
     "compile_graphs": ["trainer.compile=layers", "trainer.cuda_graphs=mlp"],
     "all": ["model.fused_swiglu=true", "model.fused_cross_entropy=liger", "trainer.compile=layers"],

@@ -135,6 +135,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     from omnimoe_train.distributed import init_runtime, shutdown_runtime
     from omnimoe_train.metrics import MetricsSink
     from omnimoe_train.model.cuda_graphs import release_graphs
+    from omnimoe_train.model.fusions import fused_swiglu_enabled
+    from omnimoe_train.parallel.setup import ep_overlap_enabled
     from omnimoe_train.trainer import Trainer
     from omnimoe_train.validation import ConfigError
 
@@ -171,6 +173,9 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             "world_size": runtime.world_size,
             "dp": runtime.dp_size,
             "num_microbatches": trainer.num_microbatches,
+            # the null (automatic) switches as this run resolved them
+            "fused_swiglu": fused_swiglu_enabled(cfg.model.fused_swiglu, cfg.trainer.cuda_graphs),
+            "ep_overlap": ep_overlap_enabled(cfg.parallel.ep_overlap, cfg.trainer.cuda_graphs),
             "data_dir": str(trainer.data_dir),
             "data": trainer.data.record(),  # each dataset (a mixture: with its weight), samples
         }

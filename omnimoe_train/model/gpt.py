@@ -113,7 +113,7 @@ def transformer_config(cfg: RootConfig, *, bf16: bool) -> TransformerConfig:
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        **transformer_config_fusions(m),
+        **transformer_config_fusions(m, cfg.trainer.cuda_graphs),
         **transformer_config_fields(m, p),  # megatron's MoE settings (gshard, deepseekmoe)
     )
 

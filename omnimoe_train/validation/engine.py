@@ -94,8 +94,14 @@ def _require_cuda_megatron(key: str, what: str, t: TrainerConfig, this_machine: 
 def validate_throughput_levers(
     m: ModelConfig, p: ParallelConfig, t: TrainerConfig, this_machine: bool
 ) -> None:
-    """``model.fused_cross_entropy=liger`` and ``trainer.compile`` (model/fusions.py); the
-    package and CUDA rules only when ``this_machine``."""
+    """``model.fused_swiglu``, ``model.fused_cross_entropy=liger`` and ``trainer.compile``
+    (model/fusions.py); the package and CUDA rules only when ``this_machine``."""
+    # A typed schema rejects other values on the command line; configs built in code are not.
+    require(
+        m.fused_swiglu is None or isinstance(m.fused_swiglu, bool),
+        "model.fused_swiglu",
+        f"must be true, false or null (got {m.fused_swiglu!r})",
+    )
     if m.fused_cross_entropy == "liger":
         key = "model.fused_cross_entropy"
         require(

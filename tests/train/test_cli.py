@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from omnimoe_train.checkpoint.files import find_problem
 from tests.cli_helpers import assert_usage_error, run_train_cli
@@ -100,6 +101,8 @@ def test_short_run_trains_logs_checkpoints_and_resumes_exactly(tmp_path: Path) -
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
 
     assert (run_a / "config.yaml").read_text().count("vocab_size: 512") >= 1
+    derived = yaml.safe_load((run_a / "config.yaml").read_text())["derived"]
+    assert derived["fused_swiglu"] is False and derived["ep_overlap"] is False  # CPU: no graphs
     ckpts = sorted(p.name for p in (run_a / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_00000010", "step_00000020"]
     assert find_problem(run_a / "checkpoints" / "step_00000020") is None  # meta.json, checksums

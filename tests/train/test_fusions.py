@@ -40,13 +40,40 @@ def test_megatron_fusions_match_baseline(
 
 def test_fusion_fields_reach_megatron() -> None:
     m = compose_config("model.fused_swiglu=true", "model.fused_cross_entropy=megatron").model
-    assert transformer_config_fusions(m) == {
+    assert transformer_config_fusions(m, "none") == {
         "bias_activation_fusion": True,
         "cross_entropy_loss_fusion": True,
         "cross_entropy_fusion_impl": "native",
     }
-    defaults = transformer_config_fusions(compose_config().model)
+    defaults = transformer_config_fusions(compose_config().model, "none")
     assert not defaults["bias_activation_fusion"] and not defaults["cross_entropy_loss_fusion"]
+
+
+@pytest.mark.parametrize(
+    ("value", "cuda_graphs", "fused"),
+    [
+        ("null", "none", False),
+        ("null", "mlp", True),
+        ("false", "mlp", False),
+        ("true", "none", True),
+    ],
+)
+def test_fused_swiglu_default_follows_the_mlp_graphs(value: str, cuda_graphs: str, fused: bool):
+    """null (the default) fuses the SwiGLU exactly when the MLPs are graphed, where it pays;
+    true / false force it. The model is built from the resolved value (megatron's field)."""
+    from omnimoe_train.model.gpt import transformer_config
+
+    cfg = compose_config(f"model.fused_swiglu={value}")
+    assert cfg.model.fused_swiglu is {"null": None, "true": True, "false": False}[value]
+    cfg.trainer.cuda_graphs = cuda_graphs  # CUDA only: set past the config check
+    assert transformer_config(cfg, bf16=False).bias_activation_fusion is fused
+
+
+def test_fused_swiglu_rejects_non_booleans() -> None:
+    cfg = compose_config()
+    cfg.model.fused_swiglu = "yes"  # a config built in code: no typed schema in the way
+    with pytest.raises(ConfigError, match="model.fused_swiglu: must be true, false or null"):
+        validate(cfg, world_size=1, this_machine=False)
 
 
 @pytest.mark.parametrize("mlp", ["dense", "omnimoe"])
