@@ -59,7 +59,7 @@ LEVERS: dict[str, list[str]] = {
     "ce_liger": ["model.fused_cross_entropy=liger"],
     "compile": ["trainer.compile=layers"],
     # Each layer's MLP replayed from CUDA graphs (model/cuda_graphs.py): for host-bound steps;
-    # model.fused_swiglu (null) turns on with them.
+    # model.fused_swiglu (null) turns on with them for OmniMoE.
     "cuda_graphs": ["trainer.cuda_graphs=mlp"],
     "cuda_graphs_unfused": ["trainer.cuda_graphs=mlp", "model.fused_swiglu=false"],
     # Both: inductor compiles each layer around its MLP, which replays its graph.

@@ -65,9 +65,9 @@ class ModelConfig:
     expert_grad_segment_pairs: int = 0
     # Throughput levers without TransformerEngine / apex (model/fusions.py, docs/throughput.md):
     # megatron's SwiGLU with its own backward (torch.compile'd; megatron bias_activation_fusion).
-    # null (default): on with trainer.cuda_graphs=mlp, where it pays (OmniMoE a80m +7-8% in
-    # three calls, dense +-0 with 0.5 GiB less), off without (eager, its compiled call is host
-    # bound: dense a80m 0.70x); true / false force it (docs/throughput.md).
+    # null (default): on for model.mlp=omnimoe with trainer.cuda_graphs=mlp, where it pays
+    # (a80m +7-8%), off otherwise (dense a80m: +-0 graphed, -5% under compile + graphs, 0.70x
+    # eager; 0.5 GiB less memory); true / false force it (model/fusions.py, docs/throughput.md).
     fused_swiglu: bool | None = None
     # none (megatron's vocab-parallel cross-entropy) | megatron (its fused native one,
     # torch.compile'd) | liger (Liger-Kernel's fused output layer + cross-entropy: no logits

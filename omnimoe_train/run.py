@@ -174,7 +174,9 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             "dp": runtime.dp_size,
             "num_microbatches": trainer.num_microbatches,
             # the null (automatic) switches as this run resolved them
-            "fused_swiglu": fused_swiglu_enabled(cfg.model.fused_swiglu, cfg.trainer.cuda_graphs),
+            "fused_swiglu": fused_swiglu_enabled(
+                cfg.model.fused_swiglu, cfg.trainer.cuda_graphs, cfg.model.mlp
+            ),
             "ep_overlap": ep_overlap_enabled(cfg.parallel.ep_overlap, cfg.trainer.cuda_graphs),
             "data_dir": str(trainer.data_dir),
             "data": trainer.data.record(),  # each dataset (a mixture: with its weight), samples

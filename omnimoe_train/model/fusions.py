@@ -40,20 +40,22 @@ FUSED_CROSS_ENTROPY = ("none", "megatron", "liger")
 COMPILE_MODES = ("none", "layers")
 
 
-def fused_swiglu_enabled(fused_swiglu: bool | None, cuda_graphs: str) -> bool:
-    """``model.fused_swiglu``: as set, or (null) on exactly when the MLPs are replayed from CUDA
-    graphs. Why: graphed, the compiled SwiGLU's host cost is gone and its fused kernels remain
-    (a80m on one H200: OmniMoE +7-8% tokens/s in three calls, dense +-0 and 0.5 GiB less peak
-    memory); eager, its compiled call made the host-bound dense step 0.70x (docs/throughput.md).
-    """
-    return fused_swiglu if fused_swiglu is not None else cuda_graphs != "none"
+def fused_swiglu_enabled(fused_swiglu: bool | None, cuda_graphs: str, mlp: str) -> bool:
+    """``model.fused_swiglu``: as set, or (null) on exactly for the OmniMoE MLP's shared branch
+    replayed from CUDA graphs, where it was measured to pay. a80m on one H200, 2026-12-01:
+    OmniMoE +7% graphed (three calls), +8% under compile + graphs; the dense MLP +-0 graphed,
+    -5% under compile + graphs (0.5 GiB less peak memory both ways), and eager its compiled call
+    made the host-bound dense step 0.70x (docs/throughput.md). The other MLPs: not measured."""
+    if fused_swiglu is not None:
+        return fused_swiglu
+    return cuda_graphs != "none" and mlp == "omnimoe"
 
 
 def transformer_config_fusions(m: ModelConfig, cuda_graphs: str) -> dict[str, Any]:
-    """The TransformerConfig fields of ``model.fused_swiglu`` (resolved against
-    ``trainer.cuda_graphs``) and ``model.fused_cross_entropy``."""
+    """The TransformerConfig fields of ``model.fused_swiglu`` (resolved against ``model.mlp``
+    and ``trainer.cuda_graphs``) and ``model.fused_cross_entropy``."""
     return {
-        "bias_activation_fusion": fused_swiglu_enabled(m.fused_swiglu, cuda_graphs),
+        "bias_activation_fusion": fused_swiglu_enabled(m.fused_swiglu, cuda_graphs, m.mlp),
         "cross_entropy_loss_fusion": m.fused_cross_entropy == "megatron",
         "cross_entropy_fusion_impl": "native",
     }

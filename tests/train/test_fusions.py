@@ -50,20 +50,23 @@ def test_fusion_fields_reach_megatron() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "cuda_graphs", "fused"),
+    ("value", "mlp", "cuda_graphs", "fused"),
     [
-        ("null", "none", False),
-        ("null", "mlp", True),
-        ("false", "mlp", False),
-        ("true", "none", True),
+        ("null", "omnimoe", "none", False),
+        ("null", "omnimoe", "mlp", True),
+        ("null", "dense", "mlp", False),
+        ("false", "omnimoe", "mlp", False),
+        ("true", "dense", "none", True),
     ],
 )
-def test_fused_swiglu_default_follows_the_mlp_graphs(value: str, cuda_graphs: str, fused: bool):
-    """null (the default) fuses the SwiGLU exactly when the MLPs are graphed, where it pays;
-    true / false force it. The model is built from the resolved value (megatron's field)."""
+def test_fused_swiglu_default_is_where_it_was_measured_to_pay(
+    value: str, mlp: str, cuda_graphs: str, fused: bool
+) -> None:
+    """null (the default) fuses the OmniMoE MLP's shared SwiGLU exactly when the MLPs are
+    graphed; true / false force it. The model is built from the resolved value."""
     from omnimoe_train.model.gpt import transformer_config
 
-    cfg = compose_config(f"model.fused_swiglu={value}")
+    cfg = compose_config(f"model.fused_swiglu={value}", f"model.mlp={mlp}")
     assert cfg.model.fused_swiglu is {"null": None, "true": True, "false": False}[value]
     cfg.trainer.cuda_graphs = cuda_graphs  # CUDA only: set past the config check
     assert transformer_config(cfg, bf16=False).bias_activation_fusion is fused
