@@ -9,9 +9,9 @@
 #     then weak scaling on both GPUs, DP / ep_dim / ep_rows graphed (issue 12's ratios).
 #     Measured in the fourteenth session (docs/benchmarks.md).
 # swiglu: model.fused_swiglu under the MLP graphs, each model with and without, twice with the
-#     GPUs swapped. Measured once in the fourteenth session (one run each, fused on GPU 0):
-#     OmniMoE +7% (292.4k against 273.2k tokens/s), dense -14% (353.8k against 409.7k, but
-#     0.5 GiB less); opposite signs on one run each, so it stays off until this repeats them.
+#     GPUs swapped. Measured in the fourteenth and fifteenth sessions (docs/benchmarks.md):
+#     OmniMoE +7-8% in three calls, so null (the default) turns it on for OmniMoE with the
+#     graphs; dense +-0 graphed, -5% under compile + graphs (0.5 GiB less memory): off.
 # grads: the pair kernel's hot-block split (model.expert_grad_segment_pairs) against the dense
 #     GEMMs under a trained router's skew. GPU 0: bench_grad_paths on uniform and Zipf 0.45
 #     routing with the split at 256 / 1024 / 4096 pairs; GPU 1: the GPU tests of the schedules,
@@ -47,7 +47,8 @@ swiglu)
       (CUDA_VISIBLE_DEVICES=$1 timeout 130 $bench --models $model \
          --override model.fused_swiglu=true --runs-dir "$out/train$1" \
          --json "$out/${model}_fused_gpu$1.json" >"$out/${model}_fused_gpu$1.log" 2>&1) &
-      CUDA_VISIBLE_DEVICES=$2 timeout 130 $bench --models $model --runs-dir "$out/train$2" \
+      CUDA_VISIBLE_DEVICES=$2 timeout 130 $bench --models $model \
+        --override model.fused_swiglu=false --runs-dir "$out/train$2" \
         --json "$out/${model}_base_gpu$2.json" >"$out/${model}_base_gpu$2.log" 2>&1
       wait
     done
