@@ -84,8 +84,9 @@ def run_trainer(
 def steady_state(result: RunResult, skip_windows: int = 1) -> dict[str, Any]:
     """Means over the logging windows after the first ``skip_windows`` (compilation, warm-up).
 
-    Returns tokens/s, step time (ms), TFLOP/s and MFU (when logged), peak memory (GiB), the
-    first and last window's tokens/s, and the last training and held-out losses.
+    Returns tokens/s, step time (ms), TFLOP/s and MFU (when logged), peak memory (GiB) of the
+    steady windows and of the first, the first and last window's tokens/s, and the last
+    training and held-out losses.
     """
     train = result.train
     if not train:
@@ -105,7 +106,10 @@ def steady_state(result: RunResult, skip_windows: int = 1) -> dict[str, Any]:
         "tokens_per_s_last_window": steady[-1]["tokens_per_s"],
         "tflops": mean("tflops"),
         "mfu": mean("mfu"),
-        "peak_memory_gib": max((r.get("peak_memory_gib") or 0.0) for r in train),
+        # each window's own peak (the trainer resets it per logged step): the steady windows',
+        # and the first one's apart (it holds the CUDA-graph capture, compilation, warm-up)
+        "peak_memory_gib": max((r.get("peak_memory_gib") or 0.0) for r in steady),
+        "peak_memory_gib_first_window": train[0].get("peak_memory_gib"),
         "loss": train[-1].get("loss"),
         "steps": train[-1]["step"],
         "consumed_tokens": train[-1]["consumed_tokens"],

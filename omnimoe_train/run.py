@@ -74,13 +74,21 @@ def _env_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: ranks that share the stream (torchrun without log
+    files) stop at the same moment, and ``print`` writes the text and its newline separately,
+    so two ranks' lines could run together on one line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _fail(message: str, code: int, *, show: bool, run_dir: Path | None = None) -> NoReturn:
     """Print the one line and exit with ``code``. Every rank prints it into its own output
     (under torchrun, its log file; the console shows rank 0, and the launcher repeats the line
     of a failed rank the console did not show); ``show`` (rank 0) also records it in
     ``exit_status.json``."""
     kind = "stopped" if code in (EXIT_REQUEUE, EXIT_INTERRUPTED, EXIT_TERMINATED) else "error"
-    print(f"omnimoe-train: {kind}: {message}", file=sys.stderr, flush=True)
+    _say(f"omnimoe-train: {kind}: {message}")
     if show and run_dir is not None:
         _write_exit_status(run_dir, code, message)
     raise SystemExit(code)
@@ -116,7 +124,7 @@ def say_stop_after_training(noted: str | None) -> None:
     """The one line for a stop signal that came once training had finished (``noted``: its
     name, from ``StartupStop.hand_over``; None: no line): the run ends as finished, exit 0."""
     if noted is not None:
-        print(f"omnimoe-train: received {noted} {STOP_AFTER_TRAINING}", file=sys.stderr, flush=True)
+        _say(f"omnimoe-train: received {noted} {STOP_AFTER_TRAINING}")
 
 
 def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
@@ -157,7 +165,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         except RunAlreadyComplete as exc:
             # Nothing to train: the run's summary, metrics and config stay as they are.
             if main:
-                print(f"omnimoe-train: {exc}", file=sys.stderr, flush=True)
+                _say(f"omnimoe-train: {exc}")
                 _write_exit_status(run_dir, EXIT_OK, str(exc))
             return _previous_summary(run_dir)
         if (why := trainer.stop_before_first_step()) is not None:  # collective

@@ -402,7 +402,11 @@ class Trainer:
             **self.engine.dispatch_metrics(int(steps)),
         }
         if self.rt.device.type == "cuda":
+            # This window's peak, as torchtitan logs it: reset after each logged step, so the
+            # one-off work of the first window (CUDA-graph capture, compilation, first-call
+            # allocations) does not stand for every later step's peak.
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         sink.log(record)
         sink.advance(s.step, loss if math.isfinite(loss) else None, record["tokens_per_s"])
         s.reset_window()

@@ -39,15 +39,21 @@ def tiny(**changes: object) -> list[str]:
     return [f"{key}={value}" for key, value in values.items() if value is not None]
 
 
+def cli_env(cache: Path) -> dict[str, str]:
+    """The environment of a one-process ``omnimoe-train`` subprocess: data cache ``cache``, no
+    W&B chatter, and none of the launcher variables an in-process test left behind (its
+    ``init_runtime`` leaves its rendezvous port in os.environ, and its store may still hold it:
+    the subprocess picks its own)."""
+    env = {**os.environ, "OMNIMOE_CACHE": str(cache), "WANDB_SILENT": "true"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
 def run_train_cli(
     args: list[str], *, cache: Path, world_size: int | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMNIMOE_CACHE": str(cache), "WANDB_SILENT": "true"}
-    env.pop("WORLD_SIZE", None)
-    # An in-process test's init_runtime leaves its rendezvous port in os.environ (its store may
-    # still hold it): the subprocess picks its own.
-    env.pop("MASTER_PORT", None)
-    env.pop("MASTER_ADDR", None)
+    env = cli_env(cache)
     if world_size is not None:
         env["WORLD_SIZE"] = str(world_size)
     return subprocess.run(

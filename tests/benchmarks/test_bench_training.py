@@ -36,3 +36,18 @@ def test_steps_below_one_are_refused_in_one_line(steps: str) -> None:
     assert proc.returncode == 2
     assert "--steps: must be at least 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_steady_state_peak_memory_leaves_the_first_window_apart() -> None:
+    """Each logged window carries its own peak (the trainer resets it per logged step): the
+    table's peak is the steady windows', the first window (graph capture, compilation) apart."""
+    from runs import RunResult, steady_state
+
+    records = [
+        {"step": 5, "tokens_per_s": 1.0, "consumed_tokens": 50, "peak_memory_gib": 9.0},
+        {"step": 10, "tokens_per_s": 2.0, "consumed_tokens": 100, "peak_memory_gib": 7.0},
+        {"step": 15, "tokens_per_s": 2.0, "consumed_tokens": 150, "peak_memory_gib": 7.2},
+    ]
+    out = steady_state(RunResult("ok", 1.0, records))
+    assert out["peak_memory_gib"] == 7.2 and out["peak_memory_gib_first_window"] == 9.0
+    assert out["tokens_per_s"] == 2.0

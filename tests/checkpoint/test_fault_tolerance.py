@@ -38,7 +38,7 @@ from omnimoe_train.exit_codes import (
     EXIT_REQUEUE,
     EXIT_TERMINATED,
 )
-from tests.cli_helpers import run_train_cli, tiny
+from tests.cli_helpers import cli_env, run_train_cli, tiny
 from tests.parallel.distributed import find_free_port
 
 TINY = tiny(
@@ -56,13 +56,6 @@ TINY = tiny(
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
-
-
-def _env(cache: Path) -> dict[str, str]:
-    env = {**os.environ, "OMNIMOE_CACHE": str(cache), "WANDB_SILENT": "true"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 def _cmd(*args: str) -> list[str]:
@@ -117,7 +110,7 @@ def test_kill_9_and_rerun_is_bitwise_and_falls_back_past_a_truncated_file(
     assert done.returncode == 0, done.stderr[-3000:]
 
     command = _cmd(*args, f"hydra.run.dir={run}")
-    proc = subprocess.Popen(command, env=_env(cache), stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, env=cli_env(cache), stderr=subprocess.DEVNULL)
     _wait_for(run / "checkpoints" / "step_00000004", proc)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
@@ -125,7 +118,7 @@ def test_kill_9_and_rerun_is_bitwise_and_falls_back_past_a_truncated_file(
     killed_at = max(r["step"] for r in records(run))
     assert killed_at < 48
 
-    rerun = subprocess.run(command, env=_env(cache), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command, env=cli_env(cache), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from" in rerun.stderr
     resumes = [r for r in records(run) if "resumed_from" in r]
@@ -139,7 +132,7 @@ def test_kill_9_and_rerun_is_bitwise_and_falls_back_past_a_truncated_file(
     newest = run / "checkpoints" / "step_00000048"
     victim = max((p for p in newest.iterdir() if p.name != "meta.json"), key=os.path.getsize)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    again = subprocess.run(command, env=_env(cache), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, env=cli_env(cache), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     warnings = [line for line in again.stderr.splitlines() if "is not usable" in line]
     assert len(warnings) == 1
@@ -206,7 +199,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, c
     run = tmp_path / "run"
     args = [*TINY, "trainer.max_steps=12", "checkpoint.interval=4", f"hydra.run.dir={run}"]
     cmd = [sys.executable, "-m", "tests.checkpoint.full_disk", "step_00000008", *args]
-    result = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, env=cli_env(cache), capture_output=True, text=True, timeout=600)
     assert result.returncode == EXIT_IO_ERROR, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "omnimoe-train: error:" in line]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -222,7 +215,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, c
 
 def _start_rank(rank: int, port: int, run: Path, cache: Path, args: list[str]) -> subprocess.Popen:
     env = {
-        **_env(cache),
+        **cli_env(cache),
         "RANK": str(rank),
         "LOCAL_RANK": str(rank),
         "WORLD_SIZE": "2",
@@ -280,7 +273,7 @@ def test_sigterm_to_the_whole_job_with_data_workers_stops_with_a_checkpoint(
     args = [*TINY, "trainer.max_steps=400", "checkpoint.interval=4", "data.num_workers=2"]
     args.append(f"hydra.run.dir={run}")
     proc = subprocess.Popen(
-        _cmd(*args), env=_env(cache), stderr=subprocess.PIPE, text=True, start_new_session=True
+        _cmd(*args), env=cli_env(cache), stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     _wait_for(run / "checkpoints" / "step_00000004", proc)
     os.killpg(proc.pid, signal.SIGTERM)  # as scancel / a time limit does: the whole group
@@ -307,7 +300,7 @@ def test_ctrl_c_stops_at_once_in_one_line_and_keeps_the_checkpoints(
     # harnesses) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
     # handler: the child gets the default disposition back, as an interactive run has it.
     proc = subprocess.Popen(
-        _cmd(*args), env=_env(cache), stderr=subprocess.PIPE, text=True,
+        _cmd(*args), env=cli_env(cache), stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     _wait_for(run / "checkpoints" / "step_00000004", proc)
@@ -381,7 +374,7 @@ def test_stop_signal_before_training_starts_is_one_line_and_its_exit_code(
     (run / "exit_status.json").write_text('{"exit_code": 0, "message": "earlier"}')
     proc = subprocess.Popen(
         _cmd(*TINY, "trainer.max_steps=4", f"hydra.run.dir={run}"),
-        env=_env(cache),
+        env=cli_env(cache),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -405,7 +398,7 @@ def test_stop_signal_during_the_config_checks_replaces_an_earlier_exit_status(
     os.mkfifo(fifo)
     proc = subprocess.Popen(
         _cmd(*TINY, f"data.tokenizer={fifo}"),
-        env={**_env(cache), "OMNIMOE_RUN_DIR": str(run)},
+        env={**cli_env(cache), "OMNIMOE_RUN_DIR": str(run)},
         stderr=subprocess.PIPE,
         text=True,
     )

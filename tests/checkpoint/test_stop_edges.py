@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from omnimoe_train.exit_codes import EXIT_OK, EXIT_REQUEUE
-from tests.cli_helpers import tiny
+from tests.cli_helpers import cli_env, tiny
 
 TINY = tiny(data__val_fraction=None, trainer__device="cpu")
 NOTHING = "before the first step: stopped, nothing new to save"
@@ -32,18 +32,11 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def _env(cache: Path) -> dict[str, str]:
-    env = {**os.environ, "OMNIMOE_CACHE": str(cache), "WANDB_SILENT": "true"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def _held(where: str, fifo: Path, args: list[str], cache: Path) -> subprocess.Popen:
     os.mkfifo(fifo)
     return subprocess.Popen(
         [sys.executable, "-m", "tests.checkpoint.held_cli", where, str(fifo), *args],
-        env=_env(cache), stderr=subprocess.PIPE, text=True,
+        env=cli_env(cache), stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
@@ -108,7 +101,7 @@ def test_stop_on_one_rank_during_setup_stops_every_rank_before_the_first_step(
     fifos = [tmp_path / f"hold{rank}" for rank in (0, 1)]
     for fifo in fifos:
         os.mkfifo(fifo)
-    env = {**_env(cache), "OMP_NUM_THREADS": "1"}
+    env = {**cli_env(cache), "OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(
         [
             sys.executable, "-m", "omnimoe_train.torchrun", "--standalone", "--nproc-per-node",
