@@ -40,6 +40,7 @@ signal shuts its workers down and exits 1 without their exit codes, which is the
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -264,6 +265,22 @@ def _hosts_multinode_rendezvous(args) -> bool:  # noqa: ANN001 - torchrun's argp
     return str(args.nnodes) not in ("1", "1:1") and "is_host=1" in (args.rdzv_conf or "")
 
 
+class _QuietOwnStops(logging.Filter):
+    """Drops two lines of torch elastic's process context (``torch.distributed.elastic.
+    multiprocessing.api``) that add nothing to the one line a stop prints: "Sending process N
+    closing signal SIGTERM" (the agent ending the workers that are left once one exited: routine
+    cleanup, said for every exit), and "failed (exitcode: 75|2) ..." (a worker stopped with our
+    own code: it printed its line, and this wrapper prints the run's line after). A crash's
+    lines stay, with torchrun's summary."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith("Sending process") and "closing signal" in message:
+            return False
+        ours = record.args and record.args[0] in (EXIT_REQUEUE, EXIT_USAGE)  # type: ignore[index]
+        return not (message.startswith("failed (exitcode: %s)") and ours)
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -286,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return EXIT_USAGE
     args = parse_args(argv)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietOwnStops())
     _check_config(args)
     _announce_output_dir(args)
     signal.signal(signal.SIGUSR1, _forward_to_workers)
