@@ -112,6 +112,16 @@ def _note_for_agent(signal_name: str | None) -> None:
             Path(folder, str(os.getpid())).write_text(signal_name or "")
 
 
+def _stop_before_first_step(
+    why: str, signal_name: str | None, *, show: bool, run_dir: Path
+) -> NoReturn:
+    """Exit 75 in one line for a stop agreed on before the first step (``why``: its cause).
+    Nothing trained: the summary, metrics and config of the run stay as they are."""
+    message = f"{why} {NOTHING_NEW}; exit code {EXIT_REQUEUE} ({resume_hint(run_dir)})"
+    _note_for_agent(signal_name)
+    _fail(message, EXIT_REQUEUE, show=show, run_dir=run_dir)
+
+
 def say_stop_after_training(noted: str | None) -> None:
     """The one line for a stop signal that came once training had finished (``noted``: its
     name, from ``StartupStop.hand_over``; None: no line): the run ends as finished, exit 0."""
@@ -135,7 +145,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     from omnimoe_train.distributed import init_runtime, shutdown_runtime
     from omnimoe_train.metrics import MetricsSink
     from omnimoe_train.model.cuda_graphs import release_graphs
-    from omnimoe_train.trainer import Trainer
+    from omnimoe_train.trainer import StoppedBeforeFirstStep, Trainer
     from omnimoe_train.validation import ConfigError
 
     quiet_libraries()
@@ -158,11 +168,10 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
                 print(f"omnimoe-train: {exc}", file=sys.stderr, flush=True)
                 _write_exit_status(run_dir, EXIT_OK, str(exc))
             return _previous_summary(run_dir)
+        except StoppedBeforeFirstStep as stop:  # a stop signal while the data was prepared
+            _stop_before_first_step(stop.why, stop.signal_name, show=main, run_dir=run_dir)
         if (why := trainer.stop_before_first_step()) is not None:  # collective
-            # Nothing trained: the summary, metrics and config of the run stay as they are.
-            message = f"{why} {NOTHING_NEW}; exit code {EXIT_REQUEUE} ({resume_hint(run_dir)})"
-            _note_for_agent(trainer.stop.signal_name)
-            _fail(message, EXIT_REQUEUE, show=main, run_dir=run_dir)
+            _stop_before_first_step(why, trainer.stop.signal_name, show=main, run_dir=run_dir)
         resolved = OmegaConf.structured(cfg)
         resolved.model.vocab_size = trainer.vocab_size
         derived = {
