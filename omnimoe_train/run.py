@@ -204,15 +204,18 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
                 f"run dir {run_dir}"
             )
         try:
-            summary = trainer.fit(sink)
+            try:
+                summary = trainer.fit(sink)
+            finally:
+                # Before any line below: stopping the progress bar draws it once more, and
+                # after an error line it hid that line as the console's last (a bad shard's).
+                sink.close()
         except DataError as exc:  # e.g. a shard found corrupt mid-run, or a resume onto other data
             _fail(str(exc), EXIT_USAGE, show=main, run_dir=run_dir)
         except CheckpointLoadError as exc:
             _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main, run_dir=run_dir)
         except CheckpointWriteError as exc:
             _fail(f"checkpoint.dir: {exc}", EXIT_IO_ERROR, show=main, run_dir=run_dir)
-        finally:
-            sink.close()
         # The whole run's wall time (earlier processes up to the checkpoint each next one
         # resumed from, plus this one) and this process's alone.
         summary["wall_s"] = trainer.state.total_wall_s()
