@@ -8,13 +8,18 @@
 
 A :class:`~omnimoe_data.corpus.DataError` prints ``omnimoe-data: error: <message>`` on
 stderr and exits with status 2 (as argparse does for bad options), without a traceback.
+SIGTERM (``kill``, ``scancel``) stops a command at once in one line, exit 143; as on Ctrl-C
+(130), what an unfinished ``prepare`` or ``merge`` wrote is removed (no manifest: nothing
+half-written passes for a dataset) and the workers are ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 from rich.console import Console
@@ -28,6 +33,21 @@ from .shards import index_shard
 from .source import DataSource
 
 PROG = "omnimoe-data"
+EXIT_TERMINATED = 128 + signal.SIGTERM  # as the shell reports a process SIGTERM ended
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as SIGINT raises ``KeyboardInterrupt``: a
+    ``BaseException``, so the cleanup of ``prepare`` and ``merge`` (``except BaseException``)
+    runs and no ``except Exception`` swallows it."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    del signum, frame
+    # Once: a second SIGTERM (an impatient scheduler) ends the process at once; the pool's
+    # workers die with it (``workers._init_bound_worker``) and no manifest was written.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +140,9 @@ def _input_options(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
+    # Before: SIGTERM's default action, exit 143 without a word, the pool's workers gone only
+    # through their parent-death signal and an unfinished output left for the next run to clear.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "prepare":
             _prepare(args, console)
@@ -138,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(
+            f"{PROG}: terminated (SIGTERM): stopped, nothing unfinished was published (what was "
+            f"half-written is removed); run the same command again",
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

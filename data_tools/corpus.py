@@ -57,6 +57,12 @@ class DataError(Exception):
         self.option = option
 
 
+class PreparationStopped(Exception):
+    """``prepare`` stopped between two units of work (blocks) because its ``should_stop``
+    said so (a stop signal to the process that prepares). What it had written is removed:
+    the folder holds no dataset (no manifest), and the next ``prepare`` starts again."""
+
+
 @dataclass
 class SkipLog:
     """Counts skipped input by reason and keeps the first few messages as examples."""

@@ -14,6 +14,11 @@ the corpus, whatever its size. The held-out split is made of whole documents cho
 seeded hash of their text, so no document contributes to both splits, and duplicates land
 on the same side. ``manifest.json`` is written last through a temporary file and a rename;
 a dataset folder without it is incomplete.
+
+``should_stop`` (the trainer's stop request) is asked between two units of work: before
+anything is read, after each block read for the tokenizer, after the tokenizer's training and
+after each block encoded and written. When it says stop, :class:`PreparationStopped` is raised
+and, as on any failure, what the call wrote is removed.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 
-from .corpus import DataError, SkipLog
+from .corpus import DataError, PreparationStopped, SkipLog
 from .encode import EncodeOptions, block_texts, encode_block
 from .plan import DEFAULT_BLOCK_BYTES, fingerprint, part_range, plan_blocks
 from .request import input_files, preparation_request
@@ -46,7 +52,7 @@ from .shards import (
 from .tokenizer import find_eod, load_tokenizer, tokenizer_sha256, train_tokenizer
 from .workers import ordered_map, progress_bar, resolve_workers
 
-__all__ = ["DataError", "PrepareResult", "prepare"]
+__all__ = ["DataError", "PrepareResult", "PreparationStopped", "prepare"]
 
 SPLITS = ("train", "val")
 _STALE_FILE = re.compile(r"^\.?(train|val)-\d{6}\.tar(\.tmp)?$|^\..*\.json\.tmp$")
@@ -75,12 +81,15 @@ def prepare(
     workers: int | None = None,
     part: tuple[int, int] | None = None,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> PrepareResult:
     """Prepares ``inputs`` (files or folders; ``None``: the stdlib default corpus) into
     ``out_dir`` with ``workers`` processes (``None``: every core). ``part=(i, n)`` prepares
     only the ``i``-th of ``n`` parts (see :mod:`omnimoe_data.merge`). Raises
-    :class:`DataError` on unusable input or options."""
+    :class:`DataError` on unusable input or options, and :class:`PreparationStopped` when
+    ``should_stop()`` is true between two units of work (module docstring)."""
     _check_options(vocab_size, seq_len, samples_per_shard, val_fraction, block_bytes)
+    _stop_point(should_stop)
     if tokenizer_sample_bytes is not None and tokenizer_sample_bytes < 1:
         raise DataError(
             f"tokenizer_sample_bytes={tokenizer_sample_bytes}: must be positive",
@@ -133,9 +142,17 @@ def prepare(
                 # apart, and a vocabulary carries no document content.
                 scan = SkipLog()
                 docs = _training_texts(
-                    blocks, text_field, max_bytes, tokenizer_sample_bytes, workers, bar.track, scan
+                    blocks,
+                    text_field,
+                    max_bytes,
+                    tokenizer_sample_bytes,
+                    workers,
+                    bar.track,
+                    scan,
+                    should_stop,
                 )
                 tok = train_tokenizer(docs, vocab_size)
+                _stop_point(should_stop)  # the merges may take long on a large corpus
                 if tok is None:
                     raise DataError(
                         f"no usable documents in the input ({scan.summary()})", option="inputs"
@@ -153,15 +170,21 @@ def prepare(
             )
             skips = SkipLog()
             results = ordered_map(encode_block, [(b, options) for b in blocks[lo:hi]], workers)
-            splits = _pack_and_write(
-                bar.track(results, "encoding", hi - lo),
-                out,
-                dtype=dtype,
-                seq_len=seq_len,
-                samples_per_shard=samples_per_shard,
-                max_bytes=max_bytes,
-                skips=skips,
-            )
+            try:
+                splits = _pack_and_write(
+                    bar.track(results, "encoding", hi - lo),
+                    out,
+                    dtype=dtype,
+                    seq_len=seq_len,
+                    samples_per_shard=samples_per_shard,
+                    max_bytes=max_bytes,
+                    skips=skips,
+                    should_stop=should_stop,
+                )
+            finally:
+                # Now, not whenever the generator is collected: a stop or a failure ends the
+                # worker pool (its pending blocks cancelled) before the files are removed.
+                results.close()
 
         # A part may get no block at all (fewer blocks than parts: the corpus is smaller than
         # --part's count times --block-bytes); it is an empty part, which merge accepts.
@@ -285,10 +308,21 @@ def report(console: Console, out: Path, splits: dict[str, dict], skips: SkipLog)
         console.print(f"  skipped {example}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _training_texts(blocks, text_field, max_bytes, sample_bytes, workers, track=None, skips=None):  # noqa: ANN001, ANN202, E501
+def _training_texts(  # noqa: ANN202
+    blocks,  # noqa: ANN001
+    text_field,  # noqa: ANN001
+    max_bytes,  # noqa: ANN001
+    sample_bytes,  # noqa: ANN001
+    workers,  # noqa: ANN001
+    track=None,  # noqa: ANN001
+    skips=None,  # noqa: ANN001
+    should_stop=None,  # noqa: ANN001
+):
     """Documents the tokenizer trains on: every document (up to ``max_bytes``), or from each
     block its leading documents in proportion to the block's size (``sample_bytes`` in all),
-    so a sample spreads over the whole corpus rather than its first files."""
+    so a sample spreads over the whole corpus rather than its first files. Raises
+    :class:`PreparationStopped` (through the tokenizer's training, which passes it on) when
+    ``should_stop()`` is true after a block."""
     total = sum(p.size for b in blocks for p in b) or 1
     tasks = []
     for block in blocks:
@@ -297,18 +331,27 @@ def _training_texts(blocks, text_field, max_bytes, sample_bytes, workers, track=
             limit = max(1, math.ceil(sample_bytes * sum(p.size for p in block) / total))
         tasks.append((block, text_field, limit))
     used = 0
-    results = ordered_map(_texts_task, tasks, workers)
-    if track is not None:
-        results = track(results, "training tokenizer", len(tasks))
-    for result in results:
-        if skips is not None:
-            for _, reason, message in result.skip_events:
-                skips.skip(reason, message)
-        for text, size in zip(result.texts, result.sizes):
-            used += size
-            if max_bytes is not None and sample_bytes is None and used > max_bytes:
-                return
-            yield text
+    pool = ordered_map(_texts_task, tasks, workers)
+    results = track(pool, "training tokenizer", len(tasks)) if track is not None else pool
+    try:
+        for result in results:
+            _stop_point(should_stop)
+            if skips is not None:
+                for _, reason, message in result.skip_events:
+                    skips.skip(reason, message)
+            for text, size in zip(result.texts, result.sizes):
+                used += size
+                if max_bytes is not None and sample_bytes is None and used > max_bytes:
+                    return
+                yield text
+    finally:
+        pool.close()  # the worker pool ends here, not when a traceback lets go of it
+
+
+def _stop_point(should_stop: Callable[[], bool] | None) -> None:
+    """Between two units of work: :class:`PreparationStopped` if ``should_stop()`` is true."""
+    if should_stop is not None and should_stop():
+        raise PreparationStopped("stopped on request; what this preparation wrote is removed")
 
 
 def _texts_task(block, text_field, limit):  # noqa: ANN001, ANN202 - a picklable task
@@ -324,6 +367,7 @@ def _pack_and_write(
     samples_per_shard: int,
     max_bytes: int | None,
     skips: SkipLog,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, dict]:
     writers = {
         s: ShardWriter(out, s, samples_per_shard=samples_per_shard, dtype=dtype) for s in SPLITS
@@ -332,6 +376,7 @@ def _pack_and_write(
     used = 0
     try:
         for result in results:
+            _stop_point(should_stop)  # before this block's shards: they would be removed
             cut = len(result.doc_bytes)
             if max_bytes is not None:
                 running = used + np.cumsum(result.doc_bytes)

@@ -67,7 +67,14 @@ def ordered_map(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> Ite
 
 
 def _init_bound_worker(parent: int) -> None:
-    """A pool worker's initializer: :func:`init_worker`, and die with ``parent`` (its pid).
+    """A pool worker's initializer: :func:`init_worker`, ignore the stop signals, and die with
+    ``parent`` (its pid).
+
+    The stop signals (SIGTERM, SIGUSR1) are the parent's to act on: SLURM (scancel, a time
+    limit) signals every process of the job step, and a worker ended by one broke the pool,
+    so the trainer crashed with ``BrokenProcessPool`` instead of stopping between two blocks
+    (exit 75). The parent ends its workers when it stops (:func:`ordered_map` shuts the pool
+    down: the blocks not started are cancelled, those running are finished).
 
     Why: a pool worker never notices its parent's death (each worker holds both ends of the
     task queue's pipe, so its read never sees end-of-file): after a ``kill -9`` of a
@@ -77,6 +84,8 @@ def _init_bound_worker(parent: int) -> None:
     that runs :func:`ordered_map`, which shuts the pool down before it returns.
     """
     init_worker()
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     if not sys.platform.startswith("linux"):
         return
     pr_set_pdeathsig = 1  # <linux/prctl.h>

@@ -10,28 +10,35 @@ Where the data comes from:
   that already holds a dataset made differently is refused in one line naming the option.
 
 Every dataset's ``seq_len`` must equal ``data.seq_len``. Preparation runs on global rank 0
-only; the other ranks wait and then read the finished dataset (its manifest is written
-last), or raise the same one-line :class:`DataError` if preparing failed. Its message starts
-with the ``data.*`` key at fault (``omnimoe_data`` names paths and its own options).
+only; the other ranks wait (polling the process group's store, ``prepare_board``: no
+collective, whose timeout a long preparation would outlast) and then read the finished
+dataset (its manifest is written last), or raise the same one-line :class:`DataError` if
+preparing failed. Its message starts with the ``data.*`` key at fault (``omnimoe_data`` names
+paths and its own options).
+
+A stop request (``stop_requested``: the trainer's stop signals) of any rank stops the
+preparation between two units of work (``omnimoe_data.prepare``, which removes what it wrote)
+and every rank raises :class:`PreparationStopped`; so does one that comes while rank 0
+prepares and is seen only once it has finished.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch.distributed as dist
-
-from omnimoe_data.corpus import DataError
+from omnimoe_data.corpus import DataError, PreparationStopped
 from omnimoe_data.loader import TokenShardLoader
 from omnimoe_data.plan import DEFAULT_BLOCK_BYTES
 from omnimoe_data.request import is_prepared, preparation_request, request_key, request_mismatch
 from omnimoe_data.source import DataSource, is_url
 from omnimoe_train.config import DataConfig
+from omnimoe_train.prepare_board import PrepareBoard
 from omnimoe_train.validation import DataFacts
 
 
@@ -133,8 +140,9 @@ def dataset_dir(d: DataConfig, request: dict | None = None) -> Path:
     return cache_root() / "data" / f"{d.name}-{key}"
 
 
-def _ensure_prepared(d: DataConfig) -> Path:
-    """Rank 0: the prepared folder for ``data.inputs`` (prepared now if needed)."""
+def _ensure_prepared(d: DataConfig, should_stop: Callable[[], bool] | None = None) -> Path:
+    """Rank 0: the prepared folder for ``data.inputs`` (prepared now if needed; between two
+    units of work, :class:`PreparationStopped` when ``should_stop()`` is true)."""
     from omnimoe_data.prepare import prepare
 
     if d.tokenizer is not None:
@@ -156,8 +164,48 @@ def _ensure_prepared(d: DataConfig) -> Path:
             if is_prepared(out, seq_len=d.seq_len):
                 return out
     with _naming("data.inputs", d):
-        prepare(d.inputs, out, **_data_options(d), workers=d.prepare_workers)
+        prepare(
+            d.inputs,
+            out,
+            **_data_options(d),
+            workers=d.prepare_workers,
+            should_stop=should_stop,
+        )
     return out
+
+
+def _prepared_on_rank0(
+    d: DataConfig, rank: int, stop_requested: Callable[[], bool]
+) -> dict[str, Any]:
+    """Rank 0 prepares (or finds) the data, the others wait on the store (``prepare_board``);
+    every rank returns rank 0's outcome: ``error`` (a :class:`DataError`'s line), ``location``,
+    ``stopped`` (some rank asked to stop by the end of it), ``crash`` (rank 0 raised)."""
+    board = PrepareBoard.open()
+    if rank != 0:
+        assert board is not None, "a rank other than 0 without a process group"
+        return board.wait(stop_requested)
+
+    def should_stop() -> bool:
+        return stop_requested() or (board is not None and board.stop_posted)
+
+    outcome: dict[str, Any] = {"error": None, "location": None, "stopped": False, "crash": None}
+    try:
+        with board.beating() if board is not None else nullcontext():
+            try:
+                outcome["location"] = str(_ensure_prepared(d, should_stop))
+            except DataError as err:
+                outcome["error"] = str(err)
+            except PreparationStopped:
+                outcome["stopped"] = True
+            # A request that came after the last unit of work stops before the model too.
+            outcome["stopped"] = outcome["stopped"] or should_stop()
+    except BaseException as exc:
+        outcome["crash"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if board is not None:
+            board.post(outcome)
+    return outcome
 
 
 def _refuse_mismatch(out: Path, recorded: dict | None, request: dict) -> None:
@@ -177,28 +225,27 @@ def _refuse_mismatch(out: Path, recorded: dict | None, request: dict) -> None:
     )
 
 
-def prepare_data(d: DataConfig, *, rank: int) -> TrainingData:
+def prepare_data(
+    d: DataConfig, *, rank: int, stop_requested: Callable[[], bool] | None = None
+) -> TrainingData:
     """Collective: the datasets of ``d``, prepared on rank 0 if needed. Raises
-    :class:`DataError` (on every rank) for unusable data or a mismatch with the config."""
+    :class:`DataError` (on every rank) for unusable data or a mismatch with the config, and
+    :class:`PreparationStopped` (on every rank) when some rank's ``stop_requested()`` turned
+    true while the data was prepared (module docstring)."""
     key = "data.dir"
     if d.dirs:
         key, locations = "data.dirs", [str(x) for x in d.dirs]
     elif d.dir is not None and d.inputs is None:
         locations = [d.dir if is_url(d.dir) else str(Path(d.dir).expanduser())]
     else:
-        error, location = None, None
-        if rank == 0:
-            try:
-                location = str(_ensure_prepared(d))
-            except DataError as err:
-                error = str(err)
-        if dist.is_initialized():
-            shared = [error, location]
-            dist.broadcast_object_list(shared, src=0)
-            error, location = shared
-        if error is not None:
-            raise DataError(error)
-        locations = [location]
+        outcome = _prepared_on_rank0(d, rank, stop_requested or (lambda: False))
+        if outcome["crash"] is not None:  # rank 0 raised (its traceback is in its output)
+            raise RuntimeError(f"rank 0 failed while preparing the data: {outcome['crash']}")
+        if outcome["error"] is not None:
+            raise DataError(outcome["error"])
+        if outcome["stopped"]:
+            raise PreparationStopped("a stop was requested while the data was prepared")
+        locations = [outcome["location"]]
     with _naming(key):  # a bad location; a manifest absent, unreadable or not a dataset's
         sources = [DataSource(loc) for loc in locations]
         manifests = [source.manifest for source in sources]

@@ -120,6 +120,16 @@ def _note_for_agent(signal_name: str | None) -> None:
             Path(folder, str(os.getpid())).write_text(signal_name or "")
 
 
+def _stop_before_first_step(
+    why: str, signal_name: str | None, *, show: bool, run_dir: Path
+) -> NoReturn:
+    """Exit 75 in one line for a stop agreed on before the first step (``why``: its cause).
+    Nothing trained: the summary, metrics and config of the run stay as they are."""
+    message = f"{why} {NOTHING_NEW}; exit code {EXIT_REQUEUE} ({resume_hint(run_dir)})"
+    _note_for_agent(signal_name)
+    _fail(message, EXIT_REQUEUE, show=show, run_dir=run_dir)
+
+
 def say_stop_after_training(noted: str | None) -> None:
     """The one line for a stop signal that came once training had finished (``noted``: its
     name, from ``StartupStop.hand_over``; None: no line): the run ends as finished, exit 0."""
@@ -145,7 +155,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     from omnimoe_train.model.cuda_graphs import release_graphs
     from omnimoe_train.model.fusions import fused_swiglu_enabled
     from omnimoe_train.parallel.setup import ep_overlap_enabled
-    from omnimoe_train.trainer import Trainer
+    from omnimoe_train.trainer import StoppedBeforeFirstStep, Trainer
     from omnimoe_train.validation import ConfigError
 
     quiet_libraries()
@@ -168,11 +178,10 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
                 _say(f"omnimoe-train: {exc}")
                 _write_exit_status(run_dir, EXIT_OK, str(exc))
             return _previous_summary(run_dir)
+        except StoppedBeforeFirstStep as stop:  # a stop signal while the data was prepared
+            _stop_before_first_step(stop.why, stop.signal_name, show=main, run_dir=run_dir)
         if (why := trainer.stop_before_first_step()) is not None:  # collective
-            # Nothing trained: the summary, metrics and config of the run stay as they are.
-            message = f"{why} {NOTHING_NEW}; exit code {EXIT_REQUEUE} ({resume_hint(run_dir)})"
-            _note_for_agent(trainer.stop.signal_name)
-            _fail(message, EXIT_REQUEUE, show=main, run_dir=run_dir)
+            _stop_before_first_step(why, trainer.stop.signal_name, show=main, run_dir=run_dir)
         resolved = OmegaConf.structured(cfg)
         resolved.model.vocab_size = trainer.vocab_size
         derived = {
@@ -210,15 +219,18 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
                 f"run dir {run_dir}"
             )
         try:
-            summary = trainer.fit(sink)
+            try:
+                summary = trainer.fit(sink)
+            finally:
+                # Before any line below: stopping the progress bar draws it once more, and
+                # after an error line it hid that line as the console's last (a bad shard's).
+                sink.close()
         except DataError as exc:  # e.g. a shard found corrupt mid-run, or a resume onto other data
             _fail(str(exc), EXIT_USAGE, show=main, run_dir=run_dir)
         except CheckpointLoadError as exc:
             _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main, run_dir=run_dir)
         except CheckpointWriteError as exc:
             _fail(f"checkpoint.dir: {exc}", EXIT_IO_ERROR, show=main, run_dir=run_dir)
-        finally:
-            sink.close()
         # The whole run's wall time (earlier processes up to the checkpoint each next one
         # resumed from, plus this one) and this process's alone.
         summary["wall_s"] = trainer.state.total_wall_s()

@@ -28,7 +28,7 @@ from omnimoe_train.checkpoint.resume import ResumePoint, find_resume_point, open
 from omnimoe_train.checkpoint.session import CheckpointLoadError, TrainState
 from omnimoe_train.checkpoint.signals import StepSync, StopRequest, parse_duration
 from omnimoe_train.config import RootConfig
-from omnimoe_train.data import build_loader, prepare_data
+from omnimoe_train.data import PreparationStopped, build_loader, prepare_data
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine import build_engine
 from omnimoe_train.engine.megatron import PAD_ID
@@ -47,6 +47,16 @@ from omnimoe_train.validation import (
 )
 
 EVAL_OFF = "off: data.val_fraction=0"
+
+
+class StoppedBeforeFirstStep(Exception):
+    """Every rank stops during the setup, before the first step, with nothing to save: a stop
+    signal came while the data was prepared (``data.prepare_data``). ``why``: the start of the
+    stop line (``run.py`` adds the rest); ``signal_name``: this rank's signal, if it got one."""
+
+    def __init__(self, why: str, signal_name: str | None) -> None:
+        super().__init__(why)
+        self.why, self.signal_name = why, signal_name
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,8 @@ class Trainer:
     another model shape or another ``data.seed``, and ``RunAlreadyComplete`` when it is at or
     past ``trainer.max_steps`` (all before the data is prepared or the model built, see
     ``checkpoint.resume``; other data, or a vocabulary larger than the checkpoint's, which the
-    tokenizer may decide, once the data is known, before the model).
+    tokenizer may decide, once the data is known, before the model), and
+    :class:`StoppedBeforeFirstStep` when a stop signal came while the data was prepared.
     """
 
     def __init__(
@@ -105,7 +116,17 @@ class Trainer:
         except (CheckpointLoadError, RunAlreadyComplete):
             self.stop.restore()
             raise
-        self.data = prepare_data(d, rank=runtime.rank)
+        try:
+            # Preparing may take hours: it stops between two units of work on a stop signal
+            # (the time limit is left to the steps, as in ``stop_before_first_step``).
+            self.data = prepare_data(
+                d, rank=runtime.rank, stop_requested=lambda: self.stop.signal_name is not None
+            )
+        except PreparationStopped:
+            self.stop.restore()
+            # The same line as a stop agreed on after the setup (``stop_before_first_step``).
+            why = self.stop.reason() if self.stop.signal_name else "another rank received a signal"
+            raise StoppedBeforeFirstStep(why, self.stop.signal_name) from None
         self.data_dir = self.data.description
         for facts in self.data.facts():  # each dataset read (a mixture: every one)
             validate_against_data(cfg, facts)

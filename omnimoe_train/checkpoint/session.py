@@ -33,6 +33,28 @@ def data_order(loader_state: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: loader_state.get(k) for k in ("data_ids", "weights", "seed")}))
 
 
+def layout_change(saved: Any, now: dict[str, Any]) -> str:
+    """What differs between a checkpoint's layout (``meta.json``'s, may be absent or of
+    another engine) and this run's, as ``key old -> new`` items, e.g. ``world_size 2 -> 1,
+    ep 2 -> 1``; keys one side lacks read ``-``. Not the raw dicts: one short line."""
+    if not isinstance(saved, dict):
+        return "the checkpoint does not record its layout"
+    keys = [*now, *(k for k in saved if k not in now)]
+    items = [
+        f"{key} {_shown(saved.get(key, '-'))} -> {_shown(now.get(key, '-'))}"
+        for key in keys
+        if saved.get(key, "-") != now.get(key, "-")
+    ]
+    return ", ".join(items) or "the same layout, per-rank state not restored"
+
+
+def _shown(value: Any) -> str:
+    """A layout value as the config writes it (``true``, ``null``), not as Python does."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return str(value)
+
+
 @dataclass
 class TrainState:
     """Everything of the loop that a resume must restore (the engine holds the rest)."""
@@ -122,8 +144,8 @@ class Checkpointing:
         guard.load_state_dict(client["guard"])
         lines = [f"resumed from {path} at step {state.step} ({state.consumed_tokens:,} tokens)"]
         if not client.get("_rank_local_restored", True):
-            saved = read_meta(path).get("layout")
-            lines.append(f"layout changed (checkpoint {saved}): the RNG states start fresh")
+            change = layout_change(read_meta(path).get("layout"), self.engine.layout())
+            lines.append(f"layout changed since {path.name} ({change}): the RNG states start fresh")
         # Global samples consumed: the same on every rank and for any data-parallel size. Other
         # data (seed, datasets, weights) is refused by the loader with a DataError (exit 2).
         loader.load_state_dict(client["data"])

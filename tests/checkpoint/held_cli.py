@@ -5,10 +5,14 @@
 ``FIFO`` may hold ``{rank}``: the worker's ``$RANK`` (0 without one).
 
 ``WHERE``: ``setup`` (in the trainer's setup, after its stop handler is installed: where the
-data is prepared) or ``after_fit`` (once ``Trainer.fit`` has returned, before the run writes its
-summary). There the process opens ``FIFO`` and reads it to the end: it waits until the test
-opens the writing end (which tells the test it is there) and again until the test closes it,
-so a signal sent in between arrives at that point. Every other part of the run is real.
+data is prepared), ``preparing`` (in the data preparation, between two blocks being encoded:
+blocks of 16 kB instead of 8 MiB, so a small corpus makes several; it holds before the second
+block's result is handed on, the first one's shards written, the pool's workers alive with
+blocks left to encode) or ``after_fit`` (once ``Trainer.fit`` has returned, before the run
+writes its summary). There the process opens ``FIFO`` and reads it to the end: it waits until
+the test opens the writing end (which tells the test it is there) and again until the test
+closes it, so a signal sent in between arrives at that point. Every other part of the run is
+real.
 """
 
 from __future__ import annotations
@@ -41,6 +45,20 @@ def main() -> None:
             return real_prepare(*args, **kwargs)
 
         trainer.prepare_data = prepare_data
+    elif where == "preparing":
+        from omnimoe_data import prepare as preparation
+        from omnimoe_train import data
+
+        data.DEFAULT_BLOCK_BYTES = 16_000
+        real_map = preparation.ordered_map
+
+        def ordered_map(fn: Any, tasks: list, workers: int) -> Any:
+            for index, result in enumerate(real_map(fn, tasks, workers)):
+                if index == 1 and fn.__name__ == "encode_block":
+                    hold()
+                yield result
+
+        preparation.ordered_map = ordered_map
     elif where == "after_fit":
         real_fit = trainer.Trainer.fit
 
@@ -52,7 +70,7 @@ def main() -> None:
 
         trainer.Trainer.fit = fit  # type: ignore[method-assign]
     else:
-        raise SystemExit(f"held_cli: WHERE must be setup or after_fit (got {where!r})")
+        raise SystemExit(f"held_cli: WHERE must be setup, preparing or after_fit (got {where!r})")
     sys.argv = ["omnimoe-train", *sys.argv[3:]]
     from omnimoe_train.cli import main as train
 

@@ -3,6 +3,8 @@ a FIFO by ``tests/checkpoint/held_cli.py`` where the signal is to arrive:
 
 - during the trainer's setup (its handler installed, no step yet): exit 75 at once, nothing
   saved, instead of the whole setup plus one step and a checkpoint;
+- while the data is prepared (between two blocks): exit 75 at once, the partial dataset
+  removed, instead of the whole preparation (hours on a large corpus) and the model build;
 - once training has finished (the final checkpoint written), in a run and between the jobs of
   a local ``-m`` sweep: SIGUSR1 was its default action there (death, 138, no word).
 """
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -22,6 +25,7 @@ import pytest
 
 from omnimoe_train.exit_codes import EXIT_OK, EXIT_REQUEUE
 from tests.cli_helpers import cli_env, tiny
+from tests.data.helpers import make_docs, write_txt_folder
 
 TINY = tiny(data__val_fraction=None, trainer__device="cpu")
 NOTHING = "before the first step: stopped, nothing new to save"
@@ -36,12 +40,21 @@ def _held(where: str, fifo: Path, args: list[str], cache: Path) -> subprocess.Po
     os.mkfifo(fifo)
     return subprocess.Popen(
         [sys.executable, "-m", "tests.checkpoint.held_cli", where, str(fifo), *args],
-        env=cli_env(cache), stderr=subprocess.PIPE, text=True,
+        env=cli_env(cache), stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
 
 
-def _signal_when_held(proc: subprocess.Popen, fifo: Path, sig: signal.Signals) -> str:
-    """Once ``proc`` waits at ``fifo``, send ``sig``, let it go on; its stderr once it exited."""
+def _signal_when_held(
+    proc: subprocess.Popen,
+    fifo: Path,
+    sig: signal.Signals,
+    *,
+    group: bool = False,
+    while_held: Callable[[], None] | None = None,
+) -> str:
+    """Once ``proc`` waits at ``fifo``, call ``while_held``, send ``sig`` (``group``: to its
+    whole process group, as SLURM signals every process of a job step), let it go on; its
+    stderr once it exited."""
     writer = None
     try:
         deadline = time.monotonic() + 300
@@ -52,7 +65,12 @@ def _signal_when_held(proc: subprocess.Popen, fifo: Path, sig: signal.Signals) -
                 writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
             except OSError:
                 time.sleep(0.05)
-        proc.send_signal(sig)
+        if while_held is not None:
+            while_held()
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         time.sleep(0.5)  # the signal lands while the process still waits
         os.close(writer)
         writer = None
@@ -89,6 +107,104 @@ def test_stop_during_setup_exits_before_the_first_step(
     }  # fmt: skip
     assert not list((run / "checkpoints").glob("step_*"))
     assert not (run / "metrics.jsonl").exists() and not (run / "summary.json").exists()
+
+
+def test_sigterm_to_the_job_while_the_data_is_prepared_stops_between_two_blocks(
+    tmp_path: Path, cache: Path
+) -> None:
+    """SIGTERM to every process (as ``scancel``) while the run prepared its data with two pool
+    workers: the workers died of it and the run crashed (``BrokenProcessPool``, exit 1); spared
+    that, it would have prepared to the end and built the model before stopping. Now the
+    workers leave the signal to the run, which stops before the next block: exit 75 in one
+    line, the pool gone, the partial dataset removed."""
+    corpus = write_txt_folder(tmp_path / "corpus", make_docs(800, words=60))  # about 20 blocks
+    data_dir, run = tmp_path / "data", tmp_path / "run"
+    args = [
+        *TINY, f"data.inputs=[{corpus}]", f"data.dir={data_dir}", "data.max_bytes=null",
+        "data.samples_per_shard=32", "data.prepare_workers=2", "trainer.max_steps=2",
+        f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    proc = _held("preparing", tmp_path / "hold", args, cache)
+    workers: list[psutil.Process] = []
+
+    def check_preparing() -> None:
+        workers.extend(
+            p for p in psutil.Process(proc.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())
+        )  # fmt: skip
+        assert len(workers) == 2, "the pool's workers are not there"
+        assert list(data_dir.glob("train-*.tar")), "no shard written yet"
+
+    err = _signal_when_held(
+        proc, tmp_path / "hold", signal.SIGTERM, group=True, while_held=check_preparing
+    )
+    assert proc.returncode == EXIT_REQUEUE, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "omnimoe-train: stopped: received SIGTERM before the first step: stopped, nothing new "
+        "to save (the newest complete checkpoint, if any, stays); "
+        f"exit code 75 (to continue, run the same command with OMNIMOE_RUN_DIR={run.resolve()})"
+    ), err[-3000:]
+    assert "parameters per rank" not in err  # stopped before the model was built
+    assert not data_dir.exists()  # the run made it: no partial dataset is left
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    for orphan in alive:
+        orphan.kill()
+    assert not alive, "the pool's workers outlived the run"
+    # The rerun prepares again: tests/data/test_data_cache.py (in one process, faster).
+
+
+def test_usr1_to_a_waiting_rank_stops_the_preparation_on_rank_0(
+    tmp_path: Path, cache: Path
+) -> None:
+    """Two workers under our torchrun; rank 0 prepares, SIGUSR1 to rank 1, which waits for it.
+    It used to wait in a collective, deaf to the signal, through the whole preparation and the
+    model build (and a preparation longer than the process group's 10-minute timeout failed it
+    outright). Now it posts the request, rank 0 stops before its next block, and both exit 75,
+    each saying why."""
+    corpus = write_txt_folder(tmp_path / "corpus", make_docs(400, words=60))
+    data_dir, run = tmp_path / "data", tmp_path / "run"
+    os.mkfifo(tmp_path / "hold0")
+    agent = subprocess.Popen(
+        [
+            sys.executable, "-m", "omnimoe_train.torchrun", "--standalone", "--nproc-per-node",
+            "2", "-m", "tests.checkpoint.held_cli", "preparing", str(tmp_path / "hold{rank}"),
+            *TINY, f"data.inputs=[{corpus}]", f"data.dir={data_dir}", "data.prepare_workers=1",
+            "data.global_batch_size=8", "trainer.max_steps=2", f"hydra.run.dir={run}",
+        ],
+        env={**_env(cache), "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    writer = None
+    try:
+        deadline = time.monotonic() + 300
+        while writer is None:
+            assert agent.poll() is None, agent.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "rank 0 did not reach the FIFO"
+            try:
+                writer = os.open(tmp_path / "hold0", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.05)
+        ranks = sorted(psutil.Process(agent.pid).children(), key=lambda p: p.environ()["RANK"])
+        ranks[1].send_signal(signal.SIGUSR1)
+        time.sleep(1.0)  # rank 1 polls the store a few times a second
+        os.close(writer)
+        writer = None
+        err = agent.communicate(timeout=300)[1]
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == EXIT_REQUEUE, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    stops = sorted(line.split(" before the first step")[0] for line in err.splitlines()
+                   if NOTHING in line)  # fmt: skip
+    assert stops == [
+        "omnimoe-train: stopped: another rank received a signal",
+        "omnimoe-train: stopped: received SIGUSR1",
+    ], err[-3000:]
+    assert not data_dir.exists()
 
 
 def test_stop_on_one_rank_during_setup_stops_every_rank_before_the_first_step(

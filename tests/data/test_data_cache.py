@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from omnimoe_data.corpus import DataError
+from omnimoe_data.corpus import DataError, PreparationStopped
+from omnimoe_data.request import is_prepared
+from omnimoe_train import data as data_module
 from omnimoe_train.config import DataConfig, RootConfig
 from omnimoe_train.data import dataset_dir, prepare_data
 from omnimoe_train.validation import ConfigError, validate
@@ -87,6 +89,26 @@ def test_the_issue_case_prepares_a_new_dataset(cache: Path, corpus: Path) -> Non
     assert manifest["val_fraction"] == 0.5 and manifest["seed"] == 7
     again = prepare_data(config(corpus, val_fraction=0.02, seed=0), rank=0)
     assert again.locations == first.locations  # reused, not prepared again
+
+
+def test_a_stop_while_preparing_leaves_no_dataset_and_the_rerun_prepares_it(
+    cache: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop request of the run (its stop signals) between two blocks: every rank raises
+    :class:`PreparationStopped` (the run exits 75), and the cache folder the preparation made
+    is gone, so nothing there passes for a prepared dataset; the rerun prepares it again. A
+    request that comes once the data is ready stops the run too, before the model."""
+    monkeypatch.setattr(data_module, "DEFAULT_BLOCK_BYTES", 2000)  # several blocks
+    d = config(corpus, prepare_workers=1)
+    out = dataset_dir(d)
+    with pytest.raises(PreparationStopped):
+        prepare_data(d, rank=0, stop_requested=lambda: any(out.glob("train-*.tar")))
+    assert not out.exists()
+    assert prepare_data(d, rank=0).locations == [str(out)]
+    assert is_prepared(out, seq_len=16)
+    with pytest.raises(PreparationStopped):
+        prepare_data(d, rank=0, stop_requested=lambda: True)
+    assert is_prepared(out, seq_len=16)  # a finished dataset is kept
 
 
 def test_a_folder_made_differently_is_refused(corpus: Path, tmp_path: Path) -> None:

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from omnimoe_data.corpus import DataError, default_corpus_files
+from omnimoe_data.corpus import DataError, PreparationStopped, default_corpus_files
 from omnimoe_data.encode import is_val
 from omnimoe_data.prepare import prepare
 from omnimoe_data.request import is_prepared
@@ -323,3 +324,42 @@ def test_index_shard_checks_every_member(tmp_path: Path) -> None:
         index_shard(data, ours, dtype=np.uint16, sample_len=6)
     with pytest.raises(ValueError, match="not a .tokens.u32 sample"):
         index_shard(data, ours, dtype=np.uint32, sample_len=5)
+
+
+@pytest.mark.parametrize("when", ["start", "tokenizer", "encoding"])
+def test_should_stop_stops_between_two_blocks_and_removes_what_it_wrote(
+    when: str, txt_corpus: Path, tmp_path: Path
+) -> None:
+    """The trainer's stop request (``should_stop``) was not asked: a stop signal during an
+    hours-long preparation was acted on only once it had finished. Now it is asked between two
+    blocks (before anything, while the tokenizer reads them, while they are encoded and
+    written): :class:`PreparationStopped`, what the call wrote removed, the pool's workers
+    ended; preparing again starts from scratch."""
+    out = tmp_path / "ds"
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(None)
+        if when == "start":
+            return True
+        if when == "tokenizer":
+            return len(calls) == 3  # at the start, after the 1st and the 2nd block read
+        return any(out.glob("train-*.tar"))  # a shard of the encoded blocks is written
+
+    options = {**TINY, "block_bytes": 2000, "progress": False}  # about 10 blocks
+    with pytest.raises(PreparationStopped):
+        prepare(
+            [txt_corpus],
+            out,
+            workers=2 if when == "encoding" else 1,
+            should_stop=should_stop,
+            **options,
+        )
+    assert not out.exists()  # the call made it: nothing is left that could pass for a dataset
+    assert not [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "spawn_main" in " ".join(p.cmdline())
+    ], "the pool's workers outlived the stop"
+    prepare([txt_corpus], out, workers=1, **options)
+    assert is_prepared(out, seq_len=16)
