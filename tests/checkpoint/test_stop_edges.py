@@ -172,7 +172,7 @@ def test_usr1_to_a_waiting_rank_stops_the_preparation_on_rank_0(
             *TINY, f"data.inputs=[{corpus}]", f"data.dir={data_dir}", "data.prepare_workers=1",
             "data.global_batch_size=8", "trainer.max_steps=2", f"hydra.run.dir={run}",
         ],
-        env={**_env(cache), "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
+        env={**cli_env(cache), "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     writer = None
     try:
