@@ -11,9 +11,10 @@ The pairs sorted by expert make each block's pairs one contiguous range. A work 
 program per column slice) walks a range in chunks of BP and adds each chunk into a (BE, BD)
 float32 accumulator with the one-hot product ``W[e, p] = coef_p * [pair p is expert e's]``
 (tensor cores for bf16 rows: the coefficient as a bf16 high part and a bf16 residual, ~16
-mantissa bits; float32 IEEE products otherwise), then writes its BE rows once (zeros for
-empty experts). The pairs' tokens and coefficients are gathered into expert order once, by
-PyTorch, so every column slice reads them contiguously.
+mantissa bits, or with ``coef_bf16`` (``model.expert_grad_coef=bf16``) the coefficient
+rounded once to bf16 and one product; float32 IEEE products otherwise), then writes its BE
+rows once (zeros for empty experts). The pairs' tokens and coefficients are gathered into
+expert order once (``_pair_coefs_kernel``), so every column slice reads them contiguously.
 
 Why split: a block's work is its pairs, and a trained router is skewed (a80m's load imbalance,
 the busiest expert's pairs over the mean, reached 25 within 20 steps), so one block can hold
