@@ -31,6 +31,7 @@ from omnimoe_train.config import RootConfig
 from omnimoe_train.data import build_loader, prepare_data
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine import build_engine
+from omnimoe_train.engine.deepspeed_config import zero_stage
 from omnimoe_train.engine.megatron import PAD_ID
 from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE, resume_hint
 from omnimoe_train.metrics import METRICS_FILE, MetricsSink, logged_initial_val_loss
@@ -100,7 +101,12 @@ class Trainer:
         # shape, anything left to train) before the data, the model or the engine is built.
         try:
             self.resume: ResumePoint | None = find_resume_point(
-                self.ckpt, trainer=t, model=cfg.model, optim=cfg.optim, data_seed=d.seed
+                self.ckpt,
+                trainer=t,
+                model=cfg.model,
+                optim=cfg.optim,
+                data_seed=d.seed,
+                zero_stage=zero_stage(cfg.deepspeed) if t.engine == "deepspeed" else None,
             )
         except (CheckpointLoadError, RunAlreadyComplete):
             self.stop.restore()

@@ -5,7 +5,9 @@ traceback from deep inside the loader.
 Three questions, in this order (a run that asks for another model is more likely a mistake than
 a finished run, so it is named first):
 
-1. the engine (``trainer.engine``): each engine reads only its own files;
+1. the engine (``trainer.engine``): each engine reads only its own files; under DeepSpeed,
+   ZeRO-0 and the ZeRO stages 1-3 neither (ZeRO-0's one file holds no ZeRO partitions to
+   convert, and DeepSpeed loads no universal checkpoint without ZeRO);
 2. the model's shape: the keys that decide which parameters exist and their shapes, per
    ``model.mlp`` (the parallel layout, data-parallel size, optimizer, schedule, logging and
    ``trainer.max_steps`` may all change on resume and are not compared);
@@ -89,11 +91,13 @@ def check_resumable(
     model: ModelConfig,
     max_steps: int,
     data_seed: int | None = None,
+    zero_stage: int | None = None,
 ) -> None:
     """Raise unless this run can continue from checkpoint ``path`` (see the module docstring).
 
     Raises :class:`CheckpointLoadError` (one line naming the key and both values) for another
-    engine, model shape or ``data_seed`` (``data.seed``; None: not compared),
+    engine, ZeRO-0 against a ZeRO stage (``zero_stage``: this DeepSpeed run's; None: not
+    compared), model shape or ``data_seed`` (``data.seed``; None: not compared),
     :class:`RunAlreadyComplete` when ``meta["step"] >= max_steps``.
     """
     saved_engine = meta.get("engine")
@@ -101,6 +105,19 @@ def check_resumable(
         raise CheckpointLoadError(
             f"checkpoint {path} was written by trainer.engine={saved_engine}; "
             f"set trainer.engine={saved_engine} (or start a new run dir)"
+        )
+    layout = meta.get("layout")
+    saved_stage = layout.get("zero_stage") if isinstance(layout, dict) else None
+    if (
+        isinstance(saved_stage, int)
+        and zero_stage is not None
+        and (saved_stage == 0) != (zero_stage == 0)
+    ):
+        raise CheckpointLoadError(
+            f"checkpoint {path} was written with deepspeed.zero_optimization.stage="
+            f"{saved_stage}, this run asks {zero_stage}: DeepSpeed converts only between "
+            "stages 1-3 (or ZeRO-0 at any data-parallel size); set deepspeed=zero"
+            f"{saved_stage} (or start a new run dir)"
         )
     saved_model = (meta.get("config") or {}).get("model")
     if isinstance(saved_model, dict):

@@ -34,16 +34,24 @@ def test_grad_norm_before_the_step_and_skipped_steps() -> None:
     run_distributed(check_skip_and_norm, 2, runs, timeout_s=600)
 
 
-@pytest.mark.parametrize("preset", ["zero2", "zero3"])
-def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, preset: str) -> None:
-    """Saved at dp 2; loaded at dp 2 (DeepSpeed's files as they are) and at dp 1 (through a
-    universal checkpoint); the consolidated weights equal the live ones."""
+@pytest.mark.parametrize(
+    ("preset", "other_stage"), [("zero0", None), ("zero2", "zero3"), ("zero3", "zero1")]
+)
+def test_checkpoint_resumes_bitwise_and_at_another_dp_size(
+    tmp_path: Path, preset: str, other_stage: str | None
+) -> None:
+    """Saved at dp 2; loaded at dp 2 (DeepSpeed's files as they are), at dp 1 (through a
+    universal checkpoint; ZeRO-0's files as they are) and at dp 1 under another ZeRO family
+    (1-2 <-> 3: the universal checkpoint rewritten for it); the consolidated weights equal
+    the live ones."""
     from omnimoe_train.checkpoint.cli import BUFFER_SUFFIXES
     from omnimoe_train.engine.deepspeed_checkpoint import consolidate, tensor_sizes
 
     run_distributed(save_and_continue, 2, preset, tmp_path, timeout_s=600)
     run_distributed(resume_and_continue, 2, preset, tmp_path, timeout_s=600)
     run_distributed(resume_and_continue, 1, preset, tmp_path, timeout_s=600)
+    if other_stage is not None:
+        run_distributed(resume_and_continue, 1, other_stage, tmp_path, preset, timeout_s=600)
     live = torch.load(tmp_path / "reference.pt", weights_only=False)["live"]
     weights = consolidate(tmp_path / "step_00000002")
     assert set(live) <= set(weights)  # plus the router's BatchNorm statistics (buffers)
