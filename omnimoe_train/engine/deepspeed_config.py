@@ -56,7 +56,7 @@ def check_deepspeed_keys(ds: dict[str, Any]) -> tuple[str, str] | None:
     if not isinstance(zero, dict):
         return "deepspeed.zero_optimization", "must be a mapping of DeepSpeed ZeRO keys"
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if type(stage) is not int or stage not in (0, 1, 2, 3):  # not True / 2.0, equal to 1 / 2
         return "deepspeed.zero_optimization.stage", f"must be one of 0, 1, 2, 3 (got {stage!r})"
     for what in ("offload_optimizer", "offload_param"):
         device = offload_device(ds, what)

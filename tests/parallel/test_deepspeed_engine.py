@@ -75,6 +75,13 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(
         (["parallel=dp2_distopt"], 2, "trainer.engine", "shards the optimizer with ZeRO"),
         (["deepspeed.zero_optimization.stage=4"], 1, "deepspeed.zero_optimization.stage", "0, 1"),
         (
+            ["deepspeed.zero_optimization.stage=true"],
+            1,
+            "deepspeed.zero_optimization.stage",
+            "0, 1",
+        ),
+        (["deepspeed.zero_optimization.stage=2.0"], 1, "deepspeed.zero_optimization.stage", "0, 1"),
+        (
             ["deepspeed=zero3_offload", "deepspeed.zero_optimization.stage=2"],
             1,
             "deepspeed.zero_optimization.offload_param",
