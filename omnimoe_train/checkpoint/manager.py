@@ -209,7 +209,7 @@ class CheckpointManager:
         if resume is None or str(resume).lower() in ("none", "null", "false"):
             self._supersede_other_timeline(None)
             return None
-        auto = resume == "auto"
+        auto = str(resume).lower() == "auto"  # as "none" here and the pre-check
         path = self.root if auto else Path(resume).expanduser()
         if not auto and (step_of(path) is not None or (path / "meta.json").exists()):
             problem = find_problem(path)

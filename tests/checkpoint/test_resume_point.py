@@ -82,6 +82,14 @@ def test_the_newest_checkpoint_is_found_with_its_meta(tmp_path: Path) -> None:
         point.check_data_order({"data_ids": ["aa"], "weights": [0.5], "seed": 0})
 
 
+def test_auto_is_case_insensitive_as_none_and_the_pre_check_are(tmp_path: Path) -> None:
+    """``checkpoint.resume=AUTO`` passed the pre-check (which lowers the case) and was then
+    taken for a folder named AUTO: "AUTO: no checkpoint folders (step_<8 digits>) in it"."""
+    _save(tmp_path / "checkpoints", 8, _meta())
+    point, _ = _find(tmp_path, resume="AUTO")
+    assert point is not None and point.name == "step_00000008"
+
+
 def test_a_longer_run_resumes_with_the_schedule_change_in_one_line(tmp_path: Path) -> None:
     _save(tmp_path / "checkpoints", 8, _meta(max_steps=100))
     point, _ = _find(tmp_path, max_steps=200)
