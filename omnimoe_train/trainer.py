@@ -107,6 +107,7 @@ class Trainer:
                 optim=cfg.optim,
                 data_seed=d.seed,
                 zero_stage=zero_stage(cfg.deepspeed) if t.engine == "deepspeed" else None,
+                bf16=runtime.bf16,
             )
         except (CheckpointLoadError, RunAlreadyComplete):
             self.stop.restore()

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from omnimoe_train.checkpoint.compat import zero0_precision_rule
 from omnimoe_train.checkpoint.sharded import rank_local_state, restore_rank_local
 from omnimoe_train.distributed import barrier, rank_and_world
 from omnimoe_train.engine.deepspeed_universal import TAG, rank0_model_states, to_universal
@@ -102,7 +103,11 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any]) -> None:
 def saved_layout(directory: Path) -> dict[str, Any]:
     """The engine layout a checkpoint was written with (from rank 0's DeepSpeed file)."""
     state = torch.load(rank0_model_states(directory), map_location="cpu", weights_only=False)
-    return state["layout"]
+    layout = dict(state["layout"])
+    # Recorded since DeepSpeed's files of one precision would not load in the other (another
+    # name, other contents); for an older checkpoint, from the DeepSpeed config it was saved with.
+    layout.setdefault("bf16", bool((state.get("ds_config") or {}).get("bf16", {}).get("enabled")))
+    return layout
 
 
 def tensor_sizes(directory: Path, buffer_suffixes: tuple[str, ...]) -> dict[str, int]:
@@ -162,8 +167,11 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
     rank, _ = rank_and_world()
     saved, now = saved_layout(directory), engine.layout()
     same_layout = saved == now
-    # ZeRO-0's one file holds the whole model and optimizer state: it loads as it is.
+    # ZeRO-0's one file holds the whole model and optimizer state: it loads as it is, in the
+    # precision it was written in (``checkpoint.compat`` refuses another, from meta.json).
     as_saved = same_layout or saved["zero_stage"] == now["zero_stage"] == 0
+    if as_saved and saved["bf16"] != now["bf16"]:
+        raise ValueError(zero0_precision_rule(directory, saved["bf16"], now["bf16"]))
     ds = engine.engine
     source, scratch = directory, None
     if not as_saved and not model_only:

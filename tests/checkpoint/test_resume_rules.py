@@ -138,6 +138,26 @@ def test_zero0_against_a_zero_stage_is_named_and_stages_1_to_3_may_change() -> N
         check(saved, stage)
 
 
+def test_zero0_in_another_precision_is_named_and_zero_1_to_3_may_change_it() -> None:
+    def check(stage: int, saved_bf16: bool | None, bf16: bool) -> None:
+        layout = {"engine": "deepspeed", "zero_stage": stage}
+        if saved_bf16 is not None:
+            layout["bf16"] = saved_bf16
+        meta = {**_meta(engine="deepspeed"), "layout": layout}
+        check_resumable(CKPT, meta, engine="deepspeed", model=ModelConfig(num_experts=64),
+                        max_steps=100, zero_stage=stage, bf16=bf16)  # fmt: skip
+
+    with pytest.raises(CheckpointLoadError) as exc:
+        check(0, False, True)
+    assert str(exc.value) == (
+        f"checkpoint {CKPT} was written by ZeRO-0 in fp32, this run trains in bf16: ZeRO-0's "
+        "files load only in the precision they were written in; set trainer.precision=fp32 "
+        "(or start a new run dir)"
+    )
+    for stage, saved_bf16, bf16 in ((0, True, True), (0, None, True), (2, False, True)):
+        check(stage, saved_bf16, bf16)
+
+
 def test_old_meta_without_engine_or_config_is_not_refused() -> None:
     _check({"step": 10})
     _check({"step": 10, "engine": None, "config": {}}, num_experts=256)

@@ -217,3 +217,37 @@ def resume_and_continue(preset: str, root: Path, saved_preset: str | None = None
         assert_close_lists("loss after resume", losses, ref["losses"], rtol=1e-6)
     assert not any(p.name.endswith(".universal") for p in root.iterdir())  # scratch removed
     parallel_state.destroy_model_parallel()
+
+
+def resume_in_other_precision(preset: str, root: Path, precision: str) -> None:
+    """The fp32 checkpoint ``root/step_00000002`` resumes in ``precision`` (bf16) on its own
+    layout at ZeRO 1-3:
+    DeepSpeed's files of one precision do not load in the other (``bf16_``-named optimizer
+    files, other contents), so it goes through the universal checkpoint; the weights are the
+    saved ones rounded, the statistics the saved ones, and training continues. Under ZeRO-0
+    (no universal checkpoint) it is refused in one line naming ``trainer.precision``."""
+    from omnimoe_train.engine.deepspeed import DeepSpeedEngine
+
+    cfg = deepspeed_config(preset, f"trainer.precision={precision}")
+    rt = init_runtime(cfg)
+    engine = DeepSpeedEngine(cfg, rt, VOCAB)
+    ref = torch.load(root / "reference.pt", weights_only=False)
+    if preset == "zero0":
+        try:
+            engine.load_checkpoint(root / "step_00000002")
+        except ValueError as exc:
+            assert "set trainer.precision=fp32" in str(exc), exc
+        else:
+            raise AssertionError("a ZeRO-0 fp32 checkpoint loaded in bf16")
+        parallel_state.destroy_model_parallel()
+        return
+    client = engine.load_checkpoint(root / "step_00000002")
+    assert client == {"step": 2, "_rank_local_restored": False}, client
+    for name, value in full_params(engine).items():
+        assert torch.equal(value, ref["live"][name].to(value.dtype)), f"loaded {name} differs"
+    statistics = router_statistics(engine)
+    for name, value in statistics.items():
+        assert torch.equal(value, ref["statistics"][name]), f"loaded {name} differs"
+    losses = [train_step(engine, cfg, step) for step in (2, 3)]
+    assert_close_lists("bf16 loss after resume", losses, ref["losses"], rtol=1e-2)
+    parallel_state.destroy_model_parallel()

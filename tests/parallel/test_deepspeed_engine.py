@@ -15,6 +15,7 @@ from .deepspeed_checks import (
     check_skip_and_norm,
     check_zero_stages,
     resume_and_continue,
+    resume_in_other_precision,
     save_and_continue,
 )
 from .distributed import run_distributed
@@ -52,6 +53,7 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(
     run_distributed(resume_and_continue, 1, preset, tmp_path, timeout_s=600)
     if other_stage is not None:
         run_distributed(resume_and_continue, 1, other_stage, tmp_path, preset, timeout_s=600)
+    run_distributed(resume_in_other_precision, 2, preset, tmp_path, "bf16", timeout_s=600)
     live = torch.load(tmp_path / "reference.pt", weights_only=False)["live"]
     weights = consolidate(tmp_path / "step_00000002")
     assert set(live) <= set(weights)  # plus the router's BatchNorm statistics (buffers)
