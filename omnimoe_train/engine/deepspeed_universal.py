@@ -17,7 +17,9 @@ Adam step count        ``<param>/step.pt``                ``optimizer_state_dict
 So a change of stage between 1-2 and 3 failed inside DeepSpeed's loader (an assertion without
 a message, or a ``KeyError``). :func:`to_universal` converts, then rewrites the differing parts
 into the loading stage's form. ZeRO-0 has no ZeRO partitions to convert (the caller refuses a
-change between stage 0 and a ZeRO stage, ``checkpoint.compat``).
+change between stage 0 and a ZeRO stage, ``checkpoint.compat``). The Adam step count is made a
+tensor whatever optimizer wrote it (:func:`_as_step`), so that a checkpoint of an offloaded run
+(DeepSpeed's CPU Adam) loads into torch's AdamW at another layout.
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ def to_universal(directory: Path, scratch: Path, *, stage3: bool, shapes: dict[s
     _adapt_optimizer_state(folder / "zero", stage3=stage3, shapes=shapes)
 
 
+def _as_step(step: Any) -> torch.Tensor:
+    """Adam's step count as torch's AdamW keeps it (a float scalar tensor); DeepSpeed's CPU
+    Adam keeps an int, which torch's AdamW refuses ("`state_steps` argument must contain a
+    list of singleton tensors") and CPU Adam takes either way."""
+    return step if torch.is_tensor(step) else torch.tensor(float(step))
+
+
 def _adapt_optimizer_state(zero: Path, *, stage3: bool, shapes: dict[str, Any]) -> None:
     from deepspeed import __version__
     from deepspeed.checkpoint.constants import (
@@ -82,17 +91,24 @@ def _adapt_optimizer_state(zero: Path, *, stage3: bool, shapes: dict[str, Any]) 
 
     path = zero / "optimizer_state.pt"
     common = torch.load(path, weights_only=False)
-    if (OPTIMIZER_STATE_DICT in common) == stage3:
-        return  # written by a stage of the same family
-    if stage3:
-        # Stage 3 reads one step count (all its sub-groups step together) and the param groups.
-        step = next(torch.load(f, weights_only=False) for f in sorted(zero.glob("*/step.pt")))
+    written_by_stage3 = OPTIMIZER_STATE_DICT in common
+    if written_by_stage3:
+        states = common[OPTIMIZER_STATE_DICT]["state"]
+        for state in states.values():
+            state["step"] = _as_step(state["step"])
+        step = states[0]["step"]  # all sub-groups step together
+    else:
+        files = sorted(zero.glob("*/step.pt"))
+        for file in files:
+            torch.save(_as_step(torch.load(file, weights_only=False)), file)
+        step = torch.load(files[0], weights_only=False)
+    if stage3 and not written_by_stage3:
+        # Stage 3 reads one step count and the param groups from the common state.
         common[OPTIMIZER_STATE_DICT] = {
             "state": {0: {"step": step}},
             PARAM_GROUPS: common[PARAM_GROUPS],
         }
-    else:
-        step = common[OPTIMIZER_STATE_DICT]["state"][0]["step"]
+    elif not stage3 and written_by_stage3:
         common.setdefault(DS_VERSION, __version__)  # converted by this version just now
         for name, shape in shapes.items():
             for key in HP_KEYS:

@@ -36,15 +36,16 @@ def test_grad_norm_before_the_step_and_skipped_steps() -> None:
 
 
 @pytest.mark.parametrize(
-    ("preset", "other_stage"), [("zero0", None), ("zero2", "zero3"), ("zero3", "zero1")]
+    ("preset", "other_stage"),
+    [("zero0", None), ("zero2", "zero3"), ("zero3", "zero1"), ("zero3_offload", "zero2")],
 )
 def test_checkpoint_resumes_bitwise_and_at_another_dp_size(
     tmp_path: Path, preset: str, other_stage: str | None
 ) -> None:
     """Saved at dp 2; loaded at dp 2 (DeepSpeed's files as they are), at dp 1 (through a
     universal checkpoint; ZeRO-0's files as they are) and at dp 1 under another ZeRO family
-    (1-2 <-> 3: the universal checkpoint rewritten for it); the consolidated weights equal
-    the live ones."""
+    (1-2 <-> 3: the universal checkpoint rewritten for it; an offloaded run's CPU Adam into
+    torch's AdamW); in bf16 on its own layout; the consolidated weights equal the live ones."""
     from omnimoe_train.checkpoint.cli import BUFFER_SUFFIXES
     from omnimoe_train.engine.deepspeed_checkpoint import consolidate, tensor_sizes
 
