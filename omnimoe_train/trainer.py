@@ -297,6 +297,8 @@ class Trainer:
                 self._warn(f"trainer.profile_step={t.profile_step}: this run resumes after it "
                            f"(step {s.step}), so no step is profiled")  # fmt: skip
             sink.log({"step": s.step, "resumed_from": self.resume.name})
+        # Only now that the start is taken: a refused resume leaves the run dir's checkpoints.
+        self.ckpt.manager.set_aside_other_timeline()
         if self.rt.is_main and cfg.model.mlp in ATOMIC_EXPERT_MLPS:
             sink.console.log(self.engine.sharding_note)
         evaluating = self.val_loader is not None
