@@ -75,7 +75,27 @@ def check_deepspeed_keys(ds: dict[str, Any]) -> tuple[str, str] | None:
             "deepspeed.zero_optimization.offload_param",
             f"needs ZeRO stage 3 (deepspeed.zero_optimization.stage is {stage})",
         )
+    for what in nvme_offloads(ds):
+        # ZeRO-1/2 offload to the host only: with nvme DeepSpeed kept the optimizer state on
+        # the device while the engine built its host-side CPU Adam; ZeRO-3 without a path
+        # failed with a TypeError after the model was built.
+        if stage != 3:
+            return (
+                f"deepspeed.zero_optimization.{what}.device",
+                f"nvme needs ZeRO stage 3 (DeepSpeed offloads to NVMe only under ZeRO-3; "
+                f"deepspeed.zero_optimization.stage is {stage}); use device cpu",
+            )
+        if not (zero.get(what) or {}).get("nvme_path"):
+            return (
+                f"deepspeed.zero_optimization.{what}.nvme_path",
+                "is needed with device nvme: a folder on the NVMe drive",
+            )
     return None
+
+
+def nvme_offloads(ds: dict[str, Any]) -> list[str]:
+    """The ``offload_*`` sections of the ZeRO config whose device is ``nvme``."""
+    return [w for w in ("offload_optimizer", "offload_param") if offload_device(ds, w) == "nvme"]
 
 
 #: Sections of the DeepSpeed config that DeepSpeed reads through a pydantic model of its own

@@ -102,6 +102,21 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(
             "deepspeed.zero_optimization.offload_optimizer.device",
             "cpu, nvme, none",
         ),
+        (
+            [
+                "deepspeed=zero2_offload",
+                "deepspeed.zero_optimization.offload_optimizer.device=nvme",
+            ],
+            1,
+            "deepspeed.zero_optimization.offload_optimizer.device",
+            "nvme needs ZeRO stage 3",
+        ),
+        (
+            ["deepspeed=zero3_offload", "deepspeed.zero_optimization.offload_param.device=nvme"],
+            1,
+            "deepspeed.zero_optimization.offload_param.nvme_path",
+            "is needed with device nvme",
+        ),
         (["+deepspeed.train_batch_size=64"], 1, "deepspeed.train_batch_size", "data.global_batch"),
         (["+deepspeed.gradient_clipping=2.0"], 1, "deepspeed.gradient_clipping", "optim.clip_grad"),
         (["+deepspeed.fp16.enabled=true"], 1, "deepspeed.fp16", "trainer.precision"),
@@ -163,6 +178,29 @@ def test_deepspeed_config_rules(overrides: list[str], world_size: int, key: str,
     with pytest.raises(ConfigError) as info:
         validate(cfg, world_size)
     assert info.value.key == key and rule in info.value.rule, str(info.value)
+
+
+def test_nvme_offload_needs_deepspeeds_async_io_op_on_this_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without it (no libaio) the engine failed with a RuntimeError traceback after the model
+    was built; ``omnimoe-params`` (not this machine's run) does not ask."""
+    import omnimoe_train.validation.engine as rules
+
+    cfg = compose_config(
+        "trainer.engine=deepspeed",
+        "deepspeed=zero3_offload",
+        "deepspeed.zero_optimization.offload_param.device=nvme",
+        "+deepspeed.zero_optimization.offload_param.nvme_path=/nvme",
+    )
+    monkeypatch.setattr(rules, "_async_io_available", lambda: False)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, 1)
+    assert info.value.key == "deepspeed.zero_optimization.offload_param.device"
+    assert "async_io" in info.value.rule
+    validate(cfg, 1, this_machine=False)
+    monkeypatch.setattr(rules, "_async_io_available", lambda: True)
+    validate(cfg, 1)
 
 
 def test_presets_and_megatron_layouts_stay_valid() -> None:
