@@ -302,7 +302,8 @@ def _report(sink: Any, summary: dict[str, Any]) -> None:
             took += (
                 f" ({summary['segment_wall_s']:.0f}s since resuming from {summary['resumed_from']})"
             )
-        sink.console.log(f"val_loss {first:.3f} -> {last:.3f} ({drop:.1f}% lower) {took}")
+        change = f"{abs(drop):.1f}% {'lower' if drop >= 0 else 'higher'}"  # not "-0.9% lower"
+        sink.console.log(f"val_loss {first:.3f} -> {last:.3f} ({change}) {took}")
 
 
 __all__ = ["run"]

@@ -31,6 +31,7 @@ from omnimoe_train.config import RootConfig
 from omnimoe_train.data import PreparationStopped, build_loader, prepare_data
 from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine import build_engine
+from omnimoe_train.engine.deepspeed_config import zero_stage
 from omnimoe_train.engine.megatron import PAD_ID
 from omnimoe_train.exit_codes import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE, resume_hint
 from omnimoe_train.metrics import METRICS_FILE, MetricsSink, logged_initial_val_loss
@@ -111,7 +112,13 @@ class Trainer:
         # shape, anything left to train) before the data, the model or the engine is built.
         try:
             self.resume: ResumePoint | None = find_resume_point(
-                self.ckpt, trainer=t, model=cfg.model, optim=cfg.optim, data_seed=d.seed
+                self.ckpt,
+                trainer=t,
+                model=cfg.model,
+                optim=cfg.optim,
+                data_seed=d.seed,
+                zero_stage=zero_stage(cfg.deepspeed) if t.engine == "deepspeed" else None,
+                bf16=runtime.bf16,
             )
         except (CheckpointLoadError, RunAlreadyComplete):
             self.stop.restore()
@@ -311,6 +318,8 @@ class Trainer:
                 self._warn(f"trainer.profile_step={t.profile_step}: this run resumes after it "
                            f"(step {s.step}), so no step is profiled")  # fmt: skip
             sink.log({"step": s.step, "resumed_from": self.resume.name})
+        # Only now that the start is taken: a refused resume leaves the run dir's checkpoints.
+        self.ckpt.manager.set_aside_other_timeline()
         if self.rt.is_main and cfg.model.mlp in ATOMIC_EXPERT_MLPS:
             sink.console.log(self.engine.sharding_note)
         evaluating = self.val_loader is not None

@@ -144,6 +144,8 @@ def _checkpoints_in(path: Path) -> list[Path]:
 
 
 def inspect(path: Path, as_json: bool) -> int:
+    if not path.exists():  # not "meta.json is missing (the save did not finish)"
+        _fail(f"{path}: no such checkpoint folder")
     folders = [path] if _is_checkpoint(path) else _checkpoints_in(path)
     if not folders:
         _fail(
@@ -189,10 +191,16 @@ def consolidate(path: Path, out: Path) -> None:
         _fail(f"{path}: written by engine {meta.get('engine')!r}; not megatron or deepspeed")
     import torch
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from omnimoe_train.config import RootConfig
 
-    saved = OmegaConf.merge(OmegaConf.structured(RootConfig), meta["config"])
+    try:  # a config of another version (a key since renamed) or a hand-edited one
+        saved = OmegaConf.merge(OmegaConf.structured(RootConfig), meta["config"])
+        OmegaConf.to_object(saved)
+    except (OmegaConfBaseException, ValueError) as exc:
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _fail(f"{path}: meta.json's run config does not fit this version: {line}")
     if meta["engine"] == "deepspeed":
         state = _consolidate_deepspeed(path)
     else:

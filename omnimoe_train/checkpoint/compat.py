@@ -5,7 +5,10 @@ traceback from deep inside the loader.
 Three questions, in this order (a run that asks for another model is more likely a mistake than
 a finished run, so it is named first):
 
-1. the engine (``trainer.engine``): each engine reads only its own files;
+1. the engine (``trainer.engine``): each engine reads only its own files; under DeepSpeed,
+   ZeRO-0 and the ZeRO stages 1-3 neither (ZeRO-0's one file holds no ZeRO partitions to
+   convert, and DeepSpeed loads no universal checkpoint without ZeRO), nor ZeRO-0 in another
+   precision (its optimizer state is that of the precision's optimizer);
 2. the model's shape: the keys that decide which parameters exist and their shapes, per
    ``model.mlp`` (the parallel layout, data-parallel size, optimizer, schedule, logging and
    ``trainer.max_steps`` may all change on resume and are not compared);
@@ -89,11 +92,14 @@ def check_resumable(
     model: ModelConfig,
     max_steps: int,
     data_seed: int | None = None,
+    zero_stage: int | None = None,
+    bf16: bool | None = None,
 ) -> None:
     """Raise unless this run can continue from checkpoint ``path`` (see the module docstring).
 
     Raises :class:`CheckpointLoadError` (one line naming the key and both values) for another
-    engine, model shape or ``data_seed`` (``data.seed``; None: not compared),
+    engine, ZeRO-0 against a ZeRO stage or in another precision (``zero_stage``, ``bf16``:
+    this DeepSpeed run's; None: not compared), model shape or ``data_seed`` (``data.seed``; None: not compared),
     :class:`RunAlreadyComplete` when ``meta["step"] >= max_steps``.
     """
     saved_engine = meta.get("engine")
@@ -102,6 +108,22 @@ def check_resumable(
             f"checkpoint {path} was written by trainer.engine={saved_engine}; "
             f"set trainer.engine={saved_engine} (or start a new run dir)"
         )
+    layout = meta.get("layout")
+    saved_stage = layout.get("zero_stage") if isinstance(layout, dict) else None
+    if (
+        isinstance(saved_stage, int)
+        and zero_stage is not None
+        and (saved_stage == 0) != (zero_stage == 0)
+    ):
+        raise CheckpointLoadError(
+            f"checkpoint {path} was written with deepspeed.zero_optimization.stage="
+            f"{saved_stage}, this run asks {zero_stage}: DeepSpeed converts only between "
+            "stages 1-3 (or ZeRO-0 at any data-parallel size); set deepspeed=zero"
+            f"{saved_stage} (or start a new run dir)"
+        )
+    saved_bf16 = layout.get("bf16") if isinstance(layout, dict) else None
+    if saved_stage == 0 == zero_stage and None not in (saved_bf16, bf16) and saved_bf16 != bf16:
+        raise CheckpointLoadError(zero0_precision_rule(path, bool(saved_bf16), bool(bf16)))
     saved_model = (meta.get("config") or {}).get("model")
     if isinstance(saved_model, dict):
         wanted = {k: getattr(model, k, None) for k in _ALL}
@@ -127,6 +149,17 @@ def check_resumable(
     step = meta.get("step")
     if isinstance(step, int) and step >= max_steps:
         raise RunAlreadyComplete(step, max_steps)
+
+
+def zero0_precision_rule(path: Path, saved_bf16: bool, bf16: bool) -> str:
+    """The line refusing a ZeRO-0 checkpoint in another precision (also the loader's, for a
+    checkpoint whose ``meta.json`` does not record it)."""
+    was, now = ("bf16" if b else "fp32" for b in (saved_bf16, bf16))
+    return (
+        f"checkpoint {path} was written by ZeRO-0 in {was}, this run trains in {now}: ZeRO-0's "
+        f"files load only in the precision they were written in; set trainer.precision={was} "
+        "(or start a new run dir)"
+    )
 
 
 # The config keys that set each key of ``session.data_order``.

@@ -113,6 +113,20 @@ def read_meta(folder: Path) -> dict[str, Any]:
         raise CheckpointCorrupt(f"{META} is unreadable ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointCorrupt(f"{META} is not a {FORMAT} checkpoint")
+    # What every reader indexes without looking (a hand-edited or foreign meta.json was a
+    # KeyError traceback from inspect, consolidate and a resuming run).
+    files = meta.get("files")
+    if not isinstance(meta.get("step"), int) or isinstance(meta["step"], bool):
+        raise CheckpointCorrupt(f"{META} is malformed: no integer step")
+    if not isinstance(files, dict):
+        raise CheckpointCorrupt(f"{META} is malformed: no files listed")
+    for name, entry in files.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("bytes"), int)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            raise CheckpointCorrupt(f"{META} is malformed: no bytes and sha256 for {name}")
     return meta
 
 

@@ -104,12 +104,16 @@ class CheckpointManager:
         self._warn = warn or (lambda line: None)
         self._pending: tuple[int, Path, dict[str, Any], PendingWrite] | None = None
         self.last_saved_step: int | None = None
+        # Where resolve_resume started this run, to set the other timeline aside once taken.
+        self._timeline_start: Path | None = None
+        self._set_aside_pending = False
 
     # -- saving -------------------------------------------------------------------------------
     def save(self, step: int, write: WriteFn, meta: dict[str, Any]) -> None:
         """Write and (now, or when the background write ends) publish the checkpoint of
         ``step``. Waits first for a previous asynchronous save. Raises
         :class:`CheckpointWriteError` on every rank if any rank fails."""
+        self.set_aside_other_timeline()  # before retention could prune the new timeline's
         self.wait()
         tmp = self.root / (step_dir_name(step) + ".tmp")
         if self.rank == 0:
@@ -207,15 +211,15 @@ class CheckpointManager:
         """
         resume = self.cfg.resume
         if resume is None or str(resume).lower() in ("none", "null", "false"):
-            self._supersede_other_timeline(None)
+            self._set_aside_later(None)
             return None
-        auto = resume == "auto"
+        auto = str(resume).lower() == "auto"  # as "none" here and the pre-check
         path = self.root if auto else Path(resume).expanduser()
         if not auto and (step_of(path) is not None or (path / "meta.json").exists()):
             problem = find_problem(path)
             if problem is not None:
                 raise CheckpointCorrupt(f"{path}: {problem}")
-            self._supersede_other_timeline(path)
+            self._set_aside_later(path)
             return path
         candidates = list(reversed(list_checkpoints(path)))
         if not auto and not candidates:
@@ -232,7 +236,7 @@ class CheckpointManager:
                         f"to {after}" + (f" (the bad one is kept as {quarantined})" if auto else "")
                     )
                 if not auto:
-                    self._supersede_other_timeline(candidate)
+                    self._set_aside_later(candidate)
                 return candidate
             bad.append((candidate, problem))
         # None is valid: they stay where they are (not renamed *.corrupt), so that rerunning
@@ -245,6 +249,20 @@ class CheckpointManager:
                 "or set checkpoint.resume=none to start from scratch"
             )
         return None
+
+    def _set_aside_later(self, start: Path | None) -> None:
+        self._timeline_start, self._set_aside_pending = start, True
+
+    def set_aside_other_timeline(self) -> None:
+        """Collective: set aside the checkpoints of ``root`` that are not the past of the start
+        :meth:`resolve_resume` chose (``checkpoint.resume=none`` or a path), once the run has
+        taken it: the checkpoint loaded (or, from scratch, training about to begin). A resume
+        refused on the way (another engine or model, other data, a checkpoint that does not
+        load: exit 2) leaves them as they were; renamed at once, the rerun of the run's own
+        command found nothing of its own and started over from step 0."""
+        if self._set_aside_pending:
+            self._set_aside_pending = False
+            self._supersede_other_timeline(self._timeline_start)
 
     def _supersede_other_timeline(self, start: Path | None) -> None:
         """Rename the checkpoints of ``root`` that are not the past of a run starting from

@@ -95,6 +95,8 @@ def find_resume_point(
     model: ModelConfig,
     optim: OptimConfig,
     data_seed: int | None,
+    zero_stage: int | None = None,
+    bf16: bool | None = None,
 ) -> ResumePoint | None:
     """The checkpoint to resume from per ``checkpoint.resume`` (None: start from step 0), checked
     against this run's engine, model shape, ``data.seed`` and ``trainer.max_steps``.
@@ -115,6 +117,8 @@ def find_resume_point(
         model=model,
         max_steps=trainer.max_steps,
         data_seed=data_seed,
+        zero_stage=zero_stage,
+        bf16=bf16,
     )
     note = schedule_change(path, meta, optim=optim, max_steps=trainer.max_steps)
     return ResumePoint(path, meta, note)

@@ -267,6 +267,7 @@ class DeepSpeedEngine:
             "world_size": self.rt.world_size,
             "dp": self.rt.dp_size,
             "zero_stage": self.zero_stage,
+            "bf16": self.rt.bf16,
         }
 
     def checkpoint_meta(self) -> dict[str, Any]:

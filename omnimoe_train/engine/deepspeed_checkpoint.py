@@ -15,14 +15,21 @@ and :func:`load` on a folder):
   holds the router BatchNorm statistics, the same on every rank). Restored when the layout
   (data-parallel size, ZeRO stage) is unchanged.
 
-Another data-parallel size (or ZeRO stage) on resume: the checkpoint is converted with
+Another data-parallel size or ZeRO stage (1-3) on resume: the checkpoint is converted with
 DeepSpeed's ``ds_to_universal`` into a universal checkpoint (one fp32 file per parameter and
 optimizer moment) in a scratch folder next to it, loaded with ``load_universal``, and removed.
+A change between stages 1-2 and 3 rewrites it into the loading stage's form
+(``deepspeed_universal``). What DeepSpeed's universal load leaves out is done here: the
+module's buffers (the router BatchNorm statistics) are loaded from the saved module state (the
+universal load restores parameters only, which left them at their initial values), and the
+param groups' hyper-parameters come from this run's config, as under the megatron engine (the
+ZeRO-3 universal load copied the first group's into every group: weight decay for the norms).
+ZeRO-0 keeps everything whole in one file, which loads as it is at any data-parallel size;
+between ZeRO-0 and a ZeRO stage there is no conversion (``checkpoint.compat`` refuses it).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import shutil
@@ -32,10 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from omnimoe_train.checkpoint.compat import zero0_precision_rule
 from omnimoe_train.checkpoint.sharded import rank_local_state, restore_rank_local
 from omnimoe_train.distributed import barrier, rank_and_world
+from omnimoe_train.engine.deepspeed_universal import TAG, rank0_model_states, to_universal
 
-TAG = "deepspeed"
 EXTRA_STATE = "_extra_state"
 
 
@@ -92,18 +100,14 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any]) -> None:
     barrier()
 
 
-def _rank0_model_states(directory: Path) -> Path:
-    """Rank 0's DeepSpeed module-state file (ZeRO-3 writes one per rank, under another name)."""
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (directory / TAG / name).is_file():
-            return directory / TAG / name
-    raise FileNotFoundError(f"{directory}: no DeepSpeed module state in {TAG}/")
-
-
 def saved_layout(directory: Path) -> dict[str, Any]:
     """The engine layout a checkpoint was written with (from rank 0's DeepSpeed file)."""
-    state = torch.load(_rank0_model_states(directory), map_location="cpu", weights_only=False)
-    return state["layout"]
+    state = torch.load(rank0_model_states(directory), map_location="cpu", weights_only=False)
+    layout = dict(state["layout"])
+    # Recorded since DeepSpeed's files of one precision would not load in the other (another
+    # name, other contents); for an older checkpoint, from the DeepSpeed config it was saved with.
+    layout.setdefault("bf16", bool((state.get("ds_config") or {}).get("bf16", {}).get("enabled")))
+    return layout
 
 
 def tensor_sizes(directory: Path, buffer_suffixes: tuple[str, ...]) -> dict[str, int]:
@@ -116,7 +120,7 @@ def tensor_sizes(directory: Path, buffer_suffixes: tuple[str, ...]) -> dict[str,
     names end with ``buffer_suffixes`` are counted apart. The ZeRO optimizer partitions are not
     read. Raises ``FileNotFoundError`` when the folder holds no DeepSpeed module state."""
     state = torch.load(
-        _rank0_model_states(directory), map_location="cpu", weights_only=False, mmap=True
+        rank0_model_states(directory), map_location="cpu", weights_only=False, mmap=True
     )
     module: dict[str, Any] = state["module"]
     buffers = set(state.get("buffer_names") or ())
@@ -137,21 +141,19 @@ def tensor_sizes(directory: Path, buffer_suffixes: tuple[str, ...]) -> dict[str,
     }
 
 
-def _to_universal(directory: Path, scratch: Path) -> None:
-    """DeepSpeed's ``ds_to_universal`` in this process (rank 0), quietly."""
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    args = argparse.Namespace(
-        input_folder=str(directory / TAG),
-        output_folder=str(scratch / TAG),
-        num_extract_workers=1,  # in-process: no worker pool on a training rank
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=False,
+def _restore_buffers(module: nn.Module, directory: Path) -> None:
+    """Copy the saved module state's buffers (DeepSpeed's ``buffer_names``: the router
+    BatchNorm statistics) into ``module``; ZeRO does not partition buffers, so every stage's
+    rank-0 file holds them whole."""
+    state = torch.load(
+        rank0_model_states(directory), map_location="cpu", weights_only=False, mmap=True
     )
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        ds_to_universal(args)
+    saved = state["module"]
+    wanted = set(state.get("buffer_names") or ())
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in wanted and name in saved:
+                buffer.copy_(saved[name])
 
 
 def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
@@ -163,16 +165,32 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
     ``client["_rank_local_restored"] = False`` reports.
     """
     rank, _ = rank_and_world()
-    same_layout = saved_layout(directory) == engine.layout()
+    saved, now = saved_layout(directory), engine.layout()
+    same_layout = saved == now
+    # ZeRO-0's one file holds the whole model and optimizer state: it loads as it is, in the
+    # precision it was written in (``checkpoint.compat`` refuses another, from meta.json).
+    as_saved = same_layout or saved["zero_stage"] == now["zero_stage"] == 0
+    if as_saved and saved["bf16"] != now["bf16"]:
+        raise ValueError(zero0_precision_rule(directory, saved["bf16"], now["bf16"]))
+    ds = engine.engine
     source, scratch = directory, None
-    if not same_layout and not model_only:
+    if not as_saved and not model_only:
         scratch = directory.with_name(f".{directory.name}.universal")
         if rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
-            _to_universal(directory, scratch)
+            shapes = {
+                n: getattr(p, "ds_shape", p.shape)
+                for n, p in ds.module.named_parameters()
+                if p.requires_grad
+            }
+            stage3 = bool(ds.zero_optimization_partition_weights())
+            to_universal(directory, scratch, stage3=stage3, shapes=shapes)
         barrier()
         source = scratch
-    ds = engine.engine
+    # This run's hyper-parameters per group (the scheduler then sets lr and weight decay).
+    hyper = [
+        {k: v for k, v in g.items() if k != "params"} for g in engine.client_optimizer.param_groups
+    ]
     # DeepSpeed reads ``checkpoint.load_universal`` at load time, from its parsed config.
     ds._config.load_universal_checkpoint = scratch is not None
     try:
@@ -191,7 +209,11 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
     if state is None:
         raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint in {TAG}/")
     client = dict(state["client"])
+    if scratch is not None:
+        _restore_buffers(ds.module, directory)
     if not model_only:
+        for group, kept in zip(engine.client_optimizer.param_groups, hyper, strict=True):
+            group.update(kept)
         engine.scheduler.load_state_dict(state["scheduler"])
         if same_layout:
             local = torch.load(directory / f"rank_{rank:05d}.pt", weights_only=False)
@@ -213,7 +235,7 @@ def consolidate(directory: Path) -> dict[str, torch.Tensor]:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
     else:
-        states = torch.load(_rank0_model_states(directory), map_location="cpu", weights_only=False)
+        states = torch.load(rank0_model_states(directory), map_location="cpu", weights_only=False)
         module = states["module"]
         state = {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}

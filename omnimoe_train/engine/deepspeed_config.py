@@ -56,7 +56,7 @@ def check_deepspeed_keys(ds: dict[str, Any]) -> tuple[str, str] | None:
     if not isinstance(zero, dict):
         return "deepspeed.zero_optimization", "must be a mapping of DeepSpeed ZeRO keys"
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if type(stage) is not int or stage not in (0, 1, 2, 3):  # not True / 2.0, equal to 1 / 2
         return "deepspeed.zero_optimization.stage", f"must be one of 0, 1, 2, 3 (got {stage!r})"
     for what in ("offload_optimizer", "offload_param"):
         device = offload_device(ds, what)
@@ -75,7 +75,27 @@ def check_deepspeed_keys(ds: dict[str, Any]) -> tuple[str, str] | None:
             "deepspeed.zero_optimization.offload_param",
             f"needs ZeRO stage 3 (deepspeed.zero_optimization.stage is {stage})",
         )
+    for what in nvme_offloads(ds):
+        # ZeRO-1/2 offload to the host only: with nvme DeepSpeed kept the optimizer state on
+        # the device while the engine built its host-side CPU Adam; ZeRO-3 without a path
+        # failed with a TypeError after the model was built.
+        if stage != 3:
+            return (
+                f"deepspeed.zero_optimization.{what}.device",
+                f"nvme needs ZeRO stage 3 (DeepSpeed offloads to NVMe only under ZeRO-3; "
+                f"deepspeed.zero_optimization.stage is {stage}); use device cpu",
+            )
+        if not (zero.get(what) or {}).get("nvme_path"):
+            return (
+                f"deepspeed.zero_optimization.{what}.nvme_path",
+                "is needed with device nvme: a folder on the NVMe drive",
+            )
     return None
+
+
+def nvme_offloads(ds: dict[str, Any]) -> list[str]:
+    """The ``offload_*`` sections of the ZeRO config whose device is ``nvme``."""
+    return [w for w in ("offload_optimizer", "offload_param") if offload_device(ds, w) == "nvme"]
 
 
 #: Sections of the DeepSpeed config that DeepSpeed reads through a pydantic model of its own

@@ -162,3 +162,69 @@ def test_inspect_of_a_run_directory_reads_its_checkpoints(
     assert out.strip().splitlines() == [
         "step_00000003: INVALID: meta.json is missing (the save did not finish)"
     ]
+
+
+def test_inspect_of_a_missing_folder_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Was "step_00000002: INVALID: meta.json is missing (the save did not finish)"."""
+    absent = tmp_path / "step_00000002"
+    code, out, err = _in_process(capsys, "inspect", absent)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [f"omnimoe-ckpt: error: {absent}: no such checkpoint folder"]
+
+
+@pytest.mark.parametrize(
+    ("meta", "problem"),
+    [
+        ({}, "no integer step"),
+        ({"step": 2}, "no files listed"),
+        ({"step": 2, "files": {"a": {}}}, "no bytes and sha256 for a"),
+        ({"step": 2, "files": {"a": {"bytes": "0", "sha256": "x"}}}, "no bytes and sha256 for a"),
+    ],
+)
+def test_a_malformed_meta_json_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture, meta: dict, problem: str
+) -> None:
+    """A hand-edited or foreign ``meta.json`` of our format was a KeyError traceback."""
+    from omnimoe_train.checkpoint.files import FORMAT
+
+    folder = tmp_path / "step_00000002"
+    folder.mkdir()
+    (folder / "a").write_text("")
+    (folder / "meta.json").write_text(json.dumps({"format": FORMAT, **meta}))
+    line = f"omnimoe-ckpt: error: {folder}: meta.json is malformed: {problem}"
+    code, _, err = _in_process(capsys, "inspect", folder)
+    assert code == 2 and err.strip().splitlines() == [line]
+    code, _, err = _in_process(capsys, "consolidate", folder, tmp_path / "model.pt")
+    assert code == 2 and err.strip().splitlines() == [line]
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_consolidate_of_a_config_this_version_does_not_know_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A checkpoint whose recorded config has a key this version lacks (written by another
+    version) was an omegaconf traceback."""
+    from omnimoe_train.checkpoint.files import FORMAT
+
+    folder = tmp_path / "step_00000002"
+    folder.mkdir()
+    meta = {"format": FORMAT, "step": 2, "files": {}, "engine": "megatron", "vocab_size": 256}
+    for config, rule in (
+        ({"model": {"expert_dropout": 0.1}}, "Key 'expert_dropout' not in 'ModelConfig'"),
+        (
+            {"model": {"num_layers": "four"}},
+            "Value 'four' of type 'str' could not be converted to Integer",
+        ),
+    ):
+        (folder / "meta.json").write_text(json.dumps({**meta, "config": config}))
+        code, _, err = _in_process(capsys, "consolidate", folder, tmp_path / "model.pt")
+        assert code == 2
+        assert (
+            err.strip().splitlines()
+            == [
+                f"omnimoe-ckpt: error: {folder}: meta.json's run config does not fit this version: "
+                f"{rule}"
+            ]
+            or rule in err
+        ), err
+    assert not (tmp_path / "model.pt").exists()

@@ -187,7 +187,10 @@ def test_a_run_on_another_timeline_sets_the_old_checkpoints_aside(tmp_path: Path
     for step in (80, 85):
         old.save(step, _writer(step), {})
     warnings: list[str] = []
-    assert _manager(root, warnings, resume=None).resolve_resume() is None
+    fresh = _manager(root, warnings, resume=None)
+    assert fresh.resolve_resume() is None
+    assert _names(root) == ["latest", "step_00000080", "step_00000085"]  # not taken yet
+    fresh.set_aside_other_timeline()  # the trainer's, once the start is taken
     assert _names(root) == ["latest", "step_00000080.superseded", "step_00000085.superseded"]
     assert warnings == [
         f"warning: checkpoint.resume=None: this run starts from scratch; the checkpoints of "
@@ -206,14 +209,18 @@ def test_a_run_on_another_timeline_sets_the_old_checkpoints_aside(tmp_path: Path
         new.save(step, _writer(step), {})
     warnings.clear()
     start = root / "step_00000030"
-    assert _manager(root, warnings, resume=str(start)).resolve_resume() == start
+    rolled_back = _manager(root, warnings, resume=str(start))
+    assert rolled_back.resolve_resume() == start
+    rolled_back.save(31, _writer(31), {})  # at the latest before its first save
     assert (root / "step_00000040.superseded").is_dir() and start.is_dir()
     assert len(warnings) == 1 and f"starts from {start};" in warnings[0]
 
     # From another run's checkpoint: every checkpoint of root is set aside.
     other = tmp_path / "other"
     _manager(other).save(5, _writer(5), {})
-    assert _manager(root, resume=str(other)).resolve_resume() == other / "step_00000005"
+    elsewhere = _manager(root, resume=str(other))
+    assert elsewhere.resolve_resume() == other / "step_00000005"
+    elsewhere.set_aside_other_timeline()
     assert (root / "step_00000030.superseded").is_dir()
     assert _manager(root).resolve_resume() is None  # nothing of root's is left to continue
     # auto never sets anything aside

@@ -82,6 +82,14 @@ def test_the_newest_checkpoint_is_found_with_its_meta(tmp_path: Path) -> None:
         point.check_data_order({"data_ids": ["aa"], "weights": [0.5], "seed": 0})
 
 
+def test_auto_is_case_insensitive_as_none_and_the_pre_check_are(tmp_path: Path) -> None:
+    """``checkpoint.resume=AUTO`` passed the pre-check (which lowers the case) and was then
+    taken for a folder named AUTO: "AUTO: no checkpoint folders (step_<8 digits>) in it"."""
+    _save(tmp_path / "checkpoints", 8, _meta())
+    point, _ = _find(tmp_path, resume="AUTO")
+    assert point is not None and point.name == "step_00000008"
+
+
 def test_a_longer_run_resumes_with_the_schedule_change_in_one_line(tmp_path: Path) -> None:
     _save(tmp_path / "checkpoints", 8, _meta(max_steps=100))
     point, _ = _find(tmp_path, max_steps=200)
@@ -99,6 +107,21 @@ def test_what_meta_json_alone_refuses_is_refused_here(tmp_path: Path) -> None:
         _find(tmp_path, seed=3)
     with pytest.raises(CheckpointCorrupt, match="no checkpoint folders"):
         _find(tmp_path, resume=str(tmp_path / "elsewhere"))
+
+
+def test_a_refused_resume_leaves_the_run_dirs_checkpoints_in_place(tmp_path: Path) -> None:
+    """Was: ``checkpoint.resume=<another run's checkpoint>`` refused (another model, exit 2)
+    had already renamed this run's checkpoints ``*.superseded``; rerunning the run's own
+    command then found none of its own and silently started over from step 0."""
+    _save(tmp_path / "checkpoints", 8, _meta())
+    other = tmp_path / "other" / "checkpoints"
+    _save(other, 5, {**_meta(), "config": {**_meta()["config"], "data": {"seed": 3}}})
+    with pytest.raises(CheckpointLoadError, match="data.seed=3"):
+        _find(tmp_path, resume=str(other))
+    with pytest.raises(CheckpointLoadError, match="data.seed=3"):
+        _find(tmp_path, resume=str(other / "step_00000005"))
+    point, warnings = _find(tmp_path)  # the run's own command: continues where it was
+    assert point is not None and point.name == "step_00000008" and not warnings
 
 
 def test_a_file_in_the_way_of_checkpoint_dir_is_a_config_error(tmp_path: Path) -> None:

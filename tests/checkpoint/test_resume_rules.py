@@ -117,6 +117,47 @@ def test_other_engine_is_named() -> None:
     )
 
 
+def test_zero0_against_a_zero_stage_is_named_and_stages_1_to_3_may_change() -> None:
+    def meta(stage: int) -> dict:
+        return {**_meta(engine="deepspeed"), "layout": {"engine": "deepspeed", "zero_stage": stage}}
+
+    def check(saved: int, stage: int | None) -> None:
+        check_resumable(CKPT, meta(saved), engine="deepspeed", model=ModelConfig(num_experts=64),
+                        max_steps=100, zero_stage=stage)  # fmt: skip
+
+    with pytest.raises(CheckpointLoadError) as exc:
+        check(2, 0)
+    assert str(exc.value) == (
+        f"checkpoint {CKPT} was written with deepspeed.zero_optimization.stage=2, this run asks "
+        "0: DeepSpeed converts only between stages 1-3 (or ZeRO-0 at any data-parallel size); "
+        "set deepspeed=zero2 (or start a new run dir)"
+    )
+    with pytest.raises(CheckpointLoadError, match=r"stage=0, this run asks 3: .*deepspeed=zero0"):
+        check(0, 3)
+    for saved, stage in ((1, 3), (3, 2), (0, 0), (2, None)):
+        check(saved, stage)
+
+
+def test_zero0_in_another_precision_is_named_and_zero_1_to_3_may_change_it() -> None:
+    def check(stage: int, saved_bf16: bool | None, bf16: bool) -> None:
+        layout = {"engine": "deepspeed", "zero_stage": stage}
+        if saved_bf16 is not None:
+            layout["bf16"] = saved_bf16
+        meta = {**_meta(engine="deepspeed"), "layout": layout}
+        check_resumable(CKPT, meta, engine="deepspeed", model=ModelConfig(num_experts=64),
+                        max_steps=100, zero_stage=stage, bf16=bf16)  # fmt: skip
+
+    with pytest.raises(CheckpointLoadError) as exc:
+        check(0, False, True)
+    assert str(exc.value) == (
+        f"checkpoint {CKPT} was written by ZeRO-0 in fp32, this run trains in bf16: ZeRO-0's "
+        "files load only in the precision they were written in; set trainer.precision=fp32 "
+        "(or start a new run dir)"
+    )
+    for stage, saved_bf16, bf16 in ((0, True, True), (0, None, True), (2, False, True)):
+        check(stage, saved_bf16, bf16)
+
+
 def test_old_meta_without_engine_or_config_is_not_refused() -> None:
     _check({"step": 10})
     _check({"step": 10, "engine": None, "config": {}}, num_experts=256)

@@ -141,9 +141,22 @@ def check_skip_and_norm(runs: list[tuple[str, str]]) -> None:
         parallel_state.destroy_model_parallel()
 
 
+def router_statistics(engine: Any) -> dict[str, torch.Tensor]:
+    """The router BatchNorm running statistics (buffers), cloned."""
+    module = engine.engine.module
+    return {n: b.detach().clone() for n, b in module.named_buffers() if "running_" in n}
+
+
+def group_hyper(engine: Any) -> list[dict[str, Any]]:
+    """Each param group's hyper-parameters (what the config decides, not the schedule's lr)."""
+    keys = ("weight_decay", "wd_mult", "lr_mult", "max_lr", "min_lr", "betas", "eps")
+    return [{k: g.get(k) for k in keys} for g in engine.client_optimizer.param_groups]
+
+
 def save_and_continue(preset: str, root: Path) -> None:
     """Train 2 steps, checkpoint into ``root/step_00000002``, keep training 2 steps; rank 0
-    writes the live weights at the save and the 2 losses after it to ``root/reference.pt``."""
+    writes the live weights and router statistics at the save and the 2 losses after it to
+    ``root/reference.pt``."""
     from omnimoe_train.engine.deepspeed import DeepSpeedEngine
 
     cfg = deepspeed_config(preset)
@@ -155,10 +168,12 @@ def save_and_continue(preset: str, root: Path) -> None:
         folder.mkdir(parents=True)
     dist.barrier()
     engine.save_checkpoint(folder, {"step": 2}, async_save=False)
-    live = full_params(engine)
+    live, statistics = full_params(engine), router_statistics(engine)
     losses = [train_step(engine, cfg, step) for step in (2, 3)]
     if rt.rank == 0:
-        torch.save({"live": live, "losses": losses}, root / "reference.pt")
+        torch.save(
+            {"live": live, "statistics": statistics, "losses": losses}, root / "reference.pt"
+        )
     parallel_state.destroy_model_parallel()
 
 
@@ -169,27 +184,70 @@ def train_step(engine: Any, cfg: Any, step: int) -> float:
     return loss
 
 
-def resume_and_continue(preset: str, root: Path) -> None:
-    """A fresh engine (any dp size) loads ``root/step_00000002``: its weights are the saved
-    live weights bitwise and its next 2 losses are the reference's -- bitwise at the saved dp
-    size; at another the gradients add up in another order, and after one Adam step (lr 1e-2)
-    the losses differ by a few 1e-6 (measured 2.6e-6 under ZeRO-3), so within 1e-5. A lost or
-    reset optimizer state would move them by ~1e-3."""
+def resume_and_continue(preset: str, root: Path, saved_preset: str | None = None) -> None:
+    """A fresh engine (any dp size, any ZeRO stage 1-3 when ``saved_preset`` names the one the
+    checkpoint was written with; ZeRO-0 at any dp size) loads ``root/step_00000002``: its
+    weights and router BatchNorm statistics are the saved ones bitwise, its param groups keep
+    their hyper-parameters, and its next 2 losses are the reference's -- bitwise on the saved
+    layout; on another the gradients add up in another order, and after one Adam step (lr
+    1e-2) the losses differ by a few 1e-7 (measured 2.1e-7), so within 1e-6. A lost or reset
+    optimizer state would move them by ~1e-3, weight decay on the norms (the ZeRO-3 universal
+    load gave every group the first one's) by 2e-6."""
     from omnimoe_train.engine.deepspeed import DeepSpeedEngine
 
     cfg = deepspeed_config(preset)
     rt = init_runtime(cfg)
     engine = DeepSpeedEngine(cfg, rt, VOCAB)
+    hyper = group_hyper(engine)
     ref = torch.load(root / "reference.pt", weights_only=False)
     client = engine.load_checkpoint(root / "step_00000002")
-    same_dp = rt.dp_size == 2
-    assert client == {"step": 2, "_rank_local_restored": same_dp}, client
+    same_layout = rt.dp_size == 2 and saved_preset in (None, preset)
+    assert client == {"step": 2, "_rank_local_restored": same_layout}, client
     for name, value in full_params(engine).items():
         assert torch.equal(value, ref["live"][name]), f"loaded {name} differs"
+    statistics = router_statistics(engine)
+    assert statistics.keys() == ref["statistics"].keys()
+    for name, value in statistics.items():
+        assert torch.equal(value, ref["statistics"][name]), f"loaded {name} differs"
+    assert group_hyper(engine) == hyper
     losses = [train_step(engine, cfg, step) for step in (2, 3)]
-    if same_dp:
+    if same_layout:
         assert losses == ref["losses"], (losses, ref["losses"])
     else:
-        assert_close_lists("loss after resume", losses, ref["losses"], rtol=1e-5)
+        assert_close_lists("loss after resume", losses, ref["losses"], rtol=1e-6)
     assert not any(p.name.endswith(".universal") for p in root.iterdir())  # scratch removed
+    parallel_state.destroy_model_parallel()
+
+
+def resume_in_other_precision(preset: str, root: Path, precision: str) -> None:
+    """The fp32 checkpoint ``root/step_00000002`` resumes in ``precision`` (bf16) on its own
+    layout at ZeRO 1-3:
+    DeepSpeed's files of one precision do not load in the other (``bf16_``-named optimizer
+    files, other contents), so it goes through the universal checkpoint; the weights are the
+    saved ones rounded, the statistics the saved ones, and training continues. Under ZeRO-0
+    (no universal checkpoint) it is refused in one line naming ``trainer.precision``."""
+    from omnimoe_train.engine.deepspeed import DeepSpeedEngine
+
+    cfg = deepspeed_config(preset, f"trainer.precision={precision}")
+    rt = init_runtime(cfg)
+    engine = DeepSpeedEngine(cfg, rt, VOCAB)
+    ref = torch.load(root / "reference.pt", weights_only=False)
+    if preset == "zero0":
+        try:
+            engine.load_checkpoint(root / "step_00000002")
+        except ValueError as exc:
+            assert "set trainer.precision=fp32" in str(exc), exc
+        else:
+            raise AssertionError("a ZeRO-0 fp32 checkpoint loaded in bf16")
+        parallel_state.destroy_model_parallel()
+        return
+    client = engine.load_checkpoint(root / "step_00000002")
+    assert client == {"step": 2, "_rank_local_restored": False}, client
+    for name, value in full_params(engine).items():
+        assert torch.equal(value, ref["live"][name].to(value.dtype)), f"loaded {name} differs"
+    statistics = router_statistics(engine)
+    for name, value in statistics.items():
+        assert torch.equal(value, ref["statistics"][name]), f"loaded {name} differs"
+    losses = [train_step(engine, cfg, step) for step in (2, 3)]
+    assert_close_lists("bf16 loss after resume", losses, ref["losses"], rtol=1e-2)
     parallel_state.destroy_model_parallel()

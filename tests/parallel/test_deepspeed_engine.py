@@ -15,6 +15,7 @@ from .deepspeed_checks import (
     check_skip_and_norm,
     check_zero_stages,
     resume_and_continue,
+    resume_in_other_precision,
     save_and_continue,
 )
 from .distributed import run_distributed
@@ -34,16 +35,26 @@ def test_grad_norm_before_the_step_and_skipped_steps() -> None:
     run_distributed(check_skip_and_norm, 2, runs, timeout_s=600)
 
 
-@pytest.mark.parametrize("preset", ["zero2", "zero3"])
-def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, preset: str) -> None:
-    """Saved at dp 2; loaded at dp 2 (DeepSpeed's files as they are) and at dp 1 (through a
-    universal checkpoint); the consolidated weights equal the live ones."""
+@pytest.mark.parametrize(
+    ("preset", "other_stage"),
+    [("zero0", None), ("zero2", "zero3"), ("zero3", "zero1"), ("zero3_offload", "zero2")],
+)
+def test_checkpoint_resumes_bitwise_and_at_another_dp_size(
+    tmp_path: Path, preset: str, other_stage: str | None
+) -> None:
+    """Saved at dp 2; loaded at dp 2 (DeepSpeed's files as they are), at dp 1 (through a
+    universal checkpoint; ZeRO-0's files as they are) and at dp 1 under another ZeRO family
+    (1-2 <-> 3: the universal checkpoint rewritten for it; an offloaded run's CPU Adam into
+    torch's AdamW); in bf16 on its own layout; the consolidated weights equal the live ones."""
     from omnimoe_train.checkpoint.cli import BUFFER_SUFFIXES
     from omnimoe_train.engine.deepspeed_checkpoint import consolidate, tensor_sizes
 
     run_distributed(save_and_continue, 2, preset, tmp_path, timeout_s=600)
     run_distributed(resume_and_continue, 2, preset, tmp_path, timeout_s=600)
     run_distributed(resume_and_continue, 1, preset, tmp_path, timeout_s=600)
+    if other_stage is not None:
+        run_distributed(resume_and_continue, 1, other_stage, tmp_path, preset, timeout_s=600)
+    run_distributed(resume_in_other_precision, 2, preset, tmp_path, "bf16", timeout_s=600)
     live = torch.load(tmp_path / "reference.pt", weights_only=False)["live"]
     weights = consolidate(tmp_path / "step_00000002")
     assert set(live) <= set(weights)  # plus the router's BatchNorm statistics (buffers)
@@ -67,6 +78,13 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, prese
         (["parallel=dp2_distopt"], 2, "trainer.engine", "shards the optimizer with ZeRO"),
         (["deepspeed.zero_optimization.stage=4"], 1, "deepspeed.zero_optimization.stage", "0, 1"),
         (
+            ["deepspeed.zero_optimization.stage=true"],
+            1,
+            "deepspeed.zero_optimization.stage",
+            "0, 1",
+        ),
+        (["deepspeed.zero_optimization.stage=2.0"], 1, "deepspeed.zero_optimization.stage", "0, 1"),
+        (
             ["deepspeed=zero3_offload", "deepspeed.zero_optimization.stage=2"],
             1,
             "deepspeed.zero_optimization.offload_param",
@@ -83,6 +101,21 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(tmp_path: Path, prese
             1,
             "deepspeed.zero_optimization.offload_optimizer.device",
             "cpu, nvme, none",
+        ),
+        (
+            [
+                "deepspeed=zero2_offload",
+                "deepspeed.zero_optimization.offload_optimizer.device=nvme",
+            ],
+            1,
+            "deepspeed.zero_optimization.offload_optimizer.device",
+            "nvme needs ZeRO stage 3",
+        ),
+        (
+            ["deepspeed=zero3_offload", "deepspeed.zero_optimization.offload_param.device=nvme"],
+            1,
+            "deepspeed.zero_optimization.offload_param.nvme_path",
+            "is needed with device nvme",
         ),
         (["+deepspeed.train_batch_size=64"], 1, "deepspeed.train_batch_size", "data.global_batch"),
         (["+deepspeed.gradient_clipping=2.0"], 1, "deepspeed.gradient_clipping", "optim.clip_grad"),
@@ -145,6 +178,29 @@ def test_deepspeed_config_rules(overrides: list[str], world_size: int, key: str,
     with pytest.raises(ConfigError) as info:
         validate(cfg, world_size)
     assert info.value.key == key and rule in info.value.rule, str(info.value)
+
+
+def test_nvme_offload_needs_deepspeeds_async_io_op_on_this_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without it (no libaio) the engine failed with a RuntimeError traceback after the model
+    was built; ``omnimoe-params`` (not this machine's run) does not ask."""
+    import omnimoe_train.validation.engine as rules
+
+    cfg = compose_config(
+        "trainer.engine=deepspeed",
+        "deepspeed=zero3_offload",
+        "deepspeed.zero_optimization.offload_param.device=nvme",
+        "+deepspeed.zero_optimization.offload_param.nvme_path=/nvme",
+    )
+    monkeypatch.setattr(rules, "_async_io_available", lambda: False)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, 1)
+    assert info.value.key == "deepspeed.zero_optimization.offload_param.device"
+    assert "async_io" in info.value.rule
+    validate(cfg, 1, this_machine=False)
+    monkeypatch.setattr(rules, "_async_io_available", lambda: True)
+    validate(cfg, 1)
 
 
 def test_presets_and_megatron_layouts_stay_valid() -> None:

@@ -21,3 +21,20 @@ from omnimoe_train.metrics import console_format
 )
 def test_console_format(key, value, text) -> None:
     assert console_format(key, value) == text
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "words"), [(8.0, 6.0, "(25.0% lower)"), (11.763, 11.870, "(0.9% higher)")]
+)
+def test_final_line_says_higher_when_the_loss_rose(first, last, words) -> None:
+    """Was "val_loss 11.763 -> 11.870 (-0.9% lower)"."""
+    from omnimoe_train.run import _report
+
+    lines: list[str] = []
+
+    class Sink:
+        class console:  # noqa: N801 - stands in for rich's console object
+            log = staticmethod(lines.append)
+
+    _report(Sink, {"initial_val_loss": first, "final_val_loss": last, "wall_s": 3.0})
+    assert lines == [f"val_loss {first:.3f} -> {last:.3f} {words} in 3s"]
