@@ -33,8 +33,8 @@ from omnimoe_train.checkpoint.compat import (
 from omnimoe_train.checkpoint.session import CheckpointLoadError, data_order
 from omnimoe_train.config import ModelConfig, OptimConfig
 from omnimoe_train.metrics import logged_initial_val_loss
-from tests.checkpoint.test_fault_tolerance import TINY, _cmd, _env, _wait_for, records
-from tests.cli_helpers import run_train_cli
+from tests.checkpoint.test_fault_tolerance import TINY, _cmd, _wait_for, records
+from tests.cli_helpers import cli_env, run_train_cli
 
 CKPT = Path("run/checkpoints/step_00000090")
 
@@ -356,7 +356,7 @@ def test_continued_run_summary_covers_the_whole_run(finished, tmp_path: Path) ->
 def test_kill_9_leaves_no_checkpoint_helper_behind(tmp_path: Path) -> None:
     cache, run = tmp_path / "cache", tmp_path / "run"
     args = [*TINY, "trainer.max_steps=100000", "checkpoint.interval=1", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(_cmd(*args), env=_env(cache), stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(*args), env=cli_env(cache), stderr=subprocess.DEVNULL)
     try:
         _wait_for(run / "checkpoints" / "step_00000001", proc)
         helpers = psutil.Process(proc.pid).children(recursive=True)
