@@ -69,7 +69,8 @@ def test_a_layout_change_on_resume_is_one_readable_line(tmp_path: Path) -> None:
     'tp': 1, ...}``), every key, changed or not. Now: the keys that changed, ``old -> new``."""
     folder = tmp_path / "checkpoints" / "step_00000004"
     folder.mkdir(parents=True)
-    (folder / META).write_text(json.dumps({"format": FORMAT, "step": 4, "layout": LAYOUT}))
+    meta = {"format": FORMAT, "step": 4, "files": {}, "layout": LAYOUT}
+    (folder / META).write_text(json.dumps(meta))
     client = {
         "step": 4, "consumed_tokens": 64, "window": [0.0, 0.0, 0.0], "guard": {}, "data": {},
         "_rank_local_restored": False,
