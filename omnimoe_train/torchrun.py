@@ -54,14 +54,16 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from omnimoe_train.exit_codes import STOPPED_BEFORE_TRAINING_DIR
+from omnimoe_train.exit_codes import (
+    EXIT_CRASH,
+    EXIT_REQUEUE,
+    EXIT_USAGE,
+    STOPPED_BEFORE_TRAINING_DIR,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-EXIT_CRASH = 1
-EXIT_USAGE = 2  # the trainer printed one line naming the bad key
-EXIT_REQUEUE = 75  # "stopped early (checkpoint saved, or before training); rerun to continue"
 # After its workers failed, the node hosting the rendezvous store keeps it up this long, so the
 # other nodes' agents close the rendezvous cleanly instead of printing a C++ stack trace.
 HOST_LINGER_S = 3.0
