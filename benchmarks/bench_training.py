@@ -19,6 +19,10 @@ together, with each run's speed-up over its model's baseline:
     python benchmarks/bench_training.py --scales a80m --steps 20 --variants
     python benchmarks/bench_training.py --scales a80m --models dense --variants baseline compile
 
+``--repeats R`` runs the whole list R times in turn (A B A B ...), so that a slow spell of the
+host hits both models: the table gives each run's median and every round's OmniMoE/dense step
+ratio (the host's speed moves by 10-15% between calls, docs/benchmarks.md).
+
 The embedding is sized to the tokenizer (``model.vocab_size=null``, 4096 entries on the embedded
 corpus) as in the earlier measurements in docs/benchmarks.md, not to the paper's 128,256.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -115,6 +120,47 @@ def short_status(status: str) -> str:
     return status.split(":", 1)[0] if status.startswith("exit") else status.split(" after")[0]
 
 
+def same_case(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in ("scale", "model", "variant"))
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One case over its rounds: the median of each measured number, the largest peak memory,
+    the worst status ("ok" only when every round was)."""
+    out = dict(rows[0])
+    del out["round"]
+    out["rounds"] = len(rows)
+    out["status"] = next((r["status"] for r in rows if r["status"] != "ok"), "ok")
+    for key in ("tokens_per_s", "step_ms", "tflops", "mfu"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    peaks = [r["peak_memory_gib"] for r in rows if r.get("peak_memory_gib") is not None]
+    out["peak_memory_gib"] = max(peaks) if peaks else None
+    return out
+
+
+def round_ratios(runs: list[dict]) -> list[str]:
+    """ "scale variant: a, b, ... (median m)" of OmniMoE/dense step time, one ratio per round
+    where both ran: the ratio from the same round is the one a host's slow spell cannot skew."""
+    step = {(r["scale"], r["model"], r["variant"], r["round"]): r["step_ms"]
+            for r in runs if r.get("step_ms")}  # fmt: skip
+    lines = []
+    for scale, variant in sorted(
+        {(r["scale"], r["variant"]) for r in runs if r["model"] == "omnimoe"}
+    ):
+        ref_variant = "baseline" if variant == "statistics off" else variant
+        ratios = [
+            step[(scale, "omnimoe", variant, rnd)] / step[(scale, "dense", ref_variant, rnd)]
+            for rnd in sorted({r["round"] for r in runs})
+            if (scale, "omnimoe", variant, rnd) in step
+            and (scale, "dense", ref_variant, rnd) in step
+        ]
+        if ratios:
+            each = ", ".join(f"{x:.2f}" for x in ratios)
+            lines.append(f"{scale} {variant}: {each} (median {statistics.median(ratios):.2f}x)")
+    return lines
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -133,6 +179,10 @@ def main() -> None:
     ap.add_argument("--runs-dir", default="outputs/bench_training")
     ap.add_argument("--override", action="append", default=[], help="extra key=value, every run")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--repeats", type=positive_int, default=1,
+        help="run the list this many times in turn; the table gives medians and each round's ratio",
+    )  # fmt: skip
     ap.add_argument(
         "--variants", nargs="*", default=None, choices=list(LEVERS),
         help="measure the throughput levers (none named: all of them) instead of the default cases",
@@ -160,15 +210,26 @@ def main() -> None:
             "logging=disabled",
             "checkpoint.save_final=false", "checkpoint.resume=null", *args.override,
         ]  # fmt: skip
-        for model, variant, name, extra in cases(scale, variants, tuple(args.models)):
-            run_dir = Path(args.runs_dir) / f"{scale}-{model}-{variant.split()[0]}-{len(results)}"
-            result = run_trainer(common + extra, run_dir, timeout_s=args.timeout)
-            row = {"scale": scale, "model": model, "variant": variant, "case": name,
-                   "overrides": extra, "status": result.status, **steady_state(result)}  # fmt: skip
-            results.append(row)
-            print(json.dumps(row), flush=True)
+        for rnd in range(args.repeats):
+            for model, variant, name, extra in cases(scale, variants, tuple(args.models)):
+                run_dir = (
+                    Path(args.runs_dir) / f"{scale}-{model}-{variant.split()[0]}-{len(results)}"
+                )
+                result = run_trainer(common + extra, run_dir, timeout_s=args.timeout)
+                row = {"scale": scale, "model": model, "variant": variant, "case": name,
+                       "round": rnd, "overrides": extra, "status": result.status,
+                       **steady_state(result)}  # fmt: skip
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    rounds = {r["round"] for r in results}
+    runs = results
+    results = [
+        median_row([r for r in runs if same_case(r, first)])
+        for first in runs
+        if first["round"] == 0
+    ]
 
-    def find(row: dict, **match: str) -> dict | None:
+    def find(row: dict, **match: str) -> dict | None:  # among the medians
         keys = {"scale": row["scale"], "variant": row["variant"], "model": row["model"], **match}
         return next((r for r in results if all(r[k] == v for k, v in keys.items())), None)
 
@@ -197,12 +258,17 @@ def main() -> None:
               "peak GiB", "memory vs dense", "TFLOP/s", "MFU", "status"]  # fmt: skip
     print(f"{device_name()}, {time.strftime('%Y-%m-%d')}: python {' '.join(sys.argv)}")
     print(markdown_table(header, table_rows))
+    if len(rounds) > 1:
+        print("\nmedians of the rounds; OmniMoE/dense step time in each round:")
+        for line in round_ratios(runs):
+            print(line)
     for row in results:  # the table keeps one word per run; why a run failed comes here
         if row["status"] != "ok":
             print(f"\n{row['scale']} {row['case']}: {row['status']}")
     if args.json:
         meta = {"device": device_name(), "date": time.strftime("%Y-%m-%d"), "argv": sys.argv}
-        Path(args.json).write_text(json.dumps({"meta": meta, "runs": results}, indent=2))
+        payload = {"meta": meta, "runs": results, "rounds": runs}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

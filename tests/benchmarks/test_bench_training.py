@@ -51,3 +51,34 @@ def test_steady_state_peak_memory_leaves_the_first_window_apart() -> None:
     out = steady_state(RunResult("ok", 1.0, records))
     assert out["peak_memory_gib"] == 7.2 and out["peak_memory_gib_first_window"] == 9.0
     assert out["tokens_per_s"] == 2.0
+
+
+def _run(model: str, variant: str, rnd: int, step_ms: float, peak: float = 5.0) -> dict:
+    return {"scale": "a80m", "model": model, "variant": variant, "case": model, "round": rnd,
+            "status": "ok", "tokens_per_s": 1e6 / step_ms, "step_ms": step_ms,
+            "tflops": 1.0, "mfu": 0.1, "peak_memory_gib": peak}  # fmt: skip
+
+
+def test_repeats_give_medians_and_each_rounds_own_ratio() -> None:
+    """A slow round slows both models: the ratio is taken within each round, not across."""
+    runs = [
+        _run("omnimoe", "cuda_graphs", 0, 130.0, 7.0),
+        _run("dense", "cuda_graphs", 0, 100.0),
+        _run("omnimoe", "cuda_graphs", 1, 160.0, 7.3),  # a slow host spell: both slower
+        _run("dense", "cuda_graphs", 1, 120.0),
+        _run("omnimoe", "cuda_graphs", 2, 135.0, 7.1),
+        _run("dense", "cuda_graphs", 2, 100.0),
+    ]
+    med = bench_training.median_row([r for r in runs if r["model"] == "omnimoe"])
+    assert med["step_ms"] == 135.0 and med["peak_memory_gib"] == 7.3 and med["rounds"] == 3
+    assert "round" not in med
+    assert bench_training.round_ratios(runs) == [
+        "a80m cuda_graphs: 1.30, 1.33, 1.35 (median 1.33x)"
+    ]
+
+
+def test_a_failed_round_marks_the_median_row() -> None:
+    runs = [_run("dense", "baseline", 0, 100.0), _run("dense", "baseline", 1, 100.0)]
+    runs[1] = {**runs[1], "status": "timeout after 300 s", "step_ms": None}
+    med = bench_training.median_row(runs)
+    assert med["status"] == "timeout after 300 s" and med["step_ms"] == 100.0
