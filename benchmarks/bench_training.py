@@ -21,7 +21,7 @@ together, with each run's speed-up over its model's baseline:
 
 ``--repeats R`` runs the whole list R times in turn (A B A B ...), so that a slow spell of the
 host hits both models: the table gives each run's median and every round's OmniMoE/dense step
-ratio (the host's speed moves by 10-15% between calls, docs/benchmarks.md).
+ratio (the dense model's speed moves by up to 20% between runs, docs/benchmarks.md).
 
 The embedding is sized to the tokenizer (``model.vocab_size=null``, 4096 entries on the embedded
 corpus) as in the earlier measurements in docs/benchmarks.md, not to the paper's 128,256.
@@ -120,6 +120,12 @@ def short_status(status: str) -> str:
     return status.split(":", 1)[0] if status.startswith("exit") else status.split(" after")[0]
 
 
+def dense_reference(variant: str) -> str:
+    """The dense run an OmniMoE run is compared with: the same variant; the dense baseline for
+    "statistics off" (a switch the dense model has no counterpart of)."""
+    return "baseline" if variant == "statistics off" else variant
+
+
 def same_case(a: dict, b: dict) -> bool:
     return all(a[k] == b[k] for k in ("scale", "model", "variant"))
 
@@ -148,7 +154,7 @@ def round_ratios(runs: list[dict]) -> list[str]:
     for scale, variant in sorted(
         {(r["scale"], r["variant"]) for r in runs if r["model"] == "omnimoe"}
     ):
-        ref_variant = "baseline" if variant == "statistics off" else variant
+        ref_variant = dense_reference(variant)
         ratios = [
             step[(scale, "omnimoe", variant, rnd)] / step[(scale, "dense", ref_variant, rnd)]
             for rnd in sorted({r["round"] for r in runs})
@@ -221,7 +227,6 @@ def main() -> None:
                        **steady_state(result)}  # fmt: skip
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    rounds = {r["round"] for r in results}
     runs = results
     results = [
         median_row([r for r in runs if same_case(r, first)])
@@ -240,9 +245,7 @@ def main() -> None:
 
     table_rows = []
     for row in results:
-        dense_ref = find(row, model="dense", variant=row["variant"])
-        if row["variant"] == "statistics off":
-            dense_ref = find(row, model="dense", variant="baseline")
+        dense_ref = find(row, model="dense", variant=dense_reference(row["variant"]))
         speedup = ratio(row, find(row, variant="baseline"), "step_ms", inverse=True)
         mfu = row.get("mfu")
         table_rows.append(
@@ -258,7 +261,7 @@ def main() -> None:
               "peak GiB", "memory vs dense", "TFLOP/s", "MFU", "status"]  # fmt: skip
     print(f"{device_name()}, {time.strftime('%Y-%m-%d')}: python {' '.join(sys.argv)}")
     print(markdown_table(header, table_rows))
-    if len(rounds) > 1:
+    if args.repeats > 1:
         print("\nmedians of the rounds; OmniMoE/dense step time in each round:")
         for line in round_ratios(runs):
             print(line)
