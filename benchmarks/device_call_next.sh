@@ -6,7 +6,8 @@
 #   bash benchmarks/device_call_next.sh swiglu  # 2 GPUs, ~5 min (issue 13)
 # state: where main stands. a80m OmniMoE (GPU 0) and the dense model of equal active parameters
 #     (GPU 1) side by side, graphed and compile + graphs (issue 13's step ratio, MFU, memory);
-#     then weak scaling on both GPUs, DP / ep_dim / ep_rows graphed (issue 12's ratios).
+#     then weak scaling on both GPUs, DP / ep_dim / ep_rows graphed at micro-batch 32 (issue
+#     12's ratios; dim reaches 0.90-0.91 of DP there, 0.88 at micro-batch 16).
 #     Measured in the fourteenth session (docs/benchmarks.md).
 # swiglu: model.fused_swiglu under the MLP graphs, each model with and without, twice with the
 #     GPUs swapped. Measured in the fourteenth and fifteenth sessions (docs/benchmarks.md):
@@ -34,7 +35,7 @@ state)
     --json "$out/dense.json" >"$out/dense.log" 2>&1
   wait
   timeout 420 python3 benchmarks/weak_scaling.py --gpus 2 --layouts dp ep_dim ep_rows \
-    --micro-batch 16 --steps 15 --extra trainer.cuda_graphs=mlp --runs-dir "$out/weak" \
+    --micro-batch 32 --steps 15 --extra trainer.cuda_graphs=mlp --runs-dir "$out/weak" \
     --json "$out/weak.json" >"$out/weak.log" 2>&1
   rm -rf "$out/train0" "$out/train1" "$out/weak"
   ;;
