@@ -49,7 +49,9 @@ class ModelConfig:
     moe_shared_ffn_hidden_size: int | None = None  # deepseekmoe: total width of shared experts
     moe_aux_loss_coeff: float = 1e-2  # load-balancing loss weight (0 disables it)
     expert_backend: str = "auto"  # auto (Triton on CUDA, PyTorch on CPU) | torch | triton
-    deterministic: bool = False  # fixed-order reductions in the expert kernels
+    # No effect: the expert kernels always reduce in a fixed order (bitwise repeatable). Kept so
+    # that older configs and checkpoints (their saved config holds it) still load.
+    deterministic: bool = False
     # Expert weight gradients: auto (per call, kernels/experts_dense_grad.py's cost model) |
     # dense (two GEMMs over a dense coefficient matrix) | pairs (the segmented pair kernel)
     expert_grad_path: str = "auto"
