@@ -319,6 +319,8 @@ def check_distopt_bitwise(steps: int, device: str = "cpu") -> None:
         cfg = layout_config(layout, "optim.clip_grad=0.0", device=device)
         rt = init_runtime(cfg)
         engine = MegatronEngine(cfg, rt, VOCAB)
+        # Else a plain-DP run would be compared with the single process (and pass).
+        assert_layout_in_effect(layout, engine, cfg.model.num_experts, cfg.model.hidden_size)
         losses = _train(engine, cfg, steps)
         params = {n: p.detach().cpu().clone() for n, p, _ in _local_params(engine)}
         runs[layout] = (losses, params)
