@@ -36,11 +36,18 @@ EXPECTED: dict[str, tuple[int, int, int, int, bool, str, bool]] = {
 }
 
 
-def assert_layout_in_effect(layout: str, engine: Any, num_experts: int, hidden: int) -> None:
+def assert_layout_in_effect(
+    layout: str,
+    engine: Any,
+    num_experts: int,
+    hidden: int,
+    expected: tuple[int, int, int, int, bool, str, bool] | None = None,
+) -> None:
     """The engine runs ``layout``: group sizes, model chunks, sequence parallelism (megatron's
     config and the routers' statistics group), the expert tables' sharding mode and the shard
-    shapes (``num_experts`` x ``hidden`` in full), and the optimizer class."""
-    tp, pp, chunks, ep, sp, tables, distopt = EXPECTED[layout]
+    shapes (``num_experts`` x ``hidden`` in full), and the optimizer class. ``expected`` (as
+    in :data:`EXPECTED`) for a layout not named there."""
+    tp, pp, chunks, ep, sp, tables, distopt = expected or EXPECTED[layout]
     dp = dist.get_world_size() // (tp * pp)
     ps = parallel_state
     sizes = (
