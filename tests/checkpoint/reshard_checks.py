@@ -23,6 +23,7 @@ from omnimoe_train.checkpoint.manager import CheckpointManager
 from omnimoe_train.distributed import init_runtime
 from omnimoe_train.engine.megatron import MegatronEngine
 from tests.parallel.layout_checks import rank_microbatches
+from tests.parallel.layout_in_effect import EXPECTED, assert_layout_in_effect
 from tests.train.conftest import compose_config
 
 SAVE_AT = 2
@@ -54,6 +55,13 @@ EXTRA = {
     "dp2_distopt_bf16": ("parallel=dp2_distopt", "trainer.precision=bf16"),
 }
 RTOL_BF16 = 2e-2  # another layout in bf16: other reduction orders in bf16 arithmetic
+# The layouts of EXTRA in effect (as ``layout_in_effect.EXPECTED``): a load that quietly kept
+# the saving layout (rows tables for ep4_dim) would not reshard at all, and still pass.
+EXTRA_EXPECTED = {
+    "ep4_dim": (1, 1, 1, 4, False, "dim", False),
+    "single_bf16": EXPECTED["single"],
+    "dp2_distopt_bf16": EXPECTED["dp2_distopt"],
+}
 
 
 def layout_config(layout: str) -> Any:
@@ -73,7 +81,12 @@ def _steps(engine: MegatronEngine, cfg: Any, first: int, count: int) -> list[flo
 
 def _engine(layout: str) -> tuple[MegatronEngine, Any]:
     cfg = layout_config(layout)
-    return MegatronEngine(cfg, init_runtime(cfg), VOCAB), cfg
+    engine = MegatronEngine(cfg, init_runtime(cfg), VOCAB)
+    m = cfg.model
+    assert_layout_in_effect(
+        layout, engine, m.num_experts, m.hidden_size, EXTRA_EXPECTED.get(layout)
+    )
+    return engine, cfg
 
 
 def save_and_continue(layout: str, root: Path, async_save: bool = False) -> None:

@@ -3,7 +3,11 @@ NaN / +-inf and the documented router order written out)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,3 +81,43 @@ def documented_topk_ids(rows: torch.Tensor, cols: torch.Tensor, k: int) -> torch
             sums = (r[t][ri][:, None] + c[t][ci][None, :]).reshape(-1)
         out.append(np.sort(ids[np.lexsort((ids, -sums))[:k]]))
     return torch.from_numpy(np.array(out, dtype=np.int64).reshape(r.shape[0], k))
+
+
+@contextlib.contextmanager
+def triton_launches() -> Iterator[Counter[str]]:
+    """Count the Triton kernel launches inside the block, by kernel name.
+
+    A kernel test that compares a backend="triton" call with the PyTorch reference proves
+    nothing if the call quietly ran the reference (a dispatch that falls back on CPU, an
+    ``auto`` that resolves to "torch"): asserting launches here rules that out. Patches the
+    launcher of both the JIT kernels (GPU) and the interpreted ones (``TRITON_INTERPRET=1``)
+    at the class, so every kernel object counts, wherever it was created.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    counts: Counter[str] = Counter()
+    saved = {cls: cls.run for cls in (InterpretedFunction, JITFunction)}
+
+    def counting(original: Callable[..., Any]) -> Callable[..., Any]:
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not kwargs.get("warmup", False):  # warm-up compiles; it launches nothing
+                counts[getattr(self.fn, "__name__", repr(self.fn))] += 1
+            return original(self, *args, **kwargs)
+
+        return run
+
+    for cls, original in saved.items():
+        cls.run = counting(original)
+    try:
+        yield counts
+    finally:
+        for cls, original in saved.items():
+            cls.run = original
+
+
+def assert_launched(counts: Counter[str], *prefixes: str) -> None:
+    """Some kernel launched, and for each prefix a kernel whose name starts with it."""
+    assert counts, "no Triton kernel launched: the call ran the PyTorch reference"
+    for prefix in prefixes:
+        assert any(name.startswith(prefix) for name in counts), (prefix, dict(counts))

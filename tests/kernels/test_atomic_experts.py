@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_test_utils import cpu_triton, gpu, rel_err
+from kernel_test_utils import assert_launched, cpu_triton, gpu, rel_err, triton_launches
 
 import omnimoe_kernels
 import omnimoe_kernels.experts_autograd as experts_autograd
@@ -31,10 +31,15 @@ def _check(
 ) -> None:
     (x, up, down, w), idx, gy = _inputs(T, D, N, K, dtype, device, hot, seed)
     # Poison-free by construction: every output is allocated by the op; NaN fails rel_err.
-    y = omnimoe_kernels.atomic_experts(
-        x, up, down, w, idx, backend="triton", deterministic=deterministic, grad_path=grad_path
-    )
-    grads = torch.autograd.grad(y, (x, up, down, w), gy.to(device, dtype))
+    with triton_launches() as forward:
+        y = omnimoe_kernels.atomic_experts(
+            x, up, down, w, idx, backend="triton", deterministic=deterministic, grad_path=grad_path
+        )
+    with triton_launches() as backward:
+        grads = torch.autograd.grad(y, (x, up, down, w), gy.to(device, dtype))
+    if T * K * D > 0:  # empty problems may launch nothing; the rest run the kernels both ways
+        assert_launched(forward)
+        assert_launched(backward)
     leaves64 = [v.detach().cpu().double().requires_grad_() for v in (x, up, down, w)]
     y64 = atomic_experts_reference(*leaves64, idx.cpu())
     grads64 = torch.autograd.grad(y64, leaves64, gy.double())
@@ -132,11 +137,15 @@ def _check_no_expert(
     (x, up, down, w), idx, gy = _inputs(T, D, N, K, torch.float32, device, False, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     skip = (torch.rand(T, K, generator=gen) < skip_fraction).to(device)
-    y = omnimoe_kernels.atomic_experts(
-        x, up, down, w, idx.masked_fill(skip, N), backend="triton", grad_path=grad_path,
-        sort_forward=sort_forward,
-    )  # fmt: skip
-    grads = torch.autograd.grad(y, (x, up, down, w), gy.to(device))
+    with triton_launches() as forward:
+        y = omnimoe_kernels.atomic_experts(
+            x, up, down, w, idx.masked_fill(skip, N), backend="triton", grad_path=grad_path,
+            sort_forward=sort_forward,
+        )  # fmt: skip
+    with triton_launches() as backward:
+        grads = torch.autograd.grad(y, (x, up, down, w), gy.to(device))
+    assert_launched(forward)
+    assert_launched(backward)
     leaves64 = [v.detach().cpu().double().requires_grad_() for v in (x, up, down, w)]
     w0 = leaves64[3] * (~skip.cpu())
     y64 = atomic_experts_reference(*leaves64[:3], w0, idx.cpu())

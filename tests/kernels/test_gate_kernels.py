@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from kernel_test_utils import cpu_triton, gpu, rel_err
+from kernel_test_utils import assert_launched, cpu_triton, gpu, rel_err, triton_launches
 
 from omnimoe_kernels import GATES_MAX_SCORES, router_gates
 from omnimoe_kernels.reference import gate_log_probs_reference
@@ -59,7 +59,9 @@ def _run(fn, x, gates, dys, stats, group=None):
 
 def _check(T, D, n, G, dtype, stats, device) -> None:
     x, gates, dys, stats = _inputs(T, D, n, G, dtype, stats, device)
-    (logp, ent, bstats), dx, dgates = _run(gate_log_probs_triton, x, gates, dys, stats)
+    with triton_launches() as launches:
+        (logp, ent, bstats), dx, dgates = _run(gate_log_probs_triton, x, gates, dys, stats)
+    assert_launched(launches, "_gates_fwd", "_gates_bwd")
     ref_stats = stats if not isinstance(stats, tuple) else tuple(s.cpu().double() for s in stats)
     (rlogp, rent, rbstats), rdx, rdgates = _run(
         lambda x, g, stats: gate_log_probs_reference(x, g, stats),
@@ -239,9 +241,15 @@ def test_router_on_gate_kernels_equals_pytorch_ops() -> None:
         for r in routers:
             r.train(step == 0)
             xr = x.clone().requires_grad_()
-            routing = r(xr)
-            g = torch.randn(routing.weights_TK.shape, generator=torch.Generator().manual_seed(step))
-            (routing.weights_TK * g).sum().backward()
+            with triton_launches() as launches:
+                routing = r(xr)
+                g = torch.randn(
+                    routing.weights_TK.shape, generator=torch.Generator().manual_seed(step)
+                )
+                (routing.weights_TK * g).sum().backward()
+            # Both pick experts on the top-K kernel; only the fused router on the gate kernels.
+            assert_launched(launches)
+            assert any(name.startswith("_gates_") for name in launches) == r.fused, launches
             got.append((routing, xr.grad, [p.grad.clone() for p in r.parameters()]))
             r.zero_grad()
         (a, dx_a, dp_a), (b, dx_b, dp_b) = got

@@ -18,8 +18,6 @@ import yaml
 from tests.launch.conftest import TINY, job_env
 from tests.launch.slurm_cluster import SlurmCluster
 from tests.launch.test_slurm import (
-    AWAITS_CHECKPOINTS,
-    CHECKPOINT_SIGNALS,
     JOB_TIMEOUT,
     sweep_with_usr1_to_first_job,
     train_losses,
@@ -119,7 +117,6 @@ def test_torchrun_sweep_job_over_two_nodes(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CHECKPOINT_SIGNALS, reason=AWAITS_CHECKPOINTS)
 def test_sweep_jobs_as_torchrun_jobs_one_requeued_after_usr1(
     slurm: SlurmCluster, tiny_cache: Path, tmp_path: Path
 ) -> None:

@@ -30,6 +30,7 @@ from megatron.core import parallel_state
 from omnimoe_train.distributed import init_runtime
 from omnimoe_train.engine.megatron import MegatronEngine
 from omnimoe_train.parallel.setup import dispatch_layers
+from tests.parallel.layout_in_effect import assert_layout_in_effect
 from tests.train.conftest import compose_config
 
 RTOL_STEP = 1e-5  # loss, grads, grad norm of step 1: relative to the largest reference entry
@@ -203,6 +204,7 @@ def check_layouts(
         cfg = layout_config(layout, device=device)
         rt = init_runtime(cfg)
         engine = MegatronEngine(cfg, rt, VOCAB)
+        assert_layout_in_effect(layout, engine, cfg.model.num_experts, cfg.model.hidden_size)
         tied = cfg.model.tie_embeddings
         params = _local_params(engine)
         for name, param, model in params:
@@ -317,6 +319,8 @@ def check_distopt_bitwise(steps: int, device: str = "cpu") -> None:
         cfg = layout_config(layout, "optim.clip_grad=0.0", device=device)
         rt = init_runtime(cfg)
         engine = MegatronEngine(cfg, rt, VOCAB)
+        # Else a plain-DP run would be compared with the single process (and pass).
+        assert_layout_in_effect(layout, engine, cfg.model.num_experts, cfg.model.hidden_size)
         losses = _train(engine, cfg, steps)
         params = {n: p.detach().cpu().clone() for n, p, _ in _local_params(engine)}
         runs[layout] = (losses, params)

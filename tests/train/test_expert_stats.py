@@ -1,13 +1,22 @@
 """Definitions of expert_usage, unevenness (KL from uniform), load_imbalance (max/mean) and
-router_entropy."""
+router_entropy, and their reduction over data-parallel, sequence-parallel and pipeline ranks."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+import torch.distributed as dist
 
-from omnimoe_train.model.expert_stats import ExpertStats, layer_metrics, summarize
+from omnimoe_train.model.expert_stats import (
+    METRIC_NAMES,
+    ExpertStats,
+    collect_expert_metrics,
+    layer_metrics,
+    summarize,
+)
+from tests.parallel.distributed import run_distributed
 
 
 def test_uniform_selection_has_zero_unevenness_and_full_usage() -> None:
@@ -54,3 +63,53 @@ def test_accumulator_counts_and_reset() -> None:
     assert stats.counts_N.dtype == torch.float64
     stats.reset()
     assert stats.counts_N.sum().item() == 0 and stats.tokens.item() == 0
+
+
+def _rank_stats(rank: int, layers: int = 2, n: int = 8) -> list[ExpertStats]:
+    """Rank ``rank``'s accumulators: its own tokens' selections (ids skewed by the rank, so
+    the union differs from every rank's part) and entropies."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    stats = []
+    for _ in range(layers):
+        s = ExpertStats(n)
+        ids = torch.randint(0, n // 2 + 2 * rank, (5 + 3 * rank, 2), generator=gen)
+        s.update(ids, torch.rand(ids.shape[0], generator=gen) * (rank + 1))
+        stats.append(s)
+    return stats
+
+
+def _stacked(stats: list[ExpertStats]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.stack([s.counts_N for s in stats]),
+        torch.stack([s.entropy_sum for s in stats]),
+        torch.stack([s.tokens for s in stats]),
+    )
+
+
+def _reduction_case(mode: str) -> None:
+    """Two gloo ranks as data-parallel ranks ("dp"), sequence-parallel TP ranks ("sp") or two
+    pipeline stages ("pp"): every rank logs the metrics of the whole model over all tokens."""
+    from megatron.core import parallel_state
+
+    rank, world = dist.get_rank(), dist.group.WORLD
+    own = [dist.new_group([r]) for r in range(dist.get_world_size())][rank]
+    groups = {"dp": own, "tp": own, "pp": own}
+    groups["tp" if mode == "sp" else mode] = world
+    parallel_state.get_data_parallel_group = lambda **_: groups["dp"]
+    parallel_state.get_tensor_model_parallel_group = lambda **_: groups["tp"]
+    parallel_state.get_pipeline_model_parallel_group = lambda **_: groups["pp"]
+    got = collect_expert_metrics(_rank_stats(rank), sequence_parallel=mode == "sp")
+    parts = [_stacked(_rank_stats(r)) for r in range(2)]
+    if mode == "pp":  # each stage its own layers: the mean over all four layers
+        per_layer = torch.cat([layer_metrics(*part) for part in parts])
+        want = dict(zip(METRIC_NAMES, per_layer.mean(0).tolist(), strict=True))
+    else:  # the same layers, other tokens: the metrics of the summed accumulators
+        want = summarize(*(sum(p[i] for p in parts) for i in range(3)))
+    local = summarize(*parts[rank])
+    assert got == pytest.approx(want, rel=1e-12), (mode, got, want)
+    assert got != pytest.approx(local, rel=1e-6), mode  # the case tells the two apart
+
+
+@pytest.mark.parametrize("mode", ["dp", "sp", "pp"])
+def test_collected_metrics_cover_every_rank(mode: str) -> None:
+    run_distributed(_reduction_case, 2, mode)

@@ -21,6 +21,7 @@ from omnimoe_train.validation import (
     validate,
     validate_against_data,
 )
+from omnimoe_train.validation.choices import CHOICES
 from tests.data.helpers import make_token_dataset
 from tests.train.conftest import compose_config
 
@@ -296,3 +297,36 @@ def test_triton_expert_backend_needs_a_device_for_triton(
     else:
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
     assert _key_of(*overrides) == key
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_enumerated_key_refuses_a_value_not_listed(key: str) -> None:
+    """Each key of ``CHOICES`` is checked (a key missing from the rules fails later, e.g.
+    ``optim.decay_style`` as a KeyError traceback when the LR scheduler is built)."""
+    assert _key_of(f"{key}=no_such_value") == key
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.min_lr_ratio=-0.1", "optim.min_lr_ratio"),
+        ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio"),
+        ("optim.min_lr_ratio=nan", "optim.min_lr_ratio"),
+        ("optim.min_lr_ratio=0", None),
+        ("optim.min_lr_ratio=1", None),  # a constant LR after warmup
+        ("optim.decay_fraction=-0.2", "optim.decay_fraction"),
+        ("optim.decay_fraction=1.01", "optim.decay_fraction"),
+        ("optim.decay_fraction=0", None),
+        ("optim.decay_fraction=1", None),
+        ("optim.warmup_steps=-1", "optim.warmup_steps"),
+        ("optim.warmup_steps=350", "optim.warmup_steps"),  # = trainer.max_steps (350)
+        ("optim.warmup_steps=349", None),
+        ("optim.warmup_steps=0", None),
+        # Named here, not only through CHOICES: a style dropped from the rules would be a
+        # KeyError traceback when the scheduler is built.
+        ("optim.decay_style=exponential", "optim.decay_style"),
+        ("optim.decay_style=sqrt", None),
+    ],
+)
+def test_schedule_rules(override: str, key: str | None) -> None:
+    assert _key_of(override, "trainer.max_steps=350") == key
