@@ -3,7 +3,8 @@
 :func:`preparation_request` collects every option that changes the prepared data — the
 input files themselves (each file's path, size and modification time), the tokenizer (the
 trained vocabulary size and sample, or a given file's sha256), ``seq_len``, the split seed
-and fraction, the text field, the byte cap, the shard and block sizes — into one dict.
+and fraction, the text field, the byte cap (none for ``inputs`` unless given: a user's
+corpus is read whole), the shard and block sizes — into one dict.
 ``prepare`` records it in the manifest; the trainer's data cache names its folders by its
 hash and re-checks it against the manifest (:func:`request_mismatch`), so a changed option
 never reuses another dataset.
@@ -109,7 +110,12 @@ def preparation_request(
         "val_fraction": float(val_fraction),
         "text_field": text_field,
         "seed": seed,
-        "max_bytes": max_bytes,
+        # The default corpus's own cap when none is given: the same stdlib files either way,
+        # so its datasets keep their key. data.inputs are read whole without one: no cap is
+        # recorded, so a dataset cut by the former default cap is never reused for them.
+        "max_bytes": DEFAULT_CORPUS_MAX_BYTES
+        if inputs is None and max_bytes is None
+        else max_bytes,
         "block_bytes": block_bytes,
     }
     if tokenizer is None:  # options of a trained tokenizer; a given file counts by content

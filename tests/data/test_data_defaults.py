@@ -1,0 +1,60 @@
+"""The data config's defaults as ``omnimoe-train`` composes them (``conf/data/stdlib.yaml``):
+a user's ``data.inputs`` are read whole, not cut at the stdlib corpus's size."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from omnimoe_data.corpus import DEFAULT_CORPUS_MAX_BYTES
+from omnimoe_train.cli import to_root_config
+from omnimoe_train.config import DataConfig, register_configs
+from omnimoe_train.data import dataset_dir, prepare_data
+
+from .helpers import make_docs, write_txt_folder
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("OMNIMOE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def default_data(*overrides: str) -> DataConfig:
+    register_configs()
+    with initialize_config_module(config_module="omnimoe_conf", version_base="1.3"):
+        return to_root_config(compose(config_name="config", overrides=list(overrides))).data
+
+
+def test_user_inputs_are_not_capped_by_the_default_corpus_size(cache: Path, tmp_path: Path) -> None:
+    """The default ``data.max_bytes`` was the stdlib corpus's 6 MB: a 10.6 MB corpus lost
+    43% of its documents without a word. Now no cap is asked for or recorded."""
+    corpus = write_txt_folder(tmp_path / "corpus", make_docs(40))
+    d = default_data(
+        f"data.inputs=[{corpus}]", "data.vocab_size=300", "data.seq_len=16",
+        "data.samples_per_shard=8", "data.prepare_workers=1",
+    )  # fmt: skip
+    assert DataConfig().max_bytes is None and d.max_bytes is None
+    data = prepare_data(d, rank=0)
+    manifest = json.loads((Path(data.locations[0]) / "manifest.json").read_text())
+    assert manifest["max_bytes"] is None and manifest["request"]["max_bytes"] is None
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 40
+
+
+def test_the_cache_key_of_user_inputs_changes_and_the_stdlib_one_stays(
+    cache: Path, tmp_path: Path
+) -> None:
+    """A cache folder prepared under the former cap (possibly truncated) is not reused for
+    user inputs; the stdlib corpus's folders (the same files under either rule) are."""
+    corpus = write_txt_folder(tmp_path / "corpus", make_docs(5))
+    user = default_data(f"data.inputs=[{corpus}]")
+    old_cap = dataclasses.replace(user, max_bytes=DEFAULT_CORPUS_MAX_BYTES)
+    assert dataset_dir(user) != dataset_dir(old_cap)
+    stdlib = default_data()
+    assert dataset_dir(stdlib) == dataset_dir(
+        dataclasses.replace(stdlib, max_bytes=DEFAULT_CORPUS_MAX_BYTES)
+    )
