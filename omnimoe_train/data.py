@@ -225,6 +225,24 @@ def _refuse_mismatch(out: Path, recorded: dict | None, request: dict) -> None:
     )
 
 
+def _check_tokenizer(path: str, sources: list[DataSource]) -> None:
+    """``data.tokenizer`` beside prepared datasets must be the one each was prepared with (its
+    manifest's ``tokenizer_sha256``): the token ids were made by it, another maps them to other
+    text. Preparing ``data.inputs`` with it is checked by the request instead."""
+    from omnimoe_data.tokenizer import load_tokenizer, tokenizer_sha256
+
+    with _naming("data.tokenizer"):
+        given = tokenizer_sha256(load_tokenizer(Path(path).expanduser()).to_str(pretty=True))
+    for source in sources:
+        recorded = source.manifest.get("tokenizer_sha256")
+        if recorded is not None and recorded != given:
+            raise DataError(
+                f"data.tokenizer: {path} is not the tokenizer {source.location} was prepared "
+                f"with (its ids are another tokenizer's); leave data.tokenizer unset to use the "
+                f"dataset's own, or prepare the data with this tokenizer"
+            )
+
+
 def prepare_data(
     d: DataConfig, *, rank: int, stop_requested: Callable[[], bool] | None = None
 ) -> TrainingData:
@@ -232,7 +250,7 @@ def prepare_data(
     :class:`DataError` (on every rank) for unusable data or a mismatch with the config, and
     :class:`PreparationStopped` (on every rank) when some rank's ``stop_requested()`` turned
     true while the data was prepared (module docstring)."""
-    key = "data.dir"
+    key, prepared_here = "data.dir", False
     if d.dirs:
         key, locations = "data.dirs", [str(x) for x in d.dirs]
     elif d.dir is not None and d.inputs is None:
@@ -245,7 +263,7 @@ def prepare_data(
             raise DataError(outcome["error"])
         if outcome["stopped"]:
             raise PreparationStopped("a stop was requested while the data was prepared")
-        locations = [outcome["location"]]
+        locations, prepared_here = [outcome["location"]], True
     with _naming(key):  # a bad location; a manifest absent, unreadable or not a dataset's
         sources = [DataSource(loc) for loc in locations]
         manifests = [source.manifest for source in sources]
@@ -256,6 +274,8 @@ def prepare_data(
                 f"data.seq_len: {source.location} holds samples of seq_len {seq_len}, "
                 f"not {d.seq_len} (set data.seq_len={seq_len})"
             )
+    if d.tokenizer is not None and not prepared_here:
+        _check_tokenizer(d.tokenizer, sources)
     weights = list(d.weights) if d.weights else [1.0] * len(sources)
     total = sum(weights)
     return TrainingData(

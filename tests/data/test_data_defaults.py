@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from omnimoe_data.corpus import DEFAULT_CORPUS_MAX_BYTES
+from omnimoe_data.corpus import DEFAULT_CORPUS_MAX_BYTES, DataError
 from omnimoe_train.cli import to_root_config
 from omnimoe_train.config import DataConfig, register_configs
 from omnimoe_train.data import dataset_dir, prepare_data
@@ -58,3 +58,24 @@ def test_the_cache_key_of_user_inputs_changes_and_the_stdlib_one_stays(
     assert dataset_dir(stdlib) == dataset_dir(
         dataclasses.replace(stdlib, max_bytes=DEFAULT_CORPUS_MAX_BYTES)
     )
+
+
+def test_a_tokenizer_beside_prepared_datasets_must_be_theirs(cache: Path, tmp_path: Path) -> None:
+    """``data.tokenizer`` with ``data.dir`` (no inputs) or ``data.dirs`` was ignored: the run
+    trained on the dataset's ids, made by another tokenizer. Now checked against the
+    manifest's ``tokenizer_sha256``; the dataset's own tokenizer (its ``tokenizer.json``) is
+    accepted."""
+    small = {"vocab_size": 300, "seq_len": 16, "samples_per_shard": 8, "prepare_workers": 1}
+    corpus = write_txt_folder(tmp_path / "corpus", make_docs(30))
+    other = write_txt_folder(tmp_path / "other", make_docs(30, seed=9))
+    a, b = tmp_path / "a", tmp_path / "b"
+    prepare_data(DataConfig(inputs=[str(corpus)], dir=str(a), **small), rank=0)
+    prepare_data(DataConfig(inputs=[str(other)], dir=str(b), vocab_size=280, seq_len=16), rank=0)
+    theirs, foreign = str(a / "tokenizer.json"), str(b / "tokenizer.json")
+    used = prepare_data(DataConfig(dir=str(a), tokenizer=theirs, seq_len=16), rank=0)
+    assert used.locations == [str(a)]
+    rule = rf"^data\.tokenizer: {foreign} is not the tokenizer {a} was prepared with "
+    with pytest.raises(DataError, match=rule):
+        prepare_data(DataConfig(dir=str(a), tokenizer=foreign, seq_len=16), rank=0)
+    with pytest.raises(DataError, match=rule):
+        prepare_data(DataConfig(dirs=[str(b), str(a)], tokenizer=foreign, seq_len=16), rank=0)
