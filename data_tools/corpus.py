@@ -8,6 +8,9 @@ Supported inputs (files, or folders walked recursively in sorted order):
   holding the lines that start inside it, so no file is ever read whole.
 * ``.parquet``: one document per row of the text-field column, read by row groups.
 
+Other files in a folder are passed over, except compressed ones (``.gz``, ``.zst`` ...),
+which are refused: they would be corpus silently left out.
+
 Every document is checked to be encodable as UTF-8 (a JSON ``\\ud83d`` escape without its
 pair is not) before it reaches the tokenizer.
 
@@ -31,6 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Compressed files are not read; in a folder they are refused rather than passed over like
+# other files (a README), since a corpus.jsonl.gz is corpus a user expects to be read.
+COMPRESSED_SUFFIXES = (
+    ".gz",
+    ".tgz",
+    ".zst",
+    ".zstd",
+    ".bz2",
+    ".xz",
+    ".lz4",
+    ".lzma",
+    ".zip",
+    ".7z",
+)
 BOM = b"\xef\xbb\xbf"
 
 # ~6 MB of stdlib source prepares in a few seconds on a 2-core CPU and is plenty for the
@@ -122,7 +139,15 @@ def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in _walk(path) if p.suffix.lower() in SUPPORTED_SUFFIXES)
+            walked = list(_walk(path))
+            compressed = [p for p in walked if p.suffix.lower() in COMPRESSED_SUFFIXES]
+            if compressed:
+                raise DataError(
+                    f"{compressed[0]}: compressed input is not read ({len(compressed)} such "
+                    f"file(s) under {path}); decompress them, or move them out of the folder",
+                    option="inputs",
+                )
+            found = sorted(p for p in walked if p.suffix.lower() in SUPPORTED_SUFFIXES)
             if not found:
                 raise DataError(
                     f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files",

@@ -39,6 +39,21 @@ def test_empty_folder(tmp_path: Path) -> None:
         run([tmp_path / "empty"], tmp_path / "out")
 
 
+def test_compressed_files_in_a_folder_are_refused_not_passed_over(tmp_path: Path) -> None:
+    """A ``.jsonl.gz`` beside ``.txt`` files was left out without a word (a share of the
+    corpus lost); now the preparation refuses in one line naming it."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("a document long enough to be one " * 20)
+    (root / "notes.md").write_text("other files are still passed over")
+    for name in ("b.jsonl.gz", "sub/c.txt.zst"):
+        (root / name).write_bytes(b"\x1f\x8b compressed")
+    rule = r"b\.jsonl\.gz: compressed input is not read \(2 such file\(s\) under .*corpus\); "
+    with pytest.raises(DataError, match=rule + "decompress them"):
+        run([root], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsupported_extension(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(DataError, match=r"data\.csv: unsupported input type '\.csv'"):
