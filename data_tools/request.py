@@ -40,9 +40,16 @@ CONFIG_KEYS = {
 def input_files(
     inputs: list[str | Path] | str | Path | None, max_bytes: int | None
 ) -> tuple[list[Path], list[str] | dict]:
-    """The files to read, and how the manifest describes them."""
+    """The files to read, and how the manifest describes them. ``max_bytes`` below 1 is a
+    :class:`DataError` (it would read nothing; None reads every byte)."""
+    if max_bytes is not None and max_bytes < 1:
+        raise DataError(
+            f"max_bytes={max_bytes}: must be at least 1 (leave it unset to read the inputs "
+            f"whole, or the default corpus's {DEFAULT_CORPUS_MAX_BYTES} bytes)",
+            option="max_bytes",
+        )
     if inputs is None:
-        files = default_corpus_files(max_bytes or DEFAULT_CORPUS_MAX_BYTES)
+        files = default_corpus_files(DEFAULT_CORPUS_MAX_BYTES if max_bytes is None else max_bytes)
         return files, {
             "kind": "python-stdlib",
             "python": platform.python_version(),
