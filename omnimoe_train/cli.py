@@ -315,8 +315,20 @@ def _clear_given_exit_status(argv: list[str]) -> None:
         clear_exit_status(run_dir)
 
 
+# Hydra's modes: it takes one at most, and answers two with a ValueError traceback.
+_MODES = {
+    "-m": "--multirun", "--multirun": "--multirun", "-r": "--run", "--run": "--run",
+    "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
+    "-sc": "--shell-completion", "--shell-completion": "--shell-completion",
+}  # fmt: skip
+
+
 def multirun_first(argv: list[str]) -> list[str]:
-    """``argv`` with ``-m``/``--multirun`` (if given) moved to the front, the rest in order."""
+    """``argv`` with ``-m``/``--multirun`` (if given) moved to the front, the rest in order.
+    Exits 2 in one line when it names two of Hydra's modes (``-m --cfg job``)."""
+    modes = sorted({_MODES[a] for a in argv if a in _MODES})
+    if len(modes) > 1:
+        _fail(f"{modes[0]}, {modes[1]}: give one of them (each is a mode of its own)")
     flags = [a for a in argv if a in ("-m", "--multirun")]
     return flags[:1] + [a for a in argv if a not in ("-m", "--multirun")]
 

@@ -44,3 +44,24 @@ def test_glob_sweep_of_a_config_group_passes_the_precheck() -> None:
     assert "model=a80m" not in models and "model=a80m_dense" in models
     assert all(m.startswith("model=a80m_") for m in models) and len(models) >= 4
     cli.precheck(["-m", "model=glob(a80m_*)", "trainer.device=cpu"], world_size=1)
+
+
+def test_two_of_hydras_modes_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """``-m ... --cfg job`` was Hydra's ValueError traceback ("Only one of --run, --multirun,
+    --cfg, --info and --shell_completion can be specified")."""
+    for argv, line in (
+        (["-m", "model.top_k=2,4", "--cfg", "job"], "--cfg, --multirun"),
+        (["--info", "--multirun"], "--info, --multirun"),
+        (["-r", "-c", "job"], "--cfg, --run"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            cli.multirun_first(argv)
+        assert info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"omnimoe-train: error: {line}: give one of them (each is a mode of its own)\n"
+        )
+    assert cli.multirun_first(["--cfg", "job", "model.top_k=2"]) == [
+        "--cfg",
+        "job",
+        "model.top_k=2",
+    ]
