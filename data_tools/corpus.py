@@ -166,6 +166,18 @@ def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             raise DataError(f"{path}: no such file or folder", option="inputs")
     if not files:
         raise DataError("no input files given", option="inputs")
+    # A file named twice (or named and inside a folder named) was read twice: its documents
+    # trained on twice as often as the rest, without a word.
+    seen: dict[str, Path] = {}
+    for path in files:
+        key = os.path.abspath(path)
+        if key in seen:
+            raise DataError(
+                f"{path}: given more than once (a file also named directly or inside another "
+                f"folder given); name each input once",
+                option="inputs",
+            )
+        seen[key] = path
     return files
 
 

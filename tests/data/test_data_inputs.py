@@ -261,3 +261,17 @@ def test_pieces_of_large_files_read_every_document_once(tmp_path: Path) -> None:
     for block_bytes in (1, 97, 500, 2048):
         texts, skips, n = read(block_bytes)
         assert n > 2 and texts == whole and skips == whole_skips, block_bytes
+
+
+def test_an_input_named_twice_is_refused(tmp_path: Path) -> None:
+    """A folder and a file inside it (or one file twice) read that file twice: its documents
+    counted double in the dataset, silently."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    doc = root / "sub" / "a.txt"
+    doc.write_text("a document long enough to be one " * 20)
+    (root / "b.txt").write_text("another document " * 20)
+    for inputs in ([root, doc], [doc, doc], [root, root / "sub"]):
+        with pytest.raises(DataError, match=r"a\.txt: given more than once \("):
+            run(inputs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
