@@ -268,6 +268,12 @@ def prepare_data(
         sources = [DataSource(loc) for loc in locations]
         manifests = [source.manifest for source in sources]
     for source, manifest in zip(sources, manifests):
+        if manifest.get("part"):  # one part's samples only: the rest of the corpus missing
+            part = manifest["part"]
+            raise DataError(
+                f"{key}: {source.location} holds part {part['index']}/{part['count']} of a "
+                f"dataset (prepare --part); merge the parts first (omnimoe-data merge)"
+            )
         seq_len = manifest["seq_len"]
         if seq_len != d.seq_len:
             raise DataError(

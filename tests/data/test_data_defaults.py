@@ -1,5 +1,6 @@
-"""The data config's defaults as ``omnimoe-train`` composes them (``conf/data/stdlib.yaml``):
-a user's ``data.inputs`` are read whole, not cut at the stdlib corpus's size."""
+"""What the trainer's data keys mean as ``omnimoe-train`` composes them: a user's
+``data.inputs`` are read whole (not cut at the stdlib corpus's size), ``data.tokenizer`` beside
+prepared datasets must be theirs, and one part of a dataset is not a dataset."""
 
 from __future__ import annotations
 
@@ -79,3 +80,19 @@ def test_a_tokenizer_beside_prepared_datasets_must_be_theirs(cache: Path, tmp_pa
         prepare_data(DataConfig(dir=str(a), tokenizer=foreign, seq_len=16), rank=0)
     with pytest.raises(DataError, match=rule):
         prepare_data(DataConfig(dirs=[str(b), str(a)], tokenizer=foreign, seq_len=16), rank=0)
+
+
+def test_one_part_of_a_dataset_is_not_trained_on(tmp_path: Path) -> None:
+    """``data.dir`` naming one part (``omnimoe-data prepare --part``) trained on that part's
+    share of the corpus alone, silently."""
+    from omnimoe_data.prepare import prepare, train_tokenizer_file
+
+    corpus = write_txt_folder(tmp_path / "corpus", make_docs(60))
+    tok = train_tokenizer_file([corpus], tmp_path / "tok.json", vocab_size=300)
+    small = {"seq_len": 16, "samples_per_shard": 8, "block_bytes": 2000, "progress": False}
+    prepare([corpus], tmp_path / "p0", tokenizer=tok, part=(0, 2), **small)
+    rule = rf"^data\.dirs?: {tmp_path}/p0 holds part 0/2 of a dataset \(prepare --part\); merge"
+    with pytest.raises(DataError, match=rule):
+        prepare_data(DataConfig(dir=str(tmp_path / "p0"), seq_len=16), rank=0)
+    with pytest.raises(DataError, match=rule):
+        prepare_data(DataConfig(dirs=[str(tmp_path / "p0")], seq_len=16), rank=0)
