@@ -134,10 +134,11 @@ class Piece:
 
 
 def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expands folders into their supported files; every named path must exist."""
+    """Expands folders into their supported files; every named path must exist. A leading
+    ``~`` is the home folder (as for ``data.dir`` and ``data.tokenizer``)."""
     files: list[Path] = []
     for item in inputs:
-        path = Path(item)
+        path = Path(item).expanduser()
         if path.is_dir():
             walked = list(_walk(path))
             compressed = [p for p in walked if p.suffix.lower() in COMPRESSED_SUFFIXES]

@@ -108,7 +108,7 @@ def preparation_request(
         kind = {"kind": "python-stdlib", "python": platform.python_version()}
     else:
         given = [inputs] if isinstance(inputs, str | Path) else inputs
-        kind = {"kind": "files", "paths": [str(Path(p).resolve()) for p in given]}
+        kind = {"kind": "files", "paths": [str(Path(p).expanduser().resolve()) for p in given]}
     request = {
         "format_version": FORMAT_VERSION,
         "inputs": {**kind, **_files_identity(files)},

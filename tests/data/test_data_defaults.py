@@ -96,3 +96,16 @@ def test_one_part_of_a_dataset_is_not_trained_on(tmp_path: Path) -> None:
         prepare_data(DataConfig(dir=str(tmp_path / "p0"), seq_len=16), rank=0)
     with pytest.raises(DataError, match=rule):
         prepare_data(DataConfig(dirs=[str(tmp_path / "p0")], seq_len=16), rank=0)
+
+
+def test_inputs_under_the_home_folder(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data.inputs=['~/corpus']`` passed the pre-check (which expands ``~``, as the run does
+    for ``data.dir`` and ``data.tokenizer``) and then failed: "~/corpus: no such file"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_txt_folder(tmp_path / "corpus", make_docs(30))
+    small = {"vocab_size": 300, "seq_len": 16, "samples_per_shard": 8, "prepare_workers": 1}
+    data = prepare_data(DataConfig(inputs=["~/corpus"], **small), rank=0)
+    manifest = json.loads((Path(data.locations[0]) / "manifest.json").read_text())
+    assert manifest["request"]["inputs"]["paths"] == [str((tmp_path / "corpus").resolve())]
