@@ -255,7 +255,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             summary["resumed_from"] = trainer.resume.name
         if main:
             try:  # atomic: a summary.json is complete; a diverged run's NaN loss is null
-                write_json_atomic(run_dir / "summary.json", summary, default=str)
+                write_json_atomic(run_dir / "summary.json", summary, default=str, finite=True)
             except OSError as exc:
                 if exc.errno not in DISK_ERRNOS:
                     raise

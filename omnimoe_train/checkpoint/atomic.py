@@ -30,16 +30,23 @@ def finite_json(value: Any) -> Any:
 
 
 def write_json_atomic(
-    path: Path, payload: dict[str, Any], *, default: Callable[[Any], Any] | None = None
+    path: Path,
+    payload: dict[str, Any],
+    *,
+    default: Callable[[Any], Any] | None = None,
+    finite: bool = False,
 ) -> None:
     """Write ``path`` so that it is either absent or complete: temp file, fsync, rename.
-    Non-finite floats are written as null (:func:`finite_json`); ``default`` as in
+    ``finite``: non-finite floats are written as null (:func:`finite_json`), for files that
+    other tools read (``summary.json``); otherwise as Python's ``NaN``/``Infinity``, which
+    read back as the same floats (``meta.json``'s run config). ``default`` as in
     ``json.dump``. On any failure (e.g. ``OSError`` ENOSPC, re-raised) the temp file is
     removed and ``path`` keeps its previous content, if any."""
     tmp = path.with_name(path.name + ".tmp")
+    data = finite_json(payload) if finite else payload
     try:
         with tmp.open("w") as f:
-            json.dump(finite_json(payload), f, indent=2, allow_nan=False, default=default)
+            json.dump(data, f, indent=2, allow_nan=not finite, default=default)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)

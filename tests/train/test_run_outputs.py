@@ -37,7 +37,8 @@ def test_json_is_written_whole_with_non_finite_values_as_null(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "summary.json"
-    atomic.write_json_atomic(path, {"loss": float("nan"), "xs": [float("inf"), 1.5], "n": 2})
+    payload = {"loss": float("nan"), "xs": [float("inf"), 1.5], "n": 2}
+    atomic.write_json_atomic(path, payload, finite=True)
     assert strict_json(path) == {"loss": None, "xs": [None, 1.5], "n": 2}
 
     def full_disk(obj: object, f: object, **kwargs: object) -> None:
@@ -46,7 +47,7 @@ def test_json_is_written_whole_with_non_finite_values_as_null(
 
     monkeypatch.setattr(atomic.json, "dump", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        atomic.write_json_atomic(path, {"loss": 1.0})
+        atomic.write_json_atomic(path, {"loss": 1.0}, finite=True)
     assert strict_json(path) == {"loss": None, "xs": [None, 1.5], "n": 2}  # the old one, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no .tmp
 
