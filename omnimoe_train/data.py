@@ -36,6 +36,7 @@ from omnimoe_data.corpus import DataError, PreparationStopped
 from omnimoe_data.loader import TokenShardLoader
 from omnimoe_data.plan import DEFAULT_BLOCK_BYTES
 from omnimoe_data.request import is_prepared, preparation_request, request_key, request_mismatch
+from omnimoe_data.shards import FORMAT_NAME
 from omnimoe_data.source import DataSource, is_url
 from omnimoe_train.config import DataConfig
 from omnimoe_train.prepare_board import PrepareBoard
@@ -156,11 +157,17 @@ def _ensure_prepared(d: DataConfig, should_stop: Callable[[], bool] | None = Non
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         try:
-            recorded = json.loads(manifest_path.read_text()).get("request")
+            manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError):
-            recorded = None  # unreadable: an interrupted run's leftovers, prepared again
-        else:
-            _refuse_mismatch(out, recorded, request)
+            manifest = None  # unreadable: prepared again (``prepare`` refuses one not ours)
+        if manifest is not None:
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+                key = "data.dir" if d.dir is not None else "OMNIMOE_CACHE"
+                raise DataError(
+                    f"{key}: {out} holds a manifest.json that is not a prepared dataset's; give "
+                    f"a folder of its own to prepare data.inputs into"
+                )
+            _refuse_mismatch(out, manifest.get("request"), request)
             if is_prepared(out, seq_len=d.seq_len):
                 return out
     with _naming("data.inputs", d):

@@ -109,3 +109,17 @@ def test_inputs_under_the_home_folder(
     data = prepare_data(DataConfig(inputs=["~/corpus"], **small), rank=0)
     manifest = json.loads((Path(data.locations[0]) / "manifest.json").read_text())
     assert manifest["request"]["inputs"]["paths"] == [str((tmp_path / "corpus").resolve())]
+
+
+def test_a_data_dir_with_another_tools_manifest_is_left_alone(cache: Path, tmp_path: Path) -> None:
+    """``data.dir`` + ``data.inputs`` onto a folder with some other ``manifest.json``: a JSON
+    list was an AttributeError traceback, an object "block_bytes: ... prepared with
+    block_bytes=None", invalid JSON deleted."""
+    corpus = write_txt_folder(tmp_path / "corpus", make_docs(20))
+    out = tmp_path / "mine"
+    out.mkdir()
+    for foreign in ("[1, 2]", '{"name": "x"}', "not json"):
+        (out / "manifest.json").write_text(foreign)
+        with pytest.raises(DataError, match=r"^data\.dir: .*mine:? holds a manifest\.json that "):
+            prepare_data(DataConfig(inputs=[str(corpus)], dir=str(out), seq_len=16), rank=0)
+        assert (out / "manifest.json").read_text() == foreign

@@ -275,3 +275,24 @@ def test_an_input_named_twice_is_refused(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=r"a\.txt: given more than once \("):
             run(inputs, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_with_another_tools_manifest_is_refused_not_emptied(
+    tmp_path: Path,
+) -> None:
+    """``--out`` a folder that holds some other ``manifest.json`` (a web app's, a corpus's own):
+    it was deleted without a word, and replaced by the dataset's."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.txt").write_text("a document long enough to be one " * 20)
+    for foreign in ('{"name": "my corpus"}', "[1, 2]", "not json"):
+        (root / "manifest.json").write_text(foreign)
+        rule = r"corpus: holds a manifest\.json that is not a prepared dataset's; give an output"
+        with pytest.raises(DataError, match=rule):
+            run([root], root)
+        assert (root / "manifest.json").read_text() == foreign
+        assert sorted(p.name for p in root.iterdir()) == ["a.txt", "manifest.json"]
+    (root / "manifest.json").unlink()
+    out = tmp_path / "out"
+    run([root], out)
+    run([root], out, seq_len=8)  # a dataset's own manifest is replaced, as before
