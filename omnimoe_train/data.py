@@ -39,6 +39,7 @@ from omnimoe_data.request import is_prepared, preparation_request, request_key, 
 from omnimoe_data.shards import FORMAT_NAME
 from omnimoe_data.source import DataSource, is_url
 from omnimoe_train.config import DataConfig
+from omnimoe_train.names import path_component
 from omnimoe_train.prepare_board import PrepareBoard
 from omnimoe_train.validation import DataFacts
 
@@ -138,7 +139,8 @@ def dataset_dir(d: DataConfig, request: dict | None = None) -> Path:
     if d.dir is not None:
         return Path(d.dir).expanduser()
     key = request_key(request if request is not None else _request(d))
-    return cache_root() / "data" / f"{d.name}-{key}"
+    # One folder whatever data.name holds ("a/b" made a/b-<key>, ".." or 300 bytes failed).
+    return cache_root() / "data" / f"{path_component(d.name)}-{key}"
 
 
 def _ensure_prepared(d: DataConfig, should_stop: Callable[[], bool] | None = None) -> Path:

@@ -123,3 +123,15 @@ def test_a_data_dir_with_another_tools_manifest_is_left_alone(cache: Path, tmp_p
         with pytest.raises(DataError, match=r"^data\.dir: .*mine:? holds a manifest\.json that "):
             prepare_data(DataConfig(inputs=[str(corpus)], dir=str(out), seq_len=16), rank=0)
         assert (out / "manifest.json").read_text() == foreign
+
+
+def test_the_cache_folder_is_one_folder_whatever_the_data_name(cache: Path, tmp_path: Path) -> None:
+    """``data.name=a/b`` made a nested ``a/b-<key>``, a name over the file system's limit a
+    folder that could not be made (named as OMNIMOE_CACHE's fault)."""
+    corpus = write_txt_folder(tmp_path / "corpus", make_docs(5))
+    for name in ("a/b", "..", "x" * 300):
+        folder = dataset_dir(DataConfig(inputs=[str(corpus)], name=name))
+        assert folder.parent == cache / "data" and len(folder.name.encode()) <= 255
+    assert dataset_dir(DataConfig(inputs=[str(corpus)], name="mycorpus")).name.startswith(
+        "mycorpus-"
+    )
