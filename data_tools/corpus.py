@@ -183,7 +183,16 @@ def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def _walk(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Every file under ``root`` in sorted order. Symlinked folders are followed (a corpus
+    assembled from links was read without their files, silently), each real folder once, so
+    a link to a folder above does not loop."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
             yield Path(dirpath, name)

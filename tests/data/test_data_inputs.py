@@ -296,3 +296,17 @@ def test_an_output_folder_with_another_tools_manifest_is_refused_not_emptied(
     out = tmp_path / "out"
     run([root], out)
     run([root], out, seq_len=8)  # a dataset's own manifest is replaced, as before
+
+
+def test_symlinked_folders_in_an_input_folder_are_read_once(tmp_path: Path) -> None:
+    """A corpus folder assembled from links: a linked folder's files were left out, silently
+    (``os.walk`` does not follow links by default). A link to a folder above does not loop."""
+    root, other = tmp_path / "corpus", tmp_path / "other"
+    (root / "real").mkdir(parents=True)
+    other.mkdir()
+    (root / "real" / "a.txt").write_text("a document long enough to be one " * 20)
+    (other / "b.txt").write_text("another document from elsewhere " * 20)
+    (root / "linked").symlink_to(other, target_is_directory=True)
+    (root / "real" / "loop").symlink_to(root, target_is_directory=True)
+    manifest = run([root], tmp_path / "out", val_fraction=0.0)
+    assert manifest["splits"]["train"]["documents"] == 2
