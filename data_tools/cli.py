@@ -89,6 +89,20 @@ def _part(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _positive_bytes(text: str) -> int:
+    """A byte count >= 1 (``--max-bytes 0`` read nothing and ended in "no usable documents in
+    the input", as if the corpus were at fault); leaving the option out is "no cap"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1 (got {value}); leave the option out for no cap"
+        )
+    return value
+
+
 def _add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "inputs",
@@ -101,14 +115,14 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column")
     p.add_argument(
         "--max-bytes",
-        type=int,
+        type=_positive_bytes,
         default=None,
         help=f"stop after this many bytes of text (stdlib corpus default: "
         f"{DEFAULT_CORPUS_MAX_BYTES})",
     )
     p.add_argument(
         "--tokenizer-sample-bytes",
-        type=int,
+        type=_positive_bytes,
         default=None,
         help="train the tokenizer on about this many bytes spread over the corpus "
         "(default: all of it)",

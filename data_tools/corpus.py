@@ -8,6 +8,9 @@ Supported inputs (files, or folders walked recursively in sorted order):
   holding the lines that start inside it, so no file is ever read whole.
 * ``.parquet``: one document per row of the text-field column, read by row groups.
 
+Other files in a folder are passed over, except compressed ones (``.gz``, ``.zst`` ...),
+which are refused: they would be corpus silently left out.
+
 Every document is checked to be encodable as UTF-8 (a JSON ``\\ud83d`` escape without its
 pair is not) before it reaches the tokenizer.
 
@@ -31,6 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Compressed files are not read; in a folder they are refused rather than passed over like
+# other files (a README), since a corpus.jsonl.gz is corpus a user expects to be read.
+COMPRESSED_SUFFIXES = (
+    ".gz",
+    ".tgz",
+    ".zst",
+    ".zstd",
+    ".bz2",
+    ".xz",
+    ".lz4",
+    ".lzma",
+    ".zip",
+    ".7z",
+)
 BOM = b"\xef\xbb\xbf"
 
 # ~6 MB of stdlib source prepares in a few seconds on a 2-core CPU and is plenty for the
@@ -117,12 +134,21 @@ class Piece:
 
 
 def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expands folders into their supported files; every named path must exist."""
+    """Expands folders into their supported files; every named path must exist. A leading
+    ``~`` is the home folder (as for ``data.dir`` and ``data.tokenizer``)."""
     files: list[Path] = []
     for item in inputs:
-        path = Path(item)
+        path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in _walk(path) if p.suffix.lower() in SUPPORTED_SUFFIXES)
+            walked = list(_walk(path))
+            compressed = [p for p in walked if p.suffix.lower() in COMPRESSED_SUFFIXES]
+            if compressed:
+                raise DataError(
+                    f"{compressed[0]}: compressed input is not read ({len(compressed)} such "
+                    f"file(s) under {path}); decompress them, or move them out of the folder",
+                    option="inputs",
+                )
+            found = sorted(p for p in walked if p.suffix.lower() in SUPPORTED_SUFFIXES)
             if not found:
                 raise DataError(
                     f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files",
@@ -141,11 +167,32 @@ def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             raise DataError(f"{path}: no such file or folder", option="inputs")
     if not files:
         raise DataError("no input files given", option="inputs")
+    # A file named twice (or named and inside a folder named) was read twice: its documents
+    # trained on twice as often as the rest, without a word.
+    seen: dict[str, Path] = {}
+    for path in files:
+        key = os.path.abspath(path)
+        if key in seen:
+            raise DataError(
+                f"{path}: given more than once (a file also named directly or inside another "
+                f"folder given); name each input once",
+                option="inputs",
+            )
+        seen[key] = path
     return files
 
 
 def _walk(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Every file under ``root`` in sorted order. Symlinked folders are followed (a corpus
+    assembled from links was read without their files, silently), each real folder once, so
+    a link to a folder above does not loop."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
             yield Path(dirpath, name)

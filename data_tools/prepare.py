@@ -454,8 +454,22 @@ def _remove_partial_dataset(out: Path, *, created: bool, tokenizer_file: bool) -
 
 def _remove_previous_dataset(out: Path) -> None:
     """Drops an older dataset's manifest first (so the folder never looks complete while
-    it is rewritten), then its shards and any temp files of an interrupted run."""
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    it is rewritten), then its shards and any temp files of an interrupted run. A
+    ``manifest.json`` that is not a dataset's (another tool's, in a folder given as the
+    output by mistake) is a :class:`DataError`, not deleted."""
+    manifest = out / MANIFEST_NAME
+    if manifest.is_file():
+        try:  # written atomically: never half a dataset's manifest
+            ours = json.loads(manifest.read_bytes()).get("format") == FORMAT_NAME
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise DataError(
+                f"{out}: holds a {MANIFEST_NAME} that is not a prepared dataset's; give an "
+                f"output folder of its own",
+                option="out_dir",
+            )
+    manifest.unlink(missing_ok=True)
     for path in out.iterdir():
         if _STALE_FILE.match(path.name) and path.is_file():
             path.unlink()

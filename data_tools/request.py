@@ -3,7 +3,8 @@
 :func:`preparation_request` collects every option that changes the prepared data — the
 input files themselves (each file's path, size and modification time), the tokenizer (the
 trained vocabulary size and sample, or a given file's sha256), ``seq_len``, the split seed
-and fraction, the text field, the byte cap, the shard and block sizes — into one dict.
+and fraction, the text field, the byte cap (none for ``inputs`` unless given: a user's
+corpus is read whole), the shard and block sizes — into one dict.
 ``prepare`` records it in the manifest; the trainer's data cache names its folders by its
 hash and re-checks it against the manifest (:func:`request_mismatch`), so a changed option
 never reuses another dataset.
@@ -39,9 +40,16 @@ CONFIG_KEYS = {
 def input_files(
     inputs: list[str | Path] | str | Path | None, max_bytes: int | None
 ) -> tuple[list[Path], list[str] | dict]:
-    """The files to read, and how the manifest describes them."""
+    """The files to read, and how the manifest describes them. ``max_bytes`` below 1 is a
+    :class:`DataError` (it would read nothing; None reads every byte)."""
+    if max_bytes is not None and max_bytes < 1:
+        raise DataError(
+            f"max_bytes={max_bytes}: must be at least 1 (leave it unset to read the inputs "
+            f"whole, or the default corpus's {DEFAULT_CORPUS_MAX_BYTES} bytes)",
+            option="max_bytes",
+        )
     if inputs is None:
-        files = default_corpus_files(max_bytes or DEFAULT_CORPUS_MAX_BYTES)
+        files = default_corpus_files(DEFAULT_CORPUS_MAX_BYTES if max_bytes is None else max_bytes)
         return files, {
             "kind": "python-stdlib",
             "python": platform.python_version(),
@@ -100,7 +108,7 @@ def preparation_request(
         kind = {"kind": "python-stdlib", "python": platform.python_version()}
     else:
         given = [inputs] if isinstance(inputs, str | Path) else inputs
-        kind = {"kind": "files", "paths": [str(Path(p).resolve()) for p in given]}
+        kind = {"kind": "files", "paths": [str(Path(p).expanduser().resolve()) for p in given]}
     request = {
         "format_version": FORMAT_VERSION,
         "inputs": {**kind, **_files_identity(files)},
@@ -109,7 +117,12 @@ def preparation_request(
         "val_fraction": float(val_fraction),
         "text_field": text_field,
         "seed": seed,
-        "max_bytes": max_bytes,
+        # The default corpus's own cap when none is given: the same stdlib files either way,
+        # so its datasets keep their key. data.inputs are read whole without one: no cap is
+        # recorded, so a dataset cut by the former default cap is never reused for them.
+        "max_bytes": DEFAULT_CORPUS_MAX_BYTES
+        if inputs is None and max_bytes is None
+        else max_bytes,
         "block_bytes": block_bytes,
     }
     if tokenizer is None:  # options of a trained tokenizer; a given file counts by content

@@ -142,19 +142,25 @@ def _unparsable_override(exc: Exception) -> str:
 
 def _sweep_combinations(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
     """Expand ``a=1,2 b=x,y`` into every combination, as Hydra's basic sweeper would (a later
-    override of the same key replaces an earlier one); also return the swept keys."""
+    override of the same key replaces an earlier one); also return the swept keys. A
+    ``glob(...)`` sweep of a config group is expanded over the group's options, which only the
+    config loader knows (the parser needs it, as Hydra's sweeper gives it)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
     choices: dict[str, list[str]] = {}
     swept: dict[str, bool] = {}
-    for ov in parsed:
-        key = ov.get_key_element()
-        swept[key] = ov.is_sweep_override()
-        if swept[key]:
-            choices[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
-        else:
-            choices[key] = [ov.input_line]
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
+        for ov in parsed:
+            key = ov.get_key_element()
+            swept[key] = ov.is_sweep_override()
+            if swept[key]:
+                choices[key] = [f"{key}={v}" for v in ov.sweep_string_iterator()]
+            else:
+                choices[key] = [ov.input_line]
     combos = [list(combo) for combo in itertools.product(*choices.values())]
     return combos, [key for key, is_sweep in swept.items() if is_sweep]
 
@@ -309,10 +315,30 @@ def _clear_given_exit_status(argv: list[str]) -> None:
         clear_exit_status(run_dir)
 
 
+# Hydra's modes: it takes one at most, and answers two with a ValueError traceback.
+_MODES = {
+    "-m": "--multirun", "--multirun": "--multirun", "-r": "--run", "--run": "--run",
+    "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
+    "-sc": "--shell-completion", "--shell-completion": "--shell-completion",
+}  # fmt: skip
+
+
+def multirun_first(argv: list[str]) -> list[str]:
+    """``argv`` with ``-m``/``--multirun`` (if given) moved to the front, the rest in order.
+    Exits 2 in one line when it names two of Hydra's modes (``-m --cfg job``)."""
+    modes = sorted({_MODES[a] for a in argv if a in _MODES})
+    if len(modes) > 1:
+        _fail(f"{modes[0]}, {modes[1]}: give one of them (each is a mode of its own)")
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    return flags[:1] + [a for a in argv if a not in ("-m", "--multirun")]
+
+
 def main() -> None:
     from omnimoe_train.run import quiet_libraries, say_stop_after_training, stopped_before_training
 
-    argv = sys.argv[1:]
+    # Hydra's parser takes -m only before the overrides (after them: "unrecognized
+    # arguments"); where it is makes no difference to the user, so it goes first.
+    sys.argv[1:] = argv = multirun_first(sys.argv[1:])
     # A -m sweep's process may only submit jobs and wait for them: each local job installs it.
     if not any(a in ("-m", "--multirun") for a in argv):
         _STARTUP_STOP.install()

@@ -108,7 +108,9 @@ class DataConfig:
     tokenizer: str | None = None  # an existing tokenizer.json; None = train one
     vocab_size: int = 4096  # when training a tokenizer
     tokenizer_sample_bytes: int | None = None  # train it on this much text; None = all
-    max_bytes: int | None = 6_000_000  # cap on raw text read for preparation
+    # Cap on raw text read for preparation; None = no cap on data.inputs (the default corpus
+    # then takes its own ~6 MB of stdlib sources). A user's corpus is never cut by default.
+    max_bytes: int | None = None
     val_fraction: float = 0.02
     text_field: str = "text"
     samples_per_shard: int = 1024

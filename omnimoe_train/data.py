@@ -36,8 +36,10 @@ from omnimoe_data.corpus import DataError, PreparationStopped
 from omnimoe_data.loader import TokenShardLoader
 from omnimoe_data.plan import DEFAULT_BLOCK_BYTES
 from omnimoe_data.request import is_prepared, preparation_request, request_key, request_mismatch
+from omnimoe_data.shards import FORMAT_NAME
 from omnimoe_data.source import DataSource, is_url
 from omnimoe_train.config import DataConfig
+from omnimoe_train.names import path_component
 from omnimoe_train.prepare_board import PrepareBoard
 from omnimoe_train.validation import DataFacts
 
@@ -137,7 +139,8 @@ def dataset_dir(d: DataConfig, request: dict | None = None) -> Path:
     if d.dir is not None:
         return Path(d.dir).expanduser()
     key = request_key(request if request is not None else _request(d))
-    return cache_root() / "data" / f"{d.name}-{key}"
+    # One folder whatever data.name holds ("a/b" made a/b-<key>, ".." or 300 bytes failed).
+    return cache_root() / "data" / f"{path_component(d.name)}-{key}"
 
 
 def _ensure_prepared(d: DataConfig, should_stop: Callable[[], bool] | None = None) -> Path:
@@ -156,11 +159,17 @@ def _ensure_prepared(d: DataConfig, should_stop: Callable[[], bool] | None = Non
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         try:
-            recorded = json.loads(manifest_path.read_text()).get("request")
+            manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError):
-            recorded = None  # unreadable: an interrupted run's leftovers, prepared again
-        else:
-            _refuse_mismatch(out, recorded, request)
+            manifest = None  # unreadable: prepared again (``prepare`` refuses one not ours)
+        if manifest is not None:
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+                key = "data.dir" if d.dir is not None else "OMNIMOE_CACHE"
+                raise DataError(
+                    f"{key}: {out} holds a manifest.json that is not a prepared dataset's; give "
+                    f"a folder of its own to prepare data.inputs into"
+                )
+            _refuse_mismatch(out, manifest.get("request"), request)
             if is_prepared(out, seq_len=d.seq_len):
                 return out
     with _naming("data.inputs", d):
@@ -225,6 +234,24 @@ def _refuse_mismatch(out: Path, recorded: dict | None, request: dict) -> None:
     )
 
 
+def _check_tokenizer(path: str, sources: list[DataSource]) -> None:
+    """``data.tokenizer`` beside prepared datasets must be the one each was prepared with (its
+    manifest's ``tokenizer_sha256``): the token ids were made by it, another maps them to other
+    text. Preparing ``data.inputs`` with it is checked by the request instead."""
+    from omnimoe_data.tokenizer import load_tokenizer, tokenizer_sha256
+
+    with _naming("data.tokenizer"):
+        given = tokenizer_sha256(load_tokenizer(Path(path).expanduser()).to_str(pretty=True))
+    for source in sources:
+        recorded = source.manifest.get("tokenizer_sha256")
+        if recorded is not None and recorded != given:
+            raise DataError(
+                f"data.tokenizer: {path} is not the tokenizer {source.location} was prepared "
+                f"with (its ids are another tokenizer's); leave data.tokenizer unset to use the "
+                f"dataset's own, or prepare the data with this tokenizer"
+            )
+
+
 def prepare_data(
     d: DataConfig, *, rank: int, stop_requested: Callable[[], bool] | None = None
 ) -> TrainingData:
@@ -232,7 +259,7 @@ def prepare_data(
     :class:`DataError` (on every rank) for unusable data or a mismatch with the config, and
     :class:`PreparationStopped` (on every rank) when some rank's ``stop_requested()`` turned
     true while the data was prepared (module docstring)."""
-    key = "data.dir"
+    key, prepared_here = "data.dir", False
     if d.dirs:
         key, locations = "data.dirs", [str(x) for x in d.dirs]
     elif d.dir is not None and d.inputs is None:
@@ -245,17 +272,25 @@ def prepare_data(
             raise DataError(outcome["error"])
         if outcome["stopped"]:
             raise PreparationStopped("a stop was requested while the data was prepared")
-        locations = [outcome["location"]]
+        locations, prepared_here = [outcome["location"]], True
     with _naming(key):  # a bad location; a manifest absent, unreadable or not a dataset's
         sources = [DataSource(loc) for loc in locations]
         manifests = [source.manifest for source in sources]
     for source, manifest in zip(sources, manifests):
+        if manifest.get("part"):  # one part's samples only: the rest of the corpus missing
+            part = manifest["part"]
+            raise DataError(
+                f"{key}: {source.location} holds part {part['index']}/{part['count']} of a "
+                f"dataset (prepare --part); merge the parts first (omnimoe-data merge)"
+            )
         seq_len = manifest["seq_len"]
         if seq_len != d.seq_len:
             raise DataError(
                 f"data.seq_len: {source.location} holds samples of seq_len {seq_len}, "
                 f"not {d.seq_len} (set data.seq_len={seq_len})"
             )
+    if d.tokenizer is not None and not prepared_here:
+        _check_tokenizer(d.tokenizer, sources)
     weights = list(d.weights) if d.weights else [1.0] * len(sources)
     total = sum(weights)
     return TrainingData(

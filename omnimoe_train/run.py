@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from omnimoe_train.checkpoint.signals import StoppedBeforeTraining
 
 EXIT_STATUS = "exit_status.json"
+# A write the disk refused (full, over quota, read-only, failing): exit 74, one line.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
 SIGTERM_BEFORE_TRAINING = (
     "terminated (SIGTERM) before training started: stopped at once, nothing was saved (the "
     "newest complete checkpoint, if any, stays)"
@@ -55,7 +58,10 @@ def _write_exit_status(run_dir: Path, code: int, message: str) -> None:
     starts (:func:`clear_exit_status`), so its absence after a run means a crash."""
     from omnimoe_train.checkpoint.atomic import write_json_atomic
 
-    write_json_atomic(run_dir / EXIT_STATUS, {"exit_code": code, "message": message})
+    # Best effort: on a full disk the status cannot be written (the temp file is removed), and
+    # the one line on stderr and the exit code still tell how the run ended.
+    with contextlib.suppress(OSError):
+        write_json_atomic(run_dir / EXIT_STATUS, {"exit_code": code, "message": message})
 
 
 def clear_exit_status(run_dir: Path) -> None:
@@ -145,6 +151,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     saved; divergence exits 65 with a checkpoint of the last good weights.
     """
     from omnimoe_data.prepare import DataError
+    from omnimoe_train.checkpoint.atomic import write_json_atomic
     from omnimoe_train.checkpoint.compat import RunAlreadyComplete
     from omnimoe_train.checkpoint.files import CheckpointCorrupt
     from omnimoe_train.checkpoint.manager import CheckpointWriteError
@@ -221,16 +228,25 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         try:
             try:
                 summary = trainer.fit(sink)
-            finally:
+            except BaseException:
                 # Before any line below: stopping the progress bar draws it once more, and
                 # after an error line it hid that line as the console's last (a bad shard's).
-                sink.close()
+                # Closing may fail as the training did (a full disk: the metrics' last line
+                # cannot be flushed): that error is the one already on its way.
+                with contextlib.suppress(OSError):
+                    sink.close()
+                raise
+            sink.close()
         except DataError as exc:  # e.g. a shard found corrupt mid-run, or a resume onto other data
             _fail(str(exc), EXIT_USAGE, show=main, run_dir=run_dir)
         except CheckpointLoadError as exc:
             _fail(f"checkpoint.resume: {exc}", EXIT_USAGE, show=main, run_dir=run_dir)
         except CheckpointWriteError as exc:
             _fail(f"checkpoint.dir: {exc}", EXIT_IO_ERROR, show=main, run_dir=run_dir)
+        except OSError as exc:  # after CheckpointWriteError, an OSError too
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            _fail(_disk_message(run_dir, exc), EXIT_IO_ERROR, show=main, run_dir=run_dir)
         # The whole run's wall time (earlier processes up to the checkpoint each next one
         # resumed from, plus this one) and this process's alone.
         summary["wall_s"] = trainer.state.total_wall_s()
@@ -238,7 +254,13 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         if trainer.resume is not None:
             summary["resumed_from"] = trainer.resume.name
         if main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            try:  # atomic: a summary.json is complete; a diverged run's NaN loss is null
+                write_json_atomic(run_dir / "summary.json", summary, default=str, finite=True)
+            except OSError as exc:
+                if exc.errno not in DISK_ERRNOS:
+                    raise
+                message = _disk_message(run_dir, exc, "summary.json")
+                _fail(message, EXIT_IO_ERROR, show=main, run_dir=run_dir)
             _report(sink, summary)
         if summary["exit_code"] != EXIT_OK:
             _fail(summary["message"], summary["exit_code"], show=main, run_dir=run_dir)
@@ -282,6 +304,16 @@ def quiet_libraries() -> None:
     for noisy in ("DeepSpeed", "compilers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+def _disk_message(run_dir: Path, exc: OSError, name: str | None = None) -> str:
+    """The one line of a write to the run directory that the disk refused (full, quota);
+    ``name``: the file being written, where the error does not say."""
+    what = f"{exc.filename or name}: " if exc.filename or name else ""
+    return (
+        f"hydra.run.dir: cannot write to {run_dir} ({what}[Errno {exc.errno}] {exc.strerror}); "
+        f"free space and run the same command again to resume from the newest checkpoint, if any"
+    )
 
 
 def _previous_summary(run_dir: Path) -> dict[str, Any]:

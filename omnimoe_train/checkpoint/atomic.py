@@ -7,20 +7,53 @@ to end the process (it stops the other workers once one has exited).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``path`` so that it is either absent or complete: temp file, fsync, rename."""
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by None, in nested dicts,
+    lists and tuples: ``json.dumps`` writes them as ``NaN``/``Infinity``, which is not JSON
+    (``jq`` and most parsers other than Python's refuse the file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def write_json_atomic(
+    path: Path,
+    payload: dict[str, Any],
+    *,
+    default: Callable[[Any], Any] | None = None,
+    finite: bool = False,
+) -> None:
+    """Write ``path`` so that it is either absent or complete: temp file, fsync, rename.
+    ``finite``: non-finite floats are written as null (:func:`finite_json`), for files that
+    other tools read (``summary.json``); otherwise as Python's ``NaN``/``Infinity``, which
+    read back as the same floats (``meta.json``'s run config). ``default`` as in
+    ``json.dump``. On any failure (e.g. ``OSError`` ENOSPC, re-raised) the temp file is
+    removed and ``path`` keeps its previous content, if any."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    data = finite_json(payload) if finite else payload
+    try:
+        with tmp.open("w") as f:
+            json.dump(data, f, indent=2, allow_nan=not finite, default=default)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -181,6 +182,9 @@ def consolidate(path: Path, out: Path) -> None:
     blocker = file_in_the_way(out.parent)
     if blocker is not None:
         _fail(f"{out}: {blocker} is not a folder")
+    if path.resolve() in out.resolve().parents:  # meta.json given as OUT was overwritten
+        _fail(f"{out}: inside the checkpoint {path}; write the weights outside it")
+    _check_writable(out)
     problem = find_problem(path)
     if problem is not None:
         _fail(f"{path}: {problem}")
@@ -217,11 +221,24 @@ def consolidate(path: Path, out: Path) -> None:
     try:
         torch.save(payload, tmp)
         tmp.replace(out)
-    except OSError as exc:  # e.g. a full disk or no permission: nothing half-written stays
-        tmp.unlink(missing_ok=True)
-        _fail(f"{out}: cannot write ({exc.strerror or exc})")
+    except (OSError, RuntimeError) as exc:  # a full disk, no permission (torch: RuntimeError)
+        tmp.unlink(missing_ok=True)  # nothing half-written stays
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc).strip().splitlines()[-1]
+        _fail(f"{out}: cannot write ({reason or exc})")
     numel = sum(t.numel() for t in state.values())
     print(f"{out}: {len(state)} tensors, {numel:,} values, step {meta['step']}")
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` can be written where it goes: a file made (and removed) in its folder, or in the
+    nearest folder above it that exists (``os.access`` says yes to root under /proc)."""
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".omnimoe-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        _fail(f"{out}: cannot write there ({exc.strerror or exc} in {existing})")
 
 
 def _consolidate_megatron(path: Path, saved: Any, meta: dict[str, Any]) -> dict[str, Any]:

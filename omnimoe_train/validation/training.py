@@ -5,6 +5,8 @@ W&B tags)."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 from omnimoe_data.shards import file_in_the_way
@@ -76,14 +78,25 @@ def validate_resume_path(c: CheckpointConfig) -> None:
 
 def validate_output_folder(key: str, folder: str | Path) -> None:
     """A folder the run will write (``hydra.run.dir``, ``checkpoint.dir``) can be made: no
-    existing file is in its way. A fact of this machine, checked before any work, because the
-    checkpoint folder is first made at the first save: a file there would cost the training
-    done before it, with a traceback."""
+    existing file is in its way, and it can be created and written. A fact of this machine,
+    checked before any work, because the checkpoint folder is first made at the first save: a
+    file there would cost the training done before it, with a traceback. Raises :class:`ConfigError` naming ``key`` for a file in
+    the way and for a folder that cannot be made or written (permission, a read-only file
+    system)."""
     path = Path(folder).expanduser()
     blocker = file_in_the_way(path)
     if blocker is not None:
         where = "" if blocker == path else f": {blocker}"
         raise ConfigError(key, f"{folder}{where} is a file, not a folder")
+    # No permission, a read-only or pseudo file system (/proc, /sys): found by making (and
+    # removing) a folder where the run's would go, since os.access says yes to root there.
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".omnimoe-probe-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(
+            key, f"{folder} cannot be made or written ({exc.strerror or exc} in {existing})"
+        ) from None
 
 
 def validate_robustness(t: TrainerConfig) -> None:

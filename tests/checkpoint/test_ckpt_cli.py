@@ -153,6 +153,32 @@ def test_consolidate_refuses_an_output_it_cannot_write_before_loading(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "step_00000002"]
 
 
+def test_consolidate_refuses_an_output_inside_the_checkpoint_or_unwritable(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """OUT = the checkpoint's own ``meta.json`` was overwritten with the weights (the
+    checkpoint destroyed, exit 0); OUT under /proc was torch's RuntimeError traceback after the
+    whole load."""
+    folder = tmp_path / "step_00000002"
+    folder.mkdir()
+    (folder / "meta.json").write_text("{}")
+    for out in (folder / "meta.json", folder / "sub" / "model.pt"):
+        code, _, err = _in_process(capsys, "consolidate", folder, out)
+        assert code == 2
+        assert err.strip().splitlines() == [
+            f"omnimoe-ckpt: error: {out}: inside the checkpoint {folder}; write the weights "
+            "outside it"
+        ]
+    assert (folder / "meta.json").read_text() == "{}" and not (folder / "sub").exists()
+    if Path("/proc/self").is_dir():  # no file can be made in /proc, root or not
+        code, _, err = _in_process(capsys, "consolidate", folder, "/proc/model.pt")
+        assert code == 2
+        assert err.strip().splitlines() == [
+            "omnimoe-ckpt: error: /proc/model.pt: cannot write there (No such file or directory "
+            "in /proc)"
+        ]
+
+
 def test_inspect_of_a_run_directory_reads_its_checkpoints(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -189,3 +189,32 @@ def test_train_tokenizer_refuses_an_out_it_cannot_write_before_training(
         assert capsys.readouterr().err == f"omnimoe-data: error: {out}: {rule}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "c", "toks"]
     assert not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("command", ["prepare", "train-tokenizer"])
+@pytest.mark.parametrize("option", ["--max-bytes", "--tokenizer-sample-bytes"])
+def test_a_byte_count_below_1_is_refused_as_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, option: str
+) -> None:
+    """``--max-bytes 0`` read nothing and ended in "no usable documents in the input", as if
+    the corpus were at fault (and with no inputs, the default corpus came first)."""
+    corpus = write_txt_folder(tmp_path / "corpus", make_docs(5))
+    for inputs in ([], [str(corpus)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, *inputs, option, "0", "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: argument {option}: must be at least 1 (got 0); leave the option out" in err
+        assert "usable documents" not in err and not (tmp_path / "out").exists()
+
+
+def test_prepare_refuses_max_bytes_0_naming_it(tmp_path: Path) -> None:
+    """Called as a library (the trainer, scripts): the same rule, naming ``max_bytes``."""
+    from omnimoe_data.corpus import DataError
+    from omnimoe_data.prepare import prepare
+
+    corpus = write_txt_folder(tmp_path / "corpus", make_docs(5))
+    for inputs in (None, [corpus]):
+        with pytest.raises(DataError, match=r"^max_bytes=0: must be at least 1 \(") as info:
+            prepare(inputs, tmp_path / "out", max_bytes=0, progress=False)
+        assert info.value.option == "max_bytes"

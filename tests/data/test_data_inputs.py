@@ -39,6 +39,21 @@ def test_empty_folder(tmp_path: Path) -> None:
         run([tmp_path / "empty"], tmp_path / "out")
 
 
+def test_compressed_files_in_a_folder_are_refused_not_passed_over(tmp_path: Path) -> None:
+    """A ``.jsonl.gz`` beside ``.txt`` files was left out without a word (a share of the
+    corpus lost); now the preparation refuses in one line naming it."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("a document long enough to be one " * 20)
+    (root / "notes.md").write_text("other files are still passed over")
+    for name in ("b.jsonl.gz", "sub/c.txt.zst"):
+        (root / name).write_bytes(b"\x1f\x8b compressed")
+    rule = r"b\.jsonl\.gz: compressed input is not read \(2 such file\(s\) under .*corpus\); "
+    with pytest.raises(DataError, match=rule + "decompress them"):
+        run([root], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsupported_extension(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(DataError, match=r"data\.csv: unsupported input type '\.csv'"):
@@ -246,3 +261,52 @@ def test_pieces_of_large_files_read_every_document_once(tmp_path: Path) -> None:
     for block_bytes in (1, 97, 500, 2048):
         texts, skips, n = read(block_bytes)
         assert n > 2 and texts == whole and skips == whole_skips, block_bytes
+
+
+def test_an_input_named_twice_is_refused(tmp_path: Path) -> None:
+    """A folder and a file inside it (or one file twice) read that file twice: its documents
+    counted double in the dataset, silently."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    doc = root / "sub" / "a.txt"
+    doc.write_text("a document long enough to be one " * 20)
+    (root / "b.txt").write_text("another document " * 20)
+    for inputs in ([root, doc], [doc, doc], [root, root / "sub"]):
+        with pytest.raises(DataError, match=r"a\.txt: given more than once \("):
+            run(inputs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_with_another_tools_manifest_is_refused_not_emptied(
+    tmp_path: Path,
+) -> None:
+    """``--out`` a folder that holds some other ``manifest.json`` (a web app's, a corpus's own):
+    it was deleted without a word, and replaced by the dataset's."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.txt").write_text("a document long enough to be one " * 20)
+    for foreign in ('{"name": "my corpus"}', "[1, 2]", "not json"):
+        (root / "manifest.json").write_text(foreign)
+        rule = r"corpus: holds a manifest\.json that is not a prepared dataset's; give an output"
+        with pytest.raises(DataError, match=rule):
+            run([root], root)
+        assert (root / "manifest.json").read_text() == foreign
+        assert sorted(p.name for p in root.iterdir()) == ["a.txt", "manifest.json"]
+    (root / "manifest.json").unlink()
+    out = tmp_path / "out"
+    run([root], out)
+    run([root], out, seq_len=8)  # a dataset's own manifest is replaced, as before
+
+
+def test_symlinked_folders_in_an_input_folder_are_read_once(tmp_path: Path) -> None:
+    """A corpus folder assembled from links: a linked folder's files were left out, silently
+    (``os.walk`` does not follow links by default). A link to a folder above does not loop."""
+    root, other = tmp_path / "corpus", tmp_path / "other"
+    (root / "real").mkdir(parents=True)
+    other.mkdir()
+    (root / "real" / "a.txt").write_text("a document long enough to be one " * 20)
+    (other / "b.txt").write_text("another document from elsewhere " * 20)
+    (root / "linked").symlink_to(other, target_is_directory=True)
+    (root / "real" / "loop").symlink_to(root, target_is_directory=True)
+    manifest = run([root], tmp_path / "out", val_fraction=0.0)
+    assert manifest["splits"]["train"]["documents"] == 2

@@ -10,6 +10,7 @@ Hydra); two go through the real entry point as a subprocess.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,31 @@ def test_output_folder_with_a_file_in_its_way_names_the_key(
         assert _precheck_line(argv, capsys) == expected
     cli.precheck([f"checkpoint.dir={tmp_path}/new/ck", f"hydra.run.dir={tmp_path}/run"], 1)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_output_folder_that_cannot_be_made_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder under /proc (no folder can be made there, root or not) or under one without
+    write permission was a traceback from Hydra's makedirs."""
+    for key in ("hydra.run.dir", "checkpoint.dir"):
+        line = _precheck_line([f"{key}=/proc/omnimoe-run/x"], capsys)
+        assert (
+            line
+            == f"{key}: /proc/omnimoe-run/x cannot be made or written (No such file or directory in /proc)"
+        )
+    line = _precheck_line(["-m", "hydra.sweep.dir=/proc/sweep", "model.top_k=2,4"], capsys)
+    assert line.startswith("hydra.sweep.dir: /proc/sweep cannot be made or written (")
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        line = _precheck_line([f"hydra.run.dir={locked}/run"], capsys)
+        assert (
+            line
+            == f"hydra.run.dir: {locked}/run cannot be made or written (Permission denied in {locked})"
+        )
+    assert not list(tmp_path.glob("**/.omnimoe-probe-*"))
 
 
 def test_checkpoint_dir_under_the_run_dir_with_a_file_in_its_way(tmp_path: Path) -> None:

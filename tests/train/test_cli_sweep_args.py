@@ -1,0 +1,67 @@
+"""``omnimoe-train -m`` as users type it: ``-m`` after the overrides, and ``glob(...)`` sweeps
+of a config group, both accepted by the pre-check and handed to Hydra as a sweep."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from hydra._internal.utils import get_args_parser
+
+from omnimoe_train import cli
+
+
+def test_multirun_flag_after_the_overrides_is_moved_to_the_front(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``omnimoe-train a=1,2 hydra.sweep.dir=x -m`` ended in Hydra's "unrecognized arguments:
+    hydra.sweep.dir=x": its parser takes ``-m`` only before the overrides."""
+    argv = ["model.top_k=2,4", "hydra.sweep.dir=sweeps", "-m", "trainer.max_steps=3"]
+    seen: dict[str, list[str]] = {}
+    monkeypatch.setattr(sys, "argv", ["omnimoe-train", *argv])
+    monkeypatch.setattr(cli, "_register", lambda: None)
+    monkeypatch.setattr(cli, "_clear_given_exit_status", lambda argv: None)
+    monkeypatch.setattr(cli, "precheck", lambda argv: seen.setdefault("precheck", argv))
+    monkeypatch.setattr(cli, "_hydra_main", lambda: seen.setdefault("hydra", sys.argv[1:]))
+    monkeypatch.setattr(cli._STARTUP_STOP, "install", lambda: None)
+    monkeypatch.setattr(cli._STARTUP_STOP, "hand_over", lambda: None)
+    cli.main()
+    expected = ["-m", "model.top_k=2,4", "hydra.sweep.dir=sweeps", "trainer.max_steps=3"]
+    assert seen == {"precheck": expected, "hydra": expected}
+    args = get_args_parser().parse_args(seen["hydra"])
+    assert args.multirun and args.overrides == expected[1:]
+    assert cli.multirun_first(["a=1", "--multirun", "-m"]) == ["--multirun", "a=1"]
+    assert cli.multirun_first(["a=1"]) == ["a=1"]
+
+
+def test_glob_sweep_of_a_config_group_passes_the_precheck() -> None:
+    """``model=glob(a80m_*)`` failed the pre-check with "ConfigLoader is not set": its values
+    are the group's options, which the parser needs the config loader to list."""
+    cli._register()
+    combos, swept = cli._sweep_combinations(["model=glob(a80m_*)", "trainer.device=cpu"])
+    assert swept == ["model"]
+    models = [combo[0] for combo in combos]
+    assert "model=a80m" not in models and "model=a80m_dense" in models
+    assert all(m.startswith("model=a80m_") for m in models) and len(models) >= 4
+    cli.precheck(["-m", "model=glob(a80m_*)", "trainer.device=cpu"], world_size=1)
+
+
+def test_two_of_hydras_modes_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """``-m ... --cfg job`` was Hydra's ValueError traceback ("Only one of --run, --multirun,
+    --cfg, --info and --shell_completion can be specified")."""
+    for argv, line in (
+        (["-m", "model.top_k=2,4", "--cfg", "job"], "--cfg, --multirun"),
+        (["--info", "--multirun"], "--info, --multirun"),
+        (["-r", "-c", "job"], "--cfg, --run"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            cli.multirun_first(argv)
+        assert info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"omnimoe-train: error: {line}: give one of them (each is a mode of its own)\n"
+        )
+    assert cli.multirun_first(["--cfg", "job", "model.top_k=2"]) == [
+        "--cfg",
+        "job",
+        "model.top_k=2",
+    ]
