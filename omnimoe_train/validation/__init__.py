@@ -17,6 +17,10 @@ order is reported. The rules live by concern:
   ``trainer.cuda_graphs``);
 * ``training``: optimizer and schedule, checkpoints, time limit and bad steps, the profiled
   step, names.
+
+``overrides`` holds the rules on the command line's overrides as typed, which the CLI's
+pre-check runs before composition converts them (strict bools, a group given ``null``, an empty
+mapping over a preset).
 """
 
 from __future__ import annotations
