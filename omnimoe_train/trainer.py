@@ -412,7 +412,9 @@ class Trainer:
         s = self.state
         loss_sum, tokens, steps = s.window
         elapsed = time.perf_counter() - started
-        loss = loss_sum / tokens if tokens > 0 else float("nan")
+        # None: no step of the window was applied (all skipped), so it has no loss (the
+        # console reads "loss n/a"; a skipped step's own non-finite loss was logged as nan).
+        loss = loss_sum / tokens if tokens > 0 else None
         tokens_per_s = steps * self.tokens_per_step / elapsed
         record = {
             "step": s.step,
@@ -438,6 +440,6 @@ class Trainer:
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
         sink.log(record)
-        sink.advance(s.step, loss if math.isfinite(loss) else None, record["tokens_per_s"])
+        sink.advance(s.step, loss, record["tokens_per_s"])
         s.reset_window()
         return record
