@@ -144,7 +144,7 @@ def validate(
     if m.mlp in PRODUCT_KEY_MLPS and m.expert_backend != "torch":
         validate_kernel_limits(m, d, p.ep)
     if t.engine == "deepspeed":
-        validate_deepspeed(p, cfg.deepspeed, this_machine)
+        validate_deepspeed(p, cfg.deepspeed, this_machine, t)
     validate_parallel_layout(cfg, world_size)
     if batch_rules:
         validate_batch_split(d, p, world_size)
