@@ -285,5 +285,7 @@ class DeepSpeedEngine:
         synchronously, so ``async_save`` makes no difference here."""
         deepspeed_checkpoint.save(self, directory, client_state)
 
-    def load_checkpoint(self, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
-        return deepspeed_checkpoint.load(self, directory, model_only=model_only)
+    def load_checkpoint(
+        self, directory: Path, *, model_only: bool = False, scratch: Path | None = None
+    ) -> dict[str, Any]:
+        return deepspeed_checkpoint.load(self, directory, model_only=model_only, scratch=scratch)

@@ -16,6 +16,7 @@ from .deepspeed_checks import (
     check_zero_stages,
     resume_and_continue,
     resume_in_other_precision,
+    resume_with_a_failing_conversion,
     save_and_continue,
 )
 from .distributed import run_distributed
@@ -66,6 +67,13 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(
     assert sizes["model_tensors"] == len(live)
     statistics = [v for k, v in weights.items() if k.endswith(BUFFER_SUFFIXES)]
     assert statistics and sizes["model_buffer_values"] == sum(v.numel() for v in statistics)
+
+
+def test_a_failing_conversion_stops_every_rank_in_one_line(tmp_path: Path) -> None:
+    """A dp-2 ZeRO-2 checkpoint loaded at ZeRO-3 (a conversion on rank 0) whose conversion
+    fails: both ranks raise the same one-line error (exit 2 in a run), none hangs."""
+    run_distributed(save_and_continue, 2, "zero2", tmp_path, timeout_s=600)
+    run_distributed(resume_with_a_failing_conversion, 2, "zero3", tmp_path, timeout_s=120)
 
 
 @pytest.mark.parametrize(
