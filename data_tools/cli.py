@@ -8,9 +8,11 @@
 
 A :class:`~omnimoe_data.corpus.DataError` prints ``omnimoe-data: error: <message>`` on
 stderr and exits with status 2 (as argparse does for bad options), without a traceback.
-SIGTERM (``kill``, ``scancel``) stops a command at once in one line, exit 143; as on Ctrl-C
-(130), what an unfinished ``prepare`` or ``merge`` wrote is removed (no manifest: nothing
-half-written passes for a dataset) and the workers are ended.
+SIGTERM (``kill``, ``scancel``) stops a command at once in one line, exit 143; SIGUSR1 (SLURM's
+warning before a time limit or a preemption, ``--signal=USR1@...``) the same way with exit 75
+(EX_TEMPFAIL, as ``omnimoe-train`` exits when preempted: rerun to continue). As on Ctrl-C (130),
+what an unfinished ``prepare`` or ``merge`` wrote is removed (no manifest: nothing half-written
+passes for a dataset) and the workers are ended.
 """
 
 from __future__ import annotations
@@ -34,20 +36,32 @@ from .source import DataSource
 
 PROG = "omnimoe-data"
 EXIT_TERMINATED = 128 + signal.SIGTERM  # as the shell reports a process SIGTERM ended
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: omnimoe-train's exit code for a preemption (rerun)
+#: The stop signals and the exit code of each.
+STOP_SIGNALS: dict[signal.Signals, int] = {
+    signal.SIGTERM: EXIT_TERMINATED,
+    signal.SIGUSR1: EXIT_TEMPFAIL,
+}
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread as SIGINT raises ``KeyboardInterrupt``: a
-    ``BaseException``, so the cleanup of ``prepare`` and ``merge`` (``except BaseException``)
-    runs and no ``except Exception`` swallows it."""
+    """A stop signal (``signal_name``: SIGTERM or SIGUSR1), raised in the main thread as SIGINT
+    raises ``KeyboardInterrupt``: a ``BaseException``, so the cleanup of ``prepare`` and
+    ``merge`` (``except BaseException``) runs and no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    del signum, frame
-    # Once: a second SIGTERM (an impatient scheduler) ends the process at once; the pool's
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    del frame
+    # Once: a second stop signal (an impatient scheduler) ends the process at once; the pool's
     # workers die with it (``workers._init_bound_worker``) and no manifest was written.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    raise Terminated(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,9 +168,10 @@ def _input_options(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
-    # Before: SIGTERM's default action, exit 143 without a word, the pool's workers gone only
-    # through their parent-death signal and an unfinished output left for the next run to clear.
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Before: the signal's default action, exit 143 (SIGTERM) or 138 (SIGUSR1) without a word,
+    # the pool's workers gone only through their parent-death signal and an unfinished output
+    # left for the next run to clear.
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
     try:
         if args.command == "prepare":
             _prepare(args, console)
@@ -175,15 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
+    except Terminated as stop:
+        what = "terminated" if stop.signum == signal.SIGTERM else "stop signal"
         print(
-            f"{PROG}: terminated (SIGTERM): stopped, nothing unfinished was published (what was "
-            f"half-written is removed); run the same command again",
+            f"{PROG}: {what} ({stop.signal_name}): stopped, nothing unfinished was published "
+            f"(what was half-written is removed); run the same command again",
             file=sys.stderr,
         )
-        return EXIT_TERMINATED
+        return STOP_SIGNALS[signal.Signals(stop.signum)]
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -45,6 +45,7 @@ def ordered_map(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> Ite
         return
     context = multiprocessing.get_context("spawn")
     count = min(workers, len(tasks))
+    start_resource_tracker()
     with ProcessPoolExecutor(
         count, mp_context=context, initializer=_init_bound_worker, initargs=(os.getpid(),)
     ) as pool:
@@ -64,6 +65,27 @@ def ordered_map(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> Ite
         finally:
             for future in pending:
                 future.cancel()
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (once per process) with SIGUSR1 blocked in it.
+
+    The pool's semaphores are registered with that helper process. It ignores SIGINT and
+    SIGTERM but not SIGUSR1, which SLURM sends to every process of a job (``--signal=USR1``,
+    before a time limit or a preemption): the tracker died of it, and the stop that followed
+    printed its warning and a ``KeyError`` traceback per semaphore. A signal blocked in the
+    starting thread stays blocked in the child (the tracker unblocks only SIGINT and SIGTERM);
+    here, only for the start, so this process's own handler sees SIGUSR1 as before."""
+    from multiprocessing import resource_tracker
+
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: no SIGUSR1 either
+        resource_tracker.ensure_running()
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _init_bound_worker(parent: int) -> None:

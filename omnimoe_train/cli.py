@@ -30,6 +30,7 @@ from omnimoe_train.validation import (
     validate_output_folder,
     validate_resume_path,
 )
+from omnimoe_train.validation.overrides import empty_mappings, group_given_null, strict_bools
 
 CONFIG_MODULE = "omnimoe_conf"
 
@@ -219,6 +220,13 @@ def _check_hydra_config(
         _fail(_compose_error(exc))
 
 
+def _check_overrides(overrides: list[str]) -> None:
+    """The rules on overrides as typed, before composition converts them (``validation.
+    overrides``): strict bools, and a config group given ``null``."""
+    strict_bools(overrides)
+    group_given_null(overrides, _group_options)
+
+
 def precheck(argv: list[str], world_size: int | None = None) -> None:
     """Compose and validate the config(s) that ``argv`` asks for; exit 2 on the first error.
 
@@ -237,7 +245,12 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
         combos, swept = [overrides], []
         if multirun:
             first = _sweep_combinations(overrides)[0][0]
+            _check_overrides(first)  # before composing it for its sweeper params
             combos, swept = _sweep_combinations(_sweeper_params(first) + overrides)
+        for combo in combos:
+            _check_overrides(combo)
+    except ConfigError as exc:
+        _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - a parse or composition error in the overrides
         _fail(_compose_error(exc))
     _check_hydra_config([a for a in argv if a.startswith("hydra")], combos[0], multirun)
@@ -247,6 +260,7 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
         try:
             with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
                 dcfg = compose(config_name="config", overrides=combo)
+            empty_mappings(combo, dcfg)
             cfg = to_root_config(dcfg)
             validate(cfg, world_size)
             validate_data_paths(cfg.data)

@@ -45,6 +45,16 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def broadcast_from_rank0(value: object) -> object:
+    """Rank 0's ``value`` on every rank (a picklable object; collective); ``value`` itself when
+    there is no process group."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier() -> None:
     """``dist.barrier()`` over the default group; nothing when there is none."""
     if dist.is_initialized():

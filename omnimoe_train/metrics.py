@@ -30,9 +30,15 @@ METRICS_FILE = "metrics.jsonl"
 def console_format(key: str, value: Any) -> str:
     """Compact console form of a metric: rates as integers, the learning rate always in
     scientific form (its column keeps one shape through warm-up and decay, as megatron logs
-    it), other small values in scientific form."""
+    it), other small values in scientific form. A non-finite value reads ``nan`` / ``inf`` (a
+    bad step's loss); None, a value the window does not have (the loss of a logging window
+    whose steps were all skipped), reads ``n/a``, never ``None``."""
+    if value is None:
+        return "n/a"
     if not isinstance(value, float):
         return str(value)
+    if not math.isfinite(value):
+        return str(value)  # nan, inf, -inf
     if key.endswith("tokens_per_s"):
         return f"{value:,.0f}"
     if key == "lr":
@@ -66,6 +72,23 @@ def logged_initial_val_loss(path: Path) -> float | None:
     return found if isinstance(found, float) else None
 
 
+class OneLineConsole(Console):
+    """rich's console whose :meth:`log` writes one physical line per message, whatever the
+    terminal width: ``[HH:MM:SS] message``. rich's own ``log`` lays a message out in a table as
+    wide as the terminal (80 columns in a log file or a launcher's per-rank output), wrapping a
+    long notice over several lines that a person or a grep then reads in pieces."""
+
+    def log(self, *objects: Any, **_: Any) -> None:  # type: ignore[override]
+        """``objects`` joined by spaces as plain text (no markup: paths hold ``[...]``);
+        rich's other ``log`` arguments (``log_locals``, ...) are not used here."""
+        text = " ".join(str(o) for o in objects)
+        self.print(
+            f"[dim]\\[{time.strftime('%H:%M:%S')}][/dim] {escape(text)}",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
 class MetricsSink:
     """Appends one JSON object per logged step and mirrors it to W&B."""
 
@@ -80,8 +103,7 @@ class MetricsSink:
         progress: bool,
     ) -> None:
         self.enabled = enabled
-        # No source-file column on log lines: they are for people reading a run, not for us.
-        self.console = Console(stderr=True, log_path=False)
+        self.console = OneLineConsole(stderr=True)
         self._wandb_run = None
         self._progress: Progress | None = None
         if not enabled:
@@ -123,22 +145,16 @@ class MetricsSink:
         keys and values."""
         if not self.enabled:
             return
+        # The console shows the values as measured (a bad step's loss: nan); the file and W&B
+        # get null for a non-finite one (JSON has no NaN).
+        shown = line or "  ".join(f"{k} {console_format(k, v)}" for k, v in record.items())
         record = {k: _clean(v) for k, v in record.items()}
         self._file.write(json.dumps(record) + "\n")
         if self._wandb_run is not None:
             self._wandb_run.log(
                 {k: v for k, v in record.items() if k != "step"}, step=record["step"]
             )
-        # One physical line per record whatever the terminal width (soft wrap, no log table),
-        # so a log file or a launcher's per-rank output keeps one line per logged step.
-        shown = (
-            escape(line)
-            if line
-            else "  ".join(f"{k} {console_format(k, v)}" for k, v in record.items())
-        )
-        self.console.print(
-            f"[dim]\\[{time.strftime('%H:%M:%S')}][/dim] {shown}", soft_wrap=True, highlight=False
-        )
+        self.console.log(shown)
 
     def close(self) -> None:
         if not self.enabled:

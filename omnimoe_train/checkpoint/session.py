@@ -22,9 +22,14 @@ from omnimoe_train.checkpoint.files import read_meta
 from omnimoe_train.checkpoint.manager import CheckpointManager, first_line
 from omnimoe_train.config import CheckpointConfig
 
+#: The folder under the run's checkpoint folder where an engine converts a checkpoint of
+#: another layout before loading it (``engine.base.Engine.load_checkpoint``'s ``scratch``).
+CONVERT_SCRATCH = ".convert.tmp"
+
 
 class CheckpointLoadError(ValueError):
-    """A valid checkpoint that does not fit this run (another model shape, engine...)."""
+    """A valid checkpoint that does not fit this run (another model shape, engine...), or that
+    could not be converted for this run's layout."""
 
 
 def data_order(loader_state: dict[str, Any]) -> dict[str, Any]:
@@ -129,8 +134,8 @@ class Checkpointing:
     def load(self, path: Path, state: TrainState, loader: Any, guard: StepGuard) -> list[str]:
         """Restore the engine and the loop from ``path``; returns the lines worth logging."""
         try:
-            client = self.engine.load_checkpoint(path)
-        except (KeyboardInterrupt, SystemExit):
+            client = self.engine.load_checkpoint(path, scratch=self.manager.root / CONVERT_SCRATCH)
+        except (KeyboardInterrupt, SystemExit, CheckpointLoadError):
             raise
         except BaseException as exc:  # torch's CheckpointException is not an Exception
             # One line for the user, whatever went wrong (a shape the model-config check in

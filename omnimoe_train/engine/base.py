@@ -97,9 +97,12 @@ class Engine(Protocol):
         write error; the manager makes every rank agree and removes the folder."""
         ...
 
-    def load_checkpoint(self, directory: Path) -> dict[str, Any]:
+    def load_checkpoint(self, directory: Path, *, scratch: Path | None = None) -> dict[str, Any]:
         """Collective. Load a published checkpoint written under *any* parallel layout of this
         engine (resharding), restore per-rank state when the layout is the same, and return the
         saved ``client_state`` with ``_rank_local_restored`` (bool) added. Raise if it does not
-        fit this model."""
+        fit this model. ``scratch``: a folder every rank can read, where an engine that
+        converts a checkpoint for another layout may write the conversion (made and removed by
+        the engine; the run's checkpoint folder's ``.convert.tmp``, never beside
+        ``directory``, which may belong to another run or be read-only)."""
         ...

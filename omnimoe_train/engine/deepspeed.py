@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from omnimoe_train.distributed import Runtime
 from omnimoe_train.engine import deepspeed_checkpoint
 from omnimoe_train.engine.deepspeed_config import (
     build_deepspeed_config,
+    grad_accum_warning,
     offload_device,
     zero_stage,
 )
@@ -92,6 +94,9 @@ class DeepSpeedEngine:
         d = cfg.data
         self.num_microbatches = d.global_batch_size // (d.micro_batch_size * runtime.dp_size)
         self.ds_config = build_deepspeed_config(cfg, dp_size=runtime.dp_size, bf16=runtime.bf16)
+        warning = grad_accum_warning(self.ds_config)
+        if warning is not None and runtime.is_main:
+            print(warning, file=sys.stderr, flush=True)  # one plain line, as the trainer's
         self.zero_stage = zero_stage(self.ds_config)
         self.offload = {
             what: offload_device(self.ds_config, f"offload_{what}")
@@ -280,5 +285,7 @@ class DeepSpeedEngine:
         synchronously, so ``async_save`` makes no difference here."""
         deepspeed_checkpoint.save(self, directory, client_state)
 
-    def load_checkpoint(self, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
-        return deepspeed_checkpoint.load(self, directory, model_only=model_only)
+    def load_checkpoint(
+        self, directory: Path, *, model_only: bool = False, scratch: Path | None = None
+    ) -> dict[str, Any]:
+        return deepspeed_checkpoint.load(self, directory, model_only=model_only, scratch=scratch)

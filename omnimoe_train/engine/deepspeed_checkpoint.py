@@ -17,7 +17,10 @@ and :func:`load` on a folder):
 
 Another data-parallel size or ZeRO stage (1-3) on resume: the checkpoint is converted with
 DeepSpeed's ``ds_to_universal`` into a universal checkpoint (one fp32 file per parameter and
-optimizer moment) in a scratch folder next to it, loaded with ``load_universal``, and removed.
+optimizer moment) in a scratch folder under the run's checkpoint folder (``.convert.tmp``, never
+beside the source, which may be another run's or read-only), loaded with ``load_universal``,
+and removed. The conversion runs on rank 0; its failure reaches every rank as the same
+``CheckpointLoadError`` (one line, exit 2), not as a hang of the ranks waiting for it.
 A change between stages 1-2 and 3 rewrites it into the loading stage's form
 (``deepspeed_universal``). What DeepSpeed's universal load leaves out is done here: the
 module's buffers (the router BatchNorm statistics) are loaded from the saved module state (the
@@ -40,8 +43,10 @@ import torch
 from torch import nn
 
 from omnimoe_train.checkpoint.compat import zero0_precision_rule
+from omnimoe_train.checkpoint.manager import first_line
+from omnimoe_train.checkpoint.session import CheckpointLoadError
 from omnimoe_train.checkpoint.sharded import rank_local_state, restore_rank_local
-from omnimoe_train.distributed import barrier, rank_and_world
+from omnimoe_train.distributed import barrier, broadcast_from_rank0, rank_and_world
 from omnimoe_train.engine.deepspeed_universal import TAG, rank0_model_states, to_universal
 
 EXTRA_STATE = "_extra_state"
@@ -156,13 +161,17 @@ def _restore_buffers(module: nn.Module, directory: Path) -> None:
                 buffer.copy_(saved[name])
 
 
-def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
+def load(
+    engine: Any, directory: Path, *, model_only: bool = False, scratch: Path | None = None
+) -> dict[str, Any]:
     """Collective: restore the engine from ``directory``; returns the saved client state.
 
     Same layout (data-parallel size and ZeRO stage): DeepSpeed's files load as they are, and
     every rank's RNG and router statistics are restored. Otherwise through a universal
-    checkpoint (see the module docstring); the rank-local state then starts fresh, which
-    ``client["_rank_local_restored"] = False`` reports.
+    checkpoint written into ``scratch`` (see the module docstring; a folder every rank reads,
+    made and removed here); the rank-local state then starts fresh, which
+    ``client["_rank_local_restored"] = False`` reports. Raises ``CheckpointLoadError`` on every
+    rank when the conversion fails (or no ``scratch`` was given for one).
     """
     rank, _ = rank_and_world()
     saved, now = saved_layout(directory), engine.layout()
@@ -173,20 +182,21 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
     if as_saved and saved["bf16"] != now["bf16"]:
         raise ValueError(zero0_precision_rule(directory, saved["bf16"], now["bf16"]))
     ds = engine.engine
-    source, scratch = directory, None
-    if not as_saved and not model_only:
-        scratch = directory.with_name(f".{directory.name}.universal")
-        if rank == 0:
-            shutil.rmtree(scratch, ignore_errors=True)
-            shapes = {
-                n: getattr(p, "ds_shape", p.shape)
-                for n, p in ds.module.named_parameters()
-                if p.requires_grad
-            }
-            stage3 = bool(ds.zero_optimization_partition_weights())
-            to_universal(directory, scratch, stage3=stage3, shapes=shapes)
-        barrier()
+    source = directory
+    converting = not as_saved and not model_only
+    if converting:
+        if scratch is None:
+            raise CheckpointLoadError(
+                f"{directory}: written at another layout; converting it needs a scratch folder "
+                "every rank reads (the run's checkpoint folder)"
+            )
+        error = _convert_on_rank0(ds, directory, scratch) if rank == 0 else None
+        error = broadcast_from_rank0(error)  # every rank learns of a failure, none waits on
+        if error is not None:
+            raise CheckpointLoadError(str(error))
         source = scratch
+    else:
+        scratch = None
     # This run's hyper-parameters per group (the scheduler then sets lr and weight decay).
     hyper = [
         {k: v for k, v in g.items() if k != "params"} for g in engine.client_optimizer.param_groups
@@ -220,6 +230,28 @@ def load(engine: Any, directory: Path, *, model_only: bool = False) -> dict[str,
             restore_rank_local(local)
     client["_rank_local_restored"] = same_layout and not model_only
     return client
+
+
+def _convert_on_rank0(ds: Any, directory: Path, scratch: Path) -> str | None:
+    """Rank 0: write the universal checkpoint of ``directory`` into ``scratch`` for the
+    DeepSpeed engine ``ds``; the error as one line (the scratch removed), or None."""
+    try:
+        shutil.rmtree(scratch, ignore_errors=True)  # left by a killed run
+        scratch.mkdir(parents=True)
+        shapes = {
+            n: getattr(p, "ds_shape", p.shape)
+            for n, p in ds.module.named_parameters()
+            if p.requires_grad
+        }
+        stage3 = bool(ds.zero_optimization_partition_weights())
+        to_universal(directory, scratch, stage3=stage3, shapes=shapes)
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed's converter raises anything
+        shutil.rmtree(scratch, ignore_errors=True)
+        return (
+            f"{directory}: could not convert it for this layout (DeepSpeed's universal "
+            f"checkpoint, in {scratch}): {first_line(exc)}"
+        )
+    return None
 
 
 def consolidate(directory: Path) -> dict[str, torch.Tensor]:

@@ -93,6 +93,62 @@ def check_deepspeed_keys(ds: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+#: ``data_types.grad_accum_dtype``: DeepSpeed's names of a dtype (``runtime.config.DtypeEnum``)
+#: -> ours. int8, which DeepSpeed also names, accumulates nothing usefully and is left out.
+GRAD_ACCUM_DTYPES: dict[str, str] = {
+    "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
+    "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+    "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
+}  # fmt: skip
+GRAD_ACCUM_KEY = "deepspeed.data_types.grad_accum_dtype"
+
+
+def grad_accum_dtype(ds: dict[str, Any]) -> str | None:
+    """The ``data_types.grad_accum_dtype`` the section sets, as given (None if unset)."""
+    data_types = ds.get("data_types")
+    return data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
+
+
+def check_grad_accum(ds: dict[str, Any], bf16: bool | None) -> tuple[str, str] | None:
+    """The rule ``data_types.grad_accum_dtype`` breaks, as (key, rule), or None.
+
+    ``bf16``: whether the model trains in bf16 (``trainer.precision``; None when it depends on
+    a machine this check does not run on). DeepSpeed raised for these only once the model was
+    built: a name it does not know (a ``ValueError`` from its ``DtypeEnum``) and, without ZeRO,
+    any dtype but the model's (``NotImplementedError: unsupported mix of model_dtype and
+    grad_accum_dtype``: without ZeRO it has no separate accumulation buffer)."""
+    data_types = ds.get("data_types")
+    if data_types is not None and not isinstance(data_types, dict):
+        return "deepspeed.data_types", "must be a mapping of DeepSpeed keys"
+    given = grad_accum_dtype(ds)
+    if given is None:
+        return None
+    dtype = GRAD_ACCUM_DTYPES.get(str(given))
+    if dtype is None:
+        return GRAD_ACCUM_KEY, f"must be one of fp32, bf16, fp16 (got {given!r})"
+    if zero_stage(ds) == 0 and bf16 is not None and dtype != ("bf16" if bf16 else "fp32"):
+        model = "bf16" if bf16 else "fp32"
+        return GRAD_ACCUM_KEY, (
+            f"without ZeRO (deepspeed.zero_optimization.stage is 0) DeepSpeed accumulates "
+            f"gradients only in the model's dtype, {model} (trainer.precision; got {given!r}); "
+            "leave it unset or use ZeRO stage 1, 2 or 3"
+        )
+    return None
+
+
+def grad_accum_warning(ds: dict[str, Any]) -> str | None:
+    """One line to show at the start of a run that accumulates gradients in fp16 under ZeRO
+    (allowed, but fp16's range is narrow: small gradients round to zero, large ones overflow,
+    and nothing scales the loss), else None."""
+    given = grad_accum_dtype(ds)
+    if zero_stage(ds) == 0 or GRAD_ACCUM_DTYPES.get(str(given)) != "fp16":
+        return None
+    return (
+        f"warning: {GRAD_ACCUM_KEY}={given}: gradients accumulate in fp16 under ZeRO, without "
+        "loss scaling (small ones round to zero, large ones overflow); fp32 is the safe choice"
+    )
+
+
 def nvme_offloads(ds: dict[str, Any]) -> list[str]:
     """The ``offload_*`` sections of the ZeRO config whose device is ``nvme``."""
     return [w for w in ("offload_optimizer", "offload_param") if offload_device(ds, w) == "nvme"]

@@ -257,5 +257,8 @@ class MegatronEngine:
     ) -> Any:
         return sharded.save(self, directory, client_state, async_save=async_save)
 
-    def load_checkpoint(self, directory: Path, *, model_only: bool = False) -> dict[str, Any]:
+    def load_checkpoint(
+        self, directory: Path, *, model_only: bool = False, scratch: Path | None = None
+    ) -> dict[str, Any]:
+        del scratch  # dist_checkpointing reshards as it loads: nothing to convert first
         return sharded.load(self, directory, model_only=model_only)

@@ -17,6 +17,10 @@ order is reported. The rules live by concern:
   ``trainer.cuda_graphs``);
 * ``training``: optimizer and schedule, checkpoints, time limit and bad steps, the profiled
   step, names.
+
+``overrides`` holds the rules on the command line's overrides as typed, which the CLI's
+pre-check runs before composition converts them (strict bools, a group given ``null``, an empty
+mapping over a preset).
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def validate(
     if m.mlp in PRODUCT_KEY_MLPS and m.expert_backend != "torch":
         validate_kernel_limits(m, d, p.ep)
     if t.engine == "deepspeed":
-        validate_deepspeed(p, cfg.deepspeed, this_machine)
+        validate_deepspeed(p, cfg.deepspeed, this_machine, t)
     validate_parallel_layout(cfg, world_size)
     if batch_rules:
         validate_batch_split(d, p, world_size)

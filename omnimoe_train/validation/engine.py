@@ -13,16 +13,24 @@ from omnimoe_train.config import ModelConfig, ParallelConfig, TrainerConfig
 from omnimoe_train.engine.deepspeed_config import (
     check_deepspeed_keys,
     check_deepspeed_schema,
+    check_grad_accum,
     nvme_offloads,
 )
 from omnimoe_train.validation.choices import MEGATRON_MOE_MLPS, PRODUCT_KEY_MLPS
 from omnimoe_train.validation.errors import ConfigError, require
 
 
-def validate_deepspeed(p: ParallelConfig, ds: dict[str, Any], this_machine: bool = True) -> None:
+def validate_deepspeed(
+    p: ParallelConfig,
+    ds: dict[str, Any],
+    this_machine: bool = True,
+    t: TrainerConfig | None = None,
+) -> None:
     """``trainer.engine=deepspeed``: data parallel only, DeepSpeed installed, its keys (the
     root config's ``deepspeed`` section, ``ds``) sane; on ``this_machine``, an NVMe offload's
-    async I/O op buildable (DeepSpeed's check, about 2 s, made only when NVMe is asked for)."""
+    async I/O op buildable (DeepSpeed's check, about 2 s, made only when NVMe is asked for).
+    ``t``: the trainer section, for the model's dtype that ``data_types.grad_accum_dtype`` must
+    match without ZeRO (not checked against the dtype when None)."""
     model_parallel = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.ep": p.ep}
     bad = {key: value for key, value in model_parallel.items() if value != 1}
     require(
@@ -43,7 +51,8 @@ def validate_deepspeed(p: ParallelConfig, ds: dict[str, Any], this_machine: bool
         "trainer.engine",
         "deepspeed is not installed (pip install -e '.[deepspeed]')",
     )
-    problem = check_deepspeed_keys(ds) or check_deepspeed_schema(ds)
+    bf16 = None if t is None else _model_bf16(t, this_machine)
+    problem = check_deepspeed_keys(ds) or check_grad_accum(ds, bf16) or check_deepspeed_schema(ds)
     if problem is not None:
         raise ConfigError(*problem)
     nvme = nvme_offloads(ds)
@@ -96,6 +105,16 @@ def validate_expert_backend(m: ModelConfig, t: TrainerConfig) -> None:
         f"triton needs a CUDA device (trainer.device={t.device}, none in use) or Triton's CPU "
         "interpreter (TRITON_INTERPRET=1); use model.expert_backend=auto or torch",
     )
+
+
+def _model_bf16(t: TrainerConfig, this_machine: bool) -> bool | None:
+    """Whether the model trains in bf16, as ``distributed.resolve_bf16`` will decide; None when
+    that depends on a CUDA device of a machine this check does not run on."""
+    if t.precision != "auto":
+        return t.precision == "bf16"
+    if t.device != "auto" or this_machine:
+        return _runs_on_cuda(t.device)
+    return None
 
 
 def _runs_on_cuda(device: str) -> bool:

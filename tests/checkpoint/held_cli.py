@@ -27,7 +27,7 @@ def main() -> None:
     from omnimoe_train.run import quiet_libraries
 
     quiet_libraries()
-    from omnimoe_train import trainer
+    from omnimoe_train import trainer, training_setup
 
     where = sys.argv[1]
     fifo = sys.argv[2].format(rank=os.environ.get("RANK", "0"))  # one each under torchrun
@@ -37,14 +37,14 @@ def main() -> None:
             pipe.read()
 
     if where == "setup":
-        real_prepare = trainer.prepare_data
+        real_prepare = training_setup.prepare_data
 
         @functools.wraps(real_prepare)
         def prepare_data(*args: Any, **kwargs: Any) -> Any:
             hold()
             return real_prepare(*args, **kwargs)
 
-        trainer.prepare_data = prepare_data
+        training_setup.prepare_data = prepare_data
     elif where == "preparing":
         from omnimoe_data import prepare as preparation
         from omnimoe_train import data

@@ -162,6 +162,14 @@ def test_injected_nan_is_skipped_and_repeated_ones_stop_the_run(
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert "training diverged: 2 bad steps in a row" in errors[0]
     assert "step_00000006" in errors[0]
+    # The console: a bad step's loss reads nan, a window of skipped steps only n/a (was None).
+    steps = [line for line in result.stderr.splitlines() if "] step " in line]
+    assert not any("loss None" in line for line in steps), steps
+    assert [line.split("  loss ")[1].split()[0] for line in steps if "bad_step" in line] == [
+        "nan"
+    ] * 3
+    windows = {int(ln.split("] step ")[1].split()[0]): ln for ln in steps if "  lr " in ln}
+    assert all("  loss n/a  " in windows[step] for step in (3, 5, 6)), windows
 
     recs = records(run)
     bad = [(r["step"], r["bad_step"], r["skipped"]) for r in recs if "bad_step" in r]

@@ -55,11 +55,23 @@ def test_workers_die_with_a_killed_parent() -> None:
     assert not alive, f"{len(alive)} worker(s) outlived the killed parent"
 
 
-def test_sigterm_stops_prepare_in_one_line_and_publishes_nothing(tmp_path: Path) -> None:
-    """SIGTERM to ``omnimoe-data prepare`` and its pool (every process, as ``scancel`` sends
-    it) while it encodes: it used to die of the default action, exit 143 without a word (a
-    resource-tracker warning instead), its half-written shards left for the next run to clear.
-    Now: one line, exit 143, the workers gone, the folder it made removed."""
+@pytest.mark.parametrize(
+    ("sig", "code", "line"),
+    [
+        (signal.SIGTERM, 143, "omnimoe-data: terminated (SIGTERM): stopped,"),
+        (signal.SIGUSR1, 75, "omnimoe-data: stop signal (SIGUSR1): stopped,"),
+    ],
+)
+def test_stop_signal_stops_prepare_in_one_line_and_publishes_nothing(
+    sig: signal.Signals, code: int, line: str, tmp_path: Path
+) -> None:
+    """SIGTERM (or SIGUSR1, SLURM's warning before a time limit) to ``omnimoe-data prepare``
+    and its pool (every process, as ``scancel`` sends it) while it encodes: it used to die of
+    the default action, exit 143 (138) without a word (a resource-tracker warning instead), its
+    half-written shards left for the next run to clear. Now: one line, exit 143 (75: rerun), the
+    workers gone, the folder it made removed. Under SIGUSR1 multiprocessing's resource tracker
+    (which ignores only SIGINT and SIGTERM) must live on: it was killed, and the stop printed
+    its warnings."""
     tokenizer = prepare(
         [write_txt_folder(tmp_path / "small", make_docs(60))], tmp_path / "tok", progress=False,
         **TINY,
@@ -84,7 +96,7 @@ def test_sigterm_stops_prepare_in_one_line_and_publishes_nothing(tmp_path: Path)
             p for p in psutil.Process(proc.pid).children(recursive=True)
             if "spawn_main" in " ".join(p.cmdline())
         ]  # fmt: skip
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         started = time.monotonic()
         err = proc.communicate(timeout=60)[1]
         took = time.monotonic() - started
@@ -92,10 +104,10 @@ def test_sigterm_stops_prepare_in_one_line_and_publishes_nothing(tmp_path: Path)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 143, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     assert err.strip().splitlines() == [
-        "omnimoe-data: terminated (SIGTERM): stopped, nothing unfinished was published (what was "
-        "half-written is removed); run the same command again"
+        f"{line} nothing unfinished was published (what was half-written is removed); run the "
+        "same command again"
     ], err[-3000:]
     assert took < 20, f"took {took:.1f} s to stop"
     assert not out.exists()

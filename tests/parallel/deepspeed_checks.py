@@ -184,6 +184,68 @@ def train_step(engine: Any, cfg: Any, step: int) -> float:
     return loss
 
 
+def load_as_a_run(engine: Any, root: Path) -> dict[str, Any]:
+    """``engine.load_checkpoint(root / "step_00000002")`` as a run whose checkpoint folder is
+    ``root / "run"`` does it: a conversion writes only under ``root/run/.convert.tmp`` (never
+    beside the source, which may be another run's or read-only) and removes it."""
+    from omnimoe_train.engine import deepspeed_checkpoint
+
+    scratch = root / "run" / ".convert.tmp"
+    used: list[Path] = []
+    original = deepspeed_checkpoint.to_universal
+
+    def spy(directory: Path, where: Path, **kwargs: Any) -> None:
+        used.append(where)
+        original(directory, where, **kwargs)
+
+    before = {p.name for p in root.iterdir()} | {"run"}
+    deepspeed_checkpoint.to_universal = spy
+    try:
+        client = engine.load_checkpoint(root / "step_00000002", scratch=scratch)
+    finally:
+        deepspeed_checkpoint.to_universal = original
+    assert all(where == scratch for where in used), used
+    dist.barrier()  # rank 0 removes it once every rank has loaded
+    assert not scratch.exists()
+    assert {p.name for p in root.iterdir()} <= before  # nothing written beside the source
+    return client
+
+
+def resume_with_a_failing_conversion(preset: str, root: Path) -> None:
+    """Rank 0's conversion fails: every rank gets the same one-line ``CheckpointLoadError``
+    (it used to raise on rank 0 alone while the others waited for it in a barrier), and the
+    scratch folder is gone."""
+    from omnimoe_train.checkpoint.session import CheckpointLoadError
+    from omnimoe_train.engine import deepspeed_checkpoint
+    from omnimoe_train.engine.deepspeed import DeepSpeedEngine
+
+    cfg = deepspeed_config(preset)
+    rt = init_runtime(cfg)
+    engine = DeepSpeedEngine(cfg, rt, VOCAB)
+    original = deepspeed_checkpoint.to_universal
+
+    def failing(directory: Path, where: Path, **kwargs: Any) -> None:
+        (where / "partial").mkdir(parents=True)
+        raise RuntimeError("no space left for the conversion\nsecond line")
+
+    if rt.rank == 0:
+        deepspeed_checkpoint.to_universal = failing
+    try:
+        engine.load_checkpoint(root / "step_00000002", scratch=root / "run" / ".convert.tmp")
+    except CheckpointLoadError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("the load did not fail")
+    finally:
+        deepspeed_checkpoint.to_universal = original
+    assert "\n" not in message, message
+    assert message.startswith(f"{root / 'step_00000002'}: could not convert it"), message
+    assert message.endswith(": no space left for the conversion"), message
+    dist.barrier()
+    assert not (root / "run" / ".convert.tmp").exists()
+    parallel_state.destroy_model_parallel()
+
+
 def resume_and_continue(preset: str, root: Path, saved_preset: str | None = None) -> None:
     """A fresh engine (any dp size, any ZeRO stage 1-3 when ``saved_preset`` names the one the
     checkpoint was written with; ZeRO-0 at any dp size) loads ``root/step_00000002``: its
@@ -200,7 +262,7 @@ def resume_and_continue(preset: str, root: Path, saved_preset: str | None = None
     engine = DeepSpeedEngine(cfg, rt, VOCAB)
     hyper = group_hyper(engine)
     ref = torch.load(root / "reference.pt", weights_only=False)
-    client = engine.load_checkpoint(root / "step_00000002")
+    client = load_as_a_run(engine, root)
     same_layout = rt.dp_size == 2 and saved_preset in (None, preset)
     assert client == {"step": 2, "_rank_local_restored": same_layout}, client
     for name, value in full_params(engine).items():
@@ -215,7 +277,6 @@ def resume_and_continue(preset: str, root: Path, saved_preset: str | None = None
         assert losses == ref["losses"], (losses, ref["losses"])
     else:
         assert_close_lists("loss after resume", losses, ref["losses"], rtol=1e-6)
-    assert not any(p.name.endswith(".universal") for p in root.iterdir())  # scratch removed
     parallel_state.destroy_model_parallel()
 
 
@@ -241,7 +302,7 @@ def resume_in_other_precision(preset: str, root: Path, precision: str) -> None:
             raise AssertionError("a ZeRO-0 fp32 checkpoint loaded in bf16")
         parallel_state.destroy_model_parallel()
         return
-    client = engine.load_checkpoint(root / "step_00000002")
+    client = load_as_a_run(engine, root)
     assert client == {"step": 2, "_rank_local_restored": False}, client
     for name, value in full_params(engine).items():
         assert torch.equal(value, ref["live"][name].to(value.dtype)), f"loaded {name} differs"

@@ -16,6 +16,7 @@ from .deepspeed_checks import (
     check_zero_stages,
     resume_and_continue,
     resume_in_other_precision,
+    resume_with_a_failing_conversion,
     save_and_continue,
 )
 from .distributed import run_distributed
@@ -66,6 +67,13 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(
     assert sizes["model_tensors"] == len(live)
     statistics = [v for k, v in weights.items() if k.endswith(BUFFER_SUFFIXES)]
     assert statistics and sizes["model_buffer_values"] == sum(v.numel() for v in statistics)
+
+
+def test_a_failing_conversion_stops_every_rank_in_one_line(tmp_path: Path) -> None:
+    """A dp-2 ZeRO-2 checkpoint loaded at ZeRO-3 (a conversion on rank 0) whose conversion
+    fails: both ranks raise the same one-line error (exit 2 in a run), none hangs."""
+    run_distributed(save_and_continue, 2, "zero2", tmp_path, timeout_s=600)
+    run_distributed(resume_with_a_failing_conversion, 2, "zero3", tmp_path, timeout_s=120)
 
 
 @pytest.mark.parametrize(
@@ -171,6 +179,30 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(
             "unknown key",
         ),
         (["+deepspeed.flops_profiler=true"], 1, "deepspeed.flops_profiler", "mapping"),
+        # data_types.grad_accum_dtype: DeepSpeed raised these once the model was built.
+        (
+            ["+deepspeed.data_types.grad_accum_dtype=int8"],
+            1,
+            "deepspeed.data_types.grad_accum_dtype",
+            "must be one of fp32, bf16, fp16 (got 'int8')",
+        ),
+        (
+            ["deepspeed=zero0", "+deepspeed.data_types.grad_accum_dtype=fp16"],
+            1,
+            "deepspeed.data_types.grad_accum_dtype",
+            "without ZeRO (deepspeed.zero_optimization.stage is 0) DeepSpeed accumulates "
+            "gradients only in the model's dtype, fp32",
+        ),
+        (
+            [
+                "deepspeed=zero0",
+                "trainer.precision=bf16",
+                "+deepspeed.data_types.grad_accum_dtype=float32",
+            ],
+            1,
+            "deepspeed.data_types.grad_accum_dtype",
+            "only in the model's dtype, bf16 (trainer.precision; got 'float32')",
+        ),
     ],
 )
 def test_deepspeed_config_rules(overrides: list[str], world_size: int, key: str, rule: str) -> None:
@@ -227,3 +259,25 @@ def test_model_parallel_layout_exits_2_before_any_work(tmp_path: Path) -> None:
         ["trainer.engine=deepspeed", "parallel=tp2"], cache=tmp_path, world_size=2, timeout=120
     )
     assert_usage_error(result, "omnimoe-train: error: trainer.engine: deepspeed is", tmp_path)
+
+
+def test_grad_accum_dtype_that_passes_and_the_fp16_warning() -> None:
+    """The model's dtype without ZeRO, any known dtype under ZeRO; fp16 under ZeRO is allowed
+    with a one-line warning at the start (the engine prints it on the main rank)."""
+    from omnimoe_train.engine.deepspeed_config import build_deepspeed_config, grad_accum_warning
+
+    key = "+deepspeed.data_types.grad_accum_dtype"
+    for overrides in (
+        ["deepspeed=zero0", f"{key}=fp32"],
+        ["deepspeed=zero0", "trainer.precision=bf16", f"{key}=bfloat16"],
+        ["deepspeed=zero2", f"{key}=fp16"],
+        ["deepspeed=zero3", "trainer.precision=bf16", f"{key}=fp32"],
+    ):
+        validate(compose_config("trainer.engine=deepspeed", *overrides), 1)
+    cfg = compose_config("trainer.engine=deepspeed", "deepspeed=zero2", f"{key}=half")
+    warning = grad_accum_warning(build_deepspeed_config(cfg, dp_size=1, bf16=False))
+    assert warning is not None and "\n" not in warning
+    assert warning.startswith("warning: deepspeed.data_types.grad_accum_dtype=half: ")
+    for overrides in (["deepspeed=zero2"], ["deepspeed=zero2", f"{key}=fp32"]):
+        ds = build_deepspeed_config(compose_config(*overrides), dp_size=1, bf16=True)
+        assert grad_accum_warning(ds) is None

@@ -85,12 +85,15 @@ def test_kill_resume_bitwise_other_dp_size_and_consolidate(tmp_path: Path) -> No
 
     # The dp-2 ZeRO-2 checkpoint on one process: DeepSpeed's universal checkpoint underneath.
     step8 = ref / "checkpoints" / "step_00000008"
+    ckpt_names = [p.name for p in step8.parent.iterdir()]
     one = tmp_path / "one_process"
     resumed = _run(_command(1, *ARGS, f"checkpoint.resume={step8}", f"hydra.run.dir={one}"), cache)
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert [r["step"] for r in records(one) if "resumed_from" in r] == [8]
     assert max(r["step"] for r in records(one)) == 12
-    assert not any(p.name.endswith(".universal") for p in step8.parent.iterdir())
+    # The conversion's scratch was under this run's checkpoint folder, and is gone.
+    assert sorted(p.name for p in step8.parent.iterdir()) == sorted(ckpt_names)
+    assert not (one / "checkpoints" / ".convert.tmp").exists()
 
     out = tmp_path / "weights.pt"
     cli = [

@@ -53,7 +53,8 @@ class _Engine:
     def layout(self) -> dict[str, Any]:
         return {**LAYOUT, "world_size": 1, "ep": 1, "dp": 1, "expert_table_sharding": "none"}
 
-    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+    def load_checkpoint(self, path: Path, *, scratch: Path | None = None) -> dict[str, Any]:
+        assert scratch is not None and scratch.parent == path.parent  # the run's folder
         return self.client
 
 

@@ -12,7 +12,7 @@ import omnimoe_kernels
 from omnimoe_kernels import limits
 from omnimoe_train import names, validation
 from omnimoe_train.checkpoint.files import list_checkpoints, step_dir_name
-from omnimoe_train.trainer import eval_microbatches_per_rank
+from omnimoe_train.evaluation import eval_microbatches_per_rank
 from omnimoe_train.validation import (
     ConfigError,
     DataFacts,

@@ -1,0 +1,110 @@
+"""Overrides refused as typed, before composition converts them (``validation.overrides``): a
+bool key given anything but true/false (OmegaConf took ``2``, ``yes``, ``1`` as true), an empty
+mapping that would merge into a preset and change nothing, a config group given ``null``. Each
+is one line naming the key and the rule, exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+from omnimoe_train import cli
+from omnimoe_train.config import RootConfig
+from tests.cli_helpers import assert_usage_error, run_train_cli, tiny
+
+ERROR = "omnimoe-train: error: "
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered() -> None:
+    cli._register()
+
+
+def _bool_keys(schema: type = RootConfig, prefix: str = "") -> list[tuple[str, bool]]:
+    """(dotted key, optional) of every bool field of the schema, found by walking it (a new bool
+    key is covered without a change here)."""
+    found = []
+    for name, annotation in typing.get_type_hints(schema).items():
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            found += _bool_keys(annotation, f"{prefix}{name}.")
+        elif annotation is bool or bool in typing.get_args(annotation):
+            found.append((f"{prefix}{name}", type(None) in typing.get_args(annotation)))
+    return found
+
+
+BOOL_KEYS = _bool_keys()
+
+
+def _precheck_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli.precheck(argv, world_size=1)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(ERROR), err
+    return lines[0].removeprefix(ERROR)
+
+
+def test_the_schema_has_bool_keys() -> None:
+    assert ("checkpoint.save_final", False) in BOOL_KEYS
+    assert ("model.fused_swiglu", True) in BOOL_KEYS
+
+
+@pytest.mark.parametrize(("key", "optional"), BOOL_KEYS)
+def test_every_bool_key_is_strict(
+    key: str, optional: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    allowed = "true, false or null" if optional else "true or false"
+    for value, shown in (("2", "2"), ("yes", "'yes'"), ("1", "1"), ('"true"', "'true'")):
+        line = _precheck_line([f"{key}={value}"], capsys)
+        assert line == f"{key}: a bool key: must be {allowed} (got {shown})", line
+
+
+def test_bools_as_typed_still_pass(capsys: pytest.CaptureFixture[str]) -> None:
+    cli.precheck(
+        ["checkpoint.save_final=false", "trainer.progress=True", "model.fused_swiglu=null"], 1
+    )
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["checkpoint={save_final: on}"],  # a mapping value reaches its bool fields too
+        ["-m", "checkpoint.save_final=true,2"],  # each combination of a sweep
+    ],
+)
+def test_bools_in_mappings_and_sweeps(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert _precheck_line(argv, capsys).startswith("checkpoint.save_final: a bool key: must be ")
+
+
+@pytest.mark.parametrize("key", ["deepspeed.zero_optimization", "deepspeed"])
+def test_empty_mapping_over_a_preset_is_refused(
+    key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``deepspeed.zero_optimization={}`` kept the zero2 preset's stage silently."""
+    assert _precheck_line([f"{key}={{}}"], capsys) == (
+        f"{key}: an empty mapping merges into the preset and changes nothing; set its keys "
+        f"({key}.<name>=value) or remove it with ~{key}"
+    )
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_group_given_null_names_its_options(
+    multirun: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Was Hydra's "Config group override must be a string or a list. Got NoneType"."""
+    argv = ["-m", "deepspeed=null"] if multirun else ["deepspeed=null"]
+    assert _precheck_line(argv, capsys) == (
+        "deepspeed: must be one of zero0, zero1, zero2, zero2_offload, zero3, zero3_offload "
+        "(got null)"
+    )
+
+
+def test_strict_bool_through_the_entry_point(tmp_path: Path) -> None:
+    result = run_train_cli([*tiny(), "checkpoint.save_final=2"], cache=tmp_path, timeout=120)
+    assert_usage_error(result, f"{ERROR}checkpoint.save_final: a bool key: must be true", tmp_path)
