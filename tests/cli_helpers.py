@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 # Issue 9's tiny model (2 layers, d = 32, 64 atomic experts) on a 200 kB slice of the default
 # corpus: the base of every subprocess run of ``omnimoe-train`` in the tests.
 TINY_BASE = {
@@ -72,3 +74,21 @@ def assert_usage_error(result: subprocess.CompletedProcess, prefix: str, workdir
     assert len(lines) == 1 and lines[0].startswith(prefix), result.stderr
     assert "Traceback" not in result.stderr
     assert not any(workdir.iterdir())  # stopped before data, model or process-group work
+
+
+PRECHECK_ERROR = "omnimoe-train: error: "
+
+
+def precheck_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``cli.precheck``'s one stderr line for ``argv`` (in this process, before Hydra), without
+    its prefix; fails unless it exits 2 with exactly one line."""
+    from omnimoe_train import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli.precheck(argv, world_size=1)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(PRECHECK_ERROR), err
+    return lines[0].removeprefix(PRECHECK_ERROR)

@@ -16,26 +16,20 @@ from pathlib import Path
 import pytest
 
 from omnimoe_train import cli
-from tests.cli_helpers import assert_usage_error, run_train_cli, tiny
+from tests.cli_helpers import (
+    PRECHECK_ERROR,
+    assert_usage_error,
+    precheck_line,
+    run_train_cli,
+    tiny,
+)
 
-ERROR = "omnimoe-train: error: "
+ERROR = PRECHECK_ERROR
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _registered() -> None:
     cli._register()
-
-
-def _precheck_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """The pre-check's one stderr line for ``argv``; fails unless it exits 2 with one line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        cli.precheck(argv, world_size=1)
-    err = capsys.readouterr().err
-    assert info.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR), err
-    return lines[0].removeprefix(ERROR)
 
 
 @pytest.mark.parametrize(
@@ -55,14 +49,14 @@ def test_unknown_group_option_names_the_group_and_its_options(
 ) -> None:
     """Hydra's own error spans the options and its search path, a line each (for a
     ``hydra/...`` group in a single run it was also exit 1, printed by Hydra)."""
-    line = _precheck_line(argv, capsys)
+    line = precheck_line(argv, capsys)
     assert line.startswith(f"{group}: must be one of ") and listed in line, line
     assert line.endswith("(got 'nonexistent')"), line
 
 
 def test_group_given_a_list_names_the_group(capsys: pytest.CaptureFixture[str]) -> None:
     """Hydra lists no options for this failure: they come from its config search path."""
-    line = _precheck_line(["model=[tiny,nonexistent]"], capsys)
+    line = precheck_line(["model=[tiny,nonexistent]"], capsys)
     assert line.startswith("model: must be one of a1_7b, ") and "tiny, wide8b" in line, line
 
 
@@ -96,7 +90,7 @@ def test_misspelt_key_wrong_type_and_unparsable_override(
     argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The run directory's bad interpolation used to be a traceback from Hydra (exit 1)."""
-    assert _precheck_line(argv, capsys) == expected
+    assert precheck_line(argv, capsys) == expected
 
 
 def _tokenizer(path: Path, *, eod: bool = True, bom: bool = False) -> Path:
@@ -173,7 +167,7 @@ def test_data_path_names_the_key_and_the_rule(
         "resume_absent": [f"checkpoint.resume={tmp_path}/absent"],
         "tokenizer_without_eod": [f"data.tokenizer={_tokenizer(tmp_path / 'no_eod.json', eod=False)}"],
     }[case]  # fmt: skip
-    assert _precheck_line(argv, capsys) == expected.format(tmp=tmp_path)
+    assert precheck_line(argv, capsys) == expected.format(tmp=tmp_path)
 
 
 def test_tokenizer_with_a_byte_order_mark_passes_as_preparation_takes_it(
@@ -271,7 +265,7 @@ def test_output_folder_with_a_file_in_its_way_names_the_key(
             f"checkpoint.dir: {afile}/ck: {afile} is a file, not a folder",
         ),
     ):
-        assert _precheck_line(argv, capsys) == expected
+        assert precheck_line(argv, capsys) == expected
     cli.precheck([f"checkpoint.dir={tmp_path}/new/ck", f"hydra.run.dir={tmp_path}/run"], 1)
     assert capsys.readouterr().err == ""
 
@@ -283,17 +277,17 @@ def test_output_folder_that_cannot_be_made_names_the_key(
     """A folder under /proc (no folder can be made there, root or not) or under one without
     write permission was a traceback from Hydra's makedirs."""
     for key in ("hydra.run.dir", "checkpoint.dir"):
-        line = _precheck_line([f"{key}=/proc/omnimoe-run/x"], capsys)
+        line = precheck_line([f"{key}=/proc/omnimoe-run/x"], capsys)
         assert (
             line
             == f"{key}: /proc/omnimoe-run/x cannot be made or written (No such file or directory in /proc)"
         )
-    line = _precheck_line(["-m", "hydra.sweep.dir=/proc/sweep", "model.top_k=2,4"], capsys)
+    line = precheck_line(["-m", "hydra.sweep.dir=/proc/sweep", "model.top_k=2,4"], capsys)
     assert line.startswith("hydra.sweep.dir: /proc/sweep cannot be made or written (")
     if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-        line = _precheck_line([f"hydra.run.dir={locked}/run"], capsys)
+        line = precheck_line([f"hydra.run.dir={locked}/run"], capsys)
         assert (
             line
             == f"hydra.run.dir: {locked}/run cannot be made or written (Permission denied in {locked})"

@@ -13,9 +13,15 @@ import pytest
 
 from omnimoe_train import cli
 from omnimoe_train.config import RootConfig
-from tests.cli_helpers import assert_usage_error, run_train_cli, tiny
+from tests.cli_helpers import (
+    PRECHECK_ERROR,
+    assert_usage_error,
+    precheck_line,
+    run_train_cli,
+    tiny,
+)
 
-ERROR = "omnimoe-train: error: "
+ERROR = PRECHECK_ERROR
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,17 +44,6 @@ def _bool_keys(schema: type = RootConfig, prefix: str = "") -> list[tuple[str, b
 BOOL_KEYS = _bool_keys()
 
 
-def _precheck_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        cli.precheck(argv, world_size=1)
-    err = capsys.readouterr().err
-    assert info.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR), err
-    return lines[0].removeprefix(ERROR)
-
-
 def test_the_schema_has_bool_keys() -> None:
     assert ("checkpoint.save_final", False) in BOOL_KEYS
     assert ("model.fused_swiglu", True) in BOOL_KEYS
@@ -60,7 +55,7 @@ def test_every_bool_key_is_strict(
 ) -> None:
     allowed = "true, false or null" if optional else "true or false"
     for value, shown in (("2", "2"), ("yes", "'yes'"), ("1", "1"), ('"true"', "'true'")):
-        line = _precheck_line([f"{key}={value}"], capsys)
+        line = precheck_line([f"{key}={value}"], capsys)
         assert line == f"{key}: a bool key: must be {allowed} (got {shown})", line
 
 
@@ -79,7 +74,7 @@ def test_bools_as_typed_still_pass(capsys: pytest.CaptureFixture[str]) -> None:
     ],
 )
 def test_bools_in_mappings_and_sweeps(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert _precheck_line(argv, capsys).startswith("checkpoint.save_final: a bool key: must be ")
+    assert precheck_line(argv, capsys).startswith("checkpoint.save_final: a bool key: must be ")
 
 
 @pytest.mark.parametrize("key", ["deepspeed.zero_optimization", "deepspeed"])
@@ -87,7 +82,7 @@ def test_empty_mapping_over_a_preset_is_refused(
     key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``deepspeed.zero_optimization={}`` kept the zero2 preset's stage silently."""
-    assert _precheck_line([f"{key}={{}}"], capsys) == (
+    assert precheck_line([f"{key}={{}}"], capsys) == (
         f"{key}: an empty mapping merges into the preset and changes nothing; set its keys "
         f"({key}.<name>=value) or remove it with ~{key}"
     )
@@ -99,7 +94,7 @@ def test_group_given_null_names_its_options(
 ) -> None:
     """Was Hydra's "Config group override must be a string or a list. Got NoneType"."""
     argv = ["-m", "deepspeed=null"] if multirun else ["deepspeed=null"]
-    assert _precheck_line(argv, capsys) == (
+    assert precheck_line(argv, capsys) == (
         "deepspeed: must be one of zero0, zero1, zero2, zero2_offload, zero3, zero3_offload "
         "(got null)"
     )
