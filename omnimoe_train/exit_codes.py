@@ -6,8 +6,11 @@ again to continue" (requeue); the others need a person.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -36,6 +39,9 @@ EXIT_INTERRUPTED = 130
 #: trainer's handler (which saves first, then exits 75) was installed: stopped at once, nothing
 #: saved. The exit status the signal's default action would give, with one line said.
 EXIT_TERMINATED = 143
+#: 128 + SIGPIPE: a reader of the standard output closed it early (``omnimoe-ckpt inspect ... |
+#: head``), the status a shell tool killed by SIGPIPE gives.
+EXIT_BROKEN_PIPE = 141
 
 #: Set by ``omnimoe_train.torchrun`` for its workers: a folder where a worker that stops before
 #: training (before its first step: 75 or 143, nothing saved) leaves a file named by its pid
@@ -49,6 +55,21 @@ def exit_usage(prog: str, message: str) -> NoReturn:
     and exit with :data:`EXIT_USAGE`."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+@contextlib.contextmanager
+def quiet_broken_pipe() -> Iterator[None]:
+    """Around a console script's work: a reader that stops early closes the standard output, and
+    the script then ends quietly with :data:`EXIT_BROKEN_PIPE` as a shell tool would, not with a
+    ``BrokenPipeError`` traceback. Python's own recipe (the signal module's "Note on SIGPIPE"):
+    the standard output is pointed at /dev/null so that the interpreter's last flush at exit does
+    not fail again."""
+    try:
+        yield
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
 
 
 def resume_hint(run_dir: Path) -> str:

@@ -36,7 +36,7 @@ from omnimoe_train.checkpoint.files import (
     read_meta,
     step_of,
 )
-from omnimoe_train.exit_codes import EXIT_USAGE, exit_usage
+from omnimoe_train.exit_codes import EXIT_USAGE, exit_usage, quiet_broken_pipe
 
 CONSOLIDATED_FORMAT = "omnimoe-consolidated/1"
 
@@ -292,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     p_cons.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     if args.command == "inspect":
-        sys.exit(inspect(args.path, args.json))
+        with quiet_broken_pipe():  # omnimoe-ckpt inspect ... | head
+            code = inspect(args.path, args.json)
+        sys.exit(code)
     consolidate(args.path, args.out)
 
 
