@@ -93,6 +93,11 @@ def _compose_error(exc: Exception) -> str:
     first = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
     if "not in" in first and "Key" in first:
         first = "unknown key (not in the config schema)"
+    elif "is not a ListConfig, list or tuple" in first:  # data.inputs=a.txt for [a.txt]
+        value = getattr(inner, "value", None)
+        first = (
+            f"a list: write {full_key}=[{value}] (brackets, commas between items; got {value!r})"
+        )
     return f"{full_key}: {first}" if full_key else first
 
 

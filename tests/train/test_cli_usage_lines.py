@@ -79,6 +79,16 @@ def test_group_given_a_list_names_the_group(capsys: pytest.CaptureFixture[str]) 
             "character '~' at position 13; quote the value); the form is key=value, "
             "+key=value or ~key",
         ),
+        (
+            ["data.inputs=corpus.txt"],
+            "data.inputs: a list: write data.inputs=[corpus.txt] (brackets, commas between "
+            "items; got 'corpus.txt')",
+        ),
+        (
+            ["checkpoint.keep_steps=500"],
+            "checkpoint.keep_steps: a list: write checkpoint.keep_steps=[500] (brackets, commas "
+            "between items; got 500)",
+        ),
         (["hydra.run.dir=out/${nope:1}"], "hydra.run.dir: Unsupported interpolation type nope"),
         (
             ["-m", "hydra.sweep.dir=out/${nope:1}", "trainer.seed=1,2"],
