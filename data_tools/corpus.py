@@ -167,15 +167,17 @@ def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             raise DataError(f"{path}: no such file or folder", option="inputs")
     if not files:
         raise DataError("no input files given", option="inputs")
-    # A file named twice (or named and inside a folder named) was read twice: its documents
-    # trained on twice as often as the rest, without a word.
+    # A file named twice (or named and inside a folder named, or reached again through a
+    # link) was read twice: its documents trained on twice as often as the rest, silently.
     seen: dict[str, Path] = {}
     for path in files:
-        key = os.path.abspath(path)
+        key = os.path.realpath(path)
         if key in seen:
+            named = os.path.abspath(seen[key]) != os.path.abspath(path)
+            also = f" (also as {seen[key]})" if named else ""
             raise DataError(
-                f"{path}: given more than once (a file also named directly or inside another "
-                f"folder given); name each input once",
+                f"{path}: given more than once (a file also named directly, inside another "
+                f"folder given, or through a link){also}; name each input once",
                 option="inputs",
             )
         seen[key] = path

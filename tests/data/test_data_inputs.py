@@ -275,6 +275,12 @@ def test_an_input_named_twice_is_refused(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=r"a\.txt: given more than once \("):
             run(inputs, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # Two names of one file: a link beside its target (the walk reads b.txt, then the link).
+    (root / "sub" / "a.txt").unlink()
+    (root / "z_link.txt").symlink_to(root / "b.txt")
+    with pytest.raises(DataError, match=r"z_link\.txt: given more than once .* \(also as "):
+        run([root], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_output_folder_with_another_tools_manifest_is_refused_not_emptied(
