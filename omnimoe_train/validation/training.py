@@ -76,6 +76,9 @@ def validate_resume_path(c: CheckpointConfig) -> None:
     )
 
 
+EMPTY_RULE = "must not be empty (it would name the current folder); leave it out for the default"
+
+
 def validate_output_folder(key: str, folder: str | Path) -> None:
     """A folder the run will write (``hydra.run.dir``, ``checkpoint.dir``) can be made: no
     existing file is in its way, and it can be created and written. A fact of this machine,
@@ -83,6 +86,7 @@ def validate_output_folder(key: str, folder: str | Path) -> None:
     file there would cost the training done before it, with a traceback. Raises :class:`ConfigError` naming ``key`` for a file in
     the way and for a folder that cannot be made or written (permission, a read-only file
     system)."""
+    require(str(folder).strip() != "", key, EMPTY_RULE)
     path = Path(folder).expanduser()
     blocker = file_in_the_way(path)
     if blocker is not None:
@@ -132,8 +136,26 @@ def validate_profile_step(t: TrainerConfig) -> None:
 
 
 def validate_names(d: DataConfig, c: CheckpointConfig, w: WandbConfig) -> None:
-    """Folders the run creates from paths given whole, and W&B's tag rule: checked here, not
-    at the first write (the checkpoint folder is first made at the end of training)."""
+    """Names and paths given empty, folders the run creates from paths given whole, and W&B's
+    tag rule: checked here, not at the first write (the checkpoint folder is first made at the
+    end of training). An empty path is the current folder (``checkpoint.dir=''`` wrote the
+    checkpoints beside the code, ``checkpoint.resume=''`` looked for them there)."""
+    single = {
+        "data.name": d.name,
+        "data.dir": d.dir,
+        "data.tokenizer": d.tokenizer,
+        "checkpoint.dir": c.dir,
+        "checkpoint.resume": c.resume,
+    }
+    listed = {"data.inputs": d.inputs or [], "data.dirs": d.dirs or []}
+    for key, value in single.items():
+        require(value is None or str(value).strip() != "", key, EMPTY_RULE)
+    for key, values in listed.items():
+        require(
+            all(str(v).strip() != "" for v in values),
+            key,
+            "an entry is empty (it would name the current folder); remove it",
+        )
     for key, path in (("data.dir", d.dir), ("checkpoint.dir", c.dir)):
         part = long_component(path) if path is not None else None
         require(

@@ -323,3 +323,31 @@ def test_checkpoint_dir_under_the_run_dir_with_a_file_in_its_way(tmp_path: Path)
         f"{ERROR}checkpoint.dir: {run_dir}/ck is a file, not a folder"
     ]
     assert not (run_dir / "metrics.jsonl").exists()  # stopped before the training
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["checkpoint.dir", "checkpoint.resume", "data.name", "data.dir", "data.tokenizer"],
+)
+def test_a_path_given_empty_is_refused(key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty path is the current folder: ``checkpoint.dir=''`` wrote the checkpoints beside
+    the code, ``checkpoint.resume=''`` looked for them there."""
+    rule = "must not be empty (it would name the current folder); leave it out for the default"
+    assert precheck_line([f"{key}=''"], capsys) == f"{key}: {rule}"
+
+
+@pytest.mark.parametrize("key", ["data.inputs", "data.dirs"])
+def test_a_list_with_an_empty_path_is_refused(key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rule = "an entry is empty (it would name the current folder); remove it"
+    assert precheck_line([f"{key}=['']"], capsys) == f"{key}: {rule}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "key"),
+    [(["hydra.run.dir=''"], "hydra.run.dir"), (["-m", "hydra.sweep.dir=''"], "hydra.sweep.dir")],
+)
+def test_an_empty_run_folder_is_refused(
+    argv: list[str], key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rule = "must not be empty (it would name the current folder); leave it out for the default"
+    assert precheck_line(argv, capsys) == f"{key}: {rule}"
