@@ -133,9 +133,11 @@ class Piece:
     size: int
 
 
-def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+def resolve_inputs(inputs: Iterable[str | Path], not_read: list[Path] | None = None) -> list[Path]:
     """Expands folders into their supported files; every named path must exist. A leading
-    ``~`` is the home folder (as for ``data.dir`` and ``data.tokenizer``)."""
+    ``~`` is the home folder (as for ``data.dir`` and ``data.tokenizer``). ``not_read``, if
+    given, receives the other files found in those folders (a README, a .csv), which the
+    preparation counts as skipped instead of passing over them in silence."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -149,6 +151,8 @@ def resolve_inputs(inputs: Iterable[str | Path]) -> list[Path]:
                     option="inputs",
                 )
             found = sorted(p for p in walked if p.suffix.lower() in SUPPORTED_SUFFIXES)
+            if not_read is not None:
+                not_read.extend(p for p in walked if p.suffix.lower() not in SUPPORTED_SUFFIXES)
             if not found:
                 raise DataError(
                     f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files",

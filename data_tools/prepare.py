@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from .corpus import DataError, PreparationStopped, SkipLog
+from .corpus import SUPPORTED_SUFFIXES, DataError, PreparationStopped, SkipLog
 from .encode import EncodeOptions, block_texts, encode_block
 from .plan import DEFAULT_BLOCK_BYTES, fingerprint, part_range, plan_blocks
 from .request import input_files, preparation_request
@@ -55,6 +55,7 @@ from .workers import ordered_map, progress_bar, resolve_workers
 __all__ = ["DataError", "PrepareResult", "PreparationStopped", "prepare"]
 
 SPLITS = ("train", "val")
+SUPPORTED_NOTE = f"only {', '.join(SUPPORTED_SUFFIXES)} files are read"
 _STALE_FILE = re.compile(r"^\.?(train|val)-\d{6}\.tar(\.tmp)?$|^\..*\.json\.tmp$")
 
 
@@ -103,7 +104,8 @@ def prepare(
     if part is not None and max_bytes is not None:
         raise DataError("--part cannot be combined with --max-bytes (a cut across parts)")
     workers = resolve_workers(workers)
-    files, sources = input_files(inputs, max_bytes)
+    not_read: list[Path] = []
+    files, sources = input_files(inputs, max_bytes, not_read)
     request = preparation_request(
         inputs,
         tokenizer=tokenizer,
@@ -169,6 +171,9 @@ def prepare(
                 text_field, seed, val_fraction, eod_id, dtype.str, tokenizer_json
             )
             skips = SkipLog()
+            if lo == 0:  # counted once, by the whole run or its first part
+                for path in not_read:
+                    skips.skip("not_a_corpus_file", f"{path}: not read ({SUPPORTED_NOTE})")
             results = ordered_map(encode_block, [(b, options) for b in blocks[lo:hi]], workers)
             try:
                 splits = _pack_and_write(

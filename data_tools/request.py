@@ -38,10 +38,13 @@ CONFIG_KEYS = {
 
 
 def input_files(
-    inputs: list[str | Path] | str | Path | None, max_bytes: int | None
+    inputs: list[str | Path] | str | Path | None,
+    max_bytes: int | None,
+    not_read: list[Path] | None = None,
 ) -> tuple[list[Path], list[str] | dict]:
     """The files to read, and how the manifest describes them. ``max_bytes`` below 1 is a
-    :class:`DataError` (it would read nothing; None reads every byte)."""
+    :class:`DataError` (it would read nothing; None reads every byte). ``not_read``: see
+    :func:`~omnimoe_data.corpus.resolve_inputs`."""
     if max_bytes is not None and max_bytes < 1:
         raise DataError(
             f"max_bytes={max_bytes}: must be at least 1 (leave it unset to read the inputs "
@@ -57,7 +60,7 @@ def input_files(
         }
     if isinstance(inputs, str | Path):  # a single path from a config file
         inputs = [inputs]
-    return resolve_inputs(inputs), [str(p) for p in inputs]
+    return resolve_inputs(inputs, not_read), [str(p) for p in inputs]
 
 
 def _files_identity(files: list[Path]) -> dict:

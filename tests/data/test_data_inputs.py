@@ -39,6 +39,21 @@ def test_empty_folder(tmp_path: Path) -> None:
         run([tmp_path / "empty"], tmp_path / "out")
 
 
+def test_other_files_in_a_folder_are_counted_as_skipped(tmp_path: Path) -> None:
+    """A README or a .csv beside the corpus is not read: the manifest (and the report line)
+    counts each, where they were passed over without a word."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("a document long enough to be one " * 200)
+    (root / "notes.md").write_text("the corpus's own notes")
+    (root / "sub" / "table.csv").write_text("a,b\n")
+    m = run([root], tmp_path / "out")
+    assert m["skipped"]["by_reason"] == {"not_a_corpus_file": 2}
+    examples = "\n".join(m["skipped"]["examples"])
+    assert "notes.md: not read (only .txt, .jsonl, .parquet files are read)" in examples
+    assert "table.csv: not read" in examples
+
+
 def test_compressed_files_in_a_folder_are_refused_not_passed_over(tmp_path: Path) -> None:
     """A ``.jsonl.gz`` beside ``.txt`` files was left out without a word (a share of the
     corpus lost); now the preparation refuses in one line naming it."""
