@@ -30,9 +30,10 @@ from rich.table import Table
 from .corpus import DEFAULT_CORPUS_MAX_BYTES, DataError
 from .merge import merge
 from .plan import DEFAULT_BLOCK_BYTES, parse_part
-from .prepare import prepare, train_tokenizer_file
+from .prepare import prepare
 from .shards import index_shard
 from .source import DataSource
+from .tokenizer_training import train_tokenizer_file
 
 PROG = "omnimoe-data"
 EXIT_TERMINATED = 128 + signal.SIGTERM  # as the shell reports a process SIGTERM ended

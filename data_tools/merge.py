@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 
 from .corpus import DataError, SkipLog
-from .prepare import SPLITS, PrepareResult, _remove_previous_dataset, write_manifest
+from .pack import SPLITS
+from .prepare import PrepareResult, _remove_previous_dataset, write_manifest
 from .shards import TOKENIZER_NAME, load_manifest, shard_name
 
 # Fields every part must share with the others.

@@ -24,37 +24,33 @@ and, as on any failure, what the call wrote is removed.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 from .corpus import SUPPORTED_SUFFIXES, DataError, PreparationStopped, SkipLog
-from .encode import EncodeOptions, block_texts, encode_block
+from .encode import EncodeOptions, encode_block
+from .pack import pack_and_write, stop_point
 from .plan import DEFAULT_BLOCK_BYTES, fingerprint, part_range, plan_blocks
-from .request import input_files, preparation_request
+from .request import check_options, input_files, preparation_request
 from .shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
     TOKENIZER_NAME,
-    ShardWriter,
-    file_in_the_way,
     replace_atomically,
     sample_extension,
-    temp_path,
     token_dtype,
 )
 from .tokenizer import find_eod, load_tokenizer, tokenizer_sha256, train_tokenizer
+from .tokenizer_training import training_texts
 from .workers import ordered_map, progress_bar, resolve_workers
 
 __all__ = ["DataError", "PrepareResult", "PreparationStopped", "prepare"]
 
-SPLITS = ("train", "val")
 SUPPORTED_NOTE = f"only {', '.join(SUPPORTED_SUFFIXES)} files are read"
 _STALE_FILE = re.compile(r"^\.?(train|val)-\d{6}\.tar(\.tmp)?$|^\..*\.json\.tmp$")
 
@@ -89,8 +85,8 @@ def prepare(
     only the ``i``-th of ``n`` parts (see :mod:`omnimoe_data.merge`). Raises
     :class:`DataError` on unusable input or options, and :class:`PreparationStopped` when
     ``should_stop()`` is true between two units of work (module docstring)."""
-    _check_options(vocab_size, seq_len, samples_per_shard, val_fraction, block_bytes)
-    _stop_point(should_stop)
+    check_options(vocab_size, seq_len, samples_per_shard, val_fraction, block_bytes)
+    stop_point(should_stop)
     if tokenizer_sample_bytes is not None and tokenizer_sample_bytes < 1:
         raise DataError(
             f"tokenizer_sample_bytes={tokenizer_sample_bytes}: must be positive",
@@ -143,7 +139,7 @@ def prepare(
                 # The tokenizer sees held-out documents too, as is usual: the split keeps samples
                 # apart, and a vocabulary carries no document content.
                 scan = SkipLog()
-                docs = _training_texts(
+                docs = training_texts(
                     blocks,
                     text_field,
                     max_bytes,
@@ -154,7 +150,7 @@ def prepare(
                     should_stop,
                 )
                 tok = train_tokenizer(docs, vocab_size)
-                _stop_point(should_stop)  # the merges may take long on a large corpus
+                stop_point(should_stop)  # the merges may take long on a large corpus
                 if tok is None:
                     raise DataError(
                         f"no usable documents in the input ({scan.summary()})", option="inputs"
@@ -176,7 +172,7 @@ def prepare(
                     skips.skip("not_a_corpus_file", f"{path}: not read ({SUPPORTED_NOTE})")
             results = ordered_map(encode_block, [(b, options) for b in blocks[lo:hi]], workers)
             try:
-                splits = _pack_and_write(
+                splits = pack_and_write(
                     bar.track(results, "encoding", hi - lo),
                     out,
                     dtype=dtype,
@@ -258,52 +254,6 @@ def write_manifest(out: Path, fields: dict, splits: dict, skips: SkipLog) -> Pre
     return PrepareResult(manifest_path=manifest_path, manifest=manifest)
 
 
-def train_tokenizer_file(
-    inputs: list[str | Path] | None,
-    out_file: str | Path,
-    *,
-    vocab_size: int = 4096,
-    text_field: str = "text",
-    max_bytes: int | None = None,
-    tokenizer_sample_bytes: int | None = None,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
-    workers: int | None = None,
-) -> Path:
-    """Trains the tokenizer ``prepare`` would train, alone (for ``--part`` runs)."""
-    _check_options(vocab_size, 1, 1, 0.0, block_bytes)
-    out = Path(out_file)
-    _check_out_file(out)
-    files, _ = input_files(inputs, max_bytes)
-    blocks = plan_blocks(files, block_bytes)
-    docs = _training_texts(
-        blocks, text_field, max_bytes, tokenizer_sample_bytes, resolve_workers(workers)
-    )
-    tok = train_tokenizer(docs, vocab_size)
-    if tok is None:
-        raise DataError("no usable documents in the input", option="inputs")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        replace_atomically(out, tok.to_str(pretty=True).encode())
-    except OSError as exc:  # e.g. a full disk: the temporary file must not stay behind
-        temp_path(out).unlink(missing_ok=True)
-        raise DataError(f"{out}: cannot write ({exc.strerror or exc})", option="out") from exc
-    return out
-
-
-def _check_out_file(out: Path) -> None:
-    """``--out`` of ``train-tokenizer`` must be a file that can be written: checked before the
-    (costly) training, so that a folder given by mistake costs one line, not a traceback after
-    it."""
-    if out.is_dir():
-        raise DataError(
-            f"{out}: is a folder; give the tokenizer file to write, e.g. {out / 'tokenizer.json'}",
-            option="out",
-        )
-    blocker = file_in_the_way(out.parent)
-    if blocker is not None:
-        raise DataError(f"{out}: {blocker} is not a folder", option="out")
-
-
 def report(console: Console, out: Path, splits: dict[str, dict], skips: SkipLog) -> None:
     counts = ", ".join(
         f"{name} {s['samples']:,} samples ({s['documents']:,} docs)" for name, s in splits.items()
@@ -311,136 +261,6 @@ def report(console: Console, out: Path, splits: dict[str, dict], skips: SkipLog)
     console.print(f"prepared {out}: {counts}; {skips.summary()}", highlight=False, soft_wrap=True)
     for example in skips.examples[:5]:
         console.print(f"  skipped {example}", markup=False, highlight=False, soft_wrap=True)
-
-
-def _training_texts(  # noqa: ANN202
-    blocks,  # noqa: ANN001
-    text_field,  # noqa: ANN001
-    max_bytes,  # noqa: ANN001
-    sample_bytes,  # noqa: ANN001
-    workers,  # noqa: ANN001
-    track=None,  # noqa: ANN001
-    skips=None,  # noqa: ANN001
-    should_stop=None,  # noqa: ANN001
-):
-    """Documents the tokenizer trains on: every document (up to ``max_bytes``), or from each
-    block its leading documents in proportion to the block's size (``sample_bytes`` in all),
-    so a sample spreads over the whole corpus rather than its first files. Raises
-    :class:`PreparationStopped` (through the tokenizer's training, which passes it on) when
-    ``should_stop()`` is true after a block."""
-    total = sum(p.size for b in blocks for p in b) or 1
-    tasks = []
-    for block in blocks:
-        limit = None
-        if sample_bytes is not None:
-            limit = max(1, math.ceil(sample_bytes * sum(p.size for p in block) / total))
-        tasks.append((block, text_field, limit))
-    used = 0
-    pool = ordered_map(_texts_task, tasks, workers)
-    results = track(pool, "training tokenizer", len(tasks)) if track is not None else pool
-    try:
-        for result in results:
-            _stop_point(should_stop)
-            if skips is not None:
-                for _, reason, message in result.skip_events:
-                    skips.skip(reason, message)
-            for text, size in zip(result.texts, result.sizes):
-                used += size
-                if max_bytes is not None and sample_bytes is None and used > max_bytes:
-                    return
-                yield text
-    finally:
-        pool.close()  # the worker pool ends here, not when a traceback lets go of it
-
-
-def _stop_point(should_stop: Callable[[], bool] | None) -> None:
-    """Between two units of work: :class:`PreparationStopped` if ``should_stop()`` is true."""
-    if should_stop is not None and should_stop():
-        raise PreparationStopped("stopped on request; what this preparation wrote is removed")
-
-
-def _texts_task(block, text_field, limit):  # noqa: ANN001, ANN202 - a picklable task
-    return block_texts(block, text_field, limit_bytes=limit)
-
-
-def _pack_and_write(
-    results,  # noqa: ANN001 - iterator of encode.BlockResult in block order
-    out: Path,
-    *,
-    dtype: np.dtype,
-    seq_len: int,
-    samples_per_shard: int,
-    max_bytes: int | None,
-    skips: SkipLog,
-    should_stop: Callable[[], bool] | None = None,
-) -> dict[str, dict]:
-    writers = {
-        s: ShardWriter(out, s, samples_per_shard=samples_per_shard, dtype=dtype) for s in SPLITS
-    }
-    stats = {s: dict.fromkeys(("documents", "stream_tokens", "packed_streams"), 0) for s in SPLITS}
-    used = 0
-    try:
-        for result in results:
-            _stop_point(should_stop)  # before this block's shards: they would be removed
-            cut = len(result.doc_bytes)
-            if max_bytes is not None:
-                running = used + np.cumsum(result.doc_bytes)
-                over = np.flatnonzero(running > max_bytes)
-                cut = int(over[0]) if len(over) else cut
-                used = int(running[cut - 1]) if cut else used
-            for position, reason, message in result.skip_events:
-                if position <= cut:
-                    skips.skip(reason, message)
-            kept = result.tokens[: int(result.doc_tokens[:cut].sum())]
-            is_val = np.repeat(result.doc_val[:cut], result.doc_tokens[:cut])
-            for split, mask in (("train", ~is_val), ("val", is_val)):
-                stream = kept[mask]
-                s = stats[split]
-                s["documents"] += int((result.doc_val[:cut] == (split == "val")).sum())
-                s["stream_tokens"] += len(stream)
-                count = (len(stream) - 1) // seq_len if len(stream) > seq_len else 0
-                if count:
-                    windows = np.lib.stride_tricks.sliding_window_view(stream, seq_len + 1)
-                    writers[split].write_rows(windows[::seq_len][:count])
-                    s["packed_streams"] += 1
-            if cut < len(result.doc_bytes):
-                break  # max_bytes reached: later blocks are not read
-        splits = {}
-        for split, writer in writers.items():
-            shards, s = writer.close(), stats[split]
-            samples = writer.samples
-            splits[split] = {
-                "shards": shards,
-                "samples": samples,
-                "tokens": samples * (seq_len + 1),
-                **s,
-                "dropped_tokens": s["stream_tokens"] - samples * seq_len - s["packed_streams"],
-            }
-        return splits
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-
-
-def _check_options(
-    vocab_size: int, seq_len: int, samples_per_shard: int, val_fraction: float, block_bytes: int
-) -> None:
-    if vocab_size < 257:
-        raise DataError(
-            f"vocab_size={vocab_size}: must be at least 257 (256 bytes + end-of-doc)",
-            option="vocab_size",
-        )
-    if seq_len < 1:
-        raise DataError(f"seq_len={seq_len}: must be at least 1", option="seq_len")
-    if samples_per_shard < 1:
-        raise DataError(
-            f"samples_per_shard={samples_per_shard}: must be at least 1", option="samples_per_shard"
-        )
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction={val_fraction}: must be in [0, 1)", option="val_fraction")
-    if block_bytes < 1:
-        raise DataError(f"block_bytes={block_bytes}: must be at least 1", option="block_bytes")
 
 
 def _remove_partial_dataset(out: Path, *, created: bool, tokenizer_file: bool) -> None:

@@ -181,3 +181,25 @@ def is_prepared(out_dir: str | Path, *, seq_len: int, vocab_size: int | None = N
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return True
+
+
+def check_options(
+    vocab_size: int, seq_len: int, samples_per_shard: int, val_fraction: float, block_bytes: int
+) -> None:
+    """The numeric options of a preparation; :class:`DataError` naming the first one out of
+    its range."""
+    if vocab_size < 257:
+        raise DataError(
+            f"vocab_size={vocab_size}: must be at least 257 (256 bytes + end-of-doc)",
+            option="vocab_size",
+        )
+    if seq_len < 1:
+        raise DataError(f"seq_len={seq_len}: must be at least 1", option="seq_len")
+    if samples_per_shard < 1:
+        raise DataError(
+            f"samples_per_shard={samples_per_shard}: must be at least 1", option="samples_per_shard"
+        )
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction}: must be in [0, 1)", option="val_fraction")
+    if block_bytes < 1:
+        raise DataError(f"block_bytes={block_bytes}: must be at least 1", option="block_bytes")

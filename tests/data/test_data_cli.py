@@ -117,7 +117,8 @@ def test_parts_and_merge_on_the_command_line(
 def test_training_on_a_mixture_records_it(tmp_path: Path) -> None:
     """`omnimoe-train data.dirs=[a,b] data.weights=[3,1]`: trains, and config.yaml records the
     datasets with normalised weights; a bad weight list is one line, exit 2."""
-    from omnimoe_data.prepare import prepare, train_tokenizer_file
+    from omnimoe_data.prepare import prepare
+    from omnimoe_data.tokenizer_training import train_tokenizer_file
     from tests.cli_helpers import assert_usage_error, run_train_cli
 
     docs = make_docs(80)

@@ -85,7 +85,8 @@ def test_a_tokenizer_beside_prepared_datasets_must_be_theirs(cache: Path, tmp_pa
 def test_one_part_of_a_dataset_is_not_trained_on(tmp_path: Path) -> None:
     """``data.dir`` naming one part (``omnimoe-data prepare --part``) trained on that part's
     share of the corpus alone, silently."""
-    from omnimoe_data.prepare import prepare, train_tokenizer_file
+    from omnimoe_data.prepare import prepare
+    from omnimoe_data.tokenizer_training import train_tokenizer_file
 
     corpus = write_txt_folder(tmp_path / "corpus", make_docs(60))
     tok = train_tokenizer_file([corpus], tmp_path / "tok.json", vocab_size=300)

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 from omnimoe_data.corpus import DataError
 from omnimoe_data.loader import TokenShardLoader
 from omnimoe_data.merge import merge
-from omnimoe_data.prepare import prepare, train_tokenizer_file
+from omnimoe_data.prepare import prepare
+from omnimoe_data.tokenizer_training import train_tokenizer_file
 
 from .helpers import TINY, make_docs, split_samples, write_txt_folder
 from .test_data_prepare import decoded_documents
