@@ -76,7 +76,11 @@ def validate_resume_path(c: CheckpointConfig) -> None:
     )
 
 
-EMPTY_RULE = "must not be empty (it would name the current folder); leave it out for the default"
+# An empty path names the folder it is taken relative to: checkpoint.dir='' put the
+# checkpoints among the run's own files, checkpoint.resume='' looked in the current folder.
+EMPTY_RULE = (
+    "must not be empty (it names the folder it is relative to); leave it out for the default"
+)
 
 
 def validate_output_folder(key: str, folder: str | Path) -> None:
@@ -138,8 +142,7 @@ def validate_profile_step(t: TrainerConfig) -> None:
 def validate_names(d: DataConfig, c: CheckpointConfig, w: WandbConfig) -> None:
     """Names and paths given empty, folders the run creates from paths given whole, and W&B's
     tag rule: checked here, not at the first write (the checkpoint folder is first made at the
-    end of training). An empty path is the current folder (``checkpoint.dir=''`` wrote the
-    checkpoints beside the code, ``checkpoint.resume=''`` looked for them there)."""
+    end of training). Empty paths: see ``EMPTY_RULE``."""
     single = {
         "data.name": d.name,
         "data.dir": d.dir,
@@ -154,7 +157,7 @@ def validate_names(d: DataConfig, c: CheckpointConfig, w: WandbConfig) -> None:
         require(
             all(str(v).strip() != "" for v in values),
             key,
-            "an entry is empty (it would name the current folder); remove it",
+            "an entry is empty (it names the current folder); remove it",
         )
     for key, path in (("data.dir", d.dir), ("checkpoint.dir", c.dir)):
         part = long_component(path) if path is not None else None

@@ -330,15 +330,16 @@ def test_checkpoint_dir_under_the_run_dir_with_a_file_in_its_way(tmp_path: Path)
     ["checkpoint.dir", "checkpoint.resume", "data.name", "data.dir", "data.tokenizer"],
 )
 def test_a_path_given_empty_is_refused(key: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """An empty path is the current folder: ``checkpoint.dir=''`` wrote the checkpoints beside
-    the code, ``checkpoint.resume=''`` looked for them there."""
-    rule = "must not be empty (it would name the current folder); leave it out for the default"
+    """An empty path names the folder it is relative to: ``checkpoint.dir=''`` put the
+    checkpoints among the run's own files, ``checkpoint.resume=''`` looked in the current
+    folder."""
+    rule = "must not be empty (it names the folder it is relative to); leave it out for the default"
     assert precheck_line([f"{key}=''"], capsys) == f"{key}: {rule}"
 
 
 @pytest.mark.parametrize("key", ["data.inputs", "data.dirs"])
 def test_a_list_with_an_empty_path_is_refused(key: str, capsys: pytest.CaptureFixture[str]) -> None:
-    rule = "an entry is empty (it would name the current folder); remove it"
+    rule = "an entry is empty (it names the current folder); remove it"
     assert precheck_line([f"{key}=['']"], capsys) == f"{key}: {rule}"
 
 
@@ -349,5 +350,5 @@ def test_a_list_with_an_empty_path_is_refused(key: str, capsys: pytest.CaptureFi
 def test_an_empty_run_folder_is_refused(
     argv: list[str], key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rule = "must not be empty (it would name the current folder); leave it out for the default"
+    rule = "must not be empty (it names the folder it is relative to); leave it out for the default"
     assert precheck_line(argv, capsys) == f"{key}: {rule}"
