@@ -23,6 +23,10 @@ together, with each run's speed-up over its model's baseline:
 host hits both models: the table gives each run's median and every round's OmniMoE/dense step
 ratio (the dense model's speed moves by up to 20% between runs, docs/benchmarks.md).
 
+``--profile-step N`` profiles step N of every run (``trainer.profile_step``) and adds the step's
+device kernel time and its OmniMoE/dense ratio: what the GPU itself spends, which the host's
+speed does not move (a graphed dense step at a80m leaves the GPU idle a quarter of the time).
+
 The embedding is sized to the tokenizer (``model.vocab_size=null``, 4096 entries on the embedded
 corpus) as in the earlier measurements in docs/benchmarks.md, not to the paper's 128,256.
 """
@@ -137,7 +141,7 @@ def median_row(rows: list[dict]) -> dict:
     del out["round"]
     out["rounds"] = len(rows)
     out["status"] = next((r["status"] for r in rows if r["status"] != "ok"), "ok")
-    for key in ("tokens_per_s", "step_ms", "tflops", "mfu"):
+    for key in ("tokens_per_s", "step_ms", "tflops", "mfu", "kernel_ms"):
         values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     peaks = [r["peak_memory_gib"] for r in rows if r.get("peak_memory_gib") is not None]
@@ -145,11 +149,12 @@ def median_row(rows: list[dict]) -> dict:
     return out
 
 
-def round_ratios(runs: list[dict]) -> list[str]:
-    """ "scale variant: a, b, ... (median m)" of OmniMoE/dense step time, one ratio per round
-    where both ran: the ratio from the same round is the one a host's slow spell cannot skew."""
-    step = {(r["scale"], r["model"], r["variant"], r["round"]): r["step_ms"]
-            for r in runs if r.get("step_ms")}  # fmt: skip
+def round_ratios(runs: list[dict], key: str = "step_ms") -> list[str]:
+    """ "scale variant: a, b, ... (median m)" of OmniMoE/dense ``key`` (step time; or
+    ``kernel_ms``, the profiled step's kernel time), one ratio per round where both ran: the
+    ratio from the same round is the one a host's slow spell cannot skew."""
+    step = {(r["scale"], r["model"], r["variant"], r["round"]): r[key]
+            for r in runs if r.get(key)}  # fmt: skip
     lines = []
     for scale, variant in sorted(
         {(r["scale"], r["variant"]) for r in runs if r["model"] == "omnimoe"}
@@ -194,6 +199,10 @@ def main() -> None:
         help="measure the throughput levers (none named: all of them) instead of the default cases",
     )  # fmt: skip
     ap.add_argument(
+        "--profile-step", type=positive_int, default=None,
+        help="profile this step of every run: adds its GPU kernel time and the OmniMoE/dense ratio",
+    )  # fmt: skip
+    ap.add_argument(
         "--models", nargs="+", default=["omnimoe", "dense"], choices=["omnimoe", "dense"]
     )
     args = ap.parse_args()
@@ -216,6 +225,8 @@ def main() -> None:
             "logging=disabled",
             "checkpoint.save_final=false", "checkpoint.resume=null", *args.override,
         ]  # fmt: skip
+        if args.profile_step is not None:
+            common.append(f"trainer.profile_step={args.profile_step}")
         for rnd in range(args.repeats):
             for model, variant, name, extra in cases(scale, variants, tuple(args.models)):
                 run_dir = (
@@ -257,14 +268,26 @@ def main() -> None:
                 f"{100 * mfu:.1f}%" if mfu is not None else "", short_status(row["status"]),
             ]
         )  # fmt: skip
+        if args.profile_step is not None:
+            kernel = row.get("kernel_ms")
+            table_rows[-1][5:5] = [
+                f"{kernel:.0f}" if kernel else "",
+                ratio(row, dense_ref, "kernel_ms"),
+            ]
     header = ["scale", "model", "tokens/s", "step ms", "step vs dense", "speed-up vs baseline",
               "peak GiB", "memory vs dense", "TFLOP/s", "MFU", "status"]  # fmt: skip
+    if args.profile_step is not None:
+        header[5:5] = [f"GPU kernel ms (step {args.profile_step})", "GPU time vs dense"]
     print(f"{device_name()}, {time.strftime('%Y-%m-%d')}: python {' '.join(sys.argv)}")
     print(markdown_table(header, table_rows))
     if args.repeats > 1:
         print("\nmedians of the rounds; OmniMoE/dense step time in each round:")
         for line in round_ratios(runs):
             print(line)
+        if args.profile_step is not None:
+            print("OmniMoE/dense GPU kernel time of the profiled step in each round:")
+            for line in round_ratios(runs, "kernel_ms"):
+                print(line)
     for row in results:  # the table keeps one word per run; why a run failed comes here
         if row["status"] != "ok":
             print(f"\n{row['scale']} {row['case']}: {row['status']}")

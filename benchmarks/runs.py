@@ -86,12 +86,22 @@ def steady_state(result: RunResult, skip_windows: int = 1) -> dict[str, Any]:
 
     Returns tokens/s, step time (ms), TFLOP/s and MFU (when logged), peak memory (GiB) of the
     steady windows and of the first, the first and last window's tokens/s, and the last
-    training and held-out losses.
+    training and held-out losses; with a profiled step (``trainer.profile_step``), its device
+    kernel time ``kernel_ms`` and wall time ``profiled_step_ms``, its window left out of the
+    means.
     """
     train = result.train
     if not train:
         return {}
     steady = train[skip_windows:] or train[-1:]
+    profiled = [r for r in result.records if "profile_kernel_ms" in r]
+    if profiled:
+        # The profiled step (trainer.profile_step) runs under CUPTI, slower than the others:
+        # its window leaves the throughput when another steady window is left.
+        at = profiled[-1]["step"]
+        starts = [0] + [r["step"] for r in train]
+        kept = [r for r, s in zip(train, starts, strict=False) if not s < at <= r["step"]]
+        steady = [r for r in steady if r in kept] or steady
 
     def mean(key: str) -> float | None:
         values = [r[key] for r in steady if r.get(key) is not None]
@@ -114,6 +124,9 @@ def steady_state(result: RunResult, skip_windows: int = 1) -> dict[str, Any]:
         "steps": train[-1]["step"],
         "consumed_tokens": train[-1]["consumed_tokens"],
     }
+    if profiled:  # one step's device kernel time: what the GPU itself spent, host waits aside
+        out["kernel_ms"] = profiled[-1]["profile_kernel_ms"]
+        out["profiled_step_ms"] = profiled[-1]["profile_step_wall_ms"]
     if result.evals:
         out["val_loss"] = result.evals[-1]["val_loss"]
         out["initial_val_loss"] = result.evals[0]["val_loss"]

@@ -82,3 +82,32 @@ def test_a_failed_round_marks_the_median_row() -> None:
     runs[1] = {**runs[1], "status": "timeout after 300 s", "step_ms": None}
     med = bench_training.median_row(runs)
     assert med["status"] == "timeout after 300 s" and med["step_ms"] == 100.0
+
+
+def test_a_profiled_step_gives_its_kernel_time_and_leaves_its_window_out() -> None:
+    """``--profile-step``: the step's device kernel time comes out as ``kernel_ms``; its window
+    (slower under CUPTI) leaves the throughput mean, and the kernel-time ratio is per round."""
+    from runs import RunResult, steady_state
+
+    records = [
+        {"step": 5, "tokens_per_s": 1.0, "consumed_tokens": 50},
+        {"step": 10, "tokens_per_s": 4.0, "consumed_tokens": 100},
+        {"step": 12, "profile_kernel_ms": 300.0, "profile_step_wall_ms": 410.0},
+        {"step": 15, "tokens_per_s": 3.0, "consumed_tokens": 150},  # holds step 12
+        {"step": 20, "tokens_per_s": 4.0, "consumed_tokens": 200},
+    ]
+    out = steady_state(RunResult("ok", 1.0, records))
+    assert out["tokens_per_s"] == 4.0
+    assert out["kernel_ms"] == 300.0 and out["profiled_step_ms"] == 410.0
+    # the profiled window is the only steady one: kept rather than no throughput at all
+    alone = steady_state(RunResult("ok", 1.0, [records[0], records[2], records[3]]))
+    assert alone["tokens_per_s"] == 3.0 and alone["kernel_ms"] == 300.0
+
+    runs = [
+        {**_run("omnimoe", "cuda_graphs", 0, 130.0), "kernel_ms": 450.0},
+        {**_run("dense", "cuda_graphs", 0, 100.0), "kernel_ms": 300.0},
+    ]
+    assert bench_training.round_ratios(runs, "kernel_ms") == [
+        "a80m cuda_graphs: 1.50 (median 1.50x)"
+    ]
+    assert bench_training.median_row(runs[:1])["kernel_ms"] == 450.0
