@@ -17,6 +17,7 @@ optimizer offloaded, DeepSpeed's CPU Adam (a C++ kernel) replaces torch's AdamW:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,14 @@ def save_and_continue(preset: str, root: Path) -> None:
             {"live": live, "statistics": statistics, "losses": losses}, root / "reference.pt"
         )
     parallel_state.destroy_model_parallel()
+
+
+def in_sequence(*calls: tuple[Callable[..., None], tuple[Any, ...]]) -> None:
+    """Run each ``(fn, args)`` of ``calls`` in turn in this world: several loads of one saved
+    checkpoint share one spawn of the ranks (each spawn imports torch, megatron and DeepSpeed
+    again: ~12 s on two cores). Each body builds its own engine and tears its groups down."""
+    for fn, args in calls:
+        fn(*args)
 
 
 def train_step(engine: Any, cfg: Any, step: int) -> float:

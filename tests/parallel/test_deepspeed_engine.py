@@ -14,6 +14,7 @@ from tests.train.conftest import compose_config
 from .deepspeed_checks import (
     check_skip_and_norm,
     check_zero_stages,
+    in_sequence,
     resume_and_continue,
     resume_in_other_precision,
     resume_with_a_failing_conversion,
@@ -50,12 +51,16 @@ def test_checkpoint_resumes_bitwise_and_at_another_dp_size(
     from omnimoe_train.checkpoint.cli import BUFFER_SUFFIXES
     from omnimoe_train.engine.deepspeed_checkpoint import consolidate, tensor_sizes
 
+    # Saved in one world; loaded in fresh processes (nothing of the saving run's memory): the
+    # loads of each world size share one spawn.
     run_distributed(save_and_continue, 2, preset, tmp_path, timeout_s=600)
-    run_distributed(resume_and_continue, 2, preset, tmp_path, timeout_s=600)
-    run_distributed(resume_and_continue, 1, preset, tmp_path, timeout_s=600)
+    at_dp2 = [(resume_and_continue, (preset, tmp_path))]
+    at_dp2 += [(resume_in_other_precision, (preset, tmp_path, "bf16"))]
+    run_distributed(in_sequence, 2, *at_dp2, timeout_s=600)
+    at_dp1 = [(resume_and_continue, (preset, tmp_path))]
     if other_stage is not None:
-        run_distributed(resume_and_continue, 1, other_stage, tmp_path, preset, timeout_s=600)
-    run_distributed(resume_in_other_precision, 2, preset, tmp_path, "bf16", timeout_s=600)
+        at_dp1 += [(resume_and_continue, (other_stage, tmp_path, preset))]
+    run_distributed(in_sequence, 1, *at_dp1, timeout_s=600)
     live = torch.load(tmp_path / "reference.pt", weights_only=False)["live"]
     weights = consolidate(tmp_path / "step_00000002")
     assert set(live) <= set(weights)  # plus the router's BatchNorm statistics (buffers)
