@@ -30,6 +30,7 @@ from omnimoe_train.validation import (
     validate_output_folder,
     validate_resume_path,
 )
+from omnimoe_train.validation.config_files import strict_bools_in_files
 from omnimoe_train.validation.overrides import empty_mappings, group_given_null, strict_bools
 
 CONFIG_MODULE = "omnimoe_conf"
@@ -225,6 +226,10 @@ def _check_hydra_config(
         _fail(_compose_error(exc))
 
 
+def _is_searchpath(arg: str) -> bool:
+    return arg.lstrip("+").startswith("hydra.searchpath=")
+
+
 def _check_overrides(overrides: list[str]) -> None:
     """The rules on overrides as typed, before composition converts them (``validation.
     overrides``): strict bools, and a config group given ``null``."""
@@ -240,9 +245,12 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
     ``world_size``: the number of ranks the run will have (default: ``$WORLD_SIZE``, 1).
     """
     from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
+    # Hydra's own keys are checked apart (_check_hydra_config), but for its search path: a
+    # user's config folders hold options of our groups (hydra.searchpath=[file://my_conf]).
+    overrides = [a for a in argv if not a.startswith(("-", "hydra")) or _is_searchpath(a)]
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --help, --cfg, --info ...: Hydra answers those itself
     _check_hydra_dirs(argv)
@@ -258,12 +266,15 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - a parse or composition error in the overrides
         _fail(_compose_error(exc))
-    _check_hydra_config([a for a in argv if a.startswith("hydra")], combos[0], multirun)
+    hydra_overrides = [a for a in argv if a.startswith("hydra") and not _is_searchpath(a)]
+    _check_hydra_config(hydra_overrides, combos[0], multirun)
     names.set_swept_keys(swept)  # a sweep job's folder shows these keys' values
     sweep_jobs.pass_swept_keys(swept)  # and on SLURM, where the job names its own folder
     for combo in combos:
         try:
             with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+                loader = GlobalHydra.instance().config_loader()
+                strict_bools_in_files(loader, "config", combo)
                 dcfg = compose(config_name="config", overrides=combo)
             empty_mappings(combo, dcfg)
             cfg = to_root_config(dcfg)
