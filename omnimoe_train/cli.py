@@ -226,6 +226,12 @@ def _check_hydra_config(
         _fail(_compose_error(exc))
 
 
+def _deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def _is_searchpath(arg: str) -> bool:
     return arg.lstrip("+").startswith("hydra.searchpath=")
 
@@ -273,9 +279,10 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
     for combo in combos:
         try:
             with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-                loader = GlobalHydra.instance().config_loader()
-                strict_bools_in_files(loader, "config", combo)
                 dcfg = compose(config_name="config", overrides=combo)
+                loader = GlobalHydra.instance().config_loader()
+                deepspeed = dcfg.trainer.engine == "deepspeed" and _deepspeed_installed()
+                strict_bools_in_files(loader, "config", combo, deepspeed)
             empty_mappings(combo, dcfg)
             cfg = to_root_config(dcfg)
             validate(cfg, world_size)

@@ -60,8 +60,9 @@ def _read_source(path: str, config_path: str) -> str | None:
     return None
 
 
-def _check_file(text: str, package: str, shown: str) -> None:
-    """Check each value of one config file, merged at ``package`` ('' for the root)."""
+def _check_file(text: str, package: str, shown: str, deepspeed: bool) -> None:
+    """Check each value of one config file, merged at ``package`` ('' for the root); the
+    ``deepspeed`` section's too (by DeepSpeed's models) when ``deepspeed``."""
     content = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a safe loader subclass
     if not isinstance(content, dict):
         return
@@ -71,17 +72,34 @@ def _check_file(text: str, package: str, shown: str) -> None:
             continue  # the file's defaults list and Hydra's own config are not the schema's
         try:
             check_value(full, value)
+            if deepspeed and full.split(".")[0] == "deepspeed":
+                _check_deepspeed(full, value)
         except ConfigError as exc:
             raise ConfigError(exc.key, f"{exc.rule}; set in {shown}") from None
 
 
-def strict_bools_in_files(loader: Any, config_name: str, overrides: list[str]) -> None:
+def _check_deepspeed(full: str, value: Any) -> None:
+    """DeepSpeed's bool keys (``engine.deepspeed_bools``) in the value a file sets at ``full``
+    (``deepspeed`` or a key under it)."""
+    from omnimoe_train.engine.deepspeed_bools import deepspeed_bool_problem
+
+    for part in reversed(full.split(".")[1:]):
+        value = {part: value}
+    problem = deepspeed_bool_problem(value) if isinstance(value, dict) else None
+    if problem:
+        raise ConfigError(*problem)
+
+
+def strict_bools_in_files(
+    loader: Any, config_name: str, overrides: list[str], deepspeed: bool = False
+) -> None:
     """Raise :class:`ConfigError` for a value in a YAML file of the composition that gives a bool
     field of the schema anything but ``true`` / ``false`` (``null`` where it is optional).
 
     ``loader``: the Hydra config loader of an initialized Hydra (its defaults list and search
     path); ``overrides``: the command line's, ``hydra.searchpath=[...]`` included (a user's own
-    config folders, searched after ours as Hydra does)."""
+    config folders, searched after ours as Hydra does); ``deepspeed``: check the ``deepspeed``
+    section's bool keys too (``trainer.engine=deepspeed``, DeepSpeed installed)."""
     from hydra.types import RunMode
 
     defaults = loader.compute_defaults_list(config_name, overrides, RunMode.RUN).defaults
@@ -95,5 +113,6 @@ def strict_bools_in_files(loader: Any, config_name: str, overrides: list[str]) -
         for path in paths:  # the first entry that holds the file is the one Hydra loads
             text = _read_source(path, default.config_path)
             if text is not None:
-                _check_file(text, default.package or "", f"{default.config_path}.yaml")
+                shown = f"{default.config_path}.yaml"
+                _check_file(text, default.package or "", shown, deepspeed)
                 break
