@@ -4,6 +4,8 @@ declare), for ``omnimoe-train``'s pre-check and ``omnimoe-params``."""
 
 from __future__ import annotations
 
+import re
+
 #: The package holding ``conf/`` (Hydra's ``pkg://`` search-path entry).
 CONFIG_MODULE = "omnimoe_conf"
 
@@ -27,6 +29,8 @@ def compose_error(exc: Exception) -> str:
     full_key = getattr(inner, "full_key", None)
     first = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
     if "not in" in first and "Key" in first:
+        if full_key and str(full_key).startswith("deepspeed."):
+            return _deepspeed_append_hint(chain, str(full_key))
         first = "unknown key (not in the config schema)"
     elif "is not a ListConfig, list or tuple" in first:  # data.inputs=a.txt for [a.txt]
         value = getattr(inner, "value", None)
@@ -34,6 +38,18 @@ def compose_error(exc: Exception) -> str:
             f"a list: write {full_key}=[{value}] (brackets, commas between items; got {value!r})"
         )
     return f"{full_key}: {first}" if full_key else first
+
+
+def _deepspeed_append_hint(chain: list[BaseException], full_key: str) -> str:
+    """``deepspeed.KEY=value`` for a key the preset does not set: the ``deepspeed`` section is
+    DeepSpeed's free-form config, so the key may well be right; Hydra adds it only with ``+``
+    (its own message suggests the override, which is reused when there)."""
+    suggested = re.search(r"use (\+(deepspeed\.\S+?)=\S*)", "\n".join(map(str, chain)))
+    key, append = (suggested[2], suggested[1]) if suggested else (full_key, f"+{full_key}=...")
+    return (
+        f"{key}: not in the deepspeed preset (conf/deepspeed/); a DeepSpeed key the preset "
+        f"does not set is added with + (Hydra's append syntax): {append}"
+    )
 
 
 def _unknown_group_option(missing: str, options: list[str] | None) -> str:
