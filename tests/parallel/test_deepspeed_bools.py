@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from omnimoe_train import cli
 from omnimoe_train.validation import ConfigError, validate
 from tests.cli_helpers import precheck_line
 from tests.train.conftest import compose_config
@@ -72,10 +71,10 @@ def test_bools_and_null_pass() -> None:
     validate(cfg, 1)
 
 
+@pytest.mark.usefixtures("cli_registered")
 def test_a_bool_in_a_users_deepspeed_preset(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cli._register()
     preset = tmp_path / "deepspeed"
     preset.mkdir()
     (preset / "mine.yaml").write_text("zero_optimization:\n  stage: 2\n  overlap_comm: yes\n")

@@ -12,10 +12,7 @@ import pytest
 from omnimoe_train import cli
 from tests.cli_helpers import PRECHECK_ERROR, assert_usage_error, precheck_line, run_train_cli, tiny
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _registered() -> None:
-    cli._register()
+pytestmark = pytest.mark.usefixtures("cli_registered")
 
 
 def _user_conf(root: Path, group: str, name: str, body: str) -> str:

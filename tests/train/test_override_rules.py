@@ -13,20 +13,9 @@ import pytest
 
 from omnimoe_train import cli
 from omnimoe_train.config import RootConfig
-from tests.cli_helpers import (
-    PRECHECK_ERROR,
-    assert_usage_error,
-    precheck_line,
-    run_train_cli,
-    tiny,
-)
+from tests.cli_helpers import PRECHECK_ERROR, assert_usage_error, precheck_line, run_train_cli, tiny
 
-ERROR = PRECHECK_ERROR
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _registered() -> None:
-    cli._register()
+pytestmark = pytest.mark.usefixtures("cli_registered")
 
 
 def _bool_keys(schema: type = RootConfig, prefix: str = "") -> list[tuple[str, bool]]:
@@ -102,7 +91,9 @@ def test_group_given_null_names_its_options(
 
 def test_strict_bool_through_the_entry_point(tmp_path: Path) -> None:
     result = run_train_cli([*tiny(), "checkpoint.save_final=2"], cache=tmp_path, timeout=120)
-    assert_usage_error(result, f"{ERROR}checkpoint.save_final: a bool key: must be true", tmp_path)
+    assert_usage_error(
+        result, f"{PRECHECK_ERROR}checkpoint.save_final: a bool key: must be true", tmp_path
+    )
 
 
 @pytest.mark.parametrize(
