@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from omnimoe_train import names, sweep_jobs
 from omnimoe_train.checkpoint.signals import StartupStop, StoppedBeforeTraining
+from omnimoe_train.compose_errors import CONFIG_MODULE, compose_error, group_options
 from omnimoe_train.config import RootConfig, register_configs, unknown_keys
 from omnimoe_train.exit_codes import exit_usage
 from omnimoe_train.validation import (
@@ -30,9 +31,8 @@ from omnimoe_train.validation import (
     validate_output_folder,
     validate_resume_path,
 )
+from omnimoe_train.validation.config_files import strict_bools_in_files
 from omnimoe_train.validation.overrides import empty_mappings, group_given_null, strict_bools
-
-CONFIG_MODULE = "omnimoe_conf"
 
 
 def given_run_dir(argv: list[str]) -> Path | None:
@@ -71,79 +71,6 @@ def to_root_config(dcfg: DictConfig) -> RootConfig:
     if unknown:
         raise ConfigError(unknown[0], "unknown key (not in the config schema)")
     return OmegaConf.to_object(dcfg)  # type: ignore[return-value]
-
-
-def _compose_error(exc: Exception) -> str:
-    """One line from Hydra/OmegaConf's multi-line errors, naming the key: a config group's
-    unknown option (with the group's options), an override that does not parse, else the full
-    key and the first line."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-
-    inner: BaseException = exc
-    chain = [exc]
-    while inner.__cause__ is not None:
-        inner = inner.__cause__
-        chain.append(inner)
-    for error in chain:
-        if isinstance(error, MissingConfigException) and error.missing_cfg_file:
-            return _unknown_group_option(error.missing_cfg_file, error.options)
-        if isinstance(error, OverrideParseException):
-            return _unparsable_override(error)
-    full_key = getattr(inner, "full_key", None)
-    first = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
-    if "not in" in first and "Key" in first:
-        first = "unknown key (not in the config schema)"
-    elif "is not a ListConfig, list or tuple" in first:  # data.inputs=a.txt for [a.txt]
-        value = getattr(inner, "value", None)
-        first = (
-            f"a list: write {full_key}=[{value}] (brackets, commas between items; got {value!r})"
-        )
-    return f"{full_key}: {first}" if full_key else first
-
-
-def _unknown_group_option(missing: str, options: list[str] | None) -> str:
-    """``model=nonexistent``: Hydra's message spans the options and its search path, one a
-    line; ours names the group, as the choice rules of ``validation`` do."""
-    group, _, option = missing.rpartition("/")
-    if not group:  # the primary config itself
-        return f"config {missing!r} not found"
-    if not options:  # Hydra lists them only for some failures (e.g. model=[a,b])
-        options = _group_options(group)
-    return f"{group}: must be one of {', '.join(options)} (got {option!r})"
-
-
-def _group_options(group: str) -> list[str]:
-    """The configs Hydra's search path holds for ``group`` (``model``, ``hydra/launcher``)."""
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.object_type import ObjectType
-
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        loader = GlobalHydra.instance().config_loader()
-        return list(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
-
-
-def _unparsable_override(exc: Exception) -> str:
-    """An override Hydra's grammar does not parse: its key (the text before ``=``) and the
-    parser's reason, without the lines Hydra adds (a link, a caret under the bad character)."""
-    override = str(getattr(exc, "override", "") or "")
-    lines = str(exc).strip().splitlines()
-    reason = "not valid"
-    for i, line in enumerate(lines):
-        if line.strip() == "^" and i > 0 and override in lines[i - 1]:  # the lexer's caret
-            pos = line.index("^") - lines[i - 1].index(override)
-            if 0 <= pos < len(override):
-                reason = (
-                    f"unexpected character {override[pos]!r} at position {pos}; quote the value"
-                )
-                break
-        elif line.strip() and not line.startswith(("See https", "Error parsing override")):
-            reason = line.strip()
-    key = override.partition("=")[0] or override
-    return (
-        f"{key}: cannot parse the override {override!r} ({reason}); the form is key=value, "
-        "+key=value or ~key"
-    )
 
 
 def _sweep_combinations(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
@@ -222,14 +149,24 @@ def _check_hydra_config(
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
-        _fail(_compose_error(exc))
+        _fail(compose_error(exc))
+
+
+def _deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def _is_searchpath(arg: str) -> bool:
+    return arg.lstrip("+").startswith("hydra.searchpath=")
 
 
 def _check_overrides(overrides: list[str]) -> None:
     """The rules on overrides as typed, before composition converts them (``validation.
     overrides``): strict bools, and a config group given ``null``."""
     strict_bools(overrides)
-    group_given_null(overrides, _group_options)
+    group_given_null(overrides, group_options)
 
 
 def precheck(argv: list[str], world_size: int | None = None) -> None:
@@ -240,9 +177,12 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
     ``world_size``: the number of ranks the run will have (default: ``$WORLD_SIZE``, 1).
     """
     from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
+    # Hydra's own keys are checked apart (_check_hydra_config), but for its search path: a
+    # user's config folders hold options of our groups (hydra.searchpath=[file://my_conf]).
+    overrides = [a for a in argv if not a.startswith(("-", "hydra")) or _is_searchpath(a)]
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --help, --cfg, --info ...: Hydra answers those itself
     _check_hydra_dirs(argv)
@@ -257,14 +197,18 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - a parse or composition error in the overrides
-        _fail(_compose_error(exc))
-    _check_hydra_config([a for a in argv if a.startswith("hydra")], combos[0], multirun)
+        _fail(compose_error(exc))
+    hydra_overrides = [a for a in argv if a.startswith("hydra") and not _is_searchpath(a)]
+    _check_hydra_config(hydra_overrides, combos[0], multirun)
     names.set_swept_keys(swept)  # a sweep job's folder shows these keys' values
     sweep_jobs.pass_swept_keys(swept)  # and on SLURM, where the job names its own folder
     for combo in combos:
         try:
             with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
                 dcfg = compose(config_name="config", overrides=combo)
+                loader = GlobalHydra.instance().config_loader()
+                deepspeed = dcfg.trainer.engine == "deepspeed" and _deepspeed_installed()
+                strict_bools_in_files(loader, "config", combo, deepspeed)
             empty_mappings(combo, dcfg)
             cfg = to_root_config(dcfg)
             validate(cfg, world_size)
@@ -279,7 +223,7 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
         except ConfigError as exc:
             _fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
-            _fail(_compose_error(exc))
+            _fail(compose_error(exc))
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")

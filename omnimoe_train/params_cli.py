@@ -43,7 +43,8 @@ def compose(overrides: list[str]) -> RootConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from omnimoe_train.cli import CONFIG_MODULE, _compose_error, to_root_config
+    from omnimoe_train.cli import to_root_config
+    from omnimoe_train.compose_errors import CONFIG_MODULE, compose_error
     from omnimoe_train.validation import ConfigError, validate, world_size_from_env
 
     if any(a in ("-h", "--help") for a in overrides):
@@ -70,7 +71,7 @@ def compose(overrides: list[str]) -> RootConfig:
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
-        _fail(_compose_error(exc))
+        _fail(compose_error(exc))
     return cfg
 
 

@@ -30,3 +30,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _USER_TRITON_INTERPRET
+
+
+@pytest.fixture(scope="module")
+def cli_registered() -> None:
+    """What ``omnimoe-train``'s ``main`` registers before its pre-check (the schema, our
+    resolvers and launcher plugin): for tests that call ``cli.precheck`` in this process
+    (``pytestmark = pytest.mark.usefixtures("cli_registered")``)."""
+    from omnimoe_train import cli
+
+    cli._register()

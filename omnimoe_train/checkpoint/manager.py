@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from omnimoe_train.checkpoint.atomic import fsync_dir, write_json_atomic
+from omnimoe_train.checkpoint.disk_full import disk_full
 from omnimoe_train.checkpoint.files import (
     FORMAT,
     CheckpointCorrupt,
@@ -164,11 +165,19 @@ class CheckpointManager:
         self._publish(step, tmp, meta)
 
     def _agree_or_raise(self, error: BaseException | None, step: int, tmp: Path) -> None:
+        # Asked before the partial files are removed, which frees their space again.
+        full = error is not None and disk_full(error, tmp)
         if not _any_rank(error is not None):
             return
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
+        if full:  # the writers' own words for it can be opaque (torch's "enforce fail")
+            raise CheckpointWriteError(
+                f"the disk is full while writing checkpoint {step_dir_name(step)} to "
+                f"{self.root}; free space and run the same command again (the newest complete "
+                "checkpoint, if any, stays)"
+            )
         reason = first_line(error) if error is not None else "failed on another rank"
         raise CheckpointWriteError(f"could not write checkpoint {step_dir_name(step)}: {reason}")
 

@@ -94,6 +94,13 @@ class _WriterErrors(logging.Handler):
         self.messages.append(self.PREFIX.sub("", record.getMessage()))
 
 
+def _logged_os_error(message: str) -> OSError:
+    """The writer's logged cause as an ``OSError`` that keeps its errno where the message shows
+    one ("[Errno 28] No space left on device"): the errno tells a full disk apart."""
+    found = re.match(r"\[Errno (\d+)\] (.*)", message)
+    return OSError(int(found[1]), found[2]) if found else OSError(message)
+
+
 _writer_errors = _WriterErrors()
 _writer_log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
 _writer_log.addHandler(_writer_errors)
@@ -221,7 +228,7 @@ def save(engine: Any, directory: Path, client_state: dict[str, Any], *, async_sa
         )
     except BaseException as exc:  # torch's CheckpointException is a BaseException
         if _writer_errors.messages and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise OSError(_writer_errors.messages[0]) from None
+            raise _logged_os_error(_writer_errors.messages[0]) from None
         raise
     if request is None:
         return None

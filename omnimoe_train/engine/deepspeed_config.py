@@ -272,14 +272,19 @@ def check_deepspeed_schema(ds: dict[str, Any]) -> tuple[str, str] | None:
 
     import pydantic
 
+    from omnimoe_train.engine.deepspeed_bools import deepspeed_bool_problem
+
     # Importing DeepSpeed logs which accelerator it picked; this check must print nothing. A
     # filter, not a level: DeepSpeed sets its logger's level when it creates it, in the import.
     ds_logger = logging.getLogger("DeepSpeed")
     ds_logger.addFilter(_errors_only)
     try:
-        misspelt = misspelt_top_level_key(ds) or unknown_section_key(ds)
-        if misspelt:
-            return misspelt
+        # Before the models: pydantic's lax mode would take yes / on / 1 for a bool.
+        problem = (
+            misspelt_top_level_key(ds) or unknown_section_key(ds) or deepspeed_bool_problem(ds)
+        )
+        if problem:
+            return problem
         for section, (module, name) in SECTION_MODELS.items():
             if section not in ds:
                 continue

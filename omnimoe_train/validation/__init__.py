@@ -20,7 +20,8 @@ order is reported. The rules live by concern:
 
 ``overrides`` holds the rules on the command line's overrides as typed, which the CLI's
 pre-check runs before composition converts them (strict bools, a group given ``null``, an empty
-mapping over a preset).
+mapping over a preset); ``config_files`` holds the strict-bool rule for the YAML files a run
+composes (ours and a user's own, through ``hydra.searchpath``).
 """
 
 from __future__ import annotations

@@ -29,13 +29,13 @@ from omnimoe_train.config import RootConfig
 from omnimoe_train.validation.errors import ConfigError
 
 
-def _parsed(overrides: list[str]) -> list[Any]:
+def parsed_overrides(overrides: list[str], hydra_keys: bool = False) -> list[Any]:
     """Hydra's parsed overrides (``hydra.core.override_parser.types.Override``), the ``hydra.*``
-    ones left out (Hydra's own config is not the schema's)."""
+    ones left out unless ``hydra_keys`` (Hydra's own config is not the schema's)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return [ov for ov in parsed if not ov.key_or_group.startswith("hydra")]
+    return [ov for ov in parsed if hydra_keys or not ov.key_or_group.startswith("hydra")]
 
 
 @functools.cache
@@ -69,12 +69,15 @@ def _bool_field(annotation: Any) -> tuple[bool, bool]:
     return False, False
 
 
-def _check_value(key: str, value: Any) -> None:
+def check_value(key: str, value: Any) -> None:
+    """Raise :class:`ConfigError` where ``value`` (a plain value or a mapping of them, as an
+    override or a YAML file gives it) sets a bool field of the schema at dotted ``key`` (or
+    under it) to anything but a bool."""
     annotation = _schema_type(key)
     if isinstance(value, dict):
         if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             for sub, sub_value in value.items():
-                _check_value(f"{key}.{sub}", sub_value)
+                check_value(f"{key}.{sub}", sub_value)
         return
     is_bool, optional = _bool_field(annotation)
     if not is_bool or isinstance(value, bool) or (value is None and optional):
@@ -92,17 +95,17 @@ def strict_bools(overrides: list[str]) -> None:
     """Raise :class:`ConfigError` for an override giving a bool field of the schema anything but
     a bool (``2``, ``1``, ``yes``, ``on``, ``"true"`` quoted). Deletions (``~key``) are left to
     Hydra."""
-    for ov in _parsed(overrides):
+    for ov in parsed_overrides(overrides):
         if ov.is_delete() or ov.is_sweep_override():
             continue  # a sweep is checked combination by combination
-        _check_value(ov.key_or_group, ov.value())
+        check_value(ov.key_or_group, ov.value())
 
 
 def group_given_null(overrides: list[str], group_options: Callable[[str], list[str]]) -> None:
     """Raise :class:`ConfigError` for ``group=null`` where ``group`` is a config group: Hydra's own
     error ("Config group override must be a string or a list") names neither the group nor its
     options. ``group_options(group)``: the group's options, empty for a key that is no group."""
-    for ov in _parsed(overrides):
+    for ov in parsed_overrides(overrides):
         if ov.is_delete() or ov.is_sweep_override() or "." in ov.key_or_group:
             continue
         if ov.value() is None:
@@ -117,7 +120,7 @@ def empty_mappings(overrides: list[str], dcfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for ``key={}`` where the composed config ``dcfg`` holds a
     mapping with keys there: Hydra merges the empty mapping into it, so the preset stays as it
     was while the command line reads as if it were cleared."""
-    for ov in _parsed(overrides):
+    for ov in parsed_overrides(overrides):
         if ov.is_delete() or ov.is_sweep_override():
             continue
         if ov.value() == {} and isinstance(ov.value(), dict):

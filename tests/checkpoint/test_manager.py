@@ -57,10 +57,18 @@ def test_write_error_keeps_previous_checkpoint_newest(tmp_path: Path) -> None:
         (folder / "weights.bin").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(CheckpointWriteError, match="step_00000002: .*No space left on device"):
+    with pytest.raises(CheckpointWriteError, match="disk is full while writing .*step_00000002"):
         manager.save(2, full_disk, {})
     assert _names(tmp_path) == ["latest", "step_00000001"]  # no .tmp left behind
     assert manager.resolve_resume() == tmp_path / "step_00000001"
+
+
+def test_another_write_error_keeps_its_own_words(tmp_path: Path) -> None:
+    def denied(folder: Path) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(CheckpointWriteError, match="step_00000001: .*Permission denied"):
+        _manager(tmp_path).save(1, denied, {})
 
 
 def test_stale_tmp_from_a_killed_run_is_ignored_and_cleaned(tmp_path: Path) -> None:

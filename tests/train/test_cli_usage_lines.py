@@ -16,20 +16,9 @@ from pathlib import Path
 import pytest
 
 from omnimoe_train import cli
-from tests.cli_helpers import (
-    PRECHECK_ERROR,
-    assert_usage_error,
-    precheck_line,
-    run_train_cli,
-    tiny,
-)
+from tests.cli_helpers import PRECHECK_ERROR, assert_usage_error, precheck_line, run_train_cli, tiny
 
-ERROR = PRECHECK_ERROR
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _registered() -> None:
-    cli._register()
+pytestmark = pytest.mark.usefixtures("cli_registered")
 
 
 @pytest.mark.parametrize(
@@ -191,7 +180,7 @@ def test_tokenizer_with_a_byte_order_mark_passes_as_preparation_takes_it(
 
 def test_unknown_model_through_the_entry_point(tmp_path: Path) -> None:
     result = run_train_cli([*tiny(), "model=nonexistent"], cache=tmp_path, timeout=120)
-    assert_usage_error(result, f"{ERROR}model: must be one of a1_7b, ", tmp_path)
+    assert_usage_error(result, f"{PRECHECK_ERROR}model: must be one of a1_7b, ", tmp_path)
 
 
 def test_absent_data_dir_through_the_entry_point_makes_no_run_dir(tmp_path: Path) -> None:
@@ -201,7 +190,9 @@ def test_absent_data_dir_through_the_entry_point_makes_no_run_dir(tmp_path: Path
     cache.mkdir()
     args = [*tiny(), f"data.dir={tmp_path}/absent", f"hydra.run.dir={run_dir}"]
     result = run_train_cli(args, cache=cache, timeout=120)
-    assert_usage_error(result, f"{ERROR}data.dir: {tmp_path}/absent does not exist;", cache)
+    assert_usage_error(
+        result, f"{PRECHECK_ERROR}data.dir: {tmp_path}/absent does not exist;", cache
+    )
     assert not run_dir.exists()
 
 
@@ -221,7 +212,7 @@ def test_usage_error_in_a_rerun_leaves_no_earlier_exit_status(
     else:
         monkeypatch.setenv("OMNIMOE_RUN_DIR", str(run_dir))
     result = run_train_cli(args, cache=cache, timeout=120)
-    assert_usage_error(result, f"{ERROR}model: must be one of a1_7b, ", cache)
+    assert_usage_error(result, f"{PRECHECK_ERROR}model: must be one of a1_7b, ", cache)
     assert not any(run_dir.iterdir())
 
 
@@ -320,7 +311,7 @@ def test_checkpoint_dir_under_the_run_dir_with_a_file_in_its_way(tmp_path: Path)
     result = run_train_cli(args, cache=tmp_path / "cache", timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"{ERROR}checkpoint.dir: {run_dir}/ck is a file, not a folder"
+        f"{PRECHECK_ERROR}checkpoint.dir: {run_dir}/ck is a file, not a folder"
     ]
     assert not (run_dir / "metrics.jsonl").exists()  # stopped before the training
 

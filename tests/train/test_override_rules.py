@@ -13,20 +13,9 @@ import pytest
 
 from omnimoe_train import cli
 from omnimoe_train.config import RootConfig
-from tests.cli_helpers import (
-    PRECHECK_ERROR,
-    assert_usage_error,
-    precheck_line,
-    run_train_cli,
-    tiny,
-)
+from tests.cli_helpers import PRECHECK_ERROR, assert_usage_error, precheck_line, run_train_cli, tiny
 
-ERROR = PRECHECK_ERROR
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _registered() -> None:
-    cli._register()
+pytestmark = pytest.mark.usefixtures("cli_registered")
 
 
 def _bool_keys(schema: type = RootConfig, prefix: str = "") -> list[tuple[str, bool]]:
@@ -102,4 +91,33 @@ def test_group_given_null_names_its_options(
 
 def test_strict_bool_through_the_entry_point(tmp_path: Path) -> None:
     result = run_train_cli([*tiny(), "checkpoint.save_final=2"], cache=tmp_path, timeout=120)
-    assert_usage_error(result, f"{ERROR}checkpoint.save_final: a bool key: must be true", tmp_path)
+    assert_usage_error(
+        result, f"{PRECHECK_ERROR}checkpoint.save_final: a bool key: must be true", tmp_path
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (
+            "deepspeed.zero_optimization.overlap_comm=false",
+            "deepspeed.zero_optimization.overlap_comm",
+        ),
+        ("deepspeed.tensorboard.enabled=true", "deepspeed.tensorboard.enabled"),  # a new section
+    ],
+)
+def test_deepspeed_key_outside_the_preset_says_to_add_it_with_plus(
+    override: str, key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Was "unknown key (not in the config schema)": the key is DeepSpeed's and may be right,
+    only the preset does not set it."""
+    assert precheck_line(["trainer.engine=deepspeed", override], capsys) == (
+        f"{key}: not in the deepspeed preset (conf/deepspeed/); a DeepSpeed key the preset does "
+        f"not set is added with + (Hydra's append syntax): +{override}"
+    )
+
+
+def test_unknown_key_of_ours_is_still_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    assert precheck_line(["trainer.maxsteps=3"], capsys) == (
+        "trainer.maxsteps: unknown key (not in the config schema)"
+    )

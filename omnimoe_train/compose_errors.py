@@ -1,0 +1,97 @@
+"""One line, naming the key, from Hydra's and OmegaConf's multi-line composition errors (an
+unknown config-group option, an override that does not parse, a key the schema does not
+declare), for ``omnimoe-train``'s pre-check and ``omnimoe-params``."""
+
+from __future__ import annotations
+
+import re
+
+#: The package holding ``conf/`` (Hydra's ``pkg://`` search-path entry).
+CONFIG_MODULE = "omnimoe_conf"
+
+
+def compose_error(exc: Exception) -> str:
+    """One line from Hydra/OmegaConf's multi-line errors, naming the key: a config group's
+    unknown option (with the group's options), an override that does not parse, else the full
+    key and the first line."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    inner: BaseException = exc
+    chain = [exc]
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+        chain.append(inner)
+    for error in chain:
+        if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+            return _unknown_group_option(error.missing_cfg_file, error.options)
+        if isinstance(error, OverrideParseException):
+            return _unparsable_override(error)
+    full_key = getattr(inner, "full_key", None)
+    first = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
+    if "not in" in first and "Key" in first:
+        if full_key and str(full_key).startswith("deepspeed."):
+            return _deepspeed_append_hint(chain, str(full_key))
+        first = "unknown key (not in the config schema)"
+    elif "is not a ListConfig, list or tuple" in first:  # data.inputs=a.txt for [a.txt]
+        value = getattr(inner, "value", None)
+        first = (
+            f"a list: write {full_key}=[{value}] (brackets, commas between items; got {value!r})"
+        )
+    return f"{full_key}: {first}" if full_key else first
+
+
+def _deepspeed_append_hint(chain: list[BaseException], full_key: str) -> str:
+    """``deepspeed.KEY=value`` for a key the preset does not set: the ``deepspeed`` section is
+    DeepSpeed's free-form config, so the key may well be right; Hydra adds it only with ``+``
+    (its own message suggests the override, which is reused when there)."""
+    suggested = re.search(r"use (\+(deepspeed\.\S+?)=\S*)", "\n".join(map(str, chain)))
+    key, append = (suggested[2], suggested[1]) if suggested else (full_key, f"+{full_key}=...")
+    return (
+        f"{key}: not in the deepspeed preset (conf/deepspeed/); a DeepSpeed key the preset "
+        f"does not set is added with + (Hydra's append syntax): {append}"
+    )
+
+
+def _unknown_group_option(missing: str, options: list[str] | None) -> str:
+    """``model=nonexistent``: Hydra's message spans the options and its search path, one a
+    line; ours names the group, as the choice rules of ``validation`` do."""
+    group, _, option = missing.rpartition("/")
+    if not group:  # the primary config itself
+        return f"config {missing!r} not found"
+    if not options:  # Hydra lists them only for some failures (e.g. model=[a,b])
+        options = group_options(group)
+    return f"{group}: must be one of {', '.join(options)} (got {option!r})"
+
+
+def group_options(group: str) -> list[str]:
+    """The configs Hydra's search path holds for ``group`` (``model``, ``hydra/launcher``)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        return list(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
+
+
+def _unparsable_override(exc: Exception) -> str:
+    """An override Hydra's grammar does not parse: its key (the text before ``=``) and the
+    parser's reason, without the lines Hydra adds (a link, a caret under the bad character)."""
+    override = str(getattr(exc, "override", "") or "")
+    lines = str(exc).strip().splitlines()
+    reason = "not valid"
+    for i, line in enumerate(lines):
+        if line.strip() == "^" and i > 0 and override in lines[i - 1]:  # the lexer's caret
+            pos = line.index("^") - lines[i - 1].index(override)
+            if 0 <= pos < len(override):
+                reason = (
+                    f"unexpected character {override[pos]!r} at position {pos}; quote the value"
+                )
+                break
+        elif line.strip() and not line.startswith(("See https", "Error parsing override")):
+            reason = line.strip()
+    key = override.partition("=")[0] or override
+    return (
+        f"{key}: cannot parse the override {override!r} ({reason}); the form is key=value, "
+        "+key=value or ~key"
+    )
