@@ -151,6 +151,7 @@ def resolve_inputs(inputs: Iterable[str | Path], not_read: list[Path] | None = N
                     option="inputs",
                 )
             found = sorted(p for p in walked if p.suffix.lower() in SUPPORTED_SUFFIXES)
+            _refuse_special_files(found)
             if not_read is not None:
                 not_read.extend(p for p in walked if p.suffix.lower() not in SUPPORTED_SUFFIXES)
             if not found:
@@ -166,6 +167,7 @@ def resolve_inputs(inputs: Iterable[str | Path], not_read: list[Path] | None = N
                     f"expected one of {', '.join(SUPPORTED_SUFFIXES)}",
                     option="inputs",
                 )
+            _refuse_special_files([path])
             files.append(path)
         else:
             raise DataError(f"{path}: no such file or folder", option="inputs")
@@ -186,6 +188,21 @@ def resolve_inputs(inputs: Iterable[str | Path], not_read: list[Path] | None = N
             )
         seen[key] = path
     return files
+
+
+def _refuse_special_files(paths: list[Path]) -> None:
+    """A named pipe, socket or device among the inputs is refused: opening a pipe with no
+    writer blocked the preparation forever, deaf to stop signals, and ``/dev/zero`` would be
+    read without end; each input is read more than once (tokenizer, encoding) and in byte
+    ranges, which only a regular file allows. A dangling link is left to the reading (a
+    counted skip, as any unreadable file)."""
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise DataError(
+                f"{path}: not a regular file (a named pipe, socket or device, which cannot be "
+                "read twice nor in byte ranges); copy its text to a file, or move it out",
+                option="inputs",
+            )
 
 
 def _walk(root: Path) -> Iterator[Path]:

@@ -10,6 +10,7 @@ on every tokenizer this package encodes with.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,15 @@ from .corpus import BOM, DataError
 EOD_TOKEN = "<|endoftext|>"
 # End-of-document tokens recognised in a user-supplied tokenizer, in order of preference.
 EOD_CANDIDATES = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
+
+#: The longest run of non-space (or of space) characters the tokenizer's trainer sees whole.
+#: tokenizers' BPE trainer takes time quadratic in the length of a repetitive pre-tokenized
+#: word: a line of 300,000 'x' (or newlines, '=' ...) took 90 s, one of 3 MB hours, in Rust,
+#: deaf to stop signals. Longer runs reach it cut into pieces of this length; no merge learned
+#: is that long, so the vocabulary learned from ordinary text is unchanged.
+TRAINING_RUN_CHARS = 1024
+# Anchored at a run's start (the look-behind), so the scan stays linear in the text.
+_LONG_RUN = re.compile(rf"(?<!\S)\S{{{TRAINING_RUN_CHARS},}}|(?<!\s)\s{{{TRAINING_RUN_CHARS},}}")
 
 
 def train_tokenizer(docs: Iterator[str], vocab_size: int):  # noqa: ANN201 - tokenizers type
@@ -40,10 +50,27 @@ def train_tokenizer(docs: Iterator[str], vocab_size: int):  # noqa: ANN201 - tok
         nonlocal seen
         for doc in docs:
             seen += 1
-            yield doc
+            yield from training_pieces(doc)
 
     tok.train_from_iterator(counted(), trainer=trainer)
     return tok if seen else None
+
+
+def training_pieces(doc: str) -> Iterator[str]:
+    """``doc`` as the trainer sees it (each piece a sequence of its own): whole, unless it
+    holds a run of ``TRAINING_RUN_CHARS`` or more non-space (or space) characters; then the
+    text between such runs, and each run in pieces of at most ``TRAINING_RUN_CHARS``."""
+    pos = 0
+    for run in _LONG_RUN.finditer(doc):
+        if run.start() > pos:
+            yield doc[pos : run.start()]
+        for start in range(run.start(), run.end(), TRAINING_RUN_CHARS):
+            yield doc[start : min(start + TRAINING_RUN_CHARS, run.end())]
+        pos = run.end()
+    if pos == 0:
+        yield doc
+    elif pos < len(doc):
+        yield doc[pos:]
 
 
 def load_tokenizer(path: str | Path):  # noqa: ANN201

@@ -5,7 +5,8 @@ length and its validation split.
 
 :func:`validate_data_paths` checks that the local paths named exist (the CLI's pre-check).
 The rules against the data run as early as the facts exist: in the CLI's pre-check when
-``data.tokenizer`` or an already prepared ``data.dir`` is given, and in any case right after
+``data.tokenizer``, an already prepared ``data.dir`` or local ``data.dirs`` are given, and in
+any case right after
 data preparation, before any model work.
 """
 
@@ -157,10 +158,14 @@ def _require_prepared(key: str, location: str) -> None:
 
 
 def data_facts_before_preparation(d: DataConfig) -> list[DataFacts]:
-    """The facts known before any data work: a given tokenizer, a dataset already in data.dir."""
+    """The facts known before any data work: a given tokenizer, a dataset already in data.dir,
+    the local datasets of a mixture (data.dirs: before, their sample length was compared only by
+    the run, after its run directory was made)."""
     facts = [tokenizer_facts(d.tokenizer)] if d.tokenizer is not None else []
-    if d.dir is not None:
-        found = dataset_facts(Path(d.dir).expanduser(), f"data.dir={d.dir}")
+    places = [("data.dir", d.dir)] if d.dir is not None else []
+    places += [("data.dirs", location) for location in d.dirs or [] if not is_url(location)]
+    for key, location in places:
+        found = dataset_facts(Path(location).expanduser(), f"{key}={location}")
         facts += [found] if found is not None else []
     return facts
 

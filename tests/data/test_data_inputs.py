@@ -69,6 +69,26 @@ def test_compressed_files_in_a_folder_are_refused_not_passed_over(tmp_path: Path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.timeout(60, method="thread")  # the hang was in open(): no signal ends it
+def test_a_named_pipe_or_device_input_is_refused(tmp_path: Path) -> None:
+    """A named pipe in a corpus folder blocked the preparation for ever (opened with no
+    writer, deaf to SIGTERM), and a link to ``/dev/zero`` named ``.txt`` would be read without
+    end: each is refused in one line before anything is written."""
+    import os
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.txt").write_text("a document long enough to be one " * 20)
+    os.mkfifo(root / "pipe.txt")
+    with pytest.raises(DataError, match=r"pipe\.txt: not a regular file \(a named pipe"):
+        run([root], tmp_path / "out")
+    (root / "pipe.txt").unlink()
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=r"zero\.txt: not a regular file"):
+        run([root, tmp_path / "zero.txt"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsupported_extension(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(DataError, match=r"data\.csv: unsupported input type '\.csv'"):

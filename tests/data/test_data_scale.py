@@ -173,3 +173,24 @@ def test_special_token_text_is_encoded_as_text(tmp_path: Path) -> None:
     stream = split_samples(tmp_path / "out2", "train").reshape(-1)
     assert int((stream == m2["eod_id"]).sum()) <= 1  # 40 literal </s>, one document
     assert tok.token_to_id("<s>") not in stream
+
+
+@pytest.mark.timeout(60)
+def test_a_huge_repetitive_line_trains_the_tokenizer_quickly(tmp_path: Path) -> None:
+    """A file of one 300 kB line of 'x' and a run of 100k newlines (a padded log, a ruler):
+    tokenizers' BPE trainer is quadratic in such a word (90 s + 20 s before, hours at 3 MB,
+    deaf to signals); cut into pieces it trains in about a second, and still learns 'x' runs
+    and encodes the file whole."""
+    from omnimoe_data.tokenizer import TRAINING_RUN_CHARS, training_pieces
+
+    text = "head " + "x" * 300_000 + "\n" * 100_000 + " tail"
+    pieces = list(training_pieces(text))
+    assert "".join(pieces) == text and max(map(len, pieces)) == TRAINING_RUN_CHARS
+    assert list(training_pieces("plain words\n")) == ["plain words\n"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "huge.txt").write_text(text)
+    (tmp_path / "c" / "words.txt").write_text("some ordinary words " * 50)
+    tok_file = train_tokenizer_file([tmp_path / "c"], tmp_path / "tok.json", vocab_size=300)
+    tok = Tokenizer.from_file(str(tok_file))
+    assert tok.token_to_id("x" * 64) is not None  # runs of x merged as before
+    assert tok.decode(tok.encode(text).ids) == text

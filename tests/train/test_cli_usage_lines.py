@@ -243,6 +243,20 @@ def test_prepared_data_dir_still_passes(tmp_path: Path, capsys: pytest.CaptureFi
     assert capsys.readouterr().err == ""
 
 
+def test_mixture_of_another_seq_len_is_refused_by_the_precheck(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``data.dirs`` of samples cut at 16 with ``data.seq_len=32``: refused before Hydra, like
+    ``data.dir`` (it was refused only by the run, after its run directory was made)."""
+    from tests.data.helpers import make_token_dataset
+
+    dirs = [make_token_dataset(tmp_path / name, [20, 10], sample_len=17) for name in "ab"]
+    line = precheck_line([f"data.dirs=[{dirs[0]},{dirs[1]}]", "data.seq_len=32"], capsys)
+    assert line == (
+        f"data.seq_len: must equal the prepared dataset's seq_len=16 (data.dirs={dirs[0]}) (got 32)"
+    ), line
+
+
 def test_output_folder_with_a_file_in_its_way_names_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
