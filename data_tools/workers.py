@@ -27,6 +27,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .corpus import DataError
 from .encode import init_worker
 
+#: What a job's stop request arrives as (SLURM's scancel / time limit, ``--signal=USR1``).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
 
 def resolve_workers(workers: int | None) -> int:
     """``None`` -> every core this process may use."""
@@ -51,20 +54,63 @@ def ordered_map(fn: Callable[..., Any], tasks: list[tuple], workers: int) -> Ite
     ) as pool:
         pending: deque[Future] = deque()
         queue = iter(tasks)
+
+        def submit(task: tuple) -> None:
+            # The pool starts its workers inside submit (spawn: on demand): see
+            # _stop_signals_blocked.
+            with _stop_signals_blocked():
+                pending.append(pool.submit(fn, *task))
+
         try:
             for task in queue:
-                pending.append(pool.submit(fn, *task))
+                submit(task)
                 if len(pending) >= 2 * count:
                     break
             while pending:
                 result = pending.popleft().result()
                 task = next(queue, None)
                 if task is not None:
-                    pending.append(pool.submit(fn, *task))
+                    submit(task)
                 yield result
         finally:
             for future in pending:
                 future.cancel()
+            _kill_workers_of_a_broken_pool(pool)
+
+
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """The stop signals blocked in this thread meanwhile (POSIX; elsewhere nothing is done).
+
+    A worker starts with its parent's signal mask, so one started meanwhile holds a stop
+    signal sent to the whole job (``scancel``) pending until its initializer ignores it
+    (which discards it). Without this, a signal that came while the worker was still
+    importing killed it, before :func:`_init_bound_worker` ran: the pool broke, and its
+    shutdown then hung on the other worker (see :func:`_kill_workers_of_a_broken_pool`).
+    This process gets a signal that came meanwhile once the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _kill_workers_of_a_broken_pool(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL the live workers of ``pool`` if one of its workers died (the pool is broken).
+
+    Why: a broken pool's shutdown terminates the other workers with SIGTERM and joins them
+    without a timeout (CPython's ``_ExecutorManagerThread.terminate_broken``), but ours ignore
+    SIGTERM (:func:`_init_bound_worker`), so the shutdown, and the run, waited for good. The
+    executor keeps both facts in private attributes (``_broken``, ``_processes``); read with
+    defaults, so another Python version at worst leaves the old behaviour."""
+    if not getattr(pool, "_broken", False):
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.kill()
 
 
 def start_resource_tracker() -> None:
@@ -105,9 +151,11 @@ def _init_bound_worker(parent: int) -> None:
     nothing is done). Strictly, when the parent's thread that started it ends: the thread
     that runs :func:`ordered_map`, which shuts the pool down before it returns.
     """
-    init_worker()
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:  # first: a signal pending since the start is discarded
         signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked by the parent while this one started
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    init_worker()
     if not sys.platform.startswith("linux"):
         return
     pr_set_pdeathsig = 1  # <linux/prctl.h>

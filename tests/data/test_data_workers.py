@@ -55,6 +55,66 @@ def test_workers_die_with_a_killed_parent() -> None:
     assert not alive, f"{len(alive)} worker(s) outlived the killed parent"
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+# The parent's own SIGTERM handler counts; a thread sends SIGTERM to the whole process group
+# (as scancel does) every 2 ms while the pool starts and works.
+_SIGNALLED_WHILE_STARTING = f"""
+import os, signal, sys, threading, time
+sys.path.insert(0, {str(REPO)!r})
+from omnimoe_data.workers import ordered_map
+from tests.data.worker_tasks import sleep_or_die
+received = []
+signal.signal(signal.SIGTERM, lambda *_: received.append(1))
+done = threading.Event()
+def burst():
+    while not done.is_set():
+        os.killpg(0, signal.SIGTERM)
+        time.sleep(0.002)
+threading.Thread(target=burst, daemon=True).start()
+out = list(ordered_map(sleep_or_die, [(0.05,)] * 12, 2))
+done.set()
+print(len(out), bool(received))
+"""
+
+# One worker is SIGKILLed (an OOM kill) while the other works: the pool is broken.
+_WORKER_KILLED = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from concurrent.futures.process import BrokenProcessPool
+from omnimoe_data.workers import ordered_map
+from tests.data.worker_tasks import sleep_or_die
+try:
+    for _ in ordered_map(sleep_or_die, [(2.0,), (-1.0,), (2.0,), (2.0,)], 2):
+        pass
+except BrokenProcessPool:
+    print("broken")
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_stop_signals_while_the_workers_start_do_not_kill_them() -> None:
+    """A worker ignores SIGTERM from its initializer on; one that came earlier, while it was
+    still importing, killed it (then the pool broke, and its shutdown hung). The parent blocks
+    the stop signals while it starts workers, which inherit the mask."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_WHILE_STARTING], capture_output=True, text=True,
+        timeout=120, start_new_session=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["12", "True"], proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_killed_worker_breaks_the_map_instead_of_hanging_it() -> None:
+    """CPython ends a broken pool's other workers with SIGTERM, which ours ignore, and joins
+    them without a timeout: the map waited for good. Now they are SIGKILLed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WORKER_KILLED], capture_output=True, text=True, timeout=60,
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "broken", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     ("sig", "code", "line"),
     [
