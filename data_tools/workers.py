@@ -120,18 +120,13 @@ def start_resource_tracker() -> None:
     SIGTERM but not SIGUSR1, which SLURM sends to every process of a job (``--signal=USR1``,
     before a time limit or a preemption): the tracker died of it, and the stop that followed
     printed its warning and a ``KeyError`` traceback per semaphore. A signal blocked in the
-    starting thread stays blocked in the child (the tracker unblocks only SIGINT and SIGTERM);
-    here, only for the start, so this process's own handler sees SIGUSR1 as before."""
+    starting thread stays blocked in the child (the tracker unblocks only SIGINT and SIGTERM,
+    which it ignores); here, only for the start (:func:`_stop_signals_blocked`, as for the
+    pool's workers), so this process's own handler sees SIGUSR1 as before."""
     from multiprocessing import resource_tracker
 
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: no SIGUSR1 either
+    with _stop_signals_blocked():
         resource_tracker.ensure_running()
-        return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _init_bound_worker(parent: int) -> None:

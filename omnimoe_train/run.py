@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from omegaconf import OmegaConf
 
+from omnimoe_train.checkpoint.disk_full import FULL_ERRNOS
 from omnimoe_train.config import RootConfig
 from omnimoe_train.exit_codes import (
     EXIT_INTERRUPTED,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 EXIT_STATUS = "exit_status.json"
 # A write the disk refused (full, over quota, read-only, failing): exit 74, one line.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+DISK_ERRNOS = FULL_ERRNOS | {errno.EROFS, errno.EIO, errno.EFBIG}
 SIGTERM_BEFORE_TRAINING = (
     "terminated (SIGTERM) before training started: stopped at once, nothing was saved (the "
     "newest complete checkpoint, if any, stays)"
