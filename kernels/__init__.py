@@ -76,6 +76,7 @@ def atomic_experts(
     pair_ranges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     sort_forward: bool = False,
     valid_ids: bool = False,
+    usage_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y_t = sum_k w_tk * silu(up[e_tk] . x_t) * down[e_tk]`` with autograd.
 
@@ -107,7 +108,10 @@ def atomic_experts(
     layout: the skipped pairs sort last and cost nothing); same values. ``valid_ids``
     (Triton): the caller promises no "no expert" id N appears (the routers' ids, on one GPU or
     with the tables replicated), so the expert sort's keys stay 16-bit up to N = 65,536; same
-    values.
+    values. ``usage_N``: an (N,) counter (float64: ``ExpertStats.counts_N``) that gets each
+    expert's number of pairs (ids < N) added once per call: by the Triton backward, from the
+    expert sort it runs anyway (a forward without a backward adds nothing), or by the
+    reference's forward.
 
     ``pair_ranges`` = (start_T, count_T, order_T), three int32 (T,) tensors on x's device:
     token t's pairs that can use a table row are its slots [start_t, start_t + count_t) (ids
@@ -137,9 +141,14 @@ def atomic_experts(
             x_TD, up_ND, down_ND, weights_TK, indices_TK,
             deterministic=deterministic, grad_path=grad_path, distinct_ids=distinct_ids,
             pair_ranges=pair_ranges, sort_forward=sort_forward, valid_ids=valid_ids,
+            usage_N=usage_N,
         )  # fmt: skip
     from omnimoe_kernels.reference import atomic_experts_reference
 
+    if usage_N is not None:
+        ids = indices_TK.reshape(-1)
+        ids = ids[ids < usage_N.shape[0]]  # not the "no expert" id N (a host sync: reference)
+        usage_N.index_add_(0, ids, ids.new_ones(ids.shape, dtype=usage_N.dtype))
     # The slots outside the ranges hold "no expert" ids, which the reference skips anyway.
     return atomic_experts_reference(x_TD, up_ND, down_ND, weights_TK, indices_TK)
 

@@ -17,6 +17,7 @@ forward
        (over each token's range of slots only, given ``pair_ranges``; so is step 2 below).
 backward
     0. the expert order, if the forward did not sort;
+    (with ``usage_N``: each expert's pair count, read off the sorted ids in one pass, ``usage_counts``)
     1. ``pair_scores`` (backward): da = down_e . dy_t in expert order, then dw and g = dL/dh;
     2. ``combine_rows``: dx_t = sum_k g_tk * up_e;
     3. the weight gradients dup_e = sum g x_t, ddown_e = sum a dy_t, by one of two paths
@@ -35,6 +36,7 @@ from omnimoe_kernels.experts_dense_grad import choose_grad_path, dense_table_gra
 from omnimoe_kernels.experts_grad import expert_grads
 from omnimoe_kernels.experts_pairs import PairRanges, combine_rows, pair_scores
 from omnimoe_kernels.limits import EXPERTS_MAX_HIDDEN, EXPERTS_MAX_NUM, EXPERTS_MAX_PAIRS
+from omnimoe_kernels.usage_counts import add_pair_counts
 
 
 def expert_order(
@@ -75,6 +77,7 @@ class AtomicExperts(torch.autograd.Function):
         pair_ranges: PairRanges | None = None,
         sort_forward: bool = False,
         valid_ids: bool = False,
+        usage_N: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x_TD, up_ND, down_ND = x_TD.contiguous(), up_ND.contiguous(), down_ND.contiguous()
         weights_TK, indices_TK = weights_TK.contiguous(), indices_TK.contiguous()
@@ -98,7 +101,7 @@ class AtomicExperts(torch.autograd.Function):
         ctx.save_for_backward(x_TD, up_ND, down_ND, weights_TK, indices_TK, h_TK, *ranges, *order)
         ctx.deterministic, ctx.grad_path = deterministic, grad_path
         ctx.distinct_ids, ctx.has_ranges = distinct_ids, pair_ranges is not None
-        ctx.valid_ids = valid_ids
+        ctx.valid_ids, ctx.usage_N = valid_ids, usage_N
         return y_TD
 
     @staticmethod
@@ -111,6 +114,8 @@ class AtomicExperts(torch.autograd.Function):
         else:
             key_P, order_P = order
         e_P = key_P.to(torch.int32) + ctx.base  # expert ids, as the gradient kernels index
+        if ctx.usage_N is not None:
+            add_pair_counts(ctx.usage_N, e_P)
         dy_TD = dy_TD.contiguous()
         K = idx_TK.shape[1]
         dw_TK = torch.empty_like(h_TK)
@@ -141,8 +146,8 @@ class AtomicExperts(torch.autograd.Function):
                 deterministic=ctx.deterministic,
             )  # fmt: skip
         # None for the non-tensor inputs: idx, deterministic, grad_path, distinct_ids, ranges,
-        # sort_forward, valid_ids.
-        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), *(None,) * 7
+        # sort_forward, valid_ids, usage_N.
+        return dx_TD, dup_ND, ddown_ND, dw_TK.to(w_TK.dtype), *(None,) * 8
 
 
 def atomic_experts_triton(
@@ -158,6 +163,7 @@ def atomic_experts_triton(
     pair_ranges: PairRanges | None = None,
     sort_forward: bool = False,
     valid_ids: bool = False,
+    usage_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton atomic experts with autograd (fp32 accumulation; output in x's dtype).
 
@@ -172,6 +178,9 @@ def atomic_experts_triton(
     ``valid_ids``: the caller promises every id is < N (no "no expert" pair), so the expert
     sort takes 16-bit keys up to N = 65,536 (``expert_order``); an id N would then be read as
     expert 0.
+    ``usage_N``: an (N,) counter (float64 for ``ExpertStats``); the backward adds each expert's
+    number of pairs (ids < N) to it, from the expert sort it runs anyway (a call without a
+    backward adds nothing).
 
     Contract (``omnimoe_kernels.atomic_experts``): ``indices_TK`` int32/int64 ids in [0, N],
     repeats allowed; the id N means "no expert" (the pair is skipped: it adds nothing and its
@@ -210,5 +219,5 @@ def atomic_experts_triton(
     )
     return AtomicExperts.apply(
         x_TD, up_ND, down_ND, weights_TK, indices_TK, deterministic, path, distinct_ids,
-        pair_ranges, sort_forward, valid_ids,
+        pair_ranges, sort_forward, valid_ids, usage_N,
     )  # fmt: skip

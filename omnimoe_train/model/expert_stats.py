@@ -43,7 +43,7 @@ class ExpertStats(nn.Module):
             return
         flat = indices_TK.reshape(-1)
         self.counts_N.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
-        self._add_entropy(entropy_T)
+        self.add_entropy(entropy_T)
 
     @torch.no_grad()
     def update_counts(self, counts_N: torch.Tensor, entropy_T: torch.Tensor) -> None:
@@ -51,10 +51,20 @@ class ExpertStats(nn.Module):
         if not self.enabled:
             return
         self.counts_N.add_(counts_N.to(torch.float64))
-        self._add_entropy(entropy_T)
+        self.add_entropy(entropy_T)
 
-    def _add_entropy(self, entropy_T: torch.Tensor) -> None:
-        self.entropy_sum.add_(entropy_T.double().sum())
+    def counter(self) -> torch.Tensor | None:
+        """The (N,) float64 counts for a kernel to add selections into itself (OmniMoE's adds
+        them in its backward, off the expert sort: ``omnimoe_kernels.atomic_experts``'s
+        ``usage_N``); None while disabled."""
+        return self.counts_N if self.enabled else None
+
+    @torch.no_grad()
+    def add_entropy(self, entropy_T: torch.Tensor) -> None:
+        """Add the routing entropies (nats) of T tokens."""
+        if not self.enabled:
+            return
+        self.entropy_sum.add_(entropy_T.sum(dtype=torch.float64))
         self.tokens.add_(entropy_T.numel())
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001

@@ -163,12 +163,27 @@ class OmniMoEMLP(RoutedMLP):
         routing (the tokens do not depend on it)."""
         return self.expert_parallel.start(x_TD) if self.expert_parallel is not None else None
 
+    def counts_in_routed(self, x_TD: torch.Tensor) -> bool:
+        """The local Triton kernel with a backward to come counts usage off its expert sort
+        (the frame's scatter of T * K ones cost 1% of the a80m step: docs/benchmarks.md)."""
+        return (
+            self.expert_parallel is None
+            and self.settings.execution == "expert"
+            and omnimoe_kernels.resolve_backend(self.settings.backend, x_TD.device) == "triton"
+            and torch.is_grad_enabled()
+            and self.up_ND.requires_grad
+        )
+
     def routed(
-        self, x_TD: torch.Tensor, routing: Routing, early: TokensInFlight | None = None
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        early: TokensInFlight | None = None,
+        usage_N: torch.Tensor | None = None,
     ) -> torch.Tensor | PendingExchange:
         """The atomic experts' sum: the local kernel (expert- or token-centric), or the
         expert-parallel dispatch when the tables are sharded (with ``early``, the overlapped
-        one: the output comes back in flight)."""
+        one: the output comes back in flight). ``usage_N``: see ``counts_in_routed``."""
         if self.expert_parallel is None and self.settings.execution == "token":
             return omnimoe_kernels.atomic_experts_gather(
                 x_TD, self.up_ND, self.down_ND, routing.weights_TK, routing.indices_TK
@@ -184,6 +199,7 @@ class OmniMoEMLP(RoutedMLP):
                 deterministic=self.settings.deterministic,
                 distinct_ids=routing.distinct_ids,
                 valid_ids=True,  # the routers emit ids < N only; "no expert" is EP's
+                usage_N=usage_N,
             )
         return self.expert_parallel(
             x_TD,

@@ -88,9 +88,15 @@ class PKMMLP(RoutedMLP):
         roles["values_ND"] = ("memory values", self.settings.top_k / self.settings.num_slots, 1.0)
         return roles | self.shared_roles()
 
-    def routed(self, x_TD: torch.Tensor, routing: Routing, early: object = None) -> torch.Tensor:
+    def routed(
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        early: object = None,
+        usage_N: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The weighted sum of each token's K value rows (``early``: always None, the value
-        table is not sharded)."""
+        table is not sharded; ``usage_N``: always None, the frame counts usage)."""
         # fp32 lookup: the K-term sum accumulates in fp32, and CUDA's embedding_bag has no bf16
         # backward for per-sample weights (the cast costs one pass over the [N, D] table).
         values_ND = self.values_ND.to(torch.promote_types(self.values_ND.dtype, torch.float32))

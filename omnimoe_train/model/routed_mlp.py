@@ -87,11 +87,24 @@ class RoutedMLP(MegatronModule, ABC):
 
     @abstractmethod
     def routed(
-        self, x_TD: torch.Tensor, routing: Routing, early: Any = None
+        self,
+        x_TD: torch.Tensor,
+        routing: Routing,
+        early: Any = None,
+        usage_N: torch.Tensor | None = None,
     ) -> torch.Tensor | PendingExchange:
         """The routed part's output ``y_TD`` for tokens ``x_TD`` and their ``routing``, or that
         output still in flight (``PendingExchange``: the forward computes the shared branch
-        before finishing it). ``early``: what ``start_routed`` returned."""
+        before finishing it). ``early``: what ``start_routed`` returned. ``usage_N``: the
+        usage counter the call must add the routing's per-expert counts to (only when
+        ``counts_in_routed`` said so; else None)."""
+
+    def counts_in_routed(self, x_TD: torch.Tensor) -> bool:
+        """Whether ``routed`` adds the usage counts itself for these tokens (OmniMoE's kernel
+        reads them off the expert sort its backward runs anyway); False: the forward frame
+        scatters them (``ExpertStats.update``)."""
+        del x_TD
+        return False
 
     def start_routed(self, x_TD: torch.Tensor) -> Any:
         """Called before routing: work of the routed part that does not need the routing
@@ -111,9 +124,14 @@ class RoutedMLP(MegatronModule, ABC):
         x_TD = hidden_SBD.reshape(S * B, D)
         early = self.start_routed(x_TD)
         routing = self.router(x_TD)
+        usage_N = None
         if self.training:  # evaluation batches stay out of the usage statistics
-            self.stats.update(routing.indices_TK, routing.entropy_T)
-        routed = self.routed(x_TD, routing, early)
+            if self.counts_in_routed(x_TD):
+                usage_N = self.stats.counter()
+                self.stats.add_entropy(routing.entropy_T)
+            else:
+                self.stats.update(routing.indices_TK, routing.entropy_T)
+        routed = self.routed(x_TD, routing, early, usage_N)
         return routed if isinstance(routed, PendingExchange) else routed.view(S, B, D)
 
     @torch.compiler.disable

@@ -150,3 +150,22 @@ def test_layer_passes_the_routing_promises_to_the_dispatch(single_rank: None) ->
     layer(torch.randn(8, 2, 64))
     assert len(dispatch.kwargs) == 1
     assert dispatch.kwargs[0]["distinct_ids"] and dispatch.kwargs[0]["ascending_ids"]
+
+
+def test_triton_layer_counts_usage_in_the_kernels_backward() -> None:
+    """The Triton path's usage counts (added by the kernel's backward off its expert sort) equal
+    the router's selections: once per training selection, none for evaluation, none disabled.
+    In a fresh interpreter: the Triton interpreter is chosen when the kernels are imported."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dist_vars = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.train.usage_counts_case"],
+        env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
