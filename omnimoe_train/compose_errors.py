@@ -10,10 +10,11 @@ import re
 CONFIG_MODULE = "omnimoe_conf"
 
 
-def compose_error(exc: Exception) -> str:
+def compose_error(exc: Exception, sweeps: bool = True) -> str:
     """One line from Hydra/OmegaConf's multi-line errors, naming the key: a config group's
-    unknown option (with the group's options), an override that does not parse, else the full
-    key and the first line."""
+    unknown option (with the group's options), an override that does not parse, a sweep value
+    without ``-m`` (``sweeps``: whether the tool takes ``-m``), else the full key and the first
+    line."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     inner: BaseException = exc
@@ -26,6 +27,9 @@ def compose_error(exc: Exception) -> str:
             return _unknown_group_option(error.missing_cfg_file, error.options)
         if isinstance(error, OverrideParseException):
             return _unparsable_override(error)
+        sweep = _SWEEP_WITHOUT_MULTIRUN.search(str(error))
+        if sweep:
+            return _sweep_without_multirun(sweep[1] or sweep[2], bool(sweep[1]), sweeps)
     full_key = getattr(inner, "full_key", None)
     first = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
     if "not in" in first and "Key" in first:
@@ -38,6 +42,28 @@ def compose_error(exc: Exception) -> str:
             f"a list: write {full_key}=[{value}] (brackets, commas between items; got {value!r})"
         )
     return f"{full_key}: {first}" if full_key else first
+
+
+# Hydra's two messages for a sweep value (``a=1,2``, ``a=range(1,3)``) in a run without
+# ``--multirun``; each quotes the override as typed.
+_SWEEP_WITHOUT_MULTIRUN = re.compile(
+    r"^Ambiguous value for argument '(.*)'$|^Sweep parameters '(.*)' requires --multirun$",
+    re.MULTILINE,
+)
+
+
+def _sweep_without_multirun(override: str, comma: bool, sweeps: bool) -> str:
+    """``model=tiny,a80m`` without ``-m``: Hydra's four lines (a list, a quoted string or a
+    sweep) in one, naming the key; a comma sweep is the usual intent, so ``-m`` comes first
+    (where the tool has no ``-m``, it says so). ``comma``: a bare comma list (which may also be
+    meant as a list or a string), not ``range(...)``/``choice(...)``."""
+    key = override.partition("=")[0].lstrip("+~")
+    line = f"{key}: {override!r} is a sweep; " + (
+        "add -m to sweep it" if sweeps else "this tool takes one config (no sweeps)"
+    )
+    if comma:
+        line += " (or write [a,b] for a list, or quote the value for a string with a comma)"
+    return line
 
 
 def _deepspeed_append_hint(chain: list[BaseException], full_key: str) -> str:
