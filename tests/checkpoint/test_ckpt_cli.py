@@ -8,6 +8,7 @@ Triton's CPU interpreter when they are collected, after this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -203,6 +204,7 @@ def test_inspect_of_a_missing_folder_says_so(tmp_path: Path, capsys: pytest.Capt
     [
         ({}, "no integer step"),
         ({"step": 2}, "no files listed"),
+        ({"step": 2, "files": {}}, "no files listed"),  # was "valid (0 files, ...)"
         ({"step": 2, "files": {"a": {}}}, "no bytes and sha256 for a"),
         ({"step": 2, "files": {"a": {"bytes": "0", "sha256": "x"}}}, "no bytes and sha256 for a"),
     ],
@@ -234,7 +236,9 @@ def test_consolidate_of_a_config_this_version_does_not_know_is_one_line(
 
     folder = tmp_path / "step_00000002"
     folder.mkdir()
-    meta = {"format": FORMAT, "step": 2, "files": {}, "engine": "megatron", "vocab_size": 256}
+    (folder / "a").write_text("")
+    listed = {"a": {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}}
+    meta = {"format": FORMAT, "step": 2, "files": listed, "engine": "megatron", "vocab_size": 256}
     for config, rule in (
         ({"model": {"expert_dropout": 0.1}}, "Key 'expert_dropout' not in 'ModelConfig'"),
         (
