@@ -151,8 +151,11 @@ def find_problem(folder: Path) -> str | None:
                     problem = f"{name} is missing"
                     break
                 size = path.stat().st_size
-                if size != entry["bytes"]:
+                if size < entry["bytes"]:
                     problem = f"{name} is truncated ({size} of {entry['bytes']} bytes)"
+                    break
+                if size > entry["bytes"]:  # appended to or replaced: not "truncated"
+                    problem = f"{name} has {size} bytes, {META} lists {entry['bytes']}"
                     break
         except CheckpointCorrupt as exc:
             problem = str(exc)

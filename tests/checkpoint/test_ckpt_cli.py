@@ -219,7 +219,7 @@ def test_inspect_of_a_folder_names_the_checkpoint_a_resume_takes(
     lines = out.strip().splitlines()
     assert lines[-3:] == [
         "step_00000002: INVALID: meta.json is missing (the save did not finish)",
-        "step_00000003: INVALID: a is truncated (7 of 0 bytes)",
+        "step_00000003: INVALID: a has 7 bytes, meta.json lists 0",  # was "truncated (7 of 0"
         "resume: continues from step_00000001, the newest valid one (the invalid "
         "step_00000002, step_00000003 skipped)",
     ]
