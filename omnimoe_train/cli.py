@@ -123,13 +123,14 @@ def _check_hydra_dirs(argv: list[str]) -> None:
 
 
 def _check_hydra_config(
-    hydra_overrides: list[str], job_overrides: list[str], multirun: bool
+    hydra_overrides: list[str], job_overrides: list[str], multirun: bool, typed: list[str]
 ) -> None:
     """Hydra's own part of the config, before Hydra starts: the ``hydra/...`` group options and
     ``hydra.*`` values the command line sets (an unknown launcher, a run directory that does not
     resolve: Hydra would print them as a traceback or a multi-line error), and the launcher's
     rule when it is ours (``sweep_jobs.job_layout``: one rank per GPU, for
-    ``hydra/launcher=slurm_torchrun``) before a sweep submits anything."""
+    ``hydra/launcher=slurm_torchrun``) before a sweep submits anything. ``typed``: the
+    overrides as typed (``job_overrides`` may be a sweep's first combination)."""
     from hydra import compose, initialize_config_module
 
     try:
@@ -149,7 +150,7 @@ def _check_hydra_config(
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
-        _fail(compose_error(exc))
+        _fail(compose_error(exc, typed=typed))
 
 
 def _deepspeed_installed() -> bool:
@@ -197,9 +198,9 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - a parse or composition error in the overrides
-        _fail(compose_error(exc))
+        _fail(compose_error(exc, typed=overrides))
     hydra_overrides = [a for a in argv if a.startswith("hydra") and not _is_searchpath(a)]
-    _check_hydra_config(hydra_overrides, combos[0], multirun)
+    _check_hydra_config(hydra_overrides, combos[0], multirun, overrides)
     names.set_swept_keys(swept)  # a sweep job's folder shows these keys' values
     sweep_jobs.pass_swept_keys(swept)  # and on SLURM, where the job names its own folder
     for combo in combos:
@@ -223,7 +224,7 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
         except ConfigError as exc:
             _fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
-            _fail(compose_error(exc))
+            _fail(compose_error(exc, typed=overrides))
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
