@@ -123,13 +123,14 @@ def _check_hydra_dirs(argv: list[str]) -> None:
 
 
 def _check_hydra_config(
-    hydra_overrides: list[str], job_overrides: list[str], multirun: bool
+    hydra_overrides: list[str], job_overrides: list[str], multirun: bool, typed: list[str]
 ) -> None:
     """Hydra's own part of the config, before Hydra starts: the ``hydra/...`` group options and
     ``hydra.*`` values the command line sets (an unknown launcher, a run directory that does not
     resolve: Hydra would print them as a traceback or a multi-line error), and the launcher's
     rule when it is ours (``sweep_jobs.job_layout``: one rank per GPU, for
-    ``hydra/launcher=slurm_torchrun``) before a sweep submits anything."""
+    ``hydra/launcher=slurm_torchrun``) before a sweep submits anything. ``typed``: the
+    overrides as typed (``job_overrides`` may be a sweep's first combination)."""
     from hydra import compose, initialize_config_module
 
     try:
@@ -149,7 +150,7 @@ def _check_hydra_config(
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
-        _fail(compose_error(exc))
+        _fail(compose_error(exc, typed=typed))
 
 
 def _deepspeed_installed() -> bool:
@@ -160,6 +161,54 @@ def _deepspeed_installed() -> bool:
 
 def _is_searchpath(arg: str) -> bool:
     return arg.lstrip("+").startswith("hydra.searchpath=")
+
+
+_CONFIG_DIR = ("--config-dir", "-cd")
+
+
+def _take_config_dir(argv: list[str]) -> tuple[list[str], str | None]:
+    """``argv`` without Hydra's ``--config-dir DIR`` / ``-cd DIR`` (also ``--config-dir=DIR``),
+    and ``DIR`` made absolute (as Hydra makes it), None when not given; the last one counts, as
+    in Hydra's parser. Exits 2 in one line for a missing value or a ``DIR`` that is not a
+    folder (Hydra's own message was its multi-line error and exit 1)."""
+    rest: list[str] = []
+    given: tuple[str, str] | None = None
+    args = iter(argv)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag not in _CONFIG_DIR:
+            rest.append(arg)
+            continue
+        if not eq:
+            value = next(args, "")
+        if not value or (not eq and value.startswith("-")):
+            _fail(f"{flag}: needs a folder (--config-dir DIR)")
+        given = (flag, value)
+    if given is None:
+        return rest, None
+    flag, value = given
+    if not Path(value).expanduser().is_dir():
+        _fail(f"{flag}: {value} is not a folder (the extra config folder Hydra searches)")
+    return rest, os.path.abspath(Path(value).expanduser())
+
+
+def _with_config_dir(overrides: list[str], config_dir: str) -> list[str]:
+    """``overrides`` with ``config_dir`` first in ``hydra.searchpath``: where Hydra puts a
+    ``--config-dir`` (before the ``hydra.searchpath`` entries, after our ``conf/``), so the
+    pre-check composes from the same folders as the run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    entries: list[str] = []
+    kept = []
+    for arg in overrides:
+        if _is_searchpath(arg):  # the last one counts, as in Hydra
+            value = OverridesParser.create().parse_override(arg).value()
+            entries = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        else:
+            kept.append(arg)
+    items = [f"file://{config_dir}", *entries]
+    quoted = ",".join("'" + item.replace("'", "\\'") + "'" for item in items)
+    return [f"hydra.searchpath=[{quoted}]", *kept]
 
 
 def _check_overrides(overrides: list[str]) -> None:
@@ -180,11 +229,17 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
+    argv, config_dir = _take_config_dir(argv)
     # Hydra's own keys are checked apart (_check_hydra_config), but for its search path: a
     # user's config folders hold options of our groups (hydra.searchpath=[file://my_conf]).
     overrides = [a for a in argv if not a.startswith(("-", "hydra")) or _is_searchpath(a)]
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
-        return  # --help, --cfg, --info ...: Hydra answers those itself
+        return  # --help, --cfg, --info, --config-name ...: Hydra answers those itself
+    if config_dir is not None:
+        try:
+            overrides = _with_config_dir(overrides, config_dir)
+        except Exception as exc:  # noqa: BLE001 - a hydra.searchpath that does not parse
+            _fail(compose_error(exc))
     _check_hydra_dirs(argv)
     try:
         combos, swept = [overrides], []
@@ -197,9 +252,9 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - a parse or composition error in the overrides
-        _fail(compose_error(exc))
+        _fail(compose_error(exc, typed=overrides))
     hydra_overrides = [a for a in argv if a.startswith("hydra") and not _is_searchpath(a)]
-    _check_hydra_config(hydra_overrides, combos[0], multirun)
+    _check_hydra_config(hydra_overrides, combos[0], multirun, overrides)
     names.set_swept_keys(swept)  # a sweep job's folder shows these keys' values
     sweep_jobs.pass_swept_keys(swept)  # and on SLURM, where the job names its own folder
     for combo in combos:
@@ -223,7 +278,7 @@ def precheck(argv: list[str], world_size: int | None = None) -> None:
         except ConfigError as exc:
             _fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
-            _fail(compose_error(exc))
+            _fail(compose_error(exc, typed=overrides))
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")

@@ -5,15 +5,19 @@ declare), for ``omnimoe-train``'s pre-check and ``omnimoe-params``."""
 from __future__ import annotations
 
 import re
+import shlex
+from collections.abc import Sequence
 
 #: The package holding ``conf/`` (Hydra's ``pkg://`` search-path entry).
 CONFIG_MODULE = "omnimoe_conf"
 
 
-def compose_error(exc: Exception) -> str:
+def compose_error(exc: Exception, sweeps: bool = True, typed: Sequence[str] = ()) -> str:
     """One line from Hydra/OmegaConf's multi-line errors, naming the key: a config group's
-    unknown option (with the group's options), an override that does not parse, else the full
-    key and the first line."""
+    unknown option (with the group's options), an override that does not parse, a sweep value
+    without ``-m`` (``sweeps``: whether the tool takes ``-m``), else the full key and the first
+    line. ``typed``: the overrides as the user typed them, for a hint that repeats one (Hydra
+    quotes the one it composed: in a sweep, one combination's value, as Python prints it)."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     inner: BaseException = exc
@@ -26,11 +30,14 @@ def compose_error(exc: Exception) -> str:
             return _unknown_group_option(error.missing_cfg_file, error.options)
         if isinstance(error, OverrideParseException):
             return _unparsable_override(error)
+        sweep = _SWEEP_WITHOUT_MULTIRUN.search(str(error))
+        if sweep:
+            return _sweep_without_multirun(sweep[1] or sweep[2], bool(sweep[1]), sweeps)
     full_key = getattr(inner, "full_key", None)
     first = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
     if "not in" in first and "Key" in first:
         if full_key and str(full_key).startswith("deepspeed."):
-            return _deepspeed_append_hint(chain, str(full_key))
+            return _deepspeed_append_hint(chain, str(full_key), typed)
         first = "unknown key (not in the config schema)"
     elif "is not a ListConfig, list or tuple" in first:  # data.inputs=a.txt for [a.txt]
         value = getattr(inner, "value", None)
@@ -40,12 +47,44 @@ def compose_error(exc: Exception) -> str:
     return f"{full_key}: {first}" if full_key else first
 
 
-def _deepspeed_append_hint(chain: list[BaseException], full_key: str) -> str:
+# Hydra's two messages for a sweep value (``a=1,2``, ``a=range(1,3)``) in a run without
+# ``--multirun``; each quotes the override as typed.
+_SWEEP_WITHOUT_MULTIRUN = re.compile(
+    r"^Ambiguous value for argument '(.*)'$|^Sweep parameters '(.*)' requires --multirun$",
+    re.MULTILINE,
+)
+
+
+def _sweep_without_multirun(override: str, comma: bool, sweeps: bool) -> str:
+    """``model=tiny,a80m`` without ``-m``: Hydra's four lines (a list, a quoted string or a
+    sweep) in one, naming the key; a comma sweep is the usual intent, so ``-m`` comes first
+    (where the tool has no ``-m``, it says so). ``comma``: a bare comma list (which may also be
+    meant as a list or a string), not ``range(...)``/``choice(...)``."""
+    key = override.partition("=")[0].lstrip("+~")
+    line = f"{key}: {override!r} is a sweep; " + (
+        "add -m to sweep it" if sweeps else "this tool takes one config (no sweeps)"
+    )
+    if comma:
+        line += " (or write [a,b] for a list, or quote the value for a string with a comma)"
+    return line
+
+
+def _deepspeed_append_hint(chain: list[BaseException], full_key: str, typed: Sequence[str]) -> str:
     """``deepspeed.KEY=value`` for a key the preset does not set: the ``deepspeed`` section is
-    DeepSpeed's free-form config, so the key may well be right; Hydra adds it only with ``+``
-    (its own message suggests the override, which is reused when there)."""
-    suggested = re.search(r"use (\+(deepspeed\.\S+?)=\S*)", "\n".join(map(str, chain)))
-    key, append = (suggested[2], suggested[1]) if suggested else (full_key, f"+{full_key}=...")
+    DeepSpeed's free-form config, so the key may well be right; Hydra adds it only with ``+``.
+    The hint repeats the user's override with ``+`` (``typed``), else Hydra's suggestion (the
+    key's override in a config file, e.g. an experiment's sweeper params)."""
+    suggested = re.search(
+        r"^Could not override '(deepspeed\.[^']+)'\.$\n^To append to your config use (\+.*)$",
+        "\n".join(map(str, chain)),
+        re.MULTILINE,
+    )
+    key, append = (suggested[1], suggested[2]) if suggested else (full_key, f"+{full_key}=...")
+    mine = [o for o in typed if o.partition("=")[0] == key]  # as typed: no + (it would compose)
+    if mine:
+        # The last one of a key is the one composed; quoted for the shell where it needs it
+        # (``deepspeed.x=range(1,3)``, a space the user's own quotes kept).
+        append = shlex.quote(f"+{mine[-1]}")
     return (
         f"{key}: not in the deepspeed preset (conf/deepspeed/); a DeepSpeed key the preset "
         f"does not set is added with + (Hydra's append syntax): {append}"

@@ -71,7 +71,7 @@ def compose(overrides: list[str]) -> RootConfig:
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf composition errors
-        _fail(compose_error(exc))
+        _fail(compose_error(exc, sweeps=False))
     return cfg
 
 

@@ -7,7 +7,8 @@
 tokens, the layout that wrote it and tensor sizes (read from the ``dist_checkpointing``
 metadata, no tensor data loaded; a DeepSpeed checkpoint's from rank 0's module-state file,
 memory-mapped, ``engine.deepspeed_checkpoint.tensor_sizes``). Exit 0 if valid, 2 (one line
-naming the bad file) if not.
+naming the bad file) if not. For a folder of checkpoints: exit 0 if any is valid (a resume
+falls back past invalid newer ones; a last line names the one it would take), 2 if none is.
 
 ``consolidate`` builds the model on one process (CPU, fp32, no parallelism) and loads the
 checkpoint into it through the same resharding load as a resumed run, then writes
@@ -147,7 +148,8 @@ def _checkpoints_in(path: Path) -> list[Path]:
 def inspect(path: Path, as_json: bool) -> int:
     if not path.exists():  # not "meta.json is missing (the save did not finish)"
         _fail(f"{path}: no such checkpoint folder")
-    folders = [path] if _is_checkpoint(path) else _checkpoints_in(path)
+    one = _is_checkpoint(path)
+    folders = [path] if one else _checkpoints_in(path)
     if not folders:
         _fail(
             f"{path}: not a checkpoint folder and holds no step_<8 digits> folders "
@@ -163,7 +165,20 @@ def inspect(path: Path, as_json: bool) -> int:
         bad = reports[-1]
         print(f"omnimoe-ckpt: error: {bad['path']}: {bad['problem']}", file=sys.stderr)
         return EXIT_USAGE
+    if not one and not as_json:
+        print(_resume_line(reports))
     return 0
+
+
+def _resume_line(reports: list[dict[str, Any]]) -> str:
+    """Which checkpoint of a folder a resume takes (``checkpoint.resume=auto`` or the folder):
+    the newest valid one, past invalid newer ones (exit 0: a resume falls back to it)."""
+    last = max(i for i, r in enumerate(reports) if r["valid"])  # reports: oldest first
+    newer = [Path(r["path"]).name for r in reports[last + 1 :]]
+    line = f"resume: continues from {Path(reports[last]['path']).name}"
+    if newer:
+        line += f", the newest valid one (the invalid {', '.join(newer)} skipped)"
+    return line
 
 
 def consolidate(path: Path, out: Path) -> None:

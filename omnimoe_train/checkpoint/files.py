@@ -3,8 +3,9 @@
 A checkpoint is ``<root>/step_<8 digits>/``: whatever files the engine wrote (megatron-core's
 ``dist_checkpointing`` files for the megatron engine) plus ``meta.json``, written last, which
 lists every other file with its size and SHA-256. A folder is valid only if ``meta.json``
-parses, has this format, and every file it lists exists with that size and checksum. The
-checks are engine-independent (they see files, not tensors), so every engine gets them.
+parses, has this format, lists at least one file, and every file it lists exists with that
+size and checksum. The checks are engine-independent (they see files, not tensors), so every
+engine gets them.
 
 Hashing is spread over the ranks (file ``i`` on rank ``i % world``) and the results gathered,
 so a checkpoint written by 64 ranks is checked by 64 ranks.
@@ -118,7 +119,9 @@ def read_meta(folder: Path) -> dict[str, Any]:
     files = meta.get("files")
     if not isinstance(meta.get("step"), int) or isinstance(meta["step"], bool):
         raise CheckpointCorrupt(f"{META} is malformed: no integer step")
-    if not isinstance(files, dict):
+    # Every engine writes files; an empty list (a hand edit) would make the checksum check
+    # pass on anything the folder holds.
+    if not isinstance(files, dict) or not files:
         raise CheckpointCorrupt(f"{META} is malformed: no files listed")
     for name, entry in files.items():
         if not (
@@ -148,8 +151,11 @@ def find_problem(folder: Path) -> str | None:
                     problem = f"{name} is missing"
                     break
                 size = path.stat().st_size
-                if size != entry["bytes"]:
+                if size < entry["bytes"]:
                     problem = f"{name} is truncated ({size} of {entry['bytes']} bytes)"
+                    break
+                if size > entry["bytes"]:  # appended to or replaced: not "truncated"
+                    problem = f"{name} has {size} bytes, {META} lists {entry['bytes']}"
                     break
         except CheckpointCorrupt as exc:
             problem = str(exc)

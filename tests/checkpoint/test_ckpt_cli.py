@@ -8,6 +8,7 @@ Triton's CPU interpreter when they are collected, after this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -190,6 +191,42 @@ def test_inspect_of_a_run_directory_reads_its_checkpoints(
     ]
 
 
+def _hand_made_checkpoint(folder: Path, step: int) -> None:
+    """A valid checkpoint of one empty file, with no engine (no tensor sizes are read)."""
+    from omnimoe_train.checkpoint.files import FORMAT
+
+    folder.mkdir(parents=True)
+    (folder / "a").write_text("")
+    listed = {"a": {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}}
+    (folder / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, "files": listed}))
+
+
+def test_inspect_of_a_folder_names_the_checkpoint_a_resume_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A folder whose newest checkpoint is invalid exits 0 (a resume falls back to an older
+    one), which the output did not say: it listed the invalid one last, nothing after it."""
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _hand_made_checkpoint(root / f"step_{step:08d}", step)
+    code, out, err = _in_process(capsys, "inspect", tmp_path)  # a run directory
+    assert code == 0 and err == ""
+    assert out.strip().splitlines()[-1] == "resume: continues from step_00000003"
+    (root / "step_00000003" / "a").write_text("changed")
+    (root / "step_00000002" / "meta.json").unlink()
+    code, out, err = _in_process(capsys, "inspect", root)
+    assert code == 0 and err == ""
+    lines = out.strip().splitlines()
+    assert lines[-3:] == [
+        "step_00000002: INVALID: meta.json is missing (the save did not finish)",
+        "step_00000003: INVALID: a has 7 bytes, meta.json lists 0",  # was "truncated (7 of 0"
+        "resume: continues from step_00000001, the newest valid one (the invalid "
+        "step_00000002, step_00000003 skipped)",
+    ]
+    code, out, _ = _in_process(capsys, "inspect", root, "--json")  # JSON: as it was
+    assert code == 0 and [r["valid"] for r in json.loads(out)] == [True, False, False]
+
+
 def test_inspect_of_a_missing_folder_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Was "step_00000002: INVALID: meta.json is missing (the save did not finish)"."""
     absent = tmp_path / "step_00000002"
@@ -203,6 +240,7 @@ def test_inspect_of_a_missing_folder_says_so(tmp_path: Path, capsys: pytest.Capt
     [
         ({}, "no integer step"),
         ({"step": 2}, "no files listed"),
+        ({"step": 2, "files": {}}, "no files listed"),  # was "valid (0 files, ...)"
         ({"step": 2, "files": {"a": {}}}, "no bytes and sha256 for a"),
         ({"step": 2, "files": {"a": {"bytes": "0", "sha256": "x"}}}, "no bytes and sha256 for a"),
     ],
@@ -234,7 +272,9 @@ def test_consolidate_of_a_config_this_version_does_not_know_is_one_line(
 
     folder = tmp_path / "step_00000002"
     folder.mkdir()
-    meta = {"format": FORMAT, "step": 2, "files": {}, "engine": "megatron", "vocab_size": 256}
+    (folder / "a").write_text("")
+    listed = {"a": {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}}
+    meta = {"format": FORMAT, "step": 2, "files": listed, "engine": "megatron", "vocab_size": 256}
     for config, rule in (
         ({"model": {"expert_dropout": 0.1}}, "Key 'expert_dropout' not in 'ModelConfig'"),
         (

@@ -81,7 +81,7 @@ def test_stale_tmp_from_a_killed_run_is_ignored_and_cleaned(tmp_path: Path) -> N
     assert "step_00000002.tmp" not in _names(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "meta"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "meta", "no_files"])
 def test_resume_falls_back_past_a_damaged_newest(tmp_path: Path, damage: str) -> None:
     manager = _manager(tmp_path, keep=3)
     for step in (1, 2):
@@ -96,14 +96,17 @@ def test_resume_falls_back_past_a_damaged_newest(tmp_path: Path, damage: str) ->
         target.write_bytes(bytes(data))
     elif damage == "delete":
         target.unlink()
-    else:
+    elif damage == "meta":
         (newest / "meta.json").write_text("{not json")
+    else:  # a hand edit that lists no files: it was valid, and resumed from
+        meta = json.loads((newest / "meta.json").read_text())
+        (newest / "meta.json").write_text(json.dumps({**meta, "files": {}}))
     warnings: list[str] = []
     assert _manager(tmp_path, warnings, keep=3).resolve_resume() == tmp_path / "step_00000001"
     assert len(warnings) == 1
     line = warnings[0]
     assert "step_00000002" in line and "falling back to step_00000001" in line
-    assert ("meta.json" if damage == "meta" else "weights.bin") in line
+    assert ("meta.json" if damage in ("meta", "no_files") else "weights.bin") in line
     # The bad one is kept out of the way (never loaded or pruned), for inspection.
     assert (tmp_path / "step_00000002.corrupt").is_dir() and not newest.exists()
 

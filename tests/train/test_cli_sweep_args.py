@@ -9,6 +9,7 @@ import pytest
 from hydra._internal.utils import get_args_parser
 
 from omnimoe_train import cli
+from tests.cli_helpers import precheck_line
 
 
 def test_multirun_flag_after_the_overrides_is_moved_to_the_front(
@@ -64,4 +65,47 @@ def test_two_of_hydras_modes_are_one_line(capsys: pytest.CaptureFixture[str]) ->
         "--cfg",
         "job",
         "model.top_k=2",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["model=tiny,a80m", "trainer.device=cpu"],
+            "model: 'model=tiny,a80m' is a sweep; add -m to sweep it (or write [a,b] for a "
+            "list, or quote the value for a string with a comma)",
+        ),
+        (
+            ["model.top_k=range(1,3)"],
+            "model.top_k: 'model.top_k=range(1,3)' is a sweep; add -m to sweep it",
+        ),
+        (
+            ["hydra.run.dir=a,b"],
+            "hydra.run.dir: 'hydra.run.dir=a,b' is a sweep; add -m to sweep it (or write [a,b] "
+            "for a list, or quote the value for a string with a comma)",
+        ),
+    ],
+)
+def test_sweep_value_without_multirun_is_one_line(
+    argv: list[str], line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``model=tiny,a80m`` without ``-m`` printed the first of Hydra's four lines ("Ambiguous
+    value for argument ..."), naming neither the key nor ``-m``."""
+    cli._register()
+    assert precheck_line(argv, capsys) == line
+
+
+def test_sweep_value_in_omnimoe_params_says_it_takes_one_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``omnimoe-params`` has no ``-m``: its line must not suggest one."""
+    from omnimoe_train.params_cli import main as params_main
+
+    with pytest.raises(SystemExit) as info:
+        params_main(["model=tiny,a80m"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "omnimoe-params: error: model: 'model=tiny,a80m' is a sweep; this tool takes one config "
+        "(no sweeps) (or write [a,b] for a list, or quote the value for a string with a comma)"
     ]

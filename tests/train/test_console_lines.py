@@ -4,6 +4,7 @@ in one readable line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ def test_a_layout_change_on_resume_is_one_readable_line(tmp_path: Path) -> None:
     'tp': 1, ...}``), every key, changed or not. Now: the keys that changed, ``old -> new``."""
     folder = tmp_path / "checkpoints" / "step_00000004"
     folder.mkdir(parents=True)
-    meta = {"format": FORMAT, "step": 4, "files": {}, "layout": LAYOUT}
+    (folder / "model.pt").write_bytes(b"")  # the engine below loads nothing from it
+    listed = {"model.pt": {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}}
+    meta = {"format": FORMAT, "step": 4, "files": listed, "layout": LAYOUT}
     (folder / META).write_text(json.dumps(meta))
     client = {
         "step": 4, "consumed_tokens": 64, "window": [0.0, 0.0, 0.0], "guard": {}, "data": {},

@@ -117,6 +117,31 @@ def test_deepspeed_key_outside_the_preset_says_to_add_it_with_plus(
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (  # was +deepspeed.zero_optimization.overlap_comm=False (the first combination)
+            ["-m", "deepspeed.zero_optimization.overlap_comm=false,true"],
+            "+deepspeed.zero_optimization.overlap_comm=false,true",
+        ),
+        (  # was +deepspeed.x=1 (the first combination), unquoted for the shell
+            ["-m", "deepspeed.x=range(1,3)", "model.top_k=2,4"],
+            "'+deepspeed.x=range(1,3)'",
+        ),
+        (["deepspeed.x=a b"], "'+deepspeed.x=a b'"),  # was +deepspeed.x=a (cut at the space)
+    ],
+)
+def test_deepspeed_plus_hint_repeats_the_override_as_typed(
+    argv: list[str], hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a sweep the hint showed Hydra's expansion of one combination, not the user's text."""
+    key = next(a for a in argv if a.startswith("deepspeed.")).partition("=")[0]
+    assert precheck_line([*argv, "trainer.engine=deepspeed"], capsys) == (
+        f"{key}: not in the deepspeed preset (conf/deepspeed/); a DeepSpeed key the preset does "
+        f"not set is added with + (Hydra's append syntax): {hint}"
+    )
+
+
 def test_unknown_key_of_ours_is_still_unknown(capsys: pytest.CaptureFixture[str]) -> None:
     assert precheck_line(["trainer.maxsteps=3"], capsys) == (
         "trainer.maxsteps: unknown key (not in the config schema)"
