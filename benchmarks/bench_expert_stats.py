@@ -27,6 +27,7 @@ import datetime
 import json
 
 import torch
+from runs import require_cuda  # the script's folder is on sys.path
 from triton.testing import do_bench
 
 from omnimoe_kernels.usage_counts import add_pair_counts
@@ -94,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    require_cuda("bench_expert_stats.py")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for scale, (T, K, N, per_step) in SHAPES.items():

@@ -18,7 +18,8 @@ over (launch gaps, allocator). Stages:
                    layer takes the dense path, ``experts_dense_grad.dense_table_grads`` timed
                    on its own: its sort, scatter and GEMM kernels share names with others)
     shared SwiGLU  megatron's MLP (fc1, SwiGLU, fc2)
-    statistics     entropy of the routing distribution + ExpertStats.update (usage counts)
+    statistics     forward: the entropies' sum (ExpertStats.add_entropy); backward: the usage
+                   counts off the expert backward's sort (omnimoe_kernels.usage_counts)
 
     python benchmarks/profile_layer.py --json layer.json                    # a80m's layer
     python benchmarks/profile_layer.py model=a200m data.micro_batch_size=8  # any overrides
@@ -40,6 +41,7 @@ from triton.testing import do_bench
 
 import omnimoe_kernels
 from omnimoe_kernels import experts_dense_grad
+from omnimoe_kernels.usage_counts import add_pair_counts
 
 WEIGHT_GRAD_KERNELS = ("_pair_block_grad", "_zero_rows")
 
@@ -124,10 +126,11 @@ def main() -> None:
     def experts() -> torch.Tensor:
         return omnimoe_kernels.atomic_experts(x, layer.up_ND, layer.down_ND, w_d, idx)
 
-    def stats() -> None:
-        with torch.no_grad():
-            ent = -(rows.exp() * rows).sum(-1) - (cols.exp() * cols).sum(-1)
-            layer.stats.update(idx, ent)
+    # As in training: the forward adds the entropies (the gate kernels computed them), the
+    # expert backward the usage counts off the expert sort it runs anyway (``usage_N``).
+    with torch.no_grad():
+        ent = -(rows.exp() * rows).sum(-1) - (cols.exp() * cols).sum(-1)
+    e_P = idx.reshape(-1).to(torch.int32).sort().values
 
     shared_params = [hidden, *layer.shared.parameters()] if layer.shared is not None else []
     y_g = torch.randn(S * B, D, device="cuda", dtype=torch.bfloat16)
@@ -173,7 +176,10 @@ def main() -> None:
             if layer.shared is not None
             else (0.0, 0.0)
         ),
-        "statistics": (ms(stats), 0.0),
+        "statistics": (
+            ms(lambda: layer.stats.add_entropy(ent)),
+            ms(lambda: add_pair_counts(layer.stats.counts_N, e_P)),
+        ),
     }
     # Not part of the sum: the gates as separate PyTorch ops (the path before the fused node).
     unfused_gates = gates_ms(fused=False)

@@ -16,6 +16,7 @@ SCRIPTS = [
     ("bench_kernels.py", "--only", "combine_ranges"),
     ("profile_layer.py",),
     ("bench_grad_paths.py",),
+    ("bench_expert_stats.py",),
     ("profile_experts.py", "16", "8", "4", "2"),
 ]
 
