@@ -123,8 +123,10 @@ def main() -> None:
     w_d = weights.detach().requires_grad_()
     tables = [x, layer.up_ND, layer.down_ND, w_d]
 
-    def experts() -> torch.Tensor:
-        return omnimoe_kernels.atomic_experts(x, layer.up_ND, layer.down_ND, w_d, idx)
+    def experts() -> torch.Tensor:  # with the promises the layer makes (router ids)
+        return omnimoe_kernels.atomic_experts(
+            x, layer.up_ND, layer.down_ND, w_d, idx, distinct_ids=True, valid_ids=True
+        )
 
     # As in training: the forward adds the entropies (the gate kernels computed them), the
     # expert backward the usage counts off the expert sort it runs anyway (``usage_N``).
@@ -142,7 +144,15 @@ def main() -> None:
         g_h = torch.randn(2, S * B, K, device="cuda")
         weight_grads = ms(
             lambda: experts_dense_grad.dense_table_grads(
-                x.detach(), y_g, idx, g_h[0], g_h[1], w_d.detach(), N, dtype=layer.up_ND.dtype
+                x.detach(),
+                y_g,
+                idx,
+                g_h[0],
+                g_h[1],
+                w_d.detach(),
+                N,
+                dtype=layer.up_ND.dtype,
+                distinct_ids=True,
             )
         )
         expert_total -= weight_grads
