@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize text into packed webdataset shards")
     _add_input_options(p)
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, type=_out_path, help="output folder")
     p.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--samples-per-shard", type=int, default=1024)
@@ -86,11 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-tokenizer", help="train the byte-level BPE tokenizer only")
     _add_input_options(t)
-    t.add_argument("--out", required=True, type=Path, help="tokenizer.json to write")
+    t.add_argument("--out", required=True, type=_out_path, help="tokenizer.json to write")
 
     m = sub.add_parser("merge", help="merge parts prepared with --part into one dataset")
     m.add_argument("parts", nargs="+", type=Path, metavar="PART_DIR")
-    m.add_argument("--out", required=True, type=Path, help="output folder")
+    m.add_argument("--out", required=True, type=_out_path, help="output folder")
 
     i = sub.add_parser("inspect", help="print a dataset's manifest and verify shard sha256")
     i.add_argument("dir", metavar="DIR_OR_URL", help="dataset folder or URL (see data.dir)")
@@ -102,6 +102,16 @@ def _part(text: str) -> tuple[int, int]:
         return parse_part(text)
     except DataError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _out_path(text: str) -> Path:
+    """A non-empty ``--out``: an empty one (``--out "$OUT"`` with ``OUT`` unset) named the
+    current folder, where ``prepare`` wrote its dataset and first removed the shards there."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "must not be empty (it would name the current folder); give the output path"
+        )
+    return Path(text)
 
 
 def _positive_bytes(text: str) -> int:

@@ -18,7 +18,13 @@ from pathlib import Path
 
 from .corpus import DataError, SkipLog
 from .pack import SPLITS
-from .prepare import PrepareResult, _remove_previous_dataset, write_manifest
+from .prepare import (
+    PrepareResult,
+    _remove_partial_dataset,
+    _remove_previous_dataset,
+    make_output_folder,
+    write_manifest,
+)
 from .shards import TOKENIZER_NAME, load_manifest, shard_name
 
 # Fields every part must share with the others.
@@ -68,27 +74,34 @@ def merge(parts: list[str | Path], out_dir: str | Path) -> PrepareResult:
     out = Path(out_dir)
     if any(out.resolve() == path.resolve() for path, _ in ordered):
         raise DataError(f"{out}: the merged dataset must go to a new folder, not a part's")
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_previous_dataset(out)
-    shutil.copyfile(first_path / TOKENIZER_NAME, out / TOKENIZER_NAME)
-    splits = {}
-    skips = SkipLog()
-    for split in SPLITS:
-        merged: dict = {"shards": [], **dict.fromkeys(_SUMMED, 0)}
-        for path, manifest in ordered:
-            info = manifest["splits"][split]
-            for key in _SUMMED:
-                merged[key] += info[key]
-            for shard in info["shards"]:
-                name = shard_name(split, len(merged["shards"]))
-                _link_or_copy(path / shard["name"], out / name)
-                merged["shards"].append({**shard, "name": name})
-        splits[split] = merged
-    for _, manifest in ordered:
-        skips.merge(SkipLog.from_dict(manifest["skipped"]))
-    if splits["train"]["samples"] == 0:
+    # Known from the manifests: refused before anything is written.
+    if sum(manifest["splits"]["train"]["samples"] for _, manifest in ordered) == 0:
         raise DataError("merge: the training split of the parts has no samples")
-    return write_manifest(out, {**first, "part": None, "merged_parts": count}, splits, skips)
+    created = make_output_folder(out)
+    _remove_previous_dataset(out)
+    # As in prepare: a failure or an interrupt (a missing shard, a full disk, Ctrl-C) removes
+    # what this call wrote, and the folder if it made it, so no half-merged dataset is left.
+    try:
+        shutil.copyfile(first_path / TOKENIZER_NAME, out / TOKENIZER_NAME)
+        splits = {}
+        skips = SkipLog()
+        for split in SPLITS:
+            merged: dict = {"shards": [], **dict.fromkeys(_SUMMED, 0)}
+            for path, manifest in ordered:
+                info = manifest["splits"][split]
+                for key in _SUMMED:
+                    merged[key] += info[key]
+                for shard in info["shards"]:
+                    name = shard_name(split, len(merged["shards"]))
+                    _link_or_copy(path / shard["name"], out / name)
+                    merged["shards"].append({**shard, "name": name})
+            splits[split] = merged
+        for _, manifest in ordered:
+            skips.merge(SkipLog.from_dict(manifest["skipped"]))
+        return write_manifest(out, {**first, "part": None, "merged_parts": count}, splits, skips)
+    except BaseException:
+        _remove_partial_dataset(out, created=created, tokenizer_file=True)
+        raise
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

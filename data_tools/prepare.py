@@ -119,13 +119,7 @@ def prepare(
     blocks = plan_blocks(files, block_bytes)
     lo, hi = part_range(len(blocks), *part) if part is not None else (0, len(blocks))
     out = Path(out_dir)
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(
-            f"{out}: cannot create the output folder ({err.strerror or err})", option="out_dir"
-        ) from err
+    created = make_output_folder(out)
     _remove_previous_dataset(out)
 
     # From here on a failure (bad input found late, a tokenizer error, an interrupt) removes
@@ -261,6 +255,19 @@ def report(console: Console, out: Path, splits: dict[str, dict], skips: SkipLog)
     console.print(f"prepared {out}: {counts}; {skips.summary()}", highlight=False, soft_wrap=True)
     for example in skips.examples[:5]:
         console.print(f"  skipped {example}", markup=False, highlight=False, soft_wrap=True)
+
+
+def make_output_folder(out: Path) -> bool:
+    """Makes ``out`` (and its parents) if needed; True when this call created it. A folder that
+    cannot be made (a file in the way, no permission) is a :class:`DataError` naming it."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(
+            f"{out}: cannot create the output folder ({err.strerror or err})", option="out_dir"
+        ) from err
+    return created
 
 
 def _remove_partial_dataset(out: Path, *, created: bool, tokenizer_file: bool) -> None:

@@ -4,6 +4,8 @@ train-tokenizer`` (a tokenizer alone, for ``--part`` preparations that must shar
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 from .corpus import DataError
@@ -39,8 +41,8 @@ def train_tokenizer_file(
     tok = train_tokenizer(docs, vocab_size)
     if tok is None:
         raise DataError("no usable documents in the input", option="inputs")
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         replace_atomically(out, tok.to_str(pretty=True).encode())
     except OSError as exc:  # e.g. a full disk: the temporary file must not stay behind
         temp_path(out).unlink(missing_ok=True)
@@ -60,6 +62,16 @@ def _check_out_file(out: Path) -> None:
     blocker = file_in_the_way(out.parent)
     if blocker is not None:
         raise DataError(f"{out}: {blocker} is not a folder", option="out")
+    # No permission, a read-only or pseudo file system (/proc): found by making (and removing)
+    # a folder in the nearest existing one, since os.access says yes to root there. Before, the
+    # folder was first made after the training, and failed there with a traceback.
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".omnimoe-probe-", dir=existing))
+    except OSError as exc:
+        raise DataError(
+            f"{out}: cannot be written ({exc.strerror or exc} in {existing})", option="out"
+        ) from None
 
 
 def training_texts(  # noqa: ANN202

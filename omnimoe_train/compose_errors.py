@@ -8,6 +8,8 @@ import re
 import shlex
 from collections.abc import Sequence
 
+import yaml
+
 #: The package holding ``conf/`` (Hydra's ``pkg://`` search-path entry).
 CONFIG_MODULE = "omnimoe_conf"
 
@@ -18,7 +20,11 @@ def compose_error(exc: Exception, sweeps: bool = True, typed: Sequence[str] = ()
     without ``-m`` (``sweeps``: whether the tool takes ``-m``), else the full key and the first
     line. ``typed``: the overrides as the user typed them, for a hint that repeats one (Hydra
     quotes the one it composed: in a sweep, one combination's value, as Python prints it)."""
-    from hydra.errors import MissingConfigException, OverrideParseException
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
 
     inner: BaseException = exc
     chain = [exc]
@@ -30,9 +36,36 @@ def compose_error(exc: Exception, sweeps: bool = True, typed: Sequence[str] = ()
             return _unknown_group_option(error.missing_cfg_file, error.options)
         if isinstance(error, OverrideParseException):
             return _unparsable_override(error)
+        if isinstance(error, yaml.MarkedYAMLError):
+            return _yaml_syntax_error(error)
         sweep = _SWEEP_WITHOUT_MULTIRUN.search(str(error))
         if sweep:
             return _sweep_without_multirun(sweep[1] or sweep[2], bool(sweep[1]), sweeps)
+    # A bad value or key in a config file (a user's own, through hydra.searchpath): Hydra's
+    # message is "In 'experiment/mine': ValidationError raised while composing config:" and
+    # the key and the reason on the lines after it; OmegaConf's error, which names the key,
+    # is its context (not its cause). Before, only that first line was printed.
+    source = None
+    if isinstance(inner, ConfigCompositionException) and hasattr(inner.__context__, "full_key"):
+        found = re.match(r"In '([^']+)':", str(inner))
+        source = found[1] if found else None
+        inner = inner.__context__
+        chain.append(inner)
+    line = _one_line(inner, chain, typed)
+    if source is None:
+        return line
+    group = source.rpartition("/")[0]
+    if group and getattr(inner, "full_key", None) == group.replace("/", "."):
+        return (
+            f"{line} (in {source}.yaml: a file of group {group} puts its keys under "
+            f"{group}: unless its first line is '# @package _global_')"
+        )
+    return f"{line} (in {source}.yaml)"
+
+
+def _one_line(inner: BaseException, chain: list[BaseException], typed: Sequence[str]) -> str:
+    """``<full key>: <rule>`` from OmegaConf's error ``inner`` (``chain``: the errors it came
+    through; ``typed``: the overrides as typed), or its first line when it names no key."""
     full_key = getattr(inner, "full_key", None)
     first = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
     if "not in" in first and "Key" in first:
@@ -45,6 +78,15 @@ def compose_error(exc: Exception, sweeps: bool = True, typed: Sequence[str] = ()
             f"a list: write {full_key}=[{value}] (brackets, commas between items; got {value!r})"
         )
     return f"{full_key}: {first}" if full_key else first
+
+
+def _yaml_syntax_error(error: yaml.MarkedYAMLError) -> str:
+    """A config file that is not YAML: where, and the parser's reason (PyYAML spreads them
+    over four lines)."""
+    mark = error.problem_mark or error.context_mark
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    reason = "; ".join(part for part in (error.context, error.problem) if part)
+    return f"{where}not valid YAML ({reason or 'syntax error'})"
 
 
 # Hydra's two messages for a sweep value (``a=1,2``, ``a=range(1,3)``) in a run without

@@ -82,6 +82,7 @@ from omnimoe_train.validation.training import (
     validate_profile_step,
     validate_resume_path,
     validate_robustness,
+    validate_seed,
 )
 
 __all__ = [
@@ -153,6 +154,7 @@ def validate(
     validate_optim(cfg.optim, t.max_steps)
     validate_checkpoint(cfg.checkpoint)
     validate_robustness(t)
+    validate_seed(t)
     validate_profile_step(t)
     validate_names(d, cfg.checkpoint, cfg.logging.wandb)
     if this_machine:

@@ -167,7 +167,36 @@ def data_facts_before_preparation(d: DataConfig) -> list[DataFacts]:
     for key, location in places:
         found = dataset_facts(Path(location).expanduser(), f"{key}={location}")
         facts += [found] if found is not None else []
+    _require_one_tokenizer([location for key, location in places if key == "data.dirs"])
     return facts
+
+
+# What a mixture's datasets must share besides seq_len (data.seq_len checks that one per
+# dataset): the loader refuses the same, but only in the run, after its run directory was
+# made, and in a line naming a folder, not the key.
+_SHARED_TOKENIZER_KEYS = ("vocab_size", "eod_id", "tokenizer_sha256")
+
+
+def _require_one_tokenizer(locations: list[str]) -> None:
+    """The local datasets of ``data.dirs`` were made with one tokenizer (their manifests say
+    so); a manifest that cannot be read is left to the run."""
+    first: tuple[str, dict] | None = None
+    for location in locations:
+        try:
+            manifest = json.loads((Path(location).expanduser() / MANIFEST_NAME).read_text())
+            shared = {key: manifest.get(key) for key in _SHARED_TOKENIZER_KEYS}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if first is None:
+            first = (location, shared)
+            continue
+        for key in _SHARED_TOKENIZER_KEYS:
+            require(
+                shared[key] == first[1][key],
+                "data.dirs",
+                f"{location} has {key}={shared[key]!r} but {first[0]} has {first[1][key]!r}: "
+                "the datasets of a mixture must share one tokenizer",
+            )
 
 
 def validate_against_data(cfg: RootConfig, facts: DataFacts) -> None:

@@ -107,6 +107,21 @@ def validate_output_folder(key: str, folder: str | Path) -> None:
         ) from None
 
 
+# torch's generators take a 64-bit seed, and megatron's RNG tracker seeds its streams with
+# trainer.seed plus small offsets (2718 + the TP rank, 1024 + 100 * the EP rank): a seed below
+# 2**63 leaves room for them. A larger one crashed in torch.manual_seed after the data was made.
+SEED_LIMIT = 2**63
+
+
+def validate_seed(t: TrainerConfig) -> None:
+    """``trainer.seed`` in [0, 2**63): what the RNG streams derived from it accept."""
+    require(
+        0 <= t.seed < SEED_LIMIT,
+        "trainer.seed",
+        f"must be an integer in [0, 2**63) (got {t.seed})",
+    )
+
+
 def validate_robustness(t: TrainerConfig) -> None:
     """Time limit and bad-step rules."""
     if t.max_time is not None:

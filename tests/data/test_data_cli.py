@@ -219,3 +219,47 @@ def test_prepare_refuses_max_bytes_0_naming_it(tmp_path: Path) -> None:
         with pytest.raises(DataError, match=r"^max_bytes=0: must be at least 1 \(") as info:
             prepare(inputs, tmp_path / "out", max_bytes=0, progress=False)
         assert info.value.option == "max_bytes"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_train_tokenizer_refuses_an_out_it_cannot_make_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An --out whose folder cannot be made (here under /proc; a folder without permission
+    the same) was a traceback (FileNotFoundError / PermissionError) after the training."""
+    import omnimoe_data.tokenizer_training as training
+
+    corpus = write_txt_folder(tmp_path / "c", make_docs(5))
+    monkeypatch.setattr(training, "train_tokenizer", lambda *a, **k: pytest.fail("trained"))
+    out = "/proc/omnimoe-no-such-folder/tok.json"
+    assert main(["train-tokenizer", str(corpus), "--out", out, "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"omnimoe-data: error: {out}: cannot be written (") and err.count("\n") == 1
+    )
+
+
+@pytest.mark.parametrize("command", ["prepare", "train-tokenizer", "merge"])
+def test_an_empty_out_is_refused_not_taken_as_the_current_folder(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    """``--out ""`` (``--out "$OUT"`` with ``OUT`` unset) made ``prepare`` and ``merge`` write
+    their dataset into the current folder, removing the shards already there."""
+    corpus = write_txt_folder(tmp_path / "c", make_docs(5))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train-000000.tar").write_bytes(b"someone else's")
+    monkeypatch.chdir(work)
+    inputs = {
+        "prepare": [str(corpus), *TINY_ARGS],
+        "train-tokenizer": [str(corpus), "--vocab-size", "300"],
+        "merge": [str(tmp_path / "p0")],
+    }[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *inputs, "--out", ""])
+    assert exit_info.value.code == 2
+    assert "error: argument --out: must not be empty" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == ["train-000000.tar"]

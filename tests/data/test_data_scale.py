@@ -102,6 +102,36 @@ def test_merge_refuses_parts_that_do_not_fit(tmp_path: Path) -> None:
         prepare([corpus], tmp_path / "x", part=(0, 2), **{**options, "tokenizer": None})
 
 
+def test_a_failed_merge_leaves_nothing_and_says_why_in_one_line(tmp_path: Path) -> None:
+    """A merge that fails (a part's shard gone, parts without training samples, an output
+    folder that cannot be made) removes what it wrote and the folder it made, as a failed
+    prepare does; before, the folder stayed with the tokenizer and the shards linked so far,
+    and an output folder that could not be made was a traceback."""
+    corpus = _jsonl_corpus(tmp_path / "c", n=40)
+    tok = train_tokenizer_file([corpus], tmp_path / "tok.json", vocab_size=300, workers=1)
+    options = {**TINY, "tokenizer": tok, "block_bytes": BLOCK, "progress": False, "workers": 1}
+    parts = [tmp_path / "p0", tmp_path / "p1"]
+    for i, part in enumerate(parts):
+        prepare([corpus], part, part=(i, 2), **options)
+    last = json.loads((parts[1] / "manifest.json").read_text())["splits"]["val"]["shards"][-1]
+    (parts[1] / last["name"]).unlink()
+    out = tmp_path / "merged"
+    with pytest.raises(DataError, match="shard missing"):
+        merge(parts, out)
+    assert not out.exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="cannot create the output folder"):
+        merge(parts, tmp_path / "a_file" / "merged")
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text(json.dumps({"text": "short"}) + "\n")
+    empty = [tmp_path / "e0", tmp_path / "e1"]
+    for i, part in enumerate(empty):
+        prepare([tiny], part, part=(i, 2), **options)
+    with pytest.raises(DataError, match="training split of the parts has no samples"):
+        merge(empty, out)
+    assert not out.exists()
+
+
 def test_parts_beyond_the_number_of_blocks_are_empty_and_merge(tmp_path: Path) -> None:
     """A corpus of fewer blocks than parts (the tester's 0.8 MB corpus at the default 8 MiB
     block, --part i/3): the parts without a block are empty, not 'no usable documents'."""

@@ -257,6 +257,24 @@ def test_mixture_of_another_seq_len_is_refused_by_the_precheck(
     ), line
 
 
+def test_mixture_of_two_tokenizers_is_refused_by_the_precheck(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``data.dirs`` made with two tokenizers: refused before Hydra naming ``data.dirs`` (the
+    loader refused it only in the run, after its run directory was made, naming a folder)."""
+    from tests.data.helpers import make_token_dataset
+
+    a = make_token_dataset(tmp_path / "a", [20, 10], sample_len=17, vocab_size=300)
+    b = make_token_dataset(tmp_path / "b", [20, 10], sample_len=17, vocab_size=309)
+    line = precheck_line([f"data.dirs=[{a},{b}]", "data.seq_len=16"], capsys)
+    assert line == (
+        f"data.dirs: {b} has vocab_size=309 but {a} has 300: the datasets of a mixture must "
+        "share one tokenizer"
+    ), line
+    cli.precheck([f"data.dirs=[{a},{a}]", "data.seq_len=16"], world_size=1)
+    assert capsys.readouterr().err == ""
+
+
 def test_output_folder_with_a_file_in_its_way_names_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

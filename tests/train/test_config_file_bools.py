@@ -66,3 +66,40 @@ def test_through_the_entry_point(tmp_path: Path) -> None:
     assert_usage_error(
         result, f"{PRECHECK_ERROR}checkpoint.save_final: a bool key: must be true or false", work
     )
+
+
+@pytest.mark.parametrize(
+    ("body", "line"),
+    [
+        (
+            "# @package _global_\ntrainer:\n  max_steps: [1, 2]\n",
+            "trainer.max_steps: Value '[1, 2]' of type 'ListConfig' could not be converted to "
+            "Integer (in experiment/mine.yaml)",
+        ),
+        (
+            "# @package _global_\nbogus: 1\n",
+            "bogus: unknown key (not in the config schema) (in experiment/mine.yaml)",
+        ),
+        (
+            "trainer:\n  max_steps: 3\n",
+            "experiment: unknown key (not in the config schema) (in experiment/mine.yaml: a file "
+            "of group experiment puts its keys under experiment: unless its first line is "
+            "'# @package _global_')",
+        ),
+        (
+            "# @package _global_\ntrainer: {max_steps: 3\n",
+            "{conf}/experiment/mine.yaml, line 3, column 1: not valid YAML (while parsing a flow "
+            "mapping; expected ',' or '}}', but got '<stream end>')",
+        ),
+    ],
+)
+def test_a_bad_value_key_or_syntax_in_a_users_file_names_key_and_file(
+    body: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, the one line was Hydra's first: "In 'experiment/mine': ValidationError raised
+    while composing config:" (or PyYAML's "while parsing a flow mapping"), naming neither the
+    key nor the rule (nor, for YAML, the file)."""
+    search = _user_conf(tmp_path, "experiment", "mine", body)
+    assert precheck_line([search, "+experiment=mine"], capsys) == line.format(
+        conf=tmp_path / "conf"
+    )

@@ -272,6 +272,13 @@ def test_batch_rule_says_which_override_fixes_it(
         ("model.rope_base=0", "model.rope_base"),  # NaN losses from the first step
         ("model.norm_eps=-1", "model.norm_eps"),  # NaN losses from the first step
         ("model.norm_eps=0", None),
+        # torch.manual_seed: "Overflow when unpacking long long", after the data was prepared
+        # (megatron's RNG tracker adds 2718 + the TP rank to the seed).
+        ("trainer.seed=99999999999999999999999", "trainer.seed"),
+        ("trainer.seed=18446744073709551615", "trainer.seed"),
+        ("trainer.seed=-1", "trainer.seed"),
+        ("trainer.seed=9223372036854775807", None),
+        ("trainer.seed=0", None),
     ],
 )
 def test_values_megatron_or_torch_would_refuse_later_are_rules(override: str, key: str) -> None:
