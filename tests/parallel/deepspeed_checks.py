@@ -255,6 +255,71 @@ def resume_with_a_failing_conversion(preset: str, root: Path) -> None:
     parallel_state.destroy_model_parallel()
 
 
+def resume_with_a_shard_failing_on_rank1(preset: str, root: Path) -> None:
+    """A dp-2 checkpoint whose shard fails to load on rank 1 alone: inside DeepSpeed's own
+    ``load_checkpoint`` (its reader raises on rank 1's ZeRO partition, as a corrupt file does),
+    then before it (rank 1's partition file is gone, a file only rank 1 reads). Each time
+    every rank raises the same one-line ``CheckpointLoadError`` naming rank 1 and the cause;
+    rank 0 used to load and carry on while rank 1 raised (a run's rank 0 then waited for it
+    in the first collective)."""
+    from omnimoe_train.checkpoint.session import CheckpointLoadError
+    from omnimoe_train.engine.deepspeed import DeepSpeedEngine
+
+    folder = root / "step_00000002"
+
+    def load_error(engine: Any) -> str:
+        try:
+            engine.load_checkpoint(folder, scratch=root / "run" / ".convert.tmp")
+        except CheckpointLoadError as exc:
+            return str(exc)
+        raise AssertionError(f"rank {dist.get_rank()}: the load did not fail")
+
+    cfg = deepspeed_config(preset)
+    rt = init_runtime(cfg)
+    engine = DeepSpeedEngine(cfg, rt, VOCAB)
+    reader = engine.engine.checkpoint_engine
+    real_load = reader.load
+
+    def corrupt_on_rank1(path: str, *args: Any, **kwargs: Any) -> Any:
+        if "zero_pp_rank_1_" in str(path):
+            raise RuntimeError(
+                "PytorchStreamReader failed reading zip archive: failed finding central "
+                "directory\nsecond line"
+            )
+        return real_load(path, *args, **kwargs)
+
+    if rt.rank == 1:
+        reader.load = corrupt_on_rank1
+    try:
+        messages = [load_error(engine)]
+    finally:
+        reader.load = real_load
+    shard = next((folder / "deepspeed").glob("zero_pp_rank_1_*optim_states.pt"))
+    dist.barrier()  # every rank has named it before it goes
+    if rt.rank == 0:
+        shard.rename(shard.with_suffix(".away"))
+    dist.barrier()
+    try:
+        messages.append(load_error(engine))
+    finally:
+        dist.barrier()
+        if rt.rank == 0:
+            shard.with_suffix(".away").rename(shard)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, messages)
+    assert everyone[0] == everyone[1], everyone  # the same line on every rank
+    inside, before = messages
+    assert inside == (
+        f"{folder}: could not be loaded on rank 1: PytorchStreamReader failed reading zip "
+        "archive: failed finding central directory"
+    ), inside
+    assert before == (
+        f"{folder}: could not be loaded on rank 1: deepspeed/{shard.name} is unreadable "
+        "(No such file or directory)"
+    ), before
+    parallel_state.destroy_model_parallel()
+
+
 def resume_and_continue(preset: str, root: Path, saved_preset: str | None = None) -> None:
     """A fresh engine (any dp size, any ZeRO stage 1-3 when ``saved_preset`` names the one the
     checkpoint was written with; ZeRO-0 at any dp size) loads ``root/step_00000002``: its
