@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from omnimoe_train.checkpoint.compat import zero0_precision_rule
-from omnimoe_train.checkpoint.files import CheckpointCorrupt, read_meta
+from omnimoe_train.checkpoint.files import CheckpointCorrupt, read_meta, sha256_file
 from omnimoe_train.checkpoint.manager import first_line
 from omnimoe_train.checkpoint.session import CheckpointLoadError
 from omnimoe_train.checkpoint.sharded import rank_local_state, restore_rank_local
@@ -243,23 +243,32 @@ def _own_files(ds: Any, directory: Path, rank: int) -> list[str]:
 
 
 def _unreadable(directory: Path, names: list[str]) -> str | None:
-    """Why one of ``names`` (files of ``directory``) cannot be read here, or None: opened and
-    its first block read, its size the one ``meta.json`` lists (when there is one)."""
+    """Why one of ``names`` (files of ``directory`` that this rank alone reads) cannot be read
+    here, or None. Each is read whole: with ``meta.json``'s size and SHA-256 where it lists
+    them (a published checkpoint), else only opened and read. The checkpoint's own check
+    (``files.find_problem``) hashed each file on one rank; this is the reading rank's view
+    of it, checked before DeepSpeed's load, which under ZeRO-3 runs collectives between its
+    reads: a rank failing inside it left the others in a collective of their own."""
     try:
         listed = read_meta(directory)["files"]
     except CheckpointCorrupt:  # a folder engine.save_checkpoint wrote, not published
         listed = {}
     for name in names:
         path = directory / name
+        entry = listed.get(name, {})
         try:
-            with path.open("rb") as f:
-                f.read(1 << 16)
             size = path.stat().st_size
+            if entry and size != entry["bytes"]:
+                return f"{name} has {size} bytes, meta.json lists {entry['bytes']}"
+            if entry:
+                digest = sha256_file(path)
+            else:
+                with path.open("rb") as f:
+                    f.read(1 << 16)
         except OSError as exc:
             return f"{name} is unreadable ({exc.strerror or exc})"
-        want = listed.get(name, {}).get("bytes")
-        if want is not None and size != want:
-            return f"{name} has {size} bytes, meta.json lists {want}"
+        if entry and digest != entry["sha256"]:
+            return f"{name} is corrupt (SHA-256 mismatch)"
     return None
 
 
