@@ -232,10 +232,13 @@ def load(
 
 
 def _own_files(ds: Any, directory: Path, rank: int) -> list[str]:
-    """The files of ``directory`` that rank ``rank`` reads at the saved layout, relative and
-    named as the DeepSpeed engine ``ds`` names them (present or not): its module state (one
-    per rank under ZeRO-3), its ZeRO optimizer partition, its rank-local state."""
-    names = [ds._get_ckpt_name(str(directory), TAG)]
+    """The files of ``directory`` that rank ``rank`` alone reads at the saved layout, relative
+    and named as the DeepSpeed engine ``ds`` names them (present or not): its module state
+    under ZeRO-3 (one per rank; otherwise rank 0's, which every rank has just read whole,
+    ``saved_layout``), its ZeRO optimizer partition, its rank-local state."""
+    names = []
+    if ds.zero_optimization_partition_weights():
+        names.append(ds._get_ckpt_name(str(directory), TAG))
     if ds.zero_optimization():
         names.append(ds._get_zero_ckpt_name(str(directory), TAG))
     mine = [Path(name).relative_to(directory).as_posix() for name in names]
