@@ -9,7 +9,9 @@ data independent of the worker count and of ``--part``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -17,8 +19,12 @@ import numpy as np
 
 from .corpus import Piece, SkipLog, read_piece
 
-# Documents per encode_batch call: large enough to amortise the call, small for memory.
-_ENCODE_BATCH_BYTES = 1 << 20
+# Text per encode_batch call (characters): large enough to amortise the call, small for memory.
+_ENCODE_BATCH_CHARS = 1 << 20
+#: Longest text (characters) encoded in one call: an encoding holds far more than its ids per
+#: token (offsets, token strings, masks), so one 21 MB document without newlines peaked at
+#: 3.8 GB; longer documents are encoded in pieces (:func:`split_long`).
+PIECE_CHARS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,54 @@ def block_texts(
     return out
 
 
+def _cut(text: str, lo: int, hi: int) -> int | None:
+    """The last index in ``(lo, hi)`` of a single ``" "`` between two non-space characters,
+    else the first such index from ``hi`` on; None when there is none after ``lo``."""
+    i = text.rfind(" ", lo + 1, hi)
+    while i > lo:
+        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+            return i
+        i = text.rfind(" ", lo + 1, i)
+    i = text.find(" ", hi)
+    while i != -1:
+        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+            return i
+        i = text.find(" ", i + 1)
+    return None
+
+
+def split_long(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """``text`` in pieces of about ``limit`` characters at most, each cut just before a single
+    space between two non-space characters: a boundary of the byte-level pre-tokenizer (a word
+    takes the space before it, `` ?\\p{L}+``), so the pieces' ids, concatenated, are the
+    whole text's. A stretch without such a space is not cut (a piece may then be longer)."""
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > limit:
+        cut = _cut(text, start, start + limit)
+        if cut is None:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+@functools.lru_cache(maxsize=4)  # asked once per block; the JSON may be megabytes
+def splits_at_spaces(tokenizer_json: str) -> bool:
+    """Whether :func:`split_long`'s cuts are pre-tokenizer boundaries of this tokenizer: no
+    normalizer, GPT-2's byte-level pre-tokenizer (its regex on), no added token but special
+    ones (which encode as plain text here). Other tokenizers encode documents whole."""
+    config = json.loads(tokenizer_json)
+    pre = config.get("pre_tokenizer") or {}
+    return (
+        config.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True) is True
+        and all(token.get("special") for token in config.get("added_tokens") or [])
+    )
+
+
 _ENCODERS: dict[str, object] = {}
 
 
@@ -122,21 +176,31 @@ def encode_block(pieces: list[Piece], options: EncodeOptions) -> BlockResult:
     dtype = np.dtype(options.dtype)
     block = block_texts(pieces, options.text_field, split=(options.seed, options.val_fraction))
     texts, sizes = block.texts, block.sizes
+    # (document, text) in order: a long document as several pieces, when that keeps its ids.
+    cut = splits_at_spaces(options.tokenizer_json)
+    parts = [
+        (i, part)
+        for i, text in enumerate(texts)
+        for part in (split_long(text, PIECE_CHARS) if cut and len(text) > PIECE_CHARS else [text])
+    ]
     ids: list[np.ndarray] = []
-    doc_tokens = np.empty(len(texts), dtype=np.int64)
+    doc_tokens = np.zeros(len(texts), dtype=np.int64)
     eod = np.array([options.eod_id], dtype=dtype)
     start = 0
-    while start < len(texts):
-        stop, batch_bytes = start, 0
-        while stop < len(texts) and batch_bytes < _ENCODE_BATCH_BYTES:
-            batch_bytes += sizes[stop]
+    while start < len(parts):
+        stop, batch_chars = start, 0
+        while stop < len(parts) and batch_chars < _ENCODE_BATCH_CHARS:
+            batch_chars += len(parts[stop][1])
             stop += 1
-        encodings = tok.encode_batch_fast(texts[start:stop], add_special_tokens=False)
-        for i, enc in enumerate(encodings, start):
-            doc = np.array(enc.ids, dtype=dtype)
-            ids.append(doc)
-            ids.append(eod)
-            doc_tokens[i] = len(doc) + 1
+        batch = [text for _, text in parts[start:stop]]
+        encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
+        for k, enc in enumerate(encodings, start):
+            i = parts[k][0]
+            ids.append(np.array(enc.ids, dtype=dtype))
+            doc_tokens[i] += len(enc.ids)
+            if k + 1 == len(parts) or parts[k + 1][0] != i:  # the document's last piece
+                ids.append(eod)
+                doc_tokens[i] += 1
         start = stop
     tokens = np.concatenate(ids) if ids else np.empty(0, dtype=dtype)
     return BlockResult(

@@ -55,6 +55,21 @@ def broadcast_from_rank0(value: object) -> object:
     return holder[0]
 
 
+def first_failure(reason: str | None) -> tuple[int, str] | None:
+    """Collective: ``(rank, reason)`` of the lowest rank whose ``reason`` is not None (its
+    one-line account of a failure), the same on every rank; None when no rank failed.
+
+    The ranks agree on a failure this way instead of raising on the failing rank alone (the
+    others would wait for it in their next collective) and the line every rank raises names
+    the real cause, not "failed on another rank". Without a process group: ``reason`` as
+    rank 0's."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None if reason is None else (0, reason)
+    reasons: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    return next(((r, why) for r, why in enumerate(reasons) if why is not None), None)
+
+
 def barrier() -> None:
     """``dist.barrier()`` over the default group; nothing when there is none."""
     if dist.is_initialized():

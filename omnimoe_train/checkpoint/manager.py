@@ -12,9 +12,9 @@ manager owns everything else:
   ``.tmp`` folder, which is never loaded and is removed by the next save.
 * **Retention.** The newest ``checkpoint.keep`` published checkpoints plus those whose step is in
   ``checkpoint.keep_steps`` are kept; older ones are deleted after a successful publish.
-* **Errors.** A write error on any rank (a full disk) is agreed on by all ranks, the ``.tmp``
-  folder is removed and :class:`CheckpointWriteError` is raised everywhere; the previous
-  checkpoint stays the newest.
+* **Errors.** A write error on any rank (a full disk or disk quota) is agreed on by all ranks,
+  the ``.tmp`` folder is removed and :class:`CheckpointWriteError` is raised everywhere, with
+  the first failing rank's line; the previous checkpoint stays the newest.
 * **Resume.** ``auto``: the newest published checkpoint that passes :func:`files.find_problem`;
   each one that fails is renamed ``*.corrupt`` (kept for inspection) with one warning line naming
   the bad file, and the one before it is tried. When none is valid nothing is renamed (a rerun
@@ -36,11 +36,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 import torch.distributed as dist
 
 from omnimoe_train.checkpoint.atomic import fsync_dir, write_json_atomic
-from omnimoe_train.checkpoint.disk_full import disk_full
+from omnimoe_train.checkpoint.disk_full import full_cause
 from omnimoe_train.checkpoint.files import (
     FORMAT,
     CheckpointCorrupt,
@@ -51,7 +50,7 @@ from omnimoe_train.checkpoint.files import (
     step_of,
 )
 from omnimoe_train.config import CheckpointConfig
-from omnimoe_train.distributed import barrier, rank_and_world
+from omnimoe_train.distributed import barrier, first_failure, rank_and_world
 
 
 class CheckpointWriteError(OSError):
@@ -68,16 +67,6 @@ class PendingWrite(Protocol):
 
 
 WriteFn = Callable[[Path], PendingWrite | None]
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (gloo and NCCL alike)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def first_line(exc: BaseException) -> str:
@@ -165,21 +154,36 @@ class CheckpointManager:
         self._publish(step, tmp, meta)
 
     def _agree_or_raise(self, error: BaseException | None, step: int, tmp: Path) -> None:
-        # Asked before the partial files are removed, which frees their space again.
-        full = error is not None and disk_full(error, tmp)
-        if not _any_rank(error is not None):
+        # Each rank's own line, asked before the partial files are removed (which frees their
+        # space again); every rank raises the first failing rank's, so rank 0 (the one that
+        # prints) names a disk that filled on another rank, not "failed on another rank".
+        reason = None if error is None else self._failure_line(error, step, tmp)
+        failed = first_failure(reason)
+        if failed is None:
             return
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        if full:  # the writers' own words for it can be opaque (torch's "enforce fail")
-            raise CheckpointWriteError(
-                f"the disk is full while writing checkpoint {step_dir_name(step)} to "
-                f"{self.root}; free space and run the same command again (the newest complete "
-                "checkpoint, if any, stays)"
+        raise CheckpointWriteError(failed[1])
+
+    def _failure_line(self, error: BaseException, step: int, tmp: Path) -> str:
+        """This rank's one line for a failed write of ``step`` into ``tmp``."""
+        name = step_dir_name(step)
+        again = "run the same command again (the newest complete checkpoint, if any, stays)"
+        # The writers' own words for a full disk can be opaque (torch's "enforce fail").
+        cause = full_cause(error, tmp)
+        if cause == "disk":
+            return (
+                f"the disk is full while writing checkpoint {name} to {self.root}; free space "
+                f"and {again}"
             )
-        reason = first_line(error) if error is not None else "failed on another rank"
-        raise CheckpointWriteError(f"could not write checkpoint {step_dir_name(step)}: {reason}")
+        if cause == "quota":
+            return (
+                f"the disk quota is exceeded while writing checkpoint {name} to {self.root}; "
+                f"free space within the quota (or have it raised) and {again}"
+            )
+        where = f" on rank {self.rank}" if self.world > 1 else ""
+        return f"could not write checkpoint {name}{where}: {first_line(error)}"
 
     def _publish(self, step: int, tmp: Path, meta: dict[str, Any]) -> None:
         files = checksum_files(tmp)

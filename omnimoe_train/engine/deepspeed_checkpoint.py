@@ -43,10 +43,16 @@ import torch
 from torch import nn
 
 from omnimoe_train.checkpoint.compat import zero0_precision_rule
+from omnimoe_train.checkpoint.files import CheckpointCorrupt, read_meta, sha256_file
 from omnimoe_train.checkpoint.manager import first_line
 from omnimoe_train.checkpoint.session import CheckpointLoadError
 from omnimoe_train.checkpoint.sharded import rank_local_state, restore_rank_local
-from omnimoe_train.distributed import barrier, broadcast_from_rank0, rank_and_world
+from omnimoe_train.distributed import (
+    barrier,
+    broadcast_from_rank0,
+    first_failure,
+    rank_and_world,
+)
 from omnimoe_train.engine.deepspeed_universal import TAG, rank0_model_states, to_universal
 
 EXTRA_STATE = "_extra_state"
@@ -171,10 +177,22 @@ def load(
     checkpoint written into ``scratch`` (see the module docstring; a folder every rank reads,
     made and removed here); the rank-local state then starts fresh, which
     ``client["_rank_local_restored"] = False`` reports. Raises ``CheckpointLoadError`` on every
-    rank when the conversion fails (or no ``scratch`` was given for one).
+    rank when the conversion fails (or no ``scratch`` was given for one), and when a file one
+    rank reads is unreadable or DeepSpeed's load fails on one rank: the ranks agree on the
+    first failing rank's line (``distributed.first_failure``) before and after DeepSpeed's
+    load, so none is left waiting for another in a collective.
     """
     rank, _ = rank_and_world()
-    saved, now = saved_layout(directory), engine.layout()
+    saved: dict[str, Any] = {}
+    problem: str | None = None
+    try:  # every rank reads these files itself; a view of them may fail on one rank only
+        saved = saved_layout(directory)
+        if saved == engine.layout() and not model_only:
+            problem = _unreadable(directory, _own_files(engine.engine, directory, rank))
+    except Exception as exc:  # noqa: BLE001 - torch.load raises anything on a bad file
+        problem = first_line(exc)
+    _raise_agreed(directory, problem)
+    now = engine.layout()
     same_layout = saved == now
     # ZeRO-0's one file holds the whole model and optimizer state: it loads as it is, in the
     # precision it was written in (``checkpoint.compat`` refuses another, from meta.json).
@@ -197,25 +215,100 @@ def load(
         source = scratch
     else:
         scratch = None
+    client: dict[str, Any] = {}
+    try:
+        client = _load_into(engine, directory, source, scratch, model_only, same_layout)
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed's loader raises anything
+        problem = first_line(exc)
+    finally:
+        ds._config.load_universal_checkpoint = False
+    # The agreement is also the barrier before the scratch folder goes: every rank has loaded.
+    try:
+        _raise_agreed(directory, problem)
+    finally:
+        if scratch is not None and rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return client
+
+
+def _own_files(ds: Any, directory: Path, rank: int) -> list[str]:
+    """The files of ``directory`` that rank ``rank`` alone reads at the saved layout, relative
+    and named as the DeepSpeed engine ``ds`` names them (present or not): its module state
+    under ZeRO-3 (one per rank; otherwise rank 0's, which every rank has just read whole,
+    ``saved_layout``), its ZeRO optimizer partition, its rank-local state."""
+    names = []
+    if ds.zero_optimization_partition_weights():
+        names.append(ds._get_ckpt_name(str(directory), TAG))
+    if ds.zero_optimization():
+        names.append(ds._get_zero_ckpt_name(str(directory), TAG))
+    mine = [Path(name).relative_to(directory).as_posix() for name in names]
+    return [*mine, f"rank_{rank:05d}.pt"]
+
+
+def _unreadable(directory: Path, names: list[str]) -> str | None:
+    """Why one of ``names`` (files of ``directory`` that this rank alone reads) cannot be read
+    here, or None. Each is read whole: with ``meta.json``'s size and SHA-256 where it lists
+    them (a published checkpoint), else only opened and read. The checkpoint's own check
+    (``files.find_problem``) hashed each file on one rank; this is the reading rank's view
+    of it, checked before DeepSpeed's load, which under ZeRO-3 runs collectives between its
+    reads: a rank failing inside it left the others in a collective of their own."""
+    try:
+        listed = read_meta(directory)["files"]
+    except CheckpointCorrupt:  # a folder engine.save_checkpoint wrote, not published
+        listed = {}
+    for name in names:
+        path = directory / name
+        entry = listed.get(name, {})
+        try:
+            size = path.stat().st_size
+            if entry and size != entry["bytes"]:
+                return f"{name} has {size} bytes, meta.json lists {entry['bytes']}"
+            if entry:
+                digest = sha256_file(path)
+            else:
+                with path.open("rb") as f:
+                    f.read(1 << 16)
+        except OSError as exc:
+            return f"{name} is unreadable ({exc.strerror or exc})"
+        if entry and digest != entry["sha256"]:
+            return f"{name} is corrupt (SHA-256 mismatch)"
+    return None
+
+
+def _raise_agreed(directory: Path, problem: str | None) -> None:
+    """Collective: raise ``CheckpointLoadError`` on every rank if any rank has a ``problem``,
+    naming the first such rank and its line."""
+    failed = first_failure(problem)
+    if failed is not None:
+        rank, why = failed
+        raise CheckpointLoadError(f"{directory}: could not be loaded on rank {rank}: {why}")
+
+
+def _load_into(
+    engine: Any,
+    directory: Path,
+    source: Path,
+    scratch: Path | None,
+    model_only: bool,
+    same_layout: bool,
+) -> dict[str, Any]:
+    """DeepSpeed's load of ``source`` (``scratch`` when it holds a universal checkpoint of
+    ``directory``), then what DeepSpeed does not keep; returns the client state. Raises on
+    this rank alone: the caller makes the ranks agree."""
+    ds = engine.engine
     # This run's hyper-parameters per group (the scheduler then sets lr and weight decay).
     hyper = [
         {k: v for k, v in g.items() if k != "params"} for g in engine.client_optimizer.param_groups
     ]
     # DeepSpeed reads ``checkpoint.load_universal`` at load time, from its parsed config.
     ds._config.load_universal_checkpoint = scratch is not None
-    try:
-        _, state = ds.load_checkpoint(
-            str(source),
-            tag=TAG,
-            load_optimizer_states=not model_only,
-            load_lr_scheduler_states=False,
-            load_module_only=model_only,
-        )
-    finally:
-        ds._config.load_universal_checkpoint = False
-        barrier()
-        if scratch is not None and rank == 0:
-            shutil.rmtree(scratch, ignore_errors=True)
+    _, state = ds.load_checkpoint(
+        str(source),
+        tag=TAG,
+        load_optimizer_states=not model_only,
+        load_lr_scheduler_states=False,
+        load_module_only=model_only,
+    )
     if state is None:
         raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint in {TAG}/")
     client = dict(state["client"])
@@ -226,6 +319,7 @@ def load(
             group.update(kept)
         engine.scheduler.load_state_dict(state["scheduler"])
         if same_layout:
+            rank, _ = rank_and_world()
             local = torch.load(directory / f"rank_{rank:05d}.pt", weights_only=False)
             restore_rank_local(local)
     client["_rank_local_restored"] = same_layout and not model_only

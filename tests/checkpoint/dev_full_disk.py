@@ -1,17 +1,23 @@
 """``omnimoe-train`` whose checkpoint files of one step land on a full disk (a test helper).
 
-    python -m tests.checkpoint.dev_full_disk STEP_DIR_NAME [omnimoe-train overrides...]
+    python -m tests.checkpoint.dev_full_disk [--quota] STEP_DIR_NAME [omnimoe-train overrides...]
 
 megatron's file writer opens each file of the checkpoint with ``open``; for files under
 ``STEP_DIR_NAME`` it gets ``/dev/full`` instead, where the kernel refuses every write with
 ENOSPC, as a full disk does: torch's own serializer (``torch.save`` into the stream) meets the
 real error, and reports it its own way (``[enforce fail at inline_container.cc]``). Every other
 write is real. ``os.statvfs`` of that folder reports no free space, as on the full disk.
+
+``--quota``: the user's disk quota is full instead: the writes fail the same way (the writers
+drop the errno, so the kernel's ENOSPC of ``/dev/full`` stands for the quota's EDQUOT here),
+``os.statvfs`` reports the file system's real free space (a quota is not in it), and an
+allocation (``os.posix_fallocate``) in the checkpoint folder is refused with EDQUOT.
 """
 
 from __future__ import annotations
 
 import builtins
+import errno
 import os
 import sys
 from typing import Any
@@ -23,8 +29,12 @@ def main() -> None:
     quiet_libraries()
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    quota = sys.argv[1] == "--quota"
+    if quota:
+        del sys.argv[1]
     doomed = sys.argv[1]
     real_open, real_statvfs = builtins.open, os.statvfs
+    real_fallocate = os.posix_fallocate
 
     def full_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if doomed in str(file) and "w" in mode:
@@ -49,9 +59,17 @@ def main() -> None:
             f = "/dev/full"
         return real_save(obj, f, *args, **kwargs)
 
+    def quota_fallocate(fd: int, offset: int, length: int) -> None:
+        if "checkpoints" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        real_fallocate(fd, offset, length)
+
     filesystem_async.open = full_open  # the module's global open (its writer's)
     torch.save = full_save
-    os.statvfs = full_statvfs
+    if quota:
+        os.posix_fallocate = quota_fallocate
+    else:
+        os.statvfs = full_statvfs
     sys.argv = ["omnimoe-train", *sys.argv[2:]]
     from omnimoe_train.cli import main as train
 

@@ -212,6 +212,10 @@ def test_max_time_stops_with_75_and_the_next_run_continues(tmp_path: Path, cache
         # asynchronous writer, which said "Worker failure: ... <class 'OSError'>".
         ("tests.checkpoint.dev_full_disk", ["trainer.engine=deepspeed"]),
         ("tests.checkpoint.dev_full_disk", ["checkpoint.async_save=true"]),
+        # A full disk quota (EDQUOT) through the same two writers, which drop the errno: it
+        # used to be their own words, the file system having room.
+        ("tests.checkpoint.dev_full_disk --quota", ["trainer.engine=deepspeed"]),
+        ("tests.checkpoint.dev_full_disk --quota", ["checkpoint.async_save=true"]),
     ],
 )
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(
@@ -219,15 +223,21 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(
 ) -> None:
     run = tmp_path / "run"
     args = [*TINY, "trainer.max_steps=12", "checkpoint.interval=4", f"hydra.run.dir={run}", *extra]
-    cmd = [sys.executable, "-m", helper, "step_00000008", *args]
+    cmd = [sys.executable, "-m", *helper.split(), "step_00000008", *args]
     result = subprocess.run(cmd, env=cli_env(cache), capture_output=True, text=True, timeout=600)
     assert result.returncode == EXIT_IO_ERROR, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "omnimoe-train: error:" in line]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    full = (
+        "the disk quota is exceeded while writing checkpoint step_00000008 to "
+        f"{run / 'checkpoints'}; free space within the quota (or have it raised) and"
+        if "--quota" in helper
+        else "the disk is full while writing checkpoint step_00000008 to "
+        f"{run / 'checkpoints'}; free space and"
+    )
     assert errors[0] == (
-        "omnimoe-train: error: checkpoint.dir: the disk is full while writing checkpoint "
-        f"step_00000008 to {run / 'checkpoints'}; free space and run the same command again "
-        "(the newest complete checkpoint, if any, stays)"
+        f"omnimoe-train: error: checkpoint.dir: {full} run the same command again (the newest "
+        "complete checkpoint, if any, stays)"
     )
     assert json.loads((run / "exit_status.json").read_text())["exit_code"] == EXIT_IO_ERROR
     ckpts = run / "checkpoints"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,88 @@ def test_write_error_keeps_previous_checkpoint_newest(tmp_path: Path) -> None:
         manager.save(2, full_disk, {})
     assert _names(tmp_path) == ["latest", "step_00000001"]  # no .tmp left behind
     assert manager.resolve_resume() == tmp_path / "step_00000001"
+
+
+#: What torch's C++ serializer says of a write the disk (or a quota) refused (no errno).
+OPAQUE = "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"
+
+
+def _refused_allocation(code: int):  # noqa: ANN202
+    """``os.posix_fallocate`` as a file system refusing every allocation with ``code``."""
+
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return refuse
+
+
+def test_a_full_quota_is_named_whatever_the_writer_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EDQUOT, from Python's writer (errno kept) or torch's (errno dropped, the file system
+    has room: only an allocation in the folder meets the quota), gives the one line a full
+    disk gives, naming the quota; it used to be the writer's own words."""
+    manager = _manager(tmp_path)
+    manager.save(1, _writer(1), {})
+
+    def over_quota(folder: Path) -> None:
+        (folder / "weights.bin").write_bytes(b"partial")
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    def opaque(folder: Path) -> None:
+        (folder / "weights.bin").write_bytes(b"partial")
+        raise RuntimeError(OPAQUE)
+
+    line = (
+        f"the disk quota is exceeded while writing checkpoint step_00000002 to {tmp_path}; "
+        "free space within the quota (or have it raised) and run the same command again (the "
+        "newest complete checkpoint, if any, stays)"
+    )
+    with pytest.raises(CheckpointWriteError) as raised:
+        manager.save(2, over_quota, {})
+    assert str(raised.value) == line
+    monkeypatch.setattr(os, "posix_fallocate", _refused_allocation(errno.EDQUOT))
+    with pytest.raises(CheckpointWriteError) as raised:
+        manager.save(2, opaque, {})
+    assert str(raised.value) == line
+    assert _names(tmp_path) == ["latest", "step_00000001"]  # no .tmp, no probe file left
+    # Room for the probe: the writer's own words.
+    monkeypatch.undo()
+    with pytest.raises(CheckpointWriteError, match=r"step_00000002: \[enforce fail"):
+        manager.save(2, opaque, {})
+
+
+def _disk_fills_on_rank1(root: Path) -> None:
+    """Rank 1's write meets a full disk, rank 0's succeeds: both raise the disk-full line."""
+    import torch.distributed as dist
+
+    manager = _manager(root)
+    rank = dist.get_rank()
+
+    def write(folder: Path) -> None:
+        (folder / f"rank{rank}.bin").write_bytes(b"partial")
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        manager.save(2, write, {})
+    except CheckpointWriteError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError(f"rank {rank}: the save did not fail")
+    assert message == (
+        f"the disk is full while writing checkpoint step_00000002 to {root}; free space and "
+        "run the same command again (the newest complete checkpoint, if any, stays)"
+    ), message
+
+
+def test_a_disk_full_on_another_rank_is_named_on_rank_0(tmp_path: Path) -> None:
+    """Rank 0, the rank that prints, gives the failing rank's cause (it said "failed on
+    another rank"); the .tmp folder is gone."""
+    from tests.parallel.distributed import run_distributed
+
+    run_distributed(_disk_fills_on_rank1, 2, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_another_write_error_keeps_its_own_words(tmp_path: Path) -> None:

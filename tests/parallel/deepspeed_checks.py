@@ -17,6 +17,7 @@ optimizer offloaded, DeepSpeed's CPU Adam (a C++ kernel) replaces torch's AdamW:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,91 @@ def resume_with_a_failing_conversion(preset: str, root: Path) -> None:
     assert message.endswith(": no space left for the conversion"), message
     dist.barrier()
     assert not (root / "run" / ".convert.tmp").exists()
+    parallel_state.destroy_model_parallel()
+
+
+def resume_with_a_shard_failing_on_rank1(preset: str, root: Path) -> None:
+    """A published dp-2 checkpoint whose shard fails to load on rank 1 alone: inside
+    DeepSpeed's own ``load_checkpoint`` (its reader raises on rank 1's ZeRO partition, as a
+    corrupt file does; not under ZeRO-3, see below), then before it: rank 1's partition file
+    gone, then corrupt (same size), files only rank 1 reads. Each time every rank raises the
+    same one-line ``CheckpointLoadError`` naming rank 1 and the cause. Rank 0 used to load and
+    carry on while rank 1 raised (a run's rank 0 then waited for it in the first collective);
+    under ZeRO-3, DeepSpeed's load runs collectives between its reads, so rank 1's files are
+    checked before it (a failure inside it still mismatches the ranks' collectives)."""
+    from omnimoe_train.checkpoint.files import FORMAT, checksum_files
+    from omnimoe_train.checkpoint.session import CheckpointLoadError
+    from omnimoe_train.engine.deepspeed import DeepSpeedEngine
+
+    folder = root / "step_00000002"
+
+    def load_error(engine: Any) -> str:
+        try:
+            engine.load_checkpoint(folder, scratch=root / "run" / ".convert.tmp")
+        except CheckpointLoadError as exc:
+            return str(exc)
+        raise AssertionError(f"rank {dist.get_rank()}: the load did not fail")
+
+    cfg = deepspeed_config(preset)
+    rt = init_runtime(cfg)
+    engine = DeepSpeedEngine(cfg, rt, VOCAB)
+    files = checksum_files(folder)  # published, as the checkpoint manager does
+    if rt.rank == 0:
+        meta = {"format": FORMAT, "step": 2, "files": files}
+        (folder / "meta.json").write_text(json.dumps(meta))
+    shard = next((folder / "deepspeed").glob("zero_pp_rank_1_*optim_states.pt"))
+    original = shard.read_bytes()
+    dist.barrier()  # every rank has named and read it before it is damaged
+    messages: list[str] = []
+    if preset != "zero3":
+        reader = engine.engine.checkpoint_engine
+        real_load = reader.load
+
+        def corrupt_on_rank1(path: str, *args: Any, **kwargs: Any) -> Any:
+            if "zero_pp_rank_1_" in str(path):
+                raise RuntimeError(
+                    "PytorchStreamReader failed reading zip archive: failed finding central "
+                    "directory\nsecond line"
+                )
+            return real_load(path, *args, **kwargs)
+
+        if rt.rank == 1:
+            reader.load = corrupt_on_rank1
+        try:
+            messages.append(load_error(engine))
+        finally:
+            reader.load = real_load
+        dist.barrier()
+    for damage in ("remove", "corrupt"):
+        if rt.rank == 0:
+            if damage == "remove":
+                shard.unlink()
+            else:
+                middle = len(original) // 2
+                flipped = bytes([original[middle] ^ 0xFF])
+                shard.write_bytes(original[:middle] + flipped + original[middle + 1 :])
+        dist.barrier()
+        try:
+            messages.append(load_error(engine))
+        finally:
+            dist.barrier()
+            if rt.rank == 0:
+                shard.write_bytes(original)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, messages)
+    assert everyone[0] == everyone[1], everyone  # the same lines on every rank
+    start = f"{folder}: could not be loaded on rank 1: "
+    want = [
+        f"{start}deepspeed/{shard.name} is unreadable (No such file or directory)",
+        f"{start}deepspeed/{shard.name} is corrupt (SHA-256 mismatch)",
+    ]
+    if preset != "zero3":
+        want.insert(
+            0,
+            f"{start}PytorchStreamReader failed reading zip archive: failed finding central "
+            "directory",
+        )
+    assert messages == want, messages
     parallel_state.destroy_model_parallel()
 
 

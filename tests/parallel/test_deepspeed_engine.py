@@ -18,6 +18,7 @@ from .deepspeed_checks import (
     resume_and_continue,
     resume_in_other_precision,
     resume_with_a_failing_conversion,
+    resume_with_a_shard_failing_on_rank1,
     save_and_continue,
 )
 from .distributed import run_distributed
@@ -79,6 +80,17 @@ def test_a_failing_conversion_stops_every_rank_in_one_line(tmp_path: Path) -> No
     fails: both ranks raise the same one-line error (exit 2 in a run), none hangs."""
     run_distributed(save_and_continue, 2, "zero2", tmp_path, timeout_s=600)
     run_distributed(resume_with_a_failing_conversion, 2, "zero3", tmp_path, timeout_s=120)
+
+
+@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+def test_a_shard_failing_on_one_rank_stops_every_rank_in_one_line(
+    tmp_path: Path, preset: str
+) -> None:
+    """A dp-2 checkpoint loaded on its own layout whose rank-1 partition fails on rank 1 alone
+    (inside DeepSpeed's load; missing or corrupt before it): both ranks raise the same
+    one-line error naming rank 1's cause (exit 2 in a run), none hangs or carries on."""
+    run_distributed(save_and_continue, 2, preset, tmp_path, timeout_s=600)
+    run_distributed(resume_with_a_shard_failing_on_rank1, 2, preset, tmp_path, timeout_s=180)
 
 
 @pytest.mark.parametrize(
